@@ -1,0 +1,45 @@
+# Set-up and entry points. `make demo` and `make test` each do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.robustlens-installed
+SAMPLE_WS := workspaces/sample
+HOST ?= 127.0.0.1
+PORT ?= 8501
+
+.PHONY: setup demo test sample-workspace browser clean bench
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "robustlens needs Python >= 3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# constraints.txt pins torch to the CPU build on local disk (no multi-GB CUDA download).
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(SAMPLE_WS)/workspace.json: $(STAMP) sample_data/labels.csv sample_data/predictions.csv sample_data/model.pt sample_data/model.json
+	$(VENV)/bin/robustlens init $(SAMPLE_WS) --force --data sample_data --labels sample_data/labels.csv \
+		--predictions cnn=sample_data/predictions.csv --model sample_data/model.pt --model-config sample_data/model.json
+
+sample-workspace: $(SAMPLE_WS)/workspace.json
+
+demo: sample-workspace
+	$(VENV)/bin/robustlens serve $(SAMPLE_WS) --host $(HOST) --port $(PORT)
+
+# Browser tests drive Debian's Chromium through Playwright (Playwright cannot download browsers here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "Installing Debian's chromium for the browser tests"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/bench_ingest.py
+
+clean:
+	rm -rf $(VENV) workspaces .pytest_cache

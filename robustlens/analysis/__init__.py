@@ -1,0 +1,1 @@
+"""The analysis engine: ingestion, workspace storage and analysis stages. Never imports streamlit."""

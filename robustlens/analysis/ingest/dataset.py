@@ -1,0 +1,231 @@
+"""Scan an image dataset: an ImageFolder tree or a manifest table.
+
+Result: one row per usable image with a stable string ``id`` (the manifest's ``id`` column, else the
+image path relative to the dataset root, POSIX style), plus an ingest report of what was skipped.
+Unreadable images are skipped and reported; structural problems (missing columns, paths escaping the
+root, missing files, duplicate ids, an empty dataset) raise :class:`ValidationError`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from robustlens.analysis.images import (DEFAULT_MAX_PIXELS, SUPPORTED_EXTENSIONS, ImageProblem, is_supported,
+                                       read_image)
+from robustlens.analysis.ingest.tables import first_rows, read_table
+from robustlens.errors import ValidationError
+
+#: Columns robustlens owns in ``samples.parquet``; manifest columns with other names become metadata.
+CORE_COLUMNS = ("id", "path", "label", "label_index", "split", "width", "height", "mode", "channels",
+                "bit_depth", "file_size", "content_hash")
+MANIFEST_COLUMNS = ("id", "path", "label", "split")
+METADATA_PREFIX = "meta."
+UNSPECIFIED_SPLIT = "unspecified"
+
+
+@dataclass
+class DatasetScan:
+    """Outcome of :func:`scan_dataset`.
+
+    Attributes
+    ----------
+    samples:
+        One row per usable image: the :data:`CORE_COLUMNS` except ``label_index`` (assigned once the
+        class order is known), then ``meta.<name>`` metadata columns.
+    order:
+        Ids of every listed image in manifest order (sorted paths for an ImageFolder), unreadable
+        ones included: ``.npy`` inputs are aligned to this order.
+    skipped:
+        ``{"id", "path", "reason"}`` for each image left out.
+    ignored_files:
+        Files in an ImageFolder tree that are not images of a supported format.
+    kind:
+        ``"imagefolder"`` or ``"manifest"``.
+    """
+
+    samples: pd.DataFrame
+    order: list[str]
+    skipped: list[dict] = field(default_factory=list)
+    ignored_files: list[str] = field(default_factory=list)
+    kind: str = "imagefolder"
+    warnings: list[str] = field(default_factory=list)
+
+
+def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                 progress: bool = True) -> DatasetScan:
+    """Scan and verify a dataset.
+
+    Parameters
+    ----------
+    root:
+        Dataset root directory. Without ``manifest`` it must hold ``<class>/<image>`` (ImageFolder).
+    manifest:
+        CSV or Parquet table with ``path`` (relative to ``root``) and ``label``; optional ``split``
+        and ``id``; other columns are kept as metadata.
+    max_pixels:
+        Images with more pixels are skipped as possible decompression bombs.
+    workers:
+        Decoding threads (default: the number of CPU cores).
+    progress:
+        Show a progress bar while images are verified.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise ValidationError("dataset root not found", file=root)
+    if not root.is_dir():
+        raise ValidationError("dataset root must be a directory", file=root)
+    real_root = Path(os.path.realpath(root))
+    if manifest is None:
+        listing, ignored, skipped = _list_imagefolder(root, real_root)
+        kind = "imagefolder"
+    else:
+        listing = _list_manifest(Path(manifest), root, real_root)
+        ignored, skipped = [], []
+        kind = "manifest"
+    if listing.empty and not skipped:
+        source = manifest if manifest is not None else root
+        raise ValidationError("empty dataset: no images listed" if manifest is not None else
+                              "empty dataset: no images found under <class>/ folders "
+                              f"(supported: {', '.join(sorted(SUPPORTED_EXTENSIONS))})",
+                              file=source)
+    order = listing["id"].tolist()
+
+    records, problems = _verify_images(root, listing, max_pixels=max_pixels, workers=workers, progress=progress)
+    for row_index, reason in problems:
+        skipped.append({"id": listing.at[row_index, "id"], "path": listing.at[row_index, "path"], "reason": reason})
+    good = listing.drop(index=[i for i, _ in problems])
+    if good.empty:
+        raise ValidationError(f"empty dataset: none of the {len(listing)} listed images could be read "
+                              f"(first problem: {skipped[0]['path']}: {skipped[0]['reason']})",
+                              file=manifest if manifest is not None else root)
+    record_frame = pd.DataFrame([records[i] for i in good.index], index=good.index)
+    samples = pd.concat([good[["id", "path", "label", "split"]], record_frame,
+                         good.drop(columns=["id", "path", "label", "split"])], axis=1)
+    samples = samples.reset_index(drop=True)
+    warnings = []
+    if skipped:
+        listed = "; ".join(f"{entry['path']} ({entry['reason']})" for entry in skipped[:5])
+        more = f"; … {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.append(f"{len(skipped)} image(s) skipped (listed in ingest_report.json): {listed}{more}")
+    return DatasetScan(samples=samples, order=order, skipped=skipped, ignored_files=ignored, kind=kind,
+                       warnings=warnings)
+
+
+def _inside(real_root: Path, candidate: Path) -> bool:
+    real = Path(os.path.realpath(candidate))
+    return real == real_root or real_root in real.parents
+
+
+def _list_imagefolder(root: Path, real_root: Path) -> tuple[pd.DataFrame, list[str], list[dict]]:
+    rows, ignored, skipped = [], [], []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for loose in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        ignored.append(loose.name)
+    for class_dir in class_dirs:
+        if not _inside(real_root, class_dir):
+            skipped.append({"id": class_dir.name + "/", "path": class_dir.name + "/",
+                            "reason": "folder is a symlink pointing outside the dataset root"})
+            continue
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                full = Path(dirpath) / name
+                rel = full.relative_to(root).as_posix()
+                if not is_supported(name):
+                    ignored.append(rel)
+                    continue
+                if full.is_symlink() and not _inside(real_root, full):
+                    skipped.append({"id": rel, "path": rel, "reason": "symlink pointing outside the dataset root"})
+                    continue
+                rows.append({"id": rel, "path": rel, "label": class_dir.name, "split": UNSPECIFIED_SPLIT})
+    return pd.DataFrame(rows, columns=["id", "path", "label", "split"]), ignored, skipped
+
+
+def _list_manifest(manifest: Path, root: Path, real_root: Path) -> pd.DataFrame:
+    table = read_table(manifest, text_columns=MANIFEST_COLUMNS)
+    for required in ("path", "label"):
+        if required not in table.columns:
+            raise ValidationError(f"required column '{required}' is missing (columns present: "
+                                  f"{list(table.columns)})", file=manifest, column=required)
+    if table.empty:
+        raise ValidationError("empty dataset: the manifest has a header but no rows", file=manifest)
+    for column in ("path", "label") + (("id",) if "id" in table.columns else ()):
+        blank = table[column].isna() | (table[column].astype("string").str.strip() == "")
+        if blank.any():
+            raise ValidationError(f"empty value (rows {first_rows(blank)})", file=manifest,
+                                  row=first_rows(blank)[0], column=column)
+    paths = table["path"].astype(str)
+    for number, raw in enumerate(paths, start=1):
+        problem = _path_problem(raw, root, real_root)
+        if problem:
+            raise ValidationError(f"path '{raw}' {problem}", file=manifest, row=number, column="path")
+    missing = [n for n, raw in enumerate(paths, start=1) if not (root / raw).is_file()]
+    if missing:
+        raise ValidationError(f"{len(missing)} listed image(s) do not exist under {root} "
+                              f"(rows {missing[:5]}, first: '{paths.iloc[missing[0] - 1]}')",
+                              file=manifest, row=missing[0], column="path")
+    ids = table["id"].astype(str).str.strip() if "id" in table.columns else paths.map(_normalise)
+    duplicated = ids.duplicated(keep=False)
+    if duplicated.any():
+        rows = first_rows(duplicated)
+        column = "id" if "id" in table.columns else "path"
+        raise ValidationError(f"duplicate ids: '{ids.iloc[rows[0] - 1]}' appears in rows {rows} "
+                              "(every sample needs a unique id)", file=manifest, row=rows[0], column=column)
+    split = (table["split"].astype("string").fillna(UNSPECIFIED_SPLIT).str.strip()
+             if "split" in table.columns else pd.Series(UNSPECIFIED_SPLIT, index=table.index))
+    listing = pd.DataFrame({"id": ids.astype(str), "path": paths.map(_normalise),
+                            "label": table["label"].astype(str).str.strip(), "split": split.astype(str)})
+    for column in table.columns:
+        if column not in MANIFEST_COLUMNS:
+            listing[METADATA_PREFIX + column] = table[column].to_numpy()
+    return listing
+
+
+def _normalise(raw: str) -> str:
+    return PurePosixPath(raw).as_posix()
+
+
+def _path_problem(raw: str, root: Path, real_root: Path) -> str | None:
+    posix = PurePosixPath(raw)
+    if posix.is_absolute() or (len(raw) > 1 and raw[1] == ":") or raw.startswith("\\"):
+        return "is absolute; paths must be relative to the dataset root"
+    if ".." in posix.parts:
+        return "contains '..' and would leave the dataset root"
+    if not _inside(real_root, root / raw):
+        return "resolves (through a symlink) to a place outside the dataset root"
+    return None
+
+
+def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, workers: int | None,
+                   progress: bool) -> tuple[dict, list[tuple[int, str]]]:
+    def verify(item: tuple[int, str]):
+        index, rel = item
+        try:
+            return index, read_image(root / rel, max_pixels=max_pixels).record, None
+        except ImageProblem as problem:
+            return index, None, problem.reason
+
+    records: dict = {}
+    problems: list[tuple[int, str]] = []
+    items = list(zip(listing.index, listing["path"], strict=True))
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        results = pool.map(verify, items, chunksize=64)
+        for index, record, reason in tqdm(results, total=len(items), desc="Verifying images", unit="img",
+                                          disable=not progress):
+            if reason is None:
+                records[index] = {
+                    "width": record.width, "height": record.height, "mode": record.mode,
+                    "channels": record.channels, "bit_depth": record.bit_depth,
+                    "file_size": record.file_size, "content_hash": record.content_hash}
+            else:
+                problems.append((index, reason))
+    return records, problems

@@ -1,0 +1,178 @@
+"""The ``robustlens`` command line.
+
+Exit status: 0 success, 1 failure, 2 usage or validation error (bad input, named in the message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from robustlens import __version__
+from robustlens.errors import RobustlensError, ValidationError, WorkspaceError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _add_init(sub) -> None:
+    parser = sub.add_parser(
+        "init", help="create a workspace from a dataset, predictions and an optional model",
+        description="Validate a dataset (ImageFolder tree or manifest table), prediction sets, and optionally a "
+                    "model and embeddings, then write a new workspace. The input files are only read.")
+    parser.add_argument("workspace", type=Path, help="workspace directory to create")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="dataset root: <class>/<image> folders, or the folder manifest paths are relative to")
+    parser.add_argument("--labels", type=Path,
+                        help="manifest CSV/Parquet with path, label, optional split and id; other columns are "
+                             "kept as metadata")
+    parser.add_argument("--predictions", action="append", default=[], metavar="[NAME=]FILE",
+                        help="prediction set: CSV/Parquet with id or path + one column per class, or .npy N×K in "
+                             "manifest order (needs --classes); repeat for several models")
+    parser.add_argument("--classes", help="comma-separated class order (column order of .npy predictions); "
+                                          "default: the model config's classes, else sorted labels")
+    parser.add_argument("--scores", choices=("auto", "probabilities", "logits"), default="auto",
+                        help="what prediction files hold (default: detect)")
+    parser.add_argument("--sum-tolerance", type=float, default=0.05,
+                        help="probability rows off from 1 by at most this are renormalised (default 0.05)")
+    parser.add_argument("--model", help="TorchScript file or module:function factory returning an nn.Module")
+    parser.add_argument("--model-config", type=Path,
+                        help="JSON with input_size, channels, mean, std (and optionally classes)")
+    parser.add_argument("--embeddings", type=Path, help=".npy N×D in manifest order, or Parquet with id")
+    parser.add_argument("--db", help="SQLAlchemy URL of the curation database (default: SQLite file in the "
+                                     "workspace)")
+    parser.add_argument("--max-pixels", type=int, default=89_478_485,
+                        help="skip images with more pixels than this (decompression-bomb guard)")
+    parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU cores)")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild an existing workspace's artifacts (curation data is kept)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_cmd_init)
+
+
+def _cmd_init(args) -> int:
+    from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace, parse_prediction_arg
+
+    options = InitOptions(
+        data=args.data, labels=args.labels, predictions=[parse_prediction_arg(p) for p in args.predictions],
+        classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
+        model=args.model, model_config=args.model_config, embeddings=args.embeddings, db_url=args.db,
+        scores=args.scores, sum_tolerance=args.sum_tolerance, max_pixels=args.max_pixels, workers=args.workers,
+        force=args.force, progress=not args.quiet)
+    workspace, warnings = init_workspace(args.workspace, options)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(_describe(workspace))
+    return EXIT_OK
+
+
+def _add_info(sub) -> None:
+    parser = sub.add_parser("info", help="show what a workspace holds",
+                            description="Print a summary of a workspace: samples, classes, splits, prediction "
+                                        "sets with accuracy, model, skipped images and curation state.")
+    parser.add_argument("workspace", type=Path)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(handler=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    from robustlens.analysis.summary import summarize
+    from robustlens.analysis.workspace import Workspace
+
+    workspace = Workspace(args.workspace)
+    if args.json:
+        import json
+
+        print(json.dumps(summarize(workspace), indent=2, default=str))
+    else:
+        print(_describe(workspace))
+    return EXIT_OK
+
+
+def _describe(workspace) -> str:
+    from robustlens.analysis.summary import summarize
+
+    info = summarize(workspace)
+    lines = [f"Workspace {info['workspace']}",
+             f"  dataset     {info['dataset_root']} ({info['dataset_kind']})",
+             f"  samples     {info['num_samples']:,} ingested, {info['num_skipped']:,} skipped",
+             f"  classes     {len(info['classes'])}: {', '.join(info['classes'][:12])}"
+             + (" …" if len(info['classes']) > 12 else ""),
+             f"  splits      " + ", ".join(f"{k} {v:,}" for k, v in info["split_counts"].items())]
+    if info["metadata_columns"]:
+        lines.append(f"  metadata    {', '.join(info['metadata_columns'])}")
+    for name, entry in info["prediction_sets"].items():
+        lines.append(f"  predictions {name}: accuracy {entry['accuracy']:.2%} ({entry['score_kind']})")
+    if not info["prediction_sets"]:
+        lines.append("  predictions none")
+    lines.append(f"  model       {info['model'] or 'none'}")
+    lines.append(f"  embeddings  {info['embeddings'] or 'none (computed by analyze)'}")
+    curation = info["curation"]
+    lines.append(f"  curation    {curation['tags']} tags, {curation['collections']} collections, "
+                 f"{curation['review_decisions']} review decisions")
+    return "\n".join(lines)
+
+
+def _add_serve(sub) -> None:
+    parser = sub.add_parser("serve", help="start the dashboard on a workspace",
+                            description="Start the Streamlit dashboard for a workspace.")
+    parser.add_argument("workspace", type=Path)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    parser.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from robustlens.analysis.workspace import Workspace
+
+    Workspace(args.workspace)  # fail now, with a clear message, rather than in the browser
+    app = Path(__file__).parent / "dashboard" / "app.py"
+    env = dict(os.environ, ROBUSTLENS_WORKSPACE=str(args.workspace.resolve()))
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+               "--server.port", str(args.port), "--server.headless", "true",
+               "--browser.gatherUsageStats", "false"]
+    print(f"robustlens dashboard on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustlens",
+        description="Inspect an image-classification dataset and its model: quality, duplicates, label errors, "
+                    "slices and robustness.")
+    parser.add_argument("--version", action="version", version=f"robustlens {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_init(sub)
+    _add_info(sub)
+    _add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        return EXIT_USAGE
+    except (WorkspaceError, RobustlensError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Dashboard entry point: wires the pages; no logic lives here."""
+
+import streamlit as st
+
+from robustlens.dashboard.pages import overview
+
+st.set_page_config(page_title="robustlens", page_icon=":material/center_focus_strong:", layout="wide")
+navigation = st.navigation([
+    st.Page(overview.render, title="Overview", icon=":material/dashboard:", url_path="overview", default=True),
+])
+navigation.run()

@@ -1,0 +1,48 @@
+"""Errors the engine raises for bad input.
+
+Every :class:`ValidationError` names where the problem is (file, row, column) so the user can fix it;
+the CLI turns it into exit status 2. Nothing that raises one has modified the user's files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RobustlensError(Exception):
+    """Base class of the errors this package raises on purpose."""
+
+
+class ValidationError(RobustlensError):
+    """Input that does not meet the expected format.
+
+    Parameters
+    ----------
+    message:
+        What was expected and what came.
+    file:
+        The offending file, if any.
+    row:
+        1-based data row (the header does not count) of a table, if the problem is in one row.
+    column:
+        Column name, if the problem is in one column.
+    """
+
+    def __init__(self, message: str, *, file: str | Path | None = None, row: int | None = None,
+                 column: str | None = None):
+        self.file = str(file) if file is not None else None
+        self.row = row
+        self.column = column
+        self.detail = message
+        where = []
+        if self.file is not None:
+            where.append(self.file)
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class WorkspaceError(RobustlensError):
+    """A workspace that is missing, unreadable or from an incompatible version."""

@@ -1,0 +1,65 @@
+"""Shared fixtures: small real image files written into temporary folders."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "sample_data"
+
+
+def write_image(path: Path, *, mode: str = "RGB", size: tuple[int, int] = (16, 12), seed: int = 0,
+                fmt: str | None = None) -> Path:
+    """Write a random image of ``mode`` (Pillow mode) and ``size`` (width, height)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    if mode in ("RGB", "RGBA"):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, len(mode)), dtype=np.uint8), mode)
+    elif mode == "L":
+        image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), "L")
+    elif mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    elif mode == "P":
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB").convert(
+            "P", palette=Image.Palette.ADAPTIVE, colors=16)
+    elif mode == "LA":
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 2), dtype=np.uint8), "LA")
+    else:
+        raise ValueError(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under ``root`` (to prove inputs were not modified)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """ImageFolder tree: 3 classes × 4 RGB PNGs."""
+    root = tmp_path / "data"
+    for c, name in enumerate(("cat", "dog", "fox")):
+        for i in range(4):
+            write_image(root / name / f"{i}.png", seed=10 * c + i)
+    return root
+
+
+@pytest.fixture
+def manifest_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    """Dataset root with 6 images in a flat folder and a manifest with split + metadata columns."""
+    root = tmp_path / "data"
+    rows = ["path,label,split,camera,brightness_lux"]
+    for i in range(6):
+        write_image(root / "imgs" / f"im{i}.png", seed=i)
+        rows.append(f"imgs/im{i}.png,{'ab'[i % 2]},{'train' if i < 4 else 'test'},cam{i % 3},{100 + i}")
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return root, manifest
