@@ -1,6 +1,7 @@
 """Load the user's model with its preprocessing config.
 
-A model is either a TorchScript file or a ``module:function`` factory that returns an ``nn.Module``.
+A model is a TorchScript file, a ``torch.export`` archive (``.pt2``), or a ``module:function`` factory
+that returns an ``nn.Module``.
 Its config (JSON) gives the preprocessing::
 
     {"input_size": [H, W], "channels": 1 or 3, "mean": [...], "std": [...],
@@ -160,6 +161,13 @@ def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.
     """Load a TorchScript file, or call a ``module:function`` factory (``base_dir`` joins ``sys.path``)."""
     text = str(spec)
     candidate = Path(text) if base_dir is None or Path(text).is_absolute() else Path(base_dir) / text
+    if candidate.suffix == ".pt2":
+        if not candidate.exists():
+            raise ValidationError("model file not found", file=candidate)
+        try:
+            return torch.export.load(str(candidate)).module()
+        except (RuntimeError, ValueError) as exc:
+            raise ValidationError(f"not a loadable torch.export archive: {exc}", file=candidate) from exc
     if candidate.suffix in (".pt", ".pth", ".ts", ".torchscript") or candidate.exists():
         if not candidate.exists():
             raise ValidationError("model file not found", file=candidate)
