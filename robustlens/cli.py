@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from robustlens import __version__
-from robustlens.errors import RobustlensError, ValidationError, WorkspaceError
+from robustlens.errors import NotAWorkspaceError, RobustlensError, ValidationError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -132,7 +132,8 @@ def _cmd_serve(args) -> int:
     env = dict(os.environ, ROBUSTLENS_WORKSPACE=str(args.workspace.resolve()))
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
                "--server.port", str(args.port), "--server.headless", "true",
-               "--browser.gatherUsageStats", "false"]
+               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+               "--server.fileWatcherType", "none"]
     print(f"robustlens dashboard on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     try:
         return subprocess.call(command, env=env)
@@ -159,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ValidationError as exc:
+    except (ValidationError, NotAWorkspaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.debug:
             raise
         return EXIT_USAGE
-    except (WorkspaceError, RobustlensError) as exc:
+    except RobustlensError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.debug:
             raise

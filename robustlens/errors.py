@@ -46,3 +46,7 @@ class ValidationError(RobustlensError):
 
 class WorkspaceError(RobustlensError):
     """A workspace that is missing, unreadable or from an incompatible version."""
+
+
+class NotAWorkspaceError(WorkspaceError):
+    """The path given as a workspace has no ``workspace.json``: a usage error (exit status 2)."""

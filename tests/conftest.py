@@ -63,3 +63,17 @@ def manifest_dataset(tmp_path: Path) -> tuple[Path, Path]:
     manifest = tmp_path / "labels.csv"
     manifest.write_text("\n".join(rows) + "\n")
     return root, manifest
+
+
+@pytest.fixture(scope="session")
+def sample_workspace(tmp_path_factory) -> Path:
+    """A workspace built from the shipped sample data (read-only for tests)."""
+    from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
+
+    root = tmp_path_factory.mktemp("sample") / "ws"
+    options = InitOptions(data=SAMPLE_DATA, labels=SAMPLE_DATA / "labels.csv",
+                          predictions=[("cnn", SAMPLE_DATA / "predictions.csv")],
+                          model=str(SAMPLE_DATA / "model.pt"), model_config=SAMPLE_DATA / "model.json",
+                          progress=False)
+    init_workspace(root, options)
+    return root

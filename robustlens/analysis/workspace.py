@@ -26,7 +26,7 @@ import pandas as pd
 
 from robustlens.analysis import storage
 from robustlens.analysis.curation import CurationStore
-from robustlens.errors import WorkspaceError
+from robustlens.errors import NotAWorkspaceError, WorkspaceError
 
 #: Version of the workspace layout; :func:`upgrade_manifest` migrates older ones.
 FORMAT_VERSION = 1
@@ -61,7 +61,7 @@ class Workspace:
         self.root = Path(root)
         path = self.root / MANIFEST_NAME
         if not path.exists():
-            raise WorkspaceError(f"{self.root} is not a robustlens workspace (no {MANIFEST_NAME}); "
+            raise NotAWorkspaceError(f"{self.root} is not a robustlens workspace (no {MANIFEST_NAME}); "
                                  "create one with 'robustlens init'")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))

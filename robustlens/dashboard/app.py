@@ -1,8 +1,9 @@
-"""Dashboard entry point: wires the pages; no logic lives here."""
+"""Dashboard entry point: wires the pages (modules in views/; not pages/, which Streamlit would treat as a
+legacy multipage folder); no logic lives here."""
 
 import streamlit as st
 
-from robustlens.dashboard.pages import overview
+from robustlens.dashboard.views import overview
 
 st.set_page_config(page_title="robustlens", page_icon=":material/center_focus_strong:", layout="wide")
 navigation = st.navigation([

@@ -63,7 +63,8 @@ def _thumbnails(ws, key) -> None:
     st.subheader("Samples")
     samples = ws.samples
     pages = max(1, -(-len(samples) // THUMBNAILS_PER_PAGE))
-    page = st.number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, step=1, key="overview_page")
+    page = st.columns([1, 5])[0].number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, step=1,
+                                              key="overview_page")
     start = (page - 1) * THUMBNAILS_PER_PAGE
     chunk = samples.iloc[start:start + THUMBNAILS_PER_PAGE]
     predicted = None

@@ -1,0 +1,157 @@
+"""The robustlens command line: round trips, exit codes, and that inputs are never modified."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from robustlens.analysis.workspace import Workspace
+from robustlens.cli import main
+from tests.conftest import SAMPLE_DATA, tree_digest, write_image
+
+
+def _init_sample(workspace, *extra):
+    return main(["init", str(workspace), "--quiet", "--data", str(SAMPLE_DATA),
+                 "--labels", str(SAMPLE_DATA / "labels.csv"),
+                 "--predictions", f"cnn={SAMPLE_DATA / 'predictions.csv'}",
+                 "--model", str(SAMPLE_DATA / "model.pt"), "--model-config", str(SAMPLE_DATA / "model.json"), *extra])
+
+
+def test_round_trip_on_the_sample_data(tmp_path, capsys):
+    before = tree_digest(SAMPLE_DATA)
+    assert _init_sample(tmp_path / "ws") == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ws"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_samples"] == 2000 and info["num_skipped"] == 0
+    assert info["classes"][0] == "tshirt_top" and len(info["classes"]) == 10
+    assert set(info["class_counts"].values()) == {200}
+    assert info["split_counts"] == {"test": 2000}
+    assert info["metadata_columns"] == ["source_index"]
+    assert info["prediction_sets"]["cnn"]["accuracy"] > 0.88
+    assert tree_digest(SAMPLE_DATA) == before
+
+    workspace = Workspace(tmp_path / "ws")
+    samples = workspace.samples
+    labels = pd.read_csv(SAMPLE_DATA / "labels.csv")
+    assert samples["path"].tolist() == labels["path"].tolist()
+    assert (samples["label"] == labels["label"]).all()
+    assert samples["meta.source_index"].tolist() == labels["source_index"].tolist()
+    # The model in the workspace reproduces the shipped predictions from the images on disk.
+    from robustlens.analysis.images import read_image
+    from robustlens.analysis.ingest.model import prepare_images
+
+    model = workspace.load_model()
+    pixels = [read_image(SAMPLE_DATA / p).pixels for p in samples["path"][:64]]
+    import torch
+
+    with torch.no_grad():
+        probs = torch.softmax(model(prepare_images(pixels, model.config)), dim=1).numpy()
+    np.testing.assert_allclose(probs, workspace.predictions("cnn")[:64], atol=1e-4)
+
+
+def test_round_trip_on_an_imagefolder(image_folder, tmp_path, capsys):
+    assert main(["init", str(tmp_path / "ws"), "--data", str(image_folder), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "12 ingested, 0 skipped" in out and "cat, dog, fox" in out
+    assert main(["info", str(tmp_path / "ws")]) == 0
+    assert "12 ingested" in capsys.readouterr().out
+
+
+def test_manifest_with_metadata_and_two_prediction_sets(manifest_dataset, tmp_path, capsys):
+    root, manifest = manifest_dataset
+    ids = pd.read_csv(manifest)["path"]
+    good = pd.DataFrame({"path": ids, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3})
+    logits = pd.DataFrame({"path": ids, "a": [3.0, -1.0] * 3, "b": [-3.0, 2.0] * 3})
+    good.to_csv(tmp_path / "m1.csv", index=False)
+    logits.to_parquet(tmp_path / "m2.parquet")
+    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(root), "--labels", str(manifest),
+                 "--predictions", str(tmp_path / "m1.csv"), "--predictions", f"second={tmp_path / 'm2.parquet'}"])
+    assert code == 0
+    workspace = Workspace(tmp_path / "ws")
+    assert workspace.prediction_names == ["m1", "second"]
+    assert workspace.manifest["prediction_sets"]["second"]["score_kind"] == "logits"
+    assert workspace.manifest["metadata_columns"] == ["meta.camera", "meta.brightness_lux"]
+    assert sorted(workspace.manifest["splits"]) == ["test", "train"]
+
+
+def test_validation_error_exits_2_and_writes_nothing(manifest_dataset, tmp_path, capsys):
+    root, manifest = manifest_dataset
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,a,b\nimgs/im0.png,0.5,nan\n")
+    before = tree_digest(tmp_path)
+    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(root), "--labels", str(manifest),
+                 "--predictions", str(bad)])
+    assert code == 2
+    assert f"{bad}, row 1, column 'b'" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+    assert tree_digest(tmp_path) == before
+
+
+def test_existing_workspace_needs_force_and_keeps_curation(image_folder, tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["init", str(ws), "--data", str(image_folder), "--quiet"]) == 0
+    Workspace(ws).curation().add_tag(["cat/0.png"], "keep-me", user="ana")
+    assert main(["init", str(ws), "--data", str(image_folder), "--quiet"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    write_image(image_folder / "cat" / "new.png", seed=99)
+    assert main(["init", str(ws), "--data", str(image_folder), "--quiet", "--force"]) == 0
+    workspace = Workspace(ws)
+    assert len(workspace.samples) == 13
+    assert workspace.curation().samples_with_tag("keep-me") == ["cat/0.png"]
+
+
+def test_refuses_a_non_empty_directory_and_the_dataset_itself(image_folder, tmp_path, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "thesis.tex").write_text("precious")
+    assert main(["init", str(occupied), "--data", str(image_folder), "--quiet"]) == 2
+    assert (occupied / "thesis.tex").read_text() == "precious"
+    assert main(["init", str(image_folder / "ws"), "--data", str(image_folder), "--quiet"]) == 2
+    assert "inside the dataset folder" in capsys.readouterr().err
+    assert not (image_folder / "ws").exists()
+
+
+def test_npy_predictions_and_embeddings_through_the_cli(image_folder, tmp_path):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=12)
+    np.save(tmp_path / "p.npy", probs)
+    np.save(tmp_path / "e.npy", rng.normal(size=(12, 5)))
+    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(image_folder), "--predictions",
+                 str(tmp_path / "p.npy"), "--classes", "cat,dog,fox", "--embeddings", str(tmp_path / "e.npy")])
+    assert code == 0
+    workspace = Workspace(tmp_path / "ws")
+    np.testing.assert_allclose(workspace.predictions("p"), probs, rtol=1e-6)
+    assert workspace.embeddings().shape == (12, 5)
+
+
+def test_model_without_config_is_a_usage_error(image_folder, tmp_path, capsys):
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x")
+    assert main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(image_folder), "--model", str(model)]) == 2
+    assert "--model-config" in capsys.readouterr().err
+
+
+def test_missing_workspace_fails_cleanly(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nowhere")]) == 2
+    assert "not a robustlens workspace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["init"], ["info"], ["serve"]])
+def test_help_on_every_command(command):
+    result = subprocess.run([sys.executable, "-m", "robustlens.cli", *command, "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    assert "usage: robustlens" in result.stdout
+
+
+def test_usage_error_exit_code():
+    result = subprocess.run([sys.executable, "-m", "robustlens.cli", "init"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "the following arguments are required" in result.stderr
