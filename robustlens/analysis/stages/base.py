@@ -1,0 +1,150 @@
+"""What every analysis stage shares: its context, config hashing, per-image caches and artifact writes.
+
+Stages are idempotent and incremental. Per-image results (metrics, embeddings) are cached by the
+image's content hash under ``artifacts/cache/<stage>-<config hash>/`` in chunk files written atomically
+as work proceeds, so a run killed half-way (even by SIGKILL) resumes where it stopped and a re-run after
+adding images computes only the new ones. Whole-dataset stages record the fingerprint of their inputs
+in ``artifacts/index.json`` and are skipped when it is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from robustlens.analysis import storage
+from robustlens.analysis.workspace import Workspace
+
+
+@dataclass
+class StageContext:
+    """Shared inputs of every stage.
+
+    Attributes
+    ----------
+    workspace:
+        The workspace being analysed.
+    progress:
+        Show progress bars.
+    device:
+        Torch device for model and tensor work (``"cpu"``, ``"cuda"``).
+    random_state:
+        Seed for every random choice a stage makes.
+    workers:
+        Decoding threads (``None``: one per core).
+    """
+
+    workspace: Workspace
+    progress: bool = True
+    device: str = "cpu"
+    random_state: int = 0
+    workers: int | None = None
+    log: list[str] = field(default_factory=list)
+
+
+def config_hash(config) -> str:
+    """Stable short hash of a stage config (a dataclass or a JSON-serialisable mapping)."""
+    payload = asdict(config) if is_dataclass(config) else config
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint(*parts) -> str:
+    """Hash of stage inputs: arrays, frames, strings or JSON-serialisable values."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            digest.update(str(part.shape).encode() + str(part.dtype).encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, pd.DataFrame | pd.Series):
+            digest.update(pd.util.hash_pandas_object(part, index=False).to_numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+class HashCache:
+    """Per-image results keyed by content hash, stored as atomically written chunk files.
+
+    Parameters
+    ----------
+    directory:
+        ``artifacts/cache/<stage>-<config hash>``.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def load(self) -> pd.DataFrame:
+        """All cached rows (a ``content_hash`` column plus the stage's columns), one per hash."""
+        chunks = sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
+        if not chunks:
+            return pd.DataFrame({"content_hash": pd.Series(dtype=str)})
+        frame = pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True)
+        return frame.drop_duplicates("content_hash", keep="last").reset_index(drop=True)
+
+    def add(self, frame: pd.DataFrame) -> None:
+        """Persist a chunk of results (must include ``content_hash``)."""
+        if frame.empty:
+            return
+        name = f"chunk-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
+        storage.write_parquet(self.directory / name, frame)
+
+    def compact(self, keep_hashes: set[str] | None = None) -> None:
+        """Merge chunks into one (optionally dropping hashes no longer in the workspace)."""
+        chunks = sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
+        if len(chunks) <= 1 and keep_hashes is None:
+            return
+        frame = self.load()
+        if keep_hashes is not None:
+            frame = frame[frame["content_hash"].isin(keep_hashes)]
+        self.add(frame)
+        newest = sorted(self.directory.glob("chunk-*.parquet"))[-1]
+        for chunk in chunks:
+            if chunk != newest:
+                chunk.unlink(missing_ok=True)
+
+
+def cache_for(context: StageContext, stage: str, config) -> HashCache:
+    return HashCache(context.workspace.artifact_path(f"cache/{stage}-{config_hash(config)}"))
+
+
+def write_artifact(context: StageContext, name: str, frame: pd.DataFrame, *, stage: str, config, inputs: str,
+                   extra: dict | None = None) -> Path:
+    """Write ``artifacts/<name>.parquet`` atomically and record it in ``artifacts/index.json``."""
+    path = storage.write_parquet(context.workspace.artifact_path(f"{name}.parquet"), frame)
+    record_artifact(context, name, stage=stage, config=config, inputs=inputs, extra=extra)
+    return path
+
+
+def record_artifact(context: StageContext, name: str, *, stage: str, config, inputs: str,
+                    extra: dict | None = None) -> None:
+    index_path = context.workspace.artifact_path("index.json")
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    index[name] = {"stage": stage, "config": asdict(config) if is_dataclass(config) else config,
+                   "config_hash": config_hash(config), "inputs": inputs,
+                   "written_at": datetime.now(UTC).isoformat(timespec="seconds"), **(extra or {})}
+    storage.write_json(index_path, index)
+
+
+def is_current(context: StageContext, name: str, *, config, inputs: str) -> bool:
+    """Whether artifact ``name`` exists and was made from the same config and inputs."""
+    index_path = context.workspace.artifact_path("index.json")
+    if not index_path.exists():
+        return False
+    entry = json.loads(index_path.read_text()).get(name)
+    return (entry is not None and entry.get("config_hash") == config_hash(config) and entry.get("inputs") == inputs
+            and any(context.workspace.artifact_path(name + suffix).exists() for suffix in (".parquet", ".npy", ".json")))
+
+
+def read_artifact(workspace: Workspace, name: str) -> pd.DataFrame | None:
+    """``artifacts/<name>.parquet`` or ``None`` when the stage has not run."""
+    path = workspace.artifact_path(f"{name}.parquet")
+    return pd.read_parquet(path) if path.exists() else None
