@@ -115,6 +115,86 @@ def _describe(workspace) -> str:
     return "\n".join(lines)
 
 
+def _add_analyze(sub) -> None:
+    parser = sub.add_parser(
+        "analyze", help="run the analysis stages on a workspace",
+        description="Compute quality metrics, embeddings and their 2-D map, duplicates and leakage, outliers, "
+                    "label issues, issue flags, model evaluation and slices. Incremental: a re-run computes only "
+                    "what changed, and a killed run resumes.")
+    parser.add_argument("workspace", type=Path)
+    parser.add_argument("--stages", help="comma-separated subset of stages (default: all)")
+    parser.add_argument("--plugins", default="",
+                        help="comma-separated modules to import first (they register custom metrics)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--seed", type=int, default=0, help="random_state of every stage (default 0)")
+    parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_cmd_analyze)
+
+
+def _cmd_analyze(args) -> int:
+    import dataclasses
+    import importlib
+
+    from robustlens.analysis.analyze import STAGES, analyze, stage_module
+    from robustlens.analysis.workspace import Workspace
+
+    workspace = Workspace(args.workspace)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        raise ValidationError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    plugins = tuple(p.strip() for p in args.plugins.split(",") if p.strip())
+    for plugin in plugins:
+        try:
+            importlib.import_module(plugin)
+        except ImportError as exc:
+            raise ValidationError(f"--plugins: cannot import '{plugin}': {exc}") from exc
+    configs = {}
+    metrics_config = stage_module("metrics").Config
+    if plugins and "plugins" in {f.name for f in dataclasses.fields(metrics_config)}:
+        configs["metrics"] = metrics_config(plugins=plugins)
+    device = _resolve_device(args.device)
+    report = analyze(workspace, stages=stages, configs=configs, progress=not args.quiet, device=device,
+                     random_state=args.seed, workers=args.workers)
+    for name, seconds in report.seconds.items():
+        print(f"  {name:<14} {seconds:7.1f} s", file=sys.stderr)
+    print(_analysis_summary(workspace))
+    return EXIT_OK
+
+
+def _resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValidationError(f"--device {requested}: CUDA is not available on this machine")
+    return requested
+
+
+def _analysis_summary(workspace) -> str:
+    from robustlens.analysis.summary import analysis_overview
+
+    overview = analysis_overview(workspace)
+    lines = [f"Analysis of {overview['num_samples']:,} samples"]
+    if overview["issue_counts"]:
+        lines.append("  issues:")
+        for issue, count in overview["issue_counts"].items():
+            lines.append(f"    {issue:<20} {count:6,}  ({count / max(overview['num_samples'], 1):.1%})")
+    else:
+        lines.append("  issues: none flagged")
+    for name, accuracy in overview["accuracy"].items():
+        lines.append(f"  accuracy {name}: {accuracy:.2%}")
+    if overview.get("label_issue_source"):
+        lines.append(f"  label issues from {overview['label_issue_source']} probabilities")
+    if overview["worst_slices"]:
+        lines.append("  worst slices:")
+        for entry in overview["worst_slices"][:5]:
+            lines.append(f"    {entry['description']}: {entry['size']:,} samples, accuracy {entry['accuracy']:.1%}")
+    return "\n".join(lines)
+
+
 def _add_serve(sub) -> None:
     parser = sub.add_parser("serve", help="start the dashboard on a workspace",
                             description="Start the Streamlit dashboard for a workspace.")
@@ -151,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_init(sub)
     _add_info(sub)
+    _add_analyze(sub)
     _add_serve(sub)
     return parser
 

@@ -58,3 +58,29 @@ def summarize(workspace: Workspace) -> dict:
         "embeddings": f"imported, {embeddings['dim']} dimensions" if embeddings else None,
         "curation": curation,
     }
+
+
+def analysis_overview(workspace: Workspace) -> dict:
+    """What the analysis found: issue counts, accuracy per prediction set, worst slices (when present)."""
+    from robustlens.analysis.stages.base import read_artifact
+
+    samples = workspace.samples
+    issues = read_artifact(workspace, "issues")
+    issue_counts = ({} if issues is None else
+                    {str(k): int(v) for k, v in issues.groupby("issue")["id"].nunique().sort_values(ascending=False).items()})
+    worst = read_artifact(workspace, "worst_slices")
+    worst_slices = [] if worst is None else worst.head(10).to_dict("records")
+    label_issues = workspace.artifact_path("index.json")
+    source = None
+    if label_issues.exists():
+        import json
+
+        entry = json.loads(label_issues.read_text()).get("label_issues", {})
+        source = entry.get("probability_source")
+    return {
+        "num_samples": int(len(samples)),
+        "issue_counts": issue_counts,
+        "accuracy": {name: prediction_accuracy(workspace, name) for name in workspace.prediction_names},
+        "worst_slices": worst_slices,
+        "label_issue_source": source,
+    }

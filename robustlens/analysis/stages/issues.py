@@ -1,0 +1,73 @@
+"""Stage ``issues``: gather every stage's flags into one table the dashboard and exports filter on.
+
+Inputs: ``artifacts/flags_<stage>.parquet`` (long: id, issue, severity, explanation), whichever exist.
+Outputs:
+
+* ``artifacts/issues.parquet`` — the same long table, all stages, sorted by sample order then severity;
+* ``artifacts/issue_matrix.parquet`` — one row per sample (samples order): ``id``, then for each issue
+  type ``<issue>`` (severity, 0 where not flagged), plus ``issue_count`` and ``max_severity``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, write_artifact
+
+FLAG_COLUMNS = ("id", "issue", "severity", "explanation")
+
+
+@dataclass
+class Config:
+    """No parameters: the flagging stages own their thresholds."""
+
+
+def collect_flags(context: StageContext) -> pd.DataFrame:
+    """Concatenate every ``flags_*.parquet`` (validated), keeping only current samples."""
+    frames = []
+    for path in sorted(context.workspace.artifact_path("").glob("flags_*.parquet")):
+        frame = pd.read_parquet(path)
+        missing = [c for c in FLAG_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path}: flags table lacks columns {missing}; expected {list(FLAG_COLUMNS)}")
+        frame = frame[list(FLAG_COLUMNS)].copy()
+        frame["stage"] = path.stem.removeprefix("flags_")
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=float if c == "severity" else str) for c in (*FLAG_COLUMNS, "stage")})
+    flags = pd.concat(frames, ignore_index=True)
+    flags["severity"] = flags["severity"].astype(float).clip(0.0, 1.0)
+    return flags
+
+
+def run(context: StageContext, config: Config) -> dict:
+    samples = context.workspace.samples
+    flags = collect_flags(context)
+    position = pd.Series(np.arange(len(samples)), index=samples["id"])
+    flags = flags[flags["id"].isin(position.index)]
+    inputs = fingerprint(samples["id"], flags)
+    if is_current(context, "issue_matrix", config=config, inputs=inputs):
+        return {"skipped": True, "counts": _counts(flags)}
+    flags = flags.assign(_order=flags["id"].map(position)).sort_values(["_order", "severity"],
+                                                                       ascending=[True, False])
+    flags = flags.drop(columns="_order").reset_index(drop=True)
+    write_artifact(context, "issues", flags, stage="issues", config=config, inputs=inputs)
+    matrix = pd.DataFrame({"id": samples["id"]})
+    for issue, group in flags.groupby("issue", sort=True):
+        severity = np.zeros(len(samples))
+        worst = group.groupby("id")["severity"].max()
+        severity[position[worst.index].to_numpy()] = worst.to_numpy()
+        matrix[issue] = severity
+    issue_columns = [c for c in matrix.columns if c != "id"]
+    matrix["issue_count"] = (matrix[issue_columns] > 0).sum(axis=1) if issue_columns else 0
+    matrix["max_severity"] = matrix[issue_columns].max(axis=1) if issue_columns else 0.0
+    write_artifact(context, "issue_matrix", matrix, stage="issues", config=config, inputs=inputs)
+    return {"skipped": False, "counts": _counts(flags),
+            "samples_with_issues": int((matrix["issue_count"] > 0).sum())}
+
+
+def _counts(flags: pd.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in flags.groupby("issue")["id"].nunique().sort_index().items()}
