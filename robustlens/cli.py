@@ -31,6 +31,9 @@ def _add_init(sub) -> None:
     parser.add_argument("--predictions", action="append", default=[], metavar="[NAME=]FILE",
                         help="prediction set: CSV/Parquet with id or path + one column per class, or .npy N×K in "
                              "manifest order (needs --classes); repeat for several models")
+    parser.add_argument("--in-sample", action="append", default=[], metavar="NAME",
+                        help="prediction set NAME comes from a model trained on these images (label issues then use "
+                             "cross-validated probabilities); repeatable")
     parser.add_argument("--classes", help="comma-separated class order (column order of .npy predictions); "
                                           "default: the model config's classes, else sorted labels")
     parser.add_argument("--scores", choices=("auto", "probabilities", "logits"), default="auto",
@@ -57,6 +60,7 @@ def _cmd_init(args) -> int:
 
     options = InitOptions(
         data=args.data, labels=args.labels, predictions=[parse_prediction_arg(p) for p in args.predictions],
+        in_sample=args.in_sample,
         classes=[c.strip() for c in args.classes.split(",")] if args.classes else None,
         model=args.model, model_config=args.model_config, embeddings=args.embeddings, db_url=args.db,
         scores=args.scores, sum_tolerance=args.sum_tolerance, max_pixels=args.max_pixels, workers=args.workers,

@@ -155,3 +155,14 @@ def test_usage_error_exit_code():
                             timeout=60)
     assert result.returncode == 2
     assert "the following arguments are required" in result.stderr
+
+
+def test_in_sample_prediction_sets_are_marked(manifest_dataset, tmp_path, capsys):
+    root, manifest = manifest_dataset
+    ids = pd.read_csv(manifest)["path"]
+    pd.DataFrame({"path": ids, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3}).to_csv(tmp_path / "m1.csv", index=False)
+    base = ["init", "--quiet", "--data", str(root), "--labels", str(manifest), "--predictions", str(tmp_path / "m1.csv")]
+    assert main([base[0], str(tmp_path / "bad"), *base[1:], "--in-sample", "nope"]) == 2
+    assert "--in-sample names ['nope']" in capsys.readouterr().err
+    assert main([base[0], str(tmp_path / "ws"), *base[1:], "--in-sample", "m1"]) == 0
+    assert Workspace(tmp_path / "ws").manifest["prediction_sets"]["m1"]["in_sample"] is True

@@ -34,6 +34,9 @@ class InitOptions:
     data: Path
     labels: Path | None = None
     predictions: list[tuple[str, Path]] = field(default_factory=list)
+    #: Names of prediction sets made by a model that saw these images in training (not out-of-sample):
+    #: label-issue detection then uses cross-validated probabilities instead.
+    in_sample: list[str] = field(default_factory=list)
     classes: list[str] | None = None
     model: str | None = None
     model_config: Path | None = None
@@ -88,6 +91,9 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
     names = [name for name, _ in options.predictions]
     if len(set(names)) != len(names):
         raise ValidationError(f"prediction-set names must be unique, got {names}; use NAME=PATH")
+    unknown_in_sample = sorted(set(options.in_sample) - set(names))
+    if unknown_in_sample:
+        raise ValidationError(f"--in-sample names {unknown_in_sample} are not prediction sets (have: {names})")
     skipped_ids = {entry["id"] for entry in scan.skipped}
     for name, path in options.predictions:
         prediction_set = load_predictions(path, name=name, sample_ids=sample_ids,
@@ -115,7 +121,7 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
         manifest_sets[prediction_set.name] = {
             "file": relative, "source": str(Path(prediction_set.source).resolve()),
             "score_kind": prediction_set.score_kind, "renormalized_rows": prediction_set.renormalized_rows,
-            "dropped_rows": prediction_set.dropped_rows}
+            "dropped_rows": prediction_set.dropped_rows, "in_sample": prediction_set.name in options.in_sample}
     embeddings_entry = None
     if embeddings is not None:
         storage.write_npy(root / "embeddings/imported.npy", embeddings)
