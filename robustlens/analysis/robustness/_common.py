@@ -224,7 +224,7 @@ def derive_seed(random_state: int, *keys: int | str) -> int:
 
 
 def make_generator(random_state: int | torch.Generator | None, *keys: int | str) -> torch.Generator:
-    """A CPU ``torch.Generator``: the given one, or a fresh one seeded from ``random_state`` (``None`` = 0) and ``keys``."""
+    """The given ``torch.Generator``, or a fresh CPU one seeded from ``random_state`` (``None`` = 0) and ``keys``."""
     if isinstance(random_state, torch.Generator):
         return random_state
     if random_state is None:

@@ -22,6 +22,12 @@ FGSM and PGD follow the Adversarial Robustness Toolbox (ART 1.20) update order e
 project the total perturbation on the ε-ball (L∞: elementwise clip; L2: rescale by
 ``min(1, ε/‖δ‖₂)``), no clip after the projection (it stays in ``[0, 1]`` by convexity).
 
+Cross-entropy precision: the softmax/cross-entropy on top of the logits is evaluated in float64.
+In float32, a sample whose logit margin exceeds ~17 has ``softmax_y`` rounded to exactly 1, so the
+gradient loses its true-class term (``p_y - 1 = 0``) and points in an arbitrary direction (ART has
+this); in float64 the same loss keeps an accurate gradient up to margins of ~36. Where float32 is not
+saturated the two agree to rounding, and FGSM/PGD reproduce ART's adversarial examples.
+
 Entry points for the rest of the engine: :func:`run_attack` (uniform call by name, returns an
 :class:`AttackResult`) and :func:`robust_accuracy_curve` (worst case over attacks on an ε grid).
 """
@@ -71,10 +77,15 @@ def _setup(model: object, images: object, labels: object) -> tuple[torch.nn.Modu
 
 
 def _ce_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gradient ``(B, C, H, W)`` of the summed cross-entropy of ``model(x)`` w.r.t. ``x`` (zeros if x is not used)."""
+    """Gradient ``(B, C, H, W)`` of the summed cross-entropy of ``model(x)`` w.r.t. ``x`` (zeros if x is not used).
+
+    The softmax/cross-entropy part runs in float64 (see the module docstring), the model in its own dtype.
+    """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(logits_of(model, x), y, reduction="sum")
+        logits = logits_of(model, x)
+        wide = logits if logits.device.type == "mps" else logits.double()
+        loss = F.cross_entropy(wide, y, reduction="sum")
     if not loss.requires_grad:
         return torch.zeros_like(x)
     (grad,) = torch.autograd.grad(loss, x)
@@ -371,7 +382,7 @@ def carlini_wagner_l2(model: torch.nn.Module, images: torch.Tensor, labels: torc
                     best_adv[better] = adv.detach()[better]
                     succeeded |= ok
                 if abort_early and it % check_every == 0:
-                    cur = float(loss)
+                    cur = float(loss.detach())
                     if cur > prev * 0.9999:
                         break
                     prev = cur
@@ -541,8 +552,8 @@ class AttackResult:
     clean_correct:
         ``(N,)`` bool, ``clean_preds == labels``.
     within_budget:
-        ``(N,)`` bool, perturbation ``<= eps`` (+ :data:`BUDGET_TOL`) in the attack's norm
-        (all True without ``eps``).
+        ``(N,)`` bool, perturbation of ``adv_images`` ``<= eps`` (+ :data:`BUDGET_TOL`) in the attack's
+        norm (all True without ``eps``, and after the reset of a minimal-norm attack).
     success:
         ``(N,)`` bool: clean-correct, within budget, and ``adv_preds != clean_preds``.
     success_rate:
@@ -597,6 +608,7 @@ def evaluate_adversarial(model: torch.nn.Module, images: torch.Tensor, labels: t
         if reset_outside:
             adv = torch.where(within[:, None, None, None], adv, images)
             l2, linf = flat_norms(adv - images)
+            within = torch.ones_like(within)
     clean = predict_labels(model, images, batch_size)
     advp = predict_labels(model, adv, batch_size)
     correct = clean == labels

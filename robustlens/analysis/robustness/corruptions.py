@@ -132,7 +132,10 @@ def _conv_same(x: torch.Tensor, kernel: torch.Tensor, pad_mode: str = "replicate
 
 
 def _conv_per_image(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Convolve image ``b`` of ``x`` ``(B, C, H, W)`` (all channels) with ``kernels[b]`` ``(B, k, k)``, replicate padding."""
+    """Convolve image ``b`` of ``x`` ``(B, C, H, W)`` (all channels) with ``kernels[b]`` ``(B, k, k)``.
+
+    Borders: replicate padding.
+    """
     b, c, h, w = x.shape
     k = kernels.shape[-1]
     pad = k // 2
@@ -368,7 +371,7 @@ def jpeg_compression(images: torch.Tensor, severity: int, generator: torch.Gener
     arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = np.empty(arr.shape, dtype=np.float32)
     for i, img in enumerate(arr):
-        pil = Image.fromarray(img[..., 0], mode="L") if img.shape[-1] == 1 else Image.fromarray(img, mode="RGB")
+        pil = Image.fromarray(np.ascontiguousarray(img[..., 0]) if img.shape[-1] == 1 else img)  # uint8: L / RGB
         buf = io.BytesIO()
         pil.save(buf, format="JPEG", quality=quality)
         buf.seek(0)
