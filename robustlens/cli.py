@@ -149,6 +149,9 @@ def _cmd_analyze(args) -> int:
     if unknown:
         raise ValidationError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
     plugins = tuple(p.strip() for p in args.plugins.split(",") if p.strip())
+    if plugins and str(Path.cwd()) not in sys.path:
+        # The console script does not put the working directory on sys.path; plugins usually live there.
+        sys.path.insert(0, str(Path.cwd()))
     for plugin in plugins:
         try:
             importlib.import_module(plugin)

@@ -110,6 +110,9 @@ class HashCache:
         for chunk in chunks:
             if chunk != newest:
                 chunk.unlink(missing_ok=True)
+        # Temp files of writes killed mid-way (never read: readers only glob chunk-*.parquet).
+        for leftover in self.directory.glob(".chunk-*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def cache_for(context: StageContext, stage: str, config) -> HashCache:

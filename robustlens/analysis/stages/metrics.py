@@ -1,0 +1,224 @@
+"""Stage ``metrics``: per-image quality metrics and image fingerprints.
+
+Reads ``samples.parquet`` and the images; writes
+
+``artifacts/metrics.parquet``
+    ``id`` plus one column per metric (every registered metric by default, see
+    :mod:`robustlens.analysis.metric_registry`), rows in ``samples.parquet`` order. Pixel metrics are
+    float64; integer record metrics (``width``, ``height``, ``area``, ``file_size``, ``channels``) int64.
+``artifacts/fingerprints.parquet``
+    ``id``, ``pixel_hash`` (sha1 hex of ``"HxWxC:"`` followed by the decoded pixels rounded to uint8,
+    row-major ``(H, W, C)``: equal for files that decode to identical pixels whatever their format) and
+    ``phash`` (uint64 DCT perceptual hash, below).
+
+``phash``: luminance resized to 32×32 (bilinear, antialiased), its 2-D orthonormal DCT-II computed as
+``D X Dᵀ`` with the 32×32 DCT matrix ``D``; the top-left 8×8 coefficients are compared with the median
+of their 63 non-DC values, giving 64 bits packed row-major, most significant bit first (the DC bit is
+normally 1). Near-duplicates differ in few bits (Hamming distance).
+
+Work is cached per image content hash (``samples.content_hash``) with
+:class:`~robustlens.analysis.stages.base.HashCache`: after every decoded batch one chunk with the batch's
+results is written atomically, so a run killed at any point (SIGKILL included) resumes with what was
+done, and a re-run after adding images computes only content hashes not seen before. Files with the same
+content hash are decoded once. The cache key is the set of pixel metrics and their versions (not the
+batch size, which does not change results). Record metrics are recomputed from the sample table on every
+run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from robustlens.analysis.loader import iter_decoded
+from robustlens.analysis.builtin_metrics import luminance
+from robustlens.analysis.metric_registry import (BUILTIN_MODULE, Metric, MetricRegistryError, available_metrics,
+                                                 get_metric, import_plugins)
+from robustlens.analysis.stages.base import StageContext, cache_for, fingerprint, write_artifact
+
+#: Bump when pixel_hash / phash computation changes (part of the cache key).
+FINGERPRINT_VERSION = "1"
+PHASH_SIZE = 32
+PHASH_BLOCK = 8
+#: Largest number of float32 values stacked into one tensor (bounds memory for large images).
+MAX_STACK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class Config:
+    """Parameters of the ``metrics`` stage.
+
+    Attributes
+    ----------
+    batch_size:
+        Images decoded per batch; one cache chunk is written after each batch.
+    metrics:
+        Names of the metrics to compute. ``None`` (default): the built-ins plus every metric defined in
+        the ``plugins`` modules. What is computed depends on the config alone, never on which other
+        modules happen to be imported in the process.
+    plugins:
+        Module names imported before running, so the metrics they define are registered (a package's
+        submodules count as the package). A metric registered interactively can be named in
+        ``metrics`` directly, or its module given here (``"__main__"`` in a script or notebook).
+    """
+
+    batch_size: int = 512
+    metrics: tuple[str, ...] | None = None
+    plugins: tuple[str, ...] = ()
+
+
+def selected_metrics(config: Config) -> list[Metric]:
+    """The metrics ``config`` asks for (plugins imported first), in registry order."""
+    for field_name in ("metrics", "plugins"):
+        value = getattr(config, field_name)
+        if isinstance(value, str):
+            raise MetricRegistryError(f"Config.{field_name} must be a sequence of names, got the string {value!r} "
+                                      f"(write ({value!r},))")
+    import_plugins(tuple(config.plugins))
+    if config.metrics is None:
+        names = available_metrics(modules=(BUILTIN_MODULE, *config.plugins))
+    else:
+        names = list(dict.fromkeys(config.metrics))
+    if not names:
+        raise MetricRegistryError("Config.metrics is empty; leave it None to compute every metric")
+    return [get_metric(name) for name in names]
+
+
+def run(context: StageContext, config: Config) -> dict:
+    """Compute metrics and fingerprints for every sample (only uncached content hashes are decoded).
+
+    Returns
+    -------
+    dict
+        ``computed`` (distinct images decoded and measured this run), ``cached`` (distinct images whose
+        results came from the cache), ``samples``, ``seconds`` and ``metrics`` (the metric columns).
+    """
+    start = time.perf_counter()
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    metrics = selected_metrics(config)
+    pixel_metrics = [m for m in metrics if m.source == "pixels"]
+    workspace = context.workspace
+    samples = workspace.samples
+    hashes = samples["content_hash"].to_numpy()
+
+    cache_key = {"pixel_metrics": {m.name: m.version for m in pixel_metrics}, "fingerprints": FINGERPRINT_VERSION}
+    cache = cache_for(context, "metrics", cache_key)
+    known = set(cache.load()["content_hash"])
+    _, first_rows = np.unique(hashes, return_index=True)
+    todo = np.sort(first_rows[~pd.Series(hashes[first_rows]).isin(known).to_numpy()])
+
+    device = torch.device(context.device)
+    paths = samples["path"].tolist()
+    for indices, pixels in iter_decoded(workspace.dataset_root, paths, todo, batch_size=config.batch_size,
+                                        workers=context.workers, progress=context.progress,
+                                        desc="Metrics"):
+        frame = measure_batch(pixels, pixel_metrics, device)
+        frame.insert(0, "content_hash", hashes[indices])
+        cache.add(frame)
+
+    results = cache.load().set_index("content_hash").reindex(hashes)
+    missing = results["pixel_hash"].isna().to_numpy()
+    if missing.any():
+        raise RuntimeError(f"metrics cache lacks {int(missing.sum())} images after computing them "
+                           f"(first: {paths[int(np.flatnonzero(missing)[0])]})")
+    table = pd.DataFrame({"id": samples["id"].to_numpy()})
+    for metric in metrics:
+        if metric.source == "pixels":
+            table[metric.name] = results[metric.name].to_numpy(dtype=np.float64)
+        else:
+            table[metric.name] = _record_values(metric, samples)
+    fingerprints = pd.DataFrame({"id": samples["id"].to_numpy(), "pixel_hash": results["pixel_hash"].to_numpy(),
+                                 "phash": results["phash"].to_numpy().astype(np.uint64)})
+
+    inputs = fingerprint(samples[["id", "content_hash", "width", "height", "file_size", "channels"]])
+    extra = {"metrics": [m.name for m in metrics]}
+    write_artifact(context, "metrics", table, stage="metrics", config=config, inputs=inputs, extra=extra)
+    write_artifact(context, "fingerprints", fingerprints, stage="metrics", config=config, inputs=inputs)
+    cache.compact(keep_hashes=set(hashes.tolist()))
+    computed = int(len(todo))
+    summary = {"computed": computed, "cached": int(len(first_rows)) - computed, "samples": int(len(samples)),
+               "seconds": round(time.perf_counter() - start, 3), "metrics": [m.name for m in metrics]}
+    context.log.append(f"metrics: computed {computed} images, {summary['cached']} from cache")
+    return summary
+
+
+def _record_values(metric: Metric, samples: pd.DataFrame) -> np.ndarray:
+    values = np.asarray(metric.function(samples))
+    if values.shape != (len(samples),):
+        raise MetricRegistryError(f"record metric {metric.name!r} ({metric.origin}) returned shape "
+                                  f"{values.shape}; expected ({len(samples)},)")
+    return values if np.issubdtype(values.dtype, np.integer) else values.astype(np.float64)
+
+
+def measure_batch(pixels: list[np.ndarray], metrics: list[Metric], device: torch.device) -> pd.DataFrame:
+    """Metrics and fingerprints of decoded images (``(H, W, C)`` float32 in ``[0, 1]``), one row each.
+
+    Images are grouped by shape; each group is stacked into one ``(B, C, H, W)`` tensor on ``device``
+    (split if it would exceed :data:`MAX_STACK_ELEMENTS` values) and every metric runs once per group.
+    """
+    count = len(pixels)
+    values = {metric.name: np.full(count, np.nan) for metric in metrics}
+    pixel_hashes = np.empty(count, dtype=object)
+    phashes = np.zeros(count, dtype=np.uint64)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for position, image in enumerate(pixels):
+        groups[image.shape].append(position)
+    for shape, members in groups.items():
+        per_stack = max(1, MAX_STACK_ELEMENTS // math.prod(shape))
+        for offset in range(0, len(members), per_stack):
+            rows = members[offset:offset + per_stack]
+            stack = np.stack([pixels[row] for row in rows])  # (b, H, W, C)
+            pixel_hashes[rows] = _pixel_hashes(stack)
+            images = torch.from_numpy(stack).to(device).permute(0, 3, 1, 2).contiguous()
+            with torch.no_grad():
+                for metric in metrics:
+                    result = metric.function(images)
+                    if not isinstance(result, torch.Tensor) or tuple(result.shape) != (len(rows),):
+                        got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+                        raise MetricRegistryError(
+                            f"metric {metric.name!r} ({metric.origin}) returned {got} for a batch of "
+                            f"{len(rows)} images; expected a tensor of shape ({len(rows)},)")
+                    values[metric.name][rows] = result.detach().to("cpu", torch.float64).numpy()
+                phashes[rows] = perceptual_hash(images)
+    frame = pd.DataFrame(values)
+    frame["pixel_hash"] = pixel_hashes
+    frame["phash"] = phashes
+    return frame
+
+
+def _pixel_hashes(stack: np.ndarray) -> list[str]:
+    """sha1 of ``"HxWxC:"`` + uint8 pixel bytes for each image of a ``(B, H, W, C)`` float stack."""
+    as_bytes = np.rint(stack * 255.0).clip(0, 255).astype(np.uint8)
+    prefix = "x".join(str(size) for size in stack.shape[1:]).encode() + b":"
+    return [hashlib.sha1(prefix + image.tobytes()).hexdigest() for image in as_bytes]
+
+
+def _dct_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``D`` (``D @ x`` transforms a column vector)."""
+    k = torch.arange(size, dtype=torch.float64).unsqueeze(1)
+    n = torch.arange(size, dtype=torch.float64).unsqueeze(0)
+    matrix = torch.cos(math.pi * (2 * n + 1) * k / (2 * size)) * math.sqrt(2.0 / size)
+    matrix[0] /= math.sqrt(2.0)
+    return matrix.to(dtype=dtype, device=device)
+
+
+def perceptual_hash(images: torch.Tensor) -> np.ndarray:
+    """``(B,)`` uint64 DCT perceptual hashes of a ``(B, C, H, W)`` batch (see the module docstring)."""
+    lum = luminance(images).unsqueeze(1)
+    small = F.interpolate(lum, size=(PHASH_SIZE, PHASH_SIZE), mode="bilinear", align_corners=False,
+                          antialias=True)[:, 0].to(torch.float64)
+    dct = _dct_matrix(PHASH_SIZE, small.dtype, small.device)
+    coefficients = dct @ small @ dct.T
+    block = coefficients[:, :PHASH_BLOCK, :PHASH_BLOCK].reshape(len(images), -1)
+    median = block[:, 1:].median(dim=1, keepdim=True).values  # 63 AC values: a unique middle one
+    bits = (block > median).cpu().numpy()
+    return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
