@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from robustlens import __version__
+from robustlens.commands import export as export_command
 from robustlens.errors import NotAWorkspaceError, RobustlensError, ValidationError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub)
     _add_info(sub)
     _add_analyze(sub)
+    export_command.add_parser(sub)
     _add_serve(sub)
     return parser
 

@@ -61,9 +61,20 @@ def served(workspace: Path, timeout: float = 90.0):
 
 
 def wait_for_app_idle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until Streamlit has finished running the script (no 'Running…' status widget)."""
+    """Wait until Streamlit is connected and has finished running the script.
+
+    Reads the state attributes Streamlit's own end-to-end tests use (``data-test-script-state`` on the
+    app root), and as a fallback the absence of the 'Running…' status widget.
+    """
     page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
     page.wait_for_function(
-        "() => !document.querySelector(\"[data-testid='stStatusWidget']\")"
-        " || !document.querySelector(\"[data-testid='stStatusWidget']\").innerText.includes('Running')",
+        """() => {
+            const app = document.querySelector("[data-testid='stApp']");
+            const state = app && app.getAttribute('data-test-script-state');
+            if (state !== null) {
+                return state === 'notRunning' && app.getAttribute('data-test-connection-state') === 'CONNECTED';
+            }
+            const status = document.querySelector("[data-testid='stStatusWidget']");
+            return !status || !status.innerText.includes('Running');
+        }""",
         timeout=timeout_ms)

@@ -1,10 +1,25 @@
-"""End-to-end: the served dashboard in a real headless Chromium."""
+"""End-to-end: the served dashboard in a real headless Chromium, driven like a user would.
+
+One analysed workspace is served for the module; each test opens its page fresh (a new browser session),
+waits for Streamlit to finish running, acts, and checks the result on screen and in the curation database.
+"""
 
 from __future__ import annotations
 
-import pytest
+import re
+from pathlib import Path
 
+import pandas as pd
+import pytest
+from playwright.sync_api import expect
+
+from robustlens.analysis.filters import FilterSpec, filter_ids
+from robustlens.analysis.sample_table import load_sample_table
+from robustlens.analysis.workspace import Workspace
 from tests.browser import CHROMIUM_ARGS, chromium_path, served, wait_for_app_idle
+from tests.dashboard_fixtures import analysed_template, copy_workspace  # noqa: F401  (fixture)
+
+TIMEOUT = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -17,23 +32,185 @@ def browser():
         instance.close()
 
 
-def test_overview_in_a_real_browser(browser, sample_workspace, tmp_path):
-    with served(sample_workspace) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url, wait_until="domcontentloaded")
-        page.get_by_role("heading", name="Overview").wait_for(timeout=60_000)
-        wait_for_app_idle(page)
-        metrics = page.locator("[data-testid='stMetric']")
-        metrics.first.wait_for()
-        texts = metrics.all_inner_texts()
-        assert any("Samples" in t and "2,000" in t for t in texts), texts
-        assert any("Accuracy (cnn)" in t and "91.8%" in t for t in texts), texts
-        page.locator("[data-testid='stImage'] img").nth(47).wait_for(timeout=30_000)
-        assert page.locator("[data-testid='stImage'] img").count() == 48
-        # Thumbnails really load (non-zero natural size), not broken image links.
-        loaded = page.evaluate("() => [...document.querySelectorAll(\"[data-testid='stImage'] img\")]"
-                               ".filter(i => i.complete && i.naturalWidth > 0).length")
-        assert loaded == 48
-        assert page.locator("[data-testid='stException']").count() == 0
-        page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
-        page.close()
+@pytest.fixture(scope="module")
+def workspace(analysed_template, tmp_path_factory) -> Path:
+    return copy_workspace(analysed_template, tmp_path_factory.mktemp("browser") / "ws")
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    with served(workspace) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, server, tmp_path):
+    context = browser.new_context(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    yield page
+    page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
+    context.close()
+
+
+def open_page(page, url: str, heading: str) -> None:
+    page.goto(url, wait_until="domcontentloaded")
+    page.get_by_role("heading", name=heading).wait_for(timeout=TIMEOUT)
+    wait_for_app_idle(page)
+
+
+def sign_in(page, name: str) -> None:
+    field = page.locator("[data-testid='stSidebar']").get_by_role("textbox", name="Your name")
+    field.fill(name)
+    field.press("Enter")
+    wait_for_app_idle(page)
+
+
+def wait_text(page, text) -> None:
+    """Wait until ``text`` (a string or regex) is on screen and the script run that wrote it has finished."""
+    page.get_by_text(text).first.wait_for(timeout=TIMEOUT)
+    wait_for_app_idle(page)
+
+
+def grid_captions(page, expected: int) -> list[str]:
+    """Captions of the thumbnails once ``expected`` of them have loaded (images arrive after the script run)."""
+    captions = page.locator("[data-testid='stImageCaption']")
+    if expected:
+        captions.nth(expected - 1).wait_for(timeout=TIMEOUT)
+    return captions.all_inner_texts()
+
+
+def no_exceptions(page) -> None:
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_overview_shows_counts_and_issue_examples(page, server):
+    open_page(page, server, "Overview")
+    texts = page.locator("[data-testid='stMetric']").all_inner_texts()
+    assert any("Samples" in t and "2,000" in t for t in texts), texts
+    assert any("Accuracy (cnn)" in t and "91.8%" in t for t in texts), texts
+    images = page.locator("[data-testid='stImage'] img")
+    images.nth(5).wait_for(timeout=TIMEOUT)
+    loaded = page.evaluate("() => [...document.querySelectorAll(\"[data-testid='stImage'] img\")]"
+                           ".filter(i => i.complete && i.naturalWidth > 0).length")
+    assert loaded >= 6
+    assert page.get_by_role("link", name="Open in explorer").count() >= 5
+    no_exceptions(page)
+
+
+def test_a_shared_filter_url_then_filtering_in_the_sidebar(page, server, workspace):
+    table = load_sample_table(Workspace(workspace))
+    open_page(page, f"{server}/explorer?label=coat&correct=0", "Explorer")
+    expected = filter_ids(table, FilterSpec(labels=["coat"], correctness="incorrect"))
+    wait_text(page, f"{len(expected):,} of 2,000 samples")
+    captions = grid_captions(page, min(48, len(expected)))
+    assert len(captions) == min(48, len(expected)) and all(c.startswith("coat → ") for c in captions), captions
+    search = page.get_by_label("Search id or path")
+    search.fill("test_00")
+    search.press("Enter")
+    narrowed = filter_ids(table, FilterSpec(labels=["coat"], correctness="incorrect", text="test_00"))
+    wait_text(page, f"{len(narrowed):,} of 2,000 samples")
+    assert "q=test_00" in page.url and "label=coat" in page.url
+    no_exceptions(page)
+
+
+def test_lasso_on_the_map_then_tag_in_one_action(page, server, workspace):
+    open_page(page, f"{server}/embedding-map", "Embedding map")
+    sign_in(page, "lasso-user")
+    drag = page.locator("[data-testid='stPlotlyChart'] .nsewdrag").first
+    drag.wait_for(timeout=TIMEOUT)
+    box = drag.bounding_box()
+    cx, cy, w, h = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"], box["height"]
+    outline = [(cx - 0.2 * w, cy - 0.2 * h), (cx + 0.2 * w, cy - 0.2 * h), (cx + 0.2 * w, cy + 0.2 * h),
+               (cx - 0.2 * w, cy + 0.2 * h), (cx - 0.2 * w, cy - 0.19 * h)]
+    page.mouse.move(*outline[0])
+    page.mouse.down()
+    for x, y in outline[1:]:
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+    selected = page.get_by_text(re.compile(r"[\d,]+ samples selected"))
+    selected.wait_for(timeout=TIMEOUT)
+    wait_for_app_idle(page)
+    count = int(re.search(r"([\d,]+) samples selected", selected.inner_text()).group(1).replace(",", ""))
+    assert 10 < count < 2000
+    page.get_by_label("Tag the selected samples").fill("lasso-region")
+    page.get_by_role("button", name=f"Tag {count:,} samples").click()
+    wait_text(page, f"Tagged {count:,} sample(s) 'lasso-region'")
+    store = Workspace(workspace).curation()
+    tagged = store.samples_with_tag("lasso-region")
+    store.close()
+    assert len(tagged) == count
+    no_exceptions(page)
+
+
+def test_clicking_a_confusion_cell_opens_its_samples(page, server, workspace):
+    table = load_sample_table(Workspace(workspace))
+    open_page(page, f"{server}/performance", "Model performance")
+    cells = page.locator("[data-testid='stPlotlyChart'] .nsewdrag").first
+    cells.wait_for(timeout=TIMEOUT)
+    box = cells.bounding_box()
+    classes = list(table["label"].cat.categories)
+    given, predicted = classes.index("shirt"), classes.index("tshirt_top")
+    x = box["x"] + box["width"] * (predicted + 0.5) / len(classes)
+    y = box["y"] + box["height"] * (given + 0.5) / len(classes)
+    page.mouse.move(x, y)
+    # The cell's hover label shows once plotly is interactive; one click then selects it (a second would deselect).
+    page.locator("[data-testid='stPlotlyChart'] .hoverlayer .hovertext").first.wait_for(timeout=TIMEOUT)
+    page.mouse.click(x, y)
+    page.get_by_role("heading", name="Explorer").wait_for(timeout=TIMEOUT)
+    expected = filter_ids(table, FilterSpec(labels=["shirt"], predicted=["tshirt_top"]))
+    wait_text(page, f"{len(expected):,} of 2,000 samples")
+    assert "label=shirt" in page.url and "pred=tshirt_top" in page.url
+    no_exceptions(page)
+
+
+def test_create_a_collection_from_the_current_filter(page, server, workspace):
+    open_page(page, f"{server}/collections?label=sandal&issue=dark", "Tags & collections")
+    sign_in(page, "curator")
+    wait_text(page, "the current filter (")
+    expect(page.locator("[data-testid='stSidebar']")).to_contain_text("sandal")  # the link's filter is applied
+    page.get_by_role("textbox", name="New collection").fill("dark sandals")
+    page.get_by_role("textbox", name="Description").fill("check the exposure")
+    page.get_by_text("saved filter (re-evaluates)").click()
+    page.get_by_role("button", name="Create collection").click()
+    wait_text(page, "Created collection 'dark sandals' (saved filter).")
+    store = Workspace(workspace).curation()
+    entry = store.collection("dark sandals")
+    store.close()
+    assert entry["filter"] == {"labels": ["sandal"], "issues": ["dark"]} and entry["created_by"] == "curator"
+    no_exceptions(page)
+
+
+def test_review_a_label_issue_with_the_keyboard(page, server, workspace):
+    table = load_sample_table(Workspace(workspace))
+    queue = table[table["label_issue.is_label_issue"]].sort_values("label_issue.rank")["id"].tolist()
+    open_page(page, f"{server}/review", "Label review")
+    form_name = page.locator("[data-testid='stForm']").get_by_label("Your name")
+    form_name.fill("keyboard-reviewer")
+    form_name.press("Enter")  # a form submits on Enter
+    wait_text(page, "Keys: ")
+    store = Workspace(workspace).curation()
+    decided = {d["sample_id"] for d in store.decisions()}
+    first = next(sample for sample in queue if sample not in decided)
+    wait_text(page, first)
+    page.get_by_role("heading", name="Label review").click()  # focus off the text field, so keys are shortcuts
+    page.keyboard.press("k")
+    wait_text(page, f"Saved: {first} kept the label.")
+    latest = {d["sample_id"]: d for d in store.decisions()}
+    store.close()
+    assert latest[first]["action"] == "keep" and latest[first]["reviewer"] == "keyboard-reviewer"
+    no_exceptions(page)
+
+
+def test_export_download_holds_the_filtered_samples(page, server, workspace, tmp_path):
+    table = load_sample_table(Workspace(workspace))
+    open_page(page, f"{server}/export?label=trouser&sort=metric.brightness", "Export")
+    button = page.get_by_role("button", name="Download CSV")
+    button.wait_for(timeout=TIMEOUT)
+    with page.expect_download(timeout=TIMEOUT) as download:
+        button.click()
+    target = tmp_path / "export.csv"
+    download.value.save_as(target)
+    frame = pd.read_csv(target)
+    assert frame["id"].tolist() == filter_ids(table, FilterSpec(labels=["trouser"], sort_by="metric.brightness"))
+    assert list(frame.columns) == ["id", "path", "label", "split", "source_index"]
+    no_exceptions(page)

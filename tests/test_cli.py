@@ -142,7 +142,7 @@ def test_missing_workspace_fails_cleanly(tmp_path, capsys):
     assert "not a robustlens workspace" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["init"], ["info"], ["serve"]])
+@pytest.mark.parametrize("command", [[], ["init"], ["info"], ["analyze"], ["export"], ["serve"]])
 def test_help_on_every_command(command):
     result = subprocess.run([sys.executable, "-m", "robustlens.cli", *command, "--help"], capture_output=True,
                             text=True, timeout=60)

@@ -260,3 +260,89 @@ class CurationStore:
                 "collections": int(conn.execute(select(func.count()).select_from(collections)).scalar_one()),
                 "review_decisions": int(conn.execute(select(func.count()).select_from(review_decisions)).scalar_one()),
             }
+
+    # -- added for the dashboard: collection membership, per-sample lookups ------------------------
+    def collection(self, name: str) -> dict | None:
+        """One collection: name, description, ``filter`` (dict or ``None``), ``members`` (ids), creator and time."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(collections).where(collections.c.name == name)).first()
+            if row is None:
+                return None
+            members = [r[0] for r in conn.execute(select(collection_members.c.sample_id)
+                                                  .where(collection_members.c.collection_id == row.id)
+                                                  .order_by(collection_members.c.sample_id))]
+        return {"name": row.name, "description": row.description,
+                "filter": json.loads(row.filter_json) if row.filter_json else None,
+                "members": members, "created_by": row.created_by, "created_at": row.created_at}
+
+    def collections_overview(self) -> list[dict]:
+        """Every collection (by name): name, description, kind (``static`` / ``saved filter``), filter, size, creator."""
+        query = (select(collections, func.count(collection_members.c.sample_id).label("size"))
+                 .select_from(collections.outerjoin(collection_members))
+                 .group_by(collections.c.id).order_by(collections.c.name))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [{"name": r.name, "description": r.description,
+                 "kind": "saved filter" if r.filter_json else "static",
+                 "filter": json.loads(r.filter_json) if r.filter_json else None,
+                 "members": int(r.size), "created_by": r.created_by, "created_at": r.created_at} for r in rows]
+
+    def _collection_id(self, conn, name: str) -> int:
+        found = conn.execute(select(collections.c.id).where(collections.c.name == name)).scalar()
+        if found is None:
+            raise ValueError(f"no collection named '{name}'")
+        return int(found)
+
+    def add_to_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
+        """Add samples to a collection; returns how many were not in it yet."""
+        ids = list(dict.fromkeys(sample_ids))
+        with self.engine.begin() as conn:
+            collection_id = self._collection_id(conn, name)
+            existing = {r[0] for r in conn.execute(select(collection_members.c.sample_id)
+                                                   .where(collection_members.c.collection_id == collection_id))}
+            new = [sid for sid in ids if sid not in existing]
+            if new:
+                now = _now()
+                conn.execute(insert(collection_members).prefix_with("OR IGNORE", dialect="sqlite"),
+                             [{"collection_id": collection_id, "sample_id": sid, "added_by": user, "added_at": now}
+                              for sid in new])
+            self._audit(conn, user, "add_to_collection", {"name": name, "count": len(new)})
+        return len(new)
+
+    def remove_from_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
+        """Remove samples from a collection; returns how many left it."""
+        ids = list(sample_ids)
+        with self.engine.begin() as conn:
+            collection_id = self._collection_id(conn, name)
+            removed = conn.execute(delete(collection_members).where(
+                collection_members.c.collection_id == collection_id,
+                collection_members.c.sample_id.in_(ids))).rowcount
+            self._audit(conn, user, "remove_from_collection", {"name": name, "count": removed})
+        return int(removed)
+
+    def delete_collection(self, name: str, *, user: str) -> None:
+        """Delete a collection and its membership list (the samples themselves are untouched)."""
+        with self.engine.begin() as conn:
+            collection_id = self._collection_id(conn, name)
+            conn.execute(delete(collection_members).where(collection_members.c.collection_id == collection_id))
+            conn.execute(delete(collections).where(collections.c.id == collection_id))
+            self._audit(conn, user, "delete_collection", {"name": name})
+
+    def tag_assignments(self) -> list[tuple[str, str]]:
+        """Every ``(sample_id, tag)`` pair, ordered by tag then sample."""
+        query = (select(sample_tags.c.sample_id, tags.c.name).join(tags)
+                 .order_by(tags.c.name, sample_tags.c.sample_id))
+        with self.engine.connect() as conn:
+            return [(r[0], r[1]) for r in conn.execute(query)]
+
+    def tags_of(self, sample_id: str) -> list[str]:
+        """Tags of one sample, sorted."""
+        query = select(tags.c.name).join(sample_tags).where(sample_tags.c.sample_id == sample_id).order_by(tags.c.name)
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+    def decision_history(self, sample_id: str) -> list[dict]:
+        """Every decision recorded for one sample, oldest first."""
+        query = select(review_decisions).where(review_decisions.c.sample_id == sample_id).order_by(review_decisions.c.id)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]

@@ -1,55 +1,37 @@
-"""Overview: dataset health at a glance — counts, class balance, accuracy, a page of thumbnails."""
+"""Overview: dataset health at a glance — counts, class balance, issues with examples, accuracy, worst slices."""
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from robustlens.dashboard import data
+from robustlens.analysis.filters import FilterSpec
+from robustlens.analysis.sample_table import issue_types, prediction_sets
+from robustlens.dashboard import data, widgets
 
-THUMBNAILS_PER_PAGE = 48
-COLUMNS = 12
+EXAMPLES_PER_ISSUE = 6
 
 
 def render() -> None:
+    widgets.start_page("Overview")
     ws = data.workspace()
     key = data.cache_key()
     info = data.summary(*key)
-    st.title("Overview")
     st.caption(f"Workspace `{info['workspace']}` · dataset `{info['dataset_root']}` ({info['dataset_kind']})")
-
-    cols = st.columns(4)
-    cols[0].metric("Samples", f"{info['num_samples']:,}")
-    cols[1].metric("Classes", len(info["classes"]))
-    cols[2].metric("Skipped at ingest", f"{info['num_skipped']:,}")
-    accuracies = data.accuracies(*key)
-    if accuracies:
-        best = max(accuracies, key=accuracies.get)
-        cols[3].metric(f"Accuracy ({best})", f"{accuracies[best]:.1%}")
-    else:
-        cols[3].metric("Accuracy", "—", help="No prediction set in this workspace")
-
+    table = data.table()
+    _headline(info, table)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Class balance")
         balance = data.balance(*key)
         figure = px.bar(balance, x="class", y="count", hover_data={"share": ":.1%"})
         figure.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=None)
-        st.plotly_chart(figure, width="stretch")
+        st.plotly_chart(figure, width="stretch", key="overview.balance")
     with right:
-        st.subheader("Models")
-        if accuracies:
-            st.dataframe({"prediction set": list(accuracies), "accuracy": [f"{a:.2%}" for a in accuracies.values()],
-                          "scores": [info["prediction_sets"][n]["score_kind"] for n in accuracies]},
-                         hide_index=True, width="stretch")
-        else:
-            st.info("No predictions yet: add them with `robustlens init --predictions`.")
-        st.write(f"**Model:** {info['model'] or 'none'}")
-        st.write("**Splits:** " + ", ".join(f"{k} ({v:,})" for k, v in info["split_counts"].items()))
-        if info["metadata_columns"]:
-            st.write("**Metadata:** " + ", ".join(f"`{c}`" for c in info["metadata_columns"]))
-
-    _thumbnails(ws, key)
+        _models(info, table)
+    _issues(table)
+    _worst_slices()
     report = ws.ingest_report()
     if report.get("skipped") or report.get("warnings"):
         with st.expander(f"Ingest report: {len(report.get('skipped', []))} skipped image(s)"):
@@ -59,21 +41,81 @@ def render() -> None:
                 st.dataframe(report["skipped"], hide_index=True, width="stretch")
 
 
-def _thumbnails(ws, key) -> None:
-    st.subheader("Samples")
-    samples = ws.samples
-    pages = max(1, -(-len(samples) // THUMBNAILS_PER_PAGE))
-    page = st.columns([1, 5])[0].number_input(f"Page (of {pages})", min_value=1, max_value=pages, value=1, step=1,
-                                              key="overview_page")
-    start = (page - 1) * THUMBNAILS_PER_PAGE
-    chunk = samples.iloc[start:start + THUMBNAILS_PER_PAGE]
-    predicted = None
-    if ws.prediction_names:
-        predicted = data.predicted_labels(*key, ws.prediction_names[0])
-    for row_start in range(0, len(chunk), COLUMNS):
-        cols = st.columns(COLUMNS)
-        for col, (position, row) in zip(cols, chunk.iloc[row_start:row_start + COLUMNS].iterrows(), strict=False):
-            caption = row["label"]
-            if predicted is not None and predicted[position] != row["label"]:
-                caption = f"{row['label']} → {predicted[position]}"
-            col.image(str(ws.image_path(row["path"])), caption=caption, width="stretch")
+def _headline(info: dict, table) -> None:
+    cols = st.columns(5)
+    cols[0].metric("Samples", f"{info['num_samples']:,}")
+    cols[1].metric("Classes", len(info["classes"]))
+    cols[2].metric("Skipped at ingest", f"{info['num_skipped']:,}")
+    accuracies = {name: entry["accuracy"] for name, entry in info["prediction_sets"].items()}
+    if accuracies:
+        best = max(accuracies, key=accuracies.get)
+        cols[3].metric(f"Accuracy ({best})", f"{accuracies[best]:.1%}")
+    else:
+        cols[3].metric("Accuracy", "—", help="No prediction set in this workspace")
+    if "issue_count" in table.columns:
+        flagged = int((table["issue_count"] > 0).sum())
+        cols[4].metric("Samples with issues", f"{flagged:,}", help=f"{flagged / max(len(table), 1):.1%} of all samples")
+    else:
+        cols[4].metric("Samples with issues", "—", help="Run `robustlens analyze` to find issues")
+
+
+def _models(info: dict, table) -> None:
+    st.subheader("Models")
+    sets = prediction_sets(table)
+    if sets:
+        rows = {"prediction set": [], "accuracy": [], "scores": []}
+        for name in sets:
+            rows["prediction set"].append(name)
+            rows["accuracy"].append(f"{table[f'pred.{name}.correct'].mean():.2%}")
+            rows["scores"].append(info["prediction_sets"][name]["score_kind"])
+        st.dataframe(rows, hide_index=True, width="stretch")
+    else:
+        st.info("No predictions yet: add them with `robustlens init --predictions`.")
+    st.write(f"**Model:** {info['model'] or 'none'}")
+    st.write("**Splits:** " + ", ".join(f"{k} ({v:,})" for k, v in info["split_counts"].items()))
+    if info["metadata_columns"]:
+        st.write("**Metadata:** " + ", ".join(f"`{c}`" for c in info["metadata_columns"]))
+
+
+def _issues(table) -> None:
+    st.subheader("Issues")
+    kinds = issue_types(table)
+    if not kinds:
+        widgets.analysis_missing("issue flags (dark, blurry, duplicates, label errors, outliers …)")
+        return
+    counts = {kind: int((table[f"issue.{kind}"] > 0).sum()) for kind in kinds}
+    for kind in sorted(kinds, key=lambda k: -counts[k]):
+        count = counts[kind]
+        with st.container(border=True):
+            head, link = st.columns([4, 1], vertical_alignment="center")
+            head.markdown(f"**{kind.replace('_', ' ')}** — {count:,} samples ({count / max(len(table), 1):.1%})")
+            spec = FilterSpec(issues=[kind], sort_by=f"issue.{kind}", descending=True)
+            if count:
+                with link:
+                    widgets.explorer_link("Open in explorer", spec)
+                worst = _most_severe(table[f"issue.{kind}"].to_numpy(dtype=float), min(count, EXAMPLES_PER_ISSUE))
+                widgets.thumbnail_grid(table, worst, columns=EXAMPLES_PER_ISSUE * 2, key=f"overview.{kind}",
+                                       selectable=False)
+
+
+def _most_severe(severity: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` highest severities, highest first (a partial sort: fast at a million rows)."""
+    top = np.argpartition(-severity, k - 1)[:k]
+    return top[np.argsort(-severity[top], kind="stable")]
+
+
+def _worst_slices() -> None:
+    st.subheader("Worst slices")
+    worst = data.artifact("worst_slices")
+    if worst is None:
+        widgets.analysis_missing("slice analysis (where the model is weakest)")
+        return
+    if worst.empty:
+        st.success("No slice is clearly worse than the rest.")
+        return
+    st.dataframe(worst[widgets.slice_columns(worst)].head(10), hide_index=True, width="stretch",
+                 column_config=widgets.SLICE_FORMAT)
+
+
+if __name__ == "__main__":
+    widgets.run_page(render)

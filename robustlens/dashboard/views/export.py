@@ -1,0 +1,142 @@
+"""Export: a filter result, selection, collection or tag to CSV / JSON / Parquet (download or saved on the
+server), the review decisions as a relabel file, or an ImageFolder copy — the same code as ``robustlens export``."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from urllib.parse import urlencode
+
+import numpy as np
+import streamlit as st
+
+from robustlens.analysis import export
+from robustlens.analysis.filters import FilterError, FilterSpec, to_query_params
+from robustlens.dashboard import data, state, widgets
+from robustlens.errors import RobustlensError
+
+EXPORT_DIR = "exports"
+
+
+def render() -> None:
+    widgets.start_page("Export", "Everything here is also available headless: `robustlens export`.")
+    table = data.table()
+    spec = widgets.filter_panel(table)
+    store = data.curation()
+    try:
+        source, positions, cli_args = _source(table, spec, store)
+    except FilterError as exc:
+        st.error(f"This selection cannot be exported: {exc}")
+        state.publish(spec)
+        return
+    _samples(table, positions, source, cli_args, store)
+    _relabels(table, store)
+    _imagefolder(table, positions, source, store)
+    state.publish(spec)
+
+
+def _source(table, spec: FilterSpec, store) -> tuple[str, np.ndarray, list[str]]:
+    """Which samples: returns a short name, their row positions and the matching ``robustlens export`` arguments."""
+    st.subheader("Samples")
+    chosen = state.selection()
+    collections = store.collection_names()
+    tags = list(store.tag_counts())
+    options = ["filter"] + (["selection"] if chosen else []) + (["collection"] if collections else []) \
+        + (["tag"] if tags else [])
+    labels = {"filter": "current filter result", "selection": f"grid selection ({len(chosen):,})",
+              "collection": "a collection", "tag": "a tag"}
+    source = st.radio("Export", options, format_func=labels.get, key="export.source", horizontal=True)
+    if source == "filter":
+        query = urlencode(to_query_params(spec), doseq=True)
+        return "filtered", data.filtered_positions(table, spec), (["--query", query] if query else [])
+    if source == "selection":
+        ids = FilterSpec(ids=chosen)
+        return "selection", data.filtered_positions(table, ids), ["--filter", ids.to_json()]
+    if source == "collection":
+        name = st.selectbox("Collection", collections, key="export.collection")
+        return _slug(name), export.select_positions(table, store, collections=[name]), ["--collection", name]
+    name = st.selectbox("Tag", tags, key="export.tag")
+    return _slug(name), export.select_positions(table, store, tags=[name]), ["--tag", name]
+
+
+def _samples(table, positions: np.ndarray, source: str, cli_args: list[str], store) -> None:
+    left, middle, right = st.columns(3)
+    columns = left.radio("Columns", list(export.COLUMN_SETS), key="export.columns",
+                         format_func={"manifest": "manifest (re-importable)", "all": "all columns + tags"}.get)
+    fmt = middle.selectbox("Format", list(export.TABLE_FORMATS), key="export.format")
+    apply = right.checkbox("Apply review decisions", key="export.apply",
+                           help="relabel decisions change the label; excluded samples are left out")
+    name = f"robustlens-{source}.{fmt}"
+    st.caption(f"{len(positions):,} samples.")
+
+    def build() -> bytes:
+        frame = export.export_frame(table, positions, columns=columns, curation=store, apply_decisions=apply)
+        return export.frame_bytes(frame, fmt)
+
+    buttons = st.columns([1, 1, 3])
+    buttons[0].download_button(f"Download {fmt.upper()}", data=build, file_name=name, mime=export.MIME_TYPES[fmt],
+                               key="export.download", on_click="ignore", icon=":material/download:",
+                               disabled=len(positions) == 0)
+    if buttons[1].button("Save on the server", key="export.save", disabled=len(positions) == 0,
+                         help=f"Write to {data.workspace_path() / EXPORT_DIR}"):
+        _save(lambda: export.export_frame(table, positions, columns=columns, curation=store, apply_decisions=apply),
+              name, fmt)
+    preview = export.export_frame(table, positions[:20], columns=columns, curation=store, apply_decisions=apply)
+    st.dataframe(preview, hide_index=True, width="stretch", height=240)
+    extra = (["--columns", "all"] if columns == "all" else []) + (["--apply-decisions"] if apply else [])
+    command = ["robustlens", "export", str(data.workspace_path()), *cli_args, *extra, "--out", name]
+    st.caption("The same from a terminal:")
+    st.code(shlex.join(command), language="bash")
+
+
+def _save(build, name: str, fmt: str) -> None:
+    target = data.workspace_path() / EXPORT_DIR / name
+    try:
+        export.write_frame(build(), target, fmt, overwrite=True)
+    except (RobustlensError, OSError) as exc:
+        st.error(f"Export failed: {exc}")
+        return
+    widgets.done(f"Saved {target}")
+
+
+def _relabels(table, store) -> None:
+    st.subheader("Relabel file")
+    include_all = st.checkbox("Include keep / ambiguous / exclude decisions", key="export.all_decisions")
+    frame = export.relabel_frame(table, store, include_all=include_all)
+    if frame.empty:
+        st.info("No review decisions yet: work the **Label review** queue first.")
+        return
+    st.caption(f"{len(frame):,} decision(s), the latest per sample.")
+    st.dataframe(frame.head(50), hide_index=True, width="stretch", height=200)
+    left, right = st.columns([1, 4])
+    left.download_button("Download relabels.csv", data=export.frame_bytes(frame, "csv"), file_name="relabels.csv",
+                         mime="text/csv", key="export.relabels", on_click="ignore", icon=":material/download:")
+    if right.button("Save on the server", key="export.relabels_save"):
+        _save(lambda: frame, "relabels.csv", "csv")
+
+
+def _imagefolder(table, positions: np.ndarray, source: str, store) -> None:
+    st.subheader("ImageFolder copy")
+    st.caption("Copies the images into `DEST/<label>/` with a `manifest.csv`; re-import with "
+               "`robustlens init WS --data DEST --labels DEST/manifest.csv`.")
+    default = str(data.workspace_path() / EXPORT_DIR / f"imagefolder-{source}")
+    destination = st.text_input("Destination folder on the server", value=default, key="export.dest")
+    left, middle = st.columns([1, 2])
+    overwrite = middle.checkbox("Replace it if it exists", key="export.overwrite")
+    apply = st.session_state.get("export.apply", False)
+    if left.button(f"Write {len(positions):,} images", key="export.imagefolder", disabled=len(positions) == 0):
+        try:
+            frame = export.export_frame(table, positions, columns="manifest", curation=store, apply_decisions=apply)
+            path = export.export_imagefolder(data.workspace(), frame, Path(destination), overwrite=overwrite)
+        except (RobustlensError, OSError) as exc:
+            st.error(f"ImageFolder export failed: {exc}")
+            return
+        widgets.done(f"Wrote {len(frame):,} images to {path}")
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in text).strip("-") or "export"
+
+
+if __name__ == "__main__":
+    widgets.run_page(render)

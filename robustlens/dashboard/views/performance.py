@@ -1,0 +1,194 @@
+"""Model performance: accuracy, confusion matrix (click a cell to see its samples), per-class table,
+calibration, metric importance, accuracy by metric and the slice table — two prediction sets side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from robustlens.analysis.filters import FilterSpec
+from robustlens.analysis.sample_table import prediction_sets
+from robustlens.dashboard import data, widgets
+
+CHART_GENERATION = "perf.chart_generation"
+#: Metric-importance columns to chart, in order of preference (the first one present is used).
+IMPORTANCE_COLUMNS = ("importance", "mutual_information", "accuracy_spread")
+
+
+def render() -> None:
+    widgets.start_page("Model performance")
+    table = data.table()
+    sets = prediction_sets(table)
+    if not sets:
+        st.info("This workspace has no predictions. Add them with `robustlens init --predictions NAME=FILE`.")
+        return
+    chosen = sets
+    if len(sets) > 2:
+        chosen = st.multiselect("Prediction sets to compare", sets, default=sets[:2], max_selections=2,
+                                key="perf.sets") or sets[:1]
+    for column, name in zip(st.columns(len(chosen), gap="large"), chosen, strict=True):
+        with column:
+            _prediction_set(table, name, first=name == sets[0])
+    _slices()
+
+
+def confusion(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Counts: rows = given label, columns = predicted label (class order)."""
+    classes = list(table["label"].cat.categories)
+    counts = pd.crosstab(table["label"], table[f"pred.{name}.label"], dropna=False)
+    return counts.reindex(index=classes, columns=classes, fill_value=0)
+
+
+def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
+    st.subheader(name)
+    report = data.evaluation(name) or {}
+    accuracy = float(table[f"pred.{name}.correct"].mean())
+    cols = st.columns(3)
+    cols[0].metric("Accuracy", f"{accuracy:.2%}")
+    top_k = report.get("top_k_accuracy") or report.get("top_k") or {}
+    top = max((int(k) for k in top_k), default=None)
+    cols[1].metric(f"Top-{top} accuracy" if top else "Top-k accuracy", f"{top_k[str(top)]:.2%}" if top else "—")
+    cols[2].metric("ECE", f"{report['ece']:.3f}" if "ece" in report else "—",
+                   help="Expected calibration error: average gap between confidence and accuracy")
+    counts = confusion(table, name)
+    _confusion_chart(counts, name, first=first)
+    _per_class(report, counts)
+    _calibration(report, name)
+    _importance(name)
+    _curves(name)
+    if not report:
+        widgets.analysis_missing(f"evaluation report for '{name}' (top-k, calibration, per-class table)")
+
+
+def _confusion_chart(counts: pd.DataFrame, name: str, *, first: bool) -> None:
+    st.markdown("**Confusion matrix** — click a cell to open its samples")
+    classes = list(counts.index)
+    values = counts.to_numpy()
+    figure = go.Figure(go.Heatmap(z=values, x=classes, y=classes, colorscale="Blues", showscale=False,
+                                  text=values, texttemplate="%{text}", hoverinfo="skip"))
+    # Heatmap cells cannot be selected; an invisible square marker on each cell takes the clicks and the hover.
+    grid_x, grid_y = np.meshgrid(classes, classes)
+    figure.add_scatter(x=grid_x.ravel(), y=grid_y.ravel(), mode="markers", customdata=values.ravel(),
+                       hovertemplate="given %{y}<br>predicted %{x}<br>%{customdata} samples<extra></extra>",
+                       marker={"symbol": "square", "size": max(6, 360 // max(len(classes), 1)), "opacity": 0.01})
+    figure.update_layout(height=440, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="predicted",
+                         yaxis_title="given", yaxis={"autorange": "reversed"}, showlegend=False)
+    generation = st.session_state.get(CHART_GENERATION, 0)
+    event = st.plotly_chart(figure, key=f"perf.cm.{name}.{generation}", on_select="rerun", selection_mode="points",
+                            width="stretch")
+    points = event.selection.get("points", []) if event is not None else []
+    if points:
+        given, predicted = points[0].get("y"), points[0].get("x")
+        if given in classes and predicted in classes:
+            # A fresh chart key on return: the old click must not send the user to the explorer again.
+            st.session_state[CHART_GENERATION] = generation + 1
+            widgets.open_in_explorer(_cell_spec(name, given, predicted, first=first))
+    cells = [(g, p, int(counts.loc[g, p])) for g in classes for p in classes if g != p and counts.loc[g, p] > 0]
+    cells.sort(key=lambda cell: -cell[2])
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    cell = left.selectbox("Or pick a confusion", cells, index=None, key=f"perf.cell.{name}",
+                          format_func=lambda c: f"{c[0]} → {c[1]} ({c[2]:,})", placeholder="given → predicted")
+    if right.button("Open in explorer", key=f"perf.open.{name}", disabled=cell is None):
+        widgets.open_in_explorer(_cell_spec(name, cell[0], cell[1], first=first))
+
+
+def _cell_spec(name: str, given: str, predicted: str, *, first: bool) -> FilterSpec:
+    return FilterSpec(labels=[given], predicted=[predicted], prediction_set=None if first else name,
+                      sort_by=f"pred.{name}.confidence", descending=True)
+
+
+def _per_class(report: dict, counts: pd.DataFrame) -> None:
+    if report.get("per_class"):
+        frame = pd.DataFrame(report["per_class"])
+    else:
+        support = counts.sum(axis=1)
+        frame = pd.DataFrame({"class": counts.index, "support": support.to_numpy(),
+                              "recall": np.diag(counts.to_numpy()) / np.maximum(support.to_numpy(), 1)})
+    with st.expander("Per-class table", expanded=False):
+        st.dataframe(frame, hide_index=True, width="stretch")
+
+
+def _calibration(report: dict, name: str) -> None:
+    bins = (report.get("calibration") or {}).get("bins") if isinstance(report.get("calibration"), dict) \
+        else report.get("calibration")
+    if not bins:
+        return
+    frame = pd.DataFrame(bins)
+    if "count" in frame.columns:
+        frame = frame[frame["count"] > 0]
+    figure = go.Figure()
+    width = (frame["upper"] - frame["lower"]) * 0.9 if {"lower", "upper"} <= set(frame.columns) else 0.05
+    figure.add_bar(x=frame["confidence"], y=frame["accuracy"], name="accuracy", width=width,
+                   customdata=frame.get("count"), hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}"
+                                                                "<br>%{customdata} samples<extra></extra>")
+    figure.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line={"dash": "dash"})
+    figure.update_layout(height=280, margin=dict(l=10, r=10, t=30, b=10),
+                         xaxis={"range": [0, 1], "title": "confidence"},
+                         yaxis={"range": [0, 1], "title": "accuracy"}, title={"text": "Reliability diagram",
+                                                                              "font": {"size": 13}},
+                         legend={"orientation": "h"})
+    st.plotly_chart(figure, width="stretch", key=f"perf.calibration.{name}")
+
+
+def _importance(name: str) -> None:
+    frame = data.artifact(f"metric_importance_{name}")
+    if frame is None or frame.empty:
+        return
+    if "metric" not in frame.columns:
+        return
+    value = next((c for c in IMPORTANCE_COLUMNS if c in frame.columns), None)
+    if value is None:
+        return
+    ordered = frame.sort_values(value)
+    figure = go.Figure(go.Bar(x=ordered[value], y=ordered["metric"].astype(str), orientation="h"))
+    figure.update_layout(height=60 + 22 * len(frame), margin=dict(l=10, r=10, t=30, b=10),
+                         xaxis_title=value.replace("_", " "),
+                         title={"text": "Which image metrics go with errors", "font": {"size": 13}})
+    st.plotly_chart(figure, width="stretch", key=f"perf.importance.{name}")
+
+
+def _curves(name: str) -> None:
+    frame = data.artifact(f"metric_curves_{name}")
+    if frame is None or frame.empty or "metric" not in frame.columns:
+        return
+    metric = st.selectbox("Accuracy by metric", sorted(frame["metric"].unique()), key=f"perf.curve.{name}")
+    rows = frame[frame["metric"] == metric]
+    if "mean_value" in rows.columns:
+        x = rows["mean_value"]
+    elif {"lower", "upper"} <= set(rows.columns):
+        x = (rows["lower"] + rows["upper"]) / 2
+    else:
+        x = rows["bin"]
+    figure = go.Figure()
+    if {"ci_low", "ci_high"} <= set(rows.columns):
+        figure.add_scatter(x=list(x) + list(x)[::-1], y=list(rows["ci_high"]) + list(rows["ci_low"])[::-1],
+                           fill="toself", mode="none", fillcolor="rgba(31,119,180,0.15)", hoverinfo="skip",
+                           name="95% interval")
+    figure.add_scatter(x=x, y=rows["accuracy"], mode="lines+markers", name="accuracy",
+                       customdata=rows.get("count"), hovertemplate="%{x:.3g}: accuracy %{y:.1%}"
+                                                                   "<br>%{customdata} samples<extra></extra>")
+    figure.update_layout(height=260, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=metric, showlegend=False,
+                         yaxis={"title": "accuracy", "tickformat": ".0%"})
+    st.plotly_chart(figure, width="stretch", key=f"perf.curves.{name}")
+
+
+def _slices() -> None:
+    st.subheader("Slices")
+    slices = data.artifact("slices")
+    if slices is None:
+        widgets.analysis_missing("slice analysis")
+        return
+    worst = data.artifact("worst_slices")
+    if worst is not None and not worst.empty:
+        st.markdown("**Worst slices** (large and much worse than average)")
+        st.dataframe(worst[widgets.slice_columns(worst)], hide_index=True, width="stretch",
+                     column_config=widgets.SLICE_FORMAT)
+    with st.expander(f"All {len(slices):,} slices"):
+        st.dataframe(slices[widgets.slice_columns(slices)], hide_index=True, width="stretch",
+                     column_config=widgets.SLICE_FORMAT)
+
+
+if __name__ == "__main__":
+    widgets.run_page(render)

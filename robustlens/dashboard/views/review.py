@@ -1,0 +1,206 @@
+"""Label review: the samples most likely mislabelled, one at a time, with the model's view and neighbours.
+
+Every decision is appended to the curation database under the reviewer's name with the time; decisions
+by others show on each item, and by default items someone already decided leave the queue, so several
+reviewers can work one queue at once. Keys: A accept · K keep · M ambiguous · X exclude · L relabel ·
+S skip · B back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from robustlens.analysis.sample_table import prediction_sets
+from robustlens.dashboard import data, state, widgets
+
+POSITION = "review.position"
+SCOPE = "review.scope"
+HIDE_DECIDED = "review.hide_decided"
+CLASS = "review.class"
+NOTE = "review.note"
+RELABEL_TO = "review.relabel_to"
+ACTION_NAMES = {"relabel": "relabelled", "keep": "kept the label", "ambiguous": "marked ambiguous",
+                "exclude": "excluded"}
+
+
+def render() -> None:
+    widgets.start_page("Label review", "Samples ranked by label quality (lowest first): is the given label right?")
+    table = data.table()
+    if "label_issue.label_quality" not in table.columns:
+        widgets.analysis_missing("label-issue ranking")
+        return
+    reviewer = _ask_reviewer()
+    if reviewer is None:
+        return
+    latest = {d["sample_id"]: d for d in data.curation().decisions(latest_only=True)}
+    queue = _queue_controls(table, latest)
+    mine = sum(1 for d in latest.values() if d["reviewer"] == reviewer)
+    st.caption(f"{len(queue):,} in this queue · {len(latest):,} samples decided by the team · "
+               f"{mine:,} by you ({reviewer})")
+    if len(queue) == 0:
+        st.success("Nothing left in this queue. Switch **Show** to all samples, or show decided items to revisit them.")
+        return
+    index = min(max(int(st.session_state.get(POSITION, 0)), 0), len(queue) - 1)
+    st.session_state[POSITION] = index
+    st.progress((index + 1) / len(queue), text=f"Item {index + 1:,} of {len(queue):,}")
+    _item(table, int(queue[index]), latest, reviewer, index)
+    _upcoming(table, queue[index + 1:index + 11])
+
+
+def review_queue(table: pd.DataFrame, *, flagged_only: bool, label: str | None, hide: set[str]) -> np.ndarray:
+    """Row positions to review, most suspicious first (label-issue rank, else label quality)."""
+    mask = np.ones(len(table), dtype=bool)
+    if flagged_only and "label_issue.is_label_issue" in table.columns:
+        mask &= table["label_issue.is_label_issue"].fillna(False).to_numpy(dtype=bool)
+    if label:
+        mask &= (table["label"] == label).to_numpy()
+    if hide:
+        mask &= ~table["id"].isin(hide).to_numpy()
+    positions = np.flatnonzero(mask)
+    key = "label_issue.rank" if "label_issue.rank" in table.columns else "label_issue.label_quality"
+    values = table[key].to_numpy(dtype=float, na_value=np.inf)[positions]
+    return positions[np.argsort(values, kind="stable")]
+
+
+def _ask_reviewer() -> str | None:
+    """The reviewer's name, asked once per browser session (Enter submits)."""
+    if state.user():
+        return state.user()
+    with st.form("review.who"):
+        name = st.text_input("Your name", placeholder="so the team sees who decided what", key="review.name")
+        submitted = st.form_submit_button("Start reviewing", type="primary")
+    if submitted:
+        if name.strip():
+            state.set_user(name)
+            st.rerun()
+        st.warning("Please type your name.")
+    return None
+
+
+def _queue_controls(table: pd.DataFrame, latest: dict) -> np.ndarray:
+    flags = table.get("label_issue.is_label_issue")
+    flagged = 0 if flags is None else int(flags.fillna(False).sum())
+    left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
+    scope = left.radio("Show", ["flagged", "all"], key=SCOPE, horizontal=True,
+                       format_func=lambda s: f"flagged label issues ({flagged:,})" if s == "flagged"
+                       else f"all samples by label quality ({len(table):,})")
+    label = middle.selectbox("Given label", list(table["label"].cat.categories), index=None, key=CLASS,
+                             placeholder="any class")
+    hide = right.toggle("Hide decided", value=True, key=HIDE_DECIDED, help="Leave out samples anyone already decided")
+    return review_queue(table, flagged_only=scope == "flagged", label=label, hide=set(latest) if hide else set())
+
+
+def _item(table: pd.DataFrame, position: int, latest: dict, reviewer: str, index: int) -> None:
+    row = table.iloc[position]
+    sample_id = row["id"]
+    suggested = row.get("label_issue.suggested_label")
+    suggested = None if pd.isna(suggested) else str(suggested)
+    with st.container(border=True):
+        image, facts, chart = st.columns([1, 1, 2])
+        with image:
+            path = data.thumbnails([position])[0]
+            if path:
+                st.image(path, width="stretch", output_format="JPEG")
+            st.caption(sample_id)
+        with facts:
+            st.metric("Given label", str(row["label"]))
+            st.metric("Suggested label", suggested or "—")
+            st.metric("Label quality", f"{row['label_issue.label_quality']:.3f}",
+                      help="How much the model believes the given label (0 = not at all)")
+        with chart:
+            _probabilities(table, position)
+        _others(sample_id, latest)
+        _actions(table, sample_id, str(row["label"]), suggested, reviewer, index)
+    with st.expander("Nearest neighbours", expanded=True):
+        widgets.neighbours_block(table, position, key="review.nn", on_open=None)
+
+
+def _probabilities(table: pd.DataFrame, position: int) -> None:
+    sets = prediction_sets(table)
+    if not sets:
+        st.caption("No predictions in this workspace.")
+        return
+    classes = list(table["label"].cat.categories)
+    figure = go.Figure()
+    for name in sets:
+        figure.add_bar(y=classes, x=data.probabilities(name, position), name=name, orientation="h")
+    figure.update_layout(height=260, margin=dict(l=10, r=10, t=24, b=10), barmode="group",
+                         title={"text": "Class probabilities", "font": {"size": 13}}, xaxis={"range": [0, 1]},
+                         yaxis={"autorange": "reversed"}, legend={"orientation": "h"})
+    st.plotly_chart(figure, width="stretch", key="review.probabilities")
+
+
+def _others(sample_id: str, latest: dict) -> None:
+    history = data.curation().decision_history(sample_id)
+    if not history:
+        st.caption("No decision on this sample yet.")
+        return
+    lines = [f"- **{d['reviewer']}** {ACTION_NAMES.get(d['action'], d['action'])}"
+             + (f" → `{d['new_label']}`" if d["action"] == "relabel" else "")
+             + f" · {pd.Timestamp(d['created_at']).strftime('%Y-%m-%d %H:%M')}"
+             + (f" · _{d['note']}_" if d["note"] else "") for d in history]
+    st.markdown("**Decisions so far** (latest counts)\n" + "\n".join(lines))
+
+
+def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | None, reviewer: str, index: int) -> None:
+    hide = bool(st.session_state.get(HIDE_DECIDED, True))
+    st.text_input("Note (optional)", key=NOTE, placeholder="why — saved with the decision")
+    row1 = st.columns(6)
+    row1[0].button(f"Accept → {suggested}" if suggested else "Accept suggestion", key="review.accept", type="primary",
+                   shortcut="A", disabled=not suggested or suggested == given, on_click=_decide,
+                   args=(sample_id, "relabel", suggested, reviewer, hide))
+    row1[1].button("Keep label", key="review.keep", shortcut="K", on_click=_decide,
+                   args=(sample_id, "keep", None, reviewer, hide))
+    row1[2].button("Ambiguous", key="review.ambiguous", shortcut="M", on_click=_decide,
+                   args=(sample_id, "ambiguous", None, reviewer, hide))
+    row1[3].button("Exclude", key="review.exclude", shortcut="X", on_click=_decide,
+                   args=(sample_id, "exclude", None, reviewer, hide))
+    row1[4].button("Skip", key="review.skip", shortcut="S", on_click=_move, args=(index + 1,))
+    row1[5].button("Back", key="review.back", shortcut="B", on_click=_move, args=(index - 1,), disabled=index == 0)
+    others = [c for c in table["label"].cat.categories if c != given]
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    left.selectbox("Relabel to", others, key=RELABEL_TO, index=None, placeholder="choose the right class")
+    right.button("Relabel", key="review.relabel", shortcut="L", on_click=_relabel, args=(sample_id, reviewer, hide))
+    st.caption("Keys: **A** accept · **K** keep · **M** ambiguous · **X** exclude · **L** relabel · **S** skip · "
+               "**B** back")
+
+
+def _decide(sample_id: str, action: str, new_label: str | None, reviewer: str, hide: bool) -> None:
+    note = str(st.session_state.get(NOTE) or "").strip()
+    data.curation().record_decision(sample_id, action, reviewer=reviewer, new_label=new_label, note=note)
+    st.session_state[NOTE] = ""
+    st.session_state[RELABEL_TO] = None
+    if not hide:
+        st.session_state[POSITION] = int(st.session_state.get(POSITION, 0)) + 1
+    verb = ACTION_NAMES[action] + (f" → {new_label}" if action == "relabel" else "")
+    state.notice(f"Saved: {sample_id} {verb}.", "success")
+
+
+def _relabel(sample_id: str, reviewer: str, hide: bool) -> None:
+    target = st.session_state.get(RELABEL_TO)
+    if not target:
+        state.notice("Choose the class to relabel to first (the **Relabel to** box).")
+        return
+    _decide(sample_id, "relabel", target, reviewer, hide)
+
+
+def _move(index: int) -> None:
+    st.session_state[POSITION] = max(index, 0)
+
+
+def _upcoming(table: pd.DataFrame, positions: np.ndarray) -> None:
+    if len(positions) == 0:
+        return
+    rows = table.iloc[positions]
+    with st.expander(f"Next {len(rows)} in the queue"):
+        st.dataframe(pd.DataFrame({"id": rows["id"], "label": rows["label"].astype(str),
+                                   "suggested": rows["label_issue.suggested_label"].astype(str),
+                                   "label quality": rows["label_issue.label_quality"]}),
+                     hide_index=True, width="stretch")
+
+
+if __name__ == "__main__":
+    widgets.run_page(render)
