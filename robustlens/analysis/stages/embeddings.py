@@ -1,0 +1,578 @@
+"""Stage ``embeddings``: one L2-normalised vector per sample, pixel descriptors, and the shared kNN graph.
+
+Source of the embedding, in priority order (``Config.source="auto"``):
+
+1. ``imported`` — the embeddings given to ``robustlens init --embeddings``;
+2. ``model`` — the penultimate layer of the workspace model: for an eager ``nn.Module`` the input of the
+   last ``nn.Linear`` executed in the forward pass (captured with forward pre-hooks); TorchScript
+   modules support no hooks, so their ``features`` submodule is used when present
+   (``model.features(normalized)``), else the logits;
+3. ``fallback`` — the built-in descriptor of :mod:`robustlens.analysis.fallback_features` (no download;
+   good for duplicates and gross visual clusters, not for semantics).
+
+Outputs (rows in ``samples.parquet`` order):
+
+* ``artifacts/embeddings.npy`` — ``(N, D)`` float32, rows L2-normalised; its ``index.json`` entry carries
+  ``source``, ``layer``, ``description`` and ``dim``.
+* ``artifacts/visual_features.npy`` — ``(N, d)`` float32 PCA scores (not normalised) of the built-in pixel
+  descriptor, whatever the embedding source: the space in which the outliers stage finds images that
+  look unlike the rest (a classifier's features often map noise or blank images among normal ones).
+* ``artifacts/thumbnails.npy`` — ``(N, 32, 32)`` uint8 luminance thumbnails, which the duplicates stage
+  compares pixel by pixel to confirm near duplicates.
+* ``artifacts/knn_indices.npy`` / ``artifacts/knn_distances.npy`` — written on demand by
+  :func:`neighbor_graph` (used by ``projection``, ``duplicates`` and ``outliers``): each sample's nearest
+  neighbours in embedding space (itself excluded) and their cosine distances, one search per embeddings
+  version.
+
+Incremental work: images are decoded once per run and only for content hashes missing from the caches
+(``artifacts/cache/embeddings_pixels-*`` for the pixel descriptors and thumbnails,
+``artifacts/cache/embeddings-*`` for model vectors, keyed by the model's identity). The PCA of the pixel
+descriptor is fitted on the whole dataset, so adding images refits it over all cached raw descriptors
+(cheap) and every fallback / visual vector may change slightly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from robustlens.analysis import fallback_features, storage
+from robustlens.analysis.ingest.model import NormalizedModel, prepare_images
+from robustlens.analysis.loader import iter_decoded
+from robustlens.analysis.stages.base import (HashCache, StageContext, cache_for, fingerprint, is_current,
+                                             record_artifact)
+from robustlens.errors import WorkspaceError
+
+SOURCES = ("auto", "imported", "model", "fallback")
+ARTIFACT = "embeddings"
+OUTPUTS = ("embeddings", "visual_features", "thumbnails")
+#: Neighbours kept in the shared graph: enough for UMAP (15 including the sample itself) and the
+#: duplicate / outlier stages (10).
+DEFAULT_GRAPH_NEIGHBORS = 15
+#: Above this many samples the exact (brute-force, O(N^2)) neighbour search is replaced by pynndescent,
+#: whose numba compilation (~30 s per process) only pays off on large datasets.
+EXACT_SEARCH_MAX_SAMPLES = 150_000
+#: Vectors wider than this are PCA-reduced before the neighbour search (the stages that threshold
+#: similarities recompute them on the full vectors).
+SEARCH_MAX_DIM = 64
+
+MODEL_DESCRIPTION = ("Penultimate-layer activations of the workspace model ({layer}): similarity as the model "
+                     "sees it. Good for near duplicates, semantic clusters, outliers and label issues.")
+LOGITS_DESCRIPTION = ("Logits of the workspace model (no penultimate layer could be reached: TorchScript model "
+                      "without a 'features' submodule, or no nn.Linear): coarse, class-level similarity only.")
+IMPORTED_DESCRIPTION = ("Embeddings imported with 'robustlens init --embeddings' (from {source}); what they are "
+                        "good for depends on the model that produced them.")
+
+
+@dataclass
+class Config:
+    """Parameters of the embeddings stage.
+
+    Attributes
+    ----------
+    source:
+        ``"auto"`` (imported, else model, else fallback), or force one of ``"imported"``, ``"model"``,
+        ``"fallback"``.
+    batch_size:
+        Images per decoded / forwarded batch.
+    fallback_dim:
+        Largest dimension of the pixel descriptor after PCA (fallback embedding and visual features).
+    """
+
+    source: str = "auto"
+    batch_size: int = 256
+    fallback_dim: int = 64
+
+
+def run(context: StageContext, config: Config) -> dict:
+    """Compute the stage's artifacts (see the module docstring); returns a summary."""
+    _validate_config(config)
+    workspace = context.workspace
+    samples = workspace.samples
+    source = resolve_source(workspace, config.source)
+    identity, model = _source_identity(workspace, source, device=context.device)
+    inputs = fingerprint(samples["id"], samples["content_hash"], identity, fallback_features.FEATURE_VERSION)
+    if all(is_current(context, name, config=config, inputs=inputs) for name in OUTPUTS):
+        entry = _index_entry(context, ARTIFACT)
+        return {"skipped": True, "source": entry.get("source"), "layer": entry.get("layer"),
+                "dim": entry.get("dim"), "computed": 0, "samples": len(samples)}
+
+    extract, layer = None, source
+    if source == "model":
+        model = model if model is not None else workspace.load_model(context.device)
+        features, layer = penultimate_extractor(model, device=context.device)
+
+        def extract(pixels: list[np.ndarray]) -> torch.Tensor:
+            return features(prepare_images(pixels, model.config).to(context.device))
+
+    pixel_cache = cache_for(context, "embeddings_pixels", {"version": fallback_features.FEATURE_VERSION})
+    model_cache = cache_for(context, ARTIFACT, identity) if source == "model" else None
+    computed = _fill_caches(context, pixel_cache, model_cache, batch_size=config.batch_size, extract=extract)
+    hashes = samples["content_hash"].to_numpy(dtype=str)
+    pixel_rows = pixel_cache.load()
+    raw = _stack_blobs(pixel_rows, "raw", hashes, np.float32, cache=pixel_cache)
+    size = fallback_features.WORK_SIZE
+    thumbnails = _stack_blobs(pixel_rows, "thumbnail", hashes, np.uint8, cache=pixel_cache).reshape(-1, size, size)
+    visual = fallback_features.fit_reduce(raw, config.fallback_dim)
+    own = (_stack_blobs(model_cache.load(), "vector", hashes, np.float32, cache=model_cache)
+           if source == "model" else visual)
+    matrix, description = _embedding_matrix(workspace, source, layer, own)
+
+    storage.write_npy(workspace.artifact_path("visual_features.npy"), visual)
+    storage.write_npy(workspace.artifact_path("thumbnails.npy"), thumbnails)
+    storage.write_npy(workspace.artifact_path(f"{ARTIFACT}.npy"), matrix)
+    extras = {"embeddings": {"source": source, "layer": layer, "description": description,
+                             "dim": int(matrix.shape[1])},
+              "visual_features": {"description": fallback_features.DESCRIPTION, "dim": int(visual.shape[1])},
+              "thumbnails": {"description": "32x32 uint8 luminance thumbnails for duplicate verification"}}
+    for name in OUTPUTS:
+        record_artifact(context, name, stage=ARTIFACT, config=config, inputs=inputs, extra=extras[name])
+    return {"skipped": False, "source": source, "layer": layer, "dim": int(matrix.shape[1]),
+            "computed": computed, "samples": len(samples)}
+
+
+def _embedding_matrix(workspace, source: str, layer: str, computed: np.ndarray) -> tuple[np.ndarray, str]:
+    """The L2-normalised ``(N, D)`` embedding of ``source`` and its description.
+
+    ``computed`` is the model's features (source ``model``) or the reduced pixel descriptor (``fallback``);
+    imported embeddings are read from the workspace.
+    """
+    samples = workspace.samples
+    if source == "imported":
+        matrix = workspace.embeddings().astype(np.float32)
+        if matrix.shape[0] != len(samples):
+            raise WorkspaceError(f"imported embeddings have {matrix.shape[0]} rows but the workspace has "
+                                 f"{len(samples)} samples; re-run 'robustlens init --force'")
+        description = IMPORTED_DESCRIPTION.format(source=workspace.manifest["embeddings"].get("source", "?"))
+    elif source == "model":
+        matrix = computed
+        description = LOGITS_DESCRIPTION if layer == "logits" else MODEL_DESCRIPTION.format(layer=layer)
+    else:
+        matrix = computed
+        description = fallback_features.DESCRIPTION
+    matrix = l2_normalize(matrix)
+    if not np.isfinite(matrix).all():
+        raise WorkspaceError(f"the {source} embeddings contain NaN or infinite values "
+                             f"({int((~np.isfinite(matrix)).any(1).sum())} samples)")
+    return matrix, description
+
+
+# -- source selection ----------------------------------------------------------------------------------
+def resolve_source(workspace, requested: str) -> str:
+    """The source actually used for ``requested`` (one of :data:`SOURCES`), checking it is available."""
+    if requested not in SOURCES:
+        raise ValueError(f"embeddings source must be one of {SOURCES}, got {requested!r}")
+    has_imported = workspace.manifest.get("embeddings") is not None
+    if requested == "auto":
+        return "imported" if has_imported else "model" if workspace.has_model else "fallback"
+    if requested == "imported" and not has_imported:
+        raise WorkspaceError(f"{workspace.root} has no imported embeddings; pass --embeddings to 'robustlens init'")
+    if requested == "model" and not workspace.has_model:
+        raise WorkspaceError(f"{workspace.root} has no model; pass --model to 'robustlens init'")
+    return requested
+
+
+def _source_identity(workspace, source: str, *, device: str) -> tuple[dict, NormalizedModel | None]:
+    """What the vectors depend on besides the image content (keys the per-image cache).
+
+    Returns the identity and, when it had to be loaded to identify it (factory models), the model.
+    """
+    if source == "imported":
+        return {"source": source, "array": fingerprint(workspace.embeddings())}, None
+    if source == "fallback":
+        return {"source": source, "version": fallback_features.FEATURE_VERSION}, None
+    entry = workspace.manifest["model"]
+    model = None
+    if entry["kind"] == "torchscript":
+        weights = _file_sha256(workspace.root / entry["file"])
+    else:
+        # Factory models have no file of their own: their weights identify them.
+        model = workspace.load_model(device)
+        state = model.model.state_dict()
+        weights = fingerprint([f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in state.items()],
+                              *[t.detach().cpu().float().numpy() for t in state.values()])
+    return ({"source": source, "kind": entry["kind"], "spec": entry.get("factory"), "weights": weights,
+             "config": entry.get("config")}, model)
+
+
+def _file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- model penultimate layer ---------------------------------------------------------------------------
+def penultimate_extractor(model: NormalizedModel, *, device: str | torch.device = "cpu",
+                          ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """A function ``(B, C, H, W)`` images in ``[0, 1]`` → ``(B, D)`` float32 features, and its layer name.
+
+    Eager modules: the input of the last ``nn.Linear`` executed in the forward pass. TorchScript modules
+    (no hooks): ``features`` submodule if present, else the logits. Other modules without any
+    ``nn.Linear`` (e.g. ``torch.export`` graphs): the logits.
+
+    On CPU a TorchScript ``features`` submodule is frozen and optimised for inference (convolution,
+    batch-norm and ReLU fused), which is several times faster on small CNNs and equal to float rounding.
+    """
+    network = model.model
+    if isinstance(network, torch.jit.ScriptModule):
+        if hasattr(network, "features"):
+            features = _inference_optimized(network.features) if str(device) == "cpu" else network.features
+            return _flattened(lambda x: features(model.normalize(x))), "model.features"
+        return _flattened(lambda x: network(model.normalize(x))), "logits"
+    linears = {name: m for name, m in network.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
+        return _flattened(lambda x: network(model.normalize(x))), "logits"
+    return _last_linear_input(model, linears), "input of the last nn.Linear"
+
+
+def _inference_optimized(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """``torch.jit.freeze`` + ``optimize_for_inference`` of an eval-mode scripted module (a copy).
+
+    Modules that cannot be frozen (e.g. they mutate attributes in ``forward``) are used as they are.
+    """
+    if module.training:
+        return module
+    try:
+        return torch.jit.optimize_for_inference(torch.jit.freeze(module))
+    except RuntimeError:
+        # Freezing is an optimisation only; the unfrozen module computes the same features.
+        return module
+
+
+def _last_linear_input(model: NormalizedModel, linears: dict[str, nn.Linear]) -> Callable:
+    """Extractor capturing the input of whichever ``nn.Linear`` runs last (hooks on all of them)."""
+    network = model.model
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, args):
+            captured[:] = [args[0]]
+
+        handles = [m.register_forward_pre_hook(hook) for m in linears.values()]
+        try:
+            network(model.normalize(images))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not captured:
+            raise RuntimeError("no nn.Linear ran during the forward pass; cannot read the penultimate layer")
+        features = captured[0]
+        if features.shape[0] != images.shape[0]:
+            raise RuntimeError(f"the last nn.Linear received shape {tuple(features.shape)}, whose first "
+                               f"dimension is not the batch size {images.shape[0]}")
+        return features.flatten(1).float()
+
+    return extract
+
+
+def _flattened(function: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda images: function(images).flatten(1).float()
+
+
+# -- per-image caches ----------------------------------------------------------------------------------
+def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: HashCache | None, *,
+                 batch_size: int, extract: Callable[[list[np.ndarray]], torch.Tensor] | None) -> int:
+    """Decode the images whose content hash is missing from a cache and add their results.
+
+    Each image is decoded at most once per run; a chunk is written after every batch, so an interrupted
+    run resumes where it stopped. Returns the number of images decoded.
+
+    Parameters
+    ----------
+    pixel_cache:
+        Rows ``content_hash``, ``raw`` (float32 bytes, RAW_DIM) and ``thumbnail`` (uint8 bytes, 32x32).
+    model_cache:
+        Rows ``content_hash``, ``vector`` (float32 bytes); ``None`` when no model is used.
+    extract:
+        Decoded pixels of one batch → ``(B, D)`` model features (``None`` without a model).
+    """
+    samples = context.workspace.samples
+    hashes = samples["content_hash"].to_numpy(dtype=str)
+    have_pixels = _cached_hashes(pixel_cache, "thumbnail")
+    have_vectors = _cached_hashes(model_cache, "vector") if model_cache is not None else None
+    first = pd.Series(np.arange(len(samples)), index=hashes)
+    first = first[~first.index.duplicated()]
+    need_pixels = ~first.index.isin(have_pixels)
+    need_vectors = ~first.index.isin(have_vectors) if have_vectors is not None else np.zeros(len(first), bool)
+    todo = first[need_pixels | need_vectors].to_numpy()
+    if not len(todo):
+        return 0
+    pixel_missing = set(first.index[need_pixels])
+    vector_missing = set(first.index[need_vectors])
+    paths = samples["path"].tolist()
+    with torch.no_grad(), torch_threads(compute_threads()):
+        batches = iter_decoded(context.workspace.dataset_root, paths, todo, batch_size=batch_size,
+                               workers=context.workers, progress=context.progress, desc="Embeddings")
+        for indices, pixels in prefetched(batches):
+            batch_hashes = hashes[indices]
+            wanted = np.fromiter((h in pixel_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
+            if wanted.any():
+                chosen = [pixels[i] for i in np.flatnonzero(wanted)]
+                raw, thumbs = fallback_features.describe(chosen, context.device)
+                pixel_cache.add(pd.DataFrame({
+                    "content_hash": batch_hashes[wanted],
+                    "raw": [row.tobytes() for row in raw.cpu().numpy().astype(np.float32, copy=False)],
+                    "thumbnail": [row.tobytes() for row in thumbs.cpu().numpy()]}))
+            wanted = np.fromiter((h in vector_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
+            if extract is not None and wanted.any():
+                chosen = [pixels[i] for i in np.flatnonzero(wanted)]
+                vectors = extract(chosen).detach().cpu().numpy().astype(np.float32, copy=False)
+                model_cache.add(pd.DataFrame({"content_hash": batch_hashes[wanted],
+                                              "vector": [row.tobytes() for row in vectors]}))
+    keep = set(hashes)
+    pixel_cache.compact(keep_hashes=keep)
+    if model_cache is not None:
+        model_cache.compact(keep_hashes=keep)
+    return int(len(todo))
+
+
+def compute_threads() -> int:
+    """Torch threads while images are decoded concurrently: one core is left to the decoder threads.
+
+    Measured on the project's 2-core machine: with 2 torch threads competing with the decoding threads,
+    the sample CNN ran at ~290 µs/image and the pixel descriptor at ~220 µs/image; with 1 thread at
+    ~37 and ~48 µs/image (OpenMP workers spin-waiting for a busy core).
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, restoring the previous setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prefetched(batches: Iterator, depth: int = 1) -> Iterator:
+    """Iterate ``batches`` while a background thread already produces the next ``depth`` items.
+
+    Decoding the next batch (Pillow releases the GIL) then overlaps the model / descriptor work on the
+    current one. Exceptions raised by ``batches`` are re-raised in the caller; when the caller stops
+    early, the producer stops too and ``batches`` is closed.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    finished = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not offer(item):
+                    break
+        except BaseException as error:  # handed over to the consumer, which re-raises it
+            offer(error)
+            return
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+        offer(finished)
+
+    producer = threading.Thread(target=produce, name="robustlens-prefetch", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = items.get()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        producer.join()
+
+
+def _cached_hashes(cache: HashCache, column: str) -> set[str]:
+    rows = cache.load()
+    return set(rows["content_hash"]) if column in rows.columns else set()
+
+
+def _stack_blobs(rows: pd.DataFrame, column: str, hashes: np.ndarray, dtype, *, cache: HashCache) -> np.ndarray:
+    """Cached byte blobs of ``column`` for ``hashes`` (samples order) as an ``(N, width)`` array."""
+    if len(hashes) == 0:
+        return np.zeros((0, 1), dtype=dtype)
+    if column not in rows.columns:
+        raise RuntimeError(f"cache {cache.directory} has no '{column}' column; delete that folder and re-run")
+    blobs = rows.set_index("content_hash")[column].reindex(hashes)
+    if blobs.isna().any():
+        raise RuntimeError(f"cache {cache.directory} lacks {int(blobs.isna().sum())} images after computing "
+                           "them; delete that folder and re-run")
+    flat = np.frombuffer(b"".join(blobs.tolist()), dtype=dtype)
+    return flat.reshape(len(hashes), -1).copy()
+
+
+# -- helpers shared with the stages that read embeddings ------------------------------------------------
+def l2_normalize(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (all-zero rows stay zero); ``(N, D)`` float32."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+def load_embeddings(context: StageContext) -> tuple[np.ndarray, str]:
+    """``artifacts/embeddings.npy`` checked against the samples, and its fingerprint.
+
+    Raises
+    ------
+    WorkspaceError
+        The embeddings stage has not run, or ran on a different set of samples.
+    """
+    path = context.workspace.artifact_path(f"{ARTIFACT}.npy")
+    if not path.exists():
+        raise WorkspaceError(f"{path} does not exist; run the 'embeddings' stage first "
+                             "('robustlens analyze WS --stages embeddings')")
+    matrix = np.load(path, allow_pickle=False)
+    if matrix.ndim != 2 or matrix.shape[0] != len(context.workspace.samples):
+        raise WorkspaceError(f"{path} has shape {matrix.shape} but the workspace has "
+                             f"{len(context.workspace.samples)} samples; re-run the 'embeddings' stage")
+    return matrix, fingerprint(matrix)
+
+
+def neighbor_graph(context: StageContext, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's ``n_neighbors`` nearest neighbours in embedding space, itself excluded.
+
+    Computed once per embeddings version (at least :data:`DEFAULT_GRAPH_NEIGHBORS` neighbours) and
+    stored as ``artifacts/knn_indices.npy`` / ``knn_distances.npy``, so the projection, duplicates and
+    outliers stages share one search. Up to :data:`EXACT_SEARCH_MAX_SAMPLES` samples the search is
+    exact (brute force in blocks, never an N×N matrix); above, pynndescent (approximate, seeded).
+
+    Parameters
+    ----------
+    n_neighbors:
+        Neighbours wanted per sample (clipped to ``N - 1``).
+
+    Returns
+    -------
+    indices:
+        ``(N, k)`` int64 neighbour row indices, nearest first.
+    distances:
+        ``(N, k)`` float32 cosine distances (``1 - cosine similarity``), ascending; for embeddings wider
+        than :data:`SEARCH_MAX_DIM`, measured in their PCA reduction.
+    """
+    if n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
+    embeddings, embeddings_fp = load_embeddings(context)
+    n = embeddings.shape[0]
+    want = min(n_neighbors, max(n - 1, 0))
+    inputs = fingerprint(embeddings_fp, context.random_state, EXACT_SEARCH_MAX_SAMPLES, SEARCH_MAX_DIM)
+    search_config = {"kind": "neighbor_graph"}
+    workspace = context.workspace
+    if (is_current(context, "knn_indices", config=search_config, inputs=inputs)
+            and is_current(context, "knn_distances", config=search_config, inputs=inputs)):
+        indices = np.load(workspace.artifact_path("knn_indices.npy"), allow_pickle=False)
+        if indices.shape[1] >= want:
+            distances = np.load(workspace.artifact_path("knn_distances.npy"), allow_pickle=False)
+            return indices[:, :want], distances[:, :want]
+    k = min(max(n_neighbors, DEFAULT_GRAPH_NEIGHBORS), max(n - 1, 0))
+    space = search_space(embeddings, random_state=context.random_state)
+    indices, euclidean = knn_search(space, k, random_state=context.random_state)
+    # On unit vectors |a - b|^2 = 2 (1 - cos(a, b)).
+    distances = (np.square(euclidean, dtype=np.float64) / 2.0).clip(0.0, 2.0).astype(np.float32)
+    storage.write_npy(workspace.artifact_path("knn_indices.npy"), indices)
+    storage.write_npy(workspace.artifact_path("knn_distances.npy"), distances)
+    extra = {"n_neighbors": int(k), "method": "exact" if n <= EXACT_SEARCH_MAX_SAMPLES else "pynndescent"}
+    for name in ("knn_indices", "knn_distances"):
+        record_artifact(context, name, stage=ARTIFACT, config=search_config, inputs=inputs, extra=extra)
+    return indices[:, :want], distances[:, :want]
+
+
+def knn_search(vectors: np.ndarray, k: int, *, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean k nearest neighbours of every row among the rows, itself excluded.
+
+    Exact up to :data:`EXACT_SEARCH_MAX_SAMPLES` rows (sklearn's blocked brute force: GEMM + heap per
+    block of rows, multi-threaded, memory bounded by blocks, never an N×N matrix); above, pynndescent
+    (approximate, seeded with ``random_state``).
+
+    Parameters
+    ----------
+    vectors:
+        ``(N, D)`` float array.
+    k:
+        Neighbours per row, ``0 <= k <= N - 1``.
+
+    Returns
+    -------
+    ``(N, k)`` int64 indices and ``(N, k)`` float32 euclidean distances, nearest first.
+    """
+    n = vectors.shape[0]
+    if not 0 <= k <= max(n - 1, 0):
+        raise ValueError(f"k must be in [0, {max(n - 1, 0)}] for {n} rows, got {k}")
+    if k == 0:
+        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if n <= EXACT_SEARCH_MAX_SAMPLES:
+        from sklearn.neighbors import NearestNeighbors
+
+        # Querying with X=None leaves each point itself out (also among exact duplicates).
+        search = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(vectors)
+        distances, indices = search.kneighbors(None)
+    else:
+        from pynndescent import NNDescent
+
+        search = NNDescent(vectors, n_neighbors=k + 1, metric="euclidean", random_state=random_state)
+        indices, distances = _drop_self(*search.neighbor_graph, k)
+    return indices.astype(np.int64), distances.astype(np.float32)
+
+
+def search_space(embeddings: np.ndarray, *, random_state: int) -> np.ndarray:
+    """Unit vectors to search: the embeddings, PCA-reduced to :data:`SEARCH_MAX_DIM` when wider."""
+    if embeddings.shape[1] <= SEARCH_MAX_DIM or embeddings.shape[0] <= SEARCH_MAX_DIM:
+        return l2_normalize(embeddings)
+    from sklearn.decomposition import PCA
+
+    reduced = PCA(n_components=SEARCH_MAX_DIM, random_state=random_state).fit_transform(embeddings)
+    return l2_normalize(reduced)
+
+
+def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own index from a self-inclusive (N, k+1) graph, keeping k columns."""
+    rows = np.arange(indices.shape[0])[:, None]
+    is_self = indices == rows
+    # Rows where self was not found (approximate search) drop their farthest neighbour instead.
+    missing = ~is_self.any(1)
+    is_self[missing, -1] = True
+    keep = ~is_self
+    return (indices[keep].reshape(-1, indices.shape[1] - 1)[:, :k],
+            distances[keep].reshape(-1, indices.shape[1] - 1)[:, :k])
+
+
+def _index_entry(context: StageContext, name: str) -> dict:
+    path = context.workspace.artifact_path("index.json")
+    return json.loads(path.read_text()).get(name, {}) if path.exists() else {}
+
+
+def _validate_config(config: Config) -> None:
+    if config.source not in SOURCES:
+        raise ValueError(f"embeddings source must be one of {SOURCES}, got {config.source!r}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.fallback_dim < 1:
+        raise ValueError(f"fallback_dim must be >= 1, got {config.fallback_dim}")
+

@@ -1,0 +1,225 @@
+"""Stage ``outliers``: images unlike the rest of the dataset.
+
+Two views of "unlike", each scored by the mean distance to a sample's ``k`` nearest neighbours:
+
+* **semantic** — ``knn_distance``: mean cosine distance in the embedding space (shared neighbour graph
+  of the embeddings stage), and ``ood_score``: cleanlab's ``OutOfDistribution`` score on the same
+  features and neighbours, reported as ``1 - score`` so that, like every other column here, higher
+  means more atypical;
+* **visual** — ``visual_distance``: mean euclidean distance in the built-in pixel-descriptor space
+  (``visual_features.npy``), to neighbours among at most ``Config.max_reference`` samples. It is needed because a classifier's features are not built to notice inputs
+  from another distribution: measured on the Fashion-MNIST sample, the model's embedding places random
+  noise, checkerboards and inverted images among ordinary garments (robust z below 3), while the pixel
+  descriptor puts them far from everything (robust z above 4).
+
+Each distance is turned into a robust z-score on a log scale — ``(log d - median) / (1.4826 MAD)`` — so
+the threshold means the same thing whatever the embedding's scale; ``outlier_score`` is the larger of the
+two. A sample is an outlier when ``outlier_score >= Config.threshold``, and at most
+``Config.max_fraction`` of the dataset is flagged (the highest scores), a guard against degenerate
+distance distributions (e.g. a dataset made mostly of copies, where the MAD collapses).
+
+Outputs: ``artifacts/outliers.parquet`` — ``id``, ``knn_distance``, ``visual_distance``, ``ood_score``,
+``outlier_score``, ``is_outlier``; ``artifacts/flags_outliers.parquet`` — issue ``outlier``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, read_artifact, write_artifact
+from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
+from robustlens.errors import WorkspaceError
+
+STAGE = "outliers"
+FLAG_COLUMNS = ["id", "issue", "severity", "explanation"]
+#: Lower bound of the robust scale (log units), so near-constant distances do not make every
+#: small deviation an outlier.
+MIN_LOG_SCALE = 0.05
+
+
+@dataclass
+class Config:
+    """Parameters of the outliers stage.
+
+    Attributes
+    ----------
+    n_neighbors:
+        ``k``: neighbours averaged per sample.
+    threshold:
+        Smallest robust z-score (log-distance MAD units) flagged.
+    max_fraction:
+        Largest fraction of samples flagged.
+    max_reference:
+        In the visual space, neighbours are searched among at most this many samples (a seeded random
+        subset; all samples when there are fewer), which bounds the search at N × max_reference.
+    """
+
+    n_neighbors: int = 10
+    threshold: float = 3.5
+    max_fraction: float = 0.02
+    max_reference: int = 10_000
+
+
+def run(context: StageContext, config: Config) -> dict:
+    """Score every sample; write ``outliers.parquet`` and ``flags_outliers.parquet``; return counts."""
+    _validate_config(config)
+    workspace = context.workspace
+    samples = workspace.samples
+    embeddings, embeddings_fp = load_embeddings(context)
+    visual = load_visual_features(context)
+    inputs = fingerprint(samples["id"], embeddings_fp, fingerprint(visual), context.random_state)
+    if is_current(context, "outliers", config=config, inputs=inputs) and \
+            is_current(context, "flags_outliers", config=config, inputs=inputs):
+        table = read_artifact(workspace, "outliers")
+        return {"skipped": True, "outliers": int(table["is_outlier"].sum()), "samples": len(samples)}
+
+    n = len(samples)
+    k = min(config.n_neighbors, n - 1)
+    if k < 1:
+        scores = {"knn": np.zeros(n), "visual": np.zeros(n), "ood": np.zeros(n)}
+        z_semantic = z_visual = np.zeros(n)
+    else:
+        indices, distances = neighbor_graph(context, k)
+        visual_distances = reference_distances(visual, k, max_reference=config.max_reference,
+                                               random_state=context.random_state)
+        scores = {"knn": distances.mean(1), "visual": visual_distances,
+                  "ood": 1.0 - cleanlab_ood_scores(embeddings, indices, distances)}
+        z_semantic, z_visual = robust_log_z(scores["knn"]), robust_log_z(scores["visual"])
+    outlier_score = np.maximum(z_semantic, z_visual)
+    flagged = select_outliers(outlier_score, threshold=config.threshold, max_fraction=config.max_fraction)
+    table = pd.DataFrame({"id": samples["id"].to_numpy(), "knn_distance": scores["knn"].astype(np.float32),
+                          "visual_distance": scores["visual"].astype(np.float32),
+                          "ood_score": scores["ood"].astype(np.float32),
+                          "outlier_score": outlier_score.astype(np.float32), "is_outlier": flagged})
+    flags = flag_table(table, z_semantic, z_visual, config)
+    write_artifact(context, "outliers", table, stage=STAGE, config=config, inputs=inputs)
+    write_artifact(context, "flags_outliers", flags, stage=STAGE, config=config, inputs=inputs)
+    return {"skipped": False, "outliers": int(flagged.sum()), "samples": n,
+            "semantic": int((flagged & (z_semantic >= z_visual)).sum()),
+            "visual": int((flagged & (z_visual > z_semantic)).sum())}
+
+
+def load_visual_features(context: StageContext) -> np.ndarray:
+    """``(N, d)`` pixel-descriptor PCA scores written by the embeddings stage."""
+    path = context.workspace.artifact_path("visual_features.npy")
+    if not path.exists():
+        raise WorkspaceError(f"{path} does not exist; run the 'embeddings' stage first")
+    visual = np.load(path, allow_pickle=False)
+    if visual.ndim != 2 or visual.shape[0] != len(context.workspace.samples):
+        raise WorkspaceError(f"{path} has shape {visual.shape} for {len(context.workspace.samples)} samples; "
+                             "re-run the 'embeddings' stage")
+    return visual
+
+
+def reference_distances(vectors: np.ndarray, k: int, *, max_reference: int, random_state: int) -> np.ndarray:
+    """``(N,)`` mean euclidean distance of each row to its ``k`` nearest other rows of a reference set.
+
+    The reference set is every row when ``N <= max_reference``, else a random subset of
+    ``max_reference`` rows (seeded): a typical image still finds close neighbours among 10,000 others
+    while an outlier finds none, and the robust z-score that follows is insensitive to the overall
+    scale of the distances.
+    """
+    n = vectors.shape[0]
+    if n <= max_reference:
+        return knn_search(vectors, k, random_state=random_state)[1].mean(1)
+    from sklearn.neighbors import NearestNeighbors
+
+    reference = np.sort(np.random.default_rng(random_state).choice(n, max_reference, replace=False))
+    data = np.ascontiguousarray(vectors, dtype=np.float32)
+    search = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(data[reference])
+    distances, indices = search.kneighbors(data)
+    # A reference row finds itself at distance 0: drop that match, else the farthest of the k + 1.
+    is_self = reference[indices] == np.arange(n)[:, None]
+    is_self[~is_self.any(1), -1] = True
+    return distances[~is_self].reshape(n, k).mean(1)
+
+
+class PrecomputedNeighbors:
+    """A precomputed neighbour graph behind the part of sklearn's ``NearestNeighbors`` API that
+    cleanlab's ``OutOfDistribution`` uses (its documented way to plug in another neighbour search).
+
+    Parameters
+    ----------
+    indices, distances:
+        ``(N, k)`` neighbours of each sample (itself excluded) and their cosine distances.
+    """
+
+    metric = "cosine"
+
+    def __init__(self, indices: np.ndarray, distances: np.ndarray):
+        if indices.shape != distances.shape:
+            raise ValueError(f"indices {indices.shape} and distances {distances.shape} differ in shape")
+        self.indices = indices
+        self.distances = distances
+        self.n_neighbors = indices.shape[1]
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):  # noqa: N803 (sklearn's name)
+        if X is not None and len(X) != len(self.indices):
+            raise ValueError(f"the precomputed graph covers {len(self.indices)} samples, got {len(X)} queries")
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        if return_distance:
+            return self.distances[:, :k].astype(np.float64), self.indices[:, :k]
+        return self.indices[:, :k]
+
+
+def cleanlab_ood_scores(embeddings: np.ndarray, indices: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """cleanlab ``OutOfDistribution`` feature scores (in [0, 1], lower = more atypical), ``(N,)``."""
+    from cleanlab.outlier import OutOfDistribution
+
+    estimator = OutOfDistribution(params={"knn": PrecomputedNeighbors(indices, distances), "k": indices.shape[1]})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="cleanlab")
+        return np.asarray(estimator.score(features=embeddings), dtype=np.float64)
+
+
+def robust_log_z(distances: np.ndarray) -> np.ndarray:
+    """``(N,)`` robust z-scores of ``log(distances)``: median-centred, scaled by 1.4826 × MAD."""
+    logs = np.log(np.maximum(np.asarray(distances, dtype=np.float64), 1e-6))
+    centre = np.median(logs)
+    scale = max(1.4826 * float(np.median(np.abs(logs - centre))), MIN_LOG_SCALE)
+    return (logs - centre) / scale
+
+
+def select_outliers(score: np.ndarray, *, threshold: float, max_fraction: float) -> np.ndarray:
+    """``(N,)`` bool: ``score >= threshold``, keeping at most ``max_fraction`` of N (highest scores)."""
+    flagged = score >= threshold
+    limit = int(np.floor(max_fraction * len(score)))
+    if flagged.sum() > limit:
+        order = np.argsort(-score, kind="stable")
+        flagged = np.zeros(len(score), dtype=bool)
+        flagged[order[:limit]] = True
+    return flagged
+
+
+def flag_table(table: pd.DataFrame, z_semantic: np.ndarray, z_visual: np.ndarray, config: Config) -> pd.DataFrame:
+    """``flags_outliers.parquet`` rows for the flagged samples (each has a z-score >= the threshold)."""
+    rows = []
+    for position in np.flatnonzero(table["is_outlier"].to_numpy()):
+        score = float(table["outlier_score"].iat[position])
+        severity = float(np.clip(0.5 + 0.5 * (score - config.threshold) / max(config.threshold, 1e-9), 0.5, 1.0))
+        reasons = []
+        if z_visual[position] >= config.threshold:
+            reasons.append(f"looks unlike the other images (pixel statistics {z_visual[position]:.1f} robust SDs "
+                           f"farther from its {config.n_neighbors} nearest neighbours than typical)")
+        if z_semantic[position] >= config.threshold:
+            reasons.append(f"unlike the other images in embedding space ({z_semantic[position]:.1f} robust SDs "
+                           f"farther from its nearest neighbours than typical, OOD score "
+                           f"{float(table['ood_score'].iat[position]):.2f})")
+        rows.append((table["id"].iat[position], "outlier", round(severity, 4), "; ".join(reasons)))
+    if not rows:
+        return pd.DataFrame({"id": pd.Series(dtype=str), "issue": pd.Series(dtype=str),
+                             "severity": pd.Series(dtype=float), "explanation": pd.Series(dtype=str)})
+    return pd.DataFrame(rows, columns=FLAG_COLUMNS)
+
+
+def _validate_config(config: Config) -> None:
+    if config.n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be >= 1, got {config.n_neighbors}")
+    if config.threshold <= 0:
+        raise ValueError(f"threshold must be > 0, got {config.threshold}")
+    if not 0.0 <= config.max_fraction <= 1.0:
+        raise ValueError(f"max_fraction must be in [0, 1], got {config.max_fraction}")

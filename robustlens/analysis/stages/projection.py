@@ -1,0 +1,169 @@
+"""Stage ``projection``: a 2-D map of the embeddings for the dashboard's scatter plot.
+
+UMAP (umap-learn, ``n_components=2``) on the L2-normalised embeddings, PCA-reduced to at most
+``Config.pca_dims`` dimensions. UMAP's neighbour graph is not searched again: the shared exact cosine
+graph of :func:`robustlens.analysis.stages.embeddings.neighbor_graph` is passed in as ``precomputed_knn``
+(so neither pynndescent's ~30 s numba compilation nor a second search is paid). Seeded with
+``context.random_state``, which makes umap-learn run single-threaded and the layout reproducible.
+
+Time is bounded for large datasets: the number of optimisation epochs (the cost that grows with N)
+falls from 200 at ``Config.large_dataset`` samples in proportion to 1/N, to no fewer than
+``Config.min_epochs``; and above ``Config.large_dataset`` the initial layout is PCA rather than spectral
+(the spectral eigen-solver's cost grows quickly with N).
+
+Output: ``artifacts/projection.parquet`` — ``id``, ``x``, ``y`` (float32), samples order. Skipped when the
+embeddings, the config and the random state are unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, write_artifact
+from robustlens.analysis.stages.embeddings import load_embeddings, neighbor_graph
+
+ARTIFACT = "projection"
+#: Below this many samples UMAP's graph is too small to be meaningful: a PCA layout is used instead.
+MIN_UMAP_SAMPLES = 16
+
+
+@dataclass
+class Config:
+    """Parameters of the projection stage.
+
+    Attributes
+    ----------
+    n_neighbors:
+        UMAP neighbourhood size (the sample itself included, as in umap-learn).
+    min_dist:
+        UMAP minimum distance between embedded points.
+    pca_dims:
+        PCA pre-reduction of the embeddings (at most this many dimensions).
+    n_epochs:
+        Optimisation epochs; ``None``: automatic (see the module docstring).
+    large_dataset:
+        Sample count above which epochs shrink in proportion to 1/N.
+    min_epochs:
+        Fewest epochs for large datasets.
+    init:
+        ``"auto"`` (spectral up to ``large_dataset`` samples, PCA above), ``"spectral"`` or ``"pca"``.
+    """
+
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+    pca_dims: int = 50
+    n_epochs: int | None = None
+    large_dataset: int = 20_000
+    min_epochs: int = 50
+    init: str = "auto"
+
+
+def run(context: StageContext, config: Config) -> dict:
+    """Write ``artifacts/projection.parquet``; returns a summary (method, epochs, skipped)."""
+    _validate_config(config)
+    samples = context.workspace.samples
+    embeddings, embeddings_fp = load_embeddings(context)
+    inputs = fingerprint(samples["id"], embeddings_fp, context.random_state)
+    if is_current(context, ARTIFACT, config=config, inputs=inputs):
+        return {"skipped": True, "samples": len(samples)}
+    n = embeddings.shape[0]
+    reduced = pca_reduce(embeddings, config.pca_dims, random_state=context.random_state)
+    if n < MIN_UMAP_SAMPLES:
+        layout, method, epochs = _pca_layout(reduced), "pca", 0
+    else:
+        epochs = config.n_epochs if config.n_epochs is not None else auto_epochs(n, config)
+        indices, distances = neighbor_graph(context, config.n_neighbors - 1)
+        init = config.init if config.init != "auto" else "spectral" if n <= config.large_dataset else "pca"
+        layout = umap_layout(reduced, indices, distances, n_neighbors=config.n_neighbors,
+                             min_dist=config.min_dist, n_epochs=epochs, init=init,
+                             random_state=context.random_state)
+        method = "umap"
+    frame = pd.DataFrame({"id": samples["id"].to_numpy(), "x": layout[:, 0].astype(np.float32),
+                          "y": layout[:, 1].astype(np.float32)})
+    write_artifact(context, ARTIFACT, frame, stage=ARTIFACT, config=config, inputs=inputs,
+                   extra={"method": method, "n_epochs": int(epochs)})
+    return {"skipped": False, "samples": n, "method": method, "n_epochs": int(epochs)}
+
+
+def auto_epochs(n: int, config: Config) -> int:
+    """Epochs for ``n`` samples: umap-learn's defaults (500 up to 10k, 200 above) shrunk for large N."""
+    if n <= 10_000:
+        return 500
+    if n <= config.large_dataset:
+        return 200
+    return max(config.min_epochs, int(round(200 * config.large_dataset / n)))
+
+
+def pca_reduce(embeddings: np.ndarray, dims: int, *, random_state: int) -> np.ndarray:
+    """``(N, D)`` → ``(N, min(dims, D, N))`` PCA scores (float32); unchanged when already small enough."""
+    n, width = embeddings.shape
+    keep = min(dims, width, n)
+    if keep >= width:
+        return np.asarray(embeddings, dtype=np.float32)
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=keep, random_state=random_state).fit_transform(embeddings).astype(np.float32)
+
+
+def umap_layout(data: np.ndarray, indices: np.ndarray, distances: np.ndarray, *, n_neighbors: int,
+                min_dist: float, n_epochs: int, init: str, random_state: int) -> np.ndarray:
+    """2-D UMAP layout of ``data`` from a precomputed neighbour graph.
+
+    Parameters
+    ----------
+    data:
+        ``(N, d)`` vectors (used for the PCA initialisation and for laying out disconnected components).
+    indices, distances:
+        ``(N, k)`` neighbours of each row (itself excluded) and their distances, nearest first,
+        ``k >= n_neighbors - 1`` or ``k = N - 1``.
+    init:
+        umap-learn initialisation, ``"spectral"`` or ``"pca"``.
+    """
+    import umap
+
+    n = data.shape[0]
+    rows = np.arange(n, dtype=indices.dtype)[:, None]
+    # umap-learn expects each point as its own first neighbour, at distance 0.
+    knn_indices = np.ascontiguousarray(np.hstack([rows, indices]), dtype=np.int32)
+    knn_distances = np.ascontiguousarray(np.hstack([np.zeros((n, 1), np.float32), distances]), dtype=np.float32)
+    neighbours = min(n_neighbors, knn_indices.shape[1])
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, min_dist=min_dist, metric="euclidean",
+                        n_epochs=n_epochs, init=init, random_state=random_state,
+                        precomputed_knn=(knn_indices[:, :neighbours], knn_distances[:, :neighbours]))
+    with warnings.catch_warnings():
+        # Expected with a seed and a precomputed graph: single-threaded run, no transform() of new data.
+        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        return reducer.fit_transform(data)
+
+
+def _pca_layout(data: np.ndarray) -> np.ndarray:
+    """First two principal components (zero-padded when fewer exist) of a small dataset."""
+    n, width = data.shape
+    layout = np.zeros((n, 2), dtype=np.float32)
+    if n < 2:
+        return layout
+    centred = data - data.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    scores = centred @ vt[:2].T
+    layout[:, :scores.shape[1]] = scores
+    return layout
+
+
+def _validate_config(config: Config) -> None:
+    if config.n_neighbors < 2:
+        raise ValueError(f"n_neighbors must be >= 2, got {config.n_neighbors}")
+    if not 0.0 <= config.min_dist:
+        raise ValueError(f"min_dist must be >= 0, got {config.min_dist}")
+    if config.pca_dims < 2:
+        raise ValueError(f"pca_dims must be >= 2, got {config.pca_dims}")
+    if config.n_epochs is not None and config.n_epochs < 1:
+        raise ValueError(f"n_epochs must be >= 1 or None, got {config.n_epochs}")
+    if config.init not in ("auto", "spectral", "pca"):
+        raise ValueError(f"init must be 'auto', 'spectral' or 'pca', got {config.init!r}")
+    if config.min_epochs < 1 or config.large_dataset < 1:
+        raise ValueError("min_epochs and large_dataset must be >= 1")
