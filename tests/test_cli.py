@@ -166,3 +166,22 @@ def test_in_sample_prediction_sets_are_marked(manifest_dataset, tmp_path, capsys
     assert "--in-sample names ['nope']" in capsys.readouterr().err
     assert main([base[0], str(tmp_path / "ws"), *base[1:], "--in-sample", "m1"]) == 0
     assert Workspace(tmp_path / "ws").manifest["prediction_sets"]["m1"]["in_sample"] is True
+
+
+def test_torch_export_model_is_copied_and_reloaded(image_folder, tmp_path):
+    import torch
+
+    from tests.model_factories import MeanModel
+
+    network = MeanModel(3).eval()
+    archive = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(network, (torch.zeros(2, 3, 8, 8),)), str(archive))
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"input_size": [8, 8], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}))
+    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(image_folder), "--model", str(archive),
+                 "--model-config", str(config)])
+    assert code == 0
+    workspace = Workspace(tmp_path / "ws")
+    assert workspace.manifest["model"]["file"] == "model/model.pt2"
+    images = torch.full((2, 3, 8, 8), 0.75)
+    torch.testing.assert_close(workspace.load_model()(images), network((images - 0.5) / 0.25))

@@ -122,7 +122,14 @@ class NormalizedModel(nn.Module):
 
     def train(self, mode: bool = True) -> NormalizedModel:
         # Always evaluated, never trained: batch-norm statistics and dropout must not change results.
-        return super().train(False)
+        self.training = False
+        try:
+            self.model.train(False)
+        except NotImplementedError:
+            # torch.export programs cannot switch modes: they run as traced, which is eval mode for a
+            # model exported for inference.
+            pass
+        return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` in ``[0, 1]`` → the model's normalized input."""

@@ -129,8 +129,10 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
                             "dim": int(embeddings.shape[1])}
     if model_entry is not None and model_entry["kind"] == "torchscript":
         source = Path(model_entry.pop("source_file"))
-        storage.atomic_write(root / "model/model.pt", lambda tmp: shutil.copyfile(source, tmp))
-        model_entry["file"] = "model/model.pt"
+        # Keep the suffix: it tells the loader whether the copy is TorchScript (.pt) or torch.export (.pt2).
+        copied = f"model/model{source.suffix or '.pt'}"
+        storage.atomic_write(root / copied, lambda tmp: shutil.copyfile(source, tmp))
+        model_entry["file"] = copied
         model_entry["source"] = str(source.resolve())
     if model_entry is not None:
         model_entry["config"] = model_config.to_dict()
