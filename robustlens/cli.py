@@ -223,6 +223,10 @@ def _cmd_serve(args) -> int:
                "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
                "--server.fileWatcherType", "none"]
     print(f"robustlens dashboard on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    if os.name == "posix":
+        # Become the server process, so a signal sent to `robustlens serve` (Ctrl+C, a supervisor's
+        # SIGTERM) reaches Streamlit itself instead of orphaning it.
+        os.execve(sys.executable, command, env)
     try:
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:

@@ -185,3 +185,17 @@ def test_torch_export_model_is_copied_and_reloaded(image_folder, tmp_path):
     assert workspace.manifest["model"]["file"] == "model/model.pt2"
     images = torch.full((2, 3, 8, 8), 0.75)
     torch.testing.assert_close(workspace.load_model()(images), network((images - 0.5) / 0.25))
+
+
+def test_serve_stops_when_signalled(sample_workspace):
+    """SIGTERM to `robustlens serve` must stop the server itself, not orphan it."""
+    import socket
+    import urllib.parse
+
+    from tests.browser import served
+
+    with served(sample_workspace) as url:
+        port = urllib.parse.urlparse(url).port
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "the dashboard server still listens after terminate()"
