@@ -23,7 +23,9 @@ $(SAMPLE_WS)/workspace.json: $(STAMP) sample_data/labels.csv sample_data/predict
 	$(VENV)/bin/robustlens init $(SAMPLE_WS) --force --data sample_data --labels sample_data/labels.csv \
 		--predictions cnn=sample_data/predictions.csv --model sample_data/model.pt --model-config sample_data/model.json
 
+# analyze is incremental: a re-run only recomputes what changed, so it runs on every demo.
 sample-workspace: $(SAMPLE_WS)/workspace.json
+	$(VENV)/bin/robustlens analyze $(SAMPLE_WS)
 
 demo: sample-workspace
 	$(VENV)/bin/robustlens serve $(SAMPLE_WS) --host $(HOST) --port $(PORT)
@@ -39,7 +41,10 @@ test: setup browser
 	$(PY) -m pytest
 
 bench: setup
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_analyze.py --dataset sample
+	$(PY) benchmarks/bench_dashboard.py
 
 clean:
 	rm -rf $(VENV) workspaces .pytest_cache
