@@ -13,6 +13,7 @@ from pathlib import Path
 
 from robustlens import __version__
 from robustlens.commands import export as export_command
+from robustlens.commands import robustness as robustness_command
 from robustlens.errors import NotAWorkspaceError, RobustlensError, ValidationError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub)
     _add_info(sub)
     _add_analyze(sub)
+    robustness_command.add_parser(sub)
     export_command.add_parser(sub)
     _add_serve(sub)
     return parser

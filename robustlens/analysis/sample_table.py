@@ -71,6 +71,8 @@ JOINS: tuple[ArtifactJoin, ...] = (
     ArtifactJoin("duplicates", "dup."),
     ArtifactJoin("outliers", "outlier."),
     ArtifactJoin("projection", "map."),
+    # Written by `robustlens robustness`; its columns already carry the `rob_` prefix.
+    ArtifactJoin("robustness_samples", ""),
 )
 #: Issue-matrix columns that summarise all issue types and keep their own names.
 ISSUE_SUMMARY_COLUMNS = ("issue_count", "max_severity")
@@ -203,6 +205,8 @@ def display_name(column: str) -> str:
         return "map " + column.removeprefix("map.")
     if column.startswith("meta."):
         return column.removeprefix("meta.")
+    if column.startswith("rob_"):
+        return "robustness: " + column.removeprefix("rob_").replace("_", " ")
     return column.replace("_", " ")
 
 

@@ -32,6 +32,7 @@ ROUTES = (
     Route("review", "Label review", ":material/rule:"),
     Route("duplicates", "Duplicates & leakage", ":material/content_copy:"),
     Route("performance", "Model performance", ":material/monitoring:"),
+    Route("robustness", "Robustness", ":material/shield:"),
     Route("collections", "Tags & collections", ":material/collections_bookmark:"),
     Route("export", "Export", ":material/download:"),
 )

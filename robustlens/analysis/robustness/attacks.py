@@ -62,6 +62,8 @@ from ._common import (
 
 #: Slack on the ε-ball membership test of an adversarial example (float rounding).
 BUDGET_TOL = 1e-5
+#: DeepFool stops on a sample once its label's logit trails by more than this (relative to 1 + max |logit|).
+FLIP_TOL = 1e-4
 
 
 # ------------------------------------------------------------------------------------- internals
@@ -246,7 +248,7 @@ def deepfool(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor 
     reaches the nearest linearized boundary between ``labels`` and another candidate class:
     ``r = (|f_l| + 1e-4)/‖w_l‖² · w_l``; the total ``r_tot`` is applied as
     ``x_adv = clip(x + (1 + overshoot)·r_tot, 0, 1)`` and the loop stops per sample once
-    ``argmax model(x_adv) != label``.
+    ``argmax model(x_adv) != label`` by a margin beyond float rounding (:data:`FLIP_TOL`).
 
     Parameters
     ----------
@@ -288,7 +290,9 @@ def deepfool(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor 
             if idx.numel() == 0:
                 break
             logits, grads = _class_grads(model, adv[idx], classes[idx])
-            still = logits.argmax(dim=1) == y[idx]
+            # Stop only once the label trails by more than float rounding: with box clipping the last step can
+            # land *on* the boundary, where the predicted class flips with the batch the point is evaluated in.
+            still = _margin(logits, y[idx]) > -FLIP_TOL * (1 + logits.abs().amax(dim=1))
             active[idx[~still]] = False
             idx, logits, grads = idx[still], logits[still], grads[still]
             if idx.numel() == 0 or it == max_iter:

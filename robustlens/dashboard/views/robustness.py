@@ -114,12 +114,12 @@ def _headline(report: dict) -> None:
     linf = report.get("attacks", {}).get("linf")
     if linf:
         index = int(np.argmin(np.abs(np.array(linf["eps"]) - linf["reference_eps"])))
-        cols[2].metric(f"Robust accuracy (L∞ {linf['reference_eps'] * 255:.3g}/255)",
+        cols[2].metric(f"Robust acc. L∞ {linf['reference_eps'] * 255:.3g}/255",
                        _pct(linf["worst_case_robust_accuracy"][index]), help="Worst case over every L∞ attack")
     else:
         cols[2].metric("Robust accuracy", "—", help="No L∞ attack was run")
     certified = report.get("certified")
-    cols[3].metric(f"Certified (r = {certified['reference_radius']:.3g})" if certified else "Certified accuracy",
+    cols[3].metric(f"Certified acc. r = {certified['reference_radius']:.3g}" if certified else "Certified accuracy",
                    _pct(certified["certified_accuracy_at_reference"]) if certified else "—",
                    help="Randomized smoothing (Cohen et al.), L2 radius in pixel units")
     fragile = report.get("fragile", {})
@@ -272,15 +272,16 @@ def _example_viewer(report: dict) -> None:
     versions = [("Clean", clean, arrays["clean_pred"][index], ""),
                 ("Corrupted", corrupted, arrays["corrupted_pred"][index],
                  f"{arrays['corruption'][index]}, severity {arrays['severity'][index]}"),
-                ("Adversarial", adversarial, arrays["adversarial_pred"][index], f"{arrays['attack'][index]}, {norm_text}")]
+                ("Adversarial", adversarial, arrays["adversarial_pred"][index],
+                 f"{arrays['attack'][index]}, {norm_text}")]
     st.markdown(f"**{arrays['ids'][index]}** — label **{label}**")
     columns = st.columns(4)
     for column, (title, image, prediction, how) in zip(columns, versions, strict=False):
         predicted = classes[int(prediction)]
-        mark = "✅" if predicted == label else "❌"
-        column.image(_upscale(image), caption=f"{title}: predicted {predicted} {mark}" + (f" ({how})" if how else ""),
-                     clamp=True)
-    delta = adversarial - clean
+        verdict = "correct" if predicted == label else "wrong"
+        caption = f"{title}: predicted {predicted} ({verdict})" + (f" — {how}" if how else "")
+        column.image(_upscale(image), caption=caption, clamp=True, width=DISPLAY_PIXELS)
+    delta = arrays["perturbation"][index].astype(np.float32) if "perturbation" in arrays else adversarial - clean
     l2, linf = float(np.sqrt((delta.astype(np.float64) ** 2).sum())), float(np.abs(delta).max())
     with columns[3]:
         st.plotly_chart(_perturbation_figure(delta, "Adversarial perturbation"), key="rob.delta")
