@@ -106,7 +106,7 @@ def _describe(workspace) -> str:
              f"  samples     {info['num_samples']:,} ingested, {info['num_skipped']:,} skipped",
              f"  classes     {len(info['classes'])}: {', '.join(info['classes'][:12])}"
              + (" …" if len(info['classes']) > 12 else ""),
-             f"  splits      " + ", ".join(f"{k} {v:,}" for k, v in info["split_counts"].items())]
+             "  splits      " + ", ".join(f"{k} {v:,}" for k, v in info["split_counts"].items())]
     if info["metadata_columns"]:
         lines.append(f"  metadata    {', '.join(info['metadata_columns'])}")
     for name, entry in info["prediction_sets"].items():

@@ -21,6 +21,7 @@ import pandas as pd
 
 from robustlens.analysis import storage
 from robustlens.analysis.workspace import Workspace
+from robustlens.errors import WorkspaceError
 
 
 @dataclass
@@ -145,6 +146,23 @@ def is_current(context: StageContext, name: str, *, config, inputs: str) -> bool
     entry = json.loads(index_path.read_text()).get(name)
     return (entry is not None and entry.get("config_hash") == config_hash(config) and entry.get("inputs") == inputs
             and any(context.workspace.artifact_path(name + suffix).exists() for suffix in (".parquet", ".npy", ".json")))
+
+
+def load_sample_array(context: StageContext, name: str, *, ndim: int, producer: str) -> np.ndarray:
+    """``artifacts/<name>.npy``, one row per sample, written by stage ``producer``.
+
+    Raises :class:`WorkspaceError` saying which stage to run when it is missing or does not match the
+    samples (``ndim`` dimensions, first one = number of samples).
+    """
+    path = context.workspace.artifact_path(f"{name}.npy")
+    if not path.exists():
+        raise WorkspaceError(f"{path} does not exist; run the '{producer}' stage first")
+    array = np.load(path, allow_pickle=False)
+    count = len(context.workspace.samples)
+    if array.ndim != ndim or array.shape[0] != count:
+        raise WorkspaceError(f"{path} has shape {array.shape}, expected {ndim} dimensions with {count} rows; "
+                             f"re-run the '{producer}' stage")
+    return array
 
 
 def read_artifact(workspace: Workspace, name: str) -> pd.DataFrame | None:

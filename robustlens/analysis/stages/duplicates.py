@@ -49,7 +49,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from robustlens.analysis.ingest.dataset import UNSPECIFIED_SPLIT
-from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, read_artifact, write_artifact
+from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, load_sample_array, read_artifact,
+                                             write_artifact)
 from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
 from robustlens.errors import WorkspaceError
 
@@ -112,7 +113,7 @@ def run(context: StageContext, config: Config) -> dict:
     samples = workspace.samples
     prints = load_fingerprints(context)
     embeddings, embeddings_fp = load_embeddings(context)
-    thumbnails = load_thumbnails(context)
+    thumbnails = load_sample_array(context, "thumbnails", ndim=3, producer="embeddings")
     inputs = fingerprint(samples["id"], samples["split"], prints, embeddings_fp, fingerprint(thumbnails),
                          context.random_state)
     if all(is_current(context, name, config=config, inputs=inputs)
@@ -162,18 +163,6 @@ def load_fingerprints(context: StageContext) -> pd.DataFrame:
         raise WorkspaceError(f"fingerprints.parquet has no row for {int(aligned['pixel_hash'].isna().sum())} "
                              f"samples (e.g. {missing}); re-run the 'metrics' stage")
     return aligned.reset_index()
-
-
-def load_thumbnails(context: StageContext) -> np.ndarray:
-    """``(N, 32, 32)`` uint8 thumbnails written by the embeddings stage."""
-    path = context.workspace.artifact_path("thumbnails.npy")
-    if not path.exists():
-        raise WorkspaceError(f"{path} does not exist; run the 'embeddings' stage first")
-    thumbnails = np.load(path, allow_pickle=False)
-    if thumbnails.ndim != 3 or thumbnails.shape[0] != len(context.workspace.samples):
-        raise WorkspaceError(f"{path} has shape {thumbnails.shape}, expected ({len(context.workspace.samples)}, H, W);"
-                             " re-run the 'embeddings' stage")
-    return thumbnails
 
 
 def phash_values(column: pd.Series) -> np.ndarray:

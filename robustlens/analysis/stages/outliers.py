@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, read_artifact, write_artifact
+from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, load_sample_array, read_artifact,
+                                             write_artifact)
 from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
-from robustlens.errors import WorkspaceError
 
 STAGE = "outliers"
 FLAG_COLUMNS = ["id", "issue", "severity", "explanation"]
@@ -70,7 +70,7 @@ def run(context: StageContext, config: Config) -> dict:
     workspace = context.workspace
     samples = workspace.samples
     embeddings, embeddings_fp = load_embeddings(context)
-    visual = load_visual_features(context)
+    visual = load_sample_array(context, "visual_features", ndim=2, producer="embeddings")
     inputs = fingerprint(samples["id"], embeddings_fp, fingerprint(visual), context.random_state)
     if is_current(context, "outliers", config=config, inputs=inputs) and \
             is_current(context, "flags_outliers", config=config, inputs=inputs):
@@ -101,18 +101,6 @@ def run(context: StageContext, config: Config) -> dict:
     return {"skipped": False, "outliers": int(flagged.sum()), "samples": n,
             "semantic": int((flagged & (z_semantic >= z_visual)).sum()),
             "visual": int((flagged & (z_visual > z_semantic)).sum())}
-
-
-def load_visual_features(context: StageContext) -> np.ndarray:
-    """``(N, d)`` pixel-descriptor PCA scores written by the embeddings stage."""
-    path = context.workspace.artifact_path("visual_features.npy")
-    if not path.exists():
-        raise WorkspaceError(f"{path} does not exist; run the 'embeddings' stage first")
-    visual = np.load(path, allow_pickle=False)
-    if visual.ndim != 2 or visual.shape[0] != len(context.workspace.samples):
-        raise WorkspaceError(f"{path} has shape {visual.shape} for {len(context.workspace.samples)} samples; "
-                             "re-run the 'embeddings' stage")
-    return visual
 
 
 def reference_distances(vectors: np.ndarray, k: int, *, max_reference: int, random_state: int) -> np.ndarray:
