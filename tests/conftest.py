@@ -77,3 +77,15 @@ def sample_workspace(tmp_path_factory) -> Path:
                           progress=False)
     init_workspace(root, options)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Streamlit's script runner (AppTest) installs the page script as ``sys.modules['__main__']`` and
+    leaves it there; a later ``multiprocessing`` spawn would then re-run that script in its children."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
