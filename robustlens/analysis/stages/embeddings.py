@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +47,7 @@ from torch import nn
 
 from robustlens.analysis import fallback_features, storage
 from robustlens.analysis.ingest.model import NormalizedModel, prepare_images
-from robustlens.analysis.loader import iter_decoded
+from robustlens.analysis.loader import compute_threads, iter_decoded, torch_threads
 from robustlens.analysis.stages.base import (HashCache, StageContext, cache_for, fingerprint, is_current,
                                              record_artifact)
 from robustlens.errors import WorkspaceError
@@ -338,27 +336,6 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     if model_cache is not None:
         model_cache.compact(keep_hashes=keep)
     return int(len(todo))
-
-
-def compute_threads() -> int:
-    """Torch threads while images are decoded concurrently: one core is left to the decoder threads.
-
-    Measured on the project's 2-core machine: with 2 torch threads competing with the decoding threads,
-    the sample CNN ran at ~290 µs/image and the pixel descriptor at ~220 µs/image; with 1 thread at
-    ~37 and ~48 µs/image (OpenMP workers spin-waiting for a busy core).
-    """
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, restoring the previous setting after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def prefetched(batches: Iterator, depth: int = 1) -> Iterator:

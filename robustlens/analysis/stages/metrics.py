@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from robustlens.analysis.loader import iter_decoded
+from robustlens.analysis.loader import compute_threads, iter_decoded, torch_threads
 from robustlens.analysis.builtin_metrics import luminance
 from robustlens.analysis.metric_registry import (BUILTIN_MODULE, Metric, MetricRegistryError, available_metrics,
                                                  get_metric, import_plugins)
@@ -118,12 +118,13 @@ def run(context: StageContext, config: Config) -> dict:
 
     device = torch.device(context.device)
     paths = samples["path"].tolist()
-    for indices, pixels in iter_decoded(workspace.dataset_root, paths, todo, batch_size=config.batch_size,
-                                        workers=context.workers, progress=context.progress,
-                                        desc="Metrics"):
-        frame = measure_batch(pixels, pixel_metrics, device)
-        frame.insert(0, "content_hash", hashes[indices])
-        cache.add(frame)
+    with torch_threads(compute_threads()):
+        for indices, pixels in iter_decoded(workspace.dataset_root, paths, todo, batch_size=config.batch_size,
+                                            workers=context.workers, progress=context.progress,
+                                            desc="Metrics"):
+            frame = measure_batch(pixels, pixel_metrics, device)
+            frame.insert(0, "content_hash", hashes[indices])
+            cache.add(frame)
 
     results = cache.load().set_index("content_hash").reindex(hashes)
     missing = results["pixel_hash"].isna().to_numpy()
