@@ -55,8 +55,7 @@ def show_notices() -> None:
 
 
 def _user_box() -> None:
-    if st.session_state.get(state.USER_INPUT, "") != (state.user() or ""):
-        st.session_state[state.USER_INPUT] = state.user() or ""
+    hold_widget_value(state.USER_INPUT, state.user() or "")
     st.sidebar.text_input("Your name", key=state.USER_INPUT, placeholder="who tags and reviews",
                           help="Tags, collections and review decisions are recorded under this name.",
                           on_change=lambda: state.set_user(st.session_state[state.USER_INPUT]))
@@ -75,6 +74,21 @@ def analysis_missing(what: str) -> None:
     workspace = data.workspace_path()
     st.info(f"No {what} yet. Run `robustlens analyze {workspace}` to compute it, then reload this page.",
             icon=":material/info:")
+
+
+def hold_widget_value(key: str, value: object) -> None:
+    """Give the keyed widget ``key`` the value ``value``, and make this run send it to the browser.
+
+    Call it before the widget is created, on every run, for a widget whose value the code owns (the filter
+    widgets follow the session's filter, the name box the session's user). Streamlit sends a value set by
+    code to the browser only in the run that set it; a browser that has not yet shown the widget from that
+    run (its component is still loading, or the user acted first) then builds it from a later run with its
+    *default* value. Server and browser disagree from then on, and the browser's empty value wins on the
+    next interaction: the filter from a shared link was silently dropped that way. Setting the value again
+    on every run sends it every time; the browser shows it whenever the widget appears. Restating an
+    unchanged value does not disturb typing in a text box (a box being edited keeps its text).
+    """
+    st.session_state[key] = value
 
 
 def done(message: str) -> None:
@@ -131,7 +145,8 @@ def filter_panel(table: pd.DataFrame) -> FilterSpec:
                        placeholder="choose metrics or scores")
         for column in st.session_state.get(W + "range_cols", []):
             low, high, integer = bounds[column]
-            st.session_state.setdefault(W + "range." + column, (_bound(low, integer), _bound(high, integer)))
+            key = W + "range." + column
+            hold_widget_value(key, st.session_state.get(key, (_bound(low, integer), _bound(high, integer))))
             st.slider(display_name(column), min_value=_bound(low, integer), max_value=_bound(high, integer),
                       key=W + "range." + column, step=1 if integer else _step(low, high))
     sort_options = [NO_SORT, *bounds, "label"]
@@ -166,7 +181,11 @@ def _round(value: float) -> float:
 
 
 def _seed_widgets(table: pd.DataFrame, spec: FilterSpec, *, force: bool) -> None:
-    """Put ``spec`` into the widgets that are missing (or all of them when ``force``)."""
+    """Put ``spec`` into the widgets that are missing (or all of them when ``force``); restate the others.
+
+    Every filter widget's value is set on every run (:func:`hold_widget_value`), so the browser shows the
+    session's filter even when it first draws a widget after a later run than the one that seeded it.
+    """
     classes = set(table["label"].cat.categories)
     sets = prediction_sets(table)
     bounds = data.column_bounds()
@@ -203,8 +222,9 @@ def _seed_widgets(table: pd.DataFrame, spec: FilterSpec, *, force: bool) -> None
         for key in [k for k in st.session_state if str(k).startswith(W + "range.")]:
             del st.session_state[key]
     for name, value in values.items():
-        if force or W + name not in st.session_state:
-            st.session_state[W + name] = value
+        key = W + name
+        # Seeded from the spec when missing or asked; otherwise the widget keeps what the user chose.
+        hold_widget_value(key, value if force or key not in st.session_state else st.session_state[key])
 
 
 def _spec_from_widgets(table: pd.DataFrame, previous: FilterSpec, bounds: dict) -> FilterSpec:
