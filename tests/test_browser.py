@@ -192,7 +192,10 @@ def test_review_a_label_issue_with_the_keyboard(page, server, workspace):
     decided = {d["sample_id"] for d in store.decisions()}
     first = next(sample for sample in queue if sample not in decided)
     wait_text(page, first)
+    keep = page.get_by_role("button", name=re.compile("Keep label"))
+    expect(keep).to_be_enabled(timeout=TIMEOUT)  # the shortcut belongs to the mounted, enabled button
     page.get_by_role("heading", name="Label review").click()  # focus off the text field, so keys are shortcuts
+    wait_for_app_idle(page)
     page.keyboard.press("k")
     wait_text(page, f"Saved: {first} kept the label.")
     latest = {d["sample_id"]: d for d in store.decisions()}
