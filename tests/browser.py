@@ -10,7 +10,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from pathlib import Path
+
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
@@ -61,10 +64,12 @@ def served(workspace: Path, timeout: float = 90.0):
 
 
 def wait_for_app_idle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until Streamlit is connected and has finished running the script.
+    """Wait until Streamlit is connected and no script run is going in the browser's view.
 
     Reads the state attributes Streamlit's own end-to-end tests use (``data-test-script-state`` on the
-    app root), and as a fallback the absence of the 'Running…' status widget.
+    app root), and as a fallback the absence of the 'Running…' status widget. This says nothing about a
+    rerun that was requested but has not started yet (right after a click, it is already true): to wait
+    for the effect of an action, use :meth:`ScriptRuns.expect_run`.
     """
     page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
     page.wait_for_function(
@@ -78,3 +83,100 @@ def wait_for_app_idle(page, timeout_ms: int = 60_000) -> None:
             return !status || !status.innerText.includes('Running');
         }""",
         timeout=timeout_ms)
+
+
+@contextlib.contextmanager
+def holding_requests(page, url_pattern):
+    """Hold back the page's requests for ``url_pattern`` inside the block; they go through on leaving it.
+
+    A slow network or a busy machine for one resource (a component's script), made deterministic. Yields
+    the list of held requests, so a test can check that the pattern still matches something.
+    """
+    held = []
+    releasing = False
+
+    def hold(route) -> None:
+        if releasing:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(url_pattern, hold)
+    try:
+        yield held
+    finally:
+        releasing = True
+        for route in held:
+            route.continue_()
+        page.unroute(url_pattern, hold)
+
+
+class ScriptRuns:
+    """Counts the script runs the server finished for one page, read from the page's Streamlit websocket.
+
+    The ``data-test-script-state`` attribute says whether a run is going *now*; right after a click or a key
+    press it still says ``notRunning``, because the rerun the action requested has not reached the browser
+    yet. Waiting on it then returns at once, before the action has had any effect. The server's
+    ``script_finished`` messages are counted here instead: an action's rerun is over when the count has
+    gone past its value from before the action. Runs cut short for another run (``st.rerun()``,
+    ``st.switch_page``, a newer action) do not count: the run that replaces them does.
+    """
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.completed = 0
+        self._socket = None
+        page.on("websocket", self._watch)
+
+    def _watch(self, socket) -> None:
+        if socket.url.endswith("/_stcore/stream"):
+            self._socket = socket
+            socket.on("framereceived", self._count)
+
+    def _count(self, payload) -> None:
+        if _ends_a_run(payload):
+            self.completed += 1
+
+    def wait_for(self, count: int, timeout_ms: int = 60_000) -> None:
+        """Wait until ``count`` runs have finished (then let the browser finish drawing the last one)."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while self.completed < count:
+            remaining_ms = (deadline - time.monotonic()) * 1000
+            if remaining_ms <= 0:
+                raise TimeoutError(f"{self.completed} script run(s) finished, waited for {count}")
+            if self._socket is None or self._socket.is_closed():
+                self.page.wait_for_event("websocket", timeout=remaining_ms)
+            else:  # returns on the next run's end; _count has seen that frame by then, the loop checks again
+                self._socket.wait_for_event("framereceived", predicate=_ends_a_run, timeout=remaining_ms)
+        wait_for_app_idle(self.page, timeout_ms=max(int((deadline - time.monotonic()) * 1000), 1_000))
+
+    @contextlib.contextmanager
+    def expect_run(self, timeout_ms: int = 60_000):
+        """Wait, on leaving the block, for the run that the block's action started to finish and be drawn."""
+        before = self.completed
+        yield
+        self.wait_for(before + 1, timeout_ms)
+
+
+def _ends_a_run(payload: str | bytes) -> bool:
+    """Whether a websocket frame from the server is the end of a script run that was not cut short."""
+    if isinstance(payload, str):
+        return False
+    message = ForwardMsg()
+    message.ParseFromString(payload)
+    return (message.WhichOneof("type") == "script_finished"
+            and message.script_finished != ForwardMsg.FINISHED_EARLY_FOR_RERUN)
+
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def watch_script_runs(page) -> ScriptRuns:
+    """Start counting ``page``'s script runs; call it before the page opens the app."""
+    _RUNS[page] = ScriptRuns(page)
+    return _RUNS[page]
+
+
+def script_runs(page) -> ScriptRuns:
+    """The counter :func:`watch_script_runs` attached to ``page``."""
+    return _RUNS[page]

@@ -2,6 +2,8 @@
 
 One analysed workspace is served for the module; each test opens its page fresh (a new browser session),
 waits for Streamlit to finish running, acts, and checks the result on screen and in the curation database.
+An action that reruns the script is wrapped in ``script_runs(page).expect_run()``, which waits for the run
+the action started (not merely for "no run going", which is still true right after the action).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from playwright.sync_api import expect
 from robustlens.analysis.filters import FilterSpec, filter_ids
 from robustlens.analysis.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
-from tests.browser import CHROMIUM_ARGS, chromium_path, served, wait_for_app_idle
+from tests.browser import (CHROMIUM_ARGS, chromium_path, holding_requests, script_runs, served, wait_for_app_idle,
+                           watch_script_runs)
 from tests.dashboard_fixtures import analysed_template, copy_workspace  # noqa: F401  (fixture)
 
 TIMEOUT = 60_000
+#: The script of Streamlit's multiselect component (loaded on demand, the first time one is drawn).
+MULTISELECT_SCRIPT = re.compile(r"/static/js/Multiselect\.[\w-]+\.js$")
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +52,23 @@ def server(workspace):
 def page(browser, server, tmp_path):
     context = browser.new_context(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
     page = context.new_page()
+    watch_script_runs(page)
     yield page
     page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
     context.close()
 
 
 def open_page(page, url: str, heading: str) -> None:
-    page.goto(url, wait_until="domcontentloaded")
+    with script_runs(page).expect_run(TIMEOUT):
+        page.goto(url, wait_until="domcontentloaded")
     page.get_by_role("heading", name=heading).wait_for(timeout=TIMEOUT)
-    wait_for_app_idle(page)
 
 
 def sign_in(page, name: str) -> None:
     field = page.locator("[data-testid='stSidebar']").get_by_role("textbox", name="Your name")
     field.fill(name)
-    field.press("Enter")
-    wait_for_app_idle(page)
+    with script_runs(page).expect_run(TIMEOUT):
+        field.press("Enter")
 
 
 def wait_text(page, text) -> None:
@@ -85,15 +91,14 @@ def no_exceptions(page) -> None:
 
 def test_overview_shows_counts_and_issue_examples(page, server):
     open_page(page, server, "Overview")
-    texts = page.locator("[data-testid='stMetric']").all_inner_texts()
-    assert any("Samples" in t and "2,000" in t for t in texts), texts
-    assert any("Accuracy (cnn)" in t and "91.8%" in t for t in texts), texts
-    images = page.locator("[data-testid='stImage'] img")
-    images.nth(5).wait_for(timeout=TIMEOUT)
-    loaded = page.evaluate("() => [...document.querySelectorAll(\"[data-testid='stImage'] img\")]"
-                           ".filter(i => i.complete && i.naturalWidth > 0).length")
-    assert loaded >= 6
-    assert page.get_by_role("link", name="Open in explorer").count() >= 5
+    # Metrics, images and page links are drawn by components the browser loads on demand, after the run has
+    # ended: wait for each to show what it must, rather than reading the page once.
+    metrics = page.locator("[data-testid='stMetric']")
+    expect(metrics.filter(has_text=re.compile(r"^Samples\s*2,000$"))).to_have_count(1, timeout=TIMEOUT)
+    expect(metrics.filter(has_text=re.compile(r"Accuracy \(cnn\)\s*91\.8%"))).to_have_count(1, timeout=TIMEOUT)
+    page.wait_for_function("() => [...document.querySelectorAll(\"[data-testid='stImage'] img\")]"
+                           ".filter(i => i.complete && i.naturalWidth > 0).length >= 6", timeout=TIMEOUT)
+    expect(page.get_by_role("link", name="Open in explorer").nth(4)).to_be_visible(timeout=TIMEOUT)
     no_exceptions(page)
 
 
@@ -106,7 +111,8 @@ def test_a_shared_filter_url_then_filtering_in_the_sidebar(page, server, workspa
     assert len(captions) == min(48, len(expected)) and all(c.startswith("coat → ") for c in captions), captions
     search = page.get_by_label("Search id or path")
     search.fill("test_00")
-    search.press("Enter")
+    with script_runs(page).expect_run(TIMEOUT):
+        search.press("Enter")
     narrowed = filter_ids(table, FilterSpec(labels=["coat"], correctness="incorrect", text="test_00"))
     wait_text(page, f"{len(narrowed):,} of 2,000 samples")
     assert "q=test_00" in page.url and "label=coat" in page.url
@@ -126,14 +132,16 @@ def test_lasso_on_the_map_then_tag_in_one_action(page, server, workspace):
     page.mouse.down()
     for x, y in outline[1:]:
         page.mouse.move(x, y, steps=8)
-    page.mouse.up()
+    with script_runs(page).expect_run(TIMEOUT):
+        page.mouse.up()
     selected = page.get_by_text(re.compile(r"[\d,]+ samples selected"))
     selected.wait_for(timeout=TIMEOUT)
     wait_for_app_idle(page)
     count = int(re.search(r"([\d,]+) samples selected", selected.inner_text()).group(1).replace(",", ""))
     assert 10 < count < 2000
     page.get_by_label("Tag the selected samples").fill("lasso-region")
-    page.get_by_role("button", name=f"Tag {count:,} samples").click()
+    with script_runs(page).expect_run(TIMEOUT):
+        page.get_by_role("button", name=f"Tag {count:,} samples").click()
     wait_text(page, f"Tagged {count:,} sample(s) 'lasso-region'")
     store = Workspace(workspace).curation()
     tagged = store.samples_with_tag("lasso-region")
@@ -145,17 +153,21 @@ def test_lasso_on_the_map_then_tag_in_one_action(page, server, workspace):
 def test_clicking_a_confusion_cell_opens_its_samples(page, server, workspace):
     table = load_sample_table(Workspace(workspace))
     open_page(page, f"{server}/performance", "Model performance")
-    cells = page.locator("[data-testid='stPlotlyChart'] .nsewdrag").first
+    # The first prediction set's confusion matrix, by its key (perf.cm.<set>.<generation>): the page has
+    # several plotly charts, drawn in whatever order their plotly instances finish.
+    chart = page.locator("[class*='st-key-perf-cm-cnn-'] [data-testid='stPlotlyChart']")
+    cells = chart.locator(".nsewdrag").first
     cells.wait_for(timeout=TIMEOUT)
     box = cells.bounding_box()
     classes = list(table["label"].cat.categories)
     given, predicted = classes.index("shirt"), classes.index("tshirt_top")
-    x = box["x"] + box["width"] * (predicted + 0.5) / len(classes)
-    y = box["y"] + box["height"] * (given + 0.5) / len(classes)
-    page.mouse.move(x, y)
+    cell = {"x": box["width"] * (predicted + 0.5) / len(classes), "y": box["height"] * (given + 0.5) / len(classes)}
+    cells.hover(position=cell, timeout=TIMEOUT)
     # The cell's hover label shows once plotly is interactive; one click then selects it (a second would deselect).
-    page.locator("[data-testid='stPlotlyChart'] .hoverlayer .hovertext").first.wait_for(timeout=TIMEOUT)
-    page.mouse.click(x, y)
+    chart.locator(".hoverlayer .hovertext").filter(has_text=re.compile("given shirt.*predicted tshirt_top")).wait_for(
+        timeout=TIMEOUT)
+    with script_runs(page).expect_run(TIMEOUT):
+        cells.click(position=cell, timeout=TIMEOUT)
     page.get_by_role("heading", name="Explorer").wait_for(timeout=TIMEOUT)
     expected = filter_ids(table, FilterSpec(labels=["shirt"], predicted=["tshirt_top"]))
     wait_text(page, f"{len(expected):,} of 2,000 samples")
@@ -164,14 +176,21 @@ def test_clicking_a_confusion_cell_opens_its_samples(page, server, workspace):
 
 
 def test_create_a_collection_from_the_current_filter(page, server, workspace):
-    open_page(page, f"{server}/collections?label=sandal&issue=dark", "Tags & collections")
-    sign_in(page, "curator")
+    # The sidebar's multiselects (label, issues) are drawn only once their component's script has loaded. Hold
+    # it back until the user has signed in, as on a slow machine: the sign-in rerun then comes before the
+    # browser has shown the link's filter, which used to lose that filter for good.
+    with holding_requests(page, MULTISELECT_SCRIPT) as held:
+        open_page(page, f"{server}/collections?label=sandal&issue=dark", "Tags & collections")
+        sign_in(page, "curator")
+    assert held, f"no request matched {MULTISELECT_SCRIPT.pattern}: Streamlit renamed its multiselect script?"
     wait_text(page, "the current filter (")
-    expect(page.locator("[data-testid='stSidebar']")).to_contain_text("sandal")  # the link's filter is applied
+    # the link's filter is applied (the sidebar's widgets appear once their components have loaded)
+    expect(page.locator("[data-testid='stSidebar']")).to_contain_text("sandal", timeout=TIMEOUT)
     page.get_by_role("textbox", name="New collection").fill("dark sandals")
     page.get_by_role("textbox", name="Description").fill("check the exposure")
     page.get_by_text("saved filter (re-evaluates)").click()
-    page.get_by_role("button", name="Create collection").click()
+    with script_runs(page).expect_run(TIMEOUT):
+        page.get_by_role("button", name="Create collection").click()
     wait_text(page, "Created collection 'dark sandals' (saved filter).")
     store = Workspace(workspace).curation()
     entry = store.collection("dark sandals")
