@@ -39,6 +39,17 @@ def run_page(render: Callable[[], None]) -> None:
                    "The full error is in the server log.")
 
 
+def filtered_positions_or_stop(table: pd.DataFrame, spec: FilterSpec):
+    """Row positions matching ``spec``; a filter that cannot be applied is explained, kept in the URL (so the
+    user can fix it in the sidebar) and ends the page run."""
+    try:
+        return data.filtered_positions(table, spec)
+    except FilterError as exc:
+        st.error(f"This filter cannot be applied: {exc}")
+        state.publish(spec)
+        st.stop()
+
+
 def start_page(title: str, caption: str | None = None) -> None:
     """Sidebar name box, queued messages, title: the first call of every page."""
     _user_box()

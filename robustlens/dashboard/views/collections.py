@@ -19,12 +19,7 @@ def render() -> None:
     _tags(store)
     _collections(table, store)
     st.subheader("New collection")
-    try:
-        positions = data.filtered_positions(table, spec)
-    except FilterError as exc:
-        st.error(f"The current filter cannot be applied: {exc}")
-        state.publish(spec)
-        return
+    positions = widgets.filtered_positions_or_stop(table, spec)
     chosen = state.selection()
     options = (["selection"] if chosen else []) + ["filter"]
     scope = st.radio("From", options, key="coll.scope", horizontal=True,

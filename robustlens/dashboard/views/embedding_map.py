@@ -16,7 +16,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from robustlens.analysis.filters import FilterError, FilterSpec, region_mask
+from robustlens.analysis.filters import FilterSpec, region_mask
 from robustlens.analysis.sample_table import display_name, issue_types, prediction_sets
 from robustlens.dashboard import data, state, widgets
 
@@ -35,12 +35,7 @@ def render() -> None:
         widgets.analysis_missing("embedding map (2-D projection of the image embeddings)")
         state.publish(spec)
         return
-    try:
-        context = data.filtered_positions(table, spec.replace(region=[], sort_by=None))
-    except FilterError as exc:
-        st.error(f"This filter cannot be applied: {exc}")
-        state.publish(spec)
-        return
+    context = widgets.filtered_positions_or_stop(table, spec.replace(region=[], sort_by=None))
     options = colour_options(table)
     if "map.colour" not in st.session_state and state.url_value("color") in options:
         st.session_state["map.colour"] = state.url_value("color")

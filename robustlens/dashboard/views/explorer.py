@@ -6,7 +6,6 @@ import math
 
 import streamlit as st
 
-from robustlens.analysis.filters import FilterError
 from robustlens.dashboard import data, state, widgets
 
 PAGE_SIZE = 48
@@ -21,12 +20,7 @@ def render() -> None:
     widgets.start_page("Explorer")
     table = data.table()
     spec = widgets.filter_panel(table)
-    try:
-        positions = data.filtered_positions(table, spec)
-    except FilterError as exc:
-        st.error(f"This filter cannot be applied: {exc}")
-        state.publish(spec)
-        return
+    positions = widgets.filtered_positions_or_stop(table, spec)
     _adopt_url_page_state()
     conditions = spec.describe()
     st.markdown(f"**{len(positions):,}** of {len(table):,} samples"
