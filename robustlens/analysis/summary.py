@@ -62,7 +62,7 @@ def summarize(workspace: Workspace) -> dict:
 
 def analysis_overview(workspace: Workspace) -> dict:
     """What the analysis found: issue counts, accuracy per prediction set, worst slices (when present)."""
-    from robustlens.analysis.stages.base import read_artifact
+    from robustlens.analysis.stages.base import artifact_entry, read_artifact
 
     samples = workspace.samples
     issues = read_artifact(workspace, "issues")
@@ -70,13 +70,7 @@ def analysis_overview(workspace: Workspace) -> dict:
                     {str(k): int(v) for k, v in issues.groupby("issue")["id"].nunique().sort_values(ascending=False).items()})
     worst = read_artifact(workspace, "worst_slices")
     worst_slices = [] if worst is None else worst.head(10).to_dict("records")
-    label_issues = workspace.artifact_path("index.json")
-    source = None
-    if label_issues.exists():
-        import json
-
-        entry = json.loads(label_issues.read_text()).get("label_issues", {})
-        source = entry.get("probability_source")
+    source = artifact_entry(workspace, "label_issues").get("probability_source")
     return {
         "num_samples": int(len(samples)),
         "issue_counts": issue_counts,

@@ -138,13 +138,21 @@ def record_artifact(context: StageContext, name: str, *, stage: str, config, inp
     storage.write_json(index_path, index)
 
 
+def artifact_entry(workspace: Workspace, name: str) -> dict:
+    """What ``artifacts/index.json`` records about artifact ``name`` (config, inputs, summary, …); ``{}`` if none.
+
+    Stages keep their summary there, so a run skipped because its artifacts are current can still report it.
+    """
+    index_path = workspace.artifact_path("index.json")
+    if not index_path.exists():
+        return {}
+    return json.loads(index_path.read_text(encoding="utf-8")).get(name) or {}
+
+
 def is_current(context: StageContext, name: str, *, config, inputs: str) -> bool:
     """Whether artifact ``name`` exists and was made from the same config and inputs."""
-    index_path = context.workspace.artifact_path("index.json")
-    if not index_path.exists():
-        return False
-    entry = json.loads(index_path.read_text()).get(name)
-    return (entry is not None and entry.get("config_hash") == config_hash(config) and entry.get("inputs") == inputs
+    entry = artifact_entry(context.workspace, name)
+    return (entry.get("config_hash") == config_hash(config) and entry.get("inputs") == inputs
             and any(context.workspace.artifact_path(name + suffix).exists() for suffix in (".parquet", ".npy", ".json")))
 
 

@@ -34,7 +34,6 @@ descriptor is fitted on the whole dataset, so adding images refits it over all c
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -48,7 +47,7 @@ from torch import nn
 from robustlens.analysis import fallback_features, storage
 from robustlens.analysis.ingest.model import NormalizedModel, prepare_images
 from robustlens.analysis.loader import compute_threads, iter_decoded, torch_threads
-from robustlens.analysis.stages.base import (HashCache, StageContext, cache_for, fingerprint, is_current,
+from robustlens.analysis.stages.base import (HashCache, StageContext, artifact_entry, cache_for, fingerprint, is_current,
                                              record_artifact)
 from robustlens.errors import WorkspaceError
 
@@ -102,7 +101,7 @@ def run(context: StageContext, config: Config) -> dict:
     identity, model = _source_identity(workspace, source, device=context.device)
     inputs = fingerprint(samples["id"], samples["content_hash"], identity, fallback_features.FEATURE_VERSION)
     if all(is_current(context, name, config=config, inputs=inputs) for name in OUTPUTS):
-        entry = _index_entry(context, ARTIFACT)
+        entry = artifact_entry(context.workspace, ARTIFACT)
         return {"skipped": True, "source": entry.get("source"), "layer": entry.get("layer"),
                 "dim": entry.get("dim"), "computed": 0, "samples": len(samples)}
 
@@ -538,11 +537,6 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
     keep = ~is_self
     return (indices[keep].reshape(-1, indices.shape[1] - 1)[:, :k],
             distances[keep].reshape(-1, indices.shape[1] - 1)[:, :k])
-
-
-def _index_entry(context: StageContext, name: str) -> dict:
-    path = context.workspace.artifact_path("index.json")
-    return json.loads(path.read_text()).get(name, {}) if path.exists() else {}
 
 
 def _validate_config(config: Config) -> None:

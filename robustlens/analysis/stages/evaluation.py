@@ -23,7 +23,6 @@ one float column per quality metric). Outputs, per prediction set ``<set>``:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from sklearn.feature_selection import mutual_info_classif
 from sklearn.metrics import precision_recall_fscore_support
 
 from robustlens.analysis import storage
-from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, read_artifact,
+from robustlens.analysis.stages.base import (StageContext, artifact_entry, fingerprint, is_current, read_artifact,
                                              record_artifact, write_artifact)
 
 STAGE = "evaluation"
@@ -118,15 +117,8 @@ def wilson_interval(successes, totals, z: float = 1.96) -> tuple[np.ndarray, np.
 
 
 def stored_summary(context: StageContext, name: str) -> dict | None:
-    """The ``summary`` recorded with artifact ``name`` in ``artifacts/index.json`` (``None`` if absent).
-
-    Stages keep their summary there so that a run skipped because its artifacts are current can still
-    report what they hold.
-    """
-    path = context.workspace.artifact_path("index.json")
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8")).get(name, {}).get("summary")
+    """The ``summary`` recorded with artifact ``name`` in ``artifacts/index.json`` (``None`` if absent)."""
+    return artifact_entry(context.workspace, name).get("summary")
 
 
 def aligned_metrics(workspace) -> pd.DataFrame | None:
