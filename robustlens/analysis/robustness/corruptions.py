@@ -35,8 +35,10 @@ contrast            0.75, 0.50, 0.40, 0.30, 0.15                factor towards t
 saturate*           (1.5,0) (2,0) (3,0) (5,0.1) (10,0.2)        HSV saturation → clip(s·a + b); CIFAR-10-C's
                                                                 levels 1–2 *de*-saturate (0.3, 0.1), which
                                                                 breaks monotonicity, so all levels saturate
-fog                 (0.2,3) (0.5,3) (0.75,2.5) (1,2) (1.5,1.75) (strength, wibble decay) of a 256² plasma
-                                                                fractal cropped to H×W, as CIFAR-10-C
+fog                 (0.2,3) (0.5,3) (0.75,2.5) (1,2) (1.5,1.75) (strength, wibble decay) of a plasma fractal
+                                                                of side the smallest power of two >= max(H, W),
+                                                                cropped to H×W (32² at 28–32 px, as CIFAR-10-C
+                                                                and imagecorruptions)
 pixelate*           0.90, 0.80, 0.70, 0.60, 0.45                exact box-downscale to ⌊s·H⌋×⌊s·W⌋ cells and
                                                                 box-upscale back (as PIL ``BOX``); CIFAR-10-C's
                                                                 0.95, 0.90, 0.85 (30, 28, 27 px at 32 px) differ
@@ -57,10 +59,18 @@ without colour); ``brightness`` on grayscale adds the constant to the pixel valu
 gray pixel is the pixel itself). ``jpeg_compression`` is a real codec round trip through Pillow
 (mode ``L`` or ``RGB``, Pillow's default 4:2:0 chroma subsampling, as CIFAR-10-C), one image at a
 time on the CPU; it includes 8-bit quantization and is deterministic.
+
+Implementation notes (for speed; results equal the direct computations up to float rounding): the
+blurs, pixelate and the smoothing of the elastic displacement field are linear filters that are
+separable or a sum of a few separable terms, applied as ``A @ x @ B^T`` with small per-axis matrices
+that include the border rule; brightness and saturate use closed forms of the HSV round trip;
+impulse noise draws only the hit positions (geometric gaps between hits), a sample with the same
+distribution as one uniform draw per value.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -109,26 +119,74 @@ CorruptionFn = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 # ------------------------------------------------------------------------------------- utilities
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor,
-             low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    """Uniform ``[low, high)`` tensor of ``shape`` drawn on the generator's device, returned like ``like``."""
-    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return (low + (high - low) * u).to(device=like.device, dtype=like.dtype)
-
-
 def _pad_mode(h: int, w: int, pad: int, preferred: str) -> str:
     """``preferred`` padding if the image is large enough for it, else ``"replicate"``."""
     return preferred if preferred != "reflect" or pad < min(h, w) else "replicate"
 
 
+# Linear filters as matrices. A filter that is separable (or a short sum of separable terms) maps an
+# image ``X`` (``H × W``) to ``Σ_r A_r @ X @ B_r^T``; folding the border rule (replicate / reflect
+# padding) into the ``H × H`` and ``W × W`` matrices gives exactly what padding + convolution gives, as
+# two dense matrix products per term, which on small images is far faster than a 1-channel conv2d.
+
+
+def _axis_filter_matrix(taps: torch.Tensor, n: int, pad_mode: str) -> torch.Tensor:
+    """``(n, n)`` float64 matrix of a 1-D cross-correlation with odd-length ``taps`` on ``n`` samples.
+
+    Row ``i`` gathers ``Σ_t taps[t] · v[src(i + t - r)]`` where ``r = len(taps) // 2`` and ``src``
+    maps padded positions back into ``0..n-1`` as ``F.pad`` does (``"replicate"``: clamp,
+    ``"reflect"``: mirror without repeating the edge, needs ``r < n``).
+    """
+    r = taps.shape[0] // 2
+    src = torch.arange(n)[:, None] + torch.arange(-r, r + 1)[None, :]
+    if pad_mode == "reflect":
+        src = src.abs()
+        src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
+    else:
+        src = src.clamp(0, n - 1)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    return out.scatter_add_(1, src, taps.to(torch.float64).expand(n, -1).contiguous())
+
+
+@functools.lru_cache(maxsize=256)
+def _filter_terms(kernel: tuple[tuple[float, ...], ...], h: int, w: int, pad_mode: str,
+                  device: torch.device, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """``((A_r, B_r), ...)``: padded 2-D cross-correlation with ``kernel`` (odd ``k × k``) = ``Σ A_r X B_r^T``.
+
+    The kernel is split into rank-one terms by SVD (terms below 1e-10 of the largest dropped), so a
+    separable kernel costs one term.
+    """
+    k = torch.tensor(kernel, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(k)
+    terms = []
+    for r in range(s.shape[0]):
+        if s[r] <= 1e-10 * s[0]:
+            break
+        a = _axis_filter_matrix(u[:, r] * s[r], h, pad_mode)
+        b = _axis_filter_matrix(vh[r], w, pad_mode)
+        terms.append((a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)))
+    return tuple(terms)
+
+
+def _apply_terms(x: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``Σ_r A_r @ x @ B_r^T`` for ``x`` ``(..., H, W)``, ``A_r`` ``(H', H)``, ``B_r`` ``(W', W)``."""
+    out = None
+    for a, b in terms:
+        term = torch.matmul(a, torch.matmul(x, b.T))
+        out = term if out is None else out.add_(term)
+    return out
+
+
 def _conv_same(x: torch.Tensor, kernel: torch.Tensor, pad_mode: str = "replicate") -> torch.Tensor:
-    """Convolve every channel of ``x`` ``(B, C, H, W)`` with one odd-sized 2-D ``kernel`` ``(k, k)`` (same size out)."""
-    b, c, h, w = x.shape
-    k = kernel.shape[-1]
-    pad = k // 2
-    xp = F.pad(x.reshape(b * c, 1, h, w), (pad, pad, pad, pad), mode=_pad_mode(h, w, pad, pad_mode))
-    out = F.conv2d(xp, kernel.to(x).reshape(1, 1, k, k))
-    return out.reshape(b, c, h, w)
+    """Convolve every channel of ``x`` ``(B, C, H, W)`` with one odd-sized 2-D ``kernel`` ``(k, k)`` (same size out).
+
+    Borders as ``F.pad(mode=pad_mode)`` (``"reflect"`` falls back to ``"replicate"`` on images
+    smaller than the kernel radius); computed as matrix products (see :func:`_filter_terms`).
+    """
+    h, w = x.shape[-2:]
+    mode = _pad_mode(h, w, kernel.shape[-1] // 2, pad_mode)
+    key = tuple(tuple(float(v) for v in row) for row in kernel.to(torch.float64).tolist())
+    return _apply_terms(x, _filter_terms(key, h, w, mode, x.device, x.dtype))
 
 
 def _conv_per_image(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -197,27 +255,63 @@ def gaussian_noise(images: torch.Tensor, severity: int, generator: torch.Generat
     """Additive Gaussian noise, std :data:`GAUSSIAN_NOISE_STD` [severity-1]; ``(B, C, H, W)`` -> same."""
     std = GAUSSIAN_NOISE_STD[severity - 1]
     noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return (images + std * noise.to(images)).clamp(0, 1)
+    noise = noise.to(images)          # a fresh tensor either way (it is ours to overwrite)
+    return noise.mul_(std).add_(images).clamp_(0, 1)
 
 
 def shot_noise(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Poisson (photon) noise ``Poisson(x·s)/s``, ``s`` = :data:`SHOT_NOISE_PHOTONS` [severity-1]."""
     s = SHOT_NOISE_PHOTONS[severity - 1]
-    rates = (images.detach().to(device=generator.device, dtype=torch.float32) * s)
-    return (torch.poisson(rates, generator=generator) / s).to(images).clamp(0, 1)
+    rates = images.detach().to(device=generator.device, dtype=torch.float32) * s
+    # torch.poisson is exact (and dominates the time); the rest works in place on its fresh output
+    return torch.poisson(rates, generator=generator).div_(s).to(images).clamp_(0, 1)
 
 
 def impulse_noise(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Salt-and-pepper noise: a fraction :data:`IMPULSE_NOISE_AMOUNT` [severity-1] of values set to 0 or 1."""
+    """Salt-and-pepper noise: a fraction :data:`IMPULSE_NOISE_AMOUNT` [severity-1] of values set to 0 or 1.
+
+    Every value is hit independently with probability ``amount``, a hit being salt (1) or pepper (0)
+    with probability ½ each. Sampled sparsely: the gaps between hits (in row-major order) are
+    independent geometric variables, so only about ``amount · numel`` random numbers are drawn.
+    """
     amount = IMPULSE_NOISE_AMOUNT[severity - 1]
-    flip = _uniform(images.shape, generator, images) < amount
-    salt = _uniform(images.shape, generator, images) < 0.5
-    out = torch.where(flip & salt, torch.ones_like(images), images)
-    return torch.where(flip & ~salt, torch.zeros_like(images), out)
+    out = images.clone(memory_format=torch.contiguous_format)
+    positions = _bernoulli_positions(out.numel(), amount, generator)
+    salt = torch.rand(positions.shape, generator=generator, device=generator.device, dtype=torch.float32) < 0.5
+    out.view(-1)[positions.to(out.device)] = salt.to(device=out.device, dtype=out.dtype)
+    return out
 
 
+def _bernoulli_positions(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Sorted int64 indices in ``0..n-1``, each index present independently with probability ``p`` (0 < p < 1).
+
+    Gaps between consecutive hits are i.i.d. ``Geometric(p)`` (failures before a success), drawn by
+    inversion ``floor(log(U) / log(1 - p))`` in float64 on the generator's device, in chunks until
+    the positions pass ``n``.
+    """
+    log_q = math.log1p(-p)
+    mean = n * p
+    chunk = max(16, int(mean + 6 * math.sqrt(mean) + 16))
+    parts, last = [], -1
+    while True:
+        u = torch.rand(chunk, generator=generator, device=generator.device, dtype=torch.float64)
+        gaps = torch.floor(torch.log1p(-u) / log_q).clamp_max(float(n)).to(torch.int64)
+        pos = last + torch.cumsum(gaps + 1, dim=0)
+        parts.append(pos)
+        last = int(pos[-1])
+        if last >= n:
+            break
+        chunk = max(16, int((n - last) * p + 6 * math.sqrt((n - last) * p) + 16))
+    pos = torch.cat(parts)
+    return pos[pos < n]
+
+
+@functools.lru_cache(maxsize=16)
 def _defocus_kernel(radius: float, alias_blur: float) -> torch.Tensor:
-    """Disk of ``radius`` px blurred by a 3×3 Gaussian of ``alias_blur`` (CIFAR-10-C's ``disk``), normalized."""
+    """Disk of ``radius`` px blurred by a 3×3 Gaussian of ``alias_blur`` (CIFAR-10-C's ``disk``), normalized.
+
+    Cached: do not modify the returned tensor.
+    """
     r = max(int(math.ceil(radius)), 1)
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
@@ -232,7 +326,7 @@ def _defocus_kernel(radius: float, alias_blur: float) -> torch.Tensor:
 def defocus_blur(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Defocus (disk) blur with :data:`DEFOCUS_PARAMS` [severity-1]; reflect-101 borders as cv2."""
     radius, alias = DEFOCUS_PARAMS[severity - 1]
-    return _conv_same(images, _defocus_kernel(radius, alias), pad_mode="reflect").clamp(0, 1)
+    return _conv_same(images, _defocus_kernel(radius, alias), pad_mode="reflect").clamp_(0, 1)
 
 
 def _motion_kernels(n: int, radius: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -263,11 +357,17 @@ def motion_blur(images: torch.Tensor, severity: int, generator: torch.Generator)
     return _conv_per_image(images, kernels).clamp(0, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _zoom_grid(factor: float, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, h, w, 2)`` sampling grid of a centre zoom by ``factor`` (``F.affine_grid``, align_corners=False)."""
+    theta = torch.tensor([[[1 / factor, 0, 0], [0, 1 / factor, 0]]], dtype=dtype, device=device)
+    return F.affine_grid(theta, [1, 1, h, w], align_corners=False)
+
+
 def _zoom(images: torch.Tensor, factor: float) -> torch.Tensor:
     """Centre zoom by ``factor`` >= 1 (crop the centre 1/factor, resize back), bilinear; same shape."""
-    b = images.shape[0]
-    theta = torch.tensor([[1 / factor, 0, 0], [0, 1 / factor, 0]], dtype=images.dtype, device=images.device)
-    grid = F.affine_grid(theta.expand(b, 2, 3), list(images.shape), align_corners=False)
+    b, _, h, w = images.shape
+    grid = _zoom_grid(float(factor), h, w, images.device, images.dtype).expand(b, h, w, 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -276,54 +376,80 @@ def zoom_blur(images: torch.Tensor, severity: int, generator: torch.Generator) -
     zooms = np.arange(1.0, ZOOM_MAX[severity - 1] + 1e-9, 0.01)
     out = images.clone()
     for z in zooms:
-        out = out + _zoom(images, float(z))
-    return (out / (len(zooms) + 1)).clamp(0, 1)
+        out += _zoom(images, float(z))
+    return out.div_(len(zooms) + 1).clamp_(0, 1)
 
 
 def gaussian_blur(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Gaussian blur, σ = :data:`GAUSSIAN_BLUR_SIGMA` [severity-1] px."""
-    return _gaussian_blur(images, GAUSSIAN_BLUR_SIGMA[severity - 1]).clamp(0, 1)
+    return _gaussian_blur(images, GAUSSIAN_BLUR_SIGMA[severity - 1]).clamp_(0, 1)
 
 
 def brightness(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Brightness: add :data:`BRIGHTNESS_SHIFT` [severity-1] to the HSV value (grayscale: to the pixel)."""
+    """Brightness: add :data:`BRIGHTNESS_SHIFT` [severity-1] to the HSV value (grayscale: to the pixel).
+
+    Computed without the HSV round trip: with hue and saturation fixed, every RGB channel is
+    proportional to the value ``v = max(r, g, b)``, so the result is ``rgb · v'/v`` with
+    ``v' = clip(v + c)``, and the gray ``v'`` where ``v <= 0`` (saturation 0 there); equal to the round
+    trip through :func:`rgb_to_hsv` / :func:`hsv_to_rgb` up to float rounding.
+    """
     c = BRIGHTNESS_SHIFT[severity - 1]
     if images.shape[1] == 1:
-        return (images + c).clamp(0, 1)
-    hsv = rgb_to_hsv(images)
-    hsv = torch.stack([hsv[:, 0], hsv[:, 1], (hsv[:, 2] + c).clamp(0, 1)], dim=1)
-    return hsv_to_rgb(hsv).clamp(0, 1)
+        return (images + c).clamp_(0, 1)
+    v = images.amax(dim=1, keepdim=True)
+    v_new = (v + c).clamp_(0, 1)
+    positive = v > 0
+    scale = torch.where(positive, v_new / v.clamp_min(torch.finfo(images.dtype).tiny), 0.0)
+    offset = torch.where(positive, 0.0, v_new)
+    return torch.addcmul(offset, images, scale).clamp_(0, 1)
 
 
 def contrast(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Contrast reduction towards the per-image, per-channel mean by :data:`CONTRAST_FACTOR` [severity-1]."""
     c = CONTRAST_FACTOR[severity - 1]
     means = images.mean(dim=(2, 3), keepdim=True)
-    return ((images - means) * c + means).clamp(0, 1)
+    return torch.add(means * (1 - c), images, alpha=c).clamp_(0, 1)
 
 
 def saturate(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Saturation: HSV ``s -> clip(s·a + b)`` with :data:`SATURATE_PARAMS` [severity-1]; grayscale unchanged."""
+    """Saturation: HSV ``s -> clip(s·a + b)`` with :data:`SATURATE_PARAMS` [severity-1]; grayscale unchanged.
+
+    Computed without the HSV round trip: with hue and value fixed, ``v - channel`` is proportional
+    to the saturation, so the result is ``v - (s'/s) · (v - rgb)``; a gray pixel (``s = 0``, hue 0 =
+    red) becomes ``v · (1, 1 - s', 1 - s')``. Equal to the round trip through :func:`rgb_to_hsv` /
+    :func:`hsv_to_rgb` up to float rounding.
+    """
     if images.shape[1] == 1:
         return images.clone()
     a, b = SATURATE_PARAMS[severity - 1]
-    hsv = rgb_to_hsv(images)
-    hsv = torch.stack([hsv[:, 0], (hsv[:, 1] * a + b).clamp(0, 1), hsv[:, 2]], dim=1)
-    return hsv_to_rgb(hsv).clamp(0, 1)
+    tiny = torch.finfo(images.dtype).tiny
+    minc, maxc = torch.aminmax(images, dim=1, keepdim=True)
+    delta = maxc - minc
+    s_old = torch.where(maxc > 0, delta / maxc.clamp_min(tiny), 0.0)
+    s_new = (s_old * a + b).clamp_(0, 1)
+    colored = (delta > 0) & (maxc > 0)
+    # s'/s = s'·v/delta; (v - rgb) <= delta keeps the product bounded by s'·v
+    ratio = torch.where(colored, s_new * maxc / delta.clamp_min(tiny), 0.0)
+    out = torch.addcmul(maxc, ratio, maxc - images, value=-1.0)
+    if b > 0:   # gray pixels: (r, g, b) = v · (1, 1 - s', 1 - s')
+        out[:, 1:] -= torch.where(colored, 0.0, s_new * maxc)
+    return out.clamp_(0, 1)
 
 
 def plasma_fractal(n: int, generator: torch.Generator, mapsize: int = 256, wibbledecay: float = 3.0) -> torch.Tensor:
     """``n`` diamond-square plasma fractals ``(n, mapsize, mapsize)`` in ``[0, 1]`` (CIFAR-10-C's algorithm).
 
-    ``mapsize`` must be a power of two; ``wibbledecay`` > 1, larger = smoother.
+    ``mapsize`` must be a power of two; ``wibbledecay`` > 1, larger = smoother. float32 (as the
+    reference implementations), computed on the generator's device.
     """
-    m = torch.zeros(n, mapsize, mapsize, dtype=torch.float64)
+    dev = generator.device
+    m = torch.zeros(n, mapsize, mapsize, dtype=torch.float32, device=dev)
     step = mapsize
     wibble = 100.0
 
     def wibbled_mean(a: torch.Tensor) -> torch.Tensor:
-        u = torch.rand(a.shape, generator=generator, device=generator.device, dtype=torch.float64).cpu()
-        return a / 4 + wibble * (2 * u - 1) * wibble
+        u = torch.rand(a.shape, generator=generator, device=dev, dtype=torch.float32)
+        return u.mul_(2 * wibble * wibble).add_(a, alpha=0.25).sub_(wibble * wibble)  # a/4 + wibble·U(±wibble)
 
     while step >= 2:
         half = step // 2
@@ -341,44 +467,68 @@ def plasma_fractal(n: int, generator: torch.Generator, mapsize: int = 256, wibbl
     return m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
+def _fog_mapsize(h: int, w: int) -> int:
+    """Side of the plasma fractal for an ``h × w`` image: the smallest power of two >= ``max(h, w)``
+    (as ``imagecorruptions``; CIFAR-10-C uses 32 for its 32×32 images)."""
+    return 1 << max(1, (max(h, w) - 1).bit_length())
+
+
 def fog(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Fog: add a plasma fractal (strength, decay) = :data:`FOG_PARAMS` [severity-1], rescale by the old max."""
     strength, decay = FOG_PARAMS[severity - 1]
     b, _, h, w = images.shape
-    mapsize = max(256, 1 << int(math.ceil(math.log2(max(h, w)))))
-    frac = plasma_fractal(b, generator, mapsize, decay)[:, :h, :w].to(images)[:, None]
+    frac = plasma_fractal(b, generator, _fog_mapsize(h, w), decay)[:, None, :h, :w].to(images)
     max_val = images.amax(dim=(1, 2, 3), keepdim=True)
-    out = images + strength * frac
-    return (out * max_val / (max_val + strength)).clamp(0, 1)
+    out = torch.add(images, frac, alpha=strength)
+    return out.mul_(max_val / (max_val + strength)).clamp_(0, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _pixelate_matrix(n: int, cells: int, u: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(n, n)`` matrix of one axis of :func:`pixelate`: refine ``u``×, average into ``cells`` cells
+    (``adaptive_avg_pool``), spread back (``nearest``), average ``u``× down again (built in float64
+    by running exactly those steps on the basis vectors)."""
+    fine = torch.eye(n, dtype=torch.float64).repeat_interleave(u, dim=1)[:, None, :]
+    small = F.adaptive_avg_pool1d(fine, cells)
+    back = F.avg_pool1d(F.interpolate(small, size=n * u, mode="nearest"), u)
+    return back[:, 0, :].T.to(device=device, dtype=dtype).contiguous()
 
 
 def pixelate(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Pixelate: box-downscale by :data:`PIXELATE_FACTOR` [severity-1], box-upscale back (as PIL ``BOX``)."""
+    """Pixelate: box-downscale by :data:`PIXELATE_FACTOR` [severity-1], box-upscale back (as PIL ``BOX``).
+
+    Fractional box filtering on a grid refined ``u``× (pixels are constant squares), so both the
+    cell averages and the back-projection cover fractional pixels as PIL's BOX filter does. The
+    filter is separable and linear, so it is applied as ``A_h @ x @ A_w^T`` with the per-axis
+    matrices of that procedure.
+    """
     c = PIXELATE_FACTOR[severity - 1]
     h, w = images.shape[-2:]
-    # Exact fractional box filtering: work on a grid refined u× (pixels are constant squares), so
-    # both the cell averages and the back-projection cover fractional pixels as PIL's BOX filter does.
     u = max(1, min(8, 256 // max(h, w)))
-    fine = images.repeat_interleave(u, dim=-2).repeat_interleave(u, dim=-1)
-    small = F.adaptive_avg_pool2d(fine, (max(1, int(h * c)), max(1, int(w * c))))
-    back = F.interpolate(small, size=(h * u, w * u), mode="nearest")
-    return F.avg_pool2d(back, u).clamp(0, 1)
+    a_h = _pixelate_matrix(h, max(1, int(h * c)), u, images.device, images.dtype)
+    a_w = _pixelate_matrix(w, max(1, int(w * c)), u, images.device, images.dtype)
+    return torch.matmul(a_h, torch.matmul(images, a_w.T)).clamp_(0, 1)
 
 
 def jpeg_compression(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Real JPEG round trip through Pillow at quality :data:`JPEG_QUALITY` [severity-1] (CPU, per image)."""
     quality = JPEG_QUALITY[severity - 1]
-    arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    out = np.empty(arr.shape, dtype=np.float32)
-    for i, img in enumerate(arr):
-        pil = Image.fromarray(np.ascontiguousarray(img[..., 0]) if img.shape[-1] == 1 else img)  # uint8: L / RGB
-        buf = io.BytesIO()
-        pil.save(buf, format="JPEG", quality=quality)
+    b, c, h, w = images.shape
+    mode = "L" if c == 1 else "RGB"
+    arr = (images.detach().to(device="cpu", dtype=torch.float32).clamp(0, 1) * 255).round_().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).contiguous().numpy()                     # (B, H, W, C) uint8
+    out = np.empty(arr.shape, dtype=np.uint8)
+    buf = io.BytesIO()
+    for i in range(b):
+        pil = Image.frombuffer(mode, (w, h), arr[i], "raw", mode, 0, 1)
         buf.seek(0)
-        with Image.open(buf) as decoded:
-            dec = np.asarray(decoded.convert(pil.mode), dtype=np.float32) / 255.0
-        out[i] = dec[..., None] if dec.ndim == 2 else dec
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype).contiguous()
+        buf.truncate()
+        pil.save(buf, format="JPEG", quality=quality)
+        # decode with Pillow's JPEG decoder directly (same libjpeg decode as Image.open, less overhead)
+        decoded = Image.frombytes(mode, (w, h), buf.getvalue(), "jpeg", mode, "")
+        out[i] = np.asarray(decoded).reshape(h, w, c)
+    result = torch.from_numpy(out).permute(0, 3, 1, 2)
+    return result.to(device=images.device, dtype=images.dtype, memory_format=torch.contiguous_format).div_(255)
 
 
 def elastic_transform(images: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
@@ -393,28 +543,32 @@ def elastic_transform(images: torch.Tensor, severity: int, generator: torch.Gene
     size = min(h, w)
     rms, sigma, jitter = rms_f * size, max(sigma_f * size, 0.5), affine_f * size
     dt = torch.float64
-    # affine: solve N with N·[q, 1] = p for the three jittered control points q of the points p
+    # affine (float64, tiny): solve N with N·[q, 1] = p for the three jittered control points q of the points p
     cy, cx, sq = h / 2.0, w / 2.0, max(size // 3, 1)
     pts = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy + sq]], dtype=dt)
     moved = pts[None] + (torch.rand((b, 3, 2), generator=generator, device=generator.device,
                                     dtype=dt).cpu() * 2 - 1) * jitter
     lhs = torch.cat([moved, torch.ones(b, 3, 1, dtype=dt)], dim=2)          # (b, 3, 3)
     n_t = torch.linalg.solve(lhs, pts[None].expand(b, 3, 2))                  # (b, 3, 2): [x y 1] @ n_t = src
+    # fold the pixel -> [-1, 1] grid normalization (align_corners=True) into the affine map
+    n_t = n_t * torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], dtype=dt)
+    n_t[:, 2] -= 1
+    work = torch.promote_types(images.dtype, torch.float32)
+    coef = n_t.to(device=images.device, dtype=work)[:, :, None, None, :]      # (b, 3, 1, 1, 2)
     # smooth displacement field with unit RMS, then scaled
-    field = torch.rand((b, 2, h, w), generator=generator, device=generator.device, dtype=torch.float32).cpu() * 2 - 1
-    field = _gaussian_blur(field.double(), sigma, truncate=3.0, pad_mode="reflect")
+    field = torch.rand((b, 2, h, w), generator=generator, device=generator.device, dtype=torch.float32)
+    field = field.to(device=images.device, dtype=work).mul_(2).sub_(1)
+    field = _gaussian_blur(field, sigma, truncate=3.0, pad_mode="reflect")
     field = field - field.mean(dim=(2, 3), keepdim=True)
-    field = field / field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12) * (rms / math.sqrt(2))
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=dt), torch.arange(w, dtype=dt), indexing="ij")
-    px = xs[None] + field[:, 0]
-    py = ys[None] + field[:, 1]
-    homog = torch.stack([px, py, torch.ones_like(px)], dim=-1)                # (b, h, w, 3)
-    src = homog @ n_t[:, None]                                                # (b, h, w, 2)
-    gx = 2 * src[..., 0] / max(w - 1, 1) - 1
-    gy = 2 * src[..., 1] / max(h - 1, 1) - 1
-    grid = torch.stack([gx, gy], dim=-1).to(device=images.device, dtype=images.dtype)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
-    return out.clamp(0, 1)
+    field = field.mul_((rms / math.sqrt(2)) / field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12))
+    xs = torch.arange(w, dtype=work, device=images.device)
+    ys = torch.arange(h, dtype=work, device=images.device)[:, None]
+    px = field[:, 0].add_(xs)[..., None]                                      # (b, h, w, 1)
+    py = field[:, 1].add_(ys)[..., None]
+    grid = (px * coef[:, 0] + py * coef[:, 1]).add_(coef[:, 2])               # (b, h, w, 2)
+    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection",
+                        align_corners=True)
+    return out.clamp_(0, 1)
 
 
 #: name -> ``fn(images (B, C, H, W) in [0, 1], severity 1..5, generator) -> corrupted images``.
