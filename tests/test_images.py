@@ -87,3 +87,59 @@ def test_content_hash_depends_on_bytes(tmp_path):
     c = write_image(tmp_path / "c.png", seed=2)
     assert read_image(a).record.content_hash == read_image(b).record.content_hash
     assert read_image(a).record.content_hash != read_image(c).record.content_hash
+
+
+def _pillow_only(path):
+    """What read_image returns when OpenCV is not available: the Pillow decode of every file."""
+    from robustlens.analysis import images
+
+    saved = images._cv2
+    images._cv2 = False
+    try:
+        return read_image(path)
+    finally:
+        images._cv2 = saved
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16", "1"])
+@pytest.mark.parametrize("interlace", [False, True])
+def test_fast_png_path_equals_pillow_decode(tmp_path, mode, interlace):
+    """PNGs the OpenCV path takes decode to exactly Pillow's pixels and record; the others go to Pillow."""
+    from robustlens.analysis import images
+
+    rng = np.random.default_rng(7)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4, "LA": 2}.get(mode, 1)
+    array = rng.integers(0, 256, size=(23, 37, channels), dtype=np.uint8)
+    if mode in ("L", "RGB", "RGBA", "LA"):
+        image = Image.fromarray(array[..., 0] if channels == 1 else array, mode=mode)
+    elif mode == "P":
+        image = Image.fromarray(array[..., 0], mode="L").convert("P")
+    elif mode == "I;16":
+        image = Image.fromarray(array[..., 0].astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(array[..., 0] > 127)
+    path = tmp_path / "image.png"
+    image.save(path, interlace=interlace)
+    assert images._opencv(), "opencv-python-headless is a dependency"
+    fast, slow = read_image(path), _pillow_only(path)
+    assert fast.record == slow.record
+    assert fast.pixels.dtype == slow.pixels.dtype == np.float32
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)
+    taken = images._decode_simple_png(path.read_bytes(), images.DEFAULT_MAX_PIXELS) is not None
+    assert taken == (mode in ("L", "RGB", "RGBA"))
+
+
+def test_fast_png_path_leaves_transparency_keys_and_bad_files_to_pillow(tmp_path):
+    from robustlens.analysis import images
+
+    keyed = tmp_path / "keyed.png"
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(keyed, transparency=(200, 200, 200))
+    assert images._decode_simple_png(keyed.read_bytes(), images.DEFAULT_MAX_PIXELS) is None
+    np.testing.assert_array_equal(read_image(keyed).pixels, _pillow_only(keyed).pixels)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(good)
+    data = good.read_bytes()
+    assert images._decode_simple_png(data[:-12], images.DEFAULT_MAX_PIXELS) is None  # no IEND
+    assert images._decode_simple_png(data, 63) is None  # over the pixel cap: Pillow refuses it with a reason
+    with pytest.raises(ImageProblem, match="exceeds the cap"):
+        read_image(good, max_pixels=63)

@@ -29,6 +29,8 @@ THUMBNAIL_SIZE = 16
 ORIENTATION_BINS = 8
 ORIENTATION_CELLS = 4
 COLOUR_BINS = 8
+#: Images described per tensor pass (see :func:`describe`).
+CHUNK = 256
 RAW_DIM = THUMBNAIL_SIZE**2 + ORIENTATION_CELLS**2 * ORIENTATION_BINS + 3 * COLOUR_BINS
 
 DESCRIPTION = (
@@ -69,11 +71,11 @@ def _to_work_size(pixels: list[np.ndarray], device: str | torch.device) -> torch
     for shape, positions in by_shape.items():
         stack = torch.from_numpy(np.stack([pixels[p] for p in positions]).astype(np.float32, copy=False))
         stack = stack.to(device).permute(0, 3, 1, 2)
-        if shape[2] == 1:
-            stack = stack.expand(-1, 3, -1, -1)
-        if shape[:2] != (WORK_SIZE, WORK_SIZE):
+        if shape[:2] != (WORK_SIZE, WORK_SIZE):  # grayscale is resized before it is repeated: 3x less work
             stack = F.interpolate(stack, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False,
                                   antialias=True)
+        if shape[2] == 1:
+            stack = stack.expand(-1, 3, -1, -1)
         out[torch.as_tensor(positions, device=device)] = stack.clamp(0.0, 1.0)
     return out
 
@@ -98,6 +100,9 @@ def describe(pixels: list[np.ndarray], device: str | torch.device = "cpu") -> tu
     if not pixels:
         return (torch.empty((0, RAW_DIM), dtype=torch.float32, device=device),
                 torch.empty((0, WORK_SIZE, WORK_SIZE), dtype=torch.uint8, device=device))
+    if len(pixels) > CHUNK:  # cache-sized pieces: 4,096 images at once run at half the speed of 256
+        parts = [describe(pixels[start:start + CHUNK], device) for start in range(0, len(pixels), CHUNK)]
+        return torch.cat([raw for raw, _ in parts]), torch.cat([thumbs for _, thumbs in parts])
     rgb = _to_work_size(pixels, device)
     weights = torch.tensor(_LUMINANCE, device=device).view(1, 3, 1, 1)
     gray = (rgb * weights).sum(1, keepdim=True)  # (B, 1, 32, 32)

@@ -7,12 +7,19 @@ returns pixels as ``float32`` in ``[0, 1]`` with shape ``(H, W, C)``, ``C`` = 1 
 Mode handling: 1-bit, 8-bit and 16-bit grayscale (``1``, ``L``, ``I;16``, ``I``, ``F``) stay one
 channel, scaled by their bit depth; palette images are expanded; alpha (``LA``, ``RGBA``, palette
 transparency) is composited over white, as a browser shows it; CMYK / YCbCr / LAB are converted to RGB.
+
+Speed: the common 8-bit PNG (grayscale, RGB or RGBA, no palette, no ``tRNS`` chunk) is decoded by
+OpenCV's libpng binding, which needs no Python per row and releases the GIL; Pillow spends most of a small
+image's decode time in Python (chunk parsing, plugin dispatch), ~40-70 µs for a 28×28 PNG against ~15 µs.
+PNG is lossless, so both give the same pixels (tested); any file the fast path does not take, or fails on,
+goes through Pillow, whose checks and messages apply unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +91,13 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
         raise ImageProblem(f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
         raise ImageProblem("zero-byte file")
+    fast = _decode_simple_png(data, max_pixels)
+    if fast is not None:
+        pixels, mode = fast
+        height, width = pixels.shape[:2]
+        record = ImageRecord(width=int(width), height=int(height), mode=mode, channels=int(pixels.shape[2]),
+                             bit_depth=8, file_size=len(data), content_hash=hashlib.sha256(data).hexdigest())
+        return DecodedImage(pixels=pixels, record=record)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -111,6 +125,89 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
         width=int(width), height=int(height), mode=mode, channels=int(pixels.shape[2]),
         bit_depth=bit_depth, file_size=len(data), content_hash=hashlib.sha256(data).hexdigest())
     return DecodedImage(pixels=pixels, record=record)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG colour type (8-bit samples) → Pillow mode, for the types the fast path decodes.
+_SIMPLE_PNG_MODES = {0: "L", 2: "RGB", 6: "RGBA"}
+_cv2 = None
+
+
+def _opencv():
+    """The ``cv2`` module with its logging silenced (a refused file is retried with Pillow), or ``False``."""
+    global _cv2
+    if _cv2 is None:
+        try:
+            import cv2
+
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            _cv2 = cv2
+        except Exception:  # noqa: BLE001 - any import problem: Pillow decodes everything
+            _cv2 = False
+    return _cv2
+
+
+def _decode_simple_png(data: bytes, max_pixels: int) -> tuple[np.ndarray, str] | None:
+    """Pixels and Pillow mode of an 8-bit grayscale / RGB / RGBA PNG without ``tRNS``, or ``None``.
+
+    ``None`` means "let Pillow decode it": another format or PNG flavour, an oversized or malformed
+    header, OpenCV missing, or a file OpenCV refuses (truncated, bad checksum). The result equals
+    :func:`_to_float_array` of Pillow's decode, value for value.
+    """
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    mode = _SIMPLE_PNG_MODES.get(colour)
+    if mode is None or depth != 8 or width == 0 or height == 0 or width * height > max_pixels:
+        return None
+    position = 33  # first chunk after IHDR
+    while True:  # chunks before the first IDAT: refuse transparency keys (Pillow keeps them as info only)
+        if position + 8 > len(data):
+            return None
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind = data[position + 4:position + 8]
+        if kind == b"IDAT":
+            break
+        if kind in (b"tRNS", b"PLTE"):
+            return None
+        position += 12 + length
+    cv2 = _opencv()
+    if not cv2:
+        return None
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    channels = 1 if mode == "L" else len(mode)
+    if decoded is None or decoded.dtype != np.uint8 or decoded.shape[:2] != (height, width):
+        return None
+    if decoded.ndim == 2:
+        decoded = decoded[..., None]
+    if decoded.shape[2] != channels:
+        return None
+    if channels == 3:
+        decoded = decoded[..., ::-1]
+    elif channels == 4:
+        decoded = decoded[..., [2, 1, 0, 3]]
+    array = decoded.astype(np.float32) / 255.0
+    if mode == "RGBA":
+        alpha = array[..., 3:4]
+        return array[..., :3] * alpha + (1.0 - alpha), mode
+    return array, mode
+
+
+def read_pixels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Just the pixels of :func:`read_image` (same values, same errors), with less per-file overhead.
+
+    For stages that re-read images already validated at ingest: no content hash and no record, and the
+    common PNG goes straight to the fast path.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return read_image(path, max_pixels=max_pixels).pixels  # raises the ImageProblem with its reason
+    fast = _decode_simple_png(data, max_pixels) if data else None
+    if fast is not None:
+        return fast[0]
+    return read_image(path, max_pixels=max_pixels).pixels
 
 
 def _to_float_array(image: Image.Image) -> tuple[np.ndarray, int]:

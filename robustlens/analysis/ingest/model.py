@@ -148,20 +148,26 @@ def prepare_images(pixels: list[np.ndarray], config: ModelConfig) -> torch.Tenso
     Images are converted to the model's channel count (luminance for 3 → 1, repetition for 1 → 3)
     and resized to ``config.input_size`` with antialiased bilinear interpolation where needed.
     """
-    batch = []
     height, width = config.input_size
-    for array in pixels:
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
-        if tensor.shape[0] == 3 and config.channels == 1:
-            weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-            tensor = (tensor * weights).sum(0, keepdim=True)
-        elif tensor.shape[0] == 1 and config.channels == 3:
-            tensor = tensor.expand(3, -1, -1)
-        if tuple(tensor.shape[1:]) != (height, width):
-            tensor = torch.nn.functional.interpolate(tensor[None], size=(height, width), mode="bilinear",
-                                                     align_corners=False, antialias=True)[0]
-        batch.append(tensor)
-    return torch.stack(batch).clamp_(0.0, 1.0)
+    if not pixels:
+        return torch.empty((0, config.channels, height, width), dtype=torch.float32)
+    out = torch.empty((len(pixels), config.channels, height, width), dtype=torch.float32)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, array in enumerate(pixels):
+        by_shape.setdefault(tuple(array.shape), []).append(position)
+    for positions in by_shape.values():  # images of one shape are converted together
+        stack = np.stack([np.asarray(pixels[p], dtype=np.float32) for p in positions])
+        tensor = torch.from_numpy(stack).permute(0, 3, 1, 2)
+        if tensor.shape[1] == 3 and config.channels == 1:
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            tensor = (tensor * weights).sum(1, keepdim=True)
+        elif tensor.shape[1] == 1 and config.channels == 3:
+            tensor = tensor.expand(-1, 3, -1, -1)
+        if tuple(tensor.shape[2:]) != (height, width):
+            tensor = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bilinear",
+                                                     align_corners=False, antialias=True)
+        out[positions] = tensor
+    return out.clamp_(0.0, 1.0)
 
 
 def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.Module:

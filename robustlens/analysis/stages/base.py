@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from robustlens.analysis import storage
+from robustlens.analysis.loader import PixelMemo
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import WorkspaceError
 
@@ -40,6 +41,8 @@ class StageContext:
         Seed for every random choice a stage makes.
     workers:
         Decoding threads (``None``: one per core).
+    pixels:
+        Decoded images shared by the stages of one run (see :class:`~robustlens.analysis.loader.PixelMemo`).
     """
 
     workspace: Workspace
@@ -48,6 +51,7 @@ class StageContext:
     random_state: int = 0
     workers: int | None = None
     log: list[str] = field(default_factory=list)
+    pixels: PixelMemo = field(default_factory=PixelMemo, repr=False)
 
 
 def config_hash(config) -> str:

@@ -38,7 +38,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from robustlens.analysis.loader import compute_threads, iter_decoded, torch_threads
+from robustlens.analysis.loader import (auto_batch_size, compute_threads, decode_workers, iter_decoded,
+                                       torch_threads)
 from robustlens.analysis.builtin_metrics import luminance
 from robustlens.analysis.metric_registry import (BUILTIN_MODULE, Metric, MetricRegistryError, available_metrics,
                                                  get_metric, import_plugins)
@@ -49,7 +50,7 @@ FINGERPRINT_VERSION = "1"
 PHASH_SIZE = 32
 PHASH_BLOCK = 8
 #: Largest number of float32 values stacked into one tensor (bounds memory for large images).
-MAX_STACK_ELEMENTS = 1 << 25
+MAX_STACK_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Config:
     Attributes
     ----------
     batch_size:
-        Images decoded per batch; one cache chunk is written after each batch.
+        Images decoded per batch; one cache chunk is written after each batch. ``None`` (default): chosen
+        from the images' size (:func:`~robustlens.analysis.loader.auto_batch_size`).
     metrics:
         Names of the metrics to compute. ``None`` (default): the built-ins plus every metric defined in
         the ``plugins`` modules. What is computed depends on the config alone, never on which other
@@ -70,7 +72,7 @@ class Config:
         ``metrics`` directly, or its module given here (``"__main__"`` in a script or notebook).
     """
 
-    batch_size: int = 512
+    batch_size: int | None = None
     metrics: tuple[str, ...] | None = None
     plugins: tuple[str, ...] = ()
 
@@ -102,7 +104,7 @@ def run(context: StageContext, config: Config) -> dict:
         results came from the cache), ``samples``, ``seconds`` and ``metrics`` (the metric columns).
     """
     start = time.perf_counter()
-    if config.batch_size < 1:
+    if config.batch_size is not None and config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     metrics = selected_metrics(config)
     pixel_metrics = [m for m in metrics if m.source == "pixels"]
@@ -119,8 +121,10 @@ def run(context: StageContext, config: Config) -> dict:
     device = torch.device(context.device)
     paths = samples["path"].tolist()
     with torch_threads(compute_threads()):
-        for indices, pixels in iter_decoded(workspace.dataset_root, paths, todo, batch_size=config.batch_size,
-                                            workers=context.workers, progress=context.progress,
+        batch_size = config.batch_size or auto_batch_size(samples)
+        workers = context.workers or decode_workers(samples)
+        for indices, pixels in iter_decoded(workspace.dataset_root, paths, todo, batch_size=batch_size,
+                                            workers=workers, progress=context.progress, memo=context.pixels,
                                             desc="Metrics"):
             frame = measure_batch(pixels, pixel_metrics, device)
             frame.insert(0, "content_hash", hashes[indices])
