@@ -250,3 +250,39 @@ def test_auto_epochs_bounded_for_large_datasets():
     assert projection.auto_epochs(20_000, config) == 200
     assert projection.auto_epochs(70_000, config) == 57
     assert projection.auto_epochs(1_000_000, config) == config.min_epochs
+
+
+def test_approximate_search_matches_exact_search_and_is_deterministic(model_run):
+    """Above EXACT_SEARCH_MAX_SAMPLES the graph comes from faiss HNSW: checked against the exact search on
+    the sample model's embeddings (with planted exact copies, whose self must still be left out)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    workspace, _ = model_run
+    stored = np.load(workspace.artifact_path("embeddings.npy"))
+    vectors = np.concatenate([stored, stored[:50]])  # 50 rows with an identical twin
+    k = 10
+    approx_i, approx_d = embeddings.hnsw_search(vectors, k)
+    again_i, again_d = embeddings.hnsw_search(vectors, k)
+    np.testing.assert_array_equal(approx_i, again_i)
+    np.testing.assert_array_equal(approx_d, again_d)
+    assert approx_i.shape == (len(vectors), k) and approx_i.dtype == np.int64
+    assert (approx_i != np.arange(len(vectors))[:, None]).all()
+    assert (np.diff(approx_d, axis=1) >= -1e-6).all()
+    exact_d, exact_i = NearestNeighbors(n_neighbors=k).fit(vectors).kneighbors(None)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx_i, exact_i)])
+    print(f"HNSW recall@{k}: {recall:.4f}")
+    assert recall >= 0.98
+    np.testing.assert_allclose(approx_d[:, 0], exact_d[:, 0], atol=1e-5)  # nearest distance found
+    twins = np.arange(50)
+    assert (approx_i[twins, 0] == twins + len(stored)).all() or np.allclose(approx_d[twins, 0], 0.0, atol=1e-5)
+
+
+def test_neighbor_graph_switches_to_approximate_search_above_the_limit(model_run, monkeypatch):
+    workspace, _ = model_run
+    monkeypatch.setattr(embeddings, "EXACT_SEARCH_MAX_SAMPLES", 100)
+    context = _context(workspace)
+    indices, distances = embeddings.neighbor_graph(context, 5)
+    assert embeddings.artifact_entry(workspace, "knn_indices")["method"] == "hnsw"
+    stored = np.load(workspace.artifact_path("embeddings.npy")).astype(np.float64)
+    cosine = np.einsum("ij,ikj->ik", stored, stored[indices])
+    np.testing.assert_allclose(1.0 - distances, cosine, atol=1e-5)
