@@ -8,7 +8,9 @@ root, missing files, duplicate ids, an empty dataset) raise :class:`ValidationEr
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -118,6 +120,12 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
                        warnings=warnings)
 
 
+#: Images verified per thread-pool task.
+VERIFY_CHUNK = 64
+#: Mean seconds per image (first chunk) below which verification runs on one thread.
+SMALL_IMAGE_SECONDS = 150e-6
+
+
 def _inside(real_root: Path, candidate: Path) -> bool:
     real = Path(os.path.realpath(candidate))
     return real == real_root or real_root in real.parents
@@ -164,11 +172,13 @@ def _list_manifest(manifest: Path, root: Path, real_root: Path) -> pd.DataFrame:
             raise ValidationError(f"empty value (rows {first_rows(blank)})", file=manifest,
                                   row=first_rows(blank)[0], column=column)
     paths = table["path"].astype(str)
+    resolver = _Resolver(root, real_root)
     for number, raw in enumerate(paths, start=1):
-        problem = _path_problem(raw, root, real_root)
+        problem = _path_problem(raw, resolver)
         if problem:
             raise ValidationError(f"path '{raw}' {problem}", file=manifest, row=number, column="path")
-    missing = [n for n, raw in enumerate(paths, start=1) if not (root / raw).is_file()]
+    root_text = str(root)
+    missing = [n for n, raw in enumerate(paths, start=1) if not os.path.isfile(os.path.join(root_text, raw))]
     if missing:
         raise ValidationError(f"{len(missing)} listed image(s) do not exist under {root} "
                               f"(rows {missing[:5]}, first: '{paths.iloc[missing[0] - 1]}')",
@@ -194,13 +204,35 @@ def _normalise(raw: str) -> str:
     return PurePosixPath(raw).as_posix()
 
 
-def _path_problem(raw: str, root: Path, real_root: Path) -> str | None:
+class _Resolver:
+    """Whether relative paths resolve inside the dataset root, resolving each folder only once.
+
+    ``realpath`` per listed file took ~60 µs (4 s for 70,000 rows); a file's real path is its folder's
+    real path plus its name unless the file itself is a symlink, so one ``lstat`` per file suffices.
+    """
+
+    def __init__(self, root: Path, real_root: Path):
+        self.root = str(root)
+        self.real_root = str(real_root)
+        self._folders: dict[str, str] = {}
+
+    def inside(self, raw: str) -> bool:
+        full = os.path.join(self.root, raw)
+        folder, name = os.path.split(full)
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            real_folder = self._folders[folder] = os.path.realpath(folder)
+        real = os.path.realpath(full) if os.path.islink(full) else os.path.join(real_folder, name)
+        return real == self.real_root or real.startswith(self.real_root.rstrip(os.sep) + os.sep)
+
+
+def _path_problem(raw: str, resolver: _Resolver) -> str | None:
     posix = PurePosixPath(raw)
     if posix.is_absolute() or (len(raw) > 1 and raw[1] == ":") or raw.startswith("\\"):
         return "is absolute; paths must be relative to the dataset root"
     if ".." in posix.parts:
         return "contains '..' and would leave the dataset root"
-    if not _inside(real_root, root / raw):
+    if not resolver.inside(raw):
         return "resolves (through a symlink) to a place outside the dataset root"
     return None
 
@@ -214,18 +246,38 @@ def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, worker
         except ImageProblem as problem:
             return index, None, problem.reason
 
+    def verify_all(chunk: list[tuple[int, str]]) -> list:
+        return [verify(item) for item in chunk]
+
     records: dict = {}
     problems: list[tuple[int, str]] = []
     items = list(zip(listing.index, listing["path"], strict=True))
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
-        results = pool.map(verify, items, chunksize=64)
-        for index, record, reason in tqdm(results, total=len(items), desc="Verifying images", unit="img",
-                                          disable=not progress):
-            if reason is None:
-                records[index] = {
-                    "width": record.width, "height": record.height, "mode": record.mode,
-                    "channels": record.channels, "bit_depth": record.bit_depth,
-                    "file_size": record.file_size, "content_hash": record.content_hash}
-            else:
-                problems.append((index, reason))
+    # Several images per task: ThreadPoolExecutor.map ignores ``chunksize``, and one future per small
+    # image costs as much as decoding it.
+    chunks = [items[start:start + VERIFY_CHUNK] for start in range(0, len(items), VERIFY_CHUNK)]
+
+    def timed_first_chunk() -> list:
+        # Measured, not guessed: when an image decodes in less time than the Python around it (small
+        # PNGs), more threads only contend for the GIL (70,000 28x28 PNGs: 3.1 s on 1 thread, 5.2 s on 2).
+        nonlocal workers
+        start = time.perf_counter()
+        results = verify_all(chunks[0])
+        if workers is None and (time.perf_counter() - start) / len(chunks[0]) < SMALL_IMAGE_SECONDS:
+            workers = 1
+        return results
+
+    with tqdm(total=len(items), desc="Verifying images", unit="img", disable=not progress) as bar:
+        first = [timed_first_chunk()] if chunks else []
+        pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2)
+        with pool:
+            for results in itertools.chain(first, pool.map(verify_all, chunks[1:])):
+                bar.update(len(results))
+                for index, record, reason in results:
+                    if reason is None:
+                        records[index] = {
+                            "width": record.width, "height": record.height, "mode": record.mode,
+                            "channels": record.channels, "bit_depth": record.bit_depth,
+                            "file_size": record.file_size, "content_hash": record.content_hash}
+                    else:
+                        problems.append((index, reason))
     return records, problems
