@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import weakref
@@ -38,8 +39,11 @@ def free_port() -> int:
 def served(workspace: Path, timeout: float = 90.0):
     """Run ``robustlens serve`` on a free loopback port; yields the base URL."""
     port = free_port()
+    # Server output goes to a file, not a pipe nobody reads (a pipe would block the server once its
+    # ~64 KB buffer filled); it is shown when the server fails to come up.
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
     process = subprocess.Popen([sys.executable, "-m", "robustlens.cli", "serve", str(workspace), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -51,8 +55,9 @@ def served(workspace: Path, timeout: float = 90.0):
             except OSError:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                output = process.stdout.read() if process.poll() is not None else "(still running)"
-                raise RuntimeError(f"dashboard did not come up on {url}: {output}")
+                log.seek(0)
+                state = "exited" if process.poll() is not None else "still running"
+                raise RuntimeError(f"dashboard did not come up on {url} ({state}): {log.read()[-4000:]}")
             time.sleep(0.3)
         yield url
     finally:
@@ -61,6 +66,7 @@ def served(workspace: Path, timeout: float = 90.0):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
 def wait_for_app_idle(page, timeout_ms: int = 60_000) -> None:

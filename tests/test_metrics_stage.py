@@ -239,6 +239,23 @@ def test_dct_matrix_matches_scipy():
     np.testing.assert_allclose(matrix, fft.dct(np.eye(32), norm="ortho", axis=0), atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(40, 1, 28, 28), (20, 3, 37, 53), (5, 3, 300, 200)])
+def test_phash_equals_resize_then_dct_at_other_sizes(shape):
+    """The folded resize+DCT matrices give the hash of the literal recipe: antialiased resize to 32x32,
+    2-D DCT, top-left 8x8 against the median of its 63 AC values."""
+    import torch.nn.functional as F
+    from robustlens.analysis.builtin_metrics import luminance
+
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
+    small = F.interpolate(luminance(images).unsqueeze(1).double(), size=(32, 32), mode="bilinear",
+                          align_corners=False, antialias=True)[:, 0]
+    dct = metrics_stage._dct_matrix(32, torch.float64, torch.device("cpu"))
+    block = (dct @ small @ dct.T)[:, :8, :8].reshape(len(images), -1)
+    bits = (block > block[:, 1:].median(dim=1, keepdim=True).values).numpy()
+    expected = np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
+    np.testing.assert_array_equal(metrics_stage.perceptual_hash(images), expected)
+
+
 def test_phash_matches_a_scipy_reference_on_a_32x32_image():
     rng = np.random.default_rng(0)
     image = ndimage.gaussian_filter(rng.random((32, 32)), 2.0)
@@ -390,7 +407,19 @@ def test_adding_images_computes_only_the_new_ones(tmp_path):
     third = metrics_stage.run(StageContext(workspace, progress=False), config)
     assert (third["computed"], third["cached"]) == (0, 55) and metrics_plugin.CALLS["images"] == before
     cache_dirs = list(workspace.artifact_path("cache").glob("metrics-*"))
-    assert len(cache_dirs) == 1 and len(list(cache_dirs[0].glob("chunk-*.parquet"))) == 1  # compacted
+    assert len(cache_dirs) == 1
+    chunks = sorted(cache_dirs[0].glob("chunk-*.parquet"))
+    cached = pd.concat([pd.read_parquet(chunk) for chunk in chunks])["content_hash"]
+    assert sorted(cached) == sorted(set(workspace.samples["content_hash"]))  # each image once, none stale
+    # Too many chunks, or stale rows, make the cache merge into one chunk.
+    from robustlens.analysis.stages.base import HashCache
+
+    HashCache(cache_dirs[0]).compact(set(workspace.samples["content_hash"]), max_chunks=1)
+    assert len(list(cache_dirs[0].glob("chunk-*.parquet"))) == 1
+    keep = set(list(workspace.samples["content_hash"])[:10])
+    HashCache(cache_dirs[0]).compact(keep)
+    (merged,) = cache_dirs[0].glob("chunk-*.parquet")
+    assert set(pd.read_parquet(merged)["content_hash"]) == keep
 
 
 def test_batch_size_does_not_invalidate_the_cache(tmp_path):

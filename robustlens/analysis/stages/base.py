@@ -75,6 +75,10 @@ def fingerprint(*parts) -> str:
     return digest.hexdigest()[:24]
 
 
+#: Cache chunk files tolerated before :meth:`HashCache.compact` merges them.
+COMPACT_CHUNKS = 64
+
+
 class HashCache:
     """Per-image results keyed by content hash, stored as atomically written chunk files.
 
@@ -102,11 +106,21 @@ class HashCache:
         name = f"chunk-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
         storage.write_parquet(self.directory / name, frame)
 
-    def compact(self, keep_hashes: set[str] | None = None) -> None:
-        """Merge chunks into one (optionally dropping hashes no longer in the workspace)."""
+    def compact(self, keep_hashes: set[str] | None = None, *, max_chunks: int = COMPACT_CHUNKS) -> None:
+        """Merge the chunks into one when there are more than ``max_chunks`` of them, or when some hold
+        rows that are stale (hashes outside ``keep_hashes``) or repeated; otherwise leave them.
+
+        Rewriting every run cost a full read and write of the cache (~3 s for the 70,000-image
+        embeddings cache); deciding needs only the hash column.
+        """
         chunks = sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
         if len(chunks) <= 1 and keep_hashes is None:
             return
+        if len(chunks) <= max_chunks:
+            hashes = pd.concat([pd.read_parquet(c, columns=["content_hash"]) for c in chunks])["content_hash"]
+            stale = keep_hashes is not None and not hashes.isin(keep_hashes).all()
+            if not stale and not hashes.duplicated().any():
+                return
         frame = self.load()
         if keep_hashes is not None:
             frame = frame[frame["content_hash"].isin(keep_hashes)]

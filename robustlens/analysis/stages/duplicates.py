@@ -40,6 +40,8 @@ Outputs:
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +51,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from robustlens.analysis.ingest.dataset import UNSPECIFIED_SPLIT
+from robustlens.analysis.loader import torch_threads
 from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, load_sample_array, read_artifact,
                                              write_artifact)
 from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
@@ -237,9 +240,17 @@ def candidate_pairs(context: StageContext, embeddings: np.ndarray, thumbnails: n
     k = min(config.n_neighbors, n - 1)
     if k < 1:
         return np.zeros((0, 2), dtype=np.int64)
-    indices, distances = neighbor_graph(context, k)
-    signature = shift_signature(thumbnails)
-    sig_indices, _ = knn_search(signature, k, random_state=context.random_state)
+    def signature_graph() -> tuple[np.ndarray, np.ndarray]:
+        signature = shift_signature(thumbnails)
+        return signature, knn_search(signature, k, random_state=context.random_state)[0]
+
+    # The two searches are independent and release the GIL: the signature graph is built on a second
+    # thread while this one builds (or loads) the embedding graph; one intra-op thread each, so no
+    # OpenMP pool spins on a core the other thread needs.
+    with torch_threads(1), ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustlens-signature") as pool:
+        pending = pool.submit(signature_graph)
+        indices, distances = neighbor_graph(context, k)
+        signature, sig_indices = pending.result()
     pairs = np.concatenate([_graph_pairs(indices, 1.0 - distances >= config.min_embedding_cosine),
                             _graph_pairs(sig_indices, np.ones(sig_indices.shape, dtype=bool))])
     pairs = np.sort(pairs, axis=1)
@@ -284,16 +295,23 @@ def confirm_pairs(thumbnails: np.ndarray, pairs: np.ndarray, config: Config, *,
     # skip the phase step (same means as compare_thumbnails; the margin covers summation order).
     means = torch.from_numpy(thumbnails).float().div_(255.0).mean(dim=(1, 2)).numpy()
     possible = np.flatnonzero(np.abs(means[pairs[:, 0]] - means[pairs[:, 1]]) <= config.max_mean_difference + 1e-5)
-    for start in range(0, len(possible), COMPARE_CHUNK):
-        rows = possible[start:start + COMPARE_CHUNK]
+    def peaks_of(rows: np.ndarray) -> None:
         chunk = pairs[rows]
         peak[rows] = phase_peaks(codes[chunk[:, 0]], codes[chunk[:, 1]], flat[chunk[:, 0]], flat[chunk[:, 1]],
                                  height=height, width=width)
-    survivors = np.flatnonzero(peak >= config.min_phase_peak)
-    for start in range(0, len(survivors), COMPARE_CHUNK):
-        rows = survivors[start:start + COMPARE_CHUNK]
+
+    def compare(rows: np.ndarray) -> None:
         ncc[rows], difference[rows], mean_gap[rows], _ = compare_thumbnails(
             thumbnails[pairs[rows, 0]], thumbnails[pairs[rows, 1]], max_shift=config.max_shift)
+
+    # Chunks are independent: one per core, each on one intra-op thread (torch releases the GIL).
+    workers = max(1, os.cpu_count() or 1)
+    with torch_threads(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustlens-pairs") as pool:
+        list(pool.map(peaks_of, [possible[start:start + COMPARE_CHUNK]
+                                 for start in range(0, len(possible), COMPARE_CHUNK)]))
+        survivors = np.flatnonzero(peak >= config.min_phase_peak)
+        list(pool.map(compare, [survivors[start:start + COMPARE_CHUNK]
+                                for start in range(0, len(survivors), COMPARE_CHUNK)]))
     near = ((peak >= config.min_phase_peak) & (ncc <= config.max_ncc_distance)
             & (difference <= config.max_pixel_difference) & (mean_gap <= config.max_mean_difference))
     if config.phash_max_distance is not None and phash is not None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -322,12 +323,24 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     pixel_missing = set(first.index[need_pixels])
     vector_missing = set(first.index[need_vectors])
     paths = samples["path"].tolist()
-    with torch.no_grad(), torch_threads(compute_threads()):
+    def vectors_of(chosen: list[np.ndarray]) -> np.ndarray:
+        with torch.no_grad():  # grad mode is per thread
+            return extract(chosen).detach().cpu().numpy().astype(np.float32, copy=False)
+
+    # The model runs on a second thread while this one computes the pixel descriptors: torch releases
+    # the GIL, and with one intra-op thread each the two use both cores without OpenMP spinning.
+    with torch.no_grad(), torch_threads(compute_threads()), \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustlens-model") as model_pool:
         batches = iter_decoded(context.workspace.dataset_root, paths, todo, batch_size=batch_size,
                                workers=context.workers or decode_workers(samples), progress=context.progress,
                                memo=context.pixels, desc="Embeddings")
         for indices, pixels in batches:
             batch_hashes = hashes[indices]
+            wanted = np.fromiter((h in vector_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
+            vectors = None
+            if extract is not None and wanted.any():
+                vectors = model_pool.submit(vectors_of, [pixels[i] for i in np.flatnonzero(wanted)])
+                vector_hashes = batch_hashes[wanted]
             wanted = np.fromiter((h in pixel_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
             if wanted.any():
                 chosen = [pixels[i] for i in np.flatnonzero(wanted)]
@@ -336,12 +349,9 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
                     "content_hash": batch_hashes[wanted],
                     "raw": [row.tobytes() for row in raw.cpu().numpy().astype(np.float32, copy=False)],
                     "thumbnail": [row.tobytes() for row in thumbs.cpu().numpy()]}))
-            wanted = np.fromiter((h in vector_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
-            if extract is not None and wanted.any():
-                chosen = [pixels[i] for i in np.flatnonzero(wanted)]
-                vectors = extract(chosen).detach().cpu().numpy().astype(np.float32, copy=False)
-                model_cache.add(pd.DataFrame({"content_hash": batch_hashes[wanted],
-                                              "vector": [row.tobytes() for row in vectors]}))
+            if vectors is not None:
+                model_cache.add(pd.DataFrame({"content_hash": vector_hashes,
+                                              "vector": [row.tobytes() for row in vectors.result()]}))
     keep = set(hashes)
     pixel_cache.compact(keep_hashes=keep)
     if model_cache is not None:
