@@ -286,3 +286,23 @@ def test_neighbor_graph_switches_to_approximate_search_above_the_limit(model_run
     stored = np.load(workspace.artifact_path("embeddings.npy")).astype(np.float64)
     cosine = np.einsum("ij,ikj->ik", stored, stored[indices])
     np.testing.assert_allclose(1.0 - distances, cosine, atol=1e-5)
+
+
+def test_fallback_reduction_equals_pca_of_standardised_descriptors():
+    """fit_reduce works in float32 for speed: its scores still equal scikit-learn's float64 PCA of the
+    standardised descriptors, up to each component's sign, to 1e-5 relative."""
+    from sklearn.decomposition import PCA
+
+    from robustlens.analysis import fallback_features
+
+    rng = np.random.default_rng(1)
+    raw = (rng.normal(size=(3000, 40)) @ rng.normal(size=(40, 120)) + 5.0).astype(np.float32)
+    raw[:, 7] = 0.25  # a constant feature stays at zero instead of dividing by zero
+    ours = fallback_features.fit_reduce(raw, 16)
+    assert ours.dtype == np.float32 and ours.shape == (3000, 16)
+    data = raw.astype(np.float64)
+    scale = data.std(0)
+    standard = (data - data.mean(0)) / np.where(scale > 1e-8, scale, 1.0)
+    reference = PCA(16, svd_solver="full").fit_transform(standard)
+    signs = np.sign((ours * reference).sum(0))
+    np.testing.assert_allclose(ours * signs, reference, atol=1e-5 * np.abs(reference).max())

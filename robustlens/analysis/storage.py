@@ -57,9 +57,9 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
-    """Write ``frame`` (index dropped) to Parquet atomically."""
-    return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+def write_parquet(path: str | Path, frame: pd.DataFrame, **options) -> Path:
+    """Write ``frame`` (index dropped) to Parquet atomically; ``options`` go to ``DataFrame.to_parquet``."""
+    return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False, **options))
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from robustlens.analysis import storage
 from robustlens.analysis.loader import PixelMemo
@@ -99,12 +101,22 @@ class HashCache:
         frame = pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True)
         return frame.drop_duplicates("content_hash", keep="last").reset_index(drop=True)
 
+    def load_table(self, columns: list[str]) -> pa.Table | None:
+        """``columns`` of every chunk as one Arrow table (rows may repeat a hash; later rows win), or
+        ``None`` when the cache is empty. Binary columns stay Arrow buffers: no Python object per row."""
+        chunks = sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
+        if not chunks:
+            return None
+        return pa.concat_tables([pq.read_table(chunk, columns=columns) for chunk in chunks])
+
     def add(self, frame: pd.DataFrame) -> None:
         """Persist a chunk of results (must include ``content_hash``)."""
         if frame.empty:
             return
         name = f"chunk-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
-        storage.write_parquet(self.directory / name, frame)
+        # Uncompressed: the bulky columns are float / pixel bytes that snappy barely shrinks, at twice
+        # the write time.
+        storage.write_parquet(self.directory / name, frame, compression=None)
 
     def compact(self, keep_hashes: set[str] | None = None, *, max_chunks: int = COMPACT_CHUNKS) -> None:
         """Merge the chunks into one when there are more than ``max_chunks`` of them, or when some hold

@@ -51,7 +51,7 @@ FINGERPRINT_VERSION = "2"
 PHASH_SIZE = 32
 PHASH_BLOCK = 8
 #: Largest number of float32 values stacked into one tensor (bounds memory for large images).
-MAX_STACK_ELEMENTS = 1 << 17
+MAX_STACK_ELEMENTS = 1 << 19
 
 
 @dataclass
