@@ -68,10 +68,13 @@ def auto_batch_size(samples, *, smallest: int = 64, largest: int = 4096) -> int:
     """
     if len(samples) == 0:
         return smallest
-    values = (samples["width"].to_numpy(np.int64) * samples["height"].to_numpy(np.int64)
-              * samples["channels"].to_numpy(np.int64))
-    typical = max(1, int(np.median(values)))
-    return int(min(largest, max(smallest, BATCH_VALUES // typical)))
+    return int(min(largest, max(smallest, BATCH_VALUES // max(1, _typical_values(samples)))))
+
+
+def _typical_values(samples) -> int:
+    """Median pixel values per image (width × height × channels) of the sample table."""
+    return int(np.median(samples["width"].to_numpy(np.int64) * samples["height"].to_numpy(np.int64)
+                         * samples["channels"].to_numpy(np.int64)))
 
 
 #: Pixel values (median over the dataset) up to which images count as tiny: decoding one costs less
@@ -84,9 +87,7 @@ def decode_workers(samples) -> int:
     """Decoder threads for ``samples``: one for tiny images, else :func:`default_workers`."""
     if len(samples) == 0:
         return 1
-    values = (samples["width"].to_numpy(np.int64) * samples["height"].to_numpy(np.int64)
-              * samples["channels"].to_numpy(np.int64))
-    return 1 if np.median(values) <= TINY_IMAGE_VALUES else default_workers()
+    return 1 if _typical_values(samples) <= TINY_IMAGE_VALUES else default_workers()
 
 
 def default_workers() -> int:

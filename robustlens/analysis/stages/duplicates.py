@@ -40,7 +40,6 @@ Outputs:
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -51,7 +50,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from robustlens.analysis.ingest.dataset import UNSPECIFIED_SPLIT
-from robustlens.analysis.loader import torch_threads
+from robustlens.analysis.loader import default_workers, torch_threads
 from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, load_sample_array, read_artifact,
                                              write_artifact)
 from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
@@ -306,8 +305,8 @@ def confirm_pairs(thumbnails: np.ndarray, pairs: np.ndarray, config: Config, *,
             thumbnails[pairs[rows, 0]], thumbnails[pairs[rows, 1]], max_shift=config.max_shift)
 
     # Chunks are independent: one per core, each on one intra-op thread (torch releases the GIL).
-    workers = max(1, os.cpu_count() or 1)
-    with torch_threads(1), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustlens-pairs") as pool:
+    with torch_threads(1), \
+            ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="robustlens-pairs") as pool:
         list(pool.map(peaks_of, [possible[start:start + COMPARE_CHUNK]
                                  for start in range(0, len(possible), COMPARE_CHUNK)]))
         survivors = np.flatnonzero(peak >= config.min_phase_peak)

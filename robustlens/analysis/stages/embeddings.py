@@ -128,7 +128,8 @@ def run(context: StageContext, config: Config) -> dict:
 
     pixel_cache = cache_for(context, "embeddings_pixels", {"version": fallback_features.FEATURE_VERSION})
     model_cache = cache_for(context, ARTIFACT, identity) if source == "model" else None
-    computed = _fill_caches(context, pixel_cache, model_cache, batch_size=config.batch_size or auto_batch_size(samples), extract=extract)
+    computed = _fill_caches(context, pixel_cache, model_cache, extract=extract,
+                            batch_size=config.batch_size or auto_batch_size(samples))
     hashes = samples["content_hash"].to_numpy(dtype=str)
     raw = _stack_blobs(pixel_cache, "raw", hashes, np.float32)
     size = fallback_features.WORK_SIZE
