@@ -128,6 +128,61 @@ def test_overview_shows_counts_accuracy_and_issue_examples(analysed_template, mo
     assert "description" in slices.columns and len(slices) == 5
 
 
+def _run_slices_stage(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The real slices stage on the workspace (the fixture's slice tables are synthetic, without masks)."""
+    from robustlens.analysis.stages import slices
+    from robustlens.analysis.stages.base import StageContext
+
+    workspace = Workspace(root)
+    slices.run(StageContext(workspace=workspace, progress=False, random_state=0), slices.Config())
+    return (pd.read_parquet(workspace.artifact_path("worst_slices.parquet")),
+            pd.read_parquet(workspace.artifact_path("slices.parquet")))
+
+
+def _select_row(app: AppTest, key_prefix: str, row: int) -> AppTest:
+    """Select one row of a slice table (AppTest cannot click a dataframe: its selection state is written)."""
+    generation = app.session_state[f"{key_prefix}.generation"] if f"{key_prefix}.generation" in app.session_state else 0
+    app.session_state[f"{key_prefix}.{generation}"] = {"selection": {"rows": [row], "columns": [], "cells": []}}
+    return app.run()
+
+
+def test_a_worst_slice_row_opens_the_explorer_on_exactly_its_samples(analysed_workspace, monkeypatch):
+    worst, all_slices = _run_slices_stage(analysed_workspace)
+    multi = worst.index[worst["n_conditions"] > 1]
+    position = int(multi[0]) if len(multi) else 0
+    chosen = worst.iloc[position]
+    app = make_app(analysed_workspace, monkeypatch)
+    assert_clean(app)
+    assert "Select a row to open that slice's samples in the explorer." in texts(app)
+    _select_row(app, "overview.worst", position)
+    assert_clean(app)
+    assert app.title[0].value == "Explorer"
+    assert f"**{int(chosen['size']):,}** of 2,000 samples" in texts(app)
+    assert app.query_params["slice"] == chosen["slice_id"]                   # a shareable link
+    assert any(chosen["description"] in info.value for info in app.info)     # the filter shows in the sidebar
+    table = load_sample_table(Workspace(analysed_workspace))
+    assert len(filter_ids(table, FilterSpec(slice=chosen["slice_id"]))) == chosen["size"]
+    # Narrowing in the sidebar keeps the slice; "Clear slice" drops it.
+    app.radio(key="flt.correct").set_value("incorrect").run()
+    assert f"**{int(chosen['errors']):,}** of 2,000 samples" in texts(app)
+    app.button(key="flt.clear_slice").click().run()
+    assert "slice" not in app.query_params
+    # Back on the overview, the old selection does not send the user away again.
+    goto(app, "overview")
+    assert app.title[0].value == "Overview"
+
+    # The performance page's full slice table opens a slice too, and the link itself opens it.
+    goto(app, "performance")
+    one = all_slices[all_slices["kind"] == "metric"].iloc[0]
+    _select_row(app, "perf.slices", int(one.name))
+    assert_clean(app)
+    assert app.title[0].value == "Explorer" and app.query_params["slice"] == one["slice_id"]
+    assert f"**{int(one['size']):,}** of 2,000 samples" in texts(app)
+    link = make_app(analysed_workspace, monkeypatch, query={"slice": chosen["slice_id"]})
+    goto(link, "explorer")
+    assert f"**{int(chosen['size']):,}** of 2,000 samples" in texts(link)
+
+
 def test_overview_of_a_plain_workspace(sample_workspace, monkeypatch):
     app = make_app(sample_workspace, monkeypatch)
     assert_clean(app)
@@ -406,3 +461,16 @@ def test_export_saves_files_on_the_server(app, analysed_workspace, table):
     app.button(key="export.imagefolder").click().run()
     folder = Path(analysed_workspace) / "exports" / "imagefolder-filtered"
     assert len(list(folder.glob("trouser/*.png"))) == len(written)
+
+
+def test_slice_rows_map_to_filters():
+    from robustlens.dashboard.widgets import slice_spec
+
+    known = {"s0123456789ab"}
+    assert slice_spec(pd.Series({"slice_id": "all", "kind": "all"}), known) == FilterSpec()
+    assert slice_spec(pd.Series({"slice_id": "s0123456789ab", "kind": "discovered"}), known) == \
+        FilterSpec(slice="s0123456789ab")
+    # The robustness stage's own class slices (no slice analysis) are label filters.
+    assert slice_spec(pd.Series({"slice_id": "label=coat", "kind": "class"}), set()) == FilterSpec(labels=["coat"])
+    # Ids the slice analysis does not hold (e.g. a table without stored masks) cannot be opened.
+    assert slice_spec(pd.Series({"slice_id": 3, "kind": "class"}), known) is None

@@ -238,3 +238,16 @@ def test_filter_is_fast_on_a_large_table(table):
     positions = filter_positions(big, spec)
     assert time.perf_counter() - start < 1.0
     assert len(positions) == 50 * len(filter_positions(table, spec))
+
+
+def test_slice_field_validates_and_round_trips_through_the_url():
+    spec = FilterSpec(slice="s0123456789ab", labels=["coat"], sort_by="metric.brightness")
+    params = to_query_params(spec)
+    assert params["slice"] == "s0123456789ab"
+    assert from_query_params(params) == spec
+    assert FilterSpec.from_json(spec.to_json()) == spec and not spec.is_empty()
+    assert "in slice s0123456789ab" in spec.describe()
+    with pytest.raises(FilterError, match="slice"):
+        FilterSpec(slice="  ")
+    with pytest.raises(FilterError, match="slice"):
+        FilterSpec.from_dict({"slice": 3})

@@ -238,3 +238,67 @@ def test_without_predictions_slices_degrade_and_say_so(bare_workspace):
     assert len(pd.read_parquet(workspace.artifact_path("worst_slices.parquet"))) == 0
     with pytest.raises(ValueError, match="unknown prediction set"):
         slices.run(StageContext(workspace=workspace, progress=False), slices.Config(prediction_set="x"))
+
+
+# -- a slice as a filter (the explorer opens a slice's members) ------------------------------------------------
+
+def _satisfies(table: pd.DataFrame, predicate: pd.Series, clusters: pd.Series) -> np.ndarray:
+    """Whether each row of the sample table meets one base predicate, recomputed from the table's columns."""
+    feature, kind = predicate["feature"], predicate["kind"]
+    if kind == "class":
+        return (table["label"].astype(str) == predicate["value"]).to_numpy()
+    if kind == "cluster":
+        return (table["id"].map(clusters) == int(predicate["value"])).to_numpy()
+    if kind == "issue":
+        return (table[feature].fillna(0) > 0).to_numpy()
+    column = feature if kind == "metadata" else f"metric.{feature}"
+    if np.isnan(predicate["lower"]):
+        return (table[column].astype(str) == predicate["value"]).to_numpy()
+    values = table[column].to_numpy(dtype=float)
+    return (values >= predicate["lower"]) & (values <= predicate["upper"])
+
+
+def test_a_slice_filter_keeps_exactly_the_slice_members(planted):
+    from robustlens.analysis.filters import (FilterError, FilterSpec, apply_filter, filter_ids, from_query_params,
+                                             prune_spec, to_query_params)
+    from robustlens.analysis.sample_table import load_sample_table
+
+    workspace = Workspace(planted["root"])
+    table = load_sample_table(workspace)
+    all_slices = pd.read_parquet(workspace.artifact_path("slices.parquet"))
+    worst = pd.read_parquet(workspace.artifact_path("worst_slices.parquet"))
+    predicates = pd.read_parquet(workspace.artifact_path("slice_predicates.parquet")).set_index("predicate_id")
+    clusters = pd.read_parquet(workspace.artifact_path("slice_clusters.parquet")).set_index("id")["cluster"]
+    kinds_of = all_slices["predicate_ids"].map(lambda ids: {predicates.loc[i, "kind"] for i in ids})
+    chosen = [all_slices[all_slices["kind"] == kind].iloc[0] for kind in ("class", "metadata", "metric", "cluster")]
+    chosen += [all_slices[all_slices["n_conditions"] == n].iloc[0] for n in (2, 3)]
+    chosen.append(all_slices[(all_slices["n_conditions"] > 1) & kinds_of.map(lambda k: "metric" in k)].iloc[0])
+    chosen.append(all_slices[(all_slices["n_conditions"] > 1)
+                             & kinds_of.map(lambda k: bool(k & {"metadata", "class"}))].iloc[0])
+    chosen += [worst.iloc[0], worst.iloc[-1]]
+    for row in chosen:
+        spec = FilterSpec(slice=row["slice_id"])
+        mask = apply_filter(table, spec)
+        assert mask.sum() == row["size"], row["description"]
+        expected = np.ones(len(table), dtype=bool)
+        for i in row["predicate_ids"]:
+            expected &= _satisfies(table, predicates.loc[i], clusters)
+        assert np.array_equal(mask, expected), row["description"]
+        # The URL (a shared link) and the stored form keep the slice; it combines with other conditions.
+        params = to_query_params(spec)
+        assert params == {"slice": row["slice_id"]}
+        assert from_query_params(params) == spec == FilterSpec.from_json(spec.to_json())
+        narrowed = filter_ids(table, FilterSpec(slice=row["slice_id"], labels=["coat"]))
+        assert set(narrowed) == set(table["id"][mask & (table["label"] == "coat").to_numpy()])
+    planted_row = all_slices[all_slices["description"].map(_is_planted)].iloc[0]
+    assert np.array_equal(apply_filter(table, FilterSpec(slice=planted_row["slice_id"])), planted["planted_mask"])
+    assert "in slice" in " ".join(FilterSpec(slice=planted_row["slice_id"]).describe())
+
+    # An unknown slice (an old link) is an explained error, and pruned from a link's filter.
+    with pytest.raises(FilterError, match="no slice"):
+        apply_filter(table, FilterSpec(slice="s-not-there"))
+    pruned, problems = prune_spec(table, FilterSpec(slice="s-not-there", labels=["coat"]))
+    assert pruned == FilterSpec(labels=["coat"]) and problems
+    # A table not loaded from a workspace cannot resolve slices.
+    with pytest.raises(FilterError, match="sample table of a workspace"):
+        apply_filter(pd.DataFrame({"id": ["a"]}), FilterSpec(slice=planted_row["slice_id"]))

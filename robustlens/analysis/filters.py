@@ -17,6 +17,8 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -73,6 +75,11 @@ class FilterSpec:
         Explicit sample ids (e.g. a grid selection).
     region:
         Polygon ``[[x, y], …]`` on the embedding map (``map.x``, ``map.y``), e.g. a lasso.
+    slice:
+        ``slice_id`` of a row of ``artifacts/slices.parquet`` (also ``worst_slices`` / ``robustness_slices``):
+        keeps exactly the slice's members, from the masks the slices stage counted them with
+        (:func:`robustlens.analysis.stages.slices.slice_mask`). Needs a table from
+        :func:`~robustlens.analysis.sample_table.load_sample_table` (it knows its workspace).
     sort_by, descending:
         Sort column (``None``: table order) and direction; missing values sort last.
     """
@@ -92,6 +99,7 @@ class FilterSpec:
     text: str = ""
     ids: list[str] = field(default_factory=list)
     region: list[list[float]] = field(default_factory=list)
+    slice: str | None = None
     sort_by: str | None = None
     descending: bool = False
 
@@ -117,6 +125,8 @@ class FilterSpec:
                     raise FilterError(f"range for '{column}': bounds must be numbers or null, got {bound!r}")
             if low is not None and high is not None and low > high:
                 raise FilterError(f"range for '{column}': low {low} is above high {high}")
+        if self.slice is not None and (not isinstance(self.slice, str) or not self.slice.strip()):
+            raise FilterError(f"'slice' must be a slice id (text), got {self.slice!r}")
         if self.region and (len(self.region) < 3 or any(len(point) != 2 for point in self.region)):
             raise FilterError("region must be a polygon of at least 3 [x, y] points")
         for name in ("labels", "splits", "predicted", "issues", "tags", "collections", "ids"):
@@ -194,6 +204,8 @@ class FilterSpec:
             lines.append(f"{len(self.ids):,} selected sample(s)")
         if self.region:
             lines.append(f"map region ({len(self.region)}-point polygon)")
+        if self.slice:
+            lines.append(f"in slice {self.slice}")
         return lines
 
 
@@ -246,6 +258,8 @@ def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader
         mask &= table["id"].isin(spec.ids).to_numpy()
     if spec.region:
         mask &= region_mask(table, spec.region)
+    if spec.slice:
+        mask &= slice_mask(table, spec.slice)
     if spec.tags or spec.collections or spec.review:
         if curation is None:
             raise FilterError("this filter uses tags, collections or review states: it needs the curation database")
@@ -323,6 +337,50 @@ def region_mask(table: pd.DataFrame, polygon: Sequence[Sequence[float]]) -> np.n
     return inside
 
 
+#: ``table.attrs`` key under which :func:`~robustlens.analysis.sample_table.load_sample_table` records the
+#: workspace root (slice filters read that workspace's slice masks).
+WORKSPACE_ATTR = "robustlens.workspace"
+
+
+def slice_mask(table: pd.DataFrame, slice_id: str) -> np.ndarray:
+    """Rows of ``table`` in slice ``slice_id`` of its workspace's ``slices.parquet``.
+
+    The slices stage's own membership (:func:`~robustlens.analysis.stages.slices.slice_mask`: the AND of
+    the slice's bit-packed predicate rows) — the samples its ``size`` counted, nothing re-derived.
+    """
+    root = table.attrs.get(WORKSPACE_ATTR)
+    if not root:
+        raise FilterError("a slice filter needs the sample table of a workspace (load_sample_table)")
+    stamps = []
+    for name in ("samples.parquet", "artifacts/slices.parquet", "artifacts/slice_predicate_masks.npy"):
+        path = Path(root) / name
+        stamps.append((path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None)
+    if slice_id != "all" and stamps[1] is None:
+        raise FilterError(f"no slice '{slice_id}': this workspace has no slice analysis (run `robustlens analyze`)")
+    mask = _cached_slice_mask(str(root), slice_id, tuple(stamps))
+    if len(mask) != len(table):
+        raise FilterError(f"slice '{slice_id}' covers {len(mask):,} samples, the table has {len(table):,}: "
+                          "the slices are stale, run `robustlens analyze` again")
+    return mask.copy()
+
+
+@lru_cache(maxsize=16)
+def _cached_slice_mask(root: str, slice_id: str, stamps: tuple) -> np.ndarray:
+    from robustlens.analysis.stages.slices import slice_mask as stage_slice_mask
+    from robustlens.analysis.workspace import Workspace
+
+    try:
+        mask = stage_slice_mask(Workspace(root), slice_id)
+    except KeyError as exc:
+        raise FilterError(f"no slice '{slice_id}' in this workspace's slice analysis "
+                          "(from an older analysis run?)") from exc
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise FilterError(f"slice '{slice_id}' cannot be resolved: {exc}") from exc
+    mask = np.asarray(mask, dtype=bool)
+    mask.setflags(write=False)
+    return mask
+
+
 def check_spec(table: pd.DataFrame, spec: FilterSpec) -> list[str]:
     """Problems that would make ``spec`` fail or match nothing on ``table`` (unknown columns, labels…)."""
     problems = []
@@ -341,6 +399,11 @@ def check_spec(table: pd.DataFrame, spec: FilterSpec) -> list[str]:
         problems.append(f"no column '{spec.sort_by}' to sort by")
     if spec.region and "map.x" not in columns:
         problems.append("no embedding map for the region filter")
+    if spec.slice:
+        try:
+            slice_mask(table, spec.slice)
+        except FilterError as exc:
+            problems.append(str(exc))
     if spec.predicted or spec.correctness != "any" or spec.prediction_set:
         try:
             resolve_prediction_set(table, spec.prediction_set)
@@ -356,6 +419,12 @@ def prune_spec(table: pd.DataFrame, spec: FilterSpec) -> tuple[FilterSpec, list[
         return spec, []
     columns = set(table.columns)
     issue_columns = {c.removeprefix("issue.") for c in columns if c.startswith("issue.")}
+    slice_ok = True
+    if spec.slice:
+        try:
+            slice_mask(table, spec.slice)
+        except FilterError:
+            slice_ok = False
     try:
         prediction_set = resolve_prediction_set(table, spec.prediction_set)
         predictions_ok = True
@@ -367,6 +436,7 @@ def prune_spec(table: pd.DataFrame, spec: FilterSpec) -> tuple[FilterSpec, list[
         issues=[i for i in spec.issues if i in issue_columns],
         sort_by=spec.sort_by if spec.sort_by in columns else None,
         region=spec.region if "map.x" in columns else [],
+        slice=spec.slice if slice_ok else None,
         prediction_set=prediction_set if spec.prediction_set else None,
         predicted=spec.predicted if predictions_ok else [],
         correctness=spec.correctness if predictions_ok else "any")
@@ -377,7 +447,7 @@ def prune_spec(table: pd.DataFrame, spec: FilterSpec) -> tuple[FilterSpec, list[
 #: Query-string keys of a filter; ``r.<column>`` (range) and ``m.<name>`` (metadata) are families.
 LIST_KEYS = {"label": "labels", "split": "splits", "pred": "predicted", "issue": "issues", "tag": "tags",
              "coll": "collections", "review": "review", "id": "ids"}
-SCALAR_KEYS = ("pset", "correct", "issue_mode", "q", "region", "sort", "desc")
+SCALAR_KEYS = ("pset", "correct", "issue_mode", "q", "region", "slice", "sort", "desc")
 RANGE_PREFIX, META_PREFIX = "r.", "m."
 
 
@@ -410,6 +480,8 @@ def to_query_params(spec: FilterSpec) -> dict[str, str | list[str]]:
         params["q"] = spec.text
     if spec.region:
         params["region"] = ";".join(f"{repr(float(x))},{repr(float(y))}" for x, y in spec.region)
+    if spec.slice:
+        params["slice"] = spec.slice
     if spec.sort_by:
         params["sort"] = spec.sort_by
         if spec.descending:
@@ -446,6 +518,8 @@ def from_query_params(params: Mapping[str, str | Sequence[str]]) -> FilterSpec:
             values["text"] = last
         elif key == "region":
             values["region"] = _parse_region(last)
+        elif key == "slice":
+            values["slice"] = last
         elif key == "sort":
             values["sort_by"] = last
         elif key == "desc":

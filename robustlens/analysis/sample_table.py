@@ -118,6 +118,8 @@ def load_sample_table(workspace: Workspace, *, prediction_sets: Iterable[str] | 
     if "label_issue.suggested_label" in table.columns:
         table["label_issue.suggested_label"] = pd.Categorical(table["label_issue.suggested_label"],
                                                               categories=workspace.classes)
+    # Where the rows came from: slice filters read this workspace's slice masks (rows = samples order).
+    table.attrs["robustlens.workspace"] = str(workspace.root)
     return table
 
 

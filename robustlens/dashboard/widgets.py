@@ -263,7 +263,7 @@ def _spec_from_widgets(table: pd.DataFrame, previous: FilterSpec, bounds: dict) 
             metadata=metadata, issues=list(get(W + "issues") or []), issue_mode=get(W + "issue_mode") or "any",
             tags=list(get(W + "tags") or []), collections=list(get(W + "collections") or []),
             review=list(get(W + "review") or []), text=(get(W + "text") or "").strip(),
-            ids=previous.ids, region=previous.region,
+            ids=previous.ids, region=previous.region, slice=previous.slice,
             sort_by=get(W + "sort") or None, descending=bool(get(W + "desc")))
     except FilterError as exc:
         st.sidebar.error(f"Filter not applied: {exc}")
@@ -271,6 +271,9 @@ def _spec_from_widgets(table: pd.DataFrame, previous: FilterSpec, bounds: dict) 
 
 
 def _selection_chips(table: pd.DataFrame, spec: FilterSpec) -> None:
+    if spec.slice:
+        st.sidebar.info(f"Slice: {slice_description(spec.slice)}", icon=":material/pie_chart:")
+        st.sidebar.button("Clear slice", on_click=_update_filter, kwargs={"slice": None}, key=W + "clear_slice")
     if spec.region:
         st.sidebar.info(f"Map region filter ({len(spec.region)}-point outline)", icon=":material/gesture:")
         st.sidebar.button("Clear map region", on_click=_update_filter, kwargs={"region": []}, key=W + "clear_region")
@@ -463,6 +466,70 @@ def slice_columns(frame: pd.DataFrame) -> list[str]:
     """The slice-table columns worth showing, in order."""
     return [c for c in ("rank", "description", "size", "accuracy", "error_rate", "gap", "ci_low", "ci_high", "score")
             if c in frame.columns]
+
+
+def slice_description(slice_id: str) -> str:
+    """The ``description`` of slice ``slice_id`` in ``slices.parquet`` (the id itself when it is not there)."""
+    table = data.artifact("slices")
+    if table is not None and "slice_id" in table.columns:
+        match = table.loc[table["slice_id"].astype(str) == slice_id, "description"]
+        if len(match):
+            return str(match.iloc[0])
+    return slice_id
+
+
+def slice_spec(row: pd.Series, known: set[str]) -> FilterSpec | None:
+    """The filter that keeps exactly the samples of one slice-table row; ``None`` if it cannot be expressed.
+
+    ``all`` keeps everything; an id of ``slices.parquet`` (``known``) becomes :attr:`FilterSpec.slice`,
+    resolved with the slices stage's own masks; the robustness stage's own class slices (``label=<class>``,
+    written when the slices stage did not run) are label filters.
+    """
+    slice_id = row.get("slice_id")
+    if slice_id is None or (isinstance(slice_id, float) and math.isnan(slice_id)):
+        return None
+    slice_id = str(slice_id)
+    if slice_id == "all":
+        return FilterSpec()
+    if slice_id in known:
+        return FilterSpec(slice=slice_id)
+    if slice_id.startswith("label=") and row.get("kind") == "class":
+        return FilterSpec(labels=[slice_id.removeprefix("label=")])
+    return None
+
+
+def known_slice_ids() -> set[str]:
+    """Ids of the slices the filter engine can resolve: rows of ``slices.parquet`` written with their masks."""
+    table = data.artifact("slices")
+    if table is None or "slice_id" not in table.columns or "predicate_ids" not in table.columns:
+        return set()
+    if not data.workspace().artifact_path("slice_predicate_masks.npy").exists():
+        return set()
+    return set(table["slice_id"].astype(str))
+
+
+def slice_table(frame: pd.DataFrame, columns: list[str], *, key: str,
+                column_config: dict | None = None) -> None:
+    """A slice table whose rows open the explorer: selecting a row shows exactly that slice's samples there.
+
+    ``frame`` must hold ``slice_id`` (not necessarily shown). Without it the table is shown read-only.
+    """
+    if "slice_id" not in frame.columns:
+        st.dataframe(frame[columns], hide_index=True, width="stretch", column_config=column_config)
+        return
+    generation = st.session_state.get(f"{key}.generation", 0)
+    event = st.dataframe(frame[columns], hide_index=True, width="stretch", column_config=column_config,
+                         on_select="rerun", selection_mode="single-row", key=f"{key}.{generation}")
+    st.caption("Select a row to open that slice's samples in the explorer.")
+    rows = list(event.selection.get("rows", [])) if event is not None else []
+    if rows and 0 <= rows[0] < len(frame):
+        spec = slice_spec(frame.iloc[rows[0]], known_slice_ids())
+        if spec is not None:
+            # A fresh table key on return: the old selection must not send the user to the explorer again.
+            st.session_state[f"{key}.generation"] = generation + 1
+            open_in_explorer(spec)
+        st.warning("This slice's members are not stored (an older analysis): run `robustlens analyze` again "
+                   "to open slices in the explorer.")
 
 
 PERCENT = st.column_config.NumberColumn(format="percent")

@@ -113,8 +113,8 @@ def _worst_slices() -> None:
     if worst.empty:
         st.success("No slice is clearly worse than the rest.")
         return
-    st.dataframe(worst[widgets.slice_columns(worst)].head(10), hide_index=True, width="stretch",
-                 column_config=widgets.SLICE_FORMAT)
+    widgets.slice_table(worst.head(10), widgets.slice_columns(worst), key="overview.worst",
+                        column_config=widgets.SLICE_FORMAT)
 
 
 if __name__ == "__main__":

@@ -183,11 +183,10 @@ def _slices() -> None:
     worst = data.artifact("worst_slices")
     if worst is not None and not worst.empty:
         st.markdown("**Worst slices** (large and much worse than average)")
-        st.dataframe(worst[widgets.slice_columns(worst)], hide_index=True, width="stretch",
-                     column_config=widgets.SLICE_FORMAT)
+        widgets.slice_table(worst, widgets.slice_columns(worst), key="perf.worst", column_config=widgets.SLICE_FORMAT)
     with st.expander(f"All {len(slices):,} slices"):
-        st.dataframe(slices[widgets.slice_columns(slices)], hide_index=True, width="stretch",
-                     column_config=widgets.SLICE_FORMAT)
+        widgets.slice_table(slices, widgets.slice_columns(slices), key="perf.slices",
+                            column_config=widgets.SLICE_FORMAT)
 
 
 if __name__ == "__main__":

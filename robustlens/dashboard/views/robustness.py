@@ -223,10 +223,10 @@ def _slices() -> None:
     columns = ["worst_rank", "description", "kind", "n_samples", "n_attacked", "n_certified", *PERCENT_COLUMNS]
     config = {name: st.column_config.NumberColumn(name.replace("_", " "), format="percent") for name in PERCENT_COLUMNS}
     config["worst_rank"] = st.column_config.NumberColumn("rank", format="%d")
-    st.dataframe(shown[[c for c in columns if c in shown.columns]], hide_index=True, width="stretch",
-                 column_config=config, key="rob.slices")
+    widgets.slice_table(shown, [c for c in columns if c in shown.columns], key="rob.slices", column_config=config)
     st.caption("Intervals (Wilson 95 %) are in the artifact `robustness_slices.parquet`; per-sample scores "
-               "(`rob_*`) can be filtered and sorted in the explorer.")
+               "(`rob_*`) can be filtered and sorted in the explorer. A slice opened there shows all of its samples, "
+               "attacked or not.")
 
 
 # -- one sample ---------------------------------------------------------------------------------------------------
