@@ -190,3 +190,14 @@ def test_scanning_never_modifies_the_dataset(manifest_dataset):
     scan_dataset(root, manifest, progress=False)
     scan_dataset(root, progress=False)
     assert tree_digest(root.parent) == before
+
+
+@pytest.mark.parametrize("raw", ["a/b.png", "a//b.png", "./a.png", "a/./b.png", "a/b/", "a/.", ".", "",
+                                 "a/../b.png", "x.png", "a/.hidden.png", "a/b./c.png", "..", "a/..b/c.png"])
+def test_manifest_path_normalisation_matches_pathlib(raw):
+    """The fast path for already-clean manifest paths normalises exactly as PurePosixPath does."""
+    from pathlib import PurePosixPath
+
+    from robustlens.analysis.ingest.dataset import _normalise
+
+    assert _normalise(raw) == PurePosixPath(raw).as_posix()
