@@ -92,6 +92,7 @@ class HashCache:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self._written: dict[str, np.ndarray] = {}  # chunk file name → the hashes this object wrote there
 
     def load(self) -> pd.DataFrame:
         """All cached rows (a ``content_hash`` column plus the stage's columns), one per hash."""
@@ -117,6 +118,7 @@ class HashCache:
         # Uncompressed: the bulky columns are float / pixel bytes that snappy barely shrinks, at twice
         # the write time.
         storage.write_parquet(self.directory / name, frame, compression=None)
+        self._written[name] = frame["content_hash"].to_numpy()
 
     def compact(self, keep_hashes: set[str] | None = None, *, max_chunks: int = COMPACT_CHUNKS) -> None:
         """Merge the chunks into one when there are more than ``max_chunks`` of them, or when some hold
@@ -129,7 +131,10 @@ class HashCache:
         if len(chunks) <= 1 and keep_hashes is None:
             return
         if len(chunks) <= max_chunks:
-            hashes = pd.concat([pd.read_parquet(c, columns=["content_hash"]) for c in chunks])["content_hash"]
+            if all(chunk.name in self._written for chunk in chunks):  # all written by this object: known
+                hashes = pd.Series(np.concatenate([self._written[chunk.name] for chunk in chunks]))
+            else:
+                hashes = pd.concat([pd.read_parquet(c, columns=["content_hash"]) for c in chunks])["content_hash"]
             stale = keep_hashes is not None and not hashes.isin(keep_hashes).all()
             if not stale and not hashes.duplicated().any():
                 return

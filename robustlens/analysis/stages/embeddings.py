@@ -131,11 +131,12 @@ def run(context: StageContext, config: Config) -> dict:
     computed = _fill_caches(context, pixel_cache, model_cache, extract=extract,
                             batch_size=config.batch_size or auto_batch_size(samples))
     hashes = samples["content_hash"].to_numpy(dtype=str)
-    raw = _stack_blobs(pixel_cache, "raw", hashes, np.float32)
+    pixel_rows = _stack_blobs(pixel_cache, {"raw": np.float32, "thumbnail": np.uint8}, hashes)
+    raw = pixel_rows["raw"]
     size = fallback_features.WORK_SIZE
-    thumbnails = _stack_blobs(pixel_cache, "thumbnail", hashes, np.uint8).reshape(-1, size, size)
+    thumbnails = pixel_rows["thumbnail"].reshape(-1, size, size)
     visual = fallback_features.fit_reduce(raw, config.fallback_dim)
-    own = (_stack_blobs(model_cache, "vector", hashes, np.float32)
+    own = (_stack_blobs(model_cache, {"vector": np.float32}, hashes)["vector"]
            if source == "model" else visual)
     matrix, description = _embedding_matrix(workspace, source, layer, own)
 
@@ -369,35 +370,40 @@ def _cached_hashes(cache: HashCache, column: str) -> set[str]:
     return set() if table is None else set(table.column("content_hash").to_pylist())
 
 
-def _stack_blobs(cache: HashCache, column: str, hashes: np.ndarray, dtype) -> np.ndarray:
-    """Cached fixed-width byte blobs of ``column`` for ``hashes`` (samples order) as an ``(N, width)`` array.
+def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray) -> dict[str, np.ndarray]:
+    """Cached fixed-width byte blobs of each column (name → dtype) for ``hashes`` (samples order), as
+    ``(N, width)`` arrays.
 
-    Read as Arrow buffers and viewed as one matrix (a Python ``bytes`` object per row cost ~1 s per
-    70,000 images in the pandas round trip).
+    Read as Arrow buffers and viewed as matrices (a Python ``bytes`` object per row cost ~1 s per 70,000
+    images in the pandas round trip); the rows for ``hashes`` are located once for all columns.
     """
     if len(hashes) == 0:
-        return np.zeros((0, 1), dtype=dtype)
+        return {column: np.zeros((0, 1), dtype=dtype) for column, dtype in columns.items()}
     try:
-        table = cache.load_table(["content_hash", column])
-    except (KeyError, ValueError, pa.ArrowException):  # a chunk without that column
+        table = cache.load_table(["content_hash", *columns])
+    except (KeyError, ValueError, pa.ArrowException):  # a chunk without one of the columns
         table = None
     if table is None:
-        raise RuntimeError(f"cache {cache.directory} has no '{column}' column; delete that folder and re-run")
+        raise RuntimeError(f"cache {cache.directory} lacks column(s) {list(columns)}; delete that folder and re-run")
     keys = table.column("content_hash").to_numpy(zero_copy_only=False)
-    blobs = table.column(column).combine_chunks()
-    offsets = np.frombuffer(blobs.buffers()[1], dtype=np.int32)[blobs.offset:blobs.offset + len(blobs) + 1]
-    widths = np.diff(offsets)
-    if len(widths) and (widths != widths[0]).any():
-        raise RuntimeError(f"cache {cache.directory}: '{column}' entries differ in size; delete that folder and re-run")
-    data = np.frombuffer(blobs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-    matrix = data.view(dtype).reshape(len(blobs), -1)
     latest = pd.Series(np.arange(len(keys)), index=keys)
     latest = latest[~latest.index.duplicated(keep="last")]
     positions = latest.reindex(hashes)
     if positions.isna().any():
         raise RuntimeError(f"cache {cache.directory} lacks {int(positions.isna().sum())} images after computing "
                            "them; delete that folder and re-run")
-    return matrix[positions.to_numpy(dtype=np.int64)]
+    rows = positions.to_numpy(dtype=np.int64)
+    stacked = {}
+    for column, dtype in columns.items():
+        blobs = table.column(column).combine_chunks()
+        offsets = np.frombuffer(blobs.buffers()[1], dtype=np.int32)[blobs.offset:blobs.offset + len(blobs) + 1]
+        widths = np.diff(offsets)
+        if len(widths) and (widths != widths[0]).any():
+            raise RuntimeError(f"cache {cache.directory}: '{column}' entries differ in size; delete that folder "
+                               "and re-run")
+        data = np.frombuffer(blobs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        stacked[column] = data.view(dtype).reshape(len(blobs), -1)[rows]
+    return stacked
 
 
 # -- helpers shared with the stages that read embeddings ------------------------------------------------
