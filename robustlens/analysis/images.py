@@ -83,21 +83,39 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
     ImageProblem
         Zero-byte, unreadable, corrupt, truncated or oversized file.
     """
+    data = _read_bytes(path)
+    pixels, mode, bit_depth = _decode(data, max_pixels)
+    height, width = pixels.shape[:2]
+    record = ImageRecord(
+        width=int(width), height=int(height), mode=mode, channels=int(pixels.shape[2]),
+        bit_depth=bit_depth, file_size=len(data), content_hash=hashlib.sha256(data).hexdigest())
+    return DecodedImage(pixels=pixels, record=record)
+
+
+def read_pixels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Just the pixels of :func:`read_image` (same values, same errors), without the content hash and
+    record: for stages that re-read images already validated at ingest."""
+    return _decode(_read_bytes(path), max_pixels)[0]
+
+
+def _read_bytes(path: str | Path) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError as exc:
         raise ImageProblem("file not found") from exc
     except OSError as exc:
         raise ImageProblem(f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
         raise ImageProblem("zero-byte file")
+    return data
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, str, int]:
+    """Pixels, Pillow mode and bit depth of an image file's bytes (the fast PNG path, else Pillow)."""
     fast = _decode_simple_png(data, max_pixels)
     if fast is not None:
-        pixels, mode = fast
-        height, width = pixels.shape[:2]
-        record = ImageRecord(width=int(width), height=int(height), mode=mode, channels=int(pixels.shape[2]),
-                             bit_depth=8, file_size=len(data), content_hash=hashlib.sha256(data).hexdigest())
-        return DecodedImage(pixels=pixels, record=record)
+        return fast[0], fast[1], 8
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -121,10 +139,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dec
         raise ImageProblem(f"corrupt or truncated image: {exc}") from exc
     mode = image.mode
     pixels, bit_depth = _to_float_array(image)
-    record = ImageRecord(
-        width=int(width), height=int(height), mode=mode, channels=int(pixels.shape[2]),
-        bit_depth=bit_depth, file_size=len(data), content_hash=hashlib.sha256(data).hexdigest())
-    return DecodedImage(pixels=pixels, record=record)
+    return pixels, mode, bit_depth
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -191,23 +206,6 @@ def _decode_simple_png(data: bytes, max_pixels: int) -> tuple[np.ndarray, str] |
         alpha = array[..., 3:4]
         return array[..., :3] * alpha + (1.0 - alpha), mode
     return array, mode
-
-
-def read_pixels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Just the pixels of :func:`read_image` (same values, same errors), with less per-file overhead.
-
-    For stages that re-read images already validated at ingest: no content hash and no record, and the
-    common PNG goes straight to the fast path.
-    """
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return read_image(path, max_pixels=max_pixels).pixels  # raises the ImageProblem with its reason
-    fast = _decode_simple_png(data, max_pixels) if data else None
-    if fast is not None:
-        return fast[0]
-    return read_image(path, max_pixels=max_pixels).pixels
 
 
 def _to_float_array(image: Image.Image) -> tuple[np.ndarray, int]:
