@@ -94,9 +94,12 @@ class HashCache:
         self.directory = Path(directory)
         self._written: dict[str, np.ndarray] = {}  # chunk file name → the hashes this object wrote there
 
+    def _chunks(self) -> list[Path]:
+        return sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
+
     def load(self) -> pd.DataFrame:
         """All cached rows (a ``content_hash`` column plus the stage's columns), one per hash."""
-        chunks = sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
+        chunks = self._chunks()
         if not chunks:
             return pd.DataFrame({"content_hash": pd.Series(dtype=str)})
         frame = pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True)
@@ -104,47 +107,57 @@ class HashCache:
 
     def load_table(self, columns: list[str]) -> pa.Table | None:
         """``columns`` of every chunk as one Arrow table (rows may repeat a hash; later rows win), or
-        ``None`` when the cache is empty. Binary columns stay Arrow buffers: no Python object per row."""
-        chunks = sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
-        if not chunks:
+        ``None`` when the cache is empty or a chunk lacks one of the columns (an older cache layout).
+        Binary columns stay Arrow buffers: no Python object per row."""
+        chunks = self._chunks()
+        if not chunks or not all(set(columns) <= set(pq.read_schema(c).names) for c in chunks):
             return None
         return pa.concat_tables([pq.read_table(chunk, columns=columns) for chunk in chunks])
 
-    def add(self, frame: pd.DataFrame) -> None:
-        """Persist a chunk of results (must include ``content_hash``)."""
+    def hashes(self, column: str | None = None) -> np.ndarray:
+        """Content hashes of every cached row (repeats included), in chunk order; only the hash column is
+        read, and not even that for chunks this object wrote. With ``column``: none (an empty array)
+        unless every chunk has that column."""
+        chunks = self._chunks()
+        if column is not None and not all(column in pq.read_schema(c).names for c in chunks):
+            return np.array([], dtype=object)
+        parts = [self._written[c.name] if c.name in self._written
+                 else pq.read_table(c, columns=["content_hash"]).column("content_hash").to_numpy(zero_copy_only=False)
+                 for c in chunks]
+        return np.concatenate(parts) if parts else np.array([], dtype=object)
+
+    def add(self, frame: pd.DataFrame) -> str | None:
+        """Persist a chunk of results (must include ``content_hash``); returns the chunk's file name."""
         if frame.empty:
-            return
+            return None
         name = f"chunk-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
         # Uncompressed: the bulky columns are float / pixel bytes that snappy barely shrinks, at twice
         # the write time.
         storage.write_parquet(self.directory / name, frame, compression=None)
         self._written[name] = frame["content_hash"].to_numpy()
+        return name
 
     def compact(self, keep_hashes: set[str] | None = None, *, max_chunks: int = COMPACT_CHUNKS) -> None:
         """Merge the chunks into one when there are more than ``max_chunks`` of them, or when some hold
         rows that are stale (hashes outside ``keep_hashes``) or repeated; otherwise leave them.
 
         Rewriting every run cost a full read and write of the cache (~3 s for the 70,000-image
-        embeddings cache); deciding needs only the hash column.
+        embeddings cache); deciding needs only the hashes.
         """
-        chunks = sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
+        chunks = self._chunks()
         if len(chunks) <= 1 and keep_hashes is None:
             return
         if len(chunks) <= max_chunks:
-            if all(chunk.name in self._written for chunk in chunks):  # all written by this object: known
-                hashes = pd.Series(np.concatenate([self._written[chunk.name] for chunk in chunks]))
-            else:
-                hashes = pd.concat([pd.read_parquet(c, columns=["content_hash"]) for c in chunks])["content_hash"]
+            hashes = pd.Series(self.hashes())
             stale = keep_hashes is not None and not hashes.isin(keep_hashes).all()
             if not stale and not hashes.duplicated().any():
                 return
         frame = self.load()
         if keep_hashes is not None:
             frame = frame[frame["content_hash"].isin(keep_hashes)]
-        self.add(frame)
-        newest = sorted(self.directory.glob("chunk-*.parquet"))[-1]
+        merged = self.add(frame)
         for chunk in chunks:
-            if chunk != newest:
+            if chunk.name != merged:
                 chunk.unlink(missing_ok=True)
         # Temp files of writes killed mid-way (never read: readers only glob chunk-*.parquet).
         for leftover in self.directory.glob(".chunk-*.tmp"):

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from torch import nn
 
@@ -313,8 +312,8 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     """
     samples = context.workspace.samples
     hashes = samples["content_hash"].to_numpy(dtype=str)
-    have_pixels = _cached_hashes(pixel_cache, "thumbnail")
-    have_vectors = _cached_hashes(model_cache, "vector") if model_cache is not None else None
+    have_pixels = set(pixel_cache.hashes("thumbnail"))
+    have_vectors = set(model_cache.hashes("vector")) if model_cache is not None else None
     first = pd.Series(np.arange(len(samples)), index=hashes)
     first = first[~first.index.duplicated()]
     need_pixels = ~first.index.isin(have_pixels)
@@ -361,15 +360,6 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     return int(len(todo))
 
 
-def _cached_hashes(cache: HashCache, column: str) -> set[str]:
-    """Hashes cached with ``column`` (reads only the hash column)."""
-    try:
-        table = cache.load_table(["content_hash", column])
-    except (KeyError, ValueError, pa.ArrowException):
-        return set()
-    return set() if table is None else set(table.column("content_hash").to_pylist())
-
-
 def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray) -> dict[str, np.ndarray]:
     """Cached fixed-width byte blobs of each column (name → dtype) for ``hashes`` (samples order), as
     ``(N, width)`` arrays.
@@ -379,10 +369,7 @@ def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray)
     """
     if len(hashes) == 0:
         return {column: np.zeros((0, 1), dtype=dtype) for column, dtype in columns.items()}
-    try:
-        table = cache.load_table(["content_hash", *columns])
-    except (KeyError, ValueError, pa.ArrowException):  # a chunk without one of the columns
-        table = None
+    table = cache.load_table(["content_hash", *columns])
     if table is None:
         raise RuntimeError(f"cache {cache.directory} lacks column(s) {list(columns)}; delete that folder and re-run")
     keys = table.column("content_hash").to_numpy(zero_copy_only=False)

@@ -115,7 +115,7 @@ def run(context: StageContext, config: Config) -> dict:
 
     cache_key = {"pixel_metrics": {m.name: m.version for m in pixel_metrics}, "fingerprints": FINGERPRINT_VERSION}
     cache = cache_for(context, "metrics", cache_key)
-    known = set(cache.load()["content_hash"])
+    known = set(cache.hashes())
     _, first_rows = np.unique(hashes, return_index=True)
     todo = np.sort(first_rows[~pd.Series(hashes[first_rows]).isin(known).to_numpy()])
 
