@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
+from robustlens.analysis.loader import stacks_by_shape
+
 #: Bumped whenever the raw descriptor changes, so cached descriptors of an older version are not reused.
 FEATURE_VERSION = 2
 WORK_SIZE = 32
@@ -63,18 +65,15 @@ def _to_work_size(pixels: list[np.ndarray], device: str | torch.device) -> torch
     costs one interpolation call.
     """
     out = torch.empty((len(pixels), 3, WORK_SIZE, WORK_SIZE), dtype=torch.float32, device=device)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for position, array in enumerate(pixels):
-        if array.ndim != 3 or array.shape[2] not in (1, 3):
-            raise ValueError(f"expected (H, W, 1 or 3) pixels, got shape {array.shape}")
-        by_shape.setdefault(array.shape, []).append(position)
-    for shape, positions in by_shape.items():
-        stack = torch.from_numpy(np.stack([pixels[p] for p in positions]).astype(np.float32, copy=False))
-        stack = stack.to(device).permute(0, 3, 1, 2)
-        if shape[:2] != (WORK_SIZE, WORK_SIZE):  # grayscale is resized before it is repeated: 3x less work
+    for positions, array in stacks_by_shape(pixels):
+        if array.ndim != 4 or array.shape[3] not in (1, 3):
+            raise ValueError(f"expected (H, W, 1 or 3) pixels, got shape {array.shape[1:]}")
+        stack = torch.from_numpy(array).to(device).permute(0, 3, 1, 2)
+        # Grayscale is resized before it is repeated: 3x less work.
+        if array.shape[1:3] != (WORK_SIZE, WORK_SIZE):
             stack = F.interpolate(stack, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False,
                                   antialias=True)
-        if shape[2] == 1:
+        if array.shape[3] == 1:
             stack = stack.expand(-1, 3, -1, -1)
         out[torch.as_tensor(positions, device=device)] = stack.clamp(0.0, 1.0)
     return out

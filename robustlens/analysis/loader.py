@@ -8,6 +8,7 @@ batch decoding while the caller works on the current one.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +115,23 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def stacks_by_shape(pixels: Sequence[np.ndarray], *, max_values: int | None = None,
+                    ) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Decoded images grouped by shape: ``(positions, stack)`` with ``stack`` ``(b, H, W, C)`` float32.
+
+    Batch tensor work runs once per group instead of once per image; with ``max_values`` a group is
+    split so that no stack holds more values than that (memory for large images, cache for small ones).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(pixels):
+        groups.setdefault(tuple(image.shape), []).append(position)
+    for shape, members in groups.items():
+        per_stack = len(members) if max_values is None else max(1, max_values // math.prod(shape))
+        for offset in range(0, len(members), per_stack):
+            rows = members[offset:offset + per_stack]
+            yield rows, np.stack([np.asarray(pixels[row], dtype=np.float32) for row in rows])
 
 
 def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] | None = None, *,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from robustlens.analysis.loader import stacks_by_shape
 from robustlens.errors import ValidationError
 
 
@@ -152,11 +153,7 @@ def prepare_images(pixels: list[np.ndarray], config: ModelConfig) -> torch.Tenso
     if not pixels:
         return torch.empty((0, config.channels, height, width), dtype=torch.float32)
     out = torch.empty((len(pixels), config.channels, height, width), dtype=torch.float32)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for position, array in enumerate(pixels):
-        by_shape.setdefault(tuple(array.shape), []).append(position)
-    for positions in by_shape.values():  # images of one shape are converted together
-        stack = np.stack([np.asarray(pixels[p], dtype=np.float32) for p in positions])
+    for positions, stack in stacks_by_shape(pixels):  # images of one shape are converted together
         tensor = torch.from_numpy(stack).permute(0, 3, 1, 2)
         if tensor.shape[1] == 3 and config.channels == 1:
             weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)

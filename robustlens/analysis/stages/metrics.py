@@ -14,7 +14,8 @@ Reads ``samples.parquet`` and the images; writes
 ``phash``: luminance resized to 32×32 (bilinear, antialiased), its 2-D orthonormal DCT-II computed as
 ``D X Dᵀ`` with the 32×32 DCT matrix ``D`` (resize and DCT folded into two small matrices, in float64);
 the top-left 8×8 coefficients are compared with the median of their 63 non-DC values, giving 64 bits
-packed row-major, most significant bit first (the DC bit is normally 1). Near-duplicates differ in few bits (Hamming distance).
+packed row-major, most significant bit first (the DC bit is normally 1). Near-duplicates differ in few
+bits (Hamming distance).
 
 Work is cached per image content hash (``samples.content_hash``) with
 :class:`~robustlens.analysis.stages.base.HashCache`: after every decoded batch one chunk with the batch's
@@ -31,7 +32,6 @@ import functools
 import hashlib
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from robustlens.analysis.loader import (auto_batch_size, compute_threads, decode_workers, iter_decoded,
-                                       torch_threads)
+                                       stacks_by_shape, torch_threads)
 from robustlens.analysis.builtin_metrics import luminance
 from robustlens.analysis.metric_registry import (BUILTIN_MODULE, Metric, MetricRegistryError, available_metrics,
                                                  get_metric, import_plugins)
@@ -175,26 +175,19 @@ def measure_batch(pixels: list[np.ndarray], metrics: list[Metric], device: torch
     values = {metric.name: np.full(count, np.nan) for metric in metrics}
     pixel_hashes = np.empty(count, dtype=object)
     phashes = np.zeros(count, dtype=np.uint64)
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for position, image in enumerate(pixels):
-        groups[image.shape].append(position)
-    for shape, members in groups.items():
-        per_stack = max(1, MAX_STACK_ELEMENTS // math.prod(shape))
-        for offset in range(0, len(members), per_stack):
-            rows = members[offset:offset + per_stack]
-            stack = np.stack([pixels[row] for row in rows])  # (b, H, W, C)
-            pixel_hashes[rows] = _pixel_hashes(stack)
-            images = torch.from_numpy(stack).to(device).permute(0, 3, 1, 2).contiguous()
-            with torch.no_grad():
-                for metric in metrics:
-                    result = metric.function(images)
-                    if not isinstance(result, torch.Tensor) or tuple(result.shape) != (len(rows),):
-                        got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
-                        raise MetricRegistryError(
-                            f"metric {metric.name!r} ({metric.origin}) returned {got} for a batch of "
-                            f"{len(rows)} images; expected a tensor of shape ({len(rows)},)")
-                    values[metric.name][rows] = result.detach().to("cpu", torch.float64).numpy()
-                phashes[rows] = perceptual_hash(images)
+    for rows, stack in stacks_by_shape(pixels, max_values=MAX_STACK_ELEMENTS):  # stack: (b, H, W, C)
+        pixel_hashes[rows] = _pixel_hashes(stack)
+        images = torch.from_numpy(stack).to(device).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            for metric in metrics:
+                result = metric.function(images)
+                if not isinstance(result, torch.Tensor) or tuple(result.shape) != (len(rows),):
+                    got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+                    raise MetricRegistryError(
+                        f"metric {metric.name!r} ({metric.origin}) returned {got} for a batch of "
+                        f"{len(rows)} images; expected a tensor of shape ({len(rows)},)")
+                values[metric.name][rows] = result.detach().to("cpu", torch.float64).numpy()
+            phashes[rows] = perceptual_hash(images)
     frame = pd.DataFrame(values)
     frame["pixel_hash"] = pixel_hashes
     frame["phash"] = phashes
