@@ -59,6 +59,7 @@ def _add_init(sub) -> None:
 
 def _cmd_init(args) -> int:
     from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace, parse_prediction_arg
+    from robustlens.analysis.safety import check_init_outputs
 
     options = InitOptions(
         data=args.data, labels=args.labels, predictions=[parse_prediction_arg(p) for p in args.predictions],
@@ -67,6 +68,9 @@ def _cmd_init(args) -> int:
         model=args.model, model_config=args.model_config, embeddings=args.embeddings, db_url=args.db,
         scores=args.scores, sum_tolerance=args.sum_tolerance, max_pixels=args.max_pixels, workers=args.workers,
         force=args.force, progress=not args.quiet)
+    check_init_outputs(args.workspace, data=args.data, db_url=args.db,
+                       inputs=[args.labels, *(path for _, path in options.predictions), args.model,
+                               args.model_config, args.embeddings])
     workspace, warnings = init_workspace(args.workspace, options)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -210,15 +214,25 @@ def _add_serve(sub) -> None:
     parser.add_argument("workspace", type=Path)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    parser.add_argument("--export-root", type=Path, metavar="DIR",
+                        help="folder the Export page saves under (default: WORKSPACE/exports); the page only "
+                             "creates new files and folders there, never replaces one")
     parser.set_defaults(handler=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
     from robustlens.analysis.workspace import Workspace
 
-    Workspace(args.workspace)  # fail now, with a clear message, rather than in the browser
+    workspace = Workspace(args.workspace)  # fail now, with a clear message, rather than in the browser
+    export_root = None
+    if args.export_root is not None:
+        from robustlens.analysis.safety import check_export_root
+
+        export_root = check_export_root(args.export_root, workspace)
     app = Path(__file__).parent / "dashboard" / "app.py"
     env = dict(os.environ, ROBUSTLENS_WORKSPACE=str(args.workspace.resolve()))
+    if export_root is not None:
+        env["ROBUSTLENS_EXPORT_ROOT"] = str(export_root)
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
                "--server.port", str(args.port), "--server.headless", "true",
                "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",

@@ -74,15 +74,24 @@ def test_every_table_format_holds_the_same_rows(table, tmp_path, fmt):
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
 
 
-def test_existing_files_are_kept_unless_forced(table, tmp_path):
+def test_existing_files_are_kept_and_force_replaces_only_robustlens_exports(table, tmp_path):
     target = tmp_path / "out.csv"
     target.write_text("precious")
     frame = export.export_frame(table, [0, 1])
     with pytest.raises(ValidationError, match="exists"):
         export.write_frame(frame, target)
+    with pytest.raises(ValidationError, match="robustlens did not write it"):
+        export.write_frame(frame, target, overwrite=True)  # no marker: even --force refuses
     assert target.read_text() == "precious"
-    export.write_frame(frame, target, overwrite=True)
-    assert len(pd.read_csv(target)) == 2
+    ours = export.write_frame(frame, tmp_path / "ours.csv")
+    marker = json.loads((tmp_path / ".robustlens-export").read_text())
+    assert set(marker["files"]) == {"ours.csv"} and marker["format"] == "robustlens-export"
+    export.write_frame(export.export_frame(table, [0, 1, 2]), ours, overwrite=True)
+    assert len(pd.read_csv(ours)) == 3
+    ours.write_text("edited by hand")  # changed since robustlens wrote it: no longer replaceable
+    with pytest.raises(ValidationError, match="changed since robustlens wrote it"):
+        export.write_frame(frame, ours, overwrite=True)
+    assert ours.read_text() == "edited by hand"
 
 
 def test_decisions_become_a_relabel_file_and_can_be_applied(workspace, table):
@@ -118,8 +127,10 @@ def test_all_columns_export_lists_tags(workspace, table):
 def test_imagefolder_copy_is_atomic_and_reimports(workspace, table, tmp_path):
     positions = export.select_positions(table, None, spec=FilterSpec(labels=["sandal", "bag"], splits=["test"]))
     frame = export.export_frame(table, positions)
-    destination = export.export_imagefolder(workspace, frame, tmp_path / "folder")
-    assert sorted(p.name for p in destination.iterdir()) == ["bag", "manifest.csv", "sandal"]
+    result = export.export_imagefolder(workspace, frame, tmp_path / "folder")
+    destination = result.path
+    assert result.copied == len(frame) and result.refused == []
+    assert sorted(p.name for p in destination.iterdir()) == [".robustlens-export", "bag", "manifest.csv", "sandal"]
     assert len(list(destination.glob("*/*.png"))) == len(frame)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     reimported, _ = init_workspace(tmp_path / "ws2", InitOptions(data=destination, labels=destination / "manifest.csv",

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from robustlens.analysis.images import DEFAULT_MAX_PIXELS, ImageProblem, read_pixels
+from robustlens.analysis.images import DEFAULT_MAX_PIXELS, FileRefused, ImageProblem, read_pixels
+from robustlens.analysis.safety import DatasetGuard, RefusedFiles
+from robustlens.errors import WorkspaceError
 
 
 #: Bytes of decoded pixels a :class:`PixelMemo` keeps by default (70,000 28×28 images take 220 MB).
@@ -134,11 +136,22 @@ def stacks_by_shape(pixels: Sequence[np.ndarray], *, max_values: int | None = No
             yield rows, np.stack([np.asarray(pixels[row], dtype=np.float32) for row in rows])
 
 
+class DatasetFileError(ImageProblem, WorkspaceError):
+    """A dataset file that became unusable since ingest (unreadable, outside the root, changed): an
+    :class:`ImageProblem` for code that handles bad images, and a :class:`WorkspaceError` so the CLI prints the
+    message (exit 1) instead of a traceback."""
+
+
 def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] | None = None, *,
                  batch_size: int = 512, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 progress: bool = False, desc: str = "Decoding",
-                 memo: PixelMemo | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+                 progress: bool = False, desc: str = "Decoding", memo: PixelMemo | None = None,
+                 expected_hashes: Sequence[str] | None = None,
+                 refused: RefusedFiles | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Yield ``(indices, pixels)`` batches.
+
+    Every file is resolved to its real path and checked against the dataset root before it is opened
+    (:class:`~robustlens.analysis.safety.DatasetGuard`): a file that now resolves outside the root — a symlink
+    swapped in after ``init`` — is never read.
 
     Parameters
     ----------
@@ -157,6 +170,15 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
     memo:
         Images found there are not decoded again; decoded ones are offered to it. Arrays taken from
         or given to a memo are read-only.
+    expected_hashes:
+        Content hashes of all samples (``samples.parquet`` ``content_hash``, same order as ``paths``): a file
+        whose bytes hash differently is "changed since init" and its pixels are not used. The bytes are hashed
+        in memory as they are decoded (no second read).
+    refused:
+        Where refused files go. Given: refused samples (outside the root, changed since init) are left out of
+        the yielded batches (a batch may then be shorter, or empty) and recorded there. ``None``: the first
+        refused sample raises :class:`DatasetFileError`; files outside the root are all checked before
+        anything is decoded, so the error lists every one of them.
 
     Yields
     ------
@@ -164,28 +186,54 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
         ``(B,)`` int64 sample indices of the batch.
     pixels:
         ``B`` arrays of shape ``(H, W, C)``, float32 in ``[0, 1]``. An image that became unreadable since
-        ingest raises :class:`ImageProblem` naming its path.
+        ingest raises :class:`DatasetFileError` (an :class:`ImageProblem`) naming its path.
     """
     root_text = str(root)
     order = np.arange(len(paths), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     workers = workers or default_workers()
+    guard = DatasetGuard(root_text)
+    real_paths: dict[int, str] = {}
+    outside: list[tuple[int, FileRefused]] = []
+    for index in dict.fromkeys(order.tolist()):
+        if memo is not None and memo.get(index) is not None:
+            continue
+        try:
+            real_paths[index] = guard.resolve(paths[index])
+        except FileRefused as problem:
+            outside.append((index, problem))
+    if outside:
+        if refused is None:
+            listed = "; ".join(f"{os.path.join(root_text, paths[i])}: {p.reason}" for i, p in outside[:10])
+            more = f"; … {len(outside) - 10} more" if len(outside) > 10 else ""
+            raise DatasetFileError(f"{len(outside)} dataset file(s) refused: {listed}{more}")
+        for index, problem in outside:
+            refused.add(index, paths[index], problem)
+        dropped = {index for index, _ in outside}
+        order = order[~np.isin(order, list(dropped))]
 
-    def decode(index: int) -> np.ndarray:
+    def decode(index: int) -> np.ndarray | None:
         if memo is not None:
             known = memo.get(index)
             if known is not None:
                 return known
         path = os.path.join(root_text, paths[index])
         try:
-            pixels = read_pixels(path, max_pixels=max_pixels)
+            pixels = read_pixels(real_paths.get(index) or guard.resolve(paths[index]), max_pixels=max_pixels,
+                                 expected_hash=None if expected_hashes is None else expected_hashes[index],
+                                 no_follow=True)
+        except FileRefused as problem:
+            if refused is None:
+                raise DatasetFileError(f"{path}: {problem.reason}") from problem
+            refused.add(index, paths[index], problem)
+            return None
         except ImageProblem as problem:
-            raise ImageProblem(f"{path}: {problem.reason} (it was readable at ingest; re-run "
-                               "'robustlens init --force')") from problem
+            raise DatasetFileError(f"{path}: {problem.reason} (it was readable at ingest; re-run "
+                                   "'robustlens init --force')") from problem
         if memo is not None:
             memo.offer(index, pixels)
         return pixels
 
-    def decode_all(chunk: list[int]) -> list[np.ndarray]:
+    def decode_all(chunk: list[int]) -> list[np.ndarray | None]:
         return [decode(index) for index in chunk]
 
     # Small tasks of several images: one future per image costs ~20 µs of Python each, as much as
@@ -207,6 +255,9 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
                 pending = submit(pool, batches[number + 1]) if number + 1 < len(batches) else []
                 pixels = [image for future in current for image in future.result()]
                 bar.update(len(batch))
+                if any(image is None for image in pixels):
+                    kept = [position for position, image in enumerate(pixels) if image is not None]
+                    batch, pixels = batch[kept], [pixels[position] for position in kept]
                 yield batch, pixels
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from robustlens.analysis import storage
-from robustlens.analysis.images import ImageProblem, read_image
+from robustlens.analysis.images import FileRefused, ImageProblem, read_image
+from robustlens.analysis.safety import DatasetGuard, RefusedFiles
 from robustlens.analysis.workspace import Workspace
 
 THUMBNAIL_DIR = "thumbnails"
@@ -38,15 +39,19 @@ def thumbnail_path(workspace: Workspace, content_hash: str) -> Path:
     return workspace.root / THUMBNAIL_DIR / f"{content_hash}.{THUMBNAIL_FORMAT}"
 
 
-def make_thumbnail(source: Path, *, size: int = THUMBNAIL_SIZE) -> bytes:
+def make_thumbnail(source: Path, *, size: int = THUMBNAIL_SIZE, expected_hash: str | None = None,
+                   no_follow: bool = False) -> bytes:
     """JPEG bytes of ``source`` scaled to fit ``size``×``size`` (aspect kept; alpha over white).
+
+    ``expected_hash`` and ``no_follow`` as in :func:`robustlens.analysis.images.read_pixels`.
 
     Raises
     ------
     ImageProblem
-        The image cannot be decoded (see :func:`robustlens.analysis.images.read_image`).
+        The image cannot be decoded (see :func:`robustlens.analysis.images.read_image`);
+        :class:`~robustlens.analysis.images.FileRefused` if it changed since ``expected_hash`` was recorded.
     """
-    pixels = read_image(source).pixels
+    pixels = read_image(source, expected_hash=expected_hash, no_follow=no_follow).pixels
     array = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
     image = Image.fromarray(array[..., 0], "L") if array.shape[2] == 1 else Image.fromarray(array, "RGB")
     longest = max(image.size)
@@ -60,27 +65,47 @@ def make_thumbnail(source: Path, *, size: int = THUMBNAIL_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-def ensure_thumbnail(workspace: Workspace, relative_path: str, content_hash: str) -> Path | None:
-    """Path of the cached thumbnail, made now if missing; ``None`` if the image cannot be read any more."""
+def ensure_thumbnail(workspace: Workspace, relative_path: str, content_hash: str, *,
+                     guard: DatasetGuard | None = None, refused: RefusedFiles | None = None,
+                     index: int = -1) -> Path | None:
+    """Path of the cached thumbnail, made now if missing; ``None`` if the image cannot be read any more.
+
+    The image is resolved through ``guard`` (default: a new :class:`~robustlens.analysis.safety.DatasetGuard`
+    on the dataset root) and its bytes checked against ``content_hash``: a file that now resolves outside the
+    dataset root is not read, one whose content changed since init is not shown (its thumbnail would be stored
+    under the old hash). Either gives ``None`` and, with ``refused``, an entry there (sample ``index``).
+    """
     target = thumbnail_path(workspace, content_hash)
     if target.exists():
         return target
+    guard = guard or DatasetGuard(workspace.dataset_root)
     try:
-        data = make_thumbnail(workspace.image_path(relative_path))
+        data = make_thumbnail(guard.resolve(relative_path), expected_hash=content_hash, no_follow=True)
+    except FileRefused as problem:
+        if refused is not None:
+            refused.add(index, relative_path, problem)
+        return None
     except ImageProblem:
         return None
     storage.write_bytes(target, data)
     return target
 
 
-def ensure_thumbnails(workspace: Workspace, items: Iterable[tuple[str, str]], *, workers: int = 4) -> list[Path | None]:
-    """:func:`ensure_thumbnail` for ``(relative_path, content_hash)`` pairs, missing ones made in parallel."""
+def ensure_thumbnails(workspace: Workspace, items: Iterable[tuple[str, str]], *, workers: int = 4,
+                      refused: RefusedFiles | None = None) -> list[Path | None]:
+    """:func:`ensure_thumbnail` for ``(relative_path, content_hash)`` pairs, missing ones made in parallel.
+
+    ``refused`` collects the images refused (outside the dataset root, changed since init), indexed by their
+    position in ``items``.
+    """
     items = list(items)
     paths: list[Path | None] = [thumbnail_path(workspace, h) for _, h in items]
     missing = [i for i, path in enumerate(paths) if not path.exists()]
     if missing:
+        guard = DatasetGuard(workspace.dataset_root)  # one per call: a folder swapped later is seen next time
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
-            made = pool.map(lambda i: ensure_thumbnail(workspace, *items[i]), missing)
+            made = pool.map(lambda i: ensure_thumbnail(workspace, *items[i], guard=guard, refused=refused, index=i),
+                            missing)
             for i, path in zip(missing, made, strict=True):
                 paths[i] = path
     return paths

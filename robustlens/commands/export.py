@@ -1,7 +1,9 @@
 """``robustlens export``: write a filter result, collection or tag to CSV / JSON / Parquet / an ImageFolder
 copy, or the review decisions to a relabel file — the dashboard's Export page, headless.
 
-Exit status: 0 written, 1 failure (e.g. a missing image), 2 usage or validation error.
+Exit status: 0 written, 1 failure (e.g. a missing image), 2 usage or validation error — including an --out
+inside or containing the dataset root or an input file's folder, and an existing --out that robustlens did not
+write (``--force`` replaces only exports a ``.robustlens-export`` marker proves are robustlens's own).
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "samples")
     parser.add_argument("--all-decisions", action="store_true",
                         help="with --relabels: include keep / ambiguous / exclude decisions too")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out if it exists and robustlens wrote it (its .robustlens-export marker "
+                             "proves it; anything else is never replaced)")
+    parser.add_argument("--raw-csv", action="store_true",
+                        help="write CSV cells as they are; by default text starting with = + - @, tab or CR gets a "
+                             "leading ' so spreadsheets do not run it as a formula (OWASP)")
     parser.set_defaults(handler=run)
     return parser
 
@@ -56,6 +63,7 @@ def run(args) -> int:
     """Handler of ``robustlens export``; returns the exit status (errors are raised for the CLI to map)."""
     from robustlens.analysis import export
     from robustlens.analysis.filters import FilterError
+    from robustlens.analysis.safety import check_output_location, workspace_inputs
     from robustlens.analysis.sample_table import load_sample_table
     from robustlens.analysis.workspace import Workspace
 
@@ -63,12 +71,14 @@ def run(args) -> int:
     fmt = args.format or export.format_from_suffix(args.out)
     if args.relabels and fmt == "imagefolder":
         raise ValidationError("--relabels writes a table: use a .csv, .json or .parquet --out")
+    dataset_root, inputs = workspace_inputs(workspace.manifest)
+    check_output_location(args.out, option="--out", dataset_root=dataset_root, inputs=inputs)
     table = load_sample_table(workspace)
     store = workspace.curation()
     try:
         if args.relabels:
             frame = export.relabel_frame(table, store, include_all=args.all_decisions)
-            export.write_frame(frame, args.out, fmt, overwrite=args.force)
+            export.write_frame(frame, args.out, fmt, overwrite=args.force, raw_csv=args.raw_csv)
             print(f"wrote {len(frame):,} decision(s) to {args.out}")
             return 0
         spec = export.resolve_filter(_read_filter(args.filter_json), args.query)
@@ -79,15 +89,20 @@ def run(args) -> int:
         if fmt == "imagefolder":
             frame = export.export_frame(table, positions, columns="manifest", curation=store,
                                         apply_decisions=args.apply_decisions)
-            export.export_imagefolder(workspace, frame, args.out, overwrite=args.force)
+            result = export.export_imagefolder(workspace, frame, args.out, overwrite=args.force,
+                                               raw_csv=args.raw_csv)
+            if result.refused:
+                print(f"warning: {result.refused_summary()}", file=sys.stderr)
+            count = result.copied
         else:
             frame = export.export_frame(table, positions, columns=args.columns, curation=store,
                                         apply_decisions=args.apply_decisions)
-            export.write_frame(frame, args.out, fmt, overwrite=args.force)
+            export.write_frame(frame, args.out, fmt, overwrite=args.force, raw_csv=args.raw_csv)
+            count = len(frame)
     finally:
         store.close()
-    print(f"wrote {len(frame):,} sample(s) to {args.out}")
-    if not len(frame):
+    print(f"wrote {count:,} sample(s) to {args.out}")
+    if not count:
         print("warning: the selection is empty", file=sys.stderr)
     return 0
 

@@ -20,10 +20,13 @@ import streamlit as st
 from robustlens.analysis import filters, sample_table
 from robustlens.analysis.curation import CurationStore
 from robustlens.analysis.summary import class_balance, prediction_accuracy, summarize
+from robustlens.analysis.safety import RefusedFiles
 from robustlens.analysis.thumbnails import ensure_thumbnails
 from robustlens.analysis.workspace import Workspace
 
 WORKSPACE_ENV = "ROBUSTLENS_WORKSPACE"
+#: Folder server-side exports go under (``robustlens serve --export-root``); default ``WORKSPACE/exports``.
+EXPORT_ROOT_ENV = "ROBUSTLENS_EXPORT_ROOT"
 
 
 # -- the workspace ----------------------------------------------------------------------------------
@@ -34,6 +37,13 @@ def workspace_path() -> Path:
         st.error("No workspace selected. Start the dashboard with `robustlens serve WORKSPACE`.")
         st.stop()
     return Path(value)
+
+
+def export_root() -> Path:
+    """The one folder the Export page writes under: ``serve --export-root`` (:data:`EXPORT_ROOT_ENV`), else
+    ``WORKSPACE/exports``. Pages only choose a new NAME inside it."""
+    value = os.environ.get(EXPORT_ROOT_ENV)
+    return Path(value) if value else workspace_path() / "exports"
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -176,7 +186,12 @@ def thumbnails(positions) -> list[str | None]:
     """Thumbnail file paths (made once, cached on disk) for the rows at ``positions``."""
     frame = table()
     rows = frame.iloc[list(positions)]
-    paths = ensure_thumbnails(workspace(), zip(rows["path"], rows["content_hash"], strict=True))
+    refused = RefusedFiles()
+    paths = ensure_thumbnails(workspace(), zip(rows["path"], rows["content_hash"], strict=True), refused=refused)
+    if len(refused):  # a file swapped for an outside symlink or changed since init: not shown, and said so
+        from robustlens.dashboard.widgets import text  # widgets imports this module
+
+        st.warning(f"Not shown: {text(refused.summary())}")
     return [str(p) if p is not None else None for p in paths]
 
 

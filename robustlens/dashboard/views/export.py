@@ -1,10 +1,14 @@
 """Export: a filter result, selection, collection or tag to CSV / JSON / Parquet (download or saved on the
-server), the review decisions as a relabel file, or an ImageFolder copy — the same code as ``robustlens export``."""
+server), the review decisions as a relabel file, or an ImageFolder copy — the same code as ``robustlens export``.
+
+Saving on the server writes only under the export root (``WORKSPACE/exports`` or ``robustlens serve
+--export-root DIR``), under a NAME the reviewer types (letters, digits, ``._-``: no folders, no ``..``), and
+always as a new file or folder: a taken name gets a numbered variant and the page says so. Nothing on the
+server is ever replaced or deleted from here."""
 
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from urllib.parse import urlencode
 
 import numpy as np
@@ -15,7 +19,6 @@ from robustlens.analysis.filters import FilterError, FilterSpec, to_query_params
 from robustlens.dashboard import data, state, widgets
 from robustlens.errors import RobustlensError
 
-EXPORT_DIR = "exports"
 
 
 def render() -> None:
@@ -66,36 +69,45 @@ def _samples(table, positions: np.ndarray, source: str, cli_args: list[str], sto
     fmt = middle.selectbox("Format", list(export.TABLE_FORMATS), key="export.format")
     apply = right.checkbox("Apply review decisions", key="export.apply",
                            help="relabel decisions change the label; excluded samples are left out")
+    raw_csv = right.checkbox("Raw CSV cells", key="export.raw_csv",
+                             help="By default CSV text starting with = + - @ (or a tab / CR) gets a leading ' so a "
+                                  "spreadsheet shows it instead of running it as a formula; tick for programs that "
+                                  "read the file")
+    stem = st.text_input("Name on the server", value=f"robustlens-{source}", key="export.name",
+                         help=f"Saved as a new file NAME.{fmt} in {data.export_root()}; a taken name gets a "
+                              "number")
     name = f"robustlens-{source}.{fmt}"
     st.caption(f"{len(positions):,} samples.")
 
-    def build() -> bytes:
-        frame = export.export_frame(table, positions, columns=columns, curation=store, apply_decisions=apply)
-        return export.frame_bytes(frame, fmt)
+    def frame():
+        return export.export_frame(table, positions, columns=columns, curation=store, apply_decisions=apply)
 
     buttons = st.columns([1, 1, 3])
-    buttons[0].download_button(f"Download {fmt.upper()}", data=build, file_name=name, mime=export.MIME_TYPES[fmt],
+    buttons[0].download_button(f"Download {fmt.upper()}", data=lambda: export.frame_bytes(frame(), fmt, raw_csv=raw_csv),
+                               file_name=name, mime=export.MIME_TYPES[fmt],
                                key="export.download", on_click="ignore", icon=":material/download:",
                                disabled=len(positions) == 0)
     if buttons[1].button("Save on the server", key="export.save", disabled=len(positions) == 0,
-                         help=f"Write to {data.workspace_path() / EXPORT_DIR}"):
-        _save(lambda: export.export_frame(table, positions, columns=columns, curation=store, apply_decisions=apply),
-              name, fmt)
+                         help=f"Write a new file under {data.export_root()}"):
+        _save(frame, stem, fmt, raw_csv)
     preview = export.export_frame(table, positions[:20], columns=columns, curation=store, apply_decisions=apply)
     st.dataframe(preview, hide_index=True, width="stretch", height=240)
-    extra = (["--columns", "all"] if columns == "all" else []) + (["--apply-decisions"] if apply else [])
+    extra = (["--columns", "all"] if columns == "all" else []) + (["--apply-decisions"] if apply else []) \
+        + (["--raw-csv"] if raw_csv and fmt == "csv" else [])
     command = ["robustlens", "export", str(data.workspace_path()), *cli_args, *extra, "--out", name]
     st.caption("The same from a terminal:")
     st.code(shlex.join(command), language="bash")
 
 
-def _save(build, name: str, fmt: str) -> None:
-    target = data.workspace_path() / EXPORT_DIR / name
+def _save(build, stem: str, fmt: str, raw_csv: bool) -> None:
+    """Write a new file ``STEM.FMT`` (or a numbered variant) under the export root; never replaces one."""
     try:
-        export.write_frame(build(), target, fmt, overwrite=True)
+        target = export.save_table_on_server(build(), data.export_root(), stem, fmt, raw_csv=raw_csv)
     except (RobustlensError, OSError) as exc:
-        st.error(f"Export failed: {exc}")
+        st.error(f"Export failed: {widgets.text(exc)}")
         return
+    if target.name != f"{stem.removesuffix('.' + fmt)}.{fmt}":
+        state.notice(f"A file named {stem}.{fmt} already exists there, so this one is {target.name}.", "info")
     widgets.done(f"Saved {target}")
 
 
@@ -109,29 +121,38 @@ def _relabels(table, store) -> None:
     st.caption(f"{len(frame):,} decision(s), the latest per sample.")
     st.dataframe(frame.head(50), hide_index=True, width="stretch", height=200)
     left, right = st.columns([1, 4])
-    left.download_button("Download relabels.csv", data=export.frame_bytes(frame, "csv"), file_name="relabels.csv",
-                         mime="text/csv", key="export.relabels", on_click="ignore", icon=":material/download:")
-    if right.button("Save on the server", key="export.relabels_save"):
-        _save(lambda: frame, "relabels.csv", "csv")
+    raw_csv = st.session_state.get("export.raw_csv", False)
+    left.download_button("Download relabels.csv", data=export.frame_bytes(frame, "csv", raw_csv=raw_csv),
+                         file_name="relabels.csv", mime="text/csv", key="export.relabels", on_click="ignore",
+                         icon=":material/download:")
+    if right.button("Save on the server", key="export.relabels_save",
+                    help=f"Write a new file relabels.csv (or a numbered variant) under {data.export_root()}"):
+        _save(lambda: frame, "relabels", "csv", raw_csv)
 
 
 def _imagefolder(table, positions: np.ndarray, source: str, store) -> None:
     st.subheader("ImageFolder copy")
-    st.caption("Copies the images into `DEST/<label>/` with a `manifest.csv`; re-import with "
-               "`robustlens init WS --data DEST --labels DEST/manifest.csv`.")
-    default = str(data.workspace_path() / EXPORT_DIR / f"imagefolder-{source}")
-    destination = st.text_input("Destination folder on the server", value=default, key="export.dest")
-    left, middle = st.columns([1, 2])
-    overwrite = middle.checkbox("Replace it if it exists", key="export.overwrite")
+    root = data.export_root()
+    st.caption(f"Copies the images into a new folder {widgets.code(f'{root}/NAME/<label>/')} with a `manifest.csv`; "
+               "re-import with "
+               "`robustlens init WS --data DEST --labels DEST/manifest.csv`. An existing folder is never replaced: "
+               "a taken name gets a number.")
+    name = st.text_input("New folder name", value=f"imagefolder-{source}", key="export.dest",
+                         help="Letters, digits, '.', '_' and '-' only; created inside the export root")
     apply = st.session_state.get("export.apply", False)
-    if left.button(f"Write {len(positions):,} images", key="export.imagefolder", disabled=len(positions) == 0):
+    raw_csv = st.session_state.get("export.raw_csv", False)
+    if st.button(f"Write {len(positions):,} images", key="export.imagefolder", disabled=len(positions) == 0):
         try:
             frame = export.export_frame(table, positions, columns="manifest", curation=store, apply_decisions=apply)
-            path = export.export_imagefolder(data.workspace(), frame, Path(destination), overwrite=overwrite)
+            result = export.save_imagefolder_on_server(data.workspace(), frame, root, name, raw_csv=raw_csv)
         except (RobustlensError, OSError) as exc:
-            st.error(f"ImageFolder export failed: {exc}")
+            st.error(f"ImageFolder export failed: {widgets.text(exc)}")
             return
-        widgets.done(f"Wrote {len(frame):,} images to {path}")
+        if result.path.name != name:
+            state.notice(f"A folder named {name} already exists there, so this export is {result.path.name}.", "info")
+        if result.refused:
+            state.notice(result.refused_summary(), "warning")
+        widgets.done(f"Wrote {result.copied:,} images to {result.path}")
 
 
 def _slug(text: str) -> str:
