@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +24,57 @@ W = "flt."  # key prefix of the filter widgets
 NO_SORT = ""
 
 
+# -- user strings as text -----------------------------------------------------------------------------------
+# Streamlit renders markdown (GitHub-flavoured, plus its own ``:color[…]``, ``:material/…:`` and ``$…$``
+# directives) in st.markdown, st.caption, st.title/subheader, alerts, widget labels, radio options, image
+# captions, metric values and tooltips. A class name, tag, file name or URL parameter written there as is
+# could draw an outside image or a fake link. Every user-controlled string goes through one of these.
+_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x0b\x0c\x85]+")
+_MARKUP = re.compile(
+    r"[\\`*~\[\]<>|$]"                          # code, emphasis, strikethrough, links/images, HTML, tables, maths
+    r"|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])"       # emphasis: '_' at a word edge ('tshirt_top' stays as it is)
+    r"|:(?=\S)"                                 # http:// autolinks, :material/icon:, :emoji:, :color[…]
+    r"|@"                                       # e-mail autolinks
+    r"|(?<=(?<![0-9A-Za-z])(?i:www))\."          # www. autolinks
+    r"|&(?=#?[0-9A-Za-z]+;)"                    # entity references (&lt; is shown as typed, not as '<')
+)
+_LINE_START = re.compile(r"^(?:[#>+\-=]|\d+(?=[.)]))")  # headings, quotes, lists, rules: only at the start
+
+
+def text(value: object) -> str:
+    """``value`` as markdown that renders exactly as its characters: nothing in it becomes markup.
+
+    A backslash goes before every character that could start markup where it stands (CommonMark shows an
+    escaped punctuation character literally): code spans, emphasis, strikethrough, brackets (so no link
+    or image), ``<`` and ``>`` (no raw HTML, no ``<autolink>``), tables, ``$`` maths, ``:`` before a
+    non-space (no ``http://`` or e-mail autolinks, no Streamlit ``:material/…:`` or ``:red[…]``
+    directives), ``www.``, entity references, and a block marker (``#``, ``>``, ``-``, ``1.`` …) at the
+    start. Line breaks become spaces and leading blanks go, so a user string never opens a block of its
+    own. Ordinary names keep their look in the source (``tshirt_top``, ``needs-relabel``,
+    ``images/a.png``, ``sample(s)``). Use it for every user string placed in markdown: text, captions,
+    alerts, titles, widget labels, radio options, image captions, metric values, tooltips.
+    """
+    body = _LINE_BREAKS.sub(" ", str(value)).lstrip()
+    body = _MARKUP.sub(lambda m: "\\" + m.group(0), body)
+    return _LINE_START.sub(lambda m: m.group(0) + "\\" if m.group(0).isdigit() else "\\" + m.group(0), body)
+
+
+def code(value: object) -> str:
+    """``value`` as an inline code span (monospace, shown literally): a backtick fence longer than any run of
+    backticks inside it, padded with spaces, so nothing in ``value`` can close it. Line breaks become spaces."""
+    body = _LINE_BREAKS.sub(" ", str(value))
+    longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
+    fence = "`" * (longest + 1)
+    return f"{fence} {body} {fence}"
+
+
+def plot_text(value: object) -> str:
+    """``value`` for plotly (tick labels, legend entries, hover text, titles) and for HTML text: the characters
+    plotly reads as markup (``<a href>``, ``<b>``, ``<br>`` …, ``&`` entities) are HTML-escaped, so it shows
+    them as typed. Quotes are kept (they mean nothing outside a tag, and plotly would show ``&quot;``)."""
+    return html.escape(str(value), quote=False)
+
+
 # -- page frame ---------------------------------------------------------------------------------------------
 def run_page(render: Callable[[], None]) -> None:
     """Run a page; an error the user can act on (bad artifact, unreadable file, bad filter) becomes a message.
@@ -34,7 +86,7 @@ def run_page(render: Callable[[], None]) -> None:
         render()
     except (RobustlensError, FilterError, ValueError, OSError) as exc:
         LOGGER.exception("page failed")
-        st.error(f"This page cannot be shown: {exc}")
+        st.error(f"This page cannot be shown: {text(exc)}")
         st.caption("If an analysis artifact is damaged or from another version, run `robustlens analyze` again. "
                    "The full error is in the server log.")
 
@@ -45,7 +97,7 @@ def filtered_positions_or_stop(table: pd.DataFrame, spec: FilterSpec):
     try:
         return data.filtered_positions(table, spec)
     except FilterError as exc:
-        st.error(f"This filter cannot be applied: {exc}")
+        st.error(f"This filter cannot be applied: {text(exc)}")
         state.publish(spec)
         st.stop()
 
@@ -60,9 +112,13 @@ def start_page(title: str, caption: str | None = None) -> None:
 
 
 def show_notices() -> None:
-    """Show (once) the messages queued by earlier actions, e.g. "Tagged 12 samples"."""
+    """Show (once) the messages queued by earlier actions, e.g. "Tagged 12 samples".
+
+    A notice is plain text (it quotes tag names, sample ids, parts of a link): it is shown escaped, so a
+    notice never carries markdown of its own.
+    """
     for level, message in state.take_notices():
-        getattr(st, level if level in ("warning", "success", "info", "error") else "warning")(message)
+        getattr(st, level if level in ("warning", "success", "info", "error") else "warning")(text(message))
 
 
 def _user_box() -> None:
@@ -83,7 +139,7 @@ def require_user() -> str | None:
 def analysis_missing(what: str) -> None:
     """The empty state of a page whose artifact is not there yet."""
     workspace = data.workspace_path()
-    st.info(f"No {what} yet. Run `robustlens analyze {workspace}` to compute it, then reload this page.",
+    st.info(f"No {text(what)} yet. Run {code(f'robustlens analyze {workspace}')} to compute it, then reload this page.",
             icon=":material/info:")
 
 
@@ -150,7 +206,7 @@ def filter_panel(table: pd.DataFrame) -> FilterSpec:
     if meta:
         with sidebar.expander("Metadata"):
             for column in meta:
-                st.multiselect(display_name(column), categories[column], key=W + column)
+                st.multiselect(text(display_name(column)), categories[column], key=W + column)
     with sidebar.expander("Metric ranges", expanded=bool(st.session_state.get(W + "range_cols"))):
         st.multiselect("Add a range on", list(bounds), key=W + "range_cols", format_func=display_name,
                        placeholder="choose metrics or scores")
@@ -158,7 +214,7 @@ def filter_panel(table: pd.DataFrame) -> FilterSpec:
             low, high, integer = bounds[column]
             key = W + "range." + column
             hold_widget_value(key, st.session_state.get(key, (_bound(low, integer), _bound(high, integer))))
-            st.slider(display_name(column), min_value=_bound(low, integer), max_value=_bound(high, integer),
+            st.slider(text(display_name(column)), min_value=_bound(low, integer), max_value=_bound(high, integer),
                       key=W + "range." + column, step=1 if integer else _step(low, high))
     sort_options = [NO_SORT, *bounds, "label"]
     sidebar.selectbox("Sort by", sort_options, key=W + "sort",
@@ -266,13 +322,13 @@ def _spec_from_widgets(table: pd.DataFrame, previous: FilterSpec, bounds: dict) 
             ids=previous.ids, region=previous.region, slice=previous.slice,
             sort_by=get(W + "sort") or None, descending=bool(get(W + "desc")))
     except FilterError as exc:
-        st.sidebar.error(f"Filter not applied: {exc}")
+        st.sidebar.error(f"Filter not applied: {text(exc)}")
         return previous
 
 
 def _selection_chips(table: pd.DataFrame, spec: FilterSpec) -> None:
     if spec.slice:
-        st.sidebar.info(f"Slice: {slice_description(spec.slice)}", icon=":material/pie_chart:")
+        st.sidebar.info(f"Slice: {text(slice_description(spec.slice))}", icon=":material/pie_chart:")
         st.sidebar.button("Clear slice", on_click=_update_filter, kwargs={"slice": None}, key=W + "clear_slice")
     if spec.region:
         st.sidebar.info(f"Map region filter ({len(spec.region)}-point outline)", icon=":material/gesture:")
@@ -333,12 +389,12 @@ def thumbnail_grid(table: pd.DataFrame, positions: np.ndarray, *, columns: int, 
         for cell, (_, row), path in zip(cells, rows.iloc[start:start + columns].iterrows(),
                                         paths[start:start + columns], strict=False):
             sample_id = row["id"]
-            text = caption(row) if caption else caption_for(row, table)
+            label = text(caption(row) if caption else caption_for(row, table))
             with cell:
                 if path is not None:
-                    st.image(path, caption=text, width="stretch", output_format="JPEG")
+                    st.image(path, caption=label, width="stretch", output_format="JPEG")
                 else:
-                    st.caption(f"{text}\n\n(image unavailable)")
+                    st.caption(f"{label} (image unavailable)")
                 if selectable:
                     box = f"{key}.sel.{sample_id}"
                     if box not in st.session_state:
@@ -346,7 +402,7 @@ def thumbnail_grid(table: pd.DataFrame, positions: np.ndarray, *, columns: int, 
                     st.checkbox("select", key=box, on_change=_toggle, args=(sample_id, box))
                 if on_open is not None:
                     st.button("Details", key=f"{key}.open.{sample_id}", on_click=on_open, args=(sample_id,),
-                              type="tertiary", help=f"Show everything about {sample_id}")
+                              type="tertiary", help=f"Show everything about {text(sample_id)}")
 
 
 def _toggle(sample_id: str, box: str) -> None:
@@ -455,7 +511,7 @@ def create_collection(name: str, description: str, *, kind: str, ids: Callable[[
             members = ids()
             store.create_collection(name, user=user, description=description, sample_ids=members)
     except ValueError as exc:
-        st.error(str(exc))
+        st.error(text(exc))
         return
     what = " (saved filter)." if kind == "saved" else f" with {len(members):,} samples."
     done(f"Created collection '{name.strip()}'{what}")
@@ -547,7 +603,7 @@ def sample_detail(table: pd.DataFrame, position: int, *, key: str,
     row = table.iloc[position]
     sample_id = row["id"]
     workspace = data.workspace()
-    st.subheader(sample_id)
+    st.subheader(text(sample_id))
     image_col, facts_col = st.columns([1, 1])
     with image_col:
         path = data.thumbnails([position])[0]
@@ -561,8 +617,8 @@ def sample_detail(table: pd.DataFrame, position: int, *, key: str,
         if "label_issue.suggested_label" in row.index and pd.notna(row["label_issue.suggested_label"]):
             facts["suggested label"] = row["label_issue.suggested_label"]
             facts["label quality"] = f"{row['label_issue.label_quality']:.3f}"
-        st.markdown("\n".join(f"- **{k}:** {html.escape(str(v))}" for k, v in facts.items()))
-        st.caption(f"File: `{workspace.image_path(row['path'])}`")
+        st.markdown("\n".join(f"- **{k}:** {text(v)}" for k, v in facts.items()))
+        st.caption(f"File: {code(workspace.image_path(row['path']))}")
     _predictions_block(table, row, position)
     issues = data.sample_issues(sample_id)
     if len(issues):
@@ -594,15 +650,15 @@ def _predictions_block(table: pd.DataFrame, row: pd.Series, position: int) -> No
         probabilities = data.probabilities(name, position)
         top = np.argsort(probabilities)[::-1][:3]
         verdict = "✓" if row[f"pred.{name}.correct"] else "✗"
-        ranked = ", ".join(f"{classes[i]} {probabilities[i]:.2f}" for i in top)
-        lines.append(f"- **{name}** {verdict} {html.escape(str(row[f'pred.{name}.label']))} — {ranked}")
+        ranked = ", ".join(f"{text(classes[i])} {probabilities[i]:.2f}" for i in top)
+        lines.append(f"- **{text(name)}** {verdict} {text(row[f'pred.{name}.label'])} — {ranked}")
     st.markdown("**Predictions**\n" + "\n".join(lines))
 
 
 def _tags_block(sample_id: str, key: str) -> None:
     store = data.curation()
     tags = store.tags_of(sample_id)
-    st.markdown("**Tags:** " + (", ".join(f"`{t}`" for t in tags) if tags else "none"))
+    st.markdown("**Tags:** " + (", ".join(code(t) for t in tags) if tags else "none"))
     with st.form(f"{key}.tagform", clear_on_submit=True, border=False):
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         tag = left.text_input("Add a tag to this sample", key=f"{key}.tag_one")

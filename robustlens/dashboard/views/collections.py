@@ -25,7 +25,8 @@ def render() -> None:
     scope = st.radio("From", options, key="coll.scope", horizontal=True,
                      format_func={"selection": f"the grid selection ({len(chosen):,})",
                                   "filter": f"the current filter ({len(positions):,} samples"
-                                            + (": " + " · ".join(spec.describe()) if spec.describe() else "")
+                                            + (": " + " · ".join(map(widgets.text, spec.describe()))
+                                               if spec.describe() else "")
                                             + ")"}.get)
     count = len(chosen) if scope == "selection" else len(positions)
     widgets.new_collection_form(
@@ -43,7 +44,7 @@ def _tags(store) -> None:
         return
     for name, count in counts.items():
         left, right = st.columns([3, 1], vertical_alignment="center")
-        left.markdown(f"`{name}` — {count:,} sample(s)")
+        left.markdown(f"{widgets.code(name)} — {count:,} sample(s)")
         with right:
             widgets.explorer_link("Open", FilterSpec(tags=[name]))
 
@@ -62,7 +63,7 @@ def _collections(table: pd.DataFrame, store) -> None:
                 size = int(apply_filter(table, FilterSpec.from_dict(entry["filter"]), store).sum())
             except FilterError as exc:
                 size = None
-                st.warning(f"Collection '{entry['name']}' cannot be evaluated: {exc}")
+                st.warning(f"Collection '{widgets.text(entry['name'])}' cannot be evaluated: {widgets.text(exc)}")
         rows.append({"name": entry["name"], "kind": entry["kind"], "samples": size,
                      "description": entry["description"], "created by": entry["created_by"],
                      "created at": pd.Timestamp(entry["created_at"]).strftime("%Y-%m-%d %H:%M")})
@@ -73,7 +74,7 @@ def _collections(table: pd.DataFrame, store) -> None:
     with middle:
         widgets.explorer_link("Open in explorer", FilterSpec(collections=[chosen]))
     with right:
-        confirm = st.checkbox(f"Yes, delete '{chosen}'", key="coll.confirm")
+        confirm = st.checkbox(f"Yes, delete '{widgets.text(chosen)}'", key="coll.confirm")
         if st.button("Delete collection", key="coll.delete", disabled=not confirm, icon=":material/delete:"):
             user = widgets.require_user()
             if user:
@@ -82,10 +83,12 @@ def _collections(table: pd.DataFrame, store) -> None:
                 widgets.done(f"Deleted collection '{chosen}' (its samples are untouched).")
     entry = next(e for e in overview if e["name"] == chosen)
     if entry["kind"] == "saved filter":
-        st.caption("Filter: " + (" · ".join(FilterSpec.from_dict(entry["filter"]).describe()) or "everything"))
+        st.caption("Filter: " + (" · ".join(map(widgets.text, FilterSpec.from_dict(entry["filter"]).describe()))
+                                 or "everything"))
         st.code(FilterSpec.from_dict(entry["filter"]).to_json(), language="json")
     elif state.selection():
-        if st.button(f"Remove the {len(state.selection()):,} selected samples from '{chosen}'", key="coll.remove"):
+        if st.button(f"Remove the {len(state.selection()):,} selected samples from '{widgets.text(chosen)}'",
+                     key="coll.remove"):
             user = widgets.require_user()
             if user:
                 removed = store.remove_from_collection(chosen, state.selection(), user=user)

@@ -44,7 +44,8 @@ def render() -> None:
         listed = listed[listed["cross_split"]]
     keys = listed.drop_duplicates("cluster")["cluster"].tolist()
     rest = listed[~listed["representative"]]
-    if st.button(f"Keep one per cluster, tag the other {len(rest):,} samples of these {len(keys):,} clusters '{tag}'",
+    if st.button(f"Keep one per cluster, tag the other {len(rest):,} samples of these {len(keys):,} clusters "
+                 f"'{widgets.text(tag)}'",
                  key="dup.tag_all", disabled=rest.empty or not tag.strip(), type="primary", icon=":material/sell:"):
         _tag_rest(rest["id"].tolist(), tag, f"{len(keys):,} clusters")
     pages = max(1, math.ceil(len(keys) / CLUSTERS_PER_PAGE))
@@ -112,7 +113,8 @@ def _cluster(table: pd.DataFrame, members: pd.DataFrame, tag: str) -> None:
         head, action = st.columns([3, 1], vertical_alignment="center")
         title = f"**{'Exact' if first['kind'] == 'exact' else 'Near'}-duplicate cluster** · {len(members)} samples"
         if first["cross_split"]:
-            title += " · :red[**leakage: spans " + " / ".join(sorted(members["split"].unique())) + "**]"
+            title += (" · :red[**leakage: spans " + " / ".join(map(widgets.text, sorted(members["split"].unique())))
+                      + "**]")
         head.markdown(title)
         rest = members[~members["representative"]]["id"].tolist()
         if action.button("Keep one, tag the rest", key=f"dup.one.{first['cluster']}",

@@ -8,8 +8,6 @@ sample inside it, drawn or not.
 
 from __future__ import annotations
 
-import html
-
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -50,7 +48,7 @@ def render() -> None:
     event = st.plotly_chart(figure, key=CHART, on_select="rerun", selection_mode=("lasso", "box"),
                             config={"scrollZoom": True, "displaylogo": False})
     if legend:
-        st.markdown(legend, unsafe_allow_html=True)
+        st.html(legend)  # HTML built by build_figure: every category name in it is escaped
     polygon = selection_polygon(event.selection if event is not None else None)
     if polygon:
         _selection_actions(table, context, spec, polygon)
@@ -87,7 +85,10 @@ def downsample(positions: np.ndarray, limit: int, *, random_state: int = 0) -> n
 
 def build_figure(table: pd.DataFrame, positions: np.ndarray, colour: str,
                  region: list[list[float]]) -> tuple[go.Figure, str]:
-    """One ``Scattergl`` trace (``customdata`` = sample id) and an HTML legend for categorical colours.
+    """One ``Scattergl`` trace (``customdata`` = sample id, HTML-escaped) and an HTML legend for categorical colours.
+
+    Category names and sample ids are user strings: they are HTML-escaped (:func:`widgets.plot_text`) in
+    the legend and in the hover text, which plotly parses as HTML.
 
     Colours are numbers (category codes on a stepped colour scale, or the metric itself), never one colour
     string per point: plotly then ships them as a typed array, which keeps 50k points fast.
@@ -102,13 +103,13 @@ def build_figure(table: pd.DataFrame, positions: np.ndarray, colour: str,
         marker.update(color=codes, cmin=-0.5, cmax=len(names) + 0.5, colorscale=_stepped(colours), showscale=False)
         present = set(np.unique(codes).tolist())
         legend = " ".join(f"<span style='white-space:nowrap;margin-right:.8em'>"
-                          f"<span style='color:{colours[i]}'>●</span> {html.escape(name)}</span>"
+                          f"<span style='color:{colours[i]}'>●</span> {widgets.plot_text(name)}</span>"
                           for i, name in enumerate(names) if i in present)
     else:
         marker.update(color=values.to_numpy(dtype=float, na_value=np.nan), colorscale="Viridis", showscale=True,
-                      colorbar={"title": {"text": _colour_label(colour)}, "thickness": 12})
+                      colorbar={"title": {"text": widgets.plot_text(_colour_label(colour))}, "thickness": 12})
     figure = go.Figure(go.Scattergl(
-        x=rows["map.x"].to_numpy(), y=rows["map.y"].to_numpy(), mode="markers", customdata=rows["id"].to_numpy(),
+        x=rows["map.x"].to_numpy(), y=rows["map.y"].to_numpy(), mode="markers", customdata=_hover_ids(rows["id"]),
         marker=marker, hovertemplate="%{customdata}<extra></extra>"))
     if region:
         xs = [p[0] for p in region] + [region[0][0]]
@@ -119,6 +120,15 @@ def build_figure(table: pd.DataFrame, positions: np.ndarray, colour: str,
                          xaxis={"visible": False}, yaxis={"visible": False, "scaleanchor": "x"},
                          plot_bgcolor="white")
     return figure, legend
+
+
+def _hover_ids(ids: pd.Series) -> np.ndarray:
+    """Sample ids as plotly shows them in hover text (HTML-escaped; only ids holding ``<``, ``>`` or ``&`` change,
+    so the common case costs one vectorised scan)."""
+    ids = ids.astype(str)
+    if ids.str.contains("[<>&]", regex=True).any():
+        ids = ids.map(widgets.plot_text)
+    return ids.to_numpy()
 
 
 def _categories(values: pd.Series) -> tuple[np.ndarray, list[str]]:

@@ -24,7 +24,7 @@ def render() -> None:
     _adopt_url_page_state()
     conditions = spec.describe()
     st.markdown(f"**{len(positions):,}** of {len(table):,} samples"
-                + (" match: " + " · ".join(conditions) if conditions else " (no filter)"))
+                + (" match: " + " · ".join(map(widgets.text, conditions)) if conditions else " (no filter)"))
     pages = max(1, math.ceil(len(positions) / PAGE_SIZE))
     _reset_page_if_filter_changed(spec)
     with st.expander(f"Tag or collect ({len(state.selection()):,} selected)", expanded=bool(state.selection())):

@@ -18,13 +18,14 @@ def render() -> None:
     ws = data.workspace()
     key = data.cache_key()
     info = data.summary(*key)
-    st.caption(f"Workspace `{info['workspace']}` · dataset `{info['dataset_root']}` ({info['dataset_kind']})")
+    st.caption(f"Workspace {widgets.code(info['workspace'])} · dataset {widgets.code(info['dataset_root'])} "
+               f"({widgets.text(info['dataset_kind'])})")
     table = data.table()
     _headline(info, table)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Class balance")
-        balance = data.balance(*key)
+        balance = data.balance(*key).assign(**{"class": lambda f: f["class"].map(widgets.plot_text)})
         figure = px.bar(balance, x="class", y="count", hover_data={"share": ":.1%"})
         figure.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=None)
         st.plotly_chart(figure, width="stretch", key="overview.balance")
@@ -36,7 +37,7 @@ def render() -> None:
     if report.get("skipped") or report.get("warnings"):
         with st.expander(f"Ingest report: {len(report.get('skipped', []))} skipped image(s)"):
             for warning in report.get("warnings", []):
-                st.warning(warning)
+                st.warning(widgets.text(warning))
             if report.get("skipped"):
                 st.dataframe(report["skipped"], hide_index=True, width="stretch")
 
@@ -71,10 +72,10 @@ def _models(info: dict, table) -> None:
         st.dataframe(rows, hide_index=True, width="stretch")
     else:
         st.info("No predictions yet: add them with `robustlens init --predictions`.")
-    st.write(f"**Model:** {info['model'] or 'none'}")
-    st.write("**Splits:** " + ", ".join(f"{k} ({v:,})" for k, v in info["split_counts"].items()))
+    st.markdown(f"**Model:** {widgets.text(info['model'] or 'none')}")
+    st.markdown("**Splits:** " + ", ".join(f"{widgets.text(k)} ({v:,})" for k, v in info["split_counts"].items()))
     if info["metadata_columns"]:
-        st.write("**Metadata:** " + ", ".join(f"`{c}`" for c in info["metadata_columns"]))
+        st.markdown("**Metadata:** " + ", ".join(widgets.code(c) for c in info["metadata_columns"]))
 
 
 def _issues(table) -> None:
@@ -88,7 +89,7 @@ def _issues(table) -> None:
         count = counts[kind]
         with st.container(border=True):
             head, link = st.columns([4, 1], vertical_alignment="center")
-            head.markdown(f"**{kind.replace('_', ' ')}** — {count:,} samples ({count / max(len(table), 1):.1%})")
+            head.markdown(f"**{widgets.text(kind.replace('_', ' '))}** — {count:,} samples ({count / max(len(table), 1):.1%})")
             spec = FilterSpec(issues=[kind], sort_by=f"issue.{kind}", descending=True)
             if count:
                 with link:

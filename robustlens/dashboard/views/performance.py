@@ -42,7 +42,7 @@ def confusion(table: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
-    st.subheader(name)
+    st.subheader(widgets.text(name))
     report = data.evaluation(name) or {}
     accuracy = float(table[f"pred.{name}.correct"].mean())
     cols = st.columns(3)
@@ -65,11 +65,15 @@ def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
 def _confusion_chart(counts: pd.DataFrame, name: str, *, first: bool) -> None:
     st.markdown("**Confusion matrix** — click a cell to open its samples")
     classes = list(counts.index)
+    # Class names are user strings and plotly parses tick and hover text as HTML: it gets them escaped, and a
+    # click's escaped name is mapped back to the class.
+    shown = [widgets.plot_text(c) for c in classes]
+    original = dict(zip(shown, classes, strict=True))
     values = counts.to_numpy()
-    figure = go.Figure(go.Heatmap(z=values, x=classes, y=classes, colorscale="Blues", showscale=False,
+    figure = go.Figure(go.Heatmap(z=values, x=shown, y=shown, colorscale="Blues", showscale=False,
                                   text=values, texttemplate="%{text}", hoverinfo="skip"))
     # Heatmap cells cannot be selected; an invisible square marker on each cell takes the clicks and the hover.
-    grid_x, grid_y = np.meshgrid(classes, classes)
+    grid_x, grid_y = np.meshgrid(shown, shown)
     figure.add_scatter(x=grid_x.ravel(), y=grid_y.ravel(), mode="markers", customdata=values.ravel(),
                        hovertemplate="given %{y}<br>predicted %{x}<br>%{customdata} samples<extra></extra>",
                        marker={"symbol": "square", "size": max(6, 360 // max(len(classes), 1)), "opacity": 0.01})
@@ -80,7 +84,7 @@ def _confusion_chart(counts: pd.DataFrame, name: str, *, first: bool) -> None:
                             width="stretch")
     points = event.selection.get("points", []) if event is not None else []
     if points:
-        given, predicted = points[0].get("y"), points[0].get("x")
+        given, predicted = original.get(points[0].get("y")), original.get(points[0].get("x"))
         if given in classes and predicted in classes:
             # A fresh chart key on return: the old click must not send the user to the explorer again.
             st.session_state[CHART_GENERATION] = generation + 1
@@ -142,7 +146,8 @@ def _importance(name: str) -> None:
     if value is None:
         return
     ordered = frame.sort_values(value)
-    figure = go.Figure(go.Bar(x=ordered[value], y=ordered["metric"].astype(str), orientation="h"))
+    figure = go.Figure(go.Bar(x=ordered[value], y=ordered["metric"].astype(str).map(widgets.plot_text),
+                              orientation="h"))
     figure.update_layout(height=60 + 22 * len(frame), margin=dict(l=10, r=10, t=30, b=10),
                          xaxis_title=value.replace("_", " "),
                          title={"text": "Which image metrics go with errors", "font": {"size": 13}})
@@ -169,7 +174,8 @@ def _curves(name: str) -> None:
     figure.add_scatter(x=x, y=rows["accuracy"], mode="lines+markers", name="accuracy",
                        customdata=rows.get("count"), hovertemplate="%{x:.3g}: accuracy %{y:.1%}"
                                                                    "<br>%{customdata} samples<extra></extra>")
-    figure.update_layout(height=260, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=metric, showlegend=False,
+    figure.update_layout(height=260, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=widgets.plot_text(metric),
+                         showlegend=False,
                          yaxis={"title": "accuracy", "tickformat": ".0%"})
     st.plotly_chart(figure, width="stretch", key=f"perf.curves.{name}")
 

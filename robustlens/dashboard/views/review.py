@@ -39,7 +39,7 @@ def render() -> None:
     queue = _queue_controls(table, latest)
     mine = sum(1 for d in latest.values() if d["reviewer"] == reviewer)
     st.caption(f"{len(queue):,} in this queue · {len(latest):,} samples decided by the team · "
-               f"{mine:,} by you ({reviewer})")
+               f"{mine:,} by you ({widgets.text(reviewer)})")
     if len(queue) == 0:
         st.success("Nothing left in this queue. Switch **Show** to all samples, or show decided items to revisit them.")
         return
@@ -104,10 +104,10 @@ def _item(table: pd.DataFrame, position: int, latest: dict, reviewer: str, index
             path = data.thumbnails([position])[0]
             if path:
                 st.image(path, width="stretch", output_format="JPEG")
-            st.caption(sample_id)
+            st.caption(widgets.text(sample_id))
         with facts:
-            st.metric("Given label", str(row["label"]))
-            st.metric("Suggested label", suggested or "—")
+            st.metric("Given label", widgets.text(row["label"]))
+            st.metric("Suggested label", widgets.text(suggested) if suggested else "—")
             st.metric("Label quality", f"{row['label_issue.label_quality']:.3f}",
                       help="How much the model believes the given label (0 = not at all)")
         with chart:
@@ -123,10 +123,11 @@ def _probabilities(table: pd.DataFrame, position: int) -> None:
     if not sets:
         st.caption("No predictions in this workspace.")
         return
-    classes = list(table["label"].cat.categories)
+    classes = [widgets.plot_text(c) for c in table["label"].cat.categories]
     figure = go.Figure()
     for name in sets:
-        figure.add_bar(y=classes, x=data.probabilities(name, position), name=name, orientation="h")
+        figure.add_bar(y=classes, x=data.probabilities(name, position), name=widgets.plot_text(name),
+                       orientation="h")
     figure.update_layout(height=260, margin=dict(l=10, r=10, t=24, b=10), barmode="group",
                          title={"text": "Class probabilities", "font": {"size": 13}}, xaxis={"range": [0, 1]},
                          yaxis={"autorange": "reversed"}, legend={"orientation": "h"})
@@ -138,10 +139,10 @@ def _others(sample_id: str, latest: dict) -> None:
     if not history:
         st.caption("No decision on this sample yet.")
         return
-    lines = [f"- **{d['reviewer']}** {ACTION_NAMES.get(d['action'], d['action'])}"
-             + (f" → `{d['new_label']}`" if d["action"] == "relabel" else "")
+    lines = [f"- **{widgets.text(d['reviewer'])}** {widgets.text(ACTION_NAMES.get(d['action'], d['action']))}"
+             + (f" → {widgets.code(d['new_label'])}" if d["action"] == "relabel" else "")
              + f" · {pd.Timestamp(d['created_at']).strftime('%Y-%m-%d %H:%M')}"
-             + (f" · _{d['note']}_" if d["note"] else "") for d in history]
+             + (f" · _{widgets.text(d['note'])}_" if d["note"] else "") for d in history]
     st.markdown("**Decisions so far** (latest counts)\n" + "\n".join(lines))
 
 
@@ -149,7 +150,7 @@ def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | N
     hide = bool(st.session_state.get(HIDE_DECIDED, True))
     st.text_input("Note (optional)", key=NOTE, placeholder="why — saved with the decision")
     row1 = st.columns(6)
-    row1[0].button(f"Accept → {suggested}" if suggested else "Accept suggestion", key="review.accept", type="primary",
+    row1[0].button(f"Accept → {widgets.text(suggested)}" if suggested else "Accept suggestion", key="review.accept", type="primary",
                    shortcut="A", disabled=not suggested or suggested == given, on_click=_decide,
                    args=(sample_id, "relabel", suggested, reviewer, hide))
     row1[1].button("Keep label", key="review.keep", shortcut="K", on_click=_decide,
@@ -182,7 +183,7 @@ def _decide(sample_id: str, action: str, new_label: str | None, reviewer: str, h
 def _relabel(sample_id: str, reviewer: str, hide: bool) -> None:
     target = st.session_state.get(RELABEL_TO)
     if not target:
-        state.notice("Choose the class to relabel to first (the **Relabel to** box).")
+        state.notice("Choose the class to relabel to first (the 'Relabel to' box).")
         return
     _decide(sample_id, "relabel", target, reviewer, hide)
 

@@ -61,7 +61,8 @@ def render() -> None:
                     "`robustlens init WS --data DIR --model model.pt --model-config model.json`.",
                     icon=":material/info:")
         else:
-            st.info(f"No robustness results yet. Run `robustlens robustness {workspace.root}` to compute them, "
+            st.info(f"No robustness results yet. Run {widgets.code(f'robustlens robustness {workspace.root}')} to "
+                    "compute them, "
                     "then reload this page.", icon=":material/info:")
         return
     _self_check_status(report)
@@ -80,7 +81,7 @@ def _pct(value) -> str:
 def _self_check_status(report: dict) -> None:
     check = report.get("self_check", {})
     for warning in report.get("warnings", []):
-        st.warning(warning, icon=":material/warning:")
+        st.warning(widgets.text(warning), icon=":material/warning:")
     if not check.get("attacks"):
         st.info("No attacks were run, so there is no attack self-check.", icon=":material/info:")
     elif check.get("passed"):
@@ -274,13 +275,13 @@ def _example_viewer(report: dict) -> None:
                  f"{arrays['corruption'][index]}, severity {arrays['severity'][index]}"),
                 ("Adversarial", adversarial, arrays["adversarial_pred"][index],
                  f"{arrays['attack'][index]}, {norm_text}")]
-    st.markdown(f"**{arrays['ids'][index]}** — label **{label}**")
+    st.markdown(f"**{widgets.text(arrays['ids'][index])}** — label **{widgets.text(label)}**")
     columns = st.columns(4)
     for column, (title, image, prediction, how) in zip(columns, versions, strict=False):
         predicted = classes[int(prediction)]
         verdict = "correct" if predicted == label else "wrong"
         caption = f"{title}: predicted {predicted} ({verdict})" + (f" — {how}" if how else "")
-        column.image(_upscale(image), caption=caption, clamp=True, width=DISPLAY_PIXELS)
+        column.image(_upscale(image), caption=widgets.text(caption), clamp=True, width=DISPLAY_PIXELS)
     delta = arrays["perturbation"][index].astype(np.float32) if "perturbation" in arrays else adversarial - clean
     l2, linf = float(np.sqrt((delta.astype(np.float64) ** 2).sum())), float(np.abs(delta).max())
     with columns[3]:
@@ -290,7 +291,7 @@ def _example_viewer(report: dict) -> None:
     if issues is not None:
         row = issues[issues["id"] == str(arrays["ids"][index])]
         if not row.empty and bool(row["rob_fragile"].iloc[0]):
-            st.warning(f"Fragile: {row['rob_fragile_reason'].iloc[0]}", icon=":material/warning:")
+            st.warning(f"Fragile: {widgets.text(row['rob_fragile_reason'].iloc[0])}", icon=":material/warning:")
 
 
 if __name__ == "__main__":
