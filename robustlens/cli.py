@@ -217,11 +217,16 @@ def _add_serve(sub) -> None:
     parser.add_argument("--export-root", type=Path, metavar="DIR",
                         help="folder the Export page saves under (default: WORKSPACE/exports); the page only "
                              "creates new files and folders there, never replaces one")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="another host name the dashboard may be reached by (repeatable; e.g. this machine's "
+                             "DNS name). Requests naming any other host are refused (DNS-rebinding guard); "
+                             "127.0.0.1, localhost, ::1 and --host are always allowed")
     parser.set_defaults(handler=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
     from robustlens.analysis.workspace import Workspace
+    from robustlens.dashboard.host_guard import HostPolicy
 
     workspace = Workspace(args.workspace)  # fail now, with a clear message, rather than in the browser
     export_root = None
@@ -229,8 +234,10 @@ def _cmd_serve(args) -> int:
         from robustlens.analysis.safety import check_export_root
 
         export_root = check_export_root(args.export_root, workspace)
-    app = Path(__file__).parent / "dashboard" / "app.py"
-    env = dict(os.environ, ROBUSTLENS_WORKSPACE=str(args.workspace.resolve()))
+    policy = HostPolicy(args.host, args.allowed_host)  # a bad --allowed-host fails here (exit 2)
+    # server_app.py is app.py behind the DNS-rebinding guard (robustlens/dashboard/host_guard.py).
+    app = Path(__file__).parent / "dashboard" / "server_app.py"
+    env = dict(os.environ, ROBUSTLENS_WORKSPACE=str(args.workspace.resolve()), **policy.to_environ())
     if export_root is not None:
         env["ROBUSTLENS_EXPORT_ROOT"] = str(export_root)
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
