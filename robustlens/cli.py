@@ -19,6 +19,38 @@ from robustlens.errors import NotAWorkspaceError, RobustlensError, ValidationErr
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (checked before any work starts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and infinity are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type: a finite number in [0, 1)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _add_init(sub) -> None:
     parser = sub.add_parser(
         "init", help="create a workspace from a dataset, predictions and an optional model",
@@ -40,7 +72,7 @@ def _add_init(sub) -> None:
                                           "default: the model config's classes, else sorted labels")
     parser.add_argument("--scores", choices=("auto", "probabilities", "logits"), default="auto",
                         help="what prediction files hold (default: detect)")
-    parser.add_argument("--sum-tolerance", type=float, default=0.05,
+    parser.add_argument("--sum-tolerance", type=unit_fraction, default=0.05,
                         help="probability rows off from 1 by at most this are renormalised (default 0.05)")
     parser.add_argument("--model", help="TorchScript file or module:function factory returning an nn.Module")
     parser.add_argument("--model-config", type=Path,
@@ -48,9 +80,9 @@ def _add_init(sub) -> None:
     parser.add_argument("--embeddings", type=Path, help=".npy N×D in manifest order, or Parquet with id")
     parser.add_argument("--db", help="SQLAlchemy URL of the curation database (default: SQLite file in the "
                                      "workspace)")
-    parser.add_argument("--max-pixels", type=int, default=89_478_485,
+    parser.add_argument("--max-pixels", type=positive_int, default=89_478_485,
                         help="skip images with more pixels than this (decompression-bomb guard)")
-    parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU cores)")
+    parser.add_argument("--workers", type=positive_int, help="image-decoding threads (default: CPU cores)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild an existing workspace's artifacts (curation data is kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -137,7 +169,7 @@ def _add_analyze(sub) -> None:
                         help="comma-separated modules to import first (they register custom metrics)")
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda")
     parser.add_argument("--seed", type=int, default=0, help="random_state of every stage (default 0)")
-    parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU cores)")
+    parser.add_argument("--workers", type=positive_int, help="image-decoding threads (default: CPU cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_cmd_analyze)
 
@@ -172,6 +204,8 @@ def _cmd_analyze(args) -> int:
                      random_state=args.seed, workers=args.workers)
     for name, seconds in report.seconds.items():
         print(f"  {name:<14} {seconds:7.1f} s", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(_analysis_summary(workspace))
     return EXIT_OK
 
@@ -290,6 +324,62 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
+    except OSError as exc:
+        # Disk full, I/O error, permission denied: say what and where, never a traceback. Every artifact is
+        # written atomically, so the workspace stays readable and a re-run resumes where this one stopped.
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        if args.debug:
+            raise
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
+        database_error = _database_error(exc)
+        if database_error is not None:
+            print(f"error: {database_error}", file=sys.stderr)
+        else:
+            print(f"error: unexpected {type(exc).__name__}: {exc}\n(this is a bug in robustlens; rerun with "
+                  "--debug for the traceback and report it)", file=sys.stderr)
+        if args.debug:
+            raise
+        return EXIT_FAILURE
+
+
+#: errno values that mean "the storage failed", with the advice for each.
+_STORAGE_ERRORS = {
+    "ENOSPC": "the disk is full",
+    "EDQUOT": "the disk quota is exhausted",
+    "EIO": "an input/output error occurred (failing disk or network file system)",
+    "EROFS": "the file system is read-only",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the file and the storage problem behind ``exc``, with what to do next."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    where = f" ({exc.filename})" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    if name in _STORAGE_ERRORS:
+        return (f"{_STORAGE_ERRORS[name]}: {reason}{where}. Nothing already written was damaged (every file is "
+                "written atomically); free some space or fix the storage, then run the same command again to "
+                "resume.")
+    return f"{reason}{where}"
+
+
+def _database_error(exc: Exception) -> str | None:
+    """A clear line for a curation-database failure (SQLAlchemy), or ``None`` if ``exc`` is not one."""
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:
+        return None
+    if not isinstance(exc, SQLAlchemyError):
+        return None
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    text = detail[0] if detail else type(exc).__name__
+    if "disk is full" in text or "disk I/O error" in text:
+        return (f"the curation database could not be written: {text}. Free some space, then run the command "
+                "again; tags, collections and decisions already saved are kept.")
+    return f"curation database error: {text}"
 
 
 if __name__ == "__main__":

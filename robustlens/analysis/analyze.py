@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from robustlens.analysis.stages.base import StageContext
 from robustlens.analysis.workspace import Workspace
@@ -31,10 +34,13 @@ STAGES: dict[str, str] = {
 
 @dataclass
 class AnalysisReport:
-    """What :func:`analyze` did: per stage its summary and wall time."""
+    """What :func:`analyze` did: per stage its summary and wall time; stages skipped and why."""
 
     summaries: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Stage name → why it did not run (the data cannot support it); later stages still ran.
+    skipped: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def stage_module(name: str):
@@ -69,7 +75,47 @@ def analyze(workspace: Workspace, *, stages: list[str] | None = None, configs: d
     for name in selected:
         module = stage_module(name)
         config = (configs or {}).get(name) or module.Config()
+        reason = PRECONDITIONS[name](context, config) if name in PRECONDITIONS else None
+        if reason is not None:
+            report.skipped[name] = reason
+            report.warnings.append(f"stage '{name}' skipped: {reason}; the other stages ran")
+            continue
         start = time.perf_counter()
         report.summaries[name] = module.run(context, config)
         report.seconds[name] = time.perf_counter() - start
     return report
+
+
+def _label_issues_precondition(context: StageContext, config) -> str | None:
+    """Why the label-issues stage cannot run on this workspace, or ``None`` when it can.
+
+    Without out-of-sample predictions the stage cross-validates a classifier on the embeddings, and
+    stratified k-fold needs at least two samples of every class.
+    """
+    from robustlens.analysis.stages import label_issues
+
+    classes = context.workspace.classes
+    if len(classes) < 2:
+        return f"label issues need at least two classes, the workspace has {classes}"
+    try:
+        source, _, _ = label_issues.choose_source(context, config)
+    except ValueError as exc:  # no predictions and no embeddings: the stage says what is missing
+        return str(exc)
+    if source != "cross_validated":
+        return None
+    labels = context.workspace.samples["label_index"].to_numpy(dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(classes))
+    thin = [f"'{classes[i]}' ({int(counts[i])} image{'s' if counts[i] != 1 else ''})"
+            for i in np.flatnonzero((counts > 0) & (counts < 2))]
+    if thin:
+        return (f"without out-of-sample predictions, label issues come from cross-validation on the embeddings, "
+                f"which needs at least 2 samples per class; class {', '.join(thin)} has fewer (add images or "
+                "pass --predictions to 'robustlens init')")
+    return None
+
+
+#: Stage name → ``(context, config) -> reason or None``: checks that skip a stage the data cannot support
+#: (with a warning) instead of failing the whole run.
+PRECONDITIONS: dict[str, Callable[[StageContext, object], str | None]] = {
+    "label_issues": _label_issues_precondition,
+}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,8 +86,9 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
     if not root.is_dir():
         raise ValidationError("dataset root must be a directory", file=root)
     real_root = Path(os.path.realpath(root))
+    warnings = []
     if manifest is None:
-        listing, ignored, skipped = _list_imagefolder(root, real_root)
+        listing, ignored, skipped, warnings = _list_imagefolder(root, real_root)
         kind = "imagefolder"
     else:
         listing = _list_manifest(Path(manifest), root, real_root)
@@ -111,7 +114,6 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
     samples = pd.concat([good[["id", "path", "label", "split"]], record_frame,
                          good.drop(columns=["id", "path", "label", "split"])], axis=1)
     samples = samples.reset_index(drop=True)
-    warnings = []
     if skipped:
         listed = "; ".join(f"{entry['path']} ({entry['reason']})" for entry in skipped[:5])
         more = f"; … {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -131,16 +133,42 @@ def _inside(real_root: Path, candidate: Path) -> bool:
     return real == real_root or real_root in real.parents
 
 
-def _list_imagefolder(root: Path, real_root: Path) -> tuple[pd.DataFrame, list[str], list[dict]]:
-    rows, ignored, skipped = [], [], []
+def _overlaps(real: str, other: str) -> bool:
+    """Whether folder ``real`` is ``other``, inside it, or holds it (one would reach the other's files)."""
+    return real == other or real.startswith(other.rstrip(os.sep) + os.sep) or other.startswith(real.rstrip(os.sep)
+                                                                                                 + os.sep)
+
+
+def _list_imagefolder(root: Path, real_root: Path) -> tuple[pd.DataFrame, list[str], list[dict], list[str]]:
+    """List ``<class>/<image>`` files once each.
+
+    A class folder that is a symlink to the root, to another class folder or into one (a loop, or the
+    same files reached twice) is left out with a warning: its files are ingested once, under their real
+    folder's class. (A single image symlinked inside the root is kept: a deliberate alias, which the
+    duplicates stage reports.)
+    """
+    rows, ignored, skipped, warnings = [], [], [], []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for loose in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
         ignored.append(loose.name)
-    for class_dir in class_dirs:
+    # Real folders first, so a symlinked duplicate never wins over the folder it points to.
+    real_of = {d: os.path.realpath(d) for d in class_dirs}
+    scanned: dict[str, str] = {}  # real path -> class folder name it was listed under
+    for class_dir in sorted(class_dirs, key=lambda d: (d.is_symlink(), d.name)):
         if not _inside(real_root, class_dir):
             skipped.append({"id": class_dir.name + "/", "path": class_dir.name + "/",
                             "reason": "folder is a symlink pointing outside the dataset root"})
             continue
+        real = real_of[class_dir]
+        clash = [name for other, name in scanned.items() if _overlaps(real, other)]
+        if real == str(real_root) or clash:
+            target = "the dataset root itself (a symlink loop)" if real == str(real_root) else \
+                f"the same files as class folder '{clash[0]}'"
+            warnings.append(f"class folder '{class_dir.name}' is a symlink to {target}; its images are ingested "
+                            "once, under their real folder, not again as class "
+                            f"'{class_dir.name}'")
+            continue
+        scanned[real] = class_dir.name
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
@@ -155,7 +183,7 @@ def _list_imagefolder(root: Path, real_root: Path) -> tuple[pd.DataFrame, list[s
                     skipped.append({"id": rel, "path": rel, "reason": "symlink pointing outside the dataset root"})
                     continue
                 rows.append({"id": rel, "path": rel, "label": class_dir.name, "split": UNSPECIFIED_SPLIT})
-    return pd.DataFrame(rows, columns=["id", "path", "label", "split"]), ignored, skipped
+    return pd.DataFrame(rows, columns=["id", "path", "label", "split"]), ignored, skipped, warnings
 
 
 def _list_manifest(manifest: Path, root: Path, real_root: Path) -> pd.DataFrame:
@@ -239,14 +267,71 @@ def _path_problem(raw: str, resolver: _Resolver) -> str | None:
     return None
 
 
+#: Pixels (width × height) decoded at once across all verification threads. Decoding holds ~16 bytes
+#: per pixel (float32 RGBA working copy), so 128 Mi pixels is ~2 GiB whatever ``--workers`` is; four
+#: 9400 × 9400 PNGs then decode one after the other instead of together (9.5 GB). One image is always
+#: allowed, however large (the ``max_pixels`` cap bounds it).
+DECODE_PIXEL_BUDGET = 128 * 2**20
+
+
+class PixelBudget:
+    """A counting semaphore over pixels: ``with budget.hold(n):`` waits until ``n`` more pixels fit."""
+
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+        self.in_use = 0
+        self.peak = 0
+        self._condition = threading.Condition()
+
+    def acquire(self, pixels: int) -> None:
+        with self._condition:
+            while self.in_use and self.in_use + pixels > self.pixels:
+                self._condition.wait()
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+
+    def release(self, pixels: int) -> None:
+        with self._condition:
+            self.in_use -= pixels
+            self._condition.notify_all()
+
+
+def header_pixels(path: Path) -> int:
+    """``width * height`` from an image file's header without decoding it (0 when it cannot be read).
+
+    PNG: the IHDR chunk (first 24 bytes); other formats: Pillow's lazy open, which parses the header only.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(24)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", head[16:24])
+            return width * height
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - an unreadable header is the decoder's to report, with its reason
+        return 0
+
+
 def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, workers: int | None,
-                   progress: bool) -> tuple[dict, list[tuple[int, str]]]:
+                   progress: bool, pixel_budget: int | None = None) -> tuple[dict, list[tuple[int, str]]]:
+    budget: PixelBudget | None = None
+
     def verify(item: tuple[int, str]):
         index, rel = item
+        held = 0
+        if budget is not None:
+            held = min(header_pixels(root / rel), max_pixels + 1)
+            budget.acquire(held)
         try:
             return index, read_image(root / rel, max_pixels=max_pixels).record, None
         except ImageProblem as problem:
             return index, None, problem.reason
+        finally:
+            if budget is not None:
+                budget.release(held)
 
     def verify_all(chunk: list[tuple[int, str]]) -> list:
         return [verify(item) for item in chunk]
@@ -273,7 +358,11 @@ def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, worker
 
     with tqdm(total=len(items), desc="Verifying images", unit="img", disable=not progress) as bar:
         first = [timed_first_chunk()] if chunks else []
-        pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2)
+        threads = workers or os.cpu_count() or 2
+        if threads > 1:
+            # Several decodes at once: bound their memory (one thread needs no budget).
+            budget = PixelBudget(pixel_budget or DECODE_PIXEL_BUDGET)
+        pool = ThreadPoolExecutor(max_workers=threads)
         with pool:
             for results in itertools.chain(first, pool.map(verify_all, chunks[1:])):
                 bar.update(len(results))

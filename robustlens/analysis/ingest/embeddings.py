@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from robustlens.analysis.ingest.tables import read_table
+from robustlens.analysis.ingest.tables import first_rows, read_table
 from robustlens.errors import ValidationError
 
 
@@ -53,15 +54,27 @@ def load_embeddings(path: str | Path, *, sample_ids: list[str], order: list[str]
         if "embedding" in table.columns:
             try:
                 matrix = np.stack([np.asarray(v, dtype=np.float64) for v in table["embedding"]])
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 raise ValidationError(f"embedding vectors differ in length or are not numeric: {exc}",
                                       file=path, column="embedding") from exc
         else:
             columns = [c for c in table.columns if c != "id"]
             if not columns:
-                raise ValidationError("no embedding columns", file=path)
-            matrix = table[columns].apply(lambda c: c.astype(float)).to_numpy()
+                raise ValidationError("no embedding columns: expected one list-valued 'embedding' column or "
+                                      "one numeric column per dimension", file=path)
+            for column in columns:
+                values = pd.to_numeric(table[column], errors="coerce")
+                bad = values.isna() & table[column].notna()
+                if bad.any():
+                    row = first_rows(bad)[0]
+                    raise ValidationError(f"non-numeric value {str(table[column].iloc[row - 1])[:40]!r} (embedding "
+                                          "columns must hold numbers; only 'id' may be text)", file=path, row=row,
+                                          column=column)
+            matrix = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] == 0:
+        raise ValidationError(f"embeddings must have at least one dimension, got shape {matrix.shape} "
+                              "(N samples × D dimensions, D ≥ 1)", file=path)
     bad = ~np.isfinite(matrix)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])

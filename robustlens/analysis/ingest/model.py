@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +84,12 @@ def config_from_dict(payload: dict, *, source: str | Path = "model config") -> M
         value = payload[key]
         value = [value] * channels if isinstance(value, int | float) else value
         if (not isinstance(value, list) or len(value) != channels
-                or not all(isinstance(v, int | float) for v in value)):
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
             raise ValidationError(f"{key} must be a list of {channels} numbers, got {payload[key]!r}",
                                   file=source, column=key)
+        if not all(math.isfinite(v) for v in value):
+            raise ValidationError(f"{key} must hold finite numbers, got {payload[key]!r} (NaN or infinity would "
+                                  "turn every normalized pixel into NaN)", file=source, column=key)
         values[key] = [float(v) for v in value]
     if any(s <= 0 for s in values["std"]):
         raise ValidationError(f"std must be positive, got {values['std']}", file=source, column="std")
@@ -199,10 +204,19 @@ def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValidationError(f"cannot import model factory module '{module_name}': {exc}") from exc
+    except SyntaxError as exc:
+        raise ValidationError(f"model factory module '{module_name}' has a syntax error at line {exc.lineno}: "
+                              f"{exc.msg}", file=exc.filename) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module may raise anything while importing
+        raise ValidationError(f"importing model factory module '{module_name}' raised "
+                              f"{type(exc).__name__}: {error_summary(exc)}") from exc
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise ValidationError(f"'{module_name}' has no callable '{function_name}'")
-    network = factory()
+    try:
+        network = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+        raise ValidationError(f"model factory '{text}' raised {type(exc).__name__}: {error_summary(exc)}") from exc
     if not isinstance(network, nn.Module):
         raise ValidationError(f"factory '{text}' returned {type(network).__name__}, expected torch.nn.Module")
     return network
@@ -236,15 +250,110 @@ def load_model(spec: str | Path, config: ModelConfig, classes: list[str], *,
         if output_index == list(range(len(config.classes))):
             output_index = None
     wrapped = NormalizedModel(network, config, output_index).to(device)
-    expected = len(config.classes) if config.classes is not None else len(classes)
     probe = torch.zeros((2, config.channels, *config.input_size), device=device)
+    _check_output(wrapped, probe, config, classes)
+    return wrapped
+
+
+def check_model_on_images(model: NormalizedModel, pixels: list[np.ndarray], classes: list[str], *,
+                          paths: list[str] | None = None) -> None:
+    """Run ``model`` on a real batch of decoded images and reject what would poison the analysis.
+
+    Parameters
+    ----------
+    model:
+        The wrapped model (:func:`load_model`).
+    pixels:
+        Decoded images, ``(H, W, C)`` floats in ``[0, 1]`` (a few samples of the dataset).
+    classes:
+        Workspace class order (length K).
+    paths:
+        Dataset-relative paths of ``pixels``, named in the message when the output is not finite.
+
+    Raises :class:`ValidationError` when the model fails, outputs another shape than ``(B, K)``, or
+    outputs NaN / infinity.
+    """
+    if not pixels:
+        return
+    batch = prepare_images(pixels, model.config).to(next(iter(model.buffers())).device)
+    logits = _check_output(model, batch, model.config, classes, mapped=True)
+    finite = torch.isfinite(logits).all(dim=1)
+    if not bool(finite.all()):
+        first = int(torch.nonzero(~finite)[0, 0])
+        where = f" (first: '{paths[first]}')" if paths else ""
+        raise ValidationError(f"the model outputs NaN or infinite logits for {int((~finite).sum())} of "
+                              f"{len(pixels)} sample images{where}; check the model and its mean/std")
+
+
+def _check_output(model: NormalizedModel, batch: torch.Tensor, config: ModelConfig, classes: list[str], *,
+                  mapped: bool = False) -> torch.Tensor:
+    """Forward ``batch``; raise a :class:`ValidationError` saying what was expected when it fails."""
+    expected = len(config.classes) if config.classes is not None else len(classes)
     try:
         with torch.no_grad():
-            raw = wrapped.model(wrapped.normalize(probe))
-    except RuntimeError as exc:
-        raise ValidationError(f"the model failed on an input of shape {tuple(probe.shape)} built from its "
-                              f"config (input_size, channels): {str(exc).splitlines()[0]}") from exc
-    if raw.ndim != 2 or raw.shape[1] != expected:
-        raise ValidationError(f"class-count mismatch: the model outputs shape {tuple(raw.shape)}, expected "
+            raw = model.model(model.normalize(batch))
+    except Exception as exc:  # noqa: BLE001 - the user's network may raise anything
+        accepted = _accepted_input(model.model, batch, exc)
+        hint = (f"; the model accepts input of shape (batch, {accepted[0]}, {accepted[1]}, {accepted[2]}): set "
+                f"\"input_size\": [{accepted[1]}, {accepted[2]}], \"channels\": {accepted[0]} in the model config"
+                if accepted else "")
+        raise ValidationError(f"the model failed on an input of shape {tuple(batch.shape)} built from its config "
+                              f"(input_size {list(config.input_size)}, channels {config.channels}){hint}. "
+                              f"Model error: {error_summary(exc, with_type=True)}") from exc
+    if not isinstance(raw, torch.Tensor) or raw.ndim != 2 or raw.shape[1] != expected:
+        shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+        raise ValidationError(f"class-count mismatch: the model outputs shape {shape}, expected "
                               f"(batch, {expected}) for classes {config.classes or classes}")
-    return wrapped
+    if mapped and model.output_index.numel():
+        raw = raw.index_select(1, model.output_index)
+    return raw
+
+
+#: Square input sizes tried when the configured one fails, to tell the user what the model expects.
+PROBE_SIZES = (8, 16, 28, 32, 48, 64, 96, 112, 128, 160, 224, 256, 299)
+
+
+def _accepted_input(network: nn.Module, batch: torch.Tensor, error: Exception) -> tuple[int, int, int] | None:
+    """``(channels, height, width)`` of a zero batch the network accepts, or ``None`` if no guess works."""
+    channels = int(batch.shape[1])
+    channel_order = (channels, 3 if channels == 1 else 1)
+    candidates: list[tuple[int, int, int]] = []
+    # A flattening linear layer names its input width ("mat1 and mat2 shapes cannot be multiplied
+    # (2x3072 and 784x10)"): solve channels × side² = 784.
+    match = re.search(r"\((\d+)x(\d+) and (\d+)x(\d+)\)", str(error))
+    if match:
+        features = int(match.group(3))
+        for c in channel_order:
+            side = math.isqrt(features // c) if features % c == 0 else 0
+            if side and side * side * c == features:
+                candidates.append((c, side, side))
+    candidates += [(c, size, size) for c in channel_order for size in PROBE_SIZES]
+    tried = {(channels, int(batch.shape[2]), int(batch.shape[3]))}
+    for candidate in candidates:
+        if candidate in tried:
+            continue
+        tried.add(candidate)
+        try:
+            with torch.no_grad():
+                network(torch.zeros((1, *candidate), device=batch.device))
+        except Exception:  # noqa: BLE001, S112 - a failed guess is expected; try the next one
+            continue
+        return candidate
+    return None
+
+
+def error_summary(exc: BaseException, *, with_type: bool = False) -> str:
+    """The informative line of an exception message (``with_type``: prefixed by the exception's type).
+
+    TorchScript wraps the real error after a header ("The following operation failed in the
+    TorchScript interpreter." and a TorchScript traceback); the last line holds what went wrong, e.g.
+    ``builtins.RuntimeError: weights were never loaded``.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = lines[-1] if "TorchScript interpreter" in lines[0] or lines[0].startswith("Traceback") else lines[0]
+    line = line.removeprefix("builtins.")[:500]
+    if with_type and not re.match(r"[\w.]*(Error|Exception|Warning)\b:", line):
+        line = f"{type(exc).__name__}: {line}"
+    return line

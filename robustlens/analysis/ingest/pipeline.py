@@ -1,14 +1,20 @@
 """``robustlens init``: validate every input, then write a new workspace.
 
-Everything is read and validated before the first byte is written, so a bad input leaves no
-half-built workspace; each file is written atomically and ``workspace.json`` last, so a workspace
-without it is not a workspace. The user's files are only read (the model file is copied).
+Everything is read and validated before the first byte is written (the model is run on a batch of
+the dataset's own images, and a ``--db`` URL is opened), so a bad input leaves no half-built
+workspace. A new workspace is assembled in a hidden staging folder next to the target and renamed
+into place at the end, so a failure mid-write (a full disk) leaves nothing behind either; a
+``--force`` rebuild writes each file atomically and ``workspace.json`` last. The user's files are only
+read (the model file is copied).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import tempfile
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,8 +27,9 @@ from robustlens.analysis import storage
 from robustlens.analysis.images import DEFAULT_MAX_PIXELS
 from robustlens.analysis.ingest.dataset import scan_dataset
 from robustlens.analysis.ingest.embeddings import load_embeddings
-from robustlens.analysis.ingest.model import load_model, load_model_config
+from robustlens.analysis.ingest.model import check_model_on_images, load_model, load_model_config
 from robustlens.analysis.ingest.predictions import DEFAULT_SUM_TOLERANCE, PredictionSet, load_predictions
+from robustlens.analysis.names import validate_name
 from robustlens.analysis.workspace import FORMAT_VERSION, MANIFEST_NAME, Workspace
 from robustlens.errors import ValidationError, WorkspaceError
 
@@ -50,21 +57,47 @@ class InitOptions:
     progress: bool = True
 
 
+#: Sample images the model is run on at init (shape, class count and NaN checks); two, like the probe
+#: batch, because a torch.export archive may be specialised to the batch size it was exported with.
+MODEL_CHECK_IMAGES = 2
+
+
 def parse_prediction_arg(text: str) -> tuple[str, Path]:
-    """``NAME=PATH`` or ``PATH`` (named after the file stem)."""
+    """``NAME=PATH`` or ``PATH`` (named after the file stem); the name must pass :func:`validate_name`."""
     if "=" in text and not Path(text).exists():
         name, _, path = text.partition("=")
         name = name.strip()
         if not name:
             raise ValidationError(f"--predictions '{text}': empty prediction-set name before '='")
+        validate_name("--predictions: prediction-set name", name)
         return name, Path(path)
-    return Path(text).stem, Path(text)
+    name = Path(text).stem
+    try:
+        validate_name("--predictions: prediction-set name", name)
+    except ValidationError as exc:
+        raise ValidationError(f"{exc} (the name comes from the file name; give one with NAME=PATH)") from exc
+    return name, Path(text)
+
+
+def validate_options(options: InitOptions) -> None:
+    """Reject option values that would fail late or poison the analysis (NaN tolerances, 0 workers …)."""
+    tolerance = options.sum_tolerance
+    if not isinstance(tolerance, int | float) or not math.isfinite(tolerance) or not 0 <= tolerance < 1:
+        raise ValidationError(f"--sum-tolerance must be a finite number in [0, 1), got {tolerance!r}")
+    if options.workers is not None and (isinstance(options.workers, bool) or not isinstance(options.workers, int)
+                                        or options.workers < 1):
+        raise ValidationError(f"--workers must be a positive integer, got {options.workers!r}")
+    if isinstance(options.max_pixels, bool) or not isinstance(options.max_pixels, int) or options.max_pixels < 1:
+        raise ValidationError(f"--max-pixels must be a positive integer, got {options.max_pixels!r}")
+    for name, _ in options.predictions:
+        validate_name("--predictions: prediction-set name", name)
 
 
 def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, list[str]]:
     """Create (or with ``force`` rebuild) the workspace at ``root``; returns it and the warnings."""
     root = Path(root)
     data = Path(options.data)
+    validate_options(options)
     _check_destination(root, data, force=options.force)
     scan = scan_dataset(data, options.labels, max_pixels=options.max_pixels, workers=options.workers,
                         progress=options.progress)
@@ -108,9 +141,70 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
         embeddings = load_embeddings(options.embeddings, sample_ids=sample_ids, order=scan.order)
 
     if options.model is not None:
-        model_entry = _validate_model(options.model, model_config, classes)
+        model_entry = _validate_model(options.model, model_config, classes, data, samples)
+
+    previous = _previous_manifest(root) if options.force else None
+    db_url = options.db_url or (previous or {}).get("db_url")
+    if db_url:
+        check_db_url(db_url, option="--db" if options.db_url else f"the db_url of {root / MANIFEST_NAME}")
 
     # Validation is over: write.
+    if options.force and (root / MANIFEST_NAME).exists():
+        _write_workspace(root, data, options, scan, samples, classes, prediction_sets, embeddings, model_entry,
+                         model_config, warnings, db_url)
+    else:
+        _write_new_workspace(root, data, options, scan, samples, classes, prediction_sets, embeddings, model_entry,
+                             model_config, warnings, db_url)
+    workspace = Workspace(root)
+    workspace.curation().close()  # creates / migrates the curation database now, not on first click
+    return workspace, warnings
+
+
+def check_db_url(url: str, *, option: str = "--db") -> None:
+    """Open (and create / migrate) the curation database at ``url``; a :class:`ValidationError` if it fails."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from robustlens.analysis.curation import CurationStore
+
+    try:
+        CurationStore(url).close()
+    except WorkspaceError as exc:
+        # The store's own CurationDatabaseError already says what failed (not a URL, no driver, unreachable).
+        raise ValidationError(f"{option} {_redact(url)!r}: {exc}") from exc
+    except (SQLAlchemyError, ImportError, OSError, ValueError) as exc:
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ValidationError(f"{option} {_redact(url)!r}: cannot open the curation database "
+                              f"({type(exc).__name__}: {lines[0] if lines else ''}); expected a SQLAlchemy URL such "
+                              "as sqlite:////abs/path/curation.db or postgresql+psycopg://user@host/db") from exc
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password (messages may end up in logs)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
+        return url
+
+
+def _write_new_workspace(root: Path, data: Path, options: InitOptions, *parts) -> None:
+    """Assemble the workspace in a staging folder beside ``root``, then rename it into place."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.init-", dir=root.parent))
+    try:
+        _write_workspace(staging, data, options, *parts)
+        if root.exists():
+            root.rmdir()  # checked empty by _check_destination; rename() needs it gone on every OS
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_workspace(root: Path, data: Path, options: InitOptions, scan, samples: pd.DataFrame,
+                     classes: list[str], prediction_sets: list[PredictionSet], embeddings, model_entry,
+                     model_config, warnings: list[str], db_url: str | None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     samples = _parquet_safe(samples)
     storage.write_parquet(root / "samples.parquet", samples)
@@ -148,7 +242,6 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
         "warnings": warnings,
     }
     storage.write_json(root / "ingest_report.json", report)
-    previous = _previous_manifest(root)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_with": f"robustlens {__version__}",
@@ -162,15 +255,22 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
         "prediction_sets": manifest_sets,
         "embeddings": embeddings_entry,
         "model": model_entry,
-        "db_url": options.db_url or (previous or {}).get("db_url"),
+        "db_url": db_url,
     }
     storage.write_json(root / MANIFEST_NAME, manifest)
-    workspace = Workspace(root)
-    workspace.curation().close()  # creates / migrates the curation database now, not on first click
-    return workspace, warnings
 
 
 def _check_destination(root: Path, data: Path, *, force: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise ValidationError("the workspace path is a file, not a folder; choose a new workspace path", file=root)
+    for parent in Path(os.path.abspath(root)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValidationError(f"the workspace path is under {parent}, which is a file, not a folder",
+                                      file=root)
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValidationError(f"cannot create the workspace: {parent} is not writable", file=root)
+            break
     real_root = Path(os.path.realpath(root))
     real_data = Path(os.path.realpath(data))
     if real_root == real_data or real_data in real_root.parents:
@@ -223,14 +323,25 @@ def _class_order(explicit: list[str] | None, model_classes: list[str] | None, la
     return sorted(labels)
 
 
-def _validate_model(spec: str, config, classes: list[str]) -> dict:
+def _validate_model(spec: str, config, classes: list[str], data: Path, samples: pd.DataFrame) -> dict:
+    """Load the model and run it on a few dataset images (shape, class count, finite output)."""
     path = Path(spec)
     if path.exists():
-        load_model(path, config, classes)
-        return {"kind": "torchscript", "source_file": str(path)}
-    base_dir = str(Path.cwd())
-    load_model(spec, config, classes, base_dir=base_dir)
-    return {"kind": "factory", "factory": spec, "base_dir": base_dir}
+        model = load_model(path, config, classes)
+        entry = {"kind": "torchscript", "source_file": str(path)}
+    else:
+        base_dir = str(Path.cwd())
+        model = load_model(spec, config, classes, base_dir=base_dir)
+        entry = {"kind": "factory", "factory": spec, "base_dir": base_dir}
+    from robustlens.analysis.images import ImageProblem, read_pixels
+
+    paths, pixels = [], []
+    for relative in samples["path"].head(MODEL_CHECK_IMAGES):
+        with suppress(ImageProblem):  # verified moments ago; a file that vanished since is not the model's fault
+            pixels.append(read_pixels(data / relative))
+            paths.append(relative)
+    check_model_on_images(model, pixels, classes, paths=paths)
+    return entry
 
 
 def _parquet_safe(samples: pd.DataFrame) -> pd.DataFrame:

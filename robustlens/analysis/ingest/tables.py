@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,12 @@ import pandas as pd
 from robustlens.errors import ValidationError
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+#: Cells pandas reads as missing by default (its ``STR_NA_VALUES``). Text columns (ids, paths, labels)
+#: only treat the empty cell as missing, so a class called "NA", "None" or "null" stays a label.
+DEFAULT_NA_VALUES = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                     "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
+#: Delimiters recognised besides the comma (semicolon: spreadsheets in comma-decimal locales).
+OTHER_DELIMITERS = (";", "\t", "|")
 
 
 def read_table(path: str | Path, *, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -29,9 +36,13 @@ def read_table(path: str | Path, *, text_columns: tuple[str, ...] = ()) -> pd.Da
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            header = pd.read_csv(path, nrows=0)
-            dtypes = {c: "string" for c in text_columns if c in header.columns}
-            frame = pd.read_csv(path, dtype=dtypes, keep_default_na=True)
+            delimiter = detect_delimiter(path)
+            header = pd.read_csv(path, nrows=0, sep=delimiter)
+            columns = [str(c) for c in header.columns]
+            dtypes = {c: "string" for c in text_columns if c in columns}
+            na_values = {c: [""] if c in dtypes else list(DEFAULT_NA_VALUES) for c in columns}
+            frame = pd.read_csv(path, sep=delimiter, dtype=dtypes, keep_default_na=False, na_values=na_values)
+            frame.attrs["delimiter"] = delimiter
         elif suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
@@ -47,6 +58,27 @@ def read_table(path: str | Path, *, text_columns: tuple[str, ...] = ()) -> pd.Da
     if duplicated:
         raise ValidationError(f"duplicate column names {duplicated}", file=path)
     return frame
+
+
+def detect_delimiter(path: Path, *, sample_bytes: int = 65536) -> str:
+    """The CSV delimiter of ``path``: ``","`` unless the header holds no comma but a ``;``, tab or ``|``.
+
+    Only the first lines are sniffed (:class:`csv.Sniffer`), and only when the header has no comma, so
+    an ordinary CSV whose values contain semicolons is never misread.
+    """
+    with open(path, "rb") as handle:
+        sample = handle.read(sample_bytes).decode("utf-8", errors="replace")
+    lines = sample.splitlines()
+    if len(sample) == sample_bytes and len(lines) > 1:
+        lines = lines[:-1]  # the last line may be cut in the middle
+    header = lines[0] if lines else ""
+    if "," in header or not any(d in header for d in OTHER_DELIMITERS):
+        return ","
+    try:
+        return csv.Sniffer().sniff("\n".join(lines[:50]), delimiters="".join(OTHER_DELIMITERS)).delimiter
+    except csv.Error:
+        # Inconsistent lines: take the most frequent candidate in the header.
+        return max(OTHER_DELIMITERS, key=header.count)
 
 
 def first_rows(mask, limit: int = 5) -> list[int]:
