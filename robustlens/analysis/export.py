@@ -134,7 +134,11 @@ def frame_bytes(frame: pd.DataFrame, fmt: str, *, raw_csv: bool = False) -> byte
     are, for programs reading the file. JSON and Parquet are always raw.
     """
     if fmt == "csv":
-        return (frame if raw_csv else neutralise_formulas(frame)).to_csv(index=False).encode("utf-8")
+        frame = frame if raw_csv else neutralise_formulas(frame)
+        # The csv writer quotes a cell holding a line-terminator character, and only those: a CR inside a cell
+        # would break the row in a "\n" file, so such a file is written with CRLF (RFC 4180) line ends.
+        return frame.to_csv(index=False, lineterminator="\r\n" if _has_carriage_return(frame) else "\n"
+                            ).encode("utf-8")
     if fmt == "json":
         return frame.to_json(orient="records", indent=2, date_format="iso", force_ascii=False).encode("utf-8")
     if fmt == "parquet":
@@ -144,6 +148,15 @@ def frame_bytes(frame: pd.DataFrame, fmt: str, *, raw_csv: bool = False) -> byte
         frame.to_parquet(buffer, index=False)
         return buffer.getvalue()
     raise ValidationError(f"format must be one of {TABLE_FORMATS}, got '{fmt}'")
+
+
+def _has_carriage_return(frame: pd.DataFrame) -> bool:
+    for column in frame.columns:
+        series = frame[column]
+        if series.dtype == object or isinstance(series.dtype, pd.CategoricalDtype | pd.StringDtype):
+            if series.astype(object).map(lambda v: isinstance(v, str) and "\r" in v).any():
+                return True
+    return False
 
 
 def write_frame(frame: pd.DataFrame, destination: str | Path, fmt: str | None = None, *,
@@ -408,7 +421,8 @@ def _copy_images(workspace: Workspace, frame: pd.DataFrame, staging: Path
     for position, (sample_id, path, label) in enumerate(zip(frame["id"], frame["path"], frame["label"],
                                                             strict=True)):
         try:
-            data = read_verified_bytes(guard.resolve(path), expected_hash=expected.get(sample_id), no_follow=True)
+            data = guard.read(path, lambda real: read_verified_bytes(real, expected_hash=expected.get(sample_id),
+                                                                     no_follow=True))
         except FileRefused as problem:
             refused.append({"id": str(sample_id), "path": str(path), "kind": problem.kind, "reason": problem.reason})
             continue

@@ -149,9 +149,9 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
                  refused: RefusedFiles | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Yield ``(indices, pixels)`` batches.
 
-    Every file is resolved to its real path and checked against the dataset root before it is opened
-    (:class:`~robustlens.analysis.safety.DatasetGuard`): a file that now resolves outside the root — a symlink
-    swapped in after ``init`` — is never read.
+    Every file is read through :class:`~robustlens.analysis.safety.DatasetGuard`: its real path is checked
+    against the dataset root before it is opened, so a file that now resolves outside the root — a symlink
+    swapped in after ``init`` — is never read (no extra system call per ordinary file).
 
     Parameters
     ----------
@@ -177,8 +177,7 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
     refused:
         Where refused files go. Given: refused samples (outside the root, changed since init) are left out of
         the yielded batches (a batch may then be shorter, or empty) and recorded there. ``None``: the first
-        refused sample raises :class:`DatasetFileError`; files outside the root are all checked before
-        anything is decoded, so the error lists every one of them.
+        refused sample raises :class:`DatasetFileError` naming it.
 
     Yields
     ------
@@ -192,24 +191,6 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
     order = np.arange(len(paths), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     workers = workers or default_workers()
     guard = DatasetGuard(root_text)
-    real_paths: dict[int, str] = {}
-    outside: list[tuple[int, FileRefused]] = []
-    for index in dict.fromkeys(order.tolist()):
-        if memo is not None and memo.get(index) is not None:
-            continue
-        try:
-            real_paths[index] = guard.resolve(paths[index])
-        except FileRefused as problem:
-            outside.append((index, problem))
-    if outside:
-        if refused is None:
-            listed = "; ".join(f"{os.path.join(root_text, paths[i])}: {p.reason}" for i, p in outside[:10])
-            more = f"; … {len(outside) - 10} more" if len(outside) > 10 else ""
-            raise DatasetFileError(f"{len(outside)} dataset file(s) refused: {listed}{more}")
-        for index, problem in outside:
-            refused.add(index, paths[index], problem)
-        dropped = {index for index, _ in outside}
-        order = order[~np.isin(order, list(dropped))]
 
     def decode(index: int) -> np.ndarray | None:
         if memo is not None:
@@ -217,10 +198,10 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
             if known is not None:
                 return known
         path = os.path.join(root_text, paths[index])
+        expected = None if expected_hashes is None else expected_hashes[index]
         try:
-            pixels = read_pixels(real_paths.get(index) or guard.resolve(paths[index]), max_pixels=max_pixels,
-                                 expected_hash=None if expected_hashes is None else expected_hashes[index],
-                                 no_follow=True)
+            pixels = guard.read(paths[index], lambda real: read_pixels(real, max_pixels=max_pixels,
+                                                                       expected_hash=expected, no_follow=True))
         except FileRefused as problem:
             if refused is None:
                 raise DatasetFileError(f"{path}: {problem.reason}") from problem

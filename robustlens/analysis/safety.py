@@ -25,10 +25,11 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 
@@ -96,8 +97,10 @@ def check_output_location(path: str | Path, *, option: str, dataset_root: str | 
     if dataset_root is not None:
         root = real(dataset_root)
         if target == root or root in target.parents:
-            raise ValidationError(f"{option} {path} is inside the dataset root {dataset_root}; robustlens never "
-                                  "writes into the user's data: choose a path outside it")
+            where = (f"is the dataset root {dataset_root}" if target == root
+                     else f"is inside the dataset folder (the dataset root {dataset_root})")
+            raise ValidationError(f"{option} {path} {where}; robustlens never writes into the user's data: choose "
+                                  "a path outside it")
         if target in root.parents:
             raise ValidationError(f"{option} {path} contains the dataset root {dataset_root}; replacing it would "
                                   "delete the dataset: choose a path outside it")
@@ -271,11 +274,14 @@ def check_replaceable_folder(path: str | Path, *, option: str = "--out", kind: s
 
 # -- reads that stay inside the dataset root ------------------------------------------------------------------------
 class DatasetGuard:
-    """Resolves dataset-relative paths to real paths and refuses those outside the dataset root.
+    """Reads dataset files by their dataset-relative path, refusing any that resolves outside the dataset root.
 
-    One ``lstat`` per file and one ``realpath`` per folder (cached for the guard's lifetime: make a guard per
-    run or per request, not per process); a file that is itself a symlink gets its own ``realpath``.
-    Thread-safe (the folder cache only ever gains equal values).
+    :meth:`read` opens ``<real folder>/<name>`` with ``O_NOFOLLOW``: each folder's ``realpath`` is computed once
+    (cached for the guard's lifetime: make a guard per run or per request, not per process) and checked against
+    the root, so the common case costs no extra system call per file. Only when the file itself is a symlink
+    (the open fails with ``ELOOP``) is its ``realpath`` taken and checked, and the real file opened instead; a
+    symlink leading outside the root — e.g. an image replaced by a link to ``/etc/shadow`` after ``init`` —
+    is refused without being opened. Thread-safe (the folder cache only ever gains equal values).
 
     Parameters
     ----------
@@ -287,22 +293,59 @@ class DatasetGuard:
         self.root = os.fspath(root)
         self.real_root = os.path.realpath(self.root)
         self._prefix = self.real_root.rstrip(os.sep) + os.sep
-        self._folders: dict[str, str] = {}
+        self._folders: dict[str, str | None] = {}  # folder → its real path, None when outside the root
 
-    def resolve(self, relative: str) -> str:
-        """Real path of ``relative``; :class:`~robustlens.analysis.images.FileRefused` if it is outside the root."""
+    def _inside(self, real_path: str) -> bool:
+        return real_path == self.real_root or real_path.startswith(self._prefix)
+
+    def _refuse(self, real_path: str) -> FileRefused:
+        return FileRefused(f"now resolves to {real_path}, outside the dataset root {self.real_root} (a symlink "
+                           "swapped in after init?); refused, not read", kind="outside_root")
+
+    def candidate(self, relative: str) -> str:
+        """``<real folder>/<name>`` of ``relative`` (the folder checked to be inside the root; the file itself may
+        still be a symlink, so open it with ``O_NOFOLLOW``). Raises :class:`FileRefused` for a folder outside."""
         full = os.path.join(self.root, relative)
         folder, name = os.path.split(full)
-        real_folder = self._folders.get(folder)
+        if folder not in self._folders:
+            real_folder = os.path.realpath(folder)
+            self._folders[folder] = real_folder if self._inside(real_folder) else None
+        real_folder = self._folders[folder]
         if real_folder is None:
-            real_folder = self._folders[folder] = os.path.realpath(folder)
-        candidate = os.path.join(real_folder, name)
+            raise self._refuse(os.path.join(os.path.realpath(folder), name))
+        return os.path.join(real_folder, name)
+
+    def resolve(self, relative: str) -> str:
+        """Real path of ``relative`` (symlinks followed); :class:`FileRefused` if it is outside the root."""
+        candidate = self.candidate(relative)
         if os.path.islink(candidate):
             candidate = os.path.realpath(candidate)
-        if candidate != self.real_root and not candidate.startswith(self._prefix):
-            raise FileRefused(f"now resolves to {candidate}, outside the dataset root {self.real_root} "
-                              "(a symlink swapped in after init?); refused, not read", kind="outside_root")
+            if not self._inside(candidate):
+                raise self._refuse(candidate)
         return candidate
+
+    def read(self, relative: str, reader: Callable[[str], T]) -> T:
+        """``reader(path)`` on the real file of ``relative``; ``reader`` must open ``path`` without following a
+        symlink (the ``no_follow=True`` readers of :mod:`robustlens.analysis.images`), which raise
+        :class:`FileRefused` of kind ``"symlink"`` when it is one."""
+        if not _HAS_NOFOLLOW:
+            return reader(self.resolve(relative))
+        try:
+            return reader(self.candidate(relative))
+        except FileRefused as problem:
+            if problem.kind != "symlink":
+                raise
+        try:
+            return reader(self.resolve(relative))
+        except FileRefused as problem:
+            if problem.kind != "symlink":
+                raise
+            raise FileRefused("was swapped for another symlink while being read; refused",
+                              kind="outside_root") from problem
+
+
+_HAS_NOFOLLOW = hasattr(os, "O_NOFOLLOW")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ def ensure_thumbnail(workspace: Workspace, relative_path: str, content_hash: str
         return target
     guard = guard or DatasetGuard(workspace.dataset_root)
     try:
-        data = make_thumbnail(guard.resolve(relative_path), expected_hash=content_hash, no_follow=True)
+        data = guard.read(relative_path,
+                          lambda real: make_thumbnail(real, expected_hash=content_hash, no_follow=True))
     except FileRefused as problem:
         if refused is not None:
             refused.add(index, relative_path, problem)

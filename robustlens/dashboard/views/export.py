@@ -29,7 +29,7 @@ def render() -> None:
     try:
         source, positions, cli_args = _source(table, spec, store)
     except FilterError as exc:
-        st.error(f"This selection cannot be exported: {exc}")
+        st.error(f"This selection cannot be exported: {widgets.text(exc)}")
         state.publish(spec)
         return
     _samples(table, positions, source, cli_args, store)
@@ -74,8 +74,8 @@ def _samples(table, positions: np.ndarray, source: str, cli_args: list[str], sto
                                   "spreadsheet shows it instead of running it as a formula; tick for programs that "
                                   "read the file")
     stem = st.text_input("Name on the server", value=f"robustlens-{source}", key="export.name",
-                         help=f"Saved as a new file NAME.{fmt} in {data.export_root()}; a taken name gets a "
-                              "number")
+                         help=f"Saved as a new file NAME.{fmt} in {widgets.code(data.export_root())}; a taken "
+                              "name gets a number")
     name = f"robustlens-{source}.{fmt}"
     st.caption(f"{len(positions):,} samples.")
 
@@ -83,12 +83,13 @@ def _samples(table, positions: np.ndarray, source: str, cli_args: list[str], sto
         return export.export_frame(table, positions, columns=columns, curation=store, apply_decisions=apply)
 
     buttons = st.columns([1, 1, 3])
-    buttons[0].download_button(f"Download {fmt.upper()}", data=lambda: export.frame_bytes(frame(), fmt, raw_csv=raw_csv),
+    buttons[0].download_button(f"Download {fmt.upper()}",
+                               data=lambda: export.frame_bytes(frame(), fmt, raw_csv=raw_csv),
                                file_name=name, mime=export.MIME_TYPES[fmt],
                                key="export.download", on_click="ignore", icon=":material/download:",
                                disabled=len(positions) == 0)
     if buttons[1].button("Save on the server", key="export.save", disabled=len(positions) == 0,
-                         help=f"Write a new file under {data.export_root()}"):
+                         help=f"Write a new file under {widgets.code(data.export_root())}"):
         _save(frame, stem, fmt, raw_csv)
     preview = export.export_frame(table, positions[:20], columns=columns, curation=store, apply_decisions=apply)
     st.dataframe(preview, hide_index=True, width="stretch", height=240)
@@ -126,7 +127,8 @@ def _relabels(table, store) -> None:
                          file_name="relabels.csv", mime="text/csv", key="export.relabels", on_click="ignore",
                          icon=":material/download:")
     if right.button("Save on the server", key="export.relabels_save",
-                    help=f"Write a new file relabels.csv (or a numbered variant) under {data.export_root()}"):
+                    help="Write a new file relabels.csv (or a numbered variant) under "
+                         f"{widgets.code(data.export_root())}"):
         _save(lambda: frame, "relabels", "csv", raw_csv)
 
 
