@@ -118,7 +118,10 @@ class HostPolicy:
         self.wildcard = bind.strip() in WILDCARD_BINDS
         names = set(LOOPBACK_NAMES)
         if not self.wildcard:
-            names.add(normalize_host(bind))
+            try:
+                names.add(normalize_host(bind))
+            except ValueError as exc:
+                raise ValidationError(f"--host: {exc}") from None
         for name in allowed:
             try:
                 names.add(normalize_host(name))

@@ -50,7 +50,7 @@ def _headline(info: dict, table) -> None:
     accuracies = {name: entry["accuracy"] for name, entry in info["prediction_sets"].items()}
     if accuracies:
         best = max(accuracies, key=accuracies.get)
-        cols[3].metric(f"Accuracy ({best})", f"{accuracies[best]:.1%}")
+        cols[3].metric(f"Accuracy ({widgets.text(best)})", f"{accuracies[best]:.1%}")
     else:
         cols[3].metric("Accuracy", "—", help="No prediction set in this workspace")
     if "issue_count" in table.columns:
@@ -89,7 +89,8 @@ def _issues(table) -> None:
         count = counts[kind]
         with st.container(border=True):
             head, link = st.columns([4, 1], vertical_alignment="center")
-            head.markdown(f"**{widgets.text(kind.replace('_', ' '))}** — {count:,} samples ({count / max(len(table), 1):.1%})")
+            head.markdown(f"**{widgets.text(kind.replace('_', ' '))}** — {count:,} samples "
+                          f"({count / max(len(table), 1):.1%})")
             spec = FilterSpec(issues=[kind], sort_by=f"issue.{kind}", descending=True)
             if count:
                 with link:

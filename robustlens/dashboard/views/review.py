@@ -150,7 +150,8 @@ def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | N
     hide = bool(st.session_state.get(HIDE_DECIDED, True))
     st.text_input("Note (optional)", key=NOTE, placeholder="why — saved with the decision")
     row1 = st.columns(6)
-    row1[0].button(f"Accept → {widgets.text(suggested)}" if suggested else "Accept suggestion", key="review.accept", type="primary",
+    row1[0].button(f"Accept → {widgets.text(suggested)}" if suggested else "Accept suggestion", key="review.accept",
+                   type="primary",
                    shortcut="A", disabled=not suggested or suggested == given, on_click=_decide,
                    args=(sample_id, "relabel", suggested, reviewer, hide))
     row1[1].button("Keep label", key="review.keep", shortcut="K", on_click=_decide,
