@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         # Disk full, I/O error, permission denied: say what and where, never a traceback. Every artifact is
         # written atomically, so the workspace stays readable and a re-run resumes where this one stopped.
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        workspace = getattr(args, "workspace", None)
+        context = f"'robustlens {args.command}' on {workspace}" if workspace is not None else ""
+        print(f"error: {describe_os_error(exc, context=context)}", file=sys.stderr)
         if args.debug:
             raise
         return EXIT_FAILURE
@@ -352,18 +354,22 @@ _STORAGE_ERRORS = {
 }
 
 
-def describe_os_error(exc: OSError) -> str:
-    """One line naming the file and the storage problem behind ``exc``, with what to do next."""
+def describe_os_error(exc: OSError, *, context: str = "") -> str:
+    """One line naming the file and the storage problem behind ``exc``, with what to do next.
+
+    ``context`` names the command and workspace (useful when the library raising it gave no file name).
+    """
     import errno
 
     name = errno.errorcode.get(exc.errno or 0, "")
     where = f" ({exc.filename})" if exc.filename else ""
+    during = f" during {context}" if context else ""
     reason = exc.strerror or str(exc)
     if name in _STORAGE_ERRORS:
-        return (f"{_STORAGE_ERRORS[name]}: {reason}{where}. Nothing already written was damaged (every file is "
-                "written atomically); free some space or fix the storage, then run the same command again to "
-                "resume.")
-    return f"{reason}{where}"
+        return (f"{_STORAGE_ERRORS[name]}{during}: {reason}{where}. Nothing already written was damaged (every "
+                "file is written atomically); free some space or fix the storage, then run the same command again "
+                "to resume.")
+    return f"{reason}{where}{during}"
 
 
 def _database_error(exc: Exception) -> str | None:

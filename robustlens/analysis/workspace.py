@@ -136,5 +136,29 @@ class Workspace:
         return self.manifest.get("db_url") or f"sqlite:///{(self.root / 'curation.db').resolve()}"
 
     def curation(self) -> CurationStore:
-        """Open the curation database (created / migrated on first use)."""
-        return CurationStore(self.db_url)
+        """Open the curation database (created / migrated on first use).
+
+        Raises :class:`WorkspaceError` (the store's ``CurationDatabaseError``) when it cannot be opened; when
+        the disk holding the workspace is full, the message says so (SQLite only says "disk I/O error").
+        """
+        try:
+            return CurationStore(self.db_url)
+        except WorkspaceError as exc:
+            free = _free_bytes(self.root)
+            if free is not None and free < FULL_DISK_BYTES:
+                raise type(exc)(f"{exc} — the disk holding {self.root} is full ({free:,} bytes free): free some "
+                                "space and try again; nothing saved so far is lost") from exc
+            raise
+
+
+#: Free space below which a failure to open the curation database is blamed on a full disk.
+FULL_DISK_BYTES = 1 << 20
+
+
+def _free_bytes(folder: Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
