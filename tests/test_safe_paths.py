@@ -43,6 +43,12 @@ def workspace(tmp_path, dataset) -> Workspace:
 
 
 @pytest.fixture
+def table_frame(workspace) -> pd.DataFrame:
+    table = load_sample_table(workspace)
+    return export.export_frame(table, np.arange(len(table)))
+
+
+@pytest.fixture
 def secret(tmp_path) -> Path:
     """A file outside the dataset root (a valid image, so only the guard can stop it being used)."""
     return write_image(tmp_path / "outside" / "secret.png", seed=SECRET_PNG_SEED, size=(12, 10))
@@ -145,6 +151,14 @@ def test_force_replaces_only_what_robustlens_wrote(workspace, tmp_path, capsys):
     assert cli.main([*base, "--out", str(out), "--force"]) == 2
     assert "mine.txt" in capsys.readouterr().err and (out / "bag" / "mine.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or moved-aside folder left
+
+
+def test_a_foreign_marker_named_file_is_never_overwritten(table_frame, tmp_path):
+    (tmp_path / ".robustlens-export").write_text("someone else's notes")
+    written = export.write_frame(table_frame, tmp_path / "a.csv")
+    assert (tmp_path / ".robustlens-export").read_text() == "someone else's notes"
+    with pytest.raises(ValidationError, match="did not write"):  # unproven, so not replaceable
+        export.write_frame(table_frame, written, overwrite=True)
 
 
 # -- 1. writes that cannot destroy: the server (Export page) ---------------------------------------------------------

@@ -215,7 +215,11 @@ def write_marker(folder: str | Path, body: dict) -> Path:
 def record_written(path: str | Path) -> None:
     """Add the file robustlens just wrote at ``path`` (SHA-256, size) to its folder's marker."""
     path = Path(path)
-    marker = read_marker(path.parent) or marker_body({})
+    marker = read_marker(path.parent)
+    if marker is None:
+        if os.path.lexists(path.parent / EXPORT_MARKER):
+            return  # a file of that name robustlens cannot read as its own: left alone (no --force for this export)
+        marker = marker_body({})
     marker["files"][path.name] = {"sha256": file_digest(path), "size": path.stat().st_size,
                                   "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
     marker["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
