@@ -39,7 +39,7 @@ from robustlens.analysis import storage
 from robustlens.analysis.filters import FilterError, FilterSpec, apply_filter, filter_positions
 from robustlens.analysis.images import FileRefused, ImageProblem, read_verified_bytes
 from robustlens.analysis.safety import (DatasetGuard, check_replaceable_file, check_replaceable_folder, file_digest,
-                                        marker_body, neutralise_formulas, read_marker, record_written, validate_name,
+                                        marker_body, neutralise_formulas, record_written, validate_name,
                                         write_marker)
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import ValidationError, WorkspaceError
@@ -237,7 +237,7 @@ def export_imagefolder(workspace: Workspace, frame: pd.DataFrame, destination: s
             raise ValidationError("exists; pass --force to replace it (only a folder robustlens wrote is replaced)",
                                   file=destination)
         check_replaceable_folder(destination)
-    staging = _build_imagefolder(workspace, frame, destination.parent, raw_csv=raw_csv)
+    staging, copied, refused = _build_imagefolder(workspace, frame, destination.parent, raw_csv=raw_csv)
     try:
         if replacing:
             _replace_own_directory(staging, destination)
@@ -250,9 +250,7 @@ def export_imagefolder(workspace: Workspace, frame: pd.DataFrame, destination: s
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    marker = read_marker(destination) or {}
-    return ImageFolderExport(path=destination, copied=len(marker.get("files", {})) - 1,
-                             refused=marker.get("refused", []))
+    return ImageFolderExport(path=destination, copied=copied, refused=refused)
 
 
 # -- writing on the server (dashboard) -------------------------------------------------------------------------------
@@ -302,7 +300,7 @@ def save_imagefolder_on_server(workspace: Workspace, frame: pd.DataFrame, export
     """
     stem = validate_name(name, what="export folder name")
     root = _export_root_dir(export_root)
-    staging = _build_imagefolder(workspace, frame, root, raw_csv=raw_csv)
+    staging, copied, refused = _build_imagefolder(workspace, frame, root, raw_csv=raw_csv)
     try:
         for candidate in _name_variants(stem, ""):
             target = root / candidate
@@ -310,9 +308,7 @@ def save_imagefolder_on_server(workspace: Workspace, frame: pd.DataFrame, export
                 _move_into_new_directory(staging, target)
             except FileExistsError:
                 continue
-            marker = read_marker(target) or {}
-            return ImageFolderExport(path=target, copied=len(marker.get("files", {})) - 1,
-                                     refused=marker.get("refused", []))
+            return ImageFolderExport(path=target, copied=copied, refused=refused)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -383,8 +379,10 @@ def _safe_name(text: str) -> str:
     return cleaned or "_"
 
 
-def _build_imagefolder(workspace: Workspace, frame: pd.DataFrame, parent: Path, *, raw_csv: bool) -> Path:
-    """A finished ImageFolder tree (images, ``manifest.csv``, marker) in a new staging folder under ``parent``."""
+def _build_imagefolder(workspace: Workspace, frame: pd.DataFrame, parent: Path, *, raw_csv: bool
+                       ) -> tuple[Path, int, list[dict]]:
+    """A finished ImageFolder tree (images, ``manifest.csv``, marker) in a new staging folder under ``parent``;
+    returns the folder, the number of images copied and the refused rows (see :class:`ImageFolderExport`)."""
     for required in ("id", "path", "label"):
         if required not in frame.columns:
             raise ValidationError(f"an ImageFolder export needs an '{required}' column")
@@ -402,7 +400,7 @@ def _build_imagefolder(workspace: Workspace, frame: pd.DataFrame, parent: Path, 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return staging
+    return staging, len(copied), refused
 
 
 def _copy_images(workspace: Workspace, frame: pd.DataFrame, staging: Path
