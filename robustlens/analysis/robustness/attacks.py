@@ -59,6 +59,7 @@ from ._common import (
     model_device,
     predict_labels,
 )
+from .autoattack import registry_adapter as _aa_adapter
 
 #: Slack on the ε-ball membership test of an adversarial example (float rounding).
 BUDGET_TOL = 1e-5
@@ -535,6 +536,18 @@ ATTACKS: dict[str, AttackSpec] = {
     "deepfool": AttackSpec(deepfool, "l2", minimal=True),
     "cw_l2": AttackSpec(carlini_wagner_l2, "l2", minimal=True),
     "square_linf": AttackSpec(square_attack, "linf", randomized=True),
+    # AutoAttack-grade attacks (autoattack.py); run_attack's params go to apgd / fab_targeted / square / auto_attack
+    "apgd_ce": AttackSpec(_aa_adapter("apgd-ce", "linf"), "linf", randomized=True),
+    "apgd_dlr": AttackSpec(_aa_adapter("apgd-dlr", "linf"), "linf", randomized=True),
+    "apgd_t": AttackSpec(_aa_adapter("apgd-t", "linf"), "linf", randomized=True),
+    "fab_t": AttackSpec(_aa_adapter("fab-t", "linf"), "linf", randomized=True),
+    "apgd_ce_l2": AttackSpec(_aa_adapter("apgd-ce", "l2"), "l2", randomized=True),
+    "apgd_dlr_l2": AttackSpec(_aa_adapter("apgd-dlr", "l2"), "l2", randomized=True),
+    "apgd_t_l2": AttackSpec(_aa_adapter("apgd-t", "l2"), "l2", randomized=True),
+    "fab_t_l2": AttackSpec(_aa_adapter("fab-t", "l2"), "l2", randomized=True),
+    "square_l2": AttackSpec(_aa_adapter("square", "l2"), "l2", randomized=True),
+    "autoattack_linf": AttackSpec(_aa_adapter("autoattack", "linf"), "linf", randomized=True),
+    "autoattack_l2": AttackSpec(_aa_adapter("autoattack", "l2"), "l2", randomized=True),
 }
 
 

@@ -1051,3 +1051,32 @@ def auto_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
         robust_after=robust_after, forward_passes=counts.forward, backward_passes=counts.backward,
         seconds=seconds, settings=settings,
     )
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+def registry_adapter(attack: str, norm: str) -> Callable[..., torch.Tensor]:
+    """An ``ATTACKS`` entry function (``attacks.py``) for cascade attack ``attack`` (or ``"autoattack"``) in ``norm``.
+
+    The returned function has :func:`~robustlens.analysis.robustness.attacks.run_attack`'s calling convention
+    ``fn(model, images, labels, eps, *, random_state, **params)`` and returns the adversarial images.
+    """
+    if attack not in CASCADE_ATTACKS + ("autoattack",):
+        raise RobustnessInputError(f"unknown AutoAttack attack {attack!r}")
+    norm = check_norm(norm)
+
+    def run(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *,
+            random_state: int | torch.Generator = 0, **params: Any) -> torch.Tensor:
+        if attack == "autoattack":
+            return auto_attack(model, images, labels, eps, norm=norm, seed=random_state, **params).adv
+        if attack == "fab-t":
+            return fab_targeted(model, images, labels, eps, norm=norm, seed=random_state, **params)
+        if attack == "square":
+            return square(model, images, labels, eps, norm=norm, seed=random_state, **params)
+        loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-targeted"}[attack]
+        return apgd(model, images, labels, eps, norm=norm, loss=loss, seed=random_state, **params)
+
+    run.__name__ = f"{attack.replace('-', '_')}_{norm}"
+    run.__doc__ = f"Registry adapter: {attack} ({norm}) from robustlens.analysis.robustness.autoattack."
+    return run
