@@ -245,12 +245,14 @@ def test_loader_refuses_a_symlink_swapped_in_after_init(workspace, secret, monke
     assert str(secret) not in opened and os.path.realpath(secret) not in opened
 
 
-def test_analyze_reports_the_swapped_file_and_never_reads_it(workspace, secret, monkeypatch, capsys):
+def test_analyze_reports_the_swapped_files_and_never_reads_them(workspace, secret, monkeypatch, capsys):
     swap_for_symlink(workspace, "bag/2.png", secret)
+    swap_for_symlink(workspace, "coat/3.png", secret)
     opened = opened_paths(monkeypatch)
     assert cli.main(["analyze", str(workspace.root), "--stages", "metrics", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "bag/2.png" in err and "outside the dataset root" in err and "Traceback" not in err
+    assert "2 dataset file(s) refused" in err and "bag/2.png" in err and "coat/3.png" in err
+    assert "outside the dataset root" in err and "Traceback" not in err
     assert os.path.realpath(secret) not in opened
 
 

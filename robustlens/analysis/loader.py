@@ -139,7 +139,23 @@ def stacks_by_shape(pixels: Sequence[np.ndarray], *, max_values: int | None = No
 class DatasetFileError(ImageProblem, WorkspaceError):
     """A dataset file that became unusable since ingest (unreadable, outside the root, changed): an
     :class:`ImageProblem` for code that handles bad images, and a :class:`WorkspaceError` so the CLI prints the
-    message (exit 1) instead of a traceback."""
+    message (exit 1) instead of a traceback. ``kind``: ``outside_root``, ``changed_since_init`` or ``unreadable``."""
+
+    def __init__(self, reason: str, *, kind: str = "unreadable"):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def _every_outside(root: str, paths: Sequence[str], order: np.ndarray, limit: int = 10) -> DatasetFileError:
+    guard = DatasetGuard(root)
+    found = []
+    for index in dict.fromkeys(order.tolist()):
+        try:
+            guard.resolve(paths[index])
+        except FileRefused as problem:
+            found.append(f"{os.path.join(root, paths[index])}: {problem.reason}")
+    shown = "; ".join(found[:limit]) + (f"; … {len(found) - limit} more" if len(found) > limit else "")
+    return DatasetFileError(f"{len(found)} dataset file(s) refused: {shown}", kind="outside_root")
 
 
 def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] | None = None, *,
@@ -204,7 +220,7 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
                                                                        expected_hash=expected, no_follow=True))
         except FileRefused as problem:
             if refused is None:
-                raise DatasetFileError(f"{path}: {problem.reason}") from problem
+                raise DatasetFileError(f"{path}: {problem.reason}", kind=problem.kind) from problem
             refused.add(index, paths[index], problem)
             return None
         except ImageProblem as problem:
@@ -234,7 +250,13 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
                 current = pending
                 # The next batch decodes while the caller works on this one.
                 pending = submit(pool, batches[number + 1]) if number + 1 < len(batches) else []
-                pixels = [image for future in current for image in future.result()]
+                try:
+                    pixels = [image for future in current for image in future.result()]
+                except DatasetFileError as error:
+                    if error.kind != "outside_root":
+                        raise
+                    # Name every file that leads outside, not just the first: one lstat each, nothing read.
+                    raise _every_outside(root_text, paths, order) from error
                 bar.update(len(batch))
                 if any(image is None for image in pixels):
                     kept = [position for position, image in enumerate(pixels) if image is not None]
