@@ -7,7 +7,7 @@ SAMPLE_WS := workspaces/sample
 HOST ?= 127.0.0.1
 PORT ?= 8501
 
-.PHONY: setup demo test sample-workspace browser clean bench
+.PHONY: setup demo test sample-workspace browser postgresql clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "robustlens needs Python >= 3.11")'
@@ -39,7 +39,14 @@ browser:
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: setup browser
+# The curation database tests start a real PostgreSQL server from Debian's binaries (tests/pg.py).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "Installing Debian's postgresql for the curation database tests"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
+test: setup browser postgresql
 	$(PY) -m pytest
 
 bench: setup

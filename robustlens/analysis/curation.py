@@ -2,25 +2,74 @@
 
 It is the only mutable state of a workspace. SQLAlchemy Core over a SQLite file by default (WAL mode,
 so browsers reading while a reviewer writes do not block each other), or any SQLAlchemy URL — e.g.
-``postgresql+psycopg://user@host/db`` — for a team server. The schema carries a version number and
-:func:`migrate` brings an older database up to date; every write runs in one transaction.
+``postgresql+psycopg://user@host/db`` (``pip install 'robustlens[postgres]'``) — for a team server.
+The schema carries a version number and :func:`migrate` brings an older database up to date.
+
+Correct on every backend, with many reviewers writing at once:
+
+* Every write runs in one transaction (:meth:`CurationStore._write`); on SQLite it takes the write lock
+  up front (``BEGIN IMMEDIATE``). A transaction that loses a race — a serialization failure, a deadlock,
+  a unique or foreign-key violation from a concurrent writer, a busy SQLite file — is rolled back whole
+  and run again, up to :data:`WRITE_ATTEMPTS` times with jittered exponential backoff; then
+  :class:`CurationConflictError`. Nothing is half-written, lost or written twice.
+* "Add unless already there" is ``INSERT … ON CONFLICT DO NOTHING`` (SQLAlchemy's PostgreSQL and SQLite
+  dialect constructs; a select-then-insert retried on conflict elsewhere), so overlapping bulk tags from
+  two reviewers both succeed and each row is counted once, by whoever inserted it. Rows are inserted in
+  sorted order, so two overlapping batches lock rows in the same order and do not deadlock.
+* Statements stay under the drivers' bind-parameter limits (psycopg: 65,535, SQLite: 32,766): inserts
+  are sent in chunks of at most :data:`MAX_BIND_PARAMS` parameters and ``IN`` lists of deletes in chunks
+  of :data:`IN_CHUNK` ids, all in the same transaction.
+* Input is checked against the column sizes before anything is written, identically on every backend
+  (SQLite does not enforce ``VARCHAR`` lengths, PostgreSQL does): names (tags, collections, users,
+  labels) at most :data:`MAX_NAME_CHARS` characters, sample ids at most :data:`MAX_SAMPLE_ID_BYTES`
+  bytes of UTF-8 (PostgreSQL cannot index a longer key in its B-tree). A bad value raises
+  :class:`CurationInputError` naming the field and the limit.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import random
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy import (Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
-                        delete, event, func, insert, select)
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+                        delete, event, func, insert, select, text)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 
-from robustlens.errors import WorkspaceError
+from robustlens.errors import RobustlensError, ValidationError, WorkspaceError
 
 SCHEMA_VERSION = 1
 REVIEW_ACTIONS = ("relabel", "keep", "ambiguous", "exclude")
+
+#: Longest tag, collection, user / reviewer name and relabel target, in characters (the ``String(200)`` columns).
+MAX_NAME_CHARS = 200
+#: Longest sample id, in bytes of UTF-8: within the ``String(1024)`` columns on every backend and small
+#: enough for PostgreSQL's B-tree index (at most 2,704 bytes per key).
+MAX_SAMPLE_ID_BYTES = 1024
+#: Most bind parameters in one statement: below psycopg's 65,535 and SQLite's 32,766.
+MAX_BIND_PARAMS = 30_000
+#: Most ids in one ``IN (…)`` list.
+IN_CHUNK = 10_000
+#: Tries of one write transaction before :class:`CurationConflictError`.
+WRITE_ATTEMPTS = 8
+#: Backoff before try ``k + 1``: uniform in ``[0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**k)]`` seconds.
+BACKOFF_BASE_S = 0.02
+BACKOFF_CAP_S = 1.0
+# PostgreSQL SQLSTATEs of a transaction that lost a race and may succeed when run again:
+# serialization_failure, deadlock_detected, lock_not_available, unique_violation, foreign_key_violation.
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "23505", "23503"})
+#: SQLAlchemy reports an INSERT's rowcount only when asked to (the rows ON CONFLICT DO NOTHING inserted).
+_COUNT_ROWS = {"preserve_rowcount": True}
+_POSTGRES_LOCK_KEY = 0x726C6375  # advisory lock serialising schema creation / migration ("rlcu")
+
+T = TypeVar("T")
+_jitter = random.Random()  # backoff jitter only: decorrelates writers, no result depends on it
 
 metadata = MetaData()
 
@@ -81,32 +130,92 @@ audit_log = Table(
 )
 
 # Version → function bringing a database of that version to the next one. Empty while there is one version.
-MIGRATIONS: dict[int, object] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+class CurationInputError(ValidationError, ValueError):
+    """A name, id or option given to the curation store that it cannot store (empty, too long, unknown
+    collection, duplicate collection name). A :class:`ValueError` too, for callers that catch those."""
+
+
+class CurationDatabaseError(WorkspaceError):
+    """The curation database cannot be opened or refused a write (unreachable server, disk full, …)."""
+
+
+class CurationConflictError(CurationDatabaseError):
+    """A write still lost to concurrent writers after :data:`WRITE_ATTEMPTS` tries; nothing of it was saved."""
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _safe_url(url: str) -> str:
+    """``url`` with any password masked, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
 def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL mode, a busy timeout and foreign keys."""
-    is_sqlite = url.startswith("sqlite")
-    engine = create_engine(url, future=True, connect_args={"timeout": 30} if is_sqlite else {})
+    """Create an engine for ``url``.
+
+    SQLite gets WAL mode, a 30 s busy timeout, foreign keys, and transactions begun by SQLAlchemy rather
+    than the driver (``BEGIN``, or ``BEGIN IMMEDIATE`` on connections with the ``curation_write`` execution
+    option, so a write transaction holds the write lock from its first read). Server databases get
+    ``pool_pre_ping`` (a restarted server does not break the next write).
+
+    Raises
+    ------
+    CurationDatabaseError
+        ``url`` is not a database URL, or its driver is not installed.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise CurationDatabaseError(f"'{url}' is not a database URL (expected e.g. sqlite:///path/curation.db "
+                                    f"or postgresql+psycopg://user@host/db)") from exc
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    try:
+        engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {},
+                               pool_pre_ping=not is_sqlite)
+    except (ImportError, NoSuchModuleError) as exc:
+        hint = (" — install it with pip install 'robustlens[postgres]'"
+                if parsed.get_backend_name() == "postgresql" else "")
+        raise CurationDatabaseError(f"the database driver for {_safe_url(url)} is not installed ({exc}){hint}") from exc
     if is_sqlite:
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):  # pragma: no cover - exercised via every connection
+        def _sqlite_connect(dbapi_connection, _record):  # pragma: no cover - exercised via every connection
+            dbapi_connection.isolation_level = None  # the driver begins nothing; the "begin" hook below does
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # pragma: no cover - exercised via every transaction
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("curation_write")
+                                 else "BEGIN")
     return engine
 
 
 def migrate(engine: Engine) -> int:
-    """Create missing tables and apply pending migrations; returns the schema version now in force."""
-    metadata.create_all(engine)
-    with engine.begin() as conn:
+    """Create missing tables and apply pending migrations in one transaction; returns the schema version.
+
+    Safe when several processes open a new database at once: on PostgreSQL an advisory lock serialises
+    them, on SQLite the write lock does.
+    """
+    options: dict = {"curation_write": True}
+    if engine.dialect.name == "postgresql":
+        # Each statement sees what committed before it, so once the lock is ours the tables another
+        # process just created are visible (under a SERIALIZABLE server default they would not be).
+        options["isolation_level"] = "READ COMMITTED"
+    with engine.execution_options(**options).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _POSTGRES_LOCK_KEY})
+        metadata.create_all(conn)
         row = conn.execute(select(schema_info.c.value).where(schema_info.c.key == "schema_version")).first()
         if row is None:
             conn.execute(insert(schema_info).values(key="schema_version", value=str(SCHEMA_VERSION)))
@@ -116,73 +225,233 @@ def migrate(engine: Engine) -> int:
             raise WorkspaceError(f"the curation database has schema version {version}, newer than this "
                                  f"robustlens supports ({SCHEMA_VERSION}); upgrade robustlens")
         while version < SCHEMA_VERSION:
-            MIGRATIONS[version](conn)  # type: ignore[operator]
+            MIGRATIONS[version](conn)
             version += 1
             conn.execute(schema_info.update().where(schema_info.c.key == "schema_version").values(value=str(version)))
         return version
 
 
+# -- input checks (the same on every backend) ---------------------------------------------------------------
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 60 else value[:57] + "...")
+
+
+def check_name(field: str, value: object, *, strip: bool = True) -> str:
+    """``value`` (stripped) if it fits a name column, else :class:`CurationInputError` naming ``field``.
+
+    Names — tags, collections, users, reviewers, relabel targets — are non-empty text of at most
+    :data:`MAX_NAME_CHARS` characters.
+    """
+    if not isinstance(value, str):
+        raise CurationInputError(f"{field} must be text, got {type(value).__name__}")
+    name = value.strip() if strip else value
+    if not name.strip():
+        raise CurationInputError(f"{field} must not be empty")
+    if len(name) > MAX_NAME_CHARS:
+        raise CurationInputError(f"{field} {_shown(name)} is {len(name):,} characters long; the curation "
+                                 f"database holds at most {MAX_NAME_CHARS}")
+    return name
+
+
+def check_sample_ids(sample_ids: Iterable[str] | str) -> list[str]:
+    """Distinct sample ids, sorted (a fixed lock order for concurrent writers), each checked.
+
+    Raises
+    ------
+    CurationInputError
+        An id is not text, empty, or longer than :data:`MAX_SAMPLE_ID_BYTES` bytes of UTF-8; the message
+        names it and its position.
+    """
+    if isinstance(sample_ids, str):  # one id where a list was meant would tag every character
+        sample_ids = [sample_ids]
+    ids = list(dict.fromkeys(sample_ids))
+    for position, sid in enumerate(ids):
+        if not isinstance(sid, str):
+            raise CurationInputError(f"sample id #{position + 1} must be text, got {type(sid).__name__}")
+        if not sid:
+            raise CurationInputError(f"sample id #{position + 1} is empty")
+        size = len(sid.encode("utf-8", "surrogatepass"))
+        if size > MAX_SAMPLE_ID_BYTES:
+            raise CurationInputError(f"sample id #{position + 1} {_shown(sid)} is {size:,} bytes in UTF-8; the "
+                                     f"curation database holds ids of at most {MAX_SAMPLE_ID_BYTES:,} bytes")
+    return sorted(ids)
+
+
+def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _retryable(exc: DBAPIError, dialect: str) -> bool:
+    """Whether ``exc`` means "lost a race with another writer": worth rolling back and trying again."""
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _RETRYABLE_SQLSTATES:
+        return True
+    if dialect == "sqlite":
+        message = str(orig).lower()
+        return "database is locked" in message or "database is busy" in message or "database table is locked" in message
+    # Backends without ON CONFLICT support use select-then-insert: a concurrent insert shows as a violation.
+    return isinstance(exc, IntegrityError) and dialect != "postgresql"
+
+
+def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int, member: Column,
+                    ids: list[str], extra: dict) -> int:
+    """Insert ``(key=key_value, member=id, **extra)`` for every id not there yet; returns how many were new.
+
+    On PostgreSQL and SQLite one ``INSERT … ON CONFLICT DO NOTHING RETURNING`` sent as an executemany,
+    which SQLAlchemy batches into multi-row statements under the driver's parameter limit; the rows it
+    returns are the ones this call inserted. Elsewhere a select of the present ids then an insert of the
+    rest (a concurrent insert raises an integrity error and :meth:`CurationStore._write` runs the
+    transaction again). Sent in chunks of :data:`MAX_BIND_PARAMS` parameters either way.
+    """
+    columns = 2 + len(extra)
+    added = 0
+    dialect = conn.dialect.name
+    for chunk in _chunks(ids, max(1, MAX_BIND_PARAMS // columns)):
+        rows = [{key.name: key_value, member.name: sid, **extra} for sid in chunk]
+        if dialect in ("postgresql", "sqlite"):
+            make_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+            statement = (make_insert(table).on_conflict_do_nothing(index_elements=[key.name, member.name])
+                         .returning(member))
+            added += len(conn.execute(statement, rows).all())
+            continue
+        present = set()
+        for part in _chunks(chunk, IN_CHUNK):
+            present.update(conn.execute(select(member).where(key == key_value, member.in_(part))).scalars())
+        new_rows = [row for row in rows if row[member.name] not in present]
+        if new_rows:
+            conn.execute(insert(table), new_rows)
+        added += len(new_rows)
+    return added
+
+
+def _delete_members(conn: Connection, table: Table, key: Column, key_value: int, member: Column,
+                    ids: list[str]) -> int:
+    """Delete ``(key_value, id)`` rows for ``ids``, ``IN`` lists chunked under the parameter limits."""
+    removed = 0
+    for part in _chunks(ids, IN_CHUNK):
+        removed += max(0, int(conn.execute(delete(table).where(key == key_value, member.in_(part)),
+                                           execution_options=_COUNT_ROWS).rowcount))
+    return removed
+
+
 class CurationStore:
     """Repository over the curation database; the one place that writes curation state.
+
+    Safe to share across threads (one connection pool) and to open from many processes at once.
 
     Parameters
     ----------
     url:
         SQLAlchemy database URL.
+
+    Raises
+    ------
+    CurationDatabaseError
+        The database cannot be opened (bad URL, driver missing, server unreachable, disk full).
+    WorkspaceError
+        The database's schema is newer than this robustlens.
     """
 
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
-        self.schema_version = migrate(self.engine)
+        self._writer = self.engine.execution_options(curation_write=True)
+        #: Write transactions run again because they lost a race (for monitoring and tests).
+        self.retries = 0
+        try:
+            self.schema_version = migrate(self.engine)
+        except (DBAPIError, SQLAlchemyError) as exc:
+            self.engine.dispose()
+            raise CurationDatabaseError(f"cannot open the curation database {_safe_url(url)}: "
+                                        f"{getattr(exc, 'orig', None) or exc}") from exc
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def _audit(self, conn, actor: str, action: str, details: dict) -> None:
+    def _write(self, what: str, work: Callable[[Connection], T]) -> T:
+        """Run ``work(conn)`` in one write transaction; roll back and retry it when it lost a race.
+
+        Tries :data:`WRITE_ATTEMPTS` times with jittered exponential backoff. ``work`` must only touch the
+        database (it may run more than once); its result is returned once a try commits.
+
+        Raises
+        ------
+        CurationConflictError
+            Every try lost a race; nothing was saved.
+        CurationDatabaseError
+            Any other database failure; nothing was saved.
+        """
+        dialect = self.engine.dialect.name
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                with self._writer.begin() as conn:
+                    return work(conn)
+            except DBAPIError as exc:
+                if not _retryable(exc, dialect):
+                    raise CurationDatabaseError(f"the curation database {_safe_url(self.url)} refused to {what}: "
+                                                f"{exc.orig}; nothing was saved") from exc
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise CurationConflictError(
+                        f"could not {what}: other reviewers were writing the same records and {WRITE_ATTEMPTS} "
+                        f"tries each lost the race ({exc.orig}); nothing was saved — try again") from exc
+                self.retries += 1
+                time.sleep(_jitter.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)))
+        raise AssertionError("unreachable")
+
+    def _audit(self, conn: Connection, actor: str, action: str, details: dict) -> None:
         conn.execute(insert(audit_log).values(at=_now(), actor=actor, action=action,
                                               details=json.dumps(details, default=str)))
 
-    def _tag_id(self, conn, name: str, user: str) -> int:
+    def _tag_id(self, conn: Connection, name: str, user: str) -> int:
+        """The tag's id, creating the tag if needed (a concurrent creator's row is reused)."""
         found = conn.execute(select(tags.c.id).where(tags.c.name == name)).scalar()
         if found is not None:
             return int(found)
-        try:
-            with conn.begin_nested():
-                return int(conn.execute(insert(tags).values(name=name, created_by=user, created_at=_now()))
-                           .inserted_primary_key[0])
-        except IntegrityError:
-            # Another reviewer created the same tag between our select and insert.
-            return int(conn.execute(select(tags.c.id).where(tags.c.name == name)).scalar_one())
+        values = {"name": name, "created_by": user, "created_at": _now()}
+        dialect = conn.dialect.name
+        if dialect in ("postgresql", "sqlite"):
+            make_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+            conn.execute(make_insert(tags).values(values).on_conflict_do_nothing(index_elements=["name"]))
+        else:
+            conn.execute(insert(tags).values(values))
+        return int(conn.execute(select(tags.c.id).where(tags.c.name == name)).scalar_one())
 
     def add_tag(self, sample_ids: Iterable[str], tag: str, *, user: str) -> int:
-        """Tag samples; returns how many samples newly got the tag. Existing tags are left as they are."""
-        tag = tag.strip()
-        if not tag:
-            raise ValueError("tag name must not be empty")
-        ids = list(dict.fromkeys(sample_ids))
-        with self.engine.begin() as conn:
+        """Tag samples; returns how many samples newly got the tag. Existing tags are left as they are.
+
+        Any number of ids (chunked); with concurrent writers each sample is counted by exactly one of them.
+        """
+        tag = check_name("tag", tag)
+        user = check_name("user name", user)
+        ids = check_sample_ids(sample_ids)
+
+        def work(conn: Connection) -> int:
             tag_id = self._tag_id(conn, tag, user)
-            existing = {r[0] for r in conn.execute(select(sample_tags.c.sample_id).where(sample_tags.c.tag_id == tag_id))}
-            new = [sid for sid in ids if sid not in existing]
-            if new:
-                now = _now()
-                conn.execute(insert(sample_tags).prefix_with("OR IGNORE", dialect="sqlite"),
-                             [{"sample_id": sid, "tag_id": tag_id, "created_by": user, "created_at": now} for sid in new])
-            self._audit(conn, user, "tag", {"tag": tag, "count": len(new)})
-        return len(new)
+            added = _insert_missing(conn, sample_tags, sample_tags.c.tag_id, tag_id, sample_tags.c.sample_id, ids,
+                                    {"created_by": user, "created_at": _now()})
+            self._audit(conn, user, "tag", {"tag": tag, "count": added})
+            return added
+
+        return self._write(f"tag {len(ids):,} samples '{tag}'", work)
 
     def remove_tag(self, sample_ids: Iterable[str], tag: str, *, user: str) -> int:
-        """Remove a tag from samples; returns how many lost it."""
-        ids = list(sample_ids)
-        with self.engine.begin() as conn:
+        """Remove a tag from samples (any number of ids); returns how many lost it."""
+        tag = check_name("tag", tag)
+        user = check_name("user name", user)
+        ids = check_sample_ids(sample_ids)
+
+        def work(conn: Connection) -> int:
             tag_id = conn.execute(select(tags.c.id).where(tags.c.name == tag)).scalar()
             if tag_id is None:
                 return 0
-            removed = conn.execute(delete(sample_tags).where(sample_tags.c.tag_id == tag_id,
-                                                             sample_tags.c.sample_id.in_(ids))).rowcount
+            removed = _delete_members(conn, sample_tags, sample_tags.c.tag_id, int(tag_id), sample_tags.c.sample_id,
+                                      ids)
             self._audit(conn, user, "untag", {"tag": tag, "count": removed})
-        return int(removed)
+            return removed
+
+        return self._write(f"remove tag '{tag}' from {len(ids):,} samples", work)
 
     def tag_counts(self) -> dict[str, int]:
         """Tag name → number of tagged samples."""
@@ -198,25 +467,40 @@ class CurationStore:
 
     def create_collection(self, name: str, *, user: str, description: str = "",
                           sample_ids: Iterable[str] = (), filter_spec: dict | None = None) -> int:
-        """Create a collection: a static list of samples, or a saved filter (``filter_spec``)."""
-        name = name.strip()
-        if not name:
-            raise ValueError("collection name must not be empty")
-        with self.engine.begin() as conn:
-            try:
-                with conn.begin_nested():
-                    collection_id = int(conn.execute(insert(collections).values(
-                        name=name, description=description, created_by=user, created_at=_now(),
-                        filter_json=json.dumps(filter_spec) if filter_spec is not None else None)).inserted_primary_key[0])
-            except IntegrityError as exc:
-                raise ValueError(f"a collection named '{name}' already exists") from exc
-            ids = list(dict.fromkeys(sample_ids))
-            if ids:
-                now = _now()
-                conn.execute(insert(collection_members), [{"collection_id": collection_id, "sample_id": sid,
-                                                           "added_by": user, "added_at": now} for sid in ids])
+        """Create a collection: a static list of samples, or a saved filter (``filter_spec``).
+
+        Raises :class:`CurationInputError` when a collection of that name exists (also when a concurrent
+        reviewer created it first).
+        """
+        name = check_name("collection name", name)
+        user = check_name("user name", user)
+        if not isinstance(description, str):
+            raise CurationInputError(f"collection description must be text, got {type(description).__name__}")
+        ids = check_sample_ids(sample_ids)
+        filter_json = json.dumps(filter_spec) if filter_spec is not None else None
+
+        def work(conn: Connection) -> int:
+            if conn.execute(select(collections.c.id).where(collections.c.name == name)).first() is not None:
+                raise CurationInputError(f"a collection named '{name}' already exists")
+            values = {"name": name, "description": description, "created_by": user, "created_at": _now(),
+                      "filter_json": filter_json}
+            dialect = conn.dialect.name
+            if dialect in ("postgresql", "sqlite"):
+                make_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+                new_id = conn.execute(make_insert(collections).values(values)
+                                      .on_conflict_do_nothing(index_elements=["name"])
+                                      .returning(collections.c.id)).scalar()
+                if new_id is None:  # a concurrent reviewer created it between our select and insert
+                    raise CurationInputError(f"a collection named '{name}' already exists")
+            else:
+                new_id = conn.execute(insert(collections).values(values)).inserted_primary_key[0]
+            collection_id = int(new_id)
+            _insert_missing(conn, collection_members, collection_members.c.collection_id, collection_id,
+                            collection_members.c.sample_id, ids, {"added_by": user, "added_at": _now()})
             self._audit(conn, user, "create_collection", {"name": name, "count": len(ids)})
-        return collection_id
+            return collection_id
+
+        return self._write(f"create collection '{name}'", work)
 
     def collection_samples(self, name: str) -> list[str]:
         query = (select(collection_members.c.sample_id).join(collections)
@@ -230,17 +514,27 @@ class CurationStore:
 
     def record_decision(self, sample_id: str, action: str, *, reviewer: str, new_label: str | None = None,
                         note: str = "") -> None:
-        """Append a review decision (``relabel`` needs ``new_label``)."""
+        """Append a review decision (``relabel`` needs ``new_label``), attributed to ``reviewer``."""
         if action not in REVIEW_ACTIONS:
-            raise ValueError(f"action must be one of {REVIEW_ACTIONS}, got '{action}'")
+            raise CurationInputError(f"action must be one of {REVIEW_ACTIONS}, got '{action}'")
         if action == "relabel" and not new_label:
-            raise ValueError("a relabel decision needs new_label")
-        if not reviewer.strip():
-            raise ValueError("reviewer name must not be empty")
-        with self.engine.begin() as conn:
-            conn.execute(insert(review_decisions).values(sample_id=sample_id, action=action, new_label=new_label,
-                                                         reviewer=reviewer, note=note, created_at=_now()))
+            raise CurationInputError("a relabel decision needs new_label")
+        if not isinstance(reviewer, str) or not reviewer.strip():
+            raise CurationInputError("reviewer name must not be empty")
+        reviewer = check_name("reviewer name", reviewer, strip=False)
+        if new_label is not None:
+            new_label = check_name("new label", new_label, strip=False)
+        if not isinstance(note, str):
+            raise CurationInputError(f"note must be text, got {type(note).__name__}")
+        (sample_id,) = check_sample_ids([sample_id])
+        values = {"sample_id": sample_id, "action": action, "new_label": new_label, "reviewer": reviewer,
+                  "note": note}
+
+        def work(conn: Connection) -> None:
+            conn.execute(insert(review_decisions).values(**values, created_at=_now()))
             self._audit(conn, reviewer, "review", {"sample_id": sample_id, "action": action, "new_label": new_label})
+
+        self._write(f"record the decision on '{sample_id}'", work)
 
     def decisions(self, *, latest_only: bool = True) -> list[dict]:
         """Review decisions, oldest first; with ``latest_only`` one (the newest) per sample."""
@@ -287,46 +581,54 @@ class CurationStore:
                  "filter": json.loads(r.filter_json) if r.filter_json else None,
                  "members": int(r.size), "created_by": r.created_by, "created_at": r.created_at} for r in rows]
 
-    def _collection_id(self, conn, name: str) -> int:
+    def _collection_id(self, conn: Connection, name: str) -> int:
         found = conn.execute(select(collections.c.id).where(collections.c.name == name)).scalar()
         if found is None:
-            raise ValueError(f"no collection named '{name}'")
+            raise CurationInputError(f"no collection named '{name}'")
         return int(found)
 
     def add_to_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
-        """Add samples to a collection; returns how many were not in it yet."""
-        ids = list(dict.fromkeys(sample_ids))
-        with self.engine.begin() as conn:
+        """Add samples (any number) to a collection; returns how many were not in it yet."""
+        name = check_name("collection name", name)
+        user = check_name("user name", user)
+        ids = check_sample_ids(sample_ids)
+
+        def work(conn: Connection) -> int:
             collection_id = self._collection_id(conn, name)
-            existing = {r[0] for r in conn.execute(select(collection_members.c.sample_id)
-                                                   .where(collection_members.c.collection_id == collection_id))}
-            new = [sid for sid in ids if sid not in existing]
-            if new:
-                now = _now()
-                conn.execute(insert(collection_members).prefix_with("OR IGNORE", dialect="sqlite"),
-                             [{"collection_id": collection_id, "sample_id": sid, "added_by": user, "added_at": now}
-                              for sid in new])
-            self._audit(conn, user, "add_to_collection", {"name": name, "count": len(new)})
-        return len(new)
+            added = _insert_missing(conn, collection_members, collection_members.c.collection_id, collection_id,
+                                    collection_members.c.sample_id, ids, {"added_by": user, "added_at": _now()})
+            self._audit(conn, user, "add_to_collection", {"name": name, "count": added})
+            return added
+
+        return self._write(f"add {len(ids):,} samples to collection '{name}'", work)
 
     def remove_from_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
-        """Remove samples from a collection; returns how many left it."""
-        ids = list(sample_ids)
-        with self.engine.begin() as conn:
+        """Remove samples (any number) from a collection; returns how many left it."""
+        name = check_name("collection name", name)
+        user = check_name("user name", user)
+        ids = check_sample_ids(sample_ids)
+
+        def work(conn: Connection) -> int:
             collection_id = self._collection_id(conn, name)
-            removed = conn.execute(delete(collection_members).where(
-                collection_members.c.collection_id == collection_id,
-                collection_members.c.sample_id.in_(ids))).rowcount
+            removed = _delete_members(conn, collection_members, collection_members.c.collection_id, collection_id,
+                                      collection_members.c.sample_id, ids)
             self._audit(conn, user, "remove_from_collection", {"name": name, "count": removed})
-        return int(removed)
+            return removed
+
+        return self._write(f"remove {len(ids):,} samples from collection '{name}'", work)
 
     def delete_collection(self, name: str, *, user: str) -> None:
         """Delete a collection and its membership list (the samples themselves are untouched)."""
-        with self.engine.begin() as conn:
+        name = check_name("collection name", name)
+        user = check_name("user name", user)
+
+        def work(conn: Connection) -> None:
             collection_id = self._collection_id(conn, name)
             conn.execute(delete(collection_members).where(collection_members.c.collection_id == collection_id))
             conn.execute(delete(collections).where(collections.c.id == collection_id))
             self._audit(conn, user, "delete_collection", {"name": name})
+
+        self._write(f"delete collection '{name}'", work)
 
     def tag_assignments(self) -> list[tuple[str, str]]:
         """Every ``(sample_id, tag)`` pair, ordered by tag then sample."""

@@ -1,0 +1,350 @@
+"""The curation database behaves the same, and loses nothing, on SQLite and on a real PostgreSQL server.
+
+* 8 writers (threads, each with its own engine and connections) open a brand-new database at the same moment, race to
+  create the same tags and collections, bulk-tag and collect 500 samples each with heavy overlap, record
+  500 review decisions each and then remove overlapping tags: every row is there exactly once, every
+  "newly added / removed" count adds up, every decision is attributed to its reviewer.
+* Also under SERIALIZABLE isolation (a team server configured that way), where PostgreSQL aborts
+  transactions that lost a race: the retries make up for it.
+* Statements beyond the drivers' bind-parameter limits (70,000 ids: psycopg allows 65,535).
+* Long names and ids are refused identically, before anything is written.
+* The retry helper retries what lost a race and nothing else.
+
+The PostgreSQL server comes from ``tests/pg.py`` (Debian's binaries, started by the test session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
+
+from robustlens.analysis import curation
+from robustlens.analysis.curation import (MAX_NAME_CHARS, MAX_SAMPLE_ID_BYTES, CurationConflictError,
+                                          CurationInputError, CurationStore)
+from robustlens.errors import ValidationError
+
+WRITERS = 8
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What each of the :data:`WRITERS` reviewers does.
+
+    Writer ``w`` tags "shared", adds to collection "team" and records a decision for ``per_writer`` ids
+    starting at ``w * per_writer / 2`` (so each id is shared by two writers; ``4 * per_writer`` ids in
+    all), in batches of ``batch``; every writer tags the same ``per_writer`` "hot" ids (in its own
+    shuffled order), then untags "hot" from ``per_writer / 5`` of them overlapping the next writer's.
+    """
+
+    per_writer: int
+    batch: int
+
+    @property
+    def universe(self) -> int:
+        return WRITERS * self.per_writer // 2
+
+    def own_ids(self, writer: int) -> list[str]:
+        return [f"s{(writer * self.per_writer // 2 + k) % self.universe:05d}" for k in range(self.per_writer)]
+
+    def hot(self) -> list[str]:
+        return [f"s{i:05d}" for i in range(self.per_writer)]
+
+    def hot_removals(self, writer: int) -> list[str]:
+        step = self.per_writer // 10
+        return self.hot()[writer * step: writer * step + 2 * step]
+
+
+FULL = Workload(per_writer=500, batch=50)  # 8 writers x 500 tags, members and decisions each
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> Iterator[str]:
+    """An empty database on each backend (PostgreSQL: a fresh database on the session's real server).
+
+    SQLite's file lives in /dev/shm where there is one: the same locking, without a disk flush per commit.
+    """
+    if request.param == "postgresql":
+        yield request.getfixturevalue("postgres_url")
+        return
+    shm = Path("/dev/shm")
+    folder = Path(tempfile.mkdtemp(prefix="robustlens-curation-", dir=shm)) if shm.is_dir() and os.access(
+        shm, os.W_OK) else tmp_path
+    try:
+        yield f"sqlite:///{folder / 'curation.db'}"
+    finally:
+        if folder != tmp_path:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def writer_session(url: str, writer: int, barrier: threading.Barrier, work: Workload) -> dict:
+    """One reviewer's whole session, with its own store (engine and connections); returns what it was told."""
+    result: dict = {"writer": writer, "added": {}, "removed_hot": 0, "created": [], "retries": 0}
+    barrier.wait()
+    store = CurationStore(url)  # all open a new database at once: schema creation races
+    try:
+        name = f"rev-{writer}"
+        for collection in ("team", "race"):
+            try:
+                store.create_collection(collection, user=name, description=f"created by {name}")
+                result["created"].append(collection)
+            except CurationInputError as exc:
+                assert "already exists" in str(exc)
+        rng = random.Random(writer)
+        mine = work.own_ids(writer)
+        hot = work.hot()
+        rng.shuffle(hot)
+        added = {"shared": 0, "hot": 0, "team": 0}
+        for start in range(0, work.per_writer, work.batch):
+            batch = mine[start:start + work.batch]
+            added["shared"] += store.add_tag(batch, "shared", user=name)
+            added["hot"] += store.add_tag(hot[start:start + work.batch], "hot", user=name)
+            added["team"] += store.add_to_collection("team", batch, user=name)
+            for k, sid in enumerate(batch, start=start):
+                action = ("keep", "relabel", "ambiguous", "exclude")[k % 4]
+                store.record_decision(sid, action, reviewer=name, note=f"{writer}:{k}",
+                                      new_label=f"class-{k % 7}" if action == "relabel" else None)
+        result["added"] = added
+        barrier.wait()  # every "hot" tag is in before anyone removes
+        result["removed_hot"] = store.remove_tag(work.hot_removals(writer), "hot", user=name)
+        result["retries"] = store.retries
+    finally:
+        store.close()
+    return result
+
+
+def _run_writers(url: str, work: Workload) -> list[dict]:
+    """Run the :data:`WRITERS` sessions at once, each in a thread with its own engine; their results."""
+    barrier = threading.Barrier(WRITERS, timeout=120)
+    with ThreadPoolExecutor(WRITERS) as pool:
+        futures = [pool.submit(writer_session, url, w, barrier, work) for w in range(WRITERS)]
+        return [future.result(timeout=240) for future in futures]
+
+
+def _assert_nothing_lost_or_duplicated(url: str, results: list[dict], work: Workload) -> None:
+    store = CurationStore(url)
+    try:
+        everyone = sorted({sid for w in range(WRITERS) for sid in work.own_ids(w)})
+        assert len(everyone) == work.universe
+        # Tags: each sample once, each counted as new by exactly one writer.
+        assert store.samples_with_tag("shared") == everyone
+        assert sum(r["added"]["shared"] for r in results) == work.universe
+        removed = sorted({sid for w in range(WRITERS) for sid in work.hot_removals(w)})
+        assert store.samples_with_tag("hot") == sorted(set(work.hot()) - set(removed))
+        assert sum(r["added"]["hot"] for r in results) == work.per_writer
+        assert sum(r["removed_hot"] for r in results) == len(removed)
+        # Collections: created once each, despite 8 concurrent creators; members once each.
+        creators = {c: [r["writer"] for r in results if c in r["created"]] for c in ("team", "race")}
+        assert [len(v) for v in creators.values()] == [1, 1], creators
+        assert store.collection_names() == ["race", "team"]
+        assert store.collection("team")["members"] == everyone
+        assert store.collection("race")["members"] == []
+        assert store.collection("team")["created_by"] == f"rev-{creators['team'][0]}"
+        assert sum(r["added"]["team"] for r in results) == work.universe
+        # Decisions: every one, each once, attributed, each reviewer's own order kept.
+        history = store.decisions(latest_only=False)
+        assert len(history) == WRITERS * work.per_writer
+        notes = [d["note"] for d in history]
+        assert len(set(notes)) == len(notes)
+        for writer in range(WRITERS):
+            mine = [d for d in history if d["reviewer"] == f"rev-{writer}"]
+            assert [d["note"] for d in mine] == [f"{writer}:{k}" for k in range(work.per_writer)]
+            assert [d["sample_id"] for d in mine] == work.own_ids(writer)
+            relabels = [d for d in mine if d["action"] == "relabel"]
+            assert all(d["new_label"] == f"class-{int(d['note'].split(':')[1]) % 7}" for d in relabels)
+        assert len(store.decisions(latest_only=True)) == work.universe
+        with store.engine.connect() as conn:
+            # No duplicate tag rows; the audit log has every write of every reviewer.
+            assert conn.execute(text("SELECT name FROM tags ORDER BY name")).scalars().all() == ["hot", "shared"]
+            actions = conn.execute(text("SELECT actor, action, count(*) FROM audit_log GROUP BY actor, action")).all()
+        audit = {(actor, action): int(n) for actor, action, n in actions}
+        for writer in range(WRITERS):
+            name = f"rev-{writer}"
+            assert audit[(name, "review")] == work.per_writer
+            assert audit[(name, "tag")] == 2 * work.per_writer // work.batch
+            assert audit[(name, "add_to_collection")] == work.per_writer // work.batch
+            assert audit[(name, "untag")] == 1
+        assert sum(n for (actor, action), n in audit.items() if action == "create_collection") == 2
+    finally:
+        store.close()
+
+
+def test_eight_concurrent_writers_lose_and_duplicate_nothing(db_url):
+    results = _run_writers(db_url, FULL)
+    _assert_nothing_lost_or_duplicated(db_url, results, FULL)
+
+
+def test_serializable_postgres_server_loses_nothing(postgres_url):
+    """A server whose default isolation is SERIALIZABLE aborts transactions that raced; they are retried.
+
+    A lighter workload (8 writers x 100): under SERIALIZABLE most overlapping batches abort at least once.
+    """
+    import psycopg
+
+    conninfo = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    database = conninfo.rsplit("/", 1)[1]
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE \"{database}\" SET default_transaction_isolation TO 'serializable'")
+    work = Workload(per_writer=100, batch=20)
+    results = _run_writers(postgres_url, work)
+    _assert_nothing_lost_or_duplicated(postgres_url, results, work)
+    store = CurationStore(postgres_url)
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SHOW transaction_isolation")).scalar() == "serializable"
+    store.close()
+    print(f"serializable run: {sum(r['retries'] for r in results)} transactions retried")
+
+
+def test_statements_beyond_driver_parameter_limits(db_url):
+    """70,000 ids in one call: more bind parameters than psycopg (65,535) or SQLite (32,766) allow at once."""
+    store = CurationStore(db_url)
+    ids = [f"img/{i:06d}.png" for i in range(70_000)]
+    assert store.add_tag(ids, "big", user="ana") == 70_000
+    assert store.add_tag(ids[-3:] + ["img/extra.png"], "big", user="ben") == 1
+    assert store.tag_counts() == {"big": 70_001}
+    assert store.remove_tag(ids + ["img/never-tagged.png"], "big", user="ana") == 70_000
+    assert store.samples_with_tag("big") == ["img/extra.png"]
+    store.create_collection("many", user="ana", sample_ids=ids)
+    assert store.add_to_collection("many", ids[:3] + ["img/extra.png"], user="ben") == 1
+    assert store.remove_from_collection("many", ids, user="ben") == 70_000
+    assert store.collection_samples("many") == ["img/extra.png"]
+    store.close()
+
+
+def _long_input_cases() -> list[tuple[str, object]]:
+    long_name = "n" * (MAX_NAME_CHARS + 1)
+    long_id = "i" * (MAX_SAMPLE_ID_BYTES + 1)
+    wide_id = "图" * 400  # 400 characters but 1,200 bytes of UTF-8: too long for PostgreSQL's index
+    return [
+        ("tag", lambda s: s.add_tag(["a"], long_name, user="ana")),
+        ("user name", lambda s: s.add_tag(["a"], "t", user=long_name)),
+        ("collection name", lambda s: s.create_collection(long_name, user="ana")),
+        ("collection name", lambda s: s.add_to_collection(long_name, ["a"], user="ana")),
+        ("reviewer name", lambda s: s.record_decision("a", "keep", reviewer=long_name)),
+        ("new label", lambda s: s.record_decision("a", "relabel", reviewer="ana", new_label=long_name)),
+        ("sample id #2", lambda s: s.add_tag(["a", long_id], "t", user="ana")),
+        ("sample id #1", lambda s: s.add_tag([wide_id], "t", user="ana")),
+        ("sample id #1", lambda s: s.record_decision(long_id, "keep", reviewer="ana")),
+        ("sample id #1", lambda s: s.remove_tag([long_id], "t", user="ana")),
+        ("sample id #1", lambda s: s.create_collection("c", user="ana", sample_ids=[wide_id])),
+    ]
+
+
+def test_long_names_and_ids_behave_the_same_on_every_backend(db_url):
+    store = CurationStore(db_url)
+    # At the limits: stored and read back exactly.
+    name = "n" * MAX_NAME_CHARS
+    longest_id = "i" * MAX_SAMPLE_ID_BYTES
+    widest_id = "图" * (MAX_SAMPLE_ID_BYTES // 3)  # 1,023 bytes
+    assert store.add_tag([longest_id, widest_id], name, user=name) == 2
+    assert store.samples_with_tag(name) == sorted([longest_id, widest_id])
+    store.create_collection(name, user=name, sample_ids=[widest_id])
+    assert store.collection(name)["members"] == [widest_id]
+    store.record_decision(longest_id, "relabel", reviewer=name, new_label=name, note="x" * 10_000)
+    assert store.decision_history(longest_id)[0]["new_label"] == name
+    before = store.counts()
+    # One past the limits: a clear error naming the field and the limit, nothing written.
+    for field, call in _long_input_cases():
+        with pytest.raises(CurationInputError) as caught:
+            call(store)
+        message = str(caught.value)
+        assert message.startswith(field), message
+        assert str(MAX_NAME_CHARS) in message or f"{MAX_SAMPLE_ID_BYTES:,}" in message, message
+        assert isinstance(caught.value, ValidationError) and isinstance(caught.value, ValueError)
+    assert store.counts() == before
+    with store.engine.connect() as conn:
+        audit_rows = conn.execute(select(func.count()).select_from(curation.audit_log)).scalar_one()
+    assert audit_rows == 3
+    store.close()
+
+
+def test_empty_and_non_text_input_is_refused(db_url):
+    store = CurationStore(db_url)
+    with pytest.raises(CurationInputError, match="sample id #2 is empty"):
+        store.add_tag(["a", ""], "t", user="ana")
+    with pytest.raises(CurationInputError, match="sample id #1 must be text, got int"):
+        store.add_to_collection("x", [3], user="ana")
+    with pytest.raises(CurationInputError, match="user name must not be empty"):
+        store.add_tag(["a"], "t", user="  ")
+    with pytest.raises(CurationInputError, match="no collection named 'nope'"):
+        store.add_to_collection("nope", ["a"], user="ana")
+    assert store.add_tag("img/one.png", "t", user="ana") == 1  # one id, not its characters
+    assert store.samples_with_tag("t") == ["img/one.png"]
+    store.close()
+
+
+def _lost_race(dialect: str) -> OperationalError:
+    """The error a driver raises when a transaction lost a race: what the retry helper must retry."""
+    if dialect == "postgresql":
+        import psycopg
+
+        return OperationalError("INSERT …", {}, psycopg.errors.SerializationFailure(
+            "could not serialize access due to concurrent update"))
+    return OperationalError("INSERT …", {}, sqlite3.OperationalError("database is locked"))
+
+
+def test_a_write_that_lost_a_race_is_retried_whole(db_url, monkeypatch):
+    store = CurationStore(db_url)
+    store.add_tag(["a"], "t", user="ana")
+    real = curation._insert_missing
+    failures = iter([True, True])  # the first two tries lose a race after writing part of their work
+
+    def racing(conn, *args, **kwargs):
+        added = real(conn, *args, **kwargs)
+        if next(failures, False):
+            raise _lost_race(conn.dialect.name)
+        return added
+
+    monkeypatch.setattr(curation, "_insert_missing", racing)
+    monkeypatch.setattr(curation, "BACKOFF_BASE_S", 0.001)
+    assert store.add_tag(["a", "b", "c"], "t", user="ben") == 2  # the rolled-back tries counted nothing
+    assert store.samples_with_tag("t") == ["a", "b", "c"]
+    with store.engine.connect() as conn:
+        audits = conn.execute(text("SELECT actor, details FROM audit_log ORDER BY id")).all()
+    assert [(a, json.loads(d)["count"]) for a, d in audits] == [("ana", 1), ("ben", 2)]
+
+    def always_losing(conn, *args, **kwargs):
+        real(conn, *args, **kwargs)
+        raise _lost_race(conn.dialect.name)
+
+    monkeypatch.setattr(curation, "_insert_missing", always_losing)
+    with pytest.raises(CurationConflictError, match="nothing was saved"):
+        store.add_tag(["d"], "t", user="ben")
+    assert store.samples_with_tag("t") == ["a", "b", "c"]
+    store.close()
+
+
+def test_a_permanent_database_error_is_not_retried(tmp_path, monkeypatch):
+    store = CurationStore(f"sqlite:///{tmp_path / 'curation.db'}")
+    calls = []
+
+    def broken(conn, *args, **kwargs):
+        calls.append(1)
+        raise OperationalError("INSERT …", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(curation, "_insert_missing", broken)
+    with pytest.raises(curation.CurationDatabaseError, match="disk is full.*nothing was saved"):
+        store.add_tag(["a"], "t", user="ana")
+    assert len(calls) == 1
+    store.close()
+
+
+def test_unreachable_or_driverless_database_is_a_clear_error(tmp_path):
+    with pytest.raises(curation.CurationDatabaseError, match="cannot open the curation database"):
+        CurationStore(f"sqlite:///{tmp_path / 'missing-folder' / 'curation.db'}")
+    with pytest.raises(curation.CurationDatabaseError, match="not a database URL"):
+        CurationStore("not a url")
+    with pytest.raises(curation.CurationDatabaseError, match=r"cannot open.*\*\*\*"):
+        CurationStore("postgresql+psycopg://ana:secret@127.0.0.1:1/db")  # nothing listens on port 1
