@@ -348,3 +348,22 @@ def test_unreachable_or_driverless_database_is_a_clear_error(tmp_path):
         CurationStore("not a url")
     with pytest.raises(curation.CurationDatabaseError, match=r"cannot open.*\*\*\*"):
         CurationStore("postgresql+psycopg://ana:secret@127.0.0.1:1/db")  # nothing listens on port 1
+
+
+def test_chunk_boundaries_count_every_row_once(db_url, monkeypatch):
+    """Tiny chunks, so every statement of a call is split many times: counts and contents still exact."""
+    monkeypatch.setattr(curation, "MAX_BIND_PARAMS", 20)  # 5 rows of 4 columns per insert
+    monkeypatch.setattr(curation, "IN_CHUNK", 7)
+    monkeypatch.setattr(curation, "ARRAY_CHUNK", 7)
+    store = CurationStore(db_url)
+    ids = [f"x{i:03d}" for i in range(53)]
+    assert store.add_tag(ids[::2], "t", user="ana") == 27
+    assert store.add_tag(ids, "t", user="ben") == 26
+    assert store.samples_with_tag("t") == ids
+    assert store.remove_tag(ids[10:40] + ["nope"], "t", user="ana") == 30
+    assert store.samples_with_tag("t") == ids[:10] + ids[40:]
+    store.create_collection("c", user="ana", sample_ids=ids[::3])
+    assert store.add_to_collection("c", ids, user="ben") == 53 - 18
+    assert store.remove_from_collection("c", ids[5:], user="ben") == 48
+    assert store.collection_samples("c") == ids[:5]
+    store.close()

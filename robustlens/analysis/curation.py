@@ -16,9 +16,10 @@ Correct on every backend, with many reviewers writing at once:
   dialect constructs; a select-then-insert retried on conflict elsewhere), so overlapping bulk tags from
   two reviewers both succeed and each row is counted once, by whoever inserted it. Rows are inserted in
   sorted order, so two overlapping batches lock rows in the same order and do not deadlock.
-* Statements stay under the drivers' bind-parameter limits (psycopg: 65,535, SQLite: 32,766): inserts
-  are sent in chunks of at most :data:`MAX_BIND_PARAMS` parameters and ``IN`` lists of deletes in chunks
-  of :data:`IN_CHUNK` ids, all in the same transaction.
+* Statements stay under the drivers' bind-parameter limits (psycopg: 65,535, SQLite: 32,766): on
+  PostgreSQL any number of ids travel as one array parameter (``unnest(:ids)``, ``= ANY(:ids)``); on
+  SQLite inserts go in chunks of at most :data:`MAX_BIND_PARAMS` parameters and ``IN`` lists of deletes
+  in chunks of :data:`IN_CHUNK` ids; all in the same transaction.
 * Input is checked against the column sizes before anything is written, identically on every backend
   (SQLite does not enforce ``VARCHAR`` lengths, PostgreSQL does): names (tags, collections, users,
   labels) at most :data:`MAX_NAME_CHARS` characters, sample ids at most :data:`MAX_SAMPLE_ID_BYTES`
@@ -35,8 +36,9 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from sqlalchemy import (Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
-                        delete, event, func, insert, select, text)
+from sqlalchemy import (Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text, any_, bindparam,
+                        create_engine, delete, event, func, insert, literal, select, text)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -56,6 +58,8 @@ MAX_SAMPLE_ID_BYTES = 1024
 MAX_BIND_PARAMS = 30_000
 #: Most ids in one ``IN (…)`` list.
 IN_CHUNK = 10_000
+#: Most ids in one PostgreSQL array parameter (one parameter, so only the statement's size is bounded).
+ARRAY_CHUNK = 100_000
 #: Tries of one write transaction before :class:`CurationConflictError`.
 WRITE_ATTEMPTS = 8
 #: Backoff before try ``k + 1``: uniform in ``[0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**k)]`` seconds.
@@ -295,24 +299,43 @@ def _retryable(exc: DBAPIError, dialect: str) -> bool:
     return isinstance(exc, IntegrityError) and dialect != "postgresql"
 
 
+def _id_array(ids: list[str]):
+    """``ids`` as one PostgreSQL ``VARCHAR[]`` bind parameter: no per-id parameters, so no parameter limit."""
+    return bindparam("ids", value=ids, type_=ARRAY(String))
+
+
 def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int, member: Column,
                     ids: list[str], extra: dict) -> int:
     """Insert ``(key=key_value, member=id, **extra)`` for every id not there yet; returns how many were new.
 
-    On PostgreSQL and SQLite one ``INSERT … ON CONFLICT DO NOTHING RETURNING`` sent as an executemany,
-    which SQLAlchemy batches into multi-row statements under the driver's parameter limit; the rows it
-    returns are the ones this call inserted. Elsewhere a select of the present ids then an insert of the
-    rest (a concurrent insert raises an integrity error and :meth:`CurationStore._write` runs the
-    transaction again). Sent in chunks of :data:`MAX_BIND_PARAMS` parameters either way.
+    * PostgreSQL: ``INSERT … SELECT unnest(:ids) … ON CONFLICT DO NOTHING RETURNING`` with the ids as one
+      array parameter, in chunks of :data:`ARRAY_CHUNK` ids.
+    * SQLite: ``INSERT … ON CONFLICT DO NOTHING RETURNING`` sent as an executemany, which SQLAlchemy
+      batches into multi-row statements under SQLite's parameter limit, in chunks of
+      :data:`MAX_BIND_PARAMS` parameters.
+    * Elsewhere: a select of the present ids then an insert of the rest (a concurrent insert raises an
+      integrity error and :meth:`CurationStore._write` runs the transaction again).
+
+    The rows ``RETURNING`` gives back are the ones this call inserted, so concurrent writers each count
+    only their own.
     """
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        added = 0
+        constants = [literal(key_value, key.type).label(key.name)]
+        constants += [literal(value, table.c[name].type).label(name) for name, value in extra.items()]
+        for chunk in _chunks(ids, ARRAY_CHUNK):
+            source = select(func.unnest(_id_array(chunk)).label(member.name), *constants)
+            statement = (postgresql_insert(table).from_select([member.name, key.name, *extra], source)
+                         .on_conflict_do_nothing(index_elements=[key.name, member.name]).returning(member))
+            added += len(conn.execute(statement).all())
+        return added
     columns = 2 + len(extra)
     added = 0
-    dialect = conn.dialect.name
     for chunk in _chunks(ids, max(1, MAX_BIND_PARAMS // columns)):
         rows = [{key.name: key_value, member.name: sid, **extra} for sid in chunk]
-        if dialect in ("postgresql", "sqlite"):
-            make_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-            statement = (make_insert(table).on_conflict_do_nothing(index_elements=[key.name, member.name])
+        if dialect == "sqlite":
+            statement = (sqlite_insert(table).on_conflict_do_nothing(index_elements=[key.name, member.name])
                          .returning(member))
             added += len(conn.execute(statement, rows).all())
             continue
@@ -328,8 +351,14 @@ def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int,
 
 def _delete_members(conn: Connection, table: Table, key: Column, key_value: int, member: Column,
                     ids: list[str]) -> int:
-    """Delete ``(key_value, id)`` rows for ``ids``, ``IN`` lists chunked under the parameter limits."""
+    """Delete ``(key_value, id)`` rows for ``ids``: ``= ANY(:ids)`` with one array parameter on PostgreSQL,
+    ``IN`` lists of :data:`IN_CHUNK` ids elsewhere (under every driver's parameter limit)."""
     removed = 0
+    if conn.dialect.name == "postgresql":
+        for chunk in _chunks(ids, ARRAY_CHUNK):
+            statement = delete(table).where(key == key_value, member == any_(_id_array(chunk)))
+            removed += max(0, int(conn.execute(statement, execution_options=_COUNT_ROWS).rowcount))
+        return removed
     for part in _chunks(ids, IN_CHUNK):
         removed += max(0, int(conn.execute(delete(table).where(key == key_value, member.in_(part)),
                                            execution_options=_COUNT_ROWS).rowcount))
