@@ -1,8 +1,9 @@
-"""A review team writing to one SQLite curation database at once loses nothing.
+"""A review team writing to one curation database at once loses nothing — on SQLite and on PostgreSQL.
 
 Several reviewers — as threads sharing one server process (how Streamlit serves sessions) and as separate
 processes (several servers or CLI runs on one workspace) — tag samples, record review decisions and add
-to collections concurrently; afterwards every single write must be in the database.
+to collections concurrently; afterwards every single write must be in the database. Each test runs on a
+SQLite file and on a real PostgreSQL server started by the test session (``tests/pg.py``).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def _process_entry(url: str, reviewer: str, rounds: int, barrier) -> None:
     reviewer_session(url, reviewer, rounds, barrier)
 
 
-@pytest.fixture
-def database(tmp_path) -> str:
-    url = _url(tmp_path / "curation.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    url = _url(tmp_path / "curation.db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     store = CurationStore(url)
     store.create_collection("team-set", user="lead", description="what the team collects")
     store.close()
