@@ -35,6 +35,7 @@ from robustlens.analysis import curation
 from robustlens.analysis.curation import (MAX_NAME_CHARS, MAX_SAMPLE_ID_BYTES, CurationConflictError,
                                           CurationInputError, CurationStore)
 from robustlens.errors import ValidationError
+from tests.dashboard_fixtures import analysed_template, analysed_workspace  # noqa: F401  (fixtures)
 
 WRITERS = 8
 
@@ -366,4 +367,31 @@ def test_chunk_boundaries_count_every_row_once(db_url, monkeypatch):
     assert store.add_to_collection("c", ids, user="ben") == 53 - 18
     assert store.remove_from_collection("c", ids[5:], user="ben") == 48
     assert store.collection_samples("c") == ids[:5]
+    store.close()
+
+
+# -- the dashboard: a write that cannot be saved is a message, not a traceback ------------------------------
+def test_review_page_reports_a_lost_write_instead_of_a_traceback(analysed_workspace, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from robustlens.analysis.workspace import Workspace
+
+    def conflicted(self, sample_id, action, **kwargs):
+        raise CurationConflictError(f"could not record the decision on '{sample_id}': other reviewers were "
+                                    "writing the same records; nothing was saved — try again")
+
+    monkeypatch.setattr(CurationStore, "record_decision", conflicted)
+    monkeypatch.setenv("ROBUSTLENS_WORKSPACE", str(analysed_workspace))
+    app = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "robustlens" / "dashboard" / "app.py"),
+                            default_timeout=60).run()
+    app.switch_page("views/review.py").run()
+    app.text_input(key="review.name").set_value("rita")
+    app.form_submit_button[0].click().run()
+    app.button(key="review.keep").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    errors = [e.value for e in app.error]
+    assert any("nothing was saved" in e and "Not saved" in e for e in errors), errors
+    assert not any("Saved:" in s.value for s in app.success)
+    store = Workspace(analysed_workspace).curation()
+    assert store.decisions() == []
     store.close()

@@ -9,6 +9,7 @@ import streamlit as st
 
 from robustlens.analysis.filters import FilterError, FilterSpec, apply_filter
 from robustlens.dashboard import data, state, widgets
+from robustlens.errors import RobustlensError
 
 
 def render() -> None:
@@ -78,7 +79,11 @@ def _collections(table: pd.DataFrame, store) -> None:
         if st.button("Delete collection", key="coll.delete", disabled=not confirm, icon=":material/delete:"):
             user = widgets.require_user()
             if user:
-                store.delete_collection(chosen, user=user)
+                try:
+                    store.delete_collection(chosen, user=user)
+                except RobustlensError as exc:  # a write conflict, the database unreachable: nothing changed
+                    state.notice(f"Not deleted: {exc}", "error")
+                    st.rerun()
                 st.session_state.pop("coll.confirm", None)
                 widgets.done(f"Deleted collection '{chosen}' (its samples are untouched).")
     entry = next(e for e in overview if e["name"] == chosen)
@@ -91,7 +96,11 @@ def _collections(table: pd.DataFrame, store) -> None:
                      key="coll.remove"):
             user = widgets.require_user()
             if user:
-                removed = store.remove_from_collection(chosen, state.selection(), user=user)
+                try:
+                    removed = store.remove_from_collection(chosen, state.selection(), user=user)
+                except RobustlensError as exc:  # a write conflict, the database unreachable: nothing changed
+                    state.notice(f"Not removed: {exc}", "error")
+                    st.rerun()
                 widgets.done(f"Removed {removed:,} sample(s) from '{chosen}'.")
 
 

@@ -17,6 +17,7 @@ import streamlit as st
 from robustlens.analysis.filters import FilterSpec, region_mask
 from robustlens.analysis.sample_table import display_name, issue_types, prediction_sets
 from robustlens.dashboard import data, state, widgets
+from robustlens.errors import RobustlensError
 
 MAX_POINTS = 50_000
 CHART = "map.chart"
@@ -191,7 +192,11 @@ def _selection_actions(table: pd.DataFrame, context: np.ndarray, spec: FilterSpe
             user = widgets.require_user()
             if user and tag.strip():
                 ids = table["id"].iloc[inside].tolist()
-                count = data.curation().add_tag(ids, tag.strip(), user=user)
+                try:
+                    count = data.curation().add_tag(ids, tag.strip(), user=user)
+                except RobustlensError as exc:  # refused tag, a write conflict, the database unreachable
+                    state.notice(f"Not tagged: {exc}", "error")
+                    st.rerun()
                 widgets.done(f"Tagged {count:,} sample(s) '{tag.strip()}' from the map selection.")
             elif user:
                 st.warning("Type a tag name first.")

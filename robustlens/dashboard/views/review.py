@@ -15,6 +15,7 @@ import streamlit as st
 
 from robustlens.analysis.sample_table import prediction_sets
 from robustlens.dashboard import data, state, widgets
+from robustlens.errors import RobustlensError
 
 POSITION = "review.position"
 SCOPE = "review.scope"
@@ -172,7 +173,11 @@ def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | N
 
 def _decide(sample_id: str, action: str, new_label: str | None, reviewer: str, hide: bool) -> None:
     note = str(st.session_state.get(NOTE) or "").strip()
-    data.curation().record_decision(sample_id, action, reviewer=reviewer, new_label=new_label, note=note)
+    try:
+        data.curation().record_decision(sample_id, action, reviewer=reviewer, new_label=new_label, note=note)
+    except RobustlensError as exc:  # refused input, a write conflict, the database unreachable: nothing saved
+        state.notice(f"Not saved: {exc}", "error")
+        return
     st.session_state[NOTE] = ""
     st.session_state[RELABEL_TO] = None
     if not hide:
