@@ -347,8 +347,9 @@ def test_unreachable_or_driverless_database_is_a_clear_error(tmp_path):
         CurationStore(f"sqlite:///{tmp_path / 'missing-folder' / 'curation.db'}")
     with pytest.raises(curation.CurationDatabaseError, match="not a database URL"):
         CurationStore("not a url")
-    with pytest.raises(curation.CurationDatabaseError, match=r"cannot open.*\*\*\*"):
+    with pytest.raises(curation.CurationDatabaseError, match=r"cannot open.*\*\*\*") as caught:
         CurationStore("postgresql+psycopg://ana:secret@127.0.0.1:1/db")  # nothing listens on port 1
+    assert "secret" not in str(caught.value)
 
 
 def test_chunk_boundaries_count_every_row_once(db_url, monkeypatch):
@@ -395,3 +396,18 @@ def test_review_page_reports_a_lost_write_instead_of_a_traceback(analysed_worksp
     store = Workspace(analysed_workspace).curation()
     assert store.decisions() == []
     store.close()
+
+
+def test_a_missing_postgres_server_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    from tests import pg
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="PostgreSQL tests need the binaries"):
+        pg._unavailable("the binaries")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="make test` installs Debian's postgresql"):
+        pg._unavailable("the binaries")
+    (tmp_path / "initdb").touch()
+    (tmp_path / "pg_ctl").touch()
+    monkeypatch.setenv("PG_BIN_DIR", str(tmp_path))
+    assert pg.find_bin_dir() == tmp_path

@@ -44,7 +44,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 
-from robustlens.errors import RobustlensError, ValidationError, WorkspaceError
+from robustlens.errors import ValidationError, WorkspaceError
 
 SCHEMA_VERSION = 1
 REVIEW_ACTIONS = ("relabel", "keep", "ambiguous", "exclude")
@@ -68,7 +68,7 @@ BACKOFF_CAP_S = 1.0
 # PostgreSQL SQLSTATEs of a transaction that lost a race and may succeed when run again:
 # serialization_failure, deadlock_detected, lock_not_available, unique_violation, foreign_key_violation.
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "23505", "23503"})
-#: SQLAlchemy reports an INSERT's rowcount only when asked to (the rows ON CONFLICT DO NOTHING inserted).
+#: Keep the driver's rowcount of a statement (how many rows a DELETE removed) on every backend.
 _COUNT_ROWS = {"preserve_rowcount": True}
 _POSTGRES_LOCK_KEY = 0x726C6375  # advisory lock serialising schema creation / migration ("rlcu")
 
