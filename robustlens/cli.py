@@ -12,43 +12,12 @@ import sys
 from pathlib import Path
 
 from robustlens import __version__
+from robustlens.argtypes import positive_int, unit_fraction
 from robustlens.commands import export as export_command
 from robustlens.commands import robustness as robustness_command
 from robustlens.errors import NotAWorkspaceError, RobustlensError, ValidationError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1 (checked before any work starts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (NaN and infinity are refused)."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def unit_fraction(text: str) -> float:
-    """argparse type: a finite number in [0, 1)."""
-    value = finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
 
 
 def _add_init(sub) -> None:

@@ -115,6 +115,20 @@ def test_bad_db_url_is_refused_before_anything_is_written(image_folder, tmp_path
     assert Workspace(tmp_path / "ws").manifest["db_url"] == good
 
 
+def test_force_rebuild_does_not_keep_a_broken_db_url(image_folder, tmp_path, capsys):
+    """Before: --force kept the bad URL written by the failed run, so the workspace could not be repaired."""
+    workspace = tmp_path / "ws"
+    assert run_cli(capsys, *init_args(workspace, image_folder))[0] == 0
+    manifest = json.loads((workspace / "workspace.json").read_text())
+    manifest["db_url"] = "sqlite:////nonexistent-dir/x.db"  # as an older robustlens could leave it
+    (workspace / "workspace.json").write_text(json.dumps(manifest))
+    expect_refused(capsys, tmp_path, *init_args(workspace, image_folder, "--force"),
+                   contains=("db_url kept from", "pass --db URL to replace it"))
+    good = f"sqlite:///{tmp_path / 'c.db'}"
+    assert run_cli(capsys, *init_args(workspace, image_folder, "--force", "--db", good))[0] == 0
+    assert Workspace(workspace).manifest["db_url"] == good
+
+
 # -- the model ----------------------------------------------------------------------------------------------------
 
 class _Raises(nn.Module):
@@ -373,12 +387,12 @@ def test_analyze_with_a_class_of_one_image_and_no_predictions(tmp_path, capsys):
         for i in range(count):
             write_image(data / name / f"{i}.png", seed=10 * c + i)
     assert run_cli(capsys, *init_args(tmp_path / "ws", data))[0] == 0
-    code, out, err = run_cli(capsys, "analyze", tmp_path / "ws", "--quiet",
-                             "--stages", "metrics,embeddings,label_issues,quality_flags,issues")
+    code, out, err = run_cli(capsys, "analyze", tmp_path / "ws", "--quiet")
     assert code == 0, err
     assert "stage 'label_issues' skipped" in err and "'lonely' (1 image)" in err
     workspace = Workspace(tmp_path / "ws")
-    assert workspace.artifact_path("issue_matrix.parquet").exists()  # the stages after it ran
+    for later in ("issue_matrix.parquet", "flags_quality.parquet", "slices.parquet"):  # the stages after it ran
+        assert workspace.artifact_path(later).exists(), later
     assert not workspace.artifact_path("label_issues.parquet").exists()
 
 

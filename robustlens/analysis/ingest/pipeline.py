@@ -146,7 +146,8 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
     previous = _previous_manifest(root) if options.force else None
     db_url = options.db_url or (previous or {}).get("db_url")
     if db_url:
-        check_db_url(db_url, option="--db" if options.db_url else f"the db_url of {root / MANIFEST_NAME}")
+        check_db_url(db_url, option="--db" if options.db_url else
+                     f"the db_url kept from {root / MANIFEST_NAME} (pass --db URL to replace it)")
 
     # Validation is over: write.
     if options.force and (root / MANIFEST_NAME).exists():
