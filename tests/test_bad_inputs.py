@@ -86,7 +86,8 @@ def test_validate_name_accepts_ordinary_names(name):
 @pytest.mark.parametrize("name", ["../../../pwned", "![u](http://evil/x)", "<b>x</b>", "a/b"])
 def test_prediction_set_names_are_validated(image_folder, predictions, tmp_path, capsys, name):
     """Before: '../../../pwned=p.csv' wrote pwned.npy outside the workspace; markup broke analyze later."""
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--predictions", f"{name}={predictions}"),
+    expect_refused(capsys, tmp_path,
+                   *init_args(tmp_path / "ws", image_folder, "--predictions", f"{name}={predictions}"),
                    contains=("--predictions", "prediction-set name", "not allowed"))
     assert not list(tmp_path.parent.rglob("pwned.npy"))
 
@@ -310,7 +311,8 @@ def test_sum_tolerance_must_be_finite_and_in_range(image_folder, predictions, tm
 def test_library_entry_point_validates_options_too(image_folder, tmp_path):
     from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
 
-    for options in (InitOptions(data=image_folder, sum_tolerance=float("nan")), InitOptions(data=image_folder, workers=-1),
+    for options in (InitOptions(data=image_folder, sum_tolerance=float("nan")),
+                    InitOptions(data=image_folder, workers=-1),
                     InitOptions(data=image_folder, predictions=[("../x", tmp_path / "p.csv")])):
         with pytest.raises(ValidationError):
             init_workspace(tmp_path / "ws", options)

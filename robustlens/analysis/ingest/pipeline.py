@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -192,7 +192,9 @@ def _redact(url: str) -> str:
 def _write_new_workspace(root: Path, data: Path, options: InitOptions, *parts) -> None:
     """Assemble the workspace in a staging folder beside ``root``, then rename it into place."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.init-", dir=root.parent))
+    # mkdir (not mkdtemp, which makes a 0700 folder): the workspace gets the usual umask permissions.
+    staging = root.parent / f".{root.name}.init-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         _write_workspace(staging, data, options, *parts)
         if root.exists():
