@@ -5,5 +5,7 @@ import streamlit as st
 
 from robustlens.dashboard.routes import all_pages
 
-st.set_page_config(page_title="robustlens", page_icon=":material/center_focus_strong:", layout="wide")
+# An emoji favicon is drawn by the browser (a data: URL); a :material/…: one would be fetched from
+# fonts.gstatic.com on every page load — the dashboard makes no request outside the server it runs on.
+st.set_page_config(page_title="robustlens", page_icon="🔎", layout="wide")
 st.navigation(all_pages()).run()

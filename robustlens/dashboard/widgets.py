@@ -33,12 +33,15 @@ _LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x0b\x0c\x85]+")
 _MARKUP = re.compile(
     r"[\\`*~\[\]<>|$]"                          # code, emphasis, strikethrough, links/images, HTML, tables, maths
     r"|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])"       # emphasis: '_' at a word edge ('tshirt_top' stays as it is)
-    r"|:(?=\S)"                                 # http:// autolinks, :material/icon:, :emoji:, :color[…]
+    r"|:(?=\S)"                                 # :material/icon:, :emoji:, :color[…], <scheme:…>
     r"|@"                                       # e-mail autolinks
-    r"|(?<=(?<![0-9A-Za-z])(?i:www))\."          # www. autolinks
     r"|&(?=#?[0-9A-Za-z]+;)"                    # entity references (&lt; is shown as typed, not as '<')
 )
 _LINE_START = re.compile(r"^(?:[#>+\-=]|\d+(?=[.)]))")  # headings, quotes, lists, rules: only at the start
+# GitHub's autolink literals (http://…, www.…, name@host) are found in the text *after* escapes are
+# resolved, so a backslash does not stop them: an invisible word joiner inside the trigger does.
+_AUTOLINK_TRIGGER = re.compile(r"(?i:https?)(?=://)|(?<![0-9A-Za-z])(?i:www)(?=\.)|@")
+WORD_JOINER = "\u2060"
 
 
 def text(value: object) -> str:
@@ -47,14 +50,16 @@ def text(value: object) -> str:
     A backslash goes before every character that could start markup where it stands (CommonMark shows an
     escaped punctuation character literally): code spans, emphasis, strikethrough, brackets (so no link
     or image), ``<`` and ``>`` (no raw HTML, no ``<autolink>``), tables, ``$`` maths, ``:`` before a
-    non-space (no ``http://`` or e-mail autolinks, no Streamlit ``:material/…:`` or ``:red[…]``
-    directives), ``www.``, entity references, and a block marker (``#``, ``>``, ``-``, ``1.`` …) at the
-    start. Line breaks become spaces and leading blanks go, so a user string never opens a block of its
-    own. Ordinary names keep their look in the source (``tshirt_top``, ``needs-relabel``,
+    non-space (no Streamlit ``:material/…:`` or ``:red[…]`` directives), entity references, and a block
+    marker (``#``, ``>``, ``-``, ``1.`` …) at the start. GitHub's autolink literals ignore escapes, so an
+    invisible word joiner (U+2060) goes into ``http://``, ``https://``, ``www.`` and after ``@``: the text
+    looks the same but makes no link. Line breaks become spaces and leading blanks go, so a user string
+    never opens a block of its own. Ordinary names keep their look in the source (``tshirt_top``, ``needs-relabel``,
     ``images/a.png``, ``sample(s)``). Use it for every user string placed in markdown: text, captions,
     alerts, titles, widget labels, radio options, image captions, metric values, tooltips.
     """
     body = _LINE_BREAKS.sub(" ", str(value)).lstrip()
+    body = _AUTOLINK_TRIGGER.sub(lambda m: m.group(0) + WORD_JOINER, body)
     body = _MARKUP.sub(lambda m: "\\" + m.group(0), body)
     return _LINE_START.sub(lambda m: m.group(0) + "\\" if m.group(0).isdigit() else "\\" + m.group(0), body)
 
