@@ -411,3 +411,15 @@ def test_a_missing_postgres_server_fails_under_ci_and_skips_elsewhere(monkeypatc
     (tmp_path / "pg_ctl").touch()
     monkeypatch.setenv("PG_BIN_DIR", str(tmp_path))
     assert pg.find_bin_dir() == tmp_path
+
+
+def test_an_up_to_date_read_only_database_opens_for_reading(tmp_path):
+    """Opening a database at the current schema only reads it; writing to a read-only one is a clear error."""
+    store = CurationStore(f"sqlite:///{tmp_path / 'curation.db'}")
+    store.add_tag(["a"], "t", user="ana")
+    store.close()
+    reader = CurationStore(f"sqlite:///file:{tmp_path / 'curation.db'}?mode=ro&uri=true")
+    assert reader.samples_with_tag("t") == ["a"] and reader.schema_version == curation.SCHEMA_VERSION
+    with pytest.raises(curation.CurationDatabaseError, match="readonly database; nothing was saved"):
+        reader.add_tag(["b"], "t", user="ana")
+    reader.close()

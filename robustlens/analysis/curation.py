@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from sqlalchemy import (Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text, any_, bindparam,
-                        create_engine, delete, event, func, insert, literal, select, text)
+                        create_engine, delete, event, func, insert, inspect, literal, select, text)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -209,8 +209,14 @@ def migrate(engine: Engine) -> int:
     """Create missing tables and apply pending migrations in one transaction; returns the schema version.
 
     Safe when several processes open a new database at once: on PostgreSQL an advisory lock serialises
-    them, on SQLite the write lock does.
+    them, on SQLite the write lock does. A database already at :data:`SCHEMA_VERSION` is only read (so a
+    read-only database file opens too).
     """
+    with engine.connect() as conn:
+        if inspect(conn).has_table(schema_info.name):
+            row = conn.execute(select(schema_info.c.value).where(schema_info.c.key == "schema_version")).first()
+            if row is not None and int(row[0]) == SCHEMA_VERSION:
+                return SCHEMA_VERSION
     options: dict = {"curation_write": True}
     if engine.dialect.name == "postgresql":
         # Each statement sees what committed before it, so once the lock is ours the tables another
