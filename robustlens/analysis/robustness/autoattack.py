@@ -533,7 +533,14 @@ def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: 
              norm: str, n_iter: int, random_start: bool, gen: torch.Generator, tally: _Tally, rows: torch.Tensor,
              alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
     """One targeted FAB run (Croce & Hein 2020b) on clean-correct samples; stops per sample once it finds an
-    adversarial example within ``eps``. Returns ``(adv (n, ...), fooled (n,) bool)``."""
+    adversarial example within ``eps``. Returns ``(adv (n, ...), fooled (n,) bool)``.
+
+    Pass economy: while a sample has not yet been adversarial in this run, the gradient pass at the new
+    iterate doubles as the check of the previous step (the reference runs a separate forward). At its first
+    adversarial iterate beyond ``eps`` it steps back towards the clean image (``beta``) and the next step uses
+    the same linearized boundary (``df`` moved to the new point to first order, exact for the linear model);
+    from then on it is checked by a separate forward before each gradient pass, as in the reference.
+    """
     n = x0.shape[0]
     device = x0.device
     adv = x0.clone()
@@ -546,49 +553,68 @@ def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: 
         x1 = (x0 + 0.5 * eps * _normalize(r.to(device=device, dtype=x0.dtype), norm)).clamp(0.0, 1.0)
     pos = torch.arange(n, device=device)
     x0w, yw, tw = x0, y, target
+    near_boundary = torch.zeros(n, dtype=torch.bool, device=device)   # has been adversarial in this run
 
-    def grads(xs: torch.Tensor, ys: torch.Tensor, ts: torch.Tensor, need_grad: bool
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def logits_diff(xs: torch.Tensor, ys: torch.Tensor, ts: torch.Tensor, need_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         xs = xs.detach().requires_grad_(need_grad)
         with torch.enable_grad() if need_grad else torch.no_grad():
             logits = logits_of(model, xs)
             diff = logits.gather(1, ts[:, None]).squeeze(1) - logits.gather(1, ys[:, None]).squeeze(1)
-            if need_grad and diff.requires_grad:
-                (g,) = torch.autograd.grad(diff.sum(), xs)
-            elif need_grad:
-                g = torch.zeros_like(xs)
-            else:
-                g = None
+            g = None
+            if need_grad:
+                g = torch.autograd.grad(diff.sum(), xs)[0] if diff.requires_grad else torch.zeros_like(xs)
         return logits.detach(), diff.detach(), (g.detach() if g is not None else None)
+
+    def settle(wrong: torch.Tensor) -> torch.Tensor:
+        """Record adversarials within eps among ``wrong`` rows; return the mask of rows to keep."""
+        within = wrong & (_norms(x1 - x0w, norm) <= eps)
+        hit = pos[within]
+        adv[hit] = x1[within]
+        fooled[hit] = True
+        return ~within
 
     for it in range(n_iter + 1):
         if pos.numel() == 0:
             break
-        last = it == n_iter
-        logits, df, dg = grads(x1, yw, tw, not last)
-        tally.forward(rows[pos], backward=not last)
-        if it > 0 or random_start:
-            wrong = logits.argmax(dim=1) != yw
-            if bool(wrong.any()):
-                within = wrong & (_norms(x1 - x0w, norm) <= eps)
-                hit = pos[within]
-                adv[hit] = x1[within]
-                fooled[hit] = True
-                far = wrong & ~within
-                keep = ~within
-                pos, x0w, yw, tw, x1 = pos[keep], x0w[keep], yw[keep], tw[keep], x1[keep]
-                far = far[keep]
-                if last or pos.numel() == 0:
-                    break
-                df, dg = df[keep], dg[keep]
-                if bool(far.any()):
-                    # adversarial but beyond eps: step back towards the clean image, re-linearize there
-                    x1[far] = x0w[far] + beta * (x1[far] - x0w[far])
-                    _, df_far, dg_far = grads(x1[far], yw[far], tw[far], True)
-                    tally.forward(rows[pos[far]], backward=True)
-                    df[far], dg[far] = df_far, dg_far
-        if last:
+        check = it > 0 or random_start
+        if it == n_iter:                                       # final check of the last step
+            logits, _, _ = logits_diff(x1, yw, tw, False)
+            tally.forward(rows[pos])
+            settle(logits.argmax(dim=1) != yw)
             break
+        if check and bool(near_boundary.any()):
+            sel = near_boundary.nonzero().squeeze(1)
+            logits, _, _ = logits_diff(x1[sel], yw[sel], tw[sel], False)
+            tally.forward(rows[pos[sel]])
+            wrong = torch.zeros_like(near_boundary)
+            wrong[sel] = logits.argmax(dim=1) != yw[sel]
+            keep = settle(wrong)
+            far = wrong & keep
+            x1 = torch.where(_view(far, x1), x0w + beta * (x1 - x0w), x1)
+            pos, x0w, yw, tw, x1, near_boundary = (pos[keep], x0w[keep], yw[keep], tw[keep], x1[keep],
+                                                    near_boundary[keep])
+            if pos.numel() == 0:
+                break
+        logits, df, dg = logits_diff(x1, yw, tw, True)
+        tally.forward(rows[pos], backward=True)
+        assert dg is not None
+        if check:
+            wrong = logits.argmax(dim=1) != yw
+            keep = settle(wrong)
+            first_far = wrong & keep & ~near_boundary
+            if bool(first_far.any()):
+                back = x0w + beta * (x1 - x0w)
+                shift = ((back - x1) * dg).reshape(x1.shape[0], -1).sum(dim=1)
+                df = torch.where(first_far, df + shift, df)
+                x1 = torch.where(_view(first_far, x1), back, x1)
+                near_boundary = near_boundary | first_far
+            if not bool(keep.all()):
+                pos, x0w, yw, tw, x1, near_boundary = (pos[keep], x0w[keep], yw[keep], tw[keep], x1[keep],
+                                                        near_boundary[keep])
+                df, dg = df[keep], dg[keep]
+                if pos.numel() == 0:
+                    break
         m = x1.shape[0]
         w = dg.reshape(m, -1)
         b = (w * x1.reshape(m, -1)).sum(dim=1) - df          # linearized boundary f_t - f_y = 0
