@@ -15,6 +15,7 @@ The PostgreSQL server comes from ``tests/pg.py`` (Debian's binaries, started by 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -350,6 +351,9 @@ def test_unreachable_or_driverless_database_is_a_clear_error(tmp_path):
     with pytest.raises(curation.CurationDatabaseError, match=r"cannot open.*\*\*\*") as caught:
         CurationStore("postgresql+psycopg://ana:secret@127.0.0.1:1/db")  # nothing listens on port 1
     assert "secret" not in str(caught.value)
+    if importlib.util.find_spec("psycopg2") is None:  # not a dependency: stands for a driver not installed
+        with pytest.raises(curation.CurationDatabaseError, match=r"driver .* not installed .*robustlens\[postgres\]"):
+            CurationStore("postgresql+psycopg2://ana@127.0.0.1/db")
 
 
 def test_chunk_boundaries_count_every_row_once(db_url, monkeypatch):
