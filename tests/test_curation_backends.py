@@ -346,8 +346,11 @@ def test_a_permanent_database_error_is_not_retried(tmp_path, monkeypatch):
 def test_unreachable_or_driverless_database_is_a_clear_error(tmp_path):
     with pytest.raises(curation.CurationDatabaseError, match="cannot open the curation database"):
         CurationStore(f"sqlite:///{tmp_path / 'missing-folder' / 'curation.db'}")
-    with pytest.raises(curation.CurationDatabaseError, match="not a database URL"):
+    with pytest.raises(curation.CurationDatabaseError, match="'not a url' is not a database URL"):
         CurationStore("not a url")
+    with pytest.raises(curation.CurationDatabaseError, match="credentials> is not a database URL") as caught:
+        CurationStore("postgresql+psycopg://ana:secret@host:port/db")
+    assert "secret" not in str(caught.value)
     with pytest.raises(curation.CurationDatabaseError, match=r"cannot open.*\*\*\*") as caught:
         CurationStore("postgresql+psycopg://ana:secret@127.0.0.1:1/db")  # nothing listens on port 1
     assert "secret" not in str(caught.value)

@@ -158,8 +158,8 @@ def _safe_url(url: str) -> str:
     """``url`` with any password masked, for messages."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable database URL>"
+    except (ArgumentError, ValueError):
+        return repr(url) if "@" not in url else "<a database URL with credentials>"
 
 
 def make_engine(url: str) -> Engine:
@@ -177,9 +177,9 @@ def make_engine(url: str) -> Engine:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise CurationDatabaseError(f"'{url}' is not a database URL (expected e.g. sqlite:///path/curation.db "
-                                    f"or postgresql+psycopg://user@host/db)") from exc
+    except (ArgumentError, ValueError) as exc:
+        raise CurationDatabaseError(f"{_safe_url(url)} is not a database URL ({exc}; expected e.g. "
+                                    f"sqlite:////abs/path/curation.db or postgresql+psycopg://user@host/db)") from exc
     is_sqlite = parsed.get_backend_name() == "sqlite"
     try:
         engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {},
