@@ -58,11 +58,11 @@ def tiny_disk(tmp_path):
 def fill(disk: Path) -> Path:
     """Write a filler file until the disk is full; returns it (delete it to free the space)."""
     filler = disk / f"filler-{uuid.uuid4().hex}"
-    with open(filler, "wb") as handle:
+    chunk = b"\0" * 65536
+    with open(filler, "wb", buffering=0) as handle:  # unbuffered: nothing left to flush when it is closed
         try:
             while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
+                handle.write(chunk)
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler
@@ -70,7 +70,8 @@ def fill(disk: Path) -> Path:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files of interrupted atomic writes or init staging folders."""
-    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or ".init-" in p.name)
+    return sorted(p.name for p in folder.rglob("*")
+                  if p.name.endswith(".tmp") or ".init-" in p.name or p.name.startswith(".rebuild-"))
 
 
 def test_analyze_on_a_full_disk_fails_cleanly_and_resumes(small_dataset, tiny_disk, capsys):
@@ -106,6 +107,24 @@ def test_init_on_a_full_disk_leaves_nothing_behind(small_dataset, tiny_disk, cap
     filler.unlink()
     code, err = run_cli(capsys, "init", tiny_disk / "ws", "--quiet", "--data", small_dataset)
     assert code == 0, err
+
+
+def test_force_rebuild_on_a_full_disk_keeps_the_old_workspace(small_dataset, tiny_disk, capsys):
+    workspace = tiny_disk / "ws"
+    assert run_cli(capsys, "init", workspace, "--quiet", "--data", small_dataset)[0] == 0
+    Workspace(workspace).curation().add_tag(["cat/0.png"], "keep-me", user="ana")
+    before = tree_digest(workspace)
+    write_image(small_dataset / "cat" / "new.png", size=(32, 32), seed=99)
+    filler = fill(tiny_disk)
+    code, err = run_cli(capsys, "init", workspace, "--quiet", "--data", small_dataset, "--force")
+    assert code == 1 and "the disk is full" in err
+    assert not leftovers(workspace)
+    assert {k: v for k, v in tree_digest(workspace).items() if not k.startswith("curation.db")} == \
+           {k: v for k, v in before.items() if not k.startswith("curation.db")}  # the old workspace, untouched
+    filler.unlink()
+    assert run_cli(capsys, "init", workspace, "--quiet", "--data", small_dataset, "--force")[0] == 0
+    assert len(Workspace(workspace).samples) == 19
+    assert Workspace(workspace).curation().samples_with_tag("keep-me") == ["cat/0.png"]
 
 
 @pytest.mark.parametrize("code_name,expected", [("EIO", "input/output error"), ("ENOSPC", "the disk is full"),

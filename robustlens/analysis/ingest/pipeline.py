@@ -151,8 +151,8 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
 
     # Validation is over: write.
     if options.force and (root / MANIFEST_NAME).exists():
-        _write_workspace(root, data, options, scan, samples, classes, prediction_sets, embeddings, model_entry,
-                         model_config, warnings, db_url)
+        _rebuild_workspace(root, data, options, scan, samples, classes, prediction_sets, embeddings, model_entry,
+                           model_config, warnings, db_url)
     else:
         _write_new_workspace(root, data, options, scan, samples, classes, prediction_sets, embeddings, model_entry,
                              model_config, warnings, db_url)
@@ -203,6 +203,26 @@ def _write_new_workspace(root: Path, data: Path, options: InitOptions, *parts) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _rebuild_workspace(root: Path, data: Path, options: InitOptions, *parts) -> None:
+    """``--force``: write the new files in a staging folder inside ``root``, then rename each into place.
+
+    The slow part (writing) cannot leave a mix of old and new files: until every new file is complete the
+    old workspace is untouched; the renames that follow cannot run out of space, and ``workspace.json``
+    is renamed last.
+    """
+    staging = root / f".rebuild-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        _write_workspace(staging, data, options, *parts)
+        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == MANIFEST_NAME)
+        for source in files:
+            target = root / source.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_workspace(root: Path, data: Path, options: InitOptions, scan, samples: pd.DataFrame,
