@@ -194,3 +194,20 @@ def test_any_filter_url_exits_0_or_2(corpus, capsys, query):
     after = tree_digest(workspace)
     assert {k: v for k, v in after.items() if not k.startswith("curation.db")} == \
            {k: v for k, v in before.items() if not k.startswith("curation.db")}
+
+
+@settings(max_examples=300, **_COMMON)
+@given(name=st.text(max_size=40))
+def test_validate_name_accepts_only_names_safe_as_files_and_as_text(name):
+    """Every accepted name is a plain file name and renders as itself (no path, markup or control characters)."""
+    from robustlens.errors import ValidationError
+
+    try:
+        accepted = validate_name("tag", name)
+    except ValidationError as exc:
+        assert "tag" in str(exc)
+        return
+    assert accepted == name and 0 < len(name) <= 100
+    assert not set(name) & set("/\\<>[]()!*`#|&;:'\"=\r\n\t\x00")
+    assert ".." not in name and not name.startswith((".", "-", " ")) and not name.endswith(" ")
+    assert name.isprintable()
