@@ -1,9 +1,11 @@
 """Streamlit AppTest of the Robustness page (``robustlens.dashboard.views.robustness``) on real artifacts of a tiny
-robustness run on the shipped sample workspace: charts render, the sample selector changes the sample shown,
-a failed self-check is a warning, and a workspace without results says what to run."""
+robustness run on the shipped sample workspace: the validity section comes before the headline, the headline shows
+its interval, charts render, the sample selector changes the sample shown, a failed self-check is a warning and makes
+the headline an upper bound, and a workspace without results says what to run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,12 +14,14 @@ from streamlit.testing.v1 import AppTest
 
 from robustlens.analysis.robustness.run import RobustnessConfig, run_robustness
 from robustlens.analysis.workspace import Workspace
-from tests.test_robustness_run import build_workspace
+from tests.test_robustness_run import QUICK_AUTOATTACK, build_workspace
 
 TINY = RobustnessConfig(max_samples=30, attack_samples=30, smoothing_samples=6, smoothing_n0=20, smoothing_n=100,
                         corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
                         attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=12, masking_samples=12,
-                        num_examples=6)
+                        num_examples=6, validity_budget="fast", verify_samples=8, stability_samples=10,
+                        attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK,
+                                       "autoattack_l2": QUICK_AUTOATTACK})
 
 
 def page_script() -> None:
@@ -57,6 +61,15 @@ def shown_sample(app: AppTest) -> str:
     return headings[0].split("**")[1]
 
 
+def walk(block):
+    """Every element under an AppTest block, in page order."""
+    for child in getattr(block, "children", {}).values():
+        if getattr(child, "children", None):
+            yield from walk(child)
+        else:
+            yield child
+
+
 def image_captions(app: AppTest) -> list[str]:
     return [caption for image in app.get("image") for caption in image.captions]
 
@@ -66,15 +79,28 @@ def test_page_renders_charts_tables_and_status(analysed, monkeypatch):
     assert_clean(app)
     assert app.title[0].value == "Robustness"
     charts = app.get("plotly_chart")
-    # heat map, accuracy vs severity, L∞ and L2 curves, certified curve, perturbation map
+    # heat map, accuracy vs severity, L∞ and L2 curves (verified accuracy drawn in them), certified curve,
+    # perturbation map
     assert len(charts) == 6
-    assert [s.value for s in app.success] and "Self-checks passed" in app.success[0].value
-    assert not app.warning or all("Fragile" in w.value for w in app.warning)
-    assert len(app.dataframe) >= 2          # self-check details + slice table
+    assert any("Self-checks passed" in s.value for s in app.success)
+    report = json.loads((analysed / "artifacts" / "robustness_summary.json").read_text())
+    status = report["validity"]["status"]
+    boxes = {"pass": app.success, "warn": app.warning, "fail": app.error}[status]
+    assert any(b.value.startswith("Validity checks") for b in boxes)
+    # the validity box comes before the headline metrics in the page's element order
+    order = [type(e).__name__ for e in walk(app.main)]
+    assert order.index(type(boxes[0]).__name__) < order.index("Metric")
+    assert len(app.dataframe) >= 3          # validity checks + self-check details + slice table
     slices = app.dataframe[-1].value
-    assert "robust_accuracy_linf" in slices.columns and len(slices) >= 1
+    assert {"robust_accuracy_linf", "robust_accuracy_linf_ci_low", "rank_note"} <= set(slices.columns)
     labels = [m.label for m in app.metric]
     assert "Clean accuracy" in labels and "Fragile samples" in labels
+    robust = [m for m in app.metric if m.label.startswith("Robust acc. L∞")]
+    assert len(robust) == 1 and robust[0].label.endswith("(upper bound)") == (status != "pass")
+    head = report["headline"]["linf"]
+    assert robust[0].value == f"{head['robust_accuracy']:.1%}"
+    captions = [c.value for c in app.caption]
+    assert any(f"95 % CI {head['ci_low']:.1%}–{head['ci_high']:.1%}" in c for c in captions)
 
 
 def test_sample_selector_changes_the_shown_sample(analysed, monkeypatch):
@@ -96,12 +122,15 @@ def test_failed_self_check_is_a_warning(template, tmp_path, monkeypatch):
     root = shutil.copytree(template, tmp_path / "ws")
     weak = RobustnessConfig(max_samples=12, attack_samples=12, smoothing_samples=0, corruptions=(),
                             attacks=("pgd_linf",), selfcheck_samples=12, masking_samples=6, num_examples=2,
+                            headline="preview", validity=False, verification=(),
                             attack_params={"pgd_linf": {"steps": 1, "step_size": 1e-4}})
     run_robustness(Workspace(root), weak, progress=False, threads=1)
     app = open_page(root, monkeypatch)
     assert_clean(app)
     assert any("self-check FAILED for pgd_linf" in w.value for w in app.warning)
-    assert not app.success
+    assert not any("Self-checks passed" in s.value for s in app.success)
+    assert any(w.value.startswith("Validity checks") and "UPPER BOUND" in w.value for w in [*app.warning, *app.error])
+    assert any(m.label.endswith("(upper bound)") for m in app.metric)
     assert len(app.get("plotly_chart")) == 2        # L∞ curve + perturbation map; no corruption / certified charts
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 
 from robustlens import cli
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.analysis.robustness.run import RobustnessConfig, run_robustness
+from robustlens.analysis.robustness.run import (RobustnessConfig, load_attack_config, load_images,
+                                                run_preview_attack, run_robustness)
 from robustlens.analysis.robustness.tables import SLICE_COLUMNS, select_samples
 from robustlens.analysis.stages import issues, slices
 from robustlens.analysis.stages.base import StageContext
@@ -27,19 +29,26 @@ from robustlens.errors import ValidationError
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 
+#: AutoAttack with few iterations / queries: the tests check the wiring, not AutoAttack's strength.
+QUICK_AUTOATTACK = {"n_iter": 10, "n_target_classes": 3, "square_queries": 100}
 TINY = RobustnessConfig(max_samples=40, attack_samples=40, smoothing_samples=8, smoothing_n0=20, smoothing_n=100,
                         corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
                         attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=16, masking_samples=16,
-                        num_examples=6)
+                        num_examples=6, validity_budget="fast", verify_samples=12, stability_samples=20,
+                        attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK,
+                                       "autoattack_l2": QUICK_AUTOATTACK})
 
 COLUMNS = {
     "robustness_corruptions": ["corruption", "family", "severity", "accuracy", "error", "relative_error", "flip_rate",
                                "n_samples"],
-    "robustness_curves": ["norm", "attack", "eps", "robust_accuracy", "success_rate", "n_samples"],
+    "robustness_curves": ["norm", "attack", "eps", "robust_accuracy", "success_rate", "n_samples",
+                          "robust_accuracy_ci_low", "robust_accuracy_ci_high", "kind"],
     "robustness_certified": ["radius", "certified_accuracy", "n_samples", "sigma"],
     "robustness_slices": list(SLICE_COLUMNS),
     "robustness_samples": ["id", "rob_clean_correct", "rob_corruption_accuracy", "rob_flip_severity_noise",
                            "rob_flip_severity_digital", "rob_attacked", "rob_min_linf_eps", "rob_min_l2_eps",
+                           "rob_broken_by_linf", "rob_broken_by_l2", "rob_flip_probability", "rob_top5_distance",
+                           "rob_verified_linf_eps", "rob_verified_l2_eps",
                            "rob_min_l2", "rob_certified_radius", "rob_certified_correct", "rob_fragile",
                            "rob_fragility", "rob_fragile_reason"],
     "flags_robustness": ["id", "issue", "severity", "explanation"],
@@ -107,7 +116,7 @@ def test_artifacts_exist_with_documented_columns(analysed):
         assert index[name]["stage"] == "robustness"
     stored = json.loads((root / "artifacts" / "robustness_summary.json").read_text())
     for key in ("config", "clean_accuracy", "corruptions", "attacks", "certified", "self_check", "warnings",
-                "timings", "worst_slices", "fragile"):
+                "timings", "worst_slices", "fragile", "validity", "headline", "verification", "attack_settings"):
         assert key in stored, key
     assert stored["config"]["attacks"] == ["fgsm", "pgd_linf", "deepfool"]
     assert set(stored["timings"]) >= {"corruptions", "attacks", "self_checks", "smoothing", "total"}
@@ -139,8 +148,11 @@ def test_worst_case_is_below_every_attack_and_curves_fall_with_eps(analysed):
         grid = rows.pivot(index="eps", columns="attack", values="robust_accuracy").sort_index()
         attacks = [c for c in grid.columns if c != "worst_case"]
         assert attacks, norm
-        assert (grid["worst_case"].to_numpy()[:, None] <= grid[attacks].to_numpy() + 1e-12).all()
-        assert (np.diff(grid.to_numpy(), axis=0) <= 1e-12).all(), f"{norm} curve rises with eps"
+        others = grid[attacks].to_numpy()          # NaN where an attack did not run (AutoAttack: reference ε only)
+        assert (np.isnan(others) | (grid["worst_case"].to_numpy()[:, None] <= others + 1e-12)).all()
+        for column in grid.columns:
+            values = grid[column].dropna().to_numpy()
+            assert (np.diff(values) <= 1e-12).all(), f"{norm} {column} curve rises with eps"
     linf = curves[(curves["norm"] == "linf") & (curves["attack"] == "worst_case")].sort_values("eps")
     assert linf["robust_accuracy"].iloc[-1] < linf["robust_accuracy"].iloc[0]     # 8/255 breaks more than 1/255
 
@@ -277,3 +289,278 @@ def test_cli_runs_and_prints_the_summary(template, tmp_path, monkeypatch, capsys
     assert stored["attacks"]["linf"]["reference_eps"] == pytest.approx(8 / 255)
     assert run_cli(argv, monkeypatch) == 0
     assert "unchanged" in capsys.readouterr().out
+
+
+# -- honest reporting: attack config, intervals, validity, headline, verification --------------------------------------
+EXAMPLE_TOML = """
+linf_eps = [0.00784, 0.0157, "8/255"]
+l2_eps = [0.25, 0.5]
+headline = "autoattack"
+[attacks.pgd_linf]
+steps = 50
+restarts = 5
+loss = "dlr"
+random_start = true
+[attacks.square_linf]
+queries = 5000
+[attacks.autoattack_linf]
+steps = 25
+queries = 1000
+[validity]
+budget = "fast"
+[verification]
+methods = ["crown"]
+samples = 12
+"""
+
+
+def test_attack_config_file_sets_grids_and_per_attack_settings(tmp_path):
+    path = tmp_path / "attacks.toml"
+    path.write_text(EXAMPLE_TOML)
+    values = load_attack_config(path)
+    assert values["linf_eps"] == pytest.approx((0.00784, 0.0157, 8 / 255))
+    assert values["l2_eps"] == (0.25, 0.5)
+    assert values["attack_params"]["pgd_linf"] == {"steps": 50, "restarts": 5, "loss": "dlr", "random_start": True}
+    assert values["attack_params"]["square_linf"] == {"max_iter": 5000}          # queries → the function's max_iter
+    assert values["attack_params"]["autoattack_linf"] == {"n_iter": 25, "square_queries": 1000}
+    assert values["validity_budget"] == "fast" and values["verification"] == ("crown",)
+    assert values["verify_samples"] == 12
+    config = RobustnessConfig(**values)
+    assert config.params_for("pgd_linf")["steps"] == 50 and config.params_for("pgd_l2")["steps"] == 50
+    assert config.params_for("autoattack_linf")["n_target_classes"] == 9       # defaults kept
+    assert config.reference_eps("linf") == pytest.approx(0.0157)
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("stepz = 3", ["stepz"]),
+    ("[attacks.pgd_inf]\nsteps = 3", ["pgd_inf"]),
+    ("[attacks.pgd_linf]\nstepz = 3", ["stepz", "pgd_linf"]),
+    ("[attacks.pgd_linf]\nsteps = 0", ["steps", "pgd_linf", ">= 1"]),
+    ("[attacks.pgd_linf]\nsteps = true", ["steps"]),
+    ("[attacks.pgd_linf]\nloss = \"hinge\"", ["loss", "hinge"]),
+    ("[attacks.square_linf]\nqueries = \"many\"", ["queries"]),
+    ("[attacks.fgsm]\nsteps = 3", ["steps", "fgsm"]),
+    ("linf_eps = [0.01, -2]", ["linf_eps"]),
+    ("linf_eps = \"8/255\"", ["linf_eps"]),
+    ("[validity]\nbudget = \"huge\"", ["budget"]),
+    ("[verification]\nmethods = [\"milp\"]", ["methods"]),
+    ("linf_eps = [0.01", ["not valid TOML"]),
+])
+def test_attack_config_errors_name_the_file_and_key(tmp_path, text, names):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValidationError) as info:
+        load_attack_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    for name in names:
+        assert name in message, message
+
+
+def test_cli_attack_config_errors_exit_2(template, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[attacks.pgd_linf]\nrestart = 5\n")
+    assert run_cli(["robustness", str(template), "--quiet", "--attack-config", str(path)], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "restart" in err
+    assert run_cli(["robustness", str(template), "--quiet", "--attack-config", str(tmp_path / "nope.toml")],
+                   monkeypatch) == 2
+    assert "nope.toml" in capsys.readouterr().err
+
+
+def test_cli_attack_config_reaches_the_config(tmp_path):
+    path = tmp_path / "attacks.toml"
+    path.write_text(EXAMPLE_TOML)
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["robustness", "ws", "--attack-config", str(path), "--l2-eps", "0.1,1"])
+    config = command.config_from_args(args)
+    assert config.attack_params["pgd_linf"]["loss"] == "dlr"
+    assert config.linf_eps == pytest.approx((0.00784, 0.0157, 8 / 255))
+    assert config.l2_eps == (0.1, 1.0)                    # the command line wins over the file
+
+
+def hand_wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval written out (Wilson 1927; no library)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_every_robust_accuracy_has_its_wilson_interval(analysed):
+    root, summary = analysed
+    curves = artifact(root, "robustness_curves")
+    assert curves["robust_accuracy_ci_low"].notna().all()
+    for _, row in curves.iterrows():
+        k = round(row["robust_accuracy"] * row["n_samples"])
+        low, high = hand_wilson(k, int(row["n_samples"]))
+        assert row["robust_accuracy_ci_low"] == pytest.approx(low, abs=1e-12)
+        assert row["robust_accuracy_ci_high"] == pytest.approx(high, abs=1e-12)
+        assert low <= row["robust_accuracy"] <= high
+    for norm, entry in summary["attacks"].items():
+        n = entry["n_samples"]
+        for name, result in entry["attacks"].items():
+            for value, (low, high) in zip(result["robust_accuracy"], result["robust_accuracy_ci"], strict=True):
+                assert (low, high) == pytest.approx(hand_wilson(round(value * n), n)), name
+        for value, (low, high) in zip(entry["worst_case_robust_accuracy"], entry["worst_case_robust_accuracy_ci"],
+                                      strict=True):
+            assert (low, high) == pytest.approx(hand_wilson(round(value * n), n))
+    for norm, head in summary["headline"].items():
+        assert (head["ci_low"], head["ci_high"]) == pytest.approx(hand_wilson(round(head["robust_accuracy"] * head["n"]),
+                                                                              head["n"]))
+        e = int(np.argmin(np.abs(np.array(summary["attacks"][norm]["eps"]) - head["eps"])))
+        assert head["robust_accuracy"] == pytest.approx(summary["attacks"][norm]["worst_case_robust_accuracy"][e])
+    table = artifact(root, "robustness_slices")
+    ranked = table[table["n_attacked"] > 0]
+    assert (ranked["robust_accuracy_linf_ci_low"] <= ranked["robust_accuracy_linf"]).all()
+
+
+def test_small_slices_say_too_few_samples_instead_of_being_ranked(analysed):
+    root, summary = analysed
+    table = artifact(root, "robustness_slices")
+    classes = table[table["kind"] == "class"]
+    assert (classes["n_attacked"] == 4).all()                 # 40 attacked over 10 classes < min_slice_samples 10
+    assert classes["worst_rank"].isna().all()
+    assert classes["rank_note"].str.startswith("too few samples (4 < 10 attacked)").all()
+    assert set(summary["slices_too_few"]) == set(classes["description"])
+    assert "not ranked" in format_summary(summary, root)
+
+
+def test_validity_section_is_in_the_json_and_above_the_headline(analysed):
+    root, summary = analysed
+    stored = json.loads((root / "artifacts" / "robustness_summary.json").read_text())
+    validity = stored["validity"]
+    assert validity["status"] in ("pass", "warn", "fail")
+    assert validity["checks"] and all({"name", "status", "message"} <= set(c) for c in validity["checks"])
+    order = {"pass": 0, "warn": 1, "fail": 2}
+    assert validity["status"] == max((c["status"] for c in validity["checks"]), key=order.__getitem__)
+    text = format_summary(stored, root)
+    lines = text.splitlines()
+    first_validity = next(i for i, line in enumerate(lines) if line.startswith("  validity"))
+    first_headline = next(i for i, line in enumerate(lines) if line.startswith("  ROBUST"))
+    assert first_validity < first_headline
+    for norm in ("linf", "l2"):
+        head = stored["headline"][norm]
+        assert head["upper_bound"] == (validity["status"] != "pass")
+        assert head["n"] == 40 and head["ci_low"] <= head["robust_accuracy"] <= head["ci_high"]
+
+
+def test_autoattack_is_the_headline_and_previews_are_labelled(analysed):
+    pytest.importorskip("robustlens.analysis.robustness.autoattack")
+    root, summary = analysed
+    head = summary["headline"]["linf"]
+    assert head["preview"] is False and head["label"].startswith("AutoAttack")
+    assert head["autoattack"]["robust_accuracy"] >= head["robust_accuracy"]     # the worst case includes it
+    attacks = summary["attacks"]["linf"]["attacks"]
+    assert attacks["autoattack_linf"]["kind"] == "headline" and attacks["pgd_linf"]["kind"] == "preview"
+    assert attacks["autoattack_linf"]["params"]["n_iter"] == 10
+    for result in attacks.values():
+        assert result["forward_passes_per_sample"] > 0 and result["seconds"] >= 0
+    assert attacks["pgd_linf"]["backward_passes_per_sample"] > 0
+    text = format_summary(summary, root)
+    assert "pgd_linf (preview)" in text and "AutoAttack alone" in text and "forward /" in text
+
+
+def test_verified_samples_are_never_broken(analysed):
+    pytest.importorskip("robustlens.analysis.robustness.verify")
+    root, summary = analysed
+    frame = artifact(root, "robustness_samples")
+    verification = summary["verification"]["linf"]
+    assert verification["supported"], verification
+    assert set(verification["methods"]) == {"ibp", "crown"}
+    verified = frame["rob_verified_linf_eps"].to_numpy()
+    broken_at = frame["rob_min_linf_eps"].to_numpy()       # NaN: never broken on the grid
+    assert np.isfinite(verified).sum() == 12
+    # verified at ε  ⇒  not broken at ε: the breaking budget (if any) lies above the largest verified ε
+    claimed = verified > 0
+    assert (np.isnan(broken_at[claimed]) | (broken_at[claimed] > verified[claimed])).all()
+    for method, values in verification["methods"].items():
+        assert (np.array(values["verified_accuracy"]) <= np.array(verification["empirical_robust_accuracy"])
+                + 1e-12).all(), method
+    assert (np.array(verification["methods"]["crown"]["verified_accuracy"])
+            >= np.array(verification["methods"]["ibp"]["verified_accuracy"])).all()
+    check = [c for c in summary["validity"]["checks"] if c["name"] == "verified_not_broken"]
+    assert check and all(c["status"] == "pass" for c in check)
+    table = artifact(root, "robustness_verified")
+    assert set(table["method"]) == {"ibp", "crown"} and (table["verified_accuracy"]
+                                                         <= table["empirical_robust_accuracy"] + 1e-12).all()
+
+
+# -- trap model: saturated softmax ------------------------------------------------------------------------------------
+class SaturatedSoftmax(torch.nn.Module):
+    """The sample CNN with logits × 1000 then log-softmax: cross-entropy gradients vanish (gradient masking)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.inner(x) * 1000.0, dim=1)
+
+
+@pytest.fixture(scope="module")
+def trap_workspace(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("trap")
+    scripted = torch.jit.script(SaturatedSoftmax(torch.jit.load(str(SAMPLE_DATA / "model.pt"))))
+    scripted.save(str(folder / "trap.pt"))
+    config = json.loads((SAMPLE_DATA / "model.json").read_text())
+    config["file"] = "trap.pt"
+    (folder / "trap.json").write_text(json.dumps(config))
+    options = InitOptions(data=SAMPLE_DATA, labels=SAMPLE_DATA / "labels.csv", model=str(folder / "trap.pt"),
+                          model_config=folder / "trap.json", progress=False)
+    init_workspace(folder / "ws", options)
+    return folder / "ws"
+
+
+def test_pgd_margin_loss_sees_through_a_saturated_softmax(trap_workspace):
+    workspace = Workspace(trap_workspace)
+    model = workspace.load_model()
+    positions = select_samples(workspace.samples["label_index"].to_numpy().astype(np.int64), 24, 0)
+    images = load_images(workspace, positions, model.config)
+    labels = workspace.samples["label_index"].to_numpy()[positions]
+    params = {"steps": 20, "random_start": False}
+    ce = run_preview_attack(model, images, labels, "pgd_linf", 8 / 255, params, random_state=0, batch_size=None)
+    margin = run_preview_attack(model, images, labels, "pgd_linf", 8 / 255, {**params, "loss": "margin"},
+                                random_state=0, batch_size=None)
+    assert margin.params["loss"] == "margin"
+    assert margin.linf.max() <= 8 / 255 * (1 + 1e-5) and margin.adv_images.min() >= 0 and margin.adv_images.max() <= 1
+    assert margin.robust_accuracy <= ce.robust_accuracy - 0.3, (ce.robust_accuracy, margin.robust_accuracy)
+
+
+def test_trap_model_headline_is_labelled_an_upper_bound(trap_workspace, tmp_path):
+    pytest.importorskip("robustlens.analysis.robustness.validity")
+    root = shutil.copytree(trap_workspace, tmp_path / "ws")
+    config = RobustnessConfig(max_samples=24, attack_samples=24, smoothing_samples=0, corruptions=(),
+                              attacks=("fgsm", "pgd_linf"), linf_eps=(2 / 255, 8 / 255), selfcheck_samples=8,
+                              masking_samples=8, num_examples=2, validity_budget="fast", verification=(),
+                              attack_params={"autoattack_linf": QUICK_AUTOATTACK})
+    summary = run_robustness(Workspace(root), config, progress=False, threads=1)
+    assert summary["validity"]["status"] in ("warn", "fail")
+    bad = [c for c in summary["validity"]["checks"] if c["status"] != "pass"]
+    assert bad
+    head = summary["headline"]["linf"]
+    assert head["upper_bound"] is True
+    assert head["robust_accuracy"] <= head["before_diagnostics"]["robust_accuracy"]
+    assert head["lowered_by"] == pytest.approx(head["before_diagnostics"]["robust_accuracy"] - head["robust_accuracy"])
+    text = format_summary(summary, root)
+    assert "UPPER BOUND" in text and "validity     " + summary["validity"]["status"].upper() in text
+    assert any("UPPER BOUND" in w for w in summary["warnings"])
+
+
+def test_stability_per_sample_per_class_and_per_slice(analysed):
+    pytest.importorskip("robustlens.analysis.robustness.stability")
+    root, summary = analysed
+    frame = artifact(root, "robustness_samples")
+    stability = summary["stability"]
+    assert stability["n_samples"] == 20 and 0 <= stability["mean_flip_probability"] <= 1
+    flips = frame["rob_flip_probability"]
+    assert flips.notna().sum() == 20 and flips.iloc[:20].between(0, 1).all()
+    by_class = {row["class"]: row for row in stability["by_class"]}
+    assert sum(row["samples"] for row in by_class.values()) == 20
+    table = artifact(root, "robustness_slices")
+    everything = table[table["kind"] == "all"].iloc[0]
+    assert everything["n_stability"] == 20 and everything["flip_probability"] == pytest.approx(flips.mean())
+    assert summary["corruptions"]["mce"]["baseline"].startswith("none")
+    assert summary["corruptions"]["mce"]["mce"] == pytest.approx(
+        artifact(root, "robustness_corruptions")["error"].mean())

@@ -1,10 +1,16 @@
-"""``robustlens robustness WORKSPACE``: corruptions, adversarial attacks, randomized-smoothing certification
-and attack self-checks of the workspace model, written as artifacts the dashboard's Robustness page and the
-explorer read (see :mod:`robustlens.analysis.robustness.run`).
+"""``robustlens robustness WORKSPACE``: corruptions, adversarial attacks (AutoAttack headline, previews),
+validity diagnostics, formal verification, perturbation stability, randomized-smoothing certification and attack
+self-checks of the workspace model, written as artifacts the dashboard's Robustness page and the explorer read
+(see :mod:`robustlens.analysis.robustness.run`).
 
-Exit status: 0 written (also when a self-check failed, unless ``--strict``), 1 failure or a failed
-self-check with ``--strict``, 2 usage or validation error (e.g. the workspace has no model, an unknown
-corruption or attack name).
+The printed summary puts the validity section (status and every check that did not pass) above the headline;
+every robust accuracy carries its Wilson 95 % interval; a headline whose validity is not "pass" is printed as an
+UPPER BOUND with how much the diagnostic attacks lowered it. ``--attack-config FILE`` reads attack settings from
+TOML (:func:`~robustlens.analysis.robustness.run.load_attack_config`).
+
+Exit status: 0 written (also when a check warned, unless ``--strict``), 1 failure or a warning with
+``--strict``, 2 usage or validation error (e.g. the workspace has no model, an unknown corruption or attack name,
+a bad key or value in the attack-config file).
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     defaults = RobustnessConfig()
     parser = subparsers.add_parser(
         "robustness", help="evaluate the model under corruptions and attacks, and certify it",
-        description="Evaluate the workspace model on a stratified sample: common corruptions × severities, "
-                    "adversarial attacks on L∞ and L2 budget grids (worst case over attacks), randomized-smoothing "
-                    "certification, and a self-check of every attack's strength plus gradient-masking checks. "
+        description="Evaluate the workspace model on a stratified sample: common corruptions × severities; "
+                    "robust accuracy at the reference ε of L∞ and L2 from AutoAttack (standard), the per-sample worst "
+                    "case over every attack with Wilson 95 % intervals, fast preview attacks (FGSM, PGD, DeepFool, "
+                    "C&W, Square) on ε grids, validity diagnostics (gradient masking, black-box, transfer, EOT, BPDA; "
+                    "the headline is an upper bound when one warns), verified accuracy (IBP, CROWN), ImageNet-P "
+                    "perturbation stability, randomized-smoothing certification and attack self-checks. "
                     "Writes WORKSPACE/artifacts/robustness_*, per-sample scores for the explorer and 'fragile' "
                     "issue flags. A re-run with the same settings, samples and model is skipped.")
     parser.add_argument("workspace", type=Path)
@@ -45,6 +54,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "accuracy and of the attack self-checks")
     parser.add_argument("--l2-eps", metavar="LIST", help="L2 budgets (default: 0.1,0.25,0.5,1.0; reference: upper "
                                                          "median)")
+    parser.add_argument("--attack-config", type=Path, metavar="FILE",
+                        help="TOML file of attack settings: ε grids (linf_eps, l2_eps), and per attack "
+                             "([attacks.NAME]) steps, restarts, queries, loss, … (see "
+                             "robustlens.analysis.robustness.run.load_attack_config); --eps / --l2-eps / --attacks "
+                             "given on the command line win")
+    parser.add_argument("--preview", action="store_true",
+                        help="skip AutoAttack: the headline is the fast preview attacks' worst case (labelled so)")
+    parser.add_argument("--validity-budget", choices=("fast", "standard"),
+                        help="budget of the validity diagnostics (default: standard, or the attack-config file's)")
     parser.add_argument("--smoothing-sigma", type=float, default=defaults.smoothing_sigma,
                         help=f"randomized-smoothing noise σ in pixel units (default {defaults.smoothing_sigma})")
     parser.add_argument("--smoothing-n", type=int, default=defaults.smoothing_n,
@@ -63,7 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int,
                         help="torch threads (default: half the CPU cores, at least 1: on busy cores more threads "
                              "than free cores makes torch much slower)")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a self-check fails")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when a self-check fails or the validity status is not 'pass'")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
     return parser
@@ -128,9 +147,14 @@ def parse_severities(text: str | None) -> tuple[int, ...] | None:
 def config_from_args(args):
     """The :class:`RobustnessConfig` described by the parsed arguments."""
     from robustlens.analysis.robustness import ATTACKS, CORRUPTIONS
-    from robustlens.analysis.robustness.run import RobustnessConfig
+    from robustlens.analysis.robustness.run import RobustnessConfig, load_attack_config
 
-    values = {"smoothing_sigma": args.smoothing_sigma, "smoothing_n": args.smoothing_n,
+    values = load_attack_config(args.attack_config) if getattr(args, "attack_config", None) else {}
+    if getattr(args, "preview", False):
+        values["headline"] = "preview"
+    if getattr(args, "validity_budget", None):
+        values["validity_budget"] = args.validity_budget
+    values |= {"smoothing_sigma": args.smoothing_sigma, "smoothing_n": args.smoothing_n,
               "smoothing_n0": args.smoothing_n0, "smoothing_samples": args.smoothing_samples,
               "attack_samples": args.attack_samples, "max_samples": args.max_samples, "random_state": args.seed}
     optional = {"corruptions": parse_names(args.corruptions, CORRUPTIONS, "--corruptions"),
@@ -223,6 +247,9 @@ def format_summary(summary: dict, root: Path, *, issues_refreshed: bool = False)
     lines.append(f"  samples      {counts['evaluated']:,} evaluated (of {counts['workspace']:,}), "
                  f"{counts['attacked']:,} attacked, {counts['certified']:,} certified")
     lines.append(f"  clean        accuracy {_pct(summary.get('clean_accuracy'))}")
+    lines += validity_lines(summary.get("validity"))
+    lines += headline_lines(summary.get("headline") or {}, summary.get("validity"))
+    lines += verification_lines(summary.get("verification") or {})
     corruptions = summary.get("corruptions")
     if corruptions:
         worst = sorted(corruptions["by_corruption"], key=lambda r: r["accuracy"])[:3]
@@ -231,17 +258,16 @@ def format_summary(summary: dict, root: Path, *, issues_refreshed: bool = False)
                      + ", ".join(f"{r['corruption']} {100 * r['accuracy']:.1f} %" for r in worst))
         lines.append("               by severity: " + ", ".join(
             f"{k}: {100 * v:.1f} %" for k, v in corruptions["by_severity"].items()))
+        mce = corruptions.get("mce")
+        if mce:
+            lines.append(f"               mCE {100 * mce['mce']:.1f} % (baseline: {mce['baseline']})")
+    stability = summary.get("stability")
+    if stability:
+        lines.append(f"  stability    ImageNet-P sequences on {stability['n_samples']} samples: mean flip probability "
+                     f"{100 * stability['mean_flip_probability']:.2f} %, mean top-5 distance "
+                     f"{stability['mean_top5_distance']:.3f}")
     for norm, entry in summary.get("attacks", {}).items():
-        label = "L∞" if norm == "linf" else "L2"
-        header = "  ".join(f"{_eps_label(norm, e):>8}" for e in entry["eps"])
-        lines.append(f"  {label} attacks   robust accuracy at ε = {header}")
-        for name, result in entry["attacks"].items():
-            cells = "  ".join(f"{_pct(v):>8}" for v in result["robust_accuracy"])
-            lines.append(f"    {name:<14}                {cells}")
-        cells = "  ".join(f"{_pct(v):>8}" for v in entry["worst_case_robust_accuracy"])
-        lines.append(f"    {'worst case':<14}                {cells}")
-        if entry.get("median_min_l2") is not None:
-            lines.append(f"    median minimal L2 perturbation (DeepFool / C&W): {entry['median_min_l2']:.3f}")
+        lines += attack_table_lines(norm, entry)
     certified = summary.get("certified")
     if certified:
         lines.append(f"  certified    σ = {certified['sigma']}, n = {certified['n']}: certified accuracy "
@@ -258,14 +284,115 @@ def format_summary(summary: dict, root: Path, *, issues_refreshed: bool = False)
     if worst:
         lines.append("  least robust slices (robust accuracy at the reference ε):")
         for row in worst[:5]:
-            value = row.get("robust_accuracy_linf")
-            value = row.get("robust_accuracy_l2") if value is None else value
-            lines.append(f"    {row['description']}: {row['n_attacked']} attacked, robust {_pct(value)}, "
-                         f"clean {_pct(row.get('clean_accuracy'))}")
+            norm = "linf" if row.get("robust_accuracy_linf") is not None else "l2"
+            value = row.get(f"robust_accuracy_{norm}")
+            lines.append(f"    {row['description']}: {row['n_attacked']} attacked, robust {_pct(value)} "
+                         f"{_ci(row.get(f'robust_accuracy_{norm}_ci_low'), row.get(f'robust_accuracy_{norm}_ci_high'))}"
+                         f", clean {_pct(row.get('clean_accuracy'))}")
+    few = summary.get("slices_too_few") or []
+    if few:
+        lines.append(f"  not ranked   {len(few)} slice(s) with too few samples (< {summary['config']['min_slice_samples']} "
+                     "attacked): " + ", ".join(few[:6]) + (" …" if len(few) > 6 else ""))
     timings = summary.get("timings", {})
     lines.append("  time         " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     lines.append(f"  artifacts    {root / 'artifacts'}/robustness_*")
     return "\n".join(lines)
+
+
+def _ci(low, high) -> str:
+    """``[95 % CI a–b %]`` of two fractions (empty when unknown)."""
+    if low is None or high is None:
+        return ""
+    return f"[95 % CI {100 * low:.1f}–{100 * high:.1f} %]"
+
+
+def validity_lines(validity: dict | None) -> list[str]:
+    """The validity section (printed above the headline): status, then every check that did not pass."""
+    if not validity:
+        return []
+    checks = validity.get("checks", [])
+    status = validity.get("status", "warn").upper()
+    counts = {s: sum(c.get("status") == s for c in checks) for s in ("pass", "warn", "fail")}
+    lines = [f"  validity     {status}: {counts['pass']} passed, {counts['warn']} warned, {counts['fail']} failed "
+             f"(of {len(checks)} checks)"]
+    for check in checks:
+        if check.get("status") != "pass":
+            where = f" ({check['norm']})" if check.get("norm") else ""
+            lines.append(f"    {check.get('status', '?').upper():<4} {check.get('name')}{where}: {check.get('message', '')}")
+    return lines
+
+
+def headline_lines(headline: dict, validity: dict | None) -> list[str]:
+    """The headline robust accuracy per norm with its interval, what produced it, and whether it is an upper bound."""
+    lines = []
+    for norm, entry in headline.items():
+        label = "L∞" if norm == "linf" else "L2"
+        kind = "PREVIEW (not AutoAttack-grade)" if entry.get("preview") else entry.get("label", "AutoAttack")
+        lines.append(f"  ROBUST {label:<5} {_pct(entry.get('robust_accuracy'))} {_ci(entry.get('ci_low'), entry.get('ci_high'))} "
+                     f"at ε = {_eps_label(norm, entry['eps'])}, n = {entry.get('n', 0)}: {kind}, per-sample worst case "
+                     f"over {len(entry.get('attacks', []))} attack runs")
+        autoattack = entry.get("autoattack")
+        if autoattack:
+            broken = ", ".join(f"{k} {v}" for k, v in autoattack.get("broken_by", {}).items() if k != "clean")
+            lines.append(f"               AutoAttack alone {_pct(autoattack['robust_accuracy'])} "
+                         f"{_ci(autoattack['ci_low'], autoattack['ci_high'])}" + (f"; broken by {broken}" if broken else ""))
+        if entry.get("upper_bound"):
+            status = (validity or {}).get("status", "warn")
+            lines.append(f"               UPPER BOUND (validity {status}): the diagnostic attacks lowered it by "
+                         f"{100 * entry.get('lowered_by', 0.0):.1f} points (from "
+                         f"{_pct(entry.get('before_diagnostics', {}).get('robust_accuracy'))})")
+    return lines
+
+
+def verification_lines(verification: dict) -> list[str]:
+    """Verified accuracy (IBP, CROWN) per ε beside the empirical robust accuracy of the same samples."""
+    lines = []
+    for norm, entry in verification.items():
+        label = "L∞" if norm == "linf" else "L2"
+        if not entry.get("supported"):
+            lines.append(f"  verification {label}: {entry.get('message', 'not supported')}")
+            continue
+        header = "  ".join(f"{_eps_label(norm, e):>8}" for e in entry["eps"])
+        lines.append(f"  verified {label:<4} {entry['n_samples']} samples, accuracy at ε = {header}")
+        for method, values in entry["methods"].items():
+            cells = "  ".join(f"{_pct(v):>8}" for v in values["verified_accuracy"])
+            lines.append(f"    {method.upper() + ' (verified)':<28} {cells}")
+        cells = "  ".join(f"{_pct(v):>8}" for v in entry["empirical_robust_accuracy"])
+        lines.append(f"    {'empirical (worst case)':<28} {cells}")
+    return lines
+
+
+def attack_table_lines(norm: str, entry: dict) -> list[str]:
+    """The ε sweep of one norm: every attack (preview / headline) with its robust accuracy, the worst case with its
+    Wilson interval, the minimal perturbation, and every attack's settings, time and model passes per sample."""
+    label = "L∞" if norm == "linf" else "L2"
+    header = "  ".join(f"{_eps_label(norm, e):>8}" for e in entry["eps"])
+    lines = [f"  {label} ε sweep   robust accuracy at ε = {header}"]
+    for name, result in entry["attacks"].items():
+        ran = result.get("ran_at_eps") or [True] * len(entry["eps"])
+        cells = "  ".join(f"{_pct(v) if r else '·':>8}" for v, r in zip(result["robust_accuracy"], ran, strict=True))
+        tag = {"preview": " (preview)", "diagnostic": " (diagnostic)"}.get(result.get("kind", "preview"), "")
+        lines.append(f"    {(name + tag)[:28]:<28} {cells}")
+    cells = "  ".join(f"{_pct(v):>8}" for v in entry["worst_case_robust_accuracy"])
+    lines.append(f"    {'worst case':<28} {cells}")
+    intervals = entry.get("worst_case_robust_accuracy_ci")
+    if intervals:
+        cells = "  ".join(f"{f'{100 * lo:.0f}–{100 * hi:.0f}':>8}" for lo, hi in intervals)
+        lines.append(f"    {'  95 % CI (%)':<28} {cells}")
+    if entry.get("median_min_l2") is not None:
+        lines.append(f"    median minimal L2 perturbation (DeepFool / C&W): {entry['median_min_l2']:.3f}")
+    minimal = entry.get("min_perturbation")
+    if minimal and minimal.get("median") is not None and norm == "linf":
+        lines.append(f"    median minimal L∞ perturbation: {_eps_label(norm, minimal['median'])} ({minimal['source']})")
+    for name, result in entry["attacks"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in (result.get("params") or {}).items()
+                             if not isinstance(v, dict | list))
+        cost = ""
+        if "seconds" in result:
+            cost = (f" — {result['seconds']:.1f} s, {result.get('forward_passes_per_sample', 0):.0f} forward / "
+                    f"{result.get('backward_passes_per_sample', 0):.0f} backward passes per sample")
+        lines.append(f"      {name}: {settings or 'defaults'}{cost}")
+    return lines
 
 
 def _self_check_lines(self_check: dict) -> list[str]:

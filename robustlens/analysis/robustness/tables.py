@@ -36,8 +36,11 @@ SLICE_COLUMNS = (
     "n_attacked", "robust_accuracy_linf", "robust_accuracy_linf_ci_low", "robust_accuracy_linf_ci_high",
     "robust_accuracy_l2", "robust_accuracy_l2_ci_low", "robust_accuracy_l2_ci_high",
     "n_certified", "certified_accuracy", "certified_accuracy_ci_low", "certified_accuracy_ci_high",
-    "worst_rank",
+    "n_stability", "flip_probability",
+    "worst_rank", "rank_note",
 )
+#: ``rank_note`` of a slice with fewer attacked (or, without attacks, evaluated) samples than ``min_samples``.
+TOO_FEW = "too few samples"
 FLAG_ISSUE = "fragile"
 
 
@@ -212,7 +215,8 @@ def sample_outcomes(samples: pd.DataFrame, reference: SliceReference) -> dict[st
     ran), ``attacked`` (bool), ``robust_linf`` / ``robust_l2`` (bool, survives every attack of that norm at
     the reference budget; only meaningful where ``attacked``), ``has_linf`` / ``has_l2`` (whether that norm
     was attacked), ``certified_in`` (bool, in the smoothing subset) and ``certified`` (bool, the smoothed
-    classifier certifies the true class with a radius of at least the reference radius).
+    classifier certifies the true class with a radius of at least the reference radius), ``flip_probability``
+    (float, mean ImageNet-P flip probability; NaN outside the stability subset).
     """
     m = len(samples)
 
@@ -234,6 +238,7 @@ def sample_outcomes(samples: pd.DataFrame, reference: SliceReference) -> dict[st
                          if "rob_certified_correct" in samples else np.zeros(m, bool))
     ref = reference.radius if reference.radius is not None else np.inf
     out["certified"] = out["certified_in"] & certified_correct & (np.nan_to_num(radius, nan=-1.0) >= ref)
+    out["flip_probability"] = column("rob_flip_probability")
     return out
 
 
@@ -296,11 +301,43 @@ def slice_robustness(samples: pd.DataFrame, slices: Sequence[Mapping], reference
         certified_members = members & outcome["certified_in"]
         row["n_certified"], *cert = _rate(outcome["certified"].astype(float), certified_members)
         row["certified_accuracy"], row["certified_accuracy_ci_low"], row["certified_accuracy_ci_high"] = cert
+        flips = outcome["flip_probability"][members]
+        flips = flips[~np.isnan(flips)]
+        row["n_stability"] = int(flips.size)
+        row["flip_probability"] = float(flips.mean()) if flips.size else np.nan
         row["_digest"] = hashlib.blake2b(np.packbits(members).tobytes(), digest_size=8).hexdigest()
         rows.append(row)
-    table = pd.DataFrame(rows, columns=[*SLICE_COLUMNS[:-1], "_digest"])
+    table = pd.DataFrame(rows, columns=[*SLICE_COLUMNS[:-2], "_digest"])
     table["worst_rank"] = _worst_ranks(table, min_samples=min_samples, top_k=top_k)
+    table["rank_note"] = _rank_notes(table, min_samples=min_samples)
     return table.drop(columns="_digest").reset_index(drop=True)
+
+
+def _rank_key(table: pd.DataFrame) -> str | None:
+    """The column slices are ranked by: robust L∞ accuracy, else robust L2, else corruption accuracy."""
+    return next((c for c in ("robust_accuracy_linf", "robust_accuracy_l2", "corruption_accuracy")
+                 if c in table and table[c].notna().any()), None)
+
+
+def _rank_notes(table: pd.DataFrame, *, min_samples: int) -> list[str]:
+    """Why a slice is (not) ranked: ``ranked #k``, :data:`TOO_FEW` (with the count), or the other reasons."""
+    key = _rank_key(table)
+    notes = []
+    for _, row in table.iterrows():
+        size = int(row["n_attacked"] if key is not None and key.startswith("robust") else row["n_samples"])
+        if pd.notna(row["worst_rank"]):
+            notes.append(f"ranked #{int(row['worst_rank'])}")
+        elif row["kind"] == "all":
+            notes.append("all samples (not ranked)")
+        elif key is None or pd.isna(row[key]):
+            notes.append("nothing to rank by")
+        elif size < min_samples:
+            notes.append(f"{TOO_FEW} ({size} < {min_samples}{' attacked' if key.startswith('robust') else ''})")
+        elif f"flagged {FLAG_ISSUE}" in str(row["description"]):
+            notes.append("defined by the fragile flag itself (not ranked)")
+        else:
+            notes.append("not among the least robust")
+    return notes
 
 
 def _worst_ranks(table: pd.DataFrame, *, min_samples: int, top_k: int) -> np.ndarray:
@@ -308,8 +345,7 @@ def _worst_ranks(table: pd.DataFrame, *, min_samples: int, top_k: int) -> np.nda
     ranks = np.full(len(table), np.nan)
     if table.empty:
         return ranks
-    key = next((c for c in ("robust_accuracy_linf", "robust_accuracy_l2", "corruption_accuracy")
-                if table[c].notna().any()), None)
+    key = _rank_key(table)
     if key is None:
         return ranks
     size = table["n_attacked"] if key.startswith("robust") else table["n_samples"]

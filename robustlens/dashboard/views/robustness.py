@@ -65,10 +65,14 @@ def render() -> None:
                     "compute them, "
                     "then reload this page.", icon=":material/info:")
         return
+    _validity(report)
     _self_check_status(report)
     _headline(report)
     _corruptions(report)
     _attacks(report)
+    _verification(report)
+    _stability(report)
+    _settings(report)
     _certified(report)
     _slices()
     _example_viewer(report)
@@ -78,15 +82,55 @@ def _pct(value) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+def _ci(low, high) -> str:
+    return "" if low is None or high is None else f"95 % CI {low:.1%}–{high:.1%}"
+
+
+def _eps_text(norm: str, eps: float) -> str:
+    return f"{eps * 255:.3g}/255" if norm == "linf" else f"{eps:.3g}"
+
+
+STATUS_TEXT = {"pass": "passed", "warn": "warned", "fail": "FAILED"}
+
+
+def _validity(report: dict) -> None:
+    """The validity section, shown above the headline: overall status and one row per check."""
+    validity = report.get("validity")
+    if not validity:
+        st.info("This run has no validity section (an older run): run `robustlens robustness` again.",
+                icon=":material/info:")
+        return
+    status = validity.get("status", "warn")
+    checks = validity.get("checks", [])
+    failing = [c for c in checks if c.get("status") != "pass"]
+    text = (f"Validity checks {STATUS_TEXT.get(status, status)}: {len(checks) - len(failing)} of {len(checks)} "
+            "checks passed.")
+    if status == "pass":
+        st.success(text + " The robust accuracy below is not known to be inflated by gradient masking or weak "
+                          "attacks.", icon=":material/verified:")
+    else:
+        details = "; ".join(f"{c.get('name')}{' (' + c['norm'] + ')' if c.get('norm') else ''}: {c.get('message', '')}"
+                            for c in failing[:4])
+        (st.error if status == "fail" else st.warning)(
+            text + " The robust accuracy below is an UPPER BOUND. " + widgets.text(details),
+            icon=":material/gpp_maybe:")
+    with st.expander("Validity checks", expanded=status != "pass"):
+        rows = [{"check": c.get("name"), "norm": c.get("norm"), "status": c.get("status"),
+                 "value": None if c.get("value") is None else str(c.get("value")), "message": c.get("message")}
+                for c in checks]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
 def _self_check_status(report: dict) -> None:
     check = report.get("self_check", {})
     for warning in report.get("warnings", []):
-        st.warning(widgets.text(warning), icon=":material/warning:")
+        if not warning.startswith("validity "):         # the validity section above says it already
+            st.warning(widgets.text(warning), icon=":material/warning:")
     if not check.get("attacks"):
         st.info("No attacks were run, so there is no attack self-check.", icon=":material/info:")
     elif check.get("passed"):
         names = ", ".join(check["attacks"])
-        st.success(f"Self-checks passed: every attack ({names}) found the adversarial examples known to exist in "
+        st.success(f"Self-checks passed: every preview attack ({names}) found the adversarial examples known to exist in "
                    "its active test, and no gradient-masking symptom was seen.", icon=":material/verified:")
     with st.expander("Self-check details"):
         rows = [{"attack": name, "norm": c["norm"], "eps": c["eps"], "passed": c["passed"],
@@ -107,24 +151,34 @@ def _headline(report: dict) -> None:
     counts = report["num_samples"]
     st.caption(f"{counts['evaluated']:,} of {counts['workspace']:,} samples evaluated under corruptions, "
                f"{counts['attacked']:,} attacked, {counts['certified']:,} certified.")
-    cols = st.columns(5)
+    cols = st.columns(6)
     cols[0].metric("Clean accuracy", _pct(report.get("clean_accuracy")))
     corruptions = report.get("corruptions")
     cols[1].metric("Corruption accuracy", _pct(corruptions["mean_accuracy"]) if corruptions else "—",
                    help="Mean over every corruption × severity")
-    linf = report.get("attacks", {}).get("linf")
-    if linf:
-        index = int(np.argmin(np.abs(np.array(linf["eps"]) - linf["reference_eps"])))
-        cols[2].metric(f"Robust acc. L∞ {linf['reference_eps'] * 255:.3g}/255",
-                       _pct(linf["worst_case_robust_accuracy"][index]), help="Worst case over every L∞ attack")
-    else:
-        cols[2].metric("Robust accuracy", "—", help="No L∞ attack was run")
+    headline = report.get("headline") or {}
+    for column, norm in zip(cols[2:4], ("linf", "l2"), strict=True):
+        entry = headline.get(norm)
+        name = "L∞" if norm == "linf" else "L2"
+        if not entry:
+            column.metric(f"Robust acc. {name}", "—", help=f"No {name} attack was run")
+            continue
+        label = f"Robust acc. {name} {_eps_text(norm, entry['eps'])}" + (" (upper bound)" if entry.get("upper_bound")
+                                                                         else "")
+        source = "preview attacks only, not AutoAttack-grade" if entry.get("preview") else entry.get("label", "")
+        interval = _ci(entry.get("ci_low"), entry.get("ci_high"))
+        column.metric(label, _pct(entry.get("robust_accuracy")),
+                      help=f"Per-sample worst case over every attack run ({source}); {interval}, n = {entry.get('n')}")
+        column.caption(f"{interval} · " + ("**preview**" if entry.get("preview") else widgets.text(source)))
+        if entry.get("upper_bound"):
+            column.caption(f"Upper bound: the diagnostic attacks lowered it by {entry.get('lowered_by', 0):.1%} "
+                           f"(from {_pct(entry.get('before_diagnostics', {}).get('robust_accuracy'))}).")
     certified = report.get("certified")
-    cols[3].metric(f"Certified acc. r = {certified['reference_radius']:.3g}" if certified else "Certified accuracy",
+    cols[4].metric(f"Certified acc. r = {certified['reference_radius']:.3g}" if certified else "Certified accuracy",
                    _pct(certified["certified_accuracy_at_reference"]) if certified else "—",
                    help="Randomized smoothing (Cohen et al.), L2 radius in pixel units")
     fragile = report.get("fragile", {})
-    cols[4].metric("Fragile samples", f"{fragile.get('count', 0):,}",
+    cols[5].metric("Fragile samples", f"{fragile.get('count', 0):,}",
                    help="Correct, but broken by a tiny attack or by the mildest corruptions; issue 'fragile'")
 
 
@@ -161,33 +215,124 @@ def _corruptions(report: dict) -> None:
         st.plotly_chart(figure, width="stretch", key="rob.severity")
 
 
+KIND_SUFFIX = {"preview": " (preview)", "diagnostic": " (diagnostic)", "headline": ""}
+
+
 def _attacks(report: dict) -> None:
     curves = data.artifact("robustness_curves")
     if curves is None or curves.empty:
         return
-    st.subheader("Adversarial attacks")
-    st.caption("Robust accuracy = correct and not changed by the attack; the worst case counts a sample robust only "
-               "if it survives every attack of that norm. An attack that broke a sample at ε also counts it broken "
-               "at larger ε.")
+    verified = data.artifact("robustness_verified")
+    st.subheader("Adversarial attacks: robust accuracy vs ε")
+    st.caption("Robust accuracy = correct and not changed by the attack. The worst case (black, with its Wilson 95 % "
+               "interval) counts a sample robust only if it survives every attack run on it, AutoAttack and the "
+               "validity diagnostics included; an attack that broke a sample at ε also counts it broken at larger ε. "
+               "Previews (FGSM, PGD, …) are fast checks, not the headline. Dashed: formally verified accuracy "
+               "(IBP / CROWN) of the verified samples, a lower bound that holds for every perturbation.")
     norms = list(dict.fromkeys(curves["norm"]))
     for column, norm in zip(st.columns(len(norms)), norms, strict=True):
         rows = curves[curves["norm"] == norm]
+        scale = 255 if norm == "linf" else 1
         figure = go.Figure()
         for attack, points in rows.groupby("attack", sort=False):
             worst = attack == "worst_case"
-            x = points["eps"] * (255 if norm == "linf" else 1)
+            kind = str(points["kind"].iloc[0]) if "kind" in points else "preview"
+            x = points["eps"] * scale
+            error = None
+            if worst and "robust_accuracy_ci_low" in points:
+                error = {"type": "data", "symmetric": False,
+                         "array": (points["robust_accuracy_ci_high"] - points["robust_accuracy"]).to_numpy(),
+                         "arrayminus": (points["robust_accuracy"] - points["robust_accuracy_ci_low"]).to_numpy()}
             figure.add_scatter(x=x, y=points["robust_accuracy"], mode="lines+markers",
-                               name="worst case" if worst else attack,
-                               line={"width": 4, "color": "black"} if worst else None,
-                               customdata=points["success_rate"],
+                               name="worst case" if worst else widgets.plot_text(attack + KIND_SUFFIX.get(kind, "")),
+                               line={"width": 4, "color": "black"} if worst else
+                               ({"dash": "dot"} if kind == "preview" else {"width": 3}),
+                               error_y=error, customdata=points["success_rate"],
                                hovertemplate="ε %{x:.3g}<br>robust accuracy %{y:.1%}<br>success rate "
                                              "%{customdata:.1%}<extra></extra>")
-        figure.update_layout(height=340, margin=dict(l=10, r=10, t=30, b=10),
+        if verified is not None and not verified.empty:
+            for method, points in verified[verified["norm"] == norm].groupby("method", sort=False):
+                figure.add_scatter(x=points["eps"] * scale, y=points["verified_accuracy"], mode="lines+markers",
+                                   name=f"verified ({widgets.plot_text(str(method).upper())})", line={"dash": "dash"},
+                                   hovertemplate="ε %{x:.3g}<br>verified accuracy %{y:.1%}<extra></extra>")
+        figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10),
                              title=f"Robust accuracy vs ε ({'L∞' if norm == 'linf' else 'L2'})",
                              xaxis_title="ε (×1/255)" if norm == "linf" else "ε (L2, pixel units)",
                              yaxis={"title": "robust accuracy", "range": [0, 1.02]})
         with column:
             st.plotly_chart(figure, width="stretch", key=f"rob.curve.{norm}")
+            entry = report.get("attacks", {}).get(norm, {})
+            minimal = entry.get("min_perturbation") or {}
+            if minimal.get("median") is not None:
+                st.caption(f"Median minimal perturbation {_eps_text(norm, minimal['median'])} "
+                           f"({widgets.text(minimal.get('source', ''))}; found for {minimal.get('found')} of "
+                           f"{minimal.get('of')} correct samples).")
+
+
+def _verification(report: dict) -> None:
+    """Verified accuracy (IBP, CROWN) beside the empirical worst case, per norm and ε, or why it did not run."""
+    verification = report.get("verification") or {}
+    if not verification:
+        return
+    st.subheader("Formal verification")
+    rows = []
+    for norm, entry in verification.items():
+        if not entry.get("supported"):
+            st.info(f"Verification ({'L∞' if norm == 'linf' else 'L2'}): {widgets.text(entry.get('message', ''))}",
+                    icon=":material/info:")
+            continue
+        for e, eps in enumerate(entry["eps"]):
+            row = {"norm": norm, "ε": _eps_text(norm, eps), "samples": entry["n_samples"],
+                   "empirical robust accuracy": entry["empirical_robust_accuracy"][e]}
+            for method, values in entry["methods"].items():
+                row[f"verified ({method.upper()})"] = values["verified_accuracy"][e]
+                row[f"{method.upper()} 95 % CI"] = _ci(values["ci_low"][e], values["ci_high"][e])
+            rows.append(row)
+    if rows:
+        frame = pd.DataFrame(rows)
+        config = {c: st.column_config.NumberColumn(c, format="percent") for c in frame.columns
+                  if c.startswith("verified (") or c == "empirical robust accuracy"}
+        st.dataframe(frame, hide_index=True, width="stretch", column_config=config)
+        st.caption("A verified sample provably keeps its label for every perturbation within ε; verified accuracy "
+                   "can never exceed the empirical robust accuracy (a validity check fails if a verified sample "
+                   "was broken).")
+
+
+def _stability(report: dict) -> None:
+    """ImageNet-P perturbation stability: flip probability and top-5 distance per perturbation and per class."""
+    stability = report.get("stability")
+    if not stability:
+        return
+    st.subheader("Perturbation stability (ImageNet-P)")
+    st.caption(f"{stability['n_samples']} samples, each through every perturbation sequence: flip probability = "
+               "how often the prediction changes between compared frames (noise: against frame 0; others: "
+               f"consecutive frames); mean {stability['mean_flip_probability']:.2%}, mean top-5 distance "
+               f"{stability['mean_top5_distance']:.3f}.")
+    rows = [{"perturbation": name, "flip probability": value["flip_probability"],
+             "top-5 distance": value["top5_distance"], "frames": value["frames"]}
+            for name, value in stability.items() if isinstance(value, dict) and "flip_probability" in value]
+    left, right = st.columns(2)
+    left.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                   column_config={"flip probability": st.column_config.NumberColumn(format="percent")})
+    right.dataframe(pd.DataFrame(stability.get("by_class", [])), hide_index=True, width="stretch",
+                    column_config={"fp_mean": st.column_config.NumberColumn("flip probability", format="percent"),
+                                   "t5d_mean": st.column_config.NumberColumn("top-5 distance")})
+
+
+def _settings(report: dict) -> None:
+    """Every attack's settings, time and model passes per sample."""
+    rows = []
+    for norm, entry in report.get("attacks", {}).items():
+        for name, result in entry.get("attacks", {}).items():
+            rows.append({"attack": name, "norm": norm, "kind": result.get("kind", "preview"),
+                         "settings": ", ".join(f"{k}={v}" for k, v in (result.get("params") or {}).items()
+                                               if not isinstance(v, dict | list)),
+                         "seconds": result.get("seconds"),
+                         "forward passes / sample": result.get("forward_passes_per_sample"),
+                         "backward passes / sample": result.get("backward_passes_per_sample")})
+    if rows:
+        with st.expander("Attack settings, time and model passes"):
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
 def _certified(report: dict) -> None:
@@ -206,8 +351,9 @@ def _certified(report: dict) -> None:
     st.plotly_chart(figure, width="stretch", key="rob.certified")
 
 
-PERCENT_COLUMNS = ("clean_accuracy", "corruption_accuracy", "robust_accuracy_linf", "robust_accuracy_l2",
-                   "certified_accuracy")
+PERCENT_COLUMNS = ("clean_accuracy", "corruption_accuracy", "robust_accuracy_linf", "robust_accuracy_linf_ci_low",
+                   "robust_accuracy_linf_ci_high", "robust_accuracy_l2", "robust_accuracy_l2_ci_low",
+                   "robust_accuracy_l2_ci_high", "certified_accuracy", "flip_probability")
 
 
 def _slices() -> None:
@@ -221,12 +367,17 @@ def _slices() -> None:
     if shown.empty:
         st.caption("No slice has enough attacked samples to be ranked; showing all.")
         shown = table
-    columns = ["worst_rank", "description", "kind", "n_samples", "n_attacked", "n_certified", *PERCENT_COLUMNS]
+    few = table[table["rank_note"].astype(str).str.startswith("too few samples")] if "rank_note" in table else table[:0]
+    if len(few):
+        st.caption(f"{len(few)} slice(s) have too few attacked samples to be ranked (see the rank note in the full "
+                   "table).")
+    columns = ["worst_rank", "rank_note", "description", "kind", "n_samples", "n_attacked", "n_certified",
+               *PERCENT_COLUMNS]
     config = {name: st.column_config.NumberColumn(name.replace("_", " "), format="percent") for name in PERCENT_COLUMNS}
     config["worst_rank"] = st.column_config.NumberColumn("rank", format="%d")
     widgets.slice_table(shown, [c for c in columns if c in shown.columns], key="rob.slices", column_config=config)
-    st.caption("Intervals (Wilson 95 %) are in the artifact `robustness_slices.parquet`; per-sample scores "
-               "(`rob_*`) can be filtered and sorted in the explorer. A slice opened there shows all of its samples, "
+    st.caption("Intervals are Wilson 95 %; slices with too few attacked samples are listed (rank note \"too few "
+               "samples\") but not ranked. Per-sample scores (`rob_*`) can be filtered and sorted in the explorer. A slice opened there shows all of its samples, "
                "attacked or not.")
 
 
