@@ -224,7 +224,7 @@ def test_l2_bounds_sound_at_random_points(tiny_verified):
 
 @pytest.mark.parametrize("sizes", [[2, 4, 4, 2], [4, 8, 8, 3]])
 def test_bounds_below_exact_milp_minimum(sizes):
-    gaps_ibp, gaps_crown = [], []
+    gaps_ibp, gaps_crown, gaps_alpha = [], [], []
     for seed in range(4):
         model = _mlp(sizes, seed)
         layers = [layer.to(torch.device("cpu"), torch.float64) for layer in extract_layers(model, (1, 1, sizes[0]))]
@@ -234,11 +234,13 @@ def test_bounds_below_exact_milp_minimum(sizes):
         for eps in (0.05, 0.2):
             ibp = margin_lower_bounds(layers, x, y, eps, method="ibp")
             crown = margin_lower_bounds(layers, x, y, eps, method="crown")
+            alpha = margin_lower_bounds(layers, x, y, eps, method="alpha-crown")
             for b in range(len(x)):
                 exact = _exact_min_margins(layers, x[b], int(y[b]), eps)
                 mask = np.isfinite(exact)
-                assert (crown[b][mask] <= exact[mask] + 1e-6).all(), (seed, eps, crown[b], exact)
+                assert (alpha[b][mask] <= exact[mask] + 1e-6).all(), (seed, eps, alpha[b], exact)
                 assert (ibp[b][mask] <= crown[b][mask] + 1e-9).all()
+                assert (crown[b][mask] <= alpha[b][mask] + 1e-9).all()
                 # the exact minimum is attained by some point: no sampled point goes below it
                 pts = _random_ball_points(x[b, 0], eps, 2000, "linf", seed=b).reshape(-1, 1, 1, sizes[0])
                 sampled = _margins(model.double(), pts, y[b].repeat(len(pts))).numpy().min(0)
@@ -246,8 +248,11 @@ def test_bounds_below_exact_milp_minimum(sizes):
                 assert (exact[mask] <= sampled[mask] + 1e-6).all()
                 gaps_ibp.append(float((exact[mask] - ibp[b][mask]).mean()))
                 gaps_crown.append(float((exact[mask] - crown[b][mask]).mean()))
-    # CROWN (margin specification, backward relaxation) is clearly tighter than IBP on average
+                gaps_alpha.append(float((exact[mask] - alpha[b][mask]).mean()))
+    # CROWN (margin specification, backward relaxation) is clearly tighter than IBP on average,
+    # and optimizing the slopes (α-CROWN) tightens it further
     assert np.mean(gaps_crown) < 0.8 * np.mean(gaps_ibp), (np.mean(gaps_crown), np.mean(gaps_ibp))
+    assert np.mean(gaps_alpha) < np.mean(gaps_crown), (np.mean(gaps_alpha), np.mean(gaps_crown))
 
 
 def test_raw_crown_tighter_than_ibp_on_average():

@@ -65,7 +65,7 @@ __all__ = [
 
 #: Approximate number of floats one backward-propagated coefficient tensor may hold (memory cap, ~64 MiB f32).
 _MAX_COEFF_FLOATS = 1 << 24
-METHODS = ("ibp", "crown")
+METHODS = ("ibp", "crown", "alpha-crown")
 
 
 class UnsupportedModelError(ValidationError):
@@ -691,11 +691,14 @@ def _relu_relaxation(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, 
 
 def _backward_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int,
                     a: torch.Tensor, x: torch.Tensor, eps: float, norm: str, start: int = 0,
+                    alphas: dict[int, torch.Tensor] | None = None,
                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lower bound ``(B, S)`` of ``a · h_end(x')`` over the threat set, ``h_end`` the output of ``layers[:end]``.
 
     ``a`` is ``(B, S, *layers[end-1].out_shape)``; ``bounds[i]`` bounds the input of layer ``i``. With
     ``start > 0`` the propagation stops at the input of layer ``start`` and returns ``(coefficients, bias)``.
+    ``alphas[i]`` (``(B, S, *shape)``, clamped to ``[0, 1]``) replaces the lower slopes of the unstable
+    neurons of ReLU ``i`` (α-CROWN; any slope in ``[0, 1]`` is a valid lower bound of a ReLU).
     """
     batch, spec = a.shape[:2]
     bias = torch.zeros((batch, spec), dtype=a.dtype, device=a.device)
@@ -707,9 +710,13 @@ def _backward_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.
         elif layer.kind == "relu":
             lo, hi = bounds[i]
             low_slope, up_slope, up_icpt = _relu_relaxation(lo, hi)
+            low_slope = low_slope.unsqueeze(1)
+            if alphas is not None and i in alphas:
+                unstable = ((lo < 0) & (hi > 0)).unsqueeze(1)
+                low_slope = torch.where(unstable, alphas[i].clamp(0, 1), low_slope)
             pos, neg = a.clamp_min(0), a.clamp_max(0)
             bias = bias + (neg * up_icpt.unsqueeze(1)).flatten(2).sum(2)
-            a = pos * low_slope.unsqueeze(1) + neg * up_slope.unsqueeze(1)
+            a = pos * low_slope + neg * up_slope.unsqueeze(1)
         elif layer.kind == "maxpool":
             lo, hi = bounds[i]
             idx, dominated, umax = layer.relaxation(lo, hi)
@@ -740,6 +747,55 @@ def _chunked_lower(layers, bounds, end, a, x, eps, norm) -> torch.Tensor:
         return _backward_lower(layers, bounds, end, a, x, eps, norm)
     return torch.cat([_backward_lower(layers, bounds, end, a[:, s:s + per], x, eps, norm)
                       for s in range(0, spec, per)], dim=1)
+
+
+def _alpha_crown_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], c: torch.Tensor,
+                       x: torch.Tensor, eps: float, norm: str, start_lower: torch.Tensor, *, steps: int = 20,
+                       lr: float = 0.1) -> torch.Tensor:
+    """α-CROWN on the final specification: optimize the lower ReLU slopes (one per neuron and spec row) by Adam.
+
+    Intermediate bounds stay those of CROWN. Every iterate is a sound bound, so the elementwise best over
+    the iterations (and ``start_lower``, e.g. CROWN's own) is returned, ``(B, S)``. Rows already positive in
+    ``start_lower`` are not optimized further (their samples are verified).
+    """
+    batch, spec = c.shape[:2]
+    best = start_lower.clone()
+    todo = ~(best > 0).all(1)
+    if steps < 1 or not bool(todo.any()):
+        return best
+    rows = todo.nonzero().squeeze(1)
+    sub_bounds = [(lo[rows], hi[rows]) for lo, hi in bounds]
+    sub_c, sub_x = c[rows], x[rows]
+    alphas = {}
+    for i, layer in enumerate(layers):
+        if layer.kind == "relu":
+            lo, hi = sub_bounds[i]
+            init = _relu_relaxation(lo, hi)[0].unsqueeze(1).expand(-1, spec, *([-1] * lo.ndim)[1:])
+            alphas[i] = init.clone().requires_grad_(True)
+    if not alphas:
+        return best
+    # plain Adam written out (torch.optim's first use imports torch._dynamo, seconds on a busy machine)
+    params = list(alphas.values())
+    m1 = [torch.zeros_like(t) for t in params]
+    m2 = [torch.zeros_like(t) for t in params]
+    beta1, beta2 = 0.9, 0.999
+    sub_best = best[rows]
+    with torch.enable_grad():
+        for step in range(1, steps + 1):
+            low = _backward_lower(layers, sub_bounds, len(layers), sub_c, sub_x, eps, norm, alphas=alphas)
+            sub_best = torch.maximum(sub_best, low.detach())
+            grads = torch.autograd.grad(low.sum(), params)
+            with torch.no_grad():
+                for t, g, a1, a2 in zip(params, grads, m1, m2):
+                    a1.mul_(beta1).add_(g, alpha=1 - beta1)
+                    a2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    denom = (a2 / (1 - beta2 ** step)).sqrt_().add_(1e-8)
+                    t.addcdiv_(a1, denom, value=lr / (1 - beta1 ** step))  # ascent on the bound
+                    t.clamp_(0, 1)
+        with torch.no_grad():
+            low = _backward_lower(layers, sub_bounds, len(layers), sub_c, sub_x, eps, norm, alphas=alphas)
+    best[rows] = torch.maximum(sub_best, low)
+    return best
 
 
 def _exact_by_ibp(layers: list[Layer], end: int) -> bool:
@@ -909,7 +965,7 @@ def _check_method(method: object, allowed: tuple[str, ...]) -> str:
 @torch.no_grad()
 def margin_lower_bounds(model_or_layers: nn.Module | list[Layer], images: torch.Tensor, labels,
                         eps: float, *, method: str = "crown", norm: str = "linf", batch_size: int = 64,
-                        dtype: torch.dtype | None = None) -> np.ndarray:
+                        dtype: torch.dtype | None = None, alpha_steps: int = 20) -> np.ndarray:
     """Certified lower bounds of the margins ``logit_y(x') - logit_j(x')`` over the threat set.
 
     Parameters
@@ -923,13 +979,16 @@ def margin_lower_bounds(model_or_layers: nn.Module | list[Layer], images: torch.
     eps:
         Radius ``>= 0`` (pixel units).
     method:
-        ``"crown"`` (backward linear bounds; never looser than IBP: the two are intersected) or ``"ibp"``.
+        ``"crown"`` (backward linear bounds; never looser than IBP: the two are intersected), ``"ibp"``, or
+        ``"alpha-crown"`` (CROWN whose final lower ReLU slopes are optimized; never looser than CROWN).
     norm:
         ``"linf"`` or ``"l2"``.
     batch_size:
         Images per batch.
     dtype:
         Arithmetic dtype (default: that of ``images``).
+    alpha_steps:
+        Adam steps of ``"alpha-crown"``.
 
     Returns
     -------
@@ -954,9 +1013,11 @@ def margin_lower_bounds(model_or_layers: nn.Module | list[Layer], images: torch.
         x, yb = x_all[s:s + batch_size], y[s:s + batch_size]
         c = margin_specification(yb, k, dtype)
         low = _ibp_spec_lower(layers, x, eps, norm, c)
-        if method == "crown":
+        if method in ("crown", "alpha-crown"):
             bounds = _crown_intermediate(layers, x, eps, norm)
             low = torch.maximum(low, _chunked_lower(layers, bounds, len(layers), c, x, eps, norm))
+            if method == "alpha-crown":
+                low = _alpha_crown_lower(layers, bounds, c, x, eps, norm, low, steps=alpha_steps)
         low = low.double()
         low[torch.arange(x.shape[0], device=device), yb] = math.inf
         out.append(low.cpu().numpy())
@@ -1032,7 +1093,7 @@ def verify(model: nn.Module, images: torch.Tensor, labels, eps_grid, *, method: 
     eps_grid:
         Radii ``>= 0`` (pixel units).
     method:
-        ``"crown"``, ``"ibp"`` or ``"both"``.
+        ``"crown"``, ``"ibp"``, ``"alpha-crown"``, ``"both"`` (IBP and CROWN) or ``"all"`` (the three).
     norm:
         ``"linf"`` or ``"l2"``.
     batch_size:
@@ -1045,8 +1106,8 @@ def verify(model: nn.Module, images: torch.Tensor, labels, eps_grid, *, method: 
     UnsupportedModelError
         If the model has a layer the verifier cannot bound (named in the message).
     """
-    method = _check_method(method, ("crown", "ibp", "both"))
-    methods = ["ibp", "crown"] if method == "both" else [method]
+    method = _check_method(method, ("crown", "ibp", "alpha-crown", "both", "all"))
+    methods = {"both": ["ibp", "crown"], "all": list(METHODS)}.get(method, [method])
     images = check_images(images)
     norm = check_norm(norm)
     eps_arr = np.asarray([check_positive(e, "eps", allow_zero=True) for e in np.atleast_1d(np.asarray(eps_grid,
