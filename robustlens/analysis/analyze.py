@@ -41,6 +41,9 @@ class AnalysisReport:
     #: Stage name → why it did not run (the data cannot support it); later stages still ran.
     skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: Dataset files refused while reading them (``index``, ``id``, ``path``, ``kind``, ``reason``): their samples
+    #: were skipped (NaN metrics, left out of the embedding-based stages); also in artifacts/refused_files.json.
+    refused: list[dict] = field(default_factory=list)
 
 
 def stage_module(name: str):
@@ -83,6 +86,13 @@ def analyze(workspace: Workspace, *, stages: list[str] | None = None, configs: d
         start = time.perf_counter()
         report.summaries[name] = module.run(context, config)
         report.seconds[name] = time.perf_counter() - start
+    if len(context.refused):
+        from robustlens.analysis.stages.base import describe_refused
+
+        ids = workspace.samples["id"].to_numpy()
+        report.refused = [{"index": e.index, "id": str(ids[e.index]), "path": e.path, "kind": e.kind,
+                           "reason": e.reason} for e in {e.index: e for e in context.refused.entries}.values()]
+        report.warnings.append(describe_refused(report.refused) + " (listed in artifacts/refused_files.json)")
     return report
 
 
@@ -103,7 +113,10 @@ def _label_issues_precondition(context: StageContext, config) -> str | None:
         return str(exc)
     if source != "cross_validated":
         return None
-    labels = context.workspace.samples["label_index"].to_numpy(dtype=np.int64)
+    from robustlens.analysis.stages.base import excluded_rows
+
+    # Samples whose file was refused are left out of the cross-validation.
+    labels = context.workspace.samples["label_index"].to_numpy(dtype=np.int64)[~excluded_rows(context.workspace)]
     counts = np.bincount(labels, minlength=len(classes))
     thin = [f"'{classes[i]}' ({int(counts[i])} image{'s' if counts[i] != 1 else ''})"
             for i in np.flatnonzero((counts > 0) & (counts < 2))]

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from robustlens.analysis import storage
-from robustlens.analysis.loader import PixelMemo
+from robustlens.analysis.loader import PixelMemo, iter_decoded
+from robustlens.analysis.safety import RefusedFiles
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import WorkspaceError
 
@@ -45,6 +46,9 @@ class StageContext:
         Decoding threads (``None``: one per core).
     pixels:
         Decoded images shared by the stages of one run (see :class:`~robustlens.analysis.loader.PixelMemo`).
+    refused:
+        Dataset files refused while this run read them (outside the dataset root, changed since init): one
+        collection per run, shared by every stage that reads images (see :func:`decode_distinct`).
     """
 
     workspace: Workspace
@@ -54,6 +58,7 @@ class StageContext:
     workers: int | None = None
     log: list[str] = field(default_factory=list)
     pixels: PixelMemo = field(default_factory=PixelMemo, repr=False)
+    refused: RefusedFiles = field(default_factory=RefusedFiles, repr=False)
 
 
 def config_hash(config) -> str:
@@ -225,3 +230,127 @@ def read_artifact(workspace: Workspace, name: str) -> pd.DataFrame | None:
     """``artifacts/<name>.parquet`` or ``None`` when the stage has not run."""
     path = workspace.artifact_path(f"{name}.parquet")
     return pd.read_parquet(path) if path.exists() else None
+
+
+# -- dataset files refused at read time ------------------------------------------------------------------------
+#: ``artifacts/refused_files.json``: the dataset files the image-reading stages refused on their last run.
+REFUSED_ARTIFACT = "refused_files.json"
+
+
+def decode_distinct(context: StageContext, rows: np.ndarray, *, batch_size: int, workers: int, desc: str):
+    """Decode the samples ``rows`` (one per content hash still to compute), skipping refused files.
+
+    Every file is read through :func:`~robustlens.analysis.loader.iter_decoded` with the content hashes of
+    ``samples.parquet``: a file that now resolves outside the dataset root is never opened, and one whose bytes
+    no longer have the hash recorded at ``init`` is not used (the hash is taken on the bytes already read for
+    decoding: no second read). Both are recorded in ``context.refused`` and left out of the batches. Rows
+    refused earlier in the same run (by another stage) are not read again. When a refused row shares its
+    content hash with other samples, the next of them is decoded instead (its bytes have that hash, so its
+    results are the hash's), until one succeeds or none is left.
+
+    Yields
+    ------
+    ``(indices, pixels)`` batches as :func:`~robustlens.analysis.loader.iter_decoded` does (never empty).
+    """
+    samples = context.workspace.samples
+    hashes = samples["content_hash"].to_numpy()
+    paths = samples["path"].tolist()
+    done_before = {entry.index for entry in context.refused.entries}
+    rows = np.asarray(rows, dtype=np.int64).tolist()
+    queue = [row for row in rows if row not in done_before]
+    stand_in_for = [row for row in rows if row in done_before]
+    tried = set(rows) | done_before
+    by_hash: dict[str, list[int]] | None = None
+    while True:
+        retry = []
+        if stand_in_for:
+            if by_hash is None:
+                by_hash = pd.Series(np.arange(len(hashes))).groupby(hashes).apply(list).to_dict()
+            # Another file with the same recorded content hash stands in for each refused one.
+            for index in stand_in_for:
+                for other in by_hash.get(hashes[index], []):
+                    if other not in tried:
+                        retry.append(other)
+                        tried.add(other)
+                        break
+        pending = np.asarray(sorted(queue + retry), dtype=np.int64)
+        queue = []
+        if not len(pending):
+            return
+        before = {entry.index for entry in context.refused.entries}
+        for indices, pixels in iter_decoded(context.workspace.dataset_root, paths, pending, batch_size=batch_size,
+                                            workers=workers, progress=context.progress, memo=context.pixels,
+                                            desc=desc, expected_hashes=hashes, refused=context.refused):
+            if len(indices):
+                yield indices, pixels
+        stand_in_for = sorted({entry.index for entry in context.refused.entries} - before)
+
+
+def refused_rows(context: StageContext) -> np.ndarray:
+    """``(N,)`` bool: samples whose file was refused during this run."""
+    mask = np.zeros(len(context.workspace.samples), dtype=bool)
+    for entry in context.refused.entries:
+        mask[entry.index] = True
+    return mask
+
+
+def record_refused(context: StageContext, stage: str, rows: np.ndarray | None = None) -> list[dict]:
+    """Write what ``stage`` refused this run into ``artifacts/refused_files.json``; returns its entries.
+
+    The file keeps, per stage, the refused files of that stage's last run (a stage that refused nothing this run
+    clears its list), and ``files``: every refused sample once, with the stages that skipped it.
+    ``rows`` (optional ``(N,)`` bool) limits the entries to the samples the stage left without results.
+    """
+    samples = context.workspace.samples
+    ids = samples["id"].to_numpy()
+    entries, seen = [], set()
+    for entry in context.refused.entries:
+        if entry.index in seen or (rows is not None and not rows[entry.index]):
+            continue
+        seen.add(entry.index)
+        entries.append({"index": int(entry.index), "id": str(ids[entry.index]), "path": entry.path,
+                        "kind": entry.kind, "reason": entry.reason})
+    path = context.workspace.artifact_path(REFUSED_ARTIFACT)
+    report = read_refused(context.workspace)
+    report.setdefault("stages", {})[stage] = entries
+    merged: dict[int, dict] = {}
+    for name, listed in report["stages"].items():
+        for entry in listed:
+            merged.setdefault(entry["index"], {**entry, "stages": []})["stages"].append(name)
+    report["files"] = [merged[index] for index in sorted(merged)]
+    report["count"] = len(report["files"])
+    report["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    storage.write_json(path, report)
+    return entries
+
+
+def read_refused(workspace: Workspace) -> dict:
+    """``artifacts/refused_files.json`` (``count``, ``files``, ``stages``), or an empty report."""
+    path = workspace.artifact_path(REFUSED_ARTIFACT)
+    if not path.exists():
+        return {"count": 0, "files": [], "stages": {}}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def describe_refused(entries: list[dict], *, limit: int = 10) -> str:
+    """``"N dataset file(s) refused, their samples skipped: path (changed since init); …"`` for a report line;
+    ``""`` for none."""
+    if not entries:
+        return ""
+    words = {"changed_since_init": "changed since init", "outside_root": "resolves outside the dataset root"}
+    shown = "; ".join(f"{e['path']} ({words.get(e['kind'], e['kind'])})" for e in entries[:limit])
+    more = f"; … {len(entries) - limit} more" if len(entries) > limit else ""
+    return f"{len(entries)} dataset file(s) refused, their samples skipped (no metrics, left out of " \
+           f"the embedding-based stages): {shown}{more}"
+
+
+def excluded_rows(workspace: Workspace) -> np.ndarray:
+    """``(N,)`` bool: samples the embeddings stage had no image for (their file was refused and nothing was
+    cached for its content hash). Their rows of ``embeddings.npy``, ``visual_features.npy`` and
+    ``thumbnails.npy`` are zeros standing for "no value"; the stages that read those artifacts leave these
+    samples out and give them NaN / no flag."""
+    mask = np.zeros(len(workspace.samples), dtype=bool)
+    listed = artifact_entry(workspace, "embeddings").get("excluded_rows") or []
+    listed = [row for row in listed if 0 <= int(row) < len(mask)]
+    mask[np.asarray(listed, dtype=np.int64)] = True
+    return mask

@@ -51,8 +51,8 @@ from scipy.sparse.csgraph import connected_components
 
 from robustlens.analysis.ingest.dataset import UNSPECIFIED_SPLIT
 from robustlens.analysis.loader import default_workers, torch_threads
-from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, load_sample_array, read_artifact,
-                                             write_artifact)
+from robustlens.analysis.stages.base import (StageContext, excluded_rows, fingerprint, is_current, load_sample_array,
+                                             read_artifact, write_artifact)
 from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
 from robustlens.errors import WorkspaceError
 
@@ -118,16 +118,22 @@ def run(context: StageContext, config: Config) -> dict:
     prints = load_fingerprints(context)
     embeddings, embeddings_fp = load_embeddings(context)
     thumbnails = load_sample_array(context, "thumbnails", ndim=3, producer="embeddings")
+    # Samples without an image (their file was refused: no pixel_hash, or excluded by the embeddings stage) are
+    # nobody's duplicate.
+    missing = prints["pixel_hash"].isna().to_numpy() | excluded_rows(workspace)
     inputs = fingerprint(samples["id"], samples["split"], prints, embeddings_fp, fingerprint(thumbnails),
-                         context.random_state)
+                         context.random_state, *([np.flatnonzero(missing)] if missing.any() else []))
     if all(is_current(context, name, config=config, inputs=inputs)
            for name in ("duplicates", "duplicate_pairs", "flags_duplicates")):
         return {"skipped": True, **_counts(read_artifact(workspace, "duplicates"))}
 
     n = len(samples)
-    exact = exact_groups(prints["pixel_hash"].to_numpy(dtype=str))
+    pixel_hash = prints["pixel_hash"].to_numpy(dtype=object)
+    pixel_hash[missing] = [f"missing:{row}" for row in np.flatnonzero(missing)]  # unique: in no group
+    exact = exact_groups(pixel_hash.astype(str))
     phash = phash_values(prints["phash"]) if "phash" in prints.columns else None
     candidates = candidate_pairs(context, embeddings, thumbnails, config)
+    candidates = candidates[~(missing[candidates[:, 0]] | missing[candidates[:, 1]])]
     candidates = candidates[(exact[candidates[:, 0]] < 0) | (exact[candidates[:, 0]] != exact[candidates[:, 1]])]
     near, ncc, difference, peak = confirm_pairs(thumbnails, candidates, config, phash=phash)
     near_pairs, ncc, difference, peak = candidates[near], ncc[near], difference[near], peak[near]
@@ -147,7 +153,8 @@ def run(context: StageContext, config: Config) -> dict:
 
 # -- inputs --------------------------------------------------------------------------------------------
 def load_fingerprints(context: StageContext) -> pd.DataFrame:
-    """``fingerprints.parquet`` aligned to the samples (``id``, ``pixel_hash``, ``phash``).
+    """``fingerprints.parquet`` aligned to the samples (``id``, ``pixel_hash``, ``phash``); ``pixel_hash`` is null
+    for a sample whose file was refused when the metrics stage read it.
 
     Raises
     ------
@@ -162,9 +169,10 @@ def load_fingerprints(context: StageContext) -> pd.DataFrame:
     if "pixel_hash" not in prints.columns or "id" not in prints.columns:
         raise WorkspaceError(f"fingerprints.parquet lacks 'id' / 'pixel_hash' columns (has {list(prints.columns)})")
     aligned = prints.drop_duplicates("id").set_index("id").reindex(samples["id"])
-    if aligned["pixel_hash"].isna().any():
-        missing = aligned.index[aligned["pixel_hash"].isna()][:3].tolist()
-        raise WorkspaceError(f"fingerprints.parquet has no row for {int(aligned['pixel_hash'].isna().sum())} "
+    absent = ~samples["id"].isin(prints["id"]).to_numpy()
+    if absent.any():
+        missing = samples["id"].iloc[np.flatnonzero(absent)[:3]].tolist()
+        raise WorkspaceError(f"fingerprints.parquet has no row for {int(absent.sum())} "
                              f"samples (e.g. {missing}); re-run the 'metrics' stage")
     return aligned.reset_index()
 

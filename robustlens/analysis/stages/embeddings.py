@@ -45,10 +45,10 @@ from torch import nn
 
 from robustlens.analysis import fallback_features, storage
 from robustlens.analysis.ingest.model import NormalizedModel, prepare_images
-from robustlens.analysis.loader import (auto_batch_size, compute_threads, decode_workers, iter_decoded,
-                                       torch_threads)
-from robustlens.analysis.stages.base import (HashCache, StageContext, artifact_entry, cache_for, fingerprint, is_current,
-                                             record_artifact)
+from robustlens.analysis.loader import auto_batch_size, compute_threads, decode_workers, torch_threads
+from robustlens.analysis.stages.base import (HashCache, StageContext, artifact_entry, cache_for, decode_distinct,
+                                             excluded_rows, fingerprint, is_current, record_artifact, record_refused,
+                                             refused_rows)
 from robustlens.errors import WorkspaceError
 
 SOURCES = ("auto", "imported", "model", "fallback")
@@ -110,7 +110,9 @@ def run(context: StageContext, config: Config) -> dict:
     source = resolve_source(workspace, config.source)
     identity, model = _source_identity(workspace, source, device=context.device)
     inputs = fingerprint(samples["id"], samples["content_hash"], identity, fallback_features.FEATURE_VERSION)
-    if all(is_current(context, name, config=config, inputs=inputs) for name in OUTPUTS):
+    # A run that left samples out (their files refused) is not current: the files are tried again.
+    if all(is_current(context, name, config=config, inputs=inputs) for name in OUTPUTS) and \
+            not excluded_rows(workspace).any():
         entry = artifact_entry(context.workspace, ARTIFACT)
         return {"skipped": True, "source": entry.get("source"), "layer": entry.get("layer"),
                 "dim": entry.get("dim"), "computed": 0, "samples": len(samples)}
@@ -130,26 +132,57 @@ def run(context: StageContext, config: Config) -> dict:
     computed = _fill_caches(context, pixel_cache, model_cache, extract=extract,
                             batch_size=config.batch_size or auto_batch_size(samples))
     hashes = samples["content_hash"].to_numpy(dtype=str)
-    pixel_rows = _stack_blobs(pixel_cache, {"raw": np.float32, "thumbnail": np.uint8}, hashes)
+    pixel_rows, pixel_found = _stack_blobs(pixel_cache, {"raw": np.float32, "thumbnail": np.uint8}, hashes,
+                                           allow_missing=True)
+    found = pixel_found
+    if source == "model":
+        vector_rows, vector_found = _stack_blobs(model_cache, {"vector": np.float32}, hashes, allow_missing=True)
+        found = found & vector_found
+    # Samples whose file was refused (outside the dataset root, changed since init) and whose content hash has
+    # nothing cached: zero rows standing for "no value", listed as excluded_rows; later stages leave them out.
+    refused = refused_rows(context)
+    excluded = ~found | refused
+    unexplained = excluded & ~refused & ~pd.Series(hashes).isin(set(hashes[refused])).to_numpy()
+    if unexplained.any():
+        raise RuntimeError(f"cache {pixel_cache.directory} lacks {int(unexplained.sum())} images after computing "
+                           "them; delete that folder and re-run")
+    kept = ~excluded
     raw = pixel_rows["raw"]
     size = fallback_features.WORK_SIZE
     thumbnails = pixel_rows["thumbnail"].reshape(-1, size, size)
-    visual = fallback_features.fit_reduce(raw, config.fallback_dim)
-    own = (_stack_blobs(model_cache, {"vector": np.float32}, hashes)["vector"]
-           if source == "model" else visual)
+    if excluded.any():  # (copies of the large arrays only then)
+        thumbnails = thumbnails.copy()
+        thumbnails[excluded] = 0
+        reduced = fallback_features.fit_reduce(raw[kept], config.fallback_dim)
+        visual = np.zeros((len(samples), reduced.shape[1]), dtype=np.float32)
+        visual[kept] = reduced
+    else:
+        visual = fallback_features.fit_reduce(raw, config.fallback_dim)
+    if source == "model":
+        own = vector_rows["vector"]
+        if excluded.any():
+            own = own.copy()
+            own[excluded] = 0.0
+    else:
+        own = visual
     matrix, description = _embedding_matrix(workspace, source, layer, own)
+    if source != "imported" and excluded.any():
+        matrix[excluded] = 0.0
 
     storage.write_npy(workspace.artifact_path("visual_features.npy"), visual)
     storage.write_npy(workspace.artifact_path("thumbnails.npy"), thumbnails)
     storage.write_npy(workspace.artifact_path(f"{ARTIFACT}.npy"), matrix)
+    refused_entries = record_refused(context, ARTIFACT, excluded)
+    excluded_list = np.flatnonzero(excluded).tolist()
     extras = {"embeddings": {"source": source, "layer": layer, "description": description,
-                             "dim": int(matrix.shape[1])},
+                             "dim": int(matrix.shape[1]), "excluded_rows": excluded_list},
               "visual_features": {"description": fallback_features.DESCRIPTION, "dim": int(visual.shape[1])},
               "thumbnails": {"description": "32x32 uint8 luminance thumbnails for duplicate verification"}}
     for name in OUTPUTS:
         record_artifact(context, name, stage=ARTIFACT, config=config, inputs=inputs, extra=extras[name])
     return {"skipped": False, "source": source, "layer": layer, "dim": int(matrix.shape[1]),
-            "computed": computed, "samples": len(samples)}
+            "computed": computed, "samples": len(samples), "samples_skipped": len(excluded_list),
+            "refused": refused_entries}
 
 
 def _embedding_matrix(workspace, source: str, layer: str, computed: np.ndarray) -> tuple[np.ndarray, str]:
@@ -323,7 +356,6 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
         return 0
     pixel_missing = set(first.index[need_pixels])
     vector_missing = set(first.index[need_vectors])
-    paths = samples["path"].tolist()
     def vectors_of(chosen: list[np.ndarray]) -> np.ndarray:
         with torch.no_grad():  # grad mode is per thread
             return extract(chosen).detach().cpu().numpy().astype(np.float32, copy=False)
@@ -332,10 +364,11 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     # the GIL, and with one intra-op thread each the two use both cores without OpenMP spinning.
     with torch.no_grad(), torch_threads(compute_threads()), \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustlens-model") as model_pool:
-        batches = iter_decoded(context.workspace.dataset_root, paths, todo, batch_size=batch_size,
-                               workers=context.workers or decode_workers(samples), progress=context.progress,
-                               memo=context.pixels, desc="Embeddings")
+        batches = decode_distinct(context, todo, batch_size=batch_size,
+                                  workers=context.workers or decode_workers(samples), desc="Embeddings")
+        decoded = 0
         for indices, pixels in batches:
+            decoded += len(indices)
             batch_hashes = hashes[indices]
             wanted = np.fromiter((h in vector_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
             vectors = None
@@ -357,29 +390,38 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     pixel_cache.compact(keep_hashes=keep)
     if model_cache is not None:
         model_cache.compact(keep_hashes=keep)
-    return int(len(todo))
+    return int(decoded)
 
 
-def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray) -> dict[str, np.ndarray]:
+def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray, *, allow_missing: bool = False,
+                 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], np.ndarray]:
     """Cached fixed-width byte blobs of each column (name → dtype) for ``hashes`` (samples order), as
     ``(N, width)`` arrays.
+
+    With ``allow_missing`` a hash without a cached row is no error: its rows are zeros, and the ``(N,)`` bool
+    array of the hashes found is returned too, as ``(arrays, found)``.
 
     Read as Arrow buffers and viewed as matrices (a Python ``bytes`` object per row cost ~1 s per 70,000
     images in the pandas round trip); the rows for ``hashes`` are located once for all columns.
     """
     if len(hashes) == 0:
-        return {column: np.zeros((0, 1), dtype=dtype) for column, dtype in columns.items()}
+        empty = {column: np.zeros((0, 1), dtype=dtype) for column, dtype in columns.items()}
+        return (empty, np.zeros(0, dtype=bool)) if allow_missing else empty
     table = cache.load_table(["content_hash", *columns])
+    if table is None and allow_missing and not cache.hashes().size:
+        raise WorkspaceError("no image could be used: every dataset file was refused (see "
+                             "artifacts/refused_files.json); re-run 'robustlens init --force' on the dataset")
     if table is None:
         raise RuntimeError(f"cache {cache.directory} lacks column(s) {list(columns)}; delete that folder and re-run")
     keys = table.column("content_hash").to_numpy(zero_copy_only=False)
     latest = pd.Series(np.arange(len(keys)), index=keys)
     latest = latest[~latest.index.duplicated(keep="last")]
     positions = latest.reindex(hashes)
-    if positions.isna().any():
-        raise RuntimeError(f"cache {cache.directory} lacks {int(positions.isna().sum())} images after computing "
+    found = positions.notna().to_numpy()
+    if not found.all() and not allow_missing:
+        raise RuntimeError(f"cache {cache.directory} lacks {int((~found).sum())} images after computing "
                            "them; delete that folder and re-run")
-    rows = positions.to_numpy(dtype=np.int64)
+    rows = positions.fillna(0).to_numpy(dtype=np.int64)
     stacked = {}
     for column, dtype in columns.items():
         blobs = table.column(column).combine_chunks()
@@ -390,7 +432,9 @@ def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray)
                                "and re-run")
         data = np.frombuffer(blobs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
         stacked[column] = data.view(dtype).reshape(len(blobs), -1)[rows]
-    return stacked
+        if not found.all():
+            stacked[column][~found] = 0
+    return (stacked, found) if allow_missing else stacked
 
 
 # -- helpers shared with the stages that read embeddings ------------------------------------------------
@@ -433,6 +477,10 @@ def neighbor_graph(context: StageContext, n_neighbors: int) -> tuple[np.ndarray,
     n_neighbors:
         Neighbours wanted per sample (clipped to ``N - 1``).
 
+    Samples listed as ``excluded_rows`` (no image: their file was refused) are left out of the search: no
+    sample has them as a neighbour, and their own rows hold their own index at distance NaN (callers leave
+    those rows out, see :func:`kept_graph`).
+
     Returns
     -------
     indices:
@@ -445,9 +493,12 @@ def neighbor_graph(context: StageContext, n_neighbors: int) -> tuple[np.ndarray,
         raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
     embeddings, embeddings_fp = load_embeddings(context)
     n = embeddings.shape[0]
-    want = min(n_neighbors, max(n - 1, 0))
-    inputs = fingerprint(embeddings_fp, context.random_state, EXACT_SEARCH_MAX_SAMPLES, SEARCH_MAX_DIM, "hnsw",
-                         HNSW_LINKS, HNSW_BUILD_CANDIDATES, HNSW_SEARCH_CANDIDATES)
+    excluded = excluded_rows(context.workspace)
+    kept_rows = np.flatnonzero(~excluded)
+    want = min(n_neighbors, max(len(kept_rows) - 1, 0))
+    parts = [embeddings_fp, context.random_state, EXACT_SEARCH_MAX_SAMPLES, SEARCH_MAX_DIM, "hnsw",
+             HNSW_LINKS, HNSW_BUILD_CANDIDATES, HNSW_SEARCH_CANDIDATES]
+    inputs = fingerprint(*parts, *([kept_rows] if excluded.any() else []))
     search_config = {"kind": "neighbor_graph"}
     workspace = context.workspace
     if (is_current(context, "knn_indices", config=search_config, inputs=inputs)
@@ -456,17 +507,38 @@ def neighbor_graph(context: StageContext, n_neighbors: int) -> tuple[np.ndarray,
         if indices.shape[1] >= want:
             distances = np.load(workspace.artifact_path("knn_distances.npy"), allow_pickle=False)
             return indices[:, :want], distances[:, :want]
-    k = min(max(n_neighbors, DEFAULT_GRAPH_NEIGHBORS), max(n - 1, 0))
-    space = search_space(embeddings, random_state=context.random_state)
+    k = min(max(n_neighbors, DEFAULT_GRAPH_NEIGHBORS), max(len(kept_rows) - 1, 0))
+    space = search_space(embeddings[kept_rows] if excluded.any() else embeddings, random_state=context.random_state)
     indices, euclidean = knn_search(space, k, random_state=context.random_state)
     # On unit vectors |a - b|^2 = 2 (1 - cos(a, b)).
     distances = (np.square(euclidean, dtype=np.float64) / 2.0).clip(0.0, 2.0).astype(np.float32)
+    if excluded.any():
+        # Samples without an image (excluded_rows) are searched for by nobody and find nobody: their rows
+        # point at themselves at distance NaN; the other rows' neighbours are other kept samples only.
+        full_indices = np.repeat(np.arange(n, dtype=np.int64)[:, None], k, axis=1)
+        full_distances = np.full((n, k), np.nan, dtype=np.float32)
+        full_indices[kept_rows] = kept_rows[indices]
+        full_distances[kept_rows] = distances
+        indices, distances = full_indices, full_distances
     storage.write_npy(workspace.artifact_path("knn_indices.npy"), indices)
     storage.write_npy(workspace.artifact_path("knn_distances.npy"), distances)
     extra = {"n_neighbors": int(k), "method": "exact" if n <= EXACT_SEARCH_MAX_SAMPLES else "hnsw"}
     for name in ("knn_indices", "knn_distances"):
         record_artifact(context, name, stage=ARTIFACT, config=search_config, inputs=inputs, extra=extra)
     return indices[:, :want], distances[:, :want]
+
+
+def kept_graph(indices: np.ndarray, distances: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbour graph of :func:`neighbor_graph` restricted to the ``(N,)`` bool ``kept`` samples, with
+    indices renumbered to positions among them: ``(M, k)`` indices and distances, ``M = kept.sum()``.
+    ``kept`` must be the complement of ``excluded_rows`` (kept samples only ever have kept neighbours)."""
+    rows = np.flatnonzero(kept)
+    local = np.full(len(kept), -1, dtype=np.int64)
+    local[rows] = np.arange(len(rows))
+    sub = local[indices[rows]]
+    if (sub < 0).any():
+        raise ValueError("the neighbour graph links kept samples to excluded ones; re-run the 'embeddings' stage")
+    return sub, distances[rows]
 
 
 def knn_search(vectors: np.ndarray, k: int, *, random_state: int) -> tuple[np.ndarray, np.ndarray]:

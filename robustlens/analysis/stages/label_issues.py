@@ -36,7 +36,7 @@ from cleanlab.rank import get_label_quality_scores
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, write_artifact
+from robustlens.analysis.stages.base import StageContext, excluded_rows, fingerprint, is_current, write_artifact
 from robustlens.analysis.stages.evaluation import json_safe, stored_summary
 
 STAGE = "label_issues"
@@ -274,6 +274,22 @@ def issue_flags(ids: np.ndarray, table: pd.DataFrame, classes: list[str], source
                          "explanation": pd.Series(explanation, dtype=str)})
 
 
+def _with_excluded(per_sample: pd.DataFrame, ids: np.ndarray, labels: np.ndarray, kept: np.ndarray,
+                   names: np.ndarray) -> pd.DataFrame:
+    """``per_sample`` (rows of the kept samples) extended to every sample, in samples order: an excluded sample
+    keeps its given label as suggestion, has NaN probabilities and quality, no flag, and ranks after the rest."""
+    full = per_sample.set_axis(np.flatnonzero(kept)).reindex(np.arange(len(ids)))
+    excluded = ~kept
+    full["id"] = ids
+    for column in ("given_label", "suggested_label"):
+        full.loc[excluded, column] = names[labels[excluded]]
+    full["is_label_issue"] = full["is_label_issue"].fillna(False).astype(bool)
+    rank = full["rank"].to_numpy(dtype=np.float64, copy=True)
+    rank[excluded] = len(per_sample) + 1 + np.arange(int(excluded.sum()))
+    full["rank"] = rank.astype(np.int64)
+    return full
+
+
 def _validate(config: Config) -> None:
     if config.probabilities not in PROBABILITY_MODES:
         raise ValueError(f"probabilities must be one of {PROBABILITY_MODES}, got '{config.probabilities}'")
@@ -295,27 +311,36 @@ def run(context: StageContext, config: Config) -> dict:
     if len(classes) < 2:
         raise ValueError(f"label issues need at least two classes, the workspace has {classes}")
     source, source_array, details = choose_source(context, config)
-    inputs = fingerprint(samples["id"], labels, source, source_array, context.random_state)
+    # Cross-validated on embeddings: samples the embeddings stage had no image for (their file was refused) are
+    # left out, with no label quality and no flag. Given predictions do not depend on the image files.
+    kept = ~excluded_rows(workspace) if source == "cross_validated" else np.ones(len(samples), dtype=bool)
+    inputs = fingerprint(samples["id"], labels, source, source_array, context.random_state,
+                         *([np.flatnonzero(~kept)] if not kept.all() else []))
     artifacts = ("label_class_summary", "overlapping_classes", "flags_label_issues", "label_issues")
     if all(is_current(context, name, config=config, inputs=inputs) for name in artifacts):
         return {**(stored_summary(context, "label_issues") or {}), "skipped": True}
 
+    all_ids, all_labels = samples["id"].to_numpy(), labels
+    labels = labels[kept]
     if source == "given":
         probabilities = source_array
     else:
         probabilities = cross_validated_probabilities(
-            source_array, labels, len(classes), folds=config.cv_folds, random_state=context.random_state,
+            source_array[kept], labels, len(classes), folds=config.cv_folds, random_state=context.random_state,
             c=config.logistic_c, max_iter=config.logistic_max_iter)
         details["cv_folds"] = effective_folds(labels, config.cv_folds)
     table, confident_joint = find_issues(labels, probabilities, filter_by=config.filter_by,
                                          quality_method=config.quality_method)
-    ids = samples["id"].to_numpy()
+    ids = all_ids[kept]
     names = np.asarray(classes, dtype=object)
     per_sample = pd.DataFrame({"id": ids, "given_label": names[table["given"].to_numpy()],
                                "suggested_label": names[table["suggested"].to_numpy()],
                                **{c: table[c].to_numpy() for c in ("given_label_probability",
                                                                   "suggested_label_probability", "label_quality",
                                                                   "is_label_issue", "rank")}})
+    if not kept.all():
+        per_sample = _with_excluded(per_sample, all_ids, all_labels, kept, names)
+        details["samples_skipped"] = int((~kept).sum())
     per_class = class_summary(labels, probabilities, confident_joint, table, classes)
     overlap = overlapping_classes(labels, probabilities, confident_joint, classes)
     flags = issue_flags(ids, table, classes, source)

@@ -39,12 +39,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from robustlens.analysis.loader import (auto_batch_size, compute_threads, decode_workers, iter_decoded,
-                                       stacks_by_shape, torch_threads)
+from robustlens.analysis.loader import (auto_batch_size, compute_threads, decode_workers, stacks_by_shape,
+                                       torch_threads)
 from robustlens.analysis.builtin_metrics import luminance
 from robustlens.analysis.metric_registry import (BUILTIN_MODULE, Metric, MetricRegistryError, available_metrics,
                                                  get_metric, import_plugins)
-from robustlens.analysis.stages.base import StageContext, cache_for, fingerprint, write_artifact
+from robustlens.analysis.stages.base import (StageContext, cache_for, decode_distinct, fingerprint, record_refused,
+                                             refused_rows, write_artifact)
 
 #: Bump when pixel_hash / phash computation changes (part of the cache key).
 FINGERPRINT_VERSION = "2"
@@ -121,39 +122,57 @@ def run(context: StageContext, config: Config) -> dict:
 
     device = torch.device(context.device)
     paths = samples["path"].tolist()
+    decoded = 0
     with torch_threads(compute_threads()):
         batch_size = config.batch_size or auto_batch_size(samples)
         workers = context.workers or decode_workers(samples)
-        for indices, pixels in iter_decoded(workspace.dataset_root, paths, todo, batch_size=batch_size,
-                                            workers=workers, progress=context.progress, memo=context.pixels,
-                                            desc="Metrics"):
+        for indices, pixels in decode_distinct(context, todo, batch_size=batch_size, workers=workers,
+                                               desc="Metrics"):
             frame = measure_batch(pixels, pixel_metrics, device)
             frame.insert(0, "content_hash", hashes[indices])
             cache.add(frame)
+            decoded += len(indices)
 
-    results = cache.load().set_index("content_hash").reindex(hashes)
+    cached = cache.load().set_index("content_hash")
+    results = cached.reindex(hashes)
+    # A sample whose file was refused (outside the dataset root, or changed since init) has no results: its
+    # pixel metrics are NaN and its fingerprints empty; artifacts/refused_files.json says which and why.
+    refused = refused_rows(context)
     missing = results["pixel_hash"].isna().to_numpy()
-    if missing.any():
-        raise RuntimeError(f"metrics cache lacks {int(missing.sum())} images after computing them "
-                           f"(first: {paths[int(np.flatnonzero(missing)[0])]})")
+    unexplained = missing & ~refused & ~pd.Series(hashes).isin(set(hashes[refused])).to_numpy()
+    if unexplained.any():
+        raise RuntimeError(f"metrics cache lacks {int(unexplained.sum())} images after computing them "
+                           f"(first: {paths[int(np.flatnonzero(unexplained)[0])]})")
+    skipped = missing | refused
     table = pd.DataFrame({"id": samples["id"].to_numpy()})
     for metric in metrics:
         if metric.source == "pixels":
-            table[metric.name] = results[metric.name].to_numpy(dtype=np.float64)
+            table[metric.name] = np.where(skipped, np.nan, results[metric.name].to_numpy(dtype=np.float64))
         else:
             table[metric.name] = _record_values(metric, samples)
-    fingerprints = pd.DataFrame({"id": samples["id"].to_numpy(), "pixel_hash": results["pixel_hash"].to_numpy(),
-                                 "phash": results["phash"].to_numpy().astype(np.uint64)})
+    pixel_hash = results["pixel_hash"].to_numpy(dtype=object)
+    pixel_hash[skipped] = None
+    phash = np.zeros(len(samples), dtype=np.uint64)
+    # Taken from the cache's uint64 column by position (a reindexed column with gaps would be float64 and lose
+    # the low bits of the hash).
+    positions = cached.index.get_indexer(hashes[~skipped])
+    phash[~skipped] = cached["phash"].to_numpy()[positions].astype(np.uint64)
+    # Samples without an image have no pixel_hash (null) and phash 0: the duplicates stage leaves them out.
+    fingerprints = pd.DataFrame({"id": samples["id"].to_numpy(), "pixel_hash": pixel_hash, "phash": phash})
 
     inputs = fingerprint(samples[["id", "content_hash", "width", "height", "file_size", "channels"]])
-    extra = {"metrics": [m.name for m in metrics]}
+    refused_entries = record_refused(context, "metrics", skipped)
+    extra = {"metrics": [m.name for m in metrics], "skipped_rows": np.flatnonzero(skipped).tolist()}
     write_artifact(context, "metrics", table, stage="metrics", config=config, inputs=inputs, extra=extra)
-    write_artifact(context, "fingerprints", fingerprints, stage="metrics", config=config, inputs=inputs)
+    write_artifact(context, "fingerprints", fingerprints, stage="metrics", config=config, inputs=inputs,
+                   extra={"skipped_rows": extra["skipped_rows"]})
     cache.compact(keep_hashes=set(hashes.tolist()))
-    computed = int(len(todo))
-    summary = {"computed": computed, "cached": int(len(first_rows)) - computed, "samples": int(len(samples)),
-               "seconds": round(time.perf_counter() - start, 3), "metrics": [m.name for m in metrics]}
-    context.log.append(f"metrics: computed {computed} images, {summary['cached']} from cache")
+    computed = int(decoded)
+    summary = {"computed": computed, "cached": int(len(first_rows)) - int(len(todo)), "samples": int(len(samples)),
+               "seconds": round(time.perf_counter() - start, 3), "metrics": [m.name for m in metrics],
+               "samples_skipped": int(skipped.sum()), "refused": refused_entries}
+    skipped_note = f", {summary['samples_skipped']} skipped (file refused)" if summary["samples_skipped"] else ""
+    context.log.append(f"metrics: computed {computed} images, {summary['cached']} from cache{skipped_note}")
     return summary
 
 

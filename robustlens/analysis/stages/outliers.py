@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, load_sample_array, read_artifact,
-                                             write_artifact)
-from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
+from robustlens.analysis.stages.base import (StageContext, excluded_rows, fingerprint, is_current, load_sample_array,
+                                             read_artifact, write_artifact)
+from robustlens.analysis.stages.embeddings import kept_graph, knn_search, load_embeddings, neighbor_graph
 
 STAGE = "outliers"
 FLAG_COLUMNS = ["id", "issue", "severity", "explanation"]
@@ -71,26 +71,37 @@ def run(context: StageContext, config: Config) -> dict:
     samples = workspace.samples
     embeddings, embeddings_fp = load_embeddings(context)
     visual = load_sample_array(context, "visual_features", ndim=2, producer="embeddings")
-    inputs = fingerprint(samples["id"], embeddings_fp, fingerprint(visual), context.random_state)
+    kept = ~excluded_rows(workspace)
+    inputs = fingerprint(samples["id"], embeddings_fp, fingerprint(visual), context.random_state,
+                         *([np.flatnonzero(~kept)] if not kept.all() else []))
     if is_current(context, "outliers", config=config, inputs=inputs) and \
             is_current(context, "flags_outliers", config=config, inputs=inputs):
         table = read_artifact(workspace, "outliers")
         return {"skipped": True, "outliers": int(table["is_outlier"].sum()), "samples": len(samples)}
 
-    n = len(samples)
+    # Samples without an image (their file was refused) are scored by nobody: NaN scores, never flagged.
+    n = int(kept.sum())
     k = min(config.n_neighbors, n - 1)
     if k < 1:
         scores = {"knn": np.zeros(n), "visual": np.zeros(n), "ood": np.zeros(n)}
         z_semantic = z_visual = np.zeros(n)
     else:
         indices, distances = neighbor_graph(context, k)
-        visual_distances = reference_distances(visual, k, max_reference=config.max_reference,
+        if n < len(samples):
+            indices, distances = kept_graph(indices, distances, kept)
+        visual_distances = reference_distances(visual[kept], k, max_reference=config.max_reference,
                                                random_state=context.random_state)
         scores = {"knn": distances.mean(1), "visual": visual_distances,
-                  "ood": 1.0 - cleanlab_ood_scores(embeddings, indices, distances)}
+                  "ood": 1.0 - cleanlab_ood_scores(embeddings[kept], indices, distances)}
         z_semantic, z_visual = robust_log_z(scores["knn"]), robust_log_z(scores["visual"])
     outlier_score = np.maximum(z_semantic, z_visual)
     flagged = select_outliers(outlier_score, threshold=config.threshold, max_fraction=config.max_fraction)
+    if n < len(samples):
+        scores = {name: _scatter(values, kept) for name, values in scores.items()}
+        z_semantic, z_visual, outlier_score = (_scatter(z_semantic, kept), _scatter(z_visual, kept),
+                                               _scatter(outlier_score, kept))
+        flagged = _scatter(flagged, kept, fill=False).astype(bool)
+        n = len(samples)
     table = pd.DataFrame({"id": samples["id"].to_numpy(), "knn_distance": scores["knn"].astype(np.float32),
                           "visual_distance": scores["visual"].astype(np.float32),
                           "ood_score": scores["ood"].astype(np.float32),
@@ -101,6 +112,13 @@ def run(context: StageContext, config: Config) -> dict:
     return {"skipped": False, "outliers": int(flagged.sum()), "samples": n,
             "semantic": int((flagged & (z_semantic >= z_visual)).sum()),
             "visual": int((flagged & (z_visual > z_semantic)).sum())}
+
+
+def _scatter(values: np.ndarray, kept: np.ndarray, *, fill=np.nan) -> np.ndarray:
+    """``(N,)`` array holding ``values`` (one per kept sample) at the ``kept`` positions, ``fill`` elsewhere."""
+    out = np.full(len(kept), fill, dtype=np.float64 if fill is np.nan else np.asarray(values).dtype)
+    out[kept] = values
+    return out
 
 
 def reference_distances(vectors: np.ndarray, k: int, *, max_reference: int, random_state: int) -> np.ndarray:

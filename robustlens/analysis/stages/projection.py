@@ -11,7 +11,8 @@ falls from 200 at ``Config.large_dataset`` samples in proportion to 1/N, to no f
 ``Config.min_epochs``; and above ``Config.large_dataset`` the initial layout is PCA rather than spectral
 (the spectral eigen-solver's cost grows quickly with N).
 
-Output: ``artifacts/projection.parquet`` — ``id``, ``x``, ``y`` (float32), samples order. Skipped when the
+Output: ``artifacts/projection.parquet`` — ``id``, ``x``, ``y`` (float32; NaN for the samples the
+embeddings stage had no image for), samples order. Skipped when the
 embeddings, the config and the random state are unchanged.
 """
 
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, write_artifact
-from robustlens.analysis.stages.embeddings import load_embeddings, neighbor_graph
+from robustlens.analysis.stages.base import StageContext, excluded_rows, fingerprint, is_current, write_artifact
+from robustlens.analysis.stages.embeddings import kept_graph, load_embeddings, neighbor_graph
 
 ARTIFACT = "projection"
 #: Below this many samples UMAP's graph is too small to be meaningful: a PCA layout is used instead.
@@ -67,23 +68,29 @@ def run(context: StageContext, config: Config) -> dict:
     _validate_config(config)
     samples = context.workspace.samples
     embeddings, embeddings_fp = load_embeddings(context)
-    inputs = fingerprint(samples["id"], embeddings_fp, context.random_state)
+    kept = ~excluded_rows(context.workspace)
+    inputs = fingerprint(samples["id"], embeddings_fp, context.random_state,
+                         *([np.flatnonzero(~kept)] if not kept.all() else []))
     if is_current(context, ARTIFACT, config=config, inputs=inputs):
         return {"skipped": True, "samples": len(samples)}
-    n = embeddings.shape[0]
-    reduced = pca_reduce(embeddings, config.pca_dims, random_state=context.random_state)
+    # Samples without an image (their file was refused, see artifacts/refused_files.json) get no position (NaN).
+    n = int(kept.sum())
+    reduced = pca_reduce(embeddings[kept], config.pca_dims, random_state=context.random_state)
     if n < MIN_UMAP_SAMPLES:
         layout, method, epochs = _pca_layout(reduced), "pca", 0
     else:
         epochs = config.n_epochs if config.n_epochs is not None else auto_epochs(n, config)
         indices, distances = neighbor_graph(context, config.n_neighbors - 1)
+        if not kept.all():
+            indices, distances = kept_graph(indices, distances, kept)
         init = config.init if config.init != "auto" else "spectral" if n <= config.large_dataset else "pca"
         layout = umap_layout(reduced, indices, distances, n_neighbors=config.n_neighbors,
                              min_dist=config.min_dist, n_epochs=epochs, init=init,
                              random_state=context.random_state)
         method = "umap"
-    frame = pd.DataFrame({"id": samples["id"].to_numpy(), "x": layout[:, 0].astype(np.float32),
-                          "y": layout[:, 1].astype(np.float32)})
+    full = np.full((len(samples), 2), np.nan, dtype=np.float32)
+    full[kept] = layout
+    frame = pd.DataFrame({"id": samples["id"].to_numpy(), "x": full[:, 0], "y": full[:, 1]})
     write_artifact(context, ARTIFACT, frame, stage=ARTIFACT, config=config, inputs=inputs,
                    extra={"method": method, "n_epochs": int(epochs)})
     return {"skipped": False, "samples": n, "method": method, "n_epochs": int(epochs)}

@@ -60,7 +60,7 @@ import pandas as pd
 from sklearn.cluster import KMeans
 
 from robustlens.analysis import storage
-from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, read_artifact,
+from robustlens.analysis.stages.base import (StageContext, excluded_rows, fingerprint, is_current, read_artifact,
                                              record_artifact, write_artifact)
 from robustlens.analysis.stages.evaluation import (aligned_metrics, json_safe, quantile_bins, stored_summary,
                                                    wilson_interval)
@@ -227,9 +227,13 @@ def build_predicates(context: StageContext, config: Config) -> tuple[pd.DataFram
     embeddings, _ = load_embeddings(workspace)
     if embeddings is None:
         notes.append("no cluster slices: no embeddings (run the embeddings stage)")
-    elif n >= 4:
-        k = config.num_clusters or default_cluster_count(n, config.max_clusters)
-        clusters = cluster_embeddings(embeddings, min(k, n), context.random_state)
+    elif (~excluded_rows(workspace)).sum() >= 4:
+        # Samples the embeddings stage had no image for (their file was refused) are in no cluster (-1).
+        kept = ~excluded_rows(workspace)
+        m = int(kept.sum())
+        k = config.num_clusters or default_cluster_count(m, config.max_clusters)
+        clusters = np.full(n, -1, dtype=np.int64)
+        clusters[kept] = cluster_embeddings(embeddings[kept], min(k, m), context.random_state)
         predicates += [_predicate("cluster", "cluster", f"embedding cluster = {c}", clusters == c, value=c)
                        for c in range(int(clusters.max()) + 1)]
 
@@ -670,7 +674,9 @@ def run(context: StageContext, config: Config) -> dict:
     flags = collect_flags(context)
     inputs = _inputs(context, {"metrics": "none" if metrics is None else metrics,
                                "embeddings": "none" if embeddings is None else embeddings,
-                               "flags": flags[["id", "issue"]]})
+                               "flags": flags[["id", "issue"]],
+                               **({"excluded": np.flatnonzero(excluded)} if (excluded := excluded_rows(workspace)).any()
+                                  else {})})
     artifacts = ("slice_predicates", MASKS_NAME, "worst_slices", "slices")
     if all(is_current(context, name, config=config, inputs=inputs) for name in artifacts):
         return {**(stored_summary(context, "slices") or {}), "skipped": True}
