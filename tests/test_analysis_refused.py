@@ -217,3 +217,13 @@ def test_kept_graph_renumbers_and_refuses_links_to_excluded_rows():
     assert np.array_equal(local_distances, distances[[0, 2, 3]])
     with pytest.raises(ValueError, match="excluded"):
         kept_graph(np.array([[1, 2], [1, 1], [0, 1]]), distances[:3], np.array([True, False, True]))
+
+
+def test_every_file_changed_is_a_clear_error_not_a_traceback(workspace, capsys):
+    for relative in workspace.samples["path"]:
+        write_image(workspace.image_path(relative), seed=999, size=(16, 12))
+    assert cli.main(["analyze", str(workspace.root), "--stages", "metrics,embeddings", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "every dataset file was refused" in err and "Traceback" not in err and "bug in robustlens" not in err
+    assert read_refused(workspace)["count"] == len(workspace.samples)
+    assert artifact(workspace, "metrics")[["brightness", "contrast", "sharpness"]].isna().all().all()

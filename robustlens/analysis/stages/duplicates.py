@@ -128,7 +128,7 @@ def run(context: StageContext, config: Config) -> dict:
         return {"skipped": True, **_counts(read_artifact(workspace, "duplicates"))}
 
     n = len(samples)
-    pixel_hash = prints["pixel_hash"].to_numpy(dtype=object)
+    pixel_hash = prints["pixel_hash"].to_numpy(dtype=object, copy=True)
     pixel_hash[missing] = [f"missing:{row}" for row in np.flatnonzero(missing)]  # unique: in no group
     exact = exact_groups(pixel_hash.astype(str))
     phash = phash_values(prints["phash"]) if "phash" in prints.columns else None

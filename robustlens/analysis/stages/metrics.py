@@ -134,6 +134,11 @@ def run(context: StageContext, config: Config) -> dict:
             decoded += len(indices)
 
     cached = cache.load().set_index("content_hash")
+    for column in [m.name for m in pixel_metrics] + ["pixel_hash"]:  # an empty cache (every file refused)
+        if column not in cached.columns:
+            cached[column] = pd.Series(np.nan, index=cached.index, dtype=object if column == "pixel_hash" else float)
+    if "phash" not in cached.columns:
+        cached["phash"] = pd.Series(0, index=cached.index, dtype=np.uint64)
     results = cached.reindex(hashes)
     # A sample whose file was refused (outside the dataset root, or changed since init) has no results: its
     # pixel metrics are NaN and its fingerprints empty; artifacts/refused_files.json says which and why.
@@ -150,7 +155,7 @@ def run(context: StageContext, config: Config) -> dict:
             table[metric.name] = np.where(skipped, np.nan, results[metric.name].to_numpy(dtype=np.float64))
         else:
             table[metric.name] = _record_values(metric, samples)
-    pixel_hash = results["pixel_hash"].to_numpy(dtype=object)
+    pixel_hash = results["pixel_hash"].to_numpy(dtype=object, copy=True)
     pixel_hash[skipped] = None
     phash = np.zeros(len(samples), dtype=np.uint64)
     # Taken from the cache's uint64 column by position (a reindexed column with gaps would be float64 and lose
