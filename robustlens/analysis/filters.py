@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
@@ -104,35 +105,96 @@ class FilterSpec:
     descending: bool = False
 
     def __post_init__(self) -> None:
+        self._normalise()
         self.validate()
 
     # -- validation and conversion ---------------------------------------------------------------
+    def _normalise(self) -> None:
+        """Lossless conversions only: tuples → lists, numeric bounds / region points → ``float``, metadata
+        numbers → text. Anything of another type is left for :meth:`validate` to name."""
+        for name in _STRING_LIST_FIELDS + ("review",):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                setattr(self, name, list(value))
+        if isinstance(self.ranges, Mapping) and not isinstance(self.ranges, dict):
+            self.ranges = dict(self.ranges)
+        if isinstance(self.ranges, dict):
+            self.ranges = {column: ([_as_float(b) for b in bounds] if isinstance(bounds, list | tuple) else bounds)
+                           for column, bounds in self.ranges.items()}
+        if isinstance(self.metadata, Mapping) and not isinstance(self.metadata, dict):
+            self.metadata = dict(self.metadata)
+        if isinstance(self.metadata, dict):
+            self.metadata = {key: ([_metadata_text(v) for v in values] if isinstance(values, list | tuple) else values)
+                             for key, values in self.metadata.items()}
+        if isinstance(self.region, tuple):
+            self.region = list(self.region)
+        if isinstance(self.region, list):
+            self.region = [[_as_float(c) for c in point] if isinstance(point, list | tuple) else point
+                           for point in self.region]
+
     def validate(self) -> FilterSpec:
-        """Check types and allowed values; raises :class:`FilterError` naming the field."""
-        if self.correctness not in CORRECTNESS:
-            raise FilterError(f"correctness must be one of {CORRECTNESS}, got '{self.correctness}'")
-        if self.issue_mode not in ISSUE_MODES:
-            raise FilterError(f"issue_mode must be one of {ISSUE_MODES}, got '{self.issue_mode}'")
-        unknown = [state for state in self.review if state not in REVIEW_STATES]
-        if unknown:
-            raise FilterError(f"review states {unknown} are not among {REVIEW_STATES}")
+        """Check every field's type and allowed values.
+
+        Raises
+        ------
+        FilterError
+            Naming the field, what it got and what was expected. Total over any Python/JSON value: no other
+            exception escapes, whatever the fields hold.
+        """
+        if not isinstance(self.ranges, dict):
+            raise FilterError(f"'ranges' must be an object {{column: [low, high]}}, got {_shown(self.ranges)}")
         for column, bounds in self.ranges.items():
-            if not isinstance(bounds, list | tuple) or len(bounds) != 2:
-                raise FilterError(f"range for '{column}' must be [low, high], got {bounds!r}")
-            low, high = bounds
+            if not isinstance(column, str) or not column:
+                raise FilterError(f"'ranges': keys must be column names (non-empty text), got {column!r}")
+            if not isinstance(bounds, list) or len(bounds) != 2:
+                raise FilterError(f"'ranges': range for '{column}' must be [low, high], got {_shown(bounds)}")
             for bound in bounds:
-                if bound is not None and (not isinstance(bound, int | float) or math.isnan(bound)):
-                    raise FilterError(f"range for '{column}': bounds must be numbers or null, got {bound!r}")
+                if bound is not None and not (_is_float(bound) and not math.isnan(bound)):
+                    raise FilterError(f"'ranges': range for '{column}': bounds must be numbers or null, "
+                                      f"got {_shown(bound)}")
+            low, high = bounds
             if low is not None and high is not None and low > high:
-                raise FilterError(f"range for '{column}': low {low} is above high {high}")
-        if self.slice is not None and (not isinstance(self.slice, str) or not self.slice.strip()):
-            raise FilterError(f"'slice' must be a slice id (text), got {self.slice!r}")
-        if self.region and (len(self.region) < 3 or any(len(point) != 2 for point in self.region)):
-            raise FilterError("region must be a polygon of at least 3 [x, y] points")
-        for name in ("labels", "splits", "predicted", "issues", "tags", "collections", "ids"):
+                raise FilterError(f"'ranges': range for '{column}': low {low:g} is above high {high:g}")
+        for name in _STRING_LIST_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise FilterError(f"'{name}' must be a list of strings, got {value!r}")
+                raise FilterError(f"'{name}' must be a list of strings, got {_shown(value)}")
+        if not isinstance(self.review, list) or not all(isinstance(v, str) for v in self.review):
+            raise FilterError(f"'review' must be a list of review states {REVIEW_STATES}, got {_shown(self.review)}")
+        unknown = [state for state in self.review if state not in REVIEW_STATES]
+        if unknown:
+            raise FilterError(f"'review': states {unknown} are not among {REVIEW_STATES}")
+        for name, choices in (("correctness", CORRECTNESS), ("issue_mode", ISSUE_MODES)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise FilterError(f"{name} must be one of {choices}, got {_shown(value)}")
+        if not isinstance(self.metadata, dict):
+            raise FilterError(f"'metadata' must be an object {{name: [values]}}, got {_shown(self.metadata)}")
+        for key, values in self.metadata.items():
+            if not isinstance(key, str) or not key:
+                raise FilterError(f"'metadata': keys must be metadata names (non-empty text), got {key!r}")
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise FilterError(f"'metadata': values for '{key}' must be a list of strings or numbers, "
+                                  f"got {_shown(values)}")
+        for name in ("prediction_set", "sort_by"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise FilterError(f"'{name}' must be a name (non-empty text) or null, got {_shown(value)}")
+        if self.slice is not None and (not isinstance(self.slice, str) or not self.slice.strip()):
+            raise FilterError(f"'slice' must be a slice id (text) or null, got {_shown(self.slice)}")
+        if not isinstance(self.text, str):
+            raise FilterError(f"'text' must be a string, got {_shown(self.text)}")
+        if not isinstance(self.descending, bool):
+            raise FilterError(f"'descending' must be true or false, got {_shown(self.descending)}")
+        if not isinstance(self.region, list):
+            raise FilterError(f"'region' must be a list of [x, y] points, got {_shown(self.region)}")
+        if self.region:
+            if len(self.region) < 3:
+                raise FilterError(f"'region' must be a polygon of at least 3 [x, y] points, got {len(self.region)}")
+            for point in self.region:
+                if (not isinstance(point, list) or len(point) != 2
+                        or not all(_is_float(c) and math.isfinite(c) for c in point)):
+                    raise FilterError(f"'region': every point must be [x, y] with finite numbers, got {_shown(point)}")
         return self
 
     def to_dict(self) -> dict:
@@ -142,35 +204,38 @@ class FilterSpec:
 
     @classmethod
     def from_dict(cls, payload: Mapping) -> FilterSpec:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`FilterError`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        FilterError
+            ``payload`` is not a mapping, has unknown keys, or a field of the wrong type or value (the message
+            names the field and what was expected; see :meth:`validate`).
+        """
         if not isinstance(payload, Mapping):
             raise FilterError(f"a filter must be a JSON object, got {type(payload).__name__}")
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(payload) - names)
+        unknown = sorted((key for key in payload if key not in names), key=repr)
         if unknown:
-            raise FilterError(f"unknown filter field(s) {unknown}; fields: {sorted(names)}")
-        values = dict(payload)
-        if "ranges" in values:
-            values["ranges"] = {str(k): list(v) if isinstance(v, list | tuple) else v
-                                for k, v in dict(values["ranges"]).items()}
-        if "metadata" in values:
-            values["metadata"] = {str(k): [str(x) for x in v] for k, v in dict(values["metadata"]).items()}
-        if "region" in values:
-            values["region"] = [list(point) for point in values["region"]]
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise FilterError(f"malformed filter: {exc}") from exc
+            raise FilterError(f"unknown filter field(s) {[_shown(k) for k in unknown]}; fields: {sorted(names)}")
+        return cls(**dict(payload))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> FilterSpec:
+        """A spec from JSON text (``robustlens export --filter``); :class:`FilterError` when it is not one."""
+        if not isinstance(text, str | bytes | bytearray):
+            raise FilterError(f"a filter must be JSON text, got {type(text).__name__}")
         try:
             payload = json.loads(text)
         except json.JSONDecodeError as exc:
             raise FilterError(f"filter is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise FilterError(f"filter is not UTF-8 text: {exc}") from exc
+        except RecursionError as exc:
+            raise FilterError("filter JSON is nested too deeply") from exc
         return cls.from_dict(payload)
 
     def replace(self, **changes) -> FilterSpec:
@@ -528,6 +593,59 @@ def from_query_params(params: Mapping[str, str | Sequence[str]]) -> FilterSpec:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+_STRING_LIST_FIELDS = ("labels", "splits", "predicted", "issues", "tags", "collections", "ids")
+
+
+def _is_number(value: object) -> bool:
+    """A real number that is not a boolean (JSON ``true`` is not a bound)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _is_float(value: object) -> bool:
+    """A number that converts to a ``float`` (not a boolean, not an integer beyond the float range)."""
+    if not _is_number(value):
+        return False
+    try:
+        float(value)
+    except (OverflowError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _as_float(value: object) -> object:
+    """``value`` as a ``float`` when it is a number a float holds; anything else unchanged (for validate)."""
+    if _is_number(value) and not isinstance(value, float):
+        try:
+            return float(value)
+        except (OverflowError, ValueError, TypeError):
+            return value
+    return value
+
+
+def _metadata_text(value: object) -> object:
+    """Metadata values compare as text: numbers and booleans become their text, anything else is left for
+    :meth:`FilterSpec.validate` to refuse."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        try:
+            return str(int(value))
+        except ValueError:  # beyond Python's int-to-text digit limit
+            return value
+    if _is_float(value) and math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A short description of a bad value for an error message: its repr (cut) and type."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - an exotic object's repr must not hide the real error
+        text = f"<{type(value).__name__}>"
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return f"{text} ({type(value).__name__})"
 def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
     if column not in table.columns:
         raise FilterError(f"no column '{column}' to filter on (is its analysis stage run?)")
