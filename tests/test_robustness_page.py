@@ -19,7 +19,7 @@ from tests.test_robustness_run import QUICK_AUTOATTACK, build_workspace
 TINY = RobustnessConfig(max_samples=30, attack_samples=30, smoothing_samples=6, smoothing_n0=20, smoothing_n=100,
                         corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
                         attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=12, masking_samples=12,
-                        num_examples=6, validity_budget="fast", verify_samples=8, stability_samples=10,
+                        num_examples=6, validity_budget="fast", verify_samples=8, verify_norms=("linf",), stability_samples=10,
                         attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK,
                                        "autoattack_l2": QUICK_AUTOATTACK})
 

@@ -34,7 +34,7 @@ QUICK_AUTOATTACK = {"n_iter": 10, "n_target_classes": 3, "square_queries": 100}
 TINY = RobustnessConfig(max_samples=40, attack_samples=40, smoothing_samples=8, smoothing_n0=20, smoothing_n=100,
                         corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
                         attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=16, masking_samples=16,
-                        num_examples=6, validity_budget="fast", verify_samples=12, stability_samples=20,
+                        num_examples=6, validity_budget="fast", verify_samples=12, verify_norms=("linf",), stability_samples=20,
                         attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK,
                                        "autoattack_l2": QUICK_AUTOATTACK})
 
@@ -48,7 +48,7 @@ COLUMNS = {
     "robustness_samples": ["id", "rob_clean_correct", "rob_corruption_accuracy", "rob_flip_severity_noise",
                            "rob_flip_severity_digital", "rob_attacked", "rob_min_linf_eps", "rob_min_l2_eps",
                            "rob_broken_by_linf", "rob_broken_by_l2", "rob_flip_probability", "rob_top5_distance",
-                           "rob_verified_linf_eps", "rob_verified_l2_eps",
+                           "rob_verified_linf_eps",
                            "rob_min_l2", "rob_certified_radius", "rob_certified_correct", "rob_fragile",
                            "rob_fragility", "rob_fragile_reason"],
     "flags_robustness": ["id", "issue", "severity", "explanation"],

@@ -61,6 +61,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "given on the command line win")
     parser.add_argument("--preview", action="store_true",
                         help="skip AutoAttack: the headline is the fast preview attacks' worst case (labelled so)")
+    parser.add_argument("--verify-samples", type=int,
+                        help=f"attacked images formally verified (IBP, CROWN), 0 to skip (default "
+                             f"{defaults.verify_samples})")
     parser.add_argument("--validity-budget", choices=("fast", "standard"),
                         help="budget of the validity diagnostics (default: standard, or the attack-config file's)")
     parser.add_argument("--smoothing-sigma", type=float, default=defaults.smoothing_sigma,
@@ -152,6 +155,8 @@ def config_from_args(args):
     values = load_attack_config(args.attack_config) if getattr(args, "attack_config", None) else {}
     if getattr(args, "preview", False):
         values["headline"] = "preview"
+    if getattr(args, "verify_samples", None) is not None:
+        values["verify_samples"] = args.verify_samples
     if getattr(args, "validity_budget", None):
         values["validity_budget"] = args.validity_budget
     values |= {"smoothing_sigma": args.smoothing_sigma, "smoothing_n": args.smoothing_n,

@@ -113,7 +113,8 @@ from .attacks import ATTACKS, BUDGET_TOL, AttackResult, run_attack
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_benchmark
 from .selfcheck import attack_self_check, gradient_masking_checks
 from .smoothing import certify
-from .tables import (TOO_FEW, FragilityRule, SliceReference, class_slices, family_flip_severity, family_of, fragile_flags,
+from .tables import (TOO_FEW, FragilityRule, SliceReference, class_slices, family_flip_severity, family_of,
+                     fragile_flags,
                      fragility, records, select_samples, slice_robustness)
 
 STAGE = "robustness"
@@ -171,8 +172,8 @@ class RobustnessConfig:
         Budget of the diagnostics (``"fast"`` or ``"standard"``, see ``validity_diagnostics``).
     verification:
         Formal verification methods (``"ibp"``, ``"crown"``) run on the ε grids; empty skips verification.
-    verify_samples:
-        Attacked samples (a prefix) that are formally verified.
+    verify_samples, verify_norms:
+        Attacked samples (a prefix) that are formally verified, and the norms verified.
     stability_samples:
         Evaluated samples (a prefix) run through the ImageNet-P perturbation sequences (flip probability, top-5
         distance); ``0`` skips it.
@@ -222,6 +223,7 @@ class RobustnessConfig:
     validity_budget: str = "standard"
     verification: tuple[str, ...] = ("ibp", "crown")
     verify_samples: int = 100
+    verify_norms: tuple[str, ...] = ("linf", "l2")
     stability_samples: int = 100
     smoothing_sigma: float = 0.25
     smoothing_n0: int = 100
@@ -247,7 +249,8 @@ class RobustnessConfig:
 
     def params_for(self, attack: str) -> dict[str, Any]:
         """Keyword arguments the run passes to ``attack`` (defaults updated by ``attack_params``)."""
-        base = DEFAULT_AUTOATTACK_PARAMS if attack in HEADLINE_ATTACKS.values() else DEFAULT_ATTACK_PARAMS.get(attack, {})
+        headline = attack in HEADLINE_ATTACKS.values()
+        base = DEFAULT_AUTOATTACK_PARAMS if headline else DEFAULT_ATTACK_PARAMS.get(attack, {})
         return {**base, **self.attack_params.get(attack, {})}
 
     def attacks_of(self, norm: str) -> list[str]:
@@ -303,10 +306,15 @@ def validate_config(config: RobustnessConfig) -> None:
     if config.autoattack_eps not in ("reference", "grid"):
         raise ValidationError(f"autoattack_eps must be 'reference' or 'grid'; got {config.autoattack_eps!r}")
     if config.validity_budget not in VALIDITY_BUDGETS:
-        raise ValidationError(f"validity_budget must be one of {list(VALIDITY_BUDGETS)}; got {config.validity_budget!r}")
+        raise ValidationError(f"validity_budget must be one of {list(VALIDITY_BUDGETS)}; "
+                              f"got {config.validity_budget!r}")
+    bad = [n for n in config.verify_norms if n not in ("linf", "l2")]
+    if bad:
+        raise ValidationError(f"verify_norms must be among ['linf', 'l2']; got {list(config.verify_norms)}")
     bad = [m for m in config.verification if m not in VERIFY_METHODS]
     if bad:
-        raise ValidationError(f"verification methods must be among {list(VERIFY_METHODS)}; got {list(config.verification)}")
+        raise ValidationError(f"verification methods must be among {list(VERIFY_METHODS)}; "
+                              f"got {list(config.verification)}")
     for norm, grid in (("linf", config.linf_eps), ("l2", config.l2_eps)):
         if not config.attacks_of(norm):
             continue
@@ -448,7 +456,7 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
     (``"autoattack"`` | ``"preview"``), ``autoattack_eps`` (``"reference"`` | ``"grid"``); tables
     ``[attacks.NAME]`` (settings of one attack, keys in :data:`ATTACK_CONFIG_KEYS`, e.g. ``steps``,
     ``restarts``, ``queries``, ``loss``), ``[validity]`` (``enabled``, ``budget``) and ``[verification]``
-    (``methods``, ``samples``). Example::
+    (``methods``, ``samples``, ``norms``). Example::
 
         linf_eps = [0.00784, 0.0157, 0.0314]
         [attacks.pgd_linf]
@@ -518,7 +526,7 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
         params[name] = chosen
     if params:
         out["attack_params"] = params
-    for section, allowed in (("validity", ("enabled", "budget")), ("verification", ("methods", "samples"))):
+    for section, allowed in (("validity", ("enabled", "budget")), ("verification", ("methods", "samples", "norms"))):
         table = document.get(section)
         if table is None:
             continue
@@ -537,6 +545,11 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
                 raise ValidationError(f"{path}: [verification] methods: expected a list of {list(VERIFY_METHODS)} "
                                       f"(empty to skip); got {methods!r}")
             out["verification"] = tuple(dict.fromkeys(methods))
+        if "norms" in table:
+            norms = table["norms"]
+            if not isinstance(norms, list) or any(n not in ("linf", "l2") for n in norms):
+                raise ValidationError(f"{path}: [verification] norms: expected a list of 'linf' / 'l2'; got {norms!r}")
+            out["verify_norms"] = tuple(dict.fromkeys(norms))
         if "samples" in table:
             samples = table["samples"]
             if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
@@ -694,7 +707,8 @@ class LossObjective(torch.nn.Module):
     """Two "logits" ``[0, L(z, y) / (1 + |L|)]`` whose cross-entropy on class 0 is increasing in the loss ``L`` of
     ``model``'s logits ``z``, so that PGD on it (label 0) ascends ``L`` with the same step direction.
 
-    ``L`` is the logit margin ``max_{j≠y} z_j − z_y`` or DLR ``−(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12)``
+    ``L`` is the logit margin ``max_{j≠y} z_j − z_y`` or DLR
+    ``−(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12)``
     (Croce & Hein 2020); both are > 0 exactly when the sample is misclassified, so class 1 wins exactly then.
     The per-sample divisor ``1 + |L|`` is detached: it only rescales the gradient (PGD's L∞ step uses its sign,
     the L2 step its direction), and keeps the softmax from saturating on huge logits (a model whose logits are
@@ -1434,6 +1448,8 @@ def run_verification(model: torch.nn.Module, images: torch.Tensor, labels: np.nd
     count = min(config.verify_samples, images.shape[0])
     out: dict[str, dict] = {}
     for norm, family in families.items():
+        if norm not in config.verify_norms:
+            continue
         if module is None:
             out[norm] = {"supported": False, "message": f"not available: {why}"}
             continue

@@ -377,7 +377,8 @@ def _slices() -> None:
     config["worst_rank"] = st.column_config.NumberColumn("rank", format="%d")
     widgets.slice_table(shown, [c for c in columns if c in shown.columns], key="rob.slices", column_config=config)
     st.caption("Intervals are Wilson 95 %; slices with too few attacked samples are listed (rank note \"too few "
-               "samples\") but not ranked. Per-sample scores (`rob_*`) can be filtered and sorted in the explorer. A slice opened there shows all of its samples, "
+               "samples\") but not ranked. Per-sample scores (`rob_*`) can be filtered and sorted in the explorer. "
+               "A slice opened there shows all of its samples, "
                "attacked or not.")
 
 
