@@ -251,3 +251,143 @@ def test_slice_field_validates_and_round_trips_through_the_url():
         FilterSpec(slice="  ")
     with pytest.raises(FilterError, match="slice"):
         FilterSpec.from_dict({"slice": 3})
+
+
+# -- every field type-checked (issue 9: bad --filter JSON is a clear error, never a crash) -------------------------
+@pytest.mark.parametrize(("payload", "field", "expected"), [
+    ({"ranges": None}, "ranges", "must be an object"),
+    ({"ranges": []}, "ranges", "must be an object"),
+    ({"ranges": {"metric.x": 1}}, "ranges", r"\[low, high\]"),
+    ({"ranges": {"metric.x": [True, 2]}}, "ranges", "bounds must be numbers or null"),
+    ({"ranges": {"metric.x": [10 ** 400, None]}}, "ranges", "bounds must be numbers or null"),
+    ({"ranges": {"": [0, 1]}}, "ranges", "column names"),
+    ({"metadata": ["x"]}, "metadata", "must be an object"),
+    ({"metadata": {"camera": 1}}, "metadata", "values for 'camera' must be a list"),
+    ({"metadata": {"camera": [None]}}, "metadata", "values for 'camera' must be a list"),
+    ({"sort_by": []}, "sort_by", "must be a name"),
+    ({"sort_by": ""}, "sort_by", "must be a name"),
+    ({"prediction_set": 3}, "prediction_set", "must be a name"),
+    ({"text": [""]}, "text", "must be a string"),
+    ({"text": None}, "text", "must be a string"),
+    ({"region": [[]]}, "region", "at least 3"),
+    ({"region": [1, 2, 3]}, "region", r"\[x, y\]"),
+    ({"region": [[0, 0], [1, "a"], [2, 2]]}, "region", "finite numbers"),
+    ({"region": [[0, 0], [1, float("nan")], [2, 2]]}, "region", "finite numbers"),
+    ({"region": "0,0;1,1;1,0"}, "region", "list of"),
+    ({"descending": "yes"}, "descending", "true or false"),
+    ({"descending": 1}, "descending", "true or false"),
+    ({"labels": "coat"}, "labels", "list of strings"),
+    ({"ids": [1, 2]}, "ids", "list of strings"),
+    ({"review": [[]]}, "review", "review states"),
+    ({"review": ["later"]}, "review", "not among"),
+    ({"correctness": []}, "correctness", "must be one of"),
+    ({"issue_mode": None}, "issue_mode", "must be one of"),
+    ({"slice": 3}, "slice", "slice id"),
+])
+def test_from_dict_names_the_field_and_what_was_expected(payload, field, expected):
+    with pytest.raises(FilterError, match=expected) as caught:
+        FilterSpec.from_dict(payload)
+    assert field in str(caught.value)
+
+
+def test_from_json_refuses_non_objects_and_deep_nesting_with_a_filter_error():
+    for text in ("[1, 2]", "null", "3", "{", "[" * 100_000 + "]" * 100_000, '{"labels": ["a"], 1: 2}'):
+        with pytest.raises(FilterError):
+            FilterSpec.from_json(text)
+    with pytest.raises(FilterError, match="unknown filter field"):
+        FilterSpec.from_dict({1: "x", "labels": []})
+
+
+def test_lossless_conversions_are_kept():
+    """Tuples become lists, integer bounds floats, metadata numbers text: the spec still means the same."""
+    spec = FilterSpec.from_dict({"ranges": {"metric.x": [0, 2]}, "metadata": {"camera": [3, "b", True]},
+                                 "labels": ("a",), "region": [(0, 0), (1, 0), (1, 1)]})
+    assert spec.ranges == {"metric.x": [0.0, 2.0]} and all(isinstance(b, float) for b in spec.ranges["metric.x"])
+    assert spec.metadata == {"camera": ["3", "b", "True"]} and spec.labels == ["a"]
+    assert spec.region == [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]
+    assert FilterSpec.from_json(spec.to_json()) == spec
+
+
+class _Curation:
+    """A fixed curation store: one tag, one member collection, one decision."""
+
+    def samples_with_tag(self, tag):
+        return ["s1"] if tag == "t" else []
+
+    def collection(self, name):
+        return {"members": ["s0"], "filter": None} if name == "c" else None
+
+    def decisions(self, *, latest_only=True):
+        return [{"sample_id": "s2", "action": "keep"}]
+
+
+_SMALL = pd.DataFrame({"id": ["s0", "s1", "s2"], "path": ["a/0.png", "a/1.png", "b/2.png"],
+                       "label": ["a", "a", "b"], "split": ["train", "test", "test"],
+                       "metric.x": [0.1, np.nan, 3.0], "meta.camera": ["c1", "c2", None],
+                       "issue.dark": [1.0, 0.0, 0.5], "map.x": [0.0, 1.0, 2.0], "map.y": [0.0, 1.0, 0.5]})
+
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=10 ** 300),
+                        st.floats(), st.text(max_size=6), st.sampled_from(["", " ", "a", "any", "all", "correct",
+                                                                            "keep", "metric.x", "id", "camera"]))
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                          st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                        max_leaves=10)
+
+
+def _field_values(name):
+    """Arbitrary JSON for ``name``, mixed with shapes close to valid so the deeper checks are reached."""
+    from hypothesis import strategies as st
+
+    values = _json_values()
+    near = {
+        "ranges": st.dictionaries(st.sampled_from(["metric.x", "", "nope", "path"]),
+                                  st.one_of(st.lists(values, min_size=2, max_size=2), values), max_size=2),
+        "metadata": st.dictionaries(st.sampled_from(["camera", "", "x"]), st.one_of(st.lists(values, max_size=3),
+                                                                                   values), max_size=2),
+        "region": st.lists(st.one_of(st.lists(values, min_size=2, max_size=2), values), max_size=5),
+    }
+    return st.one_of(values, near[name]) if name in near else values
+
+
+def _field_payloads():
+    from hypothesis import strategies as st
+
+    names = [f.name for f in __import__("dataclasses").fields(FilterSpec)]
+    return st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True).flatmap(
+        lambda chosen: st.fixed_dictionaries({name: _field_values(name) for name in chosen}))
+
+
+def test_from_dict_is_total_over_arbitrary_json_in_every_field():
+    """Any JSON value in any field: a valid spec that every consumer handles, or a FilterError naming the field."""
+    from dataclasses import fields as dataclass_fields
+
+    from hypothesis import HealthCheck, given, settings
+
+    names = {f.name for f in dataclass_fields(FilterSpec)}
+
+    @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(payload=_field_payloads())
+    def check(payload):
+        try:
+            spec = FilterSpec.from_dict(payload)
+        except FilterError as exc:
+            assert any(name in str(exc) for name in payload if name in names), (payload, str(exc))
+            return
+        assert FilterSpec.from_json(spec.to_json()) == spec
+        params = to_query_params(spec)
+        again = from_query_params(params)
+        assert again == (spec if spec.sort_by else spec.replace(descending=False))
+        spec.describe()
+        spec.is_empty()
+        try:
+            positions = filter_positions(_SMALL, spec, _Curation())
+        except FilterError:
+            return
+        assert set(positions.tolist()) <= {0, 1, 2} and len(set(positions.tolist())) == len(positions)
+
+    check()

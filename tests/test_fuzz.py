@@ -1,11 +1,12 @@
-"""Property-based fuzzing of the CLI (Hypothesis): manifests, prediction tables, prediction-set names and
-dashboard filter URLs. Whatever comes in, ``robustlens`` exits 0, or 2 with a message, never with a traceback
-or an unexpected-error exit, and never modifies its input files (issue 9, Deliver 7)."""
+"""Property-based fuzzing of the CLI (Hypothesis): manifests, prediction tables, prediction-set names, dashboard
+filter URLs and ``--filter`` JSON. Whatever comes in, ``robustlens`` exits 0, or 2 with a message, never with a
+traceback or an unexpected-error exit, and never modifies its input files (issue 9, Deliver 7)."""
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import shutil
 from pathlib import Path
 from urllib.parse import quote
@@ -195,6 +196,47 @@ def test_any_filter_url_exits_0_or_2(corpus, capsys, query):
     assert {k: v for k, v in after.items() if not k.startswith("curation.db")} == \
            {k: v for k, v in before.items() if not k.startswith("curation.db")}
 
+
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), awkward_text,
+              st.sampled_from(["a", "b", "any", "all", "correct", "incorrect", "keep", "width", "id", "p"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(awkward_text, inner, max_size=3)),
+    max_leaves=8)
+filter_fields = st.sampled_from(["ranges", "labels", "splits", "prediction_set", "predicted", "correctness", "metadata",
+                                 "issues", "issue_mode", "tags", "collections", "review", "text", "ids", "region",
+                                 "slice", "sort_by", "descending", "colour"])
+
+
+@st.composite
+def filter_texts(draw):
+    """``--filter`` text: arbitrary JSON in arbitrary fields, shapes close to valid, or text that is no JSON."""
+    kind = draw(st.sampled_from(["fields", "fields", "fields", "any", "broken"]))
+    if kind == "broken":
+        return draw(st.one_of(awkward_text, st.sampled_from(["{", "[" * 5000, '{"labels": [}', "{'labels': []}"])))
+    if kind == "any":
+        return json.dumps(draw(_json))
+    payload = {}
+    for name in draw(st.lists(filter_fields, min_size=1, max_size=3, unique=True)):
+        near = {"ranges": st.dictionaries(st.sampled_from(["width", "height", "", "label"]),
+                                          st.lists(_json, min_size=2, max_size=2), max_size=2),
+                "region": st.lists(st.lists(_json, min_size=2, max_size=2), max_size=4),
+                "labels": st.lists(st.sampled_from(CLASSES + ("",)), max_size=2)}.get(name, _json)
+        payload[name] = draw(st.one_of(_json, near))
+    return json.dumps(payload)
+
+
+@FUZZ_CHEAP
+@given(spec=filter_texts())
+def test_any_filter_json_exits_0_or_2(corpus, capsys, spec):
+    workspace = corpus / "ws"
+    before = tree_digest(workspace)
+    out = fresh(corpus, "export").with_suffix(".csv")
+    code, err = run_cli(capsys, ["export", workspace, "--filter", spec, "--out", out])
+    assert_clean_outcome(code, err)
+    assert out.exists() == (code == 0)
+    after = tree_digest(workspace)
+    assert {k: v for k, v in after.items() if not k.startswith("curation.db")} == \
+           {k: v for k, v in before.items() if not k.startswith("curation.db")}
 
 @settings(max_examples=300, **_COMMON)
 @given(name=st.text(max_size=40))

@@ -124,8 +124,10 @@ class FilterSpec:
         if isinstance(self.metadata, Mapping) and not isinstance(self.metadata, dict):
             self.metadata = dict(self.metadata)
         if isinstance(self.metadata, dict):
+            # An empty value list is no condition (as an empty ``labels`` list is), not "keep nothing".
             self.metadata = {key: ([_metadata_text(v) for v in values] if isinstance(values, list | tuple) else values)
-                             for key, values in self.metadata.items()}
+                             for key, values in self.metadata.items() if not (isinstance(values, list | tuple)
+                                                                              and not values)}
         if isinstance(self.region, tuple):
             self.region = list(self.region)
         if isinstance(self.region, list):
