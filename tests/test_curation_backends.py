@@ -430,3 +430,49 @@ def test_an_up_to_date_read_only_database_opens_for_reading(tmp_path):
     with pytest.raises(curation.CurationDatabaseError, match="readonly database; nothing was saved"):
         reader.add_tag(["b"], "t", user="ana")
     reader.close()
+
+
+# -- display-safe names (issue 9: names validated against a safe pattern) -----------------------------------------
+_INVISIBLE = ["\t", "\n", "\r", "\x00", "\x7f", "\x85", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066",
+              "\u2067", "\u2068", "\u2069", "\u200b", "\u200c", "\u200d", "\u200e", "\u2060", "\ufeff", "\u2028",
+              "\u00a0", "\ue000"]
+
+
+def test_names_must_be_display_safe_on_every_backend(db_url):
+    """Tags, collections, user and reviewer names: printable text without control, bidi or zero-width characters
+    and without surrounding spaces; punctuation and markup stay allowed (rendering is escaped everywhere)."""
+    store = CurationStore(db_url)
+    friendly = ["dark coats, frozen", "<b>bold</b> *x* [y](http://e/z) #1 | a&b", "Zoë's 图像 🙂", "=1+1", "a" * 200]
+    for name in friendly:  # stored and read back exactly
+        assert store.add_tag(["img/a.png"], name, user=name) == 1
+        store.create_collection(name, user="ana", sample_ids=["img/a.png"])
+        store.record_decision("img/a.png", "keep", reviewer=name)
+    assert set(friendly) <= set(store.tag_counts()) and set(friendly) <= set(store.collection_names())
+    assert {d["reviewer"] for d in store.decisions(latest_only=False)} == set(friendly)
+    assert store.add_tag(["img/b.png"], "  padded  ", user=" ana ") == 1  # tags and users: stripped
+    assert "padded" in store.tag_counts()
+    before = store.counts()
+    calls = {
+        "tag": lambda bad: store.add_tag(["img/a.png"], bad, user="ana"),
+        "user name": lambda bad: store.add_tag(["img/a.png"], "t", user=bad),
+        "collection name": lambda bad: store.create_collection(bad, user="ana"),
+        "reviewer name": lambda bad: store.record_decision("img/a.png", "keep", reviewer=bad),
+    }
+    for field, call in calls.items():
+        for char in _INVISIBLE:
+            with pytest.raises(CurationInputError) as caught:
+                call(f"ok{char}name")
+            message = str(caught.value)
+            assert message.startswith(field) and f"U+{ord(char):04X}" in message, message
+            assert isinstance(caught.value, ValidationError)
+    with pytest.raises(CurationInputError, match="reviewer name ' ann' is not allowed: it starts or ends with a space"):
+        store.record_decision("img/a.png", "keep", reviewer=" ann")
+    assert store.counts() == before  # nothing written by a refused call
+    # A name stored before the rule can still be looked up and cleaned up.
+    with store.engine.begin() as conn:
+        conn.execute(curation.collections.insert().values(name="old\tname", description="", created_by="x",
+                                                          created_at=curation._now()))
+    assert store.add_to_collection("old\tname", ["img/a.png"], user="ana") == 1
+    store.delete_collection("old\tname", user="ana")
+    assert "old\tname" not in store.collection_names()
+    store.close()

@@ -23,8 +23,10 @@ Correct on every backend, with many reviewers writing at once:
 * Input is checked against the column sizes before anything is written, identically on every backend
   (SQLite does not enforce ``VARCHAR`` lengths, PostgreSQL does): names (tags, collections, users,
   labels) at most :data:`MAX_NAME_CHARS` characters, sample ids at most :data:`MAX_SAMPLE_ID_BYTES`
-  bytes of UTF-8 (PostgreSQL cannot index a longer key in its B-tree). A bad value raises
-  :class:`CurationInputError` naming the field and the limit.
+  bytes of UTF-8 (PostgreSQL cannot index a longer key in its B-tree). New tag, collection, user and
+  reviewer names must also be display-safe (:func:`check_name`: printable, no control, bidi or zero-width
+  characters, no surrounding spaces). A bad value raises :class:`CurationInputError` naming the field and
+  the limit or the rule.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -246,11 +249,31 @@ def _shown(value: str) -> str:
     return repr(value if len(value) <= 60 else value[:57] + "...")
 
 
-def check_name(field: str, value: object, *, strip: bool = True) -> str:
-    """``value`` (stripped) if it fits a name column, else :class:`CurationInputError` naming ``field``.
+def check_name(field: str, value: object, *, strip: bool = True, display: bool = True) -> str:
+    """``value`` if it is a safe display name that fits a name column, else :class:`CurationInputError`
+    naming ``field``.
 
     Names — tags, collections, users, reviewers, relabel targets — are non-empty text of at most
-    :data:`MAX_NAME_CHARS` characters.
+    :data:`MAX_NAME_CHARS` characters. With ``display`` (every name a user creates or acts under: tags,
+    collections, user and reviewer names) the name must also be *display-safe*
+    (:func:`display_name_problem`): printable characters only — no control characters (tab, newline, NUL,
+    DEL, C1), no format characters (bidi embeddings/overrides/isolates U+202A–U+202E and U+2066–U+2069,
+    marks U+200E/U+200F, zero-width space/joiners U+200B–U+200D, word joiner U+2060, BOM U+FEFF), no
+    line/paragraph separators, no spaces other than the plain space, no private-use, unassigned or surrogate
+    code points — and no leading or trailing space. Such characters make two names that look the same
+    differ, reorder or hide text around a name, or break a one-line list (export CSVs, the audit log).
+
+    Punctuation and markup characters (``,``, ``<``, ``*``, ``[``, ``#`` …) stay allowed, so human
+    names such as ``"dark coats, frozen"`` keep working: names are never file names (exports pass them
+    through their own file-name rule), every dashboard view renders them through the one escape helper
+    (:func:`robustlens.dashboard.widgets.text` / ``code`` / ``plot_text``) and CSV exports neutralise
+    formula-leading cells, so a name shows exactly as typed and never becomes markup.
+
+    ``strip``: surrounding whitespace is removed first (tags, collections, user names); without it a name
+    with leading or trailing whitespace is refused (reviewer names are stored exactly as given).
+    ``display=False`` checks only type, emptiness and length: used where a name only *looks up* an existing
+    tag or collection (removing, adding members), so one stored before this rule can still be cleaned up,
+    and for relabel targets, which are the dataset's class names.
     """
     if not isinstance(value, str):
         raise CurationInputError(f"{field} must be text, got {type(value).__name__}")
@@ -260,7 +283,38 @@ def check_name(field: str, value: object, *, strip: bool = True) -> str:
     if len(name) > MAX_NAME_CHARS:
         raise CurationInputError(f"{field} {_shown(name)} is {len(name):,} characters long; the curation "
                                  f"database holds at most {MAX_NAME_CHARS}")
+    if display:
+        problem = display_name_problem(name)
+        if problem:
+            raise CurationInputError(f"{field} {_shown(name)} is not allowed: {problem}; {DISPLAY_NAME_RULE}")
     return name
+
+
+#: The display-safe name rule, as told to the user.
+DISPLAY_NAME_RULE = (f"a name is printable text (letters, digits, spaces, punctuation) of 1 to {MAX_NAME_CHARS} "
+                     "characters, without control, invisible or text-direction characters and without leading "
+                     "or trailing spaces")
+
+
+_REFUSED_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible format character",
+                       "Cs": "a surrogate", "Co": "a private-use character", "Cn": "an unassigned code point",
+                       "Zl": "a line separator", "Zp": "a paragraph separator", "Zs": "a space other than ' '"}
+
+
+def display_name_problem(name: str) -> str | None:
+    """Why ``name`` is not display-safe (see :func:`check_name`), or ``None`` when it is.
+
+    A character is refused when :meth:`str.isprintable` says so: Unicode categories Cc, Cf, Cs, Co, Cn, Zl,
+    Zp, and Zs other than U+0020 — which covers every control, bidi, zero-width and line-break character.
+    """
+    for position, char in enumerate(name, start=1):
+        if not char.isprintable():
+            kind = _REFUSED_CATEGORIES.get(unicodedata.category(char), "non-printable character")
+            name = unicodedata.name(char, "")
+            return f"character {position} is U+{ord(char):04X}{' ' + name if name else ''} ({kind})"
+    if name != name.strip():
+        return "it starts or ends with a space"
+    return None
 
 
 def check_sample_ids(sample_ids: Iterable[str] | str) -> list[str]:
@@ -473,7 +527,7 @@ class CurationStore:
 
     def remove_tag(self, sample_ids: Iterable[str], tag: str, *, user: str) -> int:
         """Remove a tag from samples (any number of ids); returns how many lost it."""
-        tag = check_name("tag", tag)
+        tag = check_name("tag", tag, display=False)
         user = check_name("user name", user)
         ids = check_sample_ids(sample_ids)
 
@@ -558,7 +612,7 @@ class CurationStore:
             raise CurationInputError("reviewer name must not be empty")
         reviewer = check_name("reviewer name", reviewer, strip=False)
         if new_label is not None:
-            new_label = check_name("new label", new_label, strip=False)
+            new_label = check_name("new label", new_label, strip=False, display=False)
         if not isinstance(note, str):
             raise CurationInputError(f"note must be text, got {type(note).__name__}")
         (sample_id,) = check_sample_ids([sample_id])
@@ -624,7 +678,7 @@ class CurationStore:
 
     def add_to_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
         """Add samples (any number) to a collection; returns how many were not in it yet."""
-        name = check_name("collection name", name)
+        name = check_name("collection name", name, display=False)
         user = check_name("user name", user)
         ids = check_sample_ids(sample_ids)
 
@@ -639,7 +693,7 @@ class CurationStore:
 
     def remove_from_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
         """Remove samples (any number) from a collection; returns how many left it."""
-        name = check_name("collection name", name)
+        name = check_name("collection name", name, display=False)
         user = check_name("user name", user)
         ids = check_sample_ids(sample_ids)
 
@@ -654,7 +708,7 @@ class CurationStore:
 
     def delete_collection(self, name: str, *, user: str) -> None:
         """Delete a collection and its membership list (the samples themselves are untouched)."""
-        name = check_name("collection name", name)
+        name = check_name("collection name", name, display=False)
         user = check_name("user name", user)
 
         def work(conn: Connection) -> None:
