@@ -442,7 +442,8 @@ def test_names_must_be_display_safe_on_every_backend(db_url):
     """Tags, collections, user and reviewer names: printable text without control, bidi or zero-width characters
     and without surrounding spaces; punctuation and markup stay allowed (rendering is escaped everywhere)."""
     store = CurationStore(db_url)
-    friendly = ["dark coats, frozen", "<b>bold</b> *x* [y](http://e/z) #1 | a&b", "Zoë's 图像 🙂", "=1+1", "a" * 200]
+    friendly = ["dark coats, frozen", "<b>bold</b> *x* [y](http://e/z) #1 | a&b", "Zoë's 图像 🙂", "=1+1",
+                "a" * 200]
     for name in friendly:  # stored and read back exactly
         assert store.add_tag(["img/a.png"], name, user=name) == 1
         store.create_collection(name, user="ana", sample_ids=["img/a.png"])
