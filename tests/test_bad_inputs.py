@@ -439,3 +439,50 @@ def test_header_pixels_reads_png_and_other_formats_without_decoding(tmp_path):
     assert header_pixels(write_image(tmp_path / "a.jpg", size=(40, 30))) == 1200
     (tmp_path / "junk.png").write_bytes(b"not an image")
     assert header_pixels(tmp_path / "junk.png") == 0
+
+
+# -- sample ids the curation database cannot hold (issue 9: ids > 1,024 bytes passed init, failed on PostgreSQL) ----
+
+def test_sample_id_longer_than_the_curation_limit_is_refused_naming_the_row(manifest_dataset, tmp_path, capsys):
+    from robustlens.analysis.curation import MAX_SAMPLE_ID_BYTES
+
+    root, _ = manifest_dataset
+    wide = "图" * (MAX_SAMPLE_ID_BYTES // 3 + 1)  # 342 characters, 1,026 bytes of UTF-8
+    ids = ["a", "b", wide, "d", "e", "f"]
+    manifest = tmp_path / "ids.csv"
+    pd.DataFrame({"id": ids, "path": [f"imgs/im{i}.png" for i in range(6)], "label": list("ababab")}).to_csv(
+        manifest, index=False)
+    err = expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", root, "--labels", manifest),
+                         contains=(f"{manifest}, row 3, column 'id'", "1,026 bytes", f"{MAX_SAMPLE_ID_BYTES:,} bytes"))
+    assert not (tmp_path / "ws").exists(), err
+    # At the limit (bytes, not characters): accepted, stored exactly.
+    ids[2], ids[3] = "图" * (MAX_SAMPLE_ID_BYTES // 3), "i" * MAX_SAMPLE_ID_BYTES
+    pd.DataFrame({"id": ids, "path": [f"imgs/im{i}.png" for i in range(6)], "label": list("ababab")}).to_csv(
+        manifest, index=False)
+    code, _, err = run_cli(capsys, *init_args(tmp_path / "ws", root, "--labels", manifest))
+    assert code == 0, err
+    assert Workspace(tmp_path / "ws").samples["id"].tolist() == ids
+
+
+def _deep_image(root: Path, depth: int = 5) -> str:
+    """An image under ``depth`` folders of 250 characters: a relative path of over 1,024 bytes."""
+    relative = "/".join(["d" * 250] * depth) + "/deep.png"
+    write_image(root / relative, seed=99)
+    return relative
+
+
+def test_path_id_longer_than_the_curation_limit_is_refused(manifest_dataset, tmp_path, capsys):
+    """Without an id column the path is the id: a too-long path is named with its row and a way out."""
+    root, manifest = manifest_dataset
+    relative = _deep_image(root)
+    with open(manifest, "a") as handle:
+        handle.write(f"{relative},a,train,cam0,100\n")
+    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", root, "--labels", manifest),
+                   contains=(f"{manifest}, row 7, column 'path'", f"{len(relative.encode()):,} bytes",
+                             "shorter 'id' column"))
+
+
+def test_imagefolder_path_longer_than_the_curation_limit_is_refused(image_folder, tmp_path, capsys):
+    relative = _deep_image(image_folder / "cat")
+    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder),
+                   contains=(str(image_folder / "cat" / relative), "bytes in UTF-8", "shorten"))

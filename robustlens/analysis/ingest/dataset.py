@@ -3,7 +3,8 @@
 Result: one row per usable image with a stable string ``id`` (the manifest's ``id`` column, else the
 image path relative to the dataset root, POSIX style), plus an ingest report of what was skipped.
 Unreadable images are skipped and reported; structural problems (missing columns, paths escaping the
-root, missing files, duplicate ids, an empty dataset) raise :class:`ValidationError`.
+root, missing files, duplicate ids, ids longer than the curation database holds, an empty dataset) raise
+:class:`ValidationError`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
     warnings = []
     if manifest is None:
         listing, ignored, skipped, warnings = _list_imagefolder(root, real_root)
+        _check_id_sizes(listing["id"], file=None, column=None, root=root)
         kind = "imagefolder"
     else:
         listing = _list_manifest(Path(manifest), root, real_root)
@@ -212,6 +214,7 @@ def _list_manifest(manifest: Path, root: Path, real_root: Path) -> pd.DataFrame:
                               f"(rows {missing[:5]}, first: '{paths.iloc[missing[0] - 1]}')",
                               file=manifest, row=missing[0], column="path")
     ids = table["id"].astype(str).str.strip() if "id" in table.columns else paths.map(_normalise)
+    _check_id_sizes(ids, file=manifest, column="id" if "id" in table.columns else "path")
     duplicated = ids.duplicated(keep=False)
     if duplicated.any():
         rows = first_rows(duplicated)
@@ -226,6 +229,36 @@ def _list_manifest(manifest: Path, root: Path, real_root: Path) -> pd.DataFrame:
         if column not in MANIFEST_COLUMNS:
             listing[METADATA_PREFIX + column] = table[column].to_numpy()
     return listing
+
+
+def _check_id_sizes(ids: pd.Series, *, file: Path | None, column: str | None, root: Path | None = None) -> None:
+    """Refuse sample ids longer than the curation database holds (:data:`~robustlens.analysis.curation.
+    MAX_SAMPLE_ID_BYTES` bytes of UTF-8), before anything is written: such a sample could never be tagged,
+    collected or reviewed (PostgreSQL cannot index the key).
+
+    ``ids`` in manifest order; the error names the manifest row and column (``file``), or, for an
+    ImageFolder tree (``file`` is ``None``), the image file under ``root``.
+    """
+    from robustlens.analysis.curation import MAX_SAMPLE_ID_BYTES
+
+    # At most 4 bytes per character: only ids longer than a quarter of the limit need encoding.
+    long = ids.str.len() > MAX_SAMPLE_ID_BYTES // 4
+    if not long.any():
+        return
+    sizes = ids[long].map(lambda sid: len(sid.encode("utf-8", "surrogatepass")))
+    over = sizes[sizes > MAX_SAMPLE_ID_BYTES]
+    if over.empty:
+        return
+    position = ids.index.get_loc(over.index[0])
+    sample_id, size = ids.iloc[position], int(over.iloc[0])
+    shown = sample_id if len(sample_id) <= 60 else sample_id[:57] + "..."
+    message = (f"sample id '{shown}' is {size:,} bytes in UTF-8; the curation database holds ids of at most "
+               f"{MAX_SAMPLE_ID_BYTES:,} bytes ({len(over):,} id(s) too long")
+    if file is None:
+        raise ValidationError(message + "): shorten the folder or file name", file=Path(root) / sample_id)
+    hint = "shorten the id" if column == "id" else "give the images shorter paths or add a shorter 'id' column"
+    raise ValidationError(f"{message}, rows {first_rows(ids.index.isin(over.index))}): {hint}", file=file,
+                          row=position + 1, column=column)
 
 
 def _normalise(raw: str) -> str:
