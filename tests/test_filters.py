@@ -391,3 +391,29 @@ def test_from_dict_is_total_over_arbitrary_json_in_every_field():
         assert set(positions.tolist()) <= {0, 1, 2} and len(set(positions.tolist())) == len(positions)
 
     check()
+
+
+def test_from_query_params_is_total_over_arbitrary_parameters():
+    """Any query-string keys and values (as a parsed URL gives them, or not): a spec or a FilterError."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    keys = st.one_of(st.sampled_from(["label", "pset", "correct", "issue_mode", "q", "region", "slice", "sort", "desc",
+                                      "review", "r.metric.x", "r.", "m.camera", "m.", "page"]), st.text(max_size=5))
+    texts = st.one_of(st.text(max_size=8), st.sampled_from(["0:1", ":", "nan:1", "1e999:", "0,0;1,0;1,1", "0,0;x",
+                                                             "1", "0", "all", "keep", "1:0"]))
+    values = st.one_of(texts, st.lists(texts, max_size=3), st.none(), st.integers(), st.lists(st.integers()))
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(params=st.dictionaries(keys, values, max_size=4))
+    def check(params):
+        try:
+            spec = from_query_params(params)
+        except FilterError as exc:
+            assert str(exc)
+            return
+        assert from_query_params(to_query_params(spec)) == (spec if spec.sort_by else spec.replace(descending=False))
+
+    check()
+    with pytest.raises(FilterError, match="'label': expected text or a list of texts"):
+        from_query_params({"label": 3})

@@ -562,8 +562,17 @@ def from_query_params(params: Mapping[str, str | Sequence[str]]) -> FilterSpec:
     Values may be strings or lists of strings (repeated keys). Malformed values raise :class:`FilterError`.
     """
     values: dict = {}
+    if not isinstance(params, Mapping):
+        raise FilterError(f"query parameters must be a mapping, got {type(params).__name__}")
     for key, raw in params.items():
-        items = [raw] if isinstance(raw, str) else [str(v) for v in raw]
+        if not isinstance(key, str):
+            raise FilterError(f"query parameter names must be text, got {_shown(key)}")
+        if isinstance(raw, str):
+            items = [raw]
+        elif isinstance(raw, list | tuple) and all(isinstance(v, str) for v in raw):
+            items = list(raw)
+        else:
+            raise FilterError(f"query parameter {key!r}: expected text or a list of texts, got {_shown(raw)}")
         if not items:
             continue
         last = items[-1]
