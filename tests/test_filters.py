@@ -370,7 +370,7 @@ def test_from_dict_is_total_over_arbitrary_json_in_every_field():
 
     names = {f.name for f in dataclass_fields(FilterSpec)}
 
-    @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(payload=_field_payloads())
     def check(payload):
         try:
