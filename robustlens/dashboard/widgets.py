@@ -459,8 +459,12 @@ def bulk_actions(table: pd.DataFrame, positions: np.ndarray, spec: FilterSpec, *
         if st.button("Add to collection", key=f"{key}.add_coll", disabled=not (count and target)):
             user = require_user()
             if user:
-                added = store.add_to_collection(target, ids(), user=user)
-                done(f"Added {added:,} sample(s) to '{target}'.")
+                try:
+                    added = store.add_to_collection(target, ids(), user=user)
+                except RobustlensError as exc:  # refused input, a write conflict, the database unreachable
+                    st.error(text(f"Not saved: {exc}"))
+                else:
+                    done(f"Added {added:,} sample(s) to '{target}'.")
     with right:
         new_collection_form(spec, ids=ids, count=count, scope=scope, key=f"{key}.new")
 
@@ -473,11 +477,14 @@ def _tag(ids: list[str], tag: str, *, remove: bool) -> None:
         st.warning("Type a tag name first.")
         return
     store = data.curation()
+    try:
+        count = (store.remove_tag if remove else store.add_tag)(ids, tag.strip(), user=user)
+    except RobustlensError as exc:  # refused name, a write conflict, the database unreachable: nothing changed
+        st.error(text(f"Not saved: {exc}"))
+        return
     if remove:
-        count = store.remove_tag(ids, tag.strip(), user=user)
         done(f"Removed tag '{tag.strip()}' from {count:,} sample(s).")
         return
-    count = store.add_tag(ids, tag.strip(), user=user)
     done(f"Tagged {count:,} sample(s) '{tag.strip()}' ({len(ids) - count:,} already had it).")
 
 
@@ -515,8 +522,8 @@ def create_collection(name: str, description: str, *, kind: str, ids: Callable[[
         else:
             members = ids()
             store.create_collection(name, user=user, description=description, sample_ids=members)
-    except ValueError as exc:
-        st.error(text(exc))
+    except (RobustlensError, ValueError) as exc:
+        st.error(text(f"Not saved: {exc}"))
         return
     what = " (saved filter)." if kind == "saved" else f" with {len(members):,} samples."
     done(f"Created collection '{name.strip()}'{what}")

@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from robustlens.dashboard import data, widgets
+from robustlens.errors import RobustlensError
 
 CLUSTERS_PER_PAGE = 8
 KIND = "dup.kind"
@@ -131,7 +132,11 @@ def _tag_rest(ids: list[str], tag: str, what: str) -> None:
     user = widgets.require_user()
     if not user or not ids:
         return
-    count = data.curation().add_tag(ids, tag.strip(), user=user)
+    try:
+        count = data.curation().add_tag(ids, tag.strip(), user=user)
+    except RobustlensError as exc:  # refused name, a write conflict, the database unreachable: nothing changed
+        st.error(widgets.text(f"Not saved: {exc}"))
+        return
     widgets.done(f"Tagged {count:,} non-representative sample(s) of {what} '{tag.strip()}'.")
 
 
