@@ -1365,9 +1365,16 @@ def run_headline_attack(model: torch.nn.Module, images: torch.Tensor, labels: np
         ran[e] = True
         todo = np.flatnonzero(clean_correct & ~already)
         if todo.size:
-            result = module.auto_attack(model, images[todo], labels[todo], float(family.eps[e]), norm=norm,
-                                        seed=derive_seed(config.random_state, name, e) & 0x7FFFFFFF,
-                                        batch_size=config.attack_batch_size, **params)
+            try:
+                result = module.auto_attack(model, images[todo], labels[todo], float(family.eps[e]), norm=norm,
+                                            seed=derive_seed(config.random_state, name, e) & 0x7FFFFFFF,
+                                            batch_size=config.attack_batch_size, **params)
+            except ValidationError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported: the headline falls back to the previews
+                warnings.append(f"AutoAttack is not available, so the headline is the preview attacks' worst case "
+                                f"and is not AutoAttack-grade: it failed ({type(exc).__name__}: {exc})")
+                return None
             robust = np.asarray(result.robust, dtype=bool)
             broken = ~robust
             already[todo[broken]] = True
@@ -1408,9 +1415,18 @@ def run_validity(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarra
     counter = PassCounter(model)
     clock = time.perf_counter()
     train_images, train_labels = train if train is not None else (None, None)
-    report = module.validity_diagnostics(counter, images, labels, eps, norm=norm, robust_mask=robust_before,
-                                         surrogate=None, train_images=train_images, train_labels=train_labels,
-                                         budget=config.validity_budget, seed=config.random_state)
+    try:
+        report = module.validity_diagnostics(counter, images, labels, eps, norm=norm, robust_mask=robust_before,
+                                             surrogate=None, train_images=train_images, train_labels=train_labels,
+                                             budget=config.validity_budget, seed=config.random_state)
+    except ValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a crashing diagnostic is a failed check, not a lost run
+        check = {"name": "validity_diagnostics", "norm": norm, "status": "fail",
+                 "message": f"the validity diagnostics crashed ({type(exc).__name__}: {exc}); the robust accuracy "
+                            "is unchecked"}
+        return {"status": "fail", "checks": [check], "report": None, "before": robust_before,
+                "after": robust_before}
     after = robust_before & np.asarray(report.worst_case_robust, dtype=bool)
     broken_at = np.zeros((family.eps.size, images.shape[0]), dtype=bool)
     broken_at[reference] = robust_before & ~after
@@ -1462,6 +1478,10 @@ def run_verification(model: torch.nn.Module, images: torch.Tensor, labels: np.nd
                                    norm=norm, batch_size=64)
         except ValidationError as exc:
             out[norm] = {"supported": False, "message": f"not supported: {exc}"}
+            continue
+        except Exception as exc:  # noqa: BLE001 - a crashing verifier is reported (validity warns), the run goes on
+            out[norm] = {"supported": False, "error": True,
+                         "message": f"verification failed ({type(exc).__name__}: {exc})"}
             continue
         seconds = time.perf_counter() - clock
         empirical = clean_correct[:count][None, :] & ~family.worst()[:, :count]
@@ -1543,6 +1563,8 @@ def validity_section(config: RobustnessConfig, reports: dict[str, dict], self_ch
                                "every preview attack found the planted adversarial examples")
                    + ("; gradient-masking symptoms (" + ", ".join(suspicious) + ")" if suspicious else "")})
     for norm, entry in outcome.get("verification", {}).items():
+        if entry.get("error"):
+            checks.append({"name": "verified_not_broken", "norm": norm, "status": "warn", "message": entry["message"]})
         if not entry.get("supported"):
             continue
         bad = entry["violations"]
