@@ -477,3 +477,30 @@ def test_names_must_be_display_safe_on_every_backend(db_url):
     store.delete_collection("old\tname", user="ana")
     assert "old\tname" not in store.collection_names()
     store.close()
+
+
+def test_check_name_accepts_exactly_the_display_safe_names():
+    """Property: an accepted name is printable, without surrounding spaces, at most MAX_NAME_CHARS characters;
+    a refused one gets a message naming the field."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from robustlens.analysis.curation import check_name
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(value=st.one_of(st.text(max_size=30), st.text(min_size=195, max_size=205),
+                           st.sampled_from(["dark coats, frozen", " x ", "a\u202eb", "\u2066x\u2069", "a\u200db"])),
+           strip=st.booleans())
+    def check(value, strip):
+        try:
+            name = check_name("collection name", value, strip=strip)
+        except CurationInputError as exc:
+            assert str(exc).startswith("collection name"), str(exc)
+            expected_ok = (value.strip() if strip else value)
+            assert (not expected_ok.strip() or len(expected_ok) > MAX_NAME_CHARS or not expected_ok.isprintable()
+                    or expected_ok != expected_ok.strip())
+            return
+        assert name == (value.strip() if strip else value)
+        assert 0 < len(name) <= MAX_NAME_CHARS and name.isprintable() and name == name.strip()
+
+    check()
