@@ -47,7 +47,7 @@ relative, so they do not depend on the scale of the logits or of the loss):
 ``active_test``
     an adversarial example is planted *inside the model's input path*: ``f'(z) = f(T(z))`` where
     ``T`` moves the image towards a confidently classified image of another class once ``z`` has
-    progressed far enough along a hidden direction of size ``0.9·ε``, in two gated stages, so one
+    progressed far enough along a hidden direction of size ``ε``, in two gated stages, so one
     gradient step gets only half-way. Masking inside ``f`` therefore masks the planted path too. The
     strong white-box attack must find it; a one-step FGSM and Square-100 must not (else the test
     cannot tell a strong attack from a weak one and is reported inconclusive).
@@ -94,10 +94,10 @@ except ImportError:  # pragma: no cover - depends on the checkout
 #: ``draws``: draws per evaluation of a randomized model; ``distill_epochs``: surrogate training.
 BUDGETS: dict[str, dict[str, Any]] = {
     "fast": {"n_iter": 20, "restarts": 1, "more_factor": 3, "more_restarts": 1, "square": 1000,
-             "nes_steps": 30, "nes_samples": 16, "eot": 8, "draws": 5, "distill_epochs": 30, "probes": 8,
+             "nes_steps": 30, "nes_samples": 16, "eot": 8, "draws": 51, "distill_epochs": 30, "probes": 8,
              "unbounded_iter": 30, "grid": (0.5, 1.0, 2.0, 4.0), "active_iter": 40, "apgd": False},
     "standard": {"n_iter": 100, "restarts": 1, "more_factor": 3, "more_restarts": 3, "square": 5000,
-                 "nes_steps": 100, "nes_samples": 48, "eot": 16, "draws": 9, "distill_epochs": 60, "probes": 16,
+                 "nes_steps": 100, "nes_samples": 48, "eot": 16, "draws": 51, "distill_epochs": 60, "probes": 16,
                  "unbounded_iter": 100, "grid": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "active_iter": 100,
                  "apgd": True},
 }
@@ -113,6 +113,9 @@ UNBOUNDED_WARN = 0.9
 #: Active test: strong attack success needed; weak attack success above which the test is inconclusive.
 ACTIVE_STRONG = 0.9
 ACTIVE_WEAK = 0.5
+#: Active test mixing: ``sigmoid(ACTIVE_SLOPE·(S - ACTIVE_CENTER))``; ``S = 2`` at the planted point.
+ACTIVE_CENTER = 1.85
+ACTIVE_SLOPE = 20.0
 
 STRAIGHT_THROUGH_NAMES = ("round", "floor", "ceil", "trunc", "fix", "sign", "clamp", "clip", "clamp_min",
                           "clamp_max", "floor_divide")
@@ -179,8 +182,10 @@ class _StraightThroughMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in self._targets and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad \
                 and isinstance(out, torch.Tensor) and out.is_floating_point() and out.shape == args[0].shape:
-            self.found.add(getattr(func, "__name__", str(func)))
             x = args[0]
+            name = getattr(func, "__name__", str(func))
+            if not name.startswith(("clamp", "clip")) or bool((out != x).any()):   # a clamp that changes nothing is harmless
+                self.found.add(name)
             if func in (torch.Tensor.__floordiv__, torch.floor_divide, torch.Tensor.floor_divide):
                 other = args[1] if len(args) > 1 else kwargs.get("other")
                 return x / other + (out - x / other).detach()
@@ -288,7 +293,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
 
 def gradient_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *, norm: str,
                     loss: str = "ce", steps: int = 50, restarts: int = 1, random_start: bool = True,
-                    stop_on_success: bool = True, seed: int = 0,
+                    stop_on_success: bool = True, final: bool = False, seed: int = 0,
                     grad_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
                     ) -> torch.Tensor:
     """PGD with a cosine-decayed step (``ε/2 -> ε/50``), best-loss tracking and restarts.
@@ -308,6 +313,9 @@ def gradient_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         Iterations per run, number of runs (each later run starts at a random point of the ball).
     stop_on_success:
         Keep a sample's first point that the view misclassifies (else the highest-loss point).
+    final:
+        Return the last iterate instead (for randomized views, whose loss values are noisy: a
+        "best" point picked from noisy values, or the first noisy success, sits on the boundary).
     seed:
         Seed of the random starts.
     grad_fn:
@@ -347,7 +355,7 @@ def gradient_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 adv = _project(adv + alpha * _direction(g, norm), x, eps, norm)
         if stop_on_success and bool(done.all()):
             break
-    return best.detach()
+    return adv.detach() if final else best.detach()
 
 
 def nes_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *, norm: str,
@@ -465,12 +473,16 @@ class InputPathActiveModel(nn.Module):
 
     For the anchor ``x_j`` nearest to ``z`` (L2, no gradient): ``u = z - x_j``; progress along the
     hidden direction ``δ_j`` on two disjoint pixel halves ``A`` and ``B``:
-    ``t_A = ⟨u_A, δ_A⟩/‖δ_A‖²``, ``t_B`` likewise; stage gate ``S = t_A + sigmoid(10(t_A - 0.6))·t_B``;
-    mixing ``m = 0.05·S + 0.95·sigmoid(10(S - 1.5))``; ``T(z) = clip(x_j + m·(a_j - x_j), 0, 1)`` with
-    ``a_j`` a confidently classified image of another class. At ``z = x_j``: ``m = 0`` (clean prediction
-    kept); at ``x_j + δ_j`` (inside the ball): ``S ≈ 2``, ``m ≈ 1``, ``f`` sees ``a_j``. One signed
-    gradient step reaches ``t_A ≈ 1.1`` but not ``t_B`` (its gradient is gated off at the start), so
-    ``S ≈ 1.1`` and ``m ≈ 0.07``: a single step fails by construction.
+    ``t_A = ⟨u_A, δ_A⟩/‖δ_A‖²``, ``t_B`` likewise (``δ_j``: random signs per pixel, amplitude ``ε`` for
+    L∞ / ``ε/√D`` for L2, pointing inwards at the borders of ``[0, 1]``); two stages
+    ``S = t_A + min(relu(t_A - 0.5)/0.4, 1)·t_B``; mixing
+    ``m = 0.05·S + 0.95·sigmoid(ACTIVE_SLOPE·(S - ACTIVE_CENTER))``;
+    ``T(z) = clip(x_j + m·(a_j - x_j), 0, 1)`` with ``a_j`` the most confidently classified image of
+    another class. At ``z = x_j``: ``m = 0``, ``T(x_j) = x_j`` (clean prediction kept); at the planted
+    point ``x_j + δ_j`` (on the ε-ball): ``S = 2``, ``m ≈ 0.9``, ``f`` sees (nearly) ``a_j``. The
+    gradient of ``t_B`` is exactly zero until ``t_A > 0.5``, so one signed gradient step reaches
+    ``t_A = 1``, ``t_B = 0``, ``S = 1``, ``m ≈ 0.05`` and fails by construction; a random search
+    (Square) gains nothing from half-aligned windows of per-pixel random signs.
     """
 
     def __init__(self, base: nn.Module, anchors: torch.Tensor, deltas: torch.Tensor, half: torch.Tensor,
@@ -491,8 +503,10 @@ class InputPathActiveModel(nn.Module):
         da, db = d * a, d * (1 - a)
         t_a = (u * da).sum(1) / da.pow(2).sum(1).clamp_min(1e-30)
         t_b = (u * db).sum(1) / db.pow(2).sum(1).clamp_min(1e-30)
-        s = t_a + torch.sigmoid(10 * (t_a - 0.6)) * t_b
-        return j, 0.05 * s + 0.95 * torch.sigmoid(10 * (s - 1.5))
+        # the second stage has exactly zero gradient until the first is half done
+        gate = torch.minimum(torch.relu(t_a - 0.5) / 0.4, torch.ones_like(t_a))
+        s = t_a + gate * t_b
+        return j, 0.05 * s + 0.95 * torch.sigmoid(ACTIVE_SLOPE * (s - ACTIVE_CENTER))
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
         """``T(z)`` ``(B, C, H, W)``."""
@@ -510,14 +524,14 @@ def build_input_path_active_model(model: nn.Module, images: torch.Tensor, eps: f
 
     Returns ``(active, labels, evaluable)``: ``labels`` ``(N,)`` are ``f``'s clean predictions;
     ``evaluable`` ``(N,)`` bool marks samples whose planted point ``x + δ`` is verified adversarial,
-    whose clean point keeps its label, and whose one-step point (``t_A ≈ 1.1``, ``t_B = 0``) keeps its
+    whose clean point keeps its label, and whose one-step point (``t_A = 1``, ``t_B = 0``) keeps its
     label too. Verification uses forwards only, so it holds for gradient-masking models as well.
     """
     x = images.detach()
     n, c, h, w = x.shape
     dim = c * h * w
     gen = make_generator(seed, "validity-active")
-    amp = 0.9 * eps if norm == "linf" else 0.9 * eps / math.sqrt(dim)
+    amp = eps if norm == "linf" else eps / math.sqrt(dim)
     signs = torch.randint(0, 2, x.shape, generator=gen, device=gen.device).to(x) * 2 - 1
     signs = torch.where(x < amp, torch.ones_like(signs), torch.where(x > 1 - amp, -torch.ones_like(signs), signs))
     deltas = amp * signs
@@ -533,10 +547,10 @@ def build_input_path_active_model(model: nn.Module, images: torch.Tensor, eps: f
     has_partner = other.any(1)
     partners = x[score.argmax(1)]
     active = InputPathActiveModel(model, x, deltas, half, partners)
-    one_step = x + deltas * half / 0.9
+    one_step = x + deltas * half
     with torch.no_grad(), eval_mode(active):
         ok_clean = logits_of(active, x).argmax(1) == y
-        ok_star = logits_of(active, (x + deltas).clamp(0, 1)).argmax(1) != y
+        ok_star = logits_of(active, x + deltas).argmax(1) != y
         ok_step = logits_of(active, one_step.clamp(0, 1)).argmax(1) == y
     return active, y, has_partner & ok_clean & ok_star & ok_step
 
@@ -739,6 +753,8 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         randomized = diff > 1e-6 * (1 + float(first.abs().max()))
         draws = cfg["draws"] if randomized else 1
         evaluator = _Evaluator(model, y, draws)
+        # a randomized model's loss and predictions are noisy: run gradient attacks to the end
+        noisy: dict[str, bool] = {"stop_on_success": False, "final": True} if randomized else {}
         clean = evaluator.correct(x).cpu()
         settings["eval_draws"] = draws
         checks.append(_check("randomized", "warn" if randomized else "pass", diff, 1e-6,
@@ -777,7 +793,7 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         for kind in ("ce", "dlr"):
             name = f"pgd_{kind}"
             adv = gradient_attack(model, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"],
-                                  restarts=cfg["restarts"], seed=seed)
+                                  restarts=cfg["restarts"], seed=seed, **noisy)
             score(name, adv, cc_idx)
             white_names.append(name)
             if cfg["apgd"] and _apgd is not None and not randomized:
@@ -793,7 +809,7 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         for kind in ("ce", "dlr"):
             name = f"pgd_{kind}_x{cfg['more_factor']}"
             adv = gradient_attack(model, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"] * cfg["more_factor"],
-                                  restarts=cfg["more_restarts"], seed=seed + 1)
+                                  restarts=cfg["more_restarts"], seed=seed + 1, **noisy)
             more.append(score(name, adv, cc_idx))
         more_all = np.logical_and.reduce(more) & white
         drop = float(white.mean() - more_all.mean())
@@ -812,7 +828,8 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         if found:
             view: nn.Module = EOTModel(st_model, cfg["eot"]) if randomized else st_model
             for kind in ("ce", "dlr"):
-                adv = gradient_attack(view, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 2)
+                adv = gradient_attack(view, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 2,
+                                      **noisy)
                 score(f"bpda_{kind}", adv, cc_idx)
         checks.append(_check(
             "non_differentiable_ops", "warn" if found else "pass", found, [],
@@ -826,7 +843,8 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
             say("validity: EOT")
             eot = EOTModel(model, cfg["eot"])
             for kind in ("ce", "dlr"):
-                adv = gradient_attack(eot, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 3)
+                adv = gradient_attack(eot, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 3,
+                                      **noisy)
                 score(f"eot_{kind}", adv, cc_idx)
 
         # --- black box (score-based) on the samples every white-box attack left robust
@@ -876,7 +894,7 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         ub = []
         for kind in ("ce", "dlr"):
             adv = gradient_attack(model, xc, yc, big, norm=norm, loss=kind, steps=cfg["unbounded_iter"],
-                                  random_start=False, seed=seed + 5)
+                                  random_start=False, seed=seed + 5, **noisy)
             with torch.no_grad():
                 ub.append(~evaluator.correct(adv, cc_idx).cpu().numpy())
         ub_success = float(np.logical_or.reduce(ub).mean()) if cc_idx.numel() else 1.0
@@ -893,7 +911,8 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         for e in grid:
             name = f"sweep_{e:.4g}"
             eps_used[name] = e
-            adv = gradient_attack(model, xc, yc, e, norm=norm, loss="dlr", steps=cfg["n_iter"] // 2, seed=seed + 6)
+            adv = gradient_attack(model, xc, yc, e, norm=norm, loss="dlr", steps=cfg["n_iter"] // 2, seed=seed + 6,
+                                  **noisy)
             r = score(name, adv, cc_idx)
             del robust[name]   # other budgets do not enter the worst case at eps
             accs.append(float(r.mean()))
@@ -950,9 +969,9 @@ def _active_check(model: nn.Module, x: torch.Tensor, eps: float, norm: str, cfg:
     view: nn.Module = EOTModel(active, cfg["eot"]) if randomized else active
     ev_active = _Evaluator(active, yl, cfg["draws"] if randomized else 1)
     rates = {}
-    for kind in ("ce", "dlr"):
+    for kind in ("ce", "dlr", "margin"):
         adv = gradient_attack(view, xa, yl, eps, norm=norm, loss=kind, steps=cfg["active_iter"], random_start=False,
-                              seed=seed + 7)
+                              seed=seed + 7, stop_on_success=not randomized, final=randomized)
         rates[f"strong_{kind}"] = float((~ev_active.correct(adv) & _within(adv, xa, eps, norm)).float().mean())
     g, _ = _grad(view, xa, yl, "ce")
     fgsm_adv = _project(xa + eps * _direction(g, norm), xa, eps, norm)
@@ -960,7 +979,7 @@ def _active_check(model: nn.Module, x: torch.Tensor, eps: float, norm: str, cfg:
     if norm == "linf":
         sq = square_attack(active, xa, yl, eps, max_iter=100, random_state=seed)
         rates["weak_square100"] = float((~ev_active.correct(sq)).float().mean())
-    strong = max(rates["strong_ce"], rates["strong_dlr"])
+    strong = max(v for k, v in rates.items() if k.startswith("strong"))
     weak = max(v for k, v in rates.items() if k.startswith("weak"))
     if strong < ACTIVE_STRONG:
         status = "fail"
