@@ -1,8 +1,10 @@
-"""One rule for the names users give things: prediction sets, tags, collections.
+"""The rule for names that become file names: prediction sets (``predictions/<name>.npy``).
 
-A name becomes a file name (``predictions/<name>.npy``), a database key and a label on every dashboard
-page, so it must be safe in all three: no path separators or ``..``, no markup characters, no control
-characters, bounded length. :func:`validate_name` is the single check every entry point calls.
+Such a name is a file name, a database key and a label on every dashboard page, so it must be safe in all
+three: no path separators or ``..``, no markup characters, no control characters, bounded length.
+:func:`validate_name` is the check every entry point that takes such a name calls. Names that never reach
+the file system (tags, collections, reviewers) follow the looser, display-safe rule of
+:func:`robustlens.analysis.curation.check_name` (printable text; markup is escaped where it is shown).
 """
 
 from __future__ import annotations
