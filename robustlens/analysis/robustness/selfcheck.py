@@ -1,4 +1,10 @@
-"""Is the attack strong enough, and does the model mask gradients?
+"""Is the attack strong enough, and does the model mask gradients? (legacy per-attack checks)
+
+Superseded for the validity verdict by :func:`robustlens.analysis.robustness.validity.validity_diagnostics`:
+the checks here use an absolute zero-gradient tolerance (a tiny gradient leak passes), a black-box
+comparison with little power, and an active test that plants its adversarial *outside* the network
+(masking inside the model is invisible to it). They are kept as per-attack self-checks of the
+attack implementations; ``validity`` is what decides whether a robust accuracy can be trusted.
 
 Attack-strength self-check ("active test")
 -------------------------------------------

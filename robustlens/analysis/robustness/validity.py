@@ -116,6 +116,8 @@ ACTIVE_WEAK = 0.5
 #: Active test mixing: ``sigmoid(ACTIVE_SLOPE·(S - ACTIVE_CENTER))``; ``S = 2`` at the planted point.
 ACTIVE_CENTER = 1.85
 ACTIVE_SLOPE = 20.0
+#: Partner images of other classes tried per sample by the active test.
+PARTNER_CANDIDATES = 8
 
 STRAIGHT_THROUGH_NAMES = ("round", "floor", "ceil", "trunc", "fix", "sign", "clamp", "clip", "clamp_min",
                           "clamp_max", "floor_divide")
@@ -389,15 +391,15 @@ def nes_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps
 
 def _square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, queries: int,
             seed: int) -> torch.Tensor:
-    """Square attack (L∞ from :mod:`.attacks`; L2 from :mod:`.autoattack` when present, else NES)."""
-    if norm == "linf":
-        return square_attack(model, x, y, eps, max_iter=queries, random_state=seed)
+    """Square attack, L∞ or L2 (:func:`.autoattack.square`; L∞ falls back to :func:`.attacks.square_attack`)."""
     try:
         from .autoattack import square
-    except ImportError:
+    except ImportError:  # pragma: no cover - depends on the checkout
         square = None
     if square is not None:
-        return square(model, x, y, eps, norm="l2", n_queries=queries, seed=seed)
+        return square(model, x, y, eps, norm=norm, n_queries=queries, seed=seed)
+    if norm == "linf":
+        return square_attack(model, x, y, eps, max_iter=queries, random_state=seed)
     return nes_attack(model, x, y, eps, norm=norm, steps=max(20, queries // 50), seed=seed)
 
 
@@ -538,14 +540,33 @@ def build_input_path_active_model(model: nn.Module, images: torch.Tensor, eps: f
     half = (torch.rand(x.shape, generator=gen, device=gen.device) < 0.5).to(x)
     with torch.no_grad(), eval_mode(model):
         logits = logits_of(model, x)
-    y = logits.argmax(1)
-    top2 = logits.topk(2, dim=1).values
-    confidence = top2[:, 0] - top2[:, 1]
-    # partner: the most confident image predicted as another class
-    other = y[None, :] != y[:, None]
-    score = torch.where(other, confidence[None, :].expand(n, n), torch.full((n, n), -math.inf, device=x.device))
-    has_partner = other.any(1)
-    partners = x[score.argmax(1)]
+        y = logits.argmax(1)
+        top2 = logits.topk(2, dim=1).values
+        confidence = top2[:, 0] - top2[:, 1]
+        # partner: among the most confident images of other classes, the first along whose segment from
+        # x_j the margin of y_j never increases (so the loss gradient points along the planted path) and
+        # ends negative; checked with forwards only, so masking models get partners too
+        other = y[None, :] != y[:, None]
+        score = torch.where(other, confidence[None, :].expand(n, n), torch.full((n, n), -math.inf, device=x.device))
+        order = score.argsort(dim=1, descending=True)[:, :PARTNER_CANDIDATES]
+        has_partner = torch.zeros(n, dtype=torch.bool, device=x.device)
+        chosen = torch.zeros(n, dtype=torch.long, device=x.device)
+        steps = torch.tensor([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], device=x.device)
+        for rank in range(order.shape[1]):
+            cand = order[:, rank]
+            valid = torch.isfinite(score.gather(1, cand[:, None]).squeeze(1)) & ~has_partner
+            if not bool(valid.any()):
+                continue
+            a = x[cand]
+            path = (x[None] + steps.reshape(-1, 1, 1, 1, 1) * (a - x)[None]).reshape(-1, c, h, w)
+            z = torch.cat([logits_of(model, path[i:i + 512]) for i in range(0, path.shape[0], 512)])
+            margins = -_loss(z, y.repeat(len(steps)), "margin").reshape(len(steps), n)
+            tol = 1e-6 * (1 + margins.abs().amax(0))
+            monotone = ((margins[1:] - margins[:-1]) <= tol).all(0) & (margins[-1] < 0)
+            take = valid & monotone
+            chosen = torch.where(take, cand, chosen)
+            has_partner |= take
+    partners = x[chosen]
     active = InputPathActiveModel(model, x, deltas, half, partners)
     one_step = x + deltas * half
     with torch.no_grad(), eval_mode(active):
@@ -821,10 +842,9 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         scripted = contains_torchscript(model)
         found: list[str] = []
         st_model = StraightThroughModel(model)
-        if not scripted:
-            say("validity: BPDA")
-            _grad(st_model, xc[:1] if cc_idx.numel() else x[:1], (yc if cc_idx.numel() else y)[:1], "ce")
-            found = sorted(st_model.found)
+        say("validity: BPDA")   # Python-level ops around a TorchScript core are still intercepted
+        _grad(st_model, xc[:1] if cc_idx.numel() else x[:1], (yc if cc_idx.numel() else y)[:1], "ce")
+        found = sorted(st_model.found)
         if found:
             view: nn.Module = EOTModel(st_model, cfg["eot"]) if randomized else st_model
             for kind in ("ce", "dlr"):
@@ -834,8 +854,9 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         checks.append(_check(
             "non_differentiable_ops", "warn" if found else "pass", found, [],
             (f"non-differentiable ops on the input path: {', '.join(found)}; attacked with BPDA (straight-through)"
-             if found else ("TorchScript model: ops cannot be intercepted; a gradient-free NES attack is run"
-                            if scripted else "no rounding / sign / clamp ops on the input path")),
+             if found else "no rounding / sign / clamp ops on the input path")
+            + ("; the model contains TorchScript, whose ops cannot be intercepted: a gradient-free NES attack is run"
+               if scripted else ""),
             torchscript=scripted))
 
         # --- EOT
