@@ -22,6 +22,14 @@ from robustlens.analysis.robustness import (
 FAST = {"pgd_linf": {"steps": 10}, "pgd_l2": {"steps": 10}, "square_linf": {"max_iter": 200},
         "cw_l2": {"binary_search_steps": 4, "max_iter": 50, "initial_const": 0.1, "learning_rate": 0.05},
         "deepfool": {}, "fgsm": {}}
+# The AutoAttack entries (autoattack.py) at light settings: the tiny task has 4 classes, so 3 target classes.
+for _norm in ("", "_l2"):
+    FAST.update({f"apgd_ce{_norm}": {"n_iter": 20}, f"apgd_dlr{_norm}": {"n_iter": 20},
+                 f"apgd_t{_norm}": {"n_iter": 20, "n_target_classes": 3},
+                 f"fab_t{_norm}": {"n_iter": 20, "n_target_classes": 3}})
+FAST.update({"square_l2": {"n_queries": 200},
+             "autoattack_linf": {"n_iter": 20, "n_target_classes": 3, "square_queries": 200},
+             "autoattack_l2": {"n_iter": 20, "n_target_classes": 3, "square_queries": 200}})
 EPS = {"linf": 0.1, "l2": 0.6}
 
 
