@@ -186,7 +186,7 @@ class _StraightThroughMode(TorchFunctionMode):
                 and isinstance(out, torch.Tensor) and out.is_floating_point() and out.shape == args[0].shape:
             x = args[0]
             name = getattr(func, "__name__", str(func))
-            if not name.startswith(("clamp", "clip")) or bool((out != x).any()):   # a clamp that changes nothing is harmless
+            if not name.startswith(("clamp", "clip")) or bool((out != x).any()):   # a no-op clamp is harmless
                 self.found.add(name)
             if func in (torch.Tensor.__floordiv__, torch.floor_divide, torch.Tensor.floor_divide):
                 other = args[1] if len(args) > 1 else kwargs.get("other")
@@ -218,7 +218,8 @@ class StraightThroughModel(nn.Module):
 
 
 class EOTModel(nn.Module):
-    """Logits ``(B, K)`` averaged over ``draws`` forwards of a randomized ``model`` (expectation over transformation)."""
+    """Logits ``(B, K)`` averaged over ``draws`` forwards of a randomized ``model`` (expectation over
+    transformation, Athalye et al. 2018)."""
 
     def __init__(self, model: nn.Module, draws: int):
         super().__init__()
