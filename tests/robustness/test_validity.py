@@ -247,3 +247,15 @@ def test_bad_inputs_are_rejected(tiny_task):
         validity_diagnostics(model, x, y, -1.0)
     with pytest.raises(RobustnessInputError, match="norm"):
         validity_diagnostics(model, x, y, EPS, norm="l1")
+
+
+def test_l2_threat_model(tiny_task, models):
+    """L2: the plain model passes; the quantizer is caught and its worst case falls to the plain model's level."""
+    x, y = tiny_task.x_test[:32], tiny_task.y_test[:32]
+    plain = validity_diagnostics(models["plain"], x, y, 0.4, norm="l2", train_images=tiny_task.x_train, budget="fast")
+    trap = validity_diagnostics(models["quantization"], x, y, 0.4, norm="l2", train_images=tiny_task.x_train,
+                                budget="fast")
+    assert plain.status == "pass", [c for c in plain.checks if c["status"] != "pass"]
+    assert trap.status == "fail" and trap.headline_accuracy - trap.worst_case_accuracy >= 0.3
+    assert abs(trap.worst_case_accuracy - plain.worst_case_accuracy) <= TOLERANCE + 1.5 / 32
+    assert "square" in trap.diagnostic_adv and "nes" in trap.diagnostic_adv     # the L2 black boxes ran
