@@ -51,7 +51,9 @@ def open_page(root: Path, monkeypatch) -> AppTest:
 
 def assert_clean(app: AppTest) -> None:
     assert not app.exception, [e.value for e in app.exception]
-    assert not app.error, [e.value for e in app.error]
+    # a failed validity status is shown as an error box on purpose (the tiny runs here may fail a check)
+    errors = [e.value for e in app.error if not e.value.startswith("Validity checks")]
+    assert not errors, errors
 
 
 def shown_sample(app: AppTest) -> str:

@@ -176,7 +176,11 @@ def test_self_check_passes_for_every_attack_run(analysed):
     assert set(checks) == {"fgsm", "pgd_linf", "deepfool"}
     assert all(c["passed"] and c["n_evaluated"] > 0 for c in checks.values())
     assert set(summary["self_check"]["masking"]) == {"linf", "l2"}
-    assert summary["self_check"]["passed"] and summary["warnings"] == []
+    assert summary["self_check"]["passed"]
+    # with the tiny settings the validity diagnostics may find AutoAttack-10 weak: only their warnings may appear
+    assert [w for w in summary["warnings"] if not w.startswith("validity ")] == []
+    check = next(c for c in summary["validity"]["checks"] if c["name"] == "preview_attack_self_checks")
+    assert check["status"] == "pass"
 
 
 def test_per_sample_rows_only_for_evaluated_samples(analysed):
