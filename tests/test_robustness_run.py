@@ -282,12 +282,18 @@ def test_cli_rejects_bad_names_with_exit_2(template, monkeypatch, capsys, argv):
 
 def test_cli_runs_and_prints_the_summary(template, tmp_path, monkeypatch, capsys):
     root = shutil.copytree(template, tmp_path / "ws")
+    quick = tmp_path / "quick.toml"
+    quick.write_text("[attacks.autoattack_linf]\nsteps = 10\ntargets = 3\nqueries = 100\n"
+                     "[validity]\nenabled = false\n[verification]\nsamples = 4\nnorms = [\"linf\"]\n")
     argv = ["robustness", str(root), "--quiet", "--max-samples", "20", "--attack-samples", "20",
             "--smoothing-samples", "3", "--smoothing-n", "50", "--smoothing-n0", "10", "--corruptions",
-            "contrast", "--severities", "1,2", "--attacks", "fgsm", "--eps", "2/255,8/255", "--device", "cpu"]
+            "contrast", "--severities", "1,2", "--attacks", "fgsm", "--eps", "2/255,8/255", "--device", "cpu",
+            "--attack-config", str(quick)]
     assert run_cli(argv, monkeypatch) == 0
     out = capsys.readouterr().out
-    assert "self-checks  PASSED" in out and "L∞ attacks" in out and "20 evaluated" in out
+    assert "self-checks  PASSED" in out and "L∞ ε sweep" in out and "20 evaluated" in out
+    assert "validity     WARN" in out and "validity_diagnostics: the validity diagnostics were switched off" in out
+    assert "ROBUST L∞" in out and "95 % CI" in out
     stored = json.loads((root / "artifacts" / "robustness_summary.json").read_text())
     assert stored["config"]["linf_eps"] == pytest.approx([2 / 255, 8 / 255])
     assert stored["attacks"]["linf"]["reference_eps"] == pytest.approx(8 / 255)
