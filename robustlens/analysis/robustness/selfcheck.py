@@ -501,16 +501,22 @@ class RobustnessSelfCheckReport:
                 "masking": self.masking.to_dict()}
 
 
+#: The attacks checked by default: the fast previews. The AutoAttack cascade is judged by the validity
+#: diagnostics (:mod:`.validity`), whose active test plants its adversarial inside the model's input path.
+PREVIEW_ATTACKS = ("fgsm", "pgd_linf", "pgd_l2", "deepfool", "cw_l2", "square_linf")
+
+
 def robustness_self_check(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
                           eps: float, *, norm: str = "linf", attacks: Sequence[str] | None = None,
                           attack_params: Mapping[str, Mapping[str, Any]] | None = None,
                           threshold: float = 0.95, random_state: int = 0) -> RobustnessSelfCheckReport:
-    """Run :func:`attack_self_check` for every attack of ``norm`` (or ``attacks``) and :func:`gradient_masking_checks`.
+    """Run :func:`attack_self_check` for every preview attack of ``norm`` (or ``attacks``) and
+    :func:`gradient_masking_checks`.
 
     ``attack_params`` maps attack name -> extra keyword arguments. Other parameters as in those functions.
     """
     norm = check_norm(norm)
-    names = [k for k, s in ATTACKS.items() if s.norm == norm] if attacks is None else list(attacks)
+    names = [k for k in PREVIEW_ATTACKS if ATTACKS[k].norm == norm] if attacks is None else list(attacks)
     params = attack_params or {}
     checks = {a: attack_self_check(model, images, a, eps, threshold=threshold, random_state=random_state,
                                    attack_params=params.get(a)) for a in names}
