@@ -41,37 +41,7 @@ SAMPLE = REPO / "sample_data"
 sys.path.insert(0, str(REPO))
 
 from robustlens.analysis.robustness.autoattack import auto_attack  # noqa: E402
-
-
-class _CountBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, owner):  # noqa: ANN001, ANN205
-        ctx.owner = owner
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        ctx.owner.backward_count += grad.shape[0]
-        return grad, None
-
-
-class CountingModel(nn.Module):
-    """Counts per-sample forward passes and backward passes that reach the input."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.forward_count = 0
-        self.backward_count = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.forward_count += x.shape[0]
-        if x.requires_grad:
-            x = _CountBackward.apply(x, self)
-        return self.model(x)
-
-    def reset(self) -> None:
-        self.forward_count = self.backward_count = 0
+from tests.robustness.counting import CountingModel  # noqa: E402
 
 
 def load_sample(n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -14,10 +14,11 @@ def tiny_task() -> TinyTask:
     return make_tiny_task()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _single_thread_torch():
-    """Keep torch to 2 threads (the test machine has 2 shared cores)."""
+    """One torch thread: these small batches gain nothing from more, and on the shared 2-core test machine two
+    contended threads ran the attack tests many times slower than one."""
     before = torch.get_num_threads()
-    torch.set_num_threads(min(before, 2))
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)

@@ -15,42 +15,13 @@ from torch import nn
 from robustlens.analysis.robustness import autoattack as aa
 from robustlens.analysis.robustness._common import RobustnessInputError
 from robustlens.analysis.robustness.attacks import ATTACKS, pgd, run_attack
+from tests.robustness.counting import CountingModel
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
 TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-class _CountBackward(torch.autograd.Function):
-    """Identity whose backward adds the batch size to the owner's backward count."""
-
-    @staticmethod
-    def forward(ctx, x, owner):  # noqa: ANN001, ANN205
-        ctx.owner = owner
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        ctx.owner.backward_count += grad.shape[0]
-        return grad, None
-
-
-class CountingModel(nn.Module):
-    """Wraps a model and counts per-sample forward passes and backward passes that reach the input."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.forward_count = 0
-        self.backward_count = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.forward_count += x.shape[0]
-        if x.requires_grad:
-            x = _CountBackward.apply(x, self)
-        return self.model(x)
 
 
 def reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, *,
@@ -101,15 +72,6 @@ def robust_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Ten
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
     valid = (size <= eps * (1 + TOL) + TOL) & (adv.min() >= 0) & (adv.max() <= 1)
     return (clean_ok & (adv_ok | ~valid)).numpy()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run far faster on one thread than on two contended ones (the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

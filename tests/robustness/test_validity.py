@@ -98,22 +98,13 @@ def reference_robust(name, trap, base, x, y):
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: these small batches gain nothing from more, and a shared machine punishes spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_task):
     return {"plain": tiny_task.model, **make_traps(tiny_task.model)}
 
 
 @pytest.fixture(scope="module")
-def reports(tiny_task, models, _one_thread):
+def reports(tiny_task, models):
     """Validity report per model (computed once; torch's global RNG only drives the noise trap)."""
     out = {}
     with torch.random.fork_rng(devices=[]):
