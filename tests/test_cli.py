@@ -199,3 +199,16 @@ def test_serve_stops_when_signalled(sample_workspace):
     with socket.socket() as sock:
         sock.settimeout(5)
         assert sock.connect_ex(("127.0.0.1", port)) != 0, "the dashboard server still listens after terminate()"
+
+
+def test_help_does_not_import_torch():
+    """Building the parser stays light: `robustlens --help` used to import torch (5 s of CPU)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom robustlens.cli import main\n"
+            "for argv in (['--help'], ['robustness', '--help'], ['analyze', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

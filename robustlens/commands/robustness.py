@@ -28,9 +28,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``robustness`` on the CLI's subparsers."""
-    from robustlens.analysis.robustness.run import RobustnessConfig
+    from robustlens.analysis import robustness_defaults as defaults  # not run.py: it imports torch
 
-    defaults = RobustnessConfig()
     parser = subparsers.add_parser(
         "robustness", help="evaluate the model under corruptions and attacks, and certify it",
         description="Evaluate the workspace model on a stratified sample: common corruptions × severities; "
@@ -63,21 +62,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="skip AutoAttack: the headline is the fast preview attacks' worst case (labelled so)")
     parser.add_argument("--verify-samples", type=int,
                         help=f"attacked images formally verified (IBP, CROWN), 0 to skip (default "
-                             f"{defaults.verify_samples})")
+                             f"{defaults.VERIFY_SAMPLES})")
     parser.add_argument("--validity-budget", choices=("fast", "standard"),
                         help="budget of the validity diagnostics (default: standard, or the attack-config file's)")
-    parser.add_argument("--smoothing-sigma", type=float, default=defaults.smoothing_sigma,
-                        help=f"randomized-smoothing noise σ in pixel units (default {defaults.smoothing_sigma})")
-    parser.add_argument("--smoothing-n", type=int, default=defaults.smoothing_n,
-                        help=f"CERTIFY estimation samples per image (default {defaults.smoothing_n})")
-    parser.add_argument("--smoothing-n0", type=int, default=defaults.smoothing_n0,
-                        help=f"CERTIFY selection samples per image (default {defaults.smoothing_n0})")
-    parser.add_argument("--smoothing-samples", type=int, default=defaults.smoothing_samples,
-                        help=f"images certified, 0 to skip (default {defaults.smoothing_samples})")
-    parser.add_argument("--attack-samples", type=int, default=defaults.attack_samples,
-                        help=f"images attacked, 0 to skip (default {defaults.attack_samples})")
-    parser.add_argument("--max-samples", type=int, default=defaults.max_samples,
-                        help=f"images evaluated, stratified by class (default {defaults.max_samples})")
+    parser.add_argument("--smoothing-sigma", type=float, default=defaults.SMOOTHING_SIGMA,
+                        help=f"randomized-smoothing noise σ in pixel units (default {defaults.SMOOTHING_SIGMA})")
+    parser.add_argument("--smoothing-n", type=int, default=defaults.SMOOTHING_N,
+                        help=f"CERTIFY estimation samples per image (default {defaults.SMOOTHING_N})")
+    parser.add_argument("--smoothing-n0", type=int, default=defaults.SMOOTHING_N0,
+                        help=f"CERTIFY selection samples per image (default {defaults.SMOOTHING_N0})")
+    parser.add_argument("--smoothing-samples", type=int, default=defaults.SMOOTHING_SAMPLES,
+                        help=f"images certified, 0 to skip (default {defaults.SMOOTHING_SAMPLES})")
+    parser.add_argument("--attack-samples", type=int, default=defaults.ATTACK_SAMPLES,
+                        help=f"images attacked, 0 to skip (default {defaults.ATTACK_SAMPLES})")
+    parser.add_argument("--max-samples", type=int, default=defaults.MAX_SAMPLES,
+                        help=f"images evaluated, stratified by class (default {defaults.MAX_SAMPLES})")
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda")
     parser.add_argument("--seed", type=int, default=0, help="random_state of the whole run (default 0)")
     parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU cores)")

@@ -98,6 +98,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from robustlens.analysis import robustness_defaults as defaults
 from robustlens.analysis import storage
 from robustlens.analysis.ingest.model import prepare_images
 from robustlens.analysis.loader import iter_decoded
@@ -222,17 +223,17 @@ class RobustnessConfig:
     validity: bool = True
     validity_budget: str = "standard"
     verification: tuple[str, ...] = ("ibp", "crown")
-    verify_samples: int = 100
+    verify_samples: int = defaults.VERIFY_SAMPLES
     verify_norms: tuple[str, ...] = ("linf", "l2")
     stability_samples: int = 100
-    smoothing_sigma: float = 0.25
-    smoothing_n0: int = 100
-    smoothing_n: int = 1000
+    smoothing_sigma: float = defaults.SMOOTHING_SIGMA
+    smoothing_n0: int = defaults.SMOOTHING_N0
+    smoothing_n: int = defaults.SMOOTHING_N
     smoothing_alpha: float = 0.001
     reference_radius: float | None = None
-    max_samples: int = 500
-    attack_samples: int = 200
-    smoothing_samples: int = 100
+    max_samples: int = defaults.MAX_SAMPLES
+    attack_samples: int = defaults.ATTACK_SAMPLES
+    smoothing_samples: int = defaults.SMOOTHING_SAMPLES
     selfcheck_samples: int = 32
     selfcheck_threshold: float = 0.95
     masking_samples: int = 64
