@@ -36,13 +36,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(workspace: Path, timeout: float = 90.0):
-    """Run ``robustlens serve`` on a free loopback port; yields the base URL."""
+def served(workspace: Path, *extra: str, timeout: float = 90.0):
+    """Run ``robustlens serve WORKSPACE --port P *extra`` on a free loopback port; yields the base URL."""
     port = free_port()
     # Server output goes to a file, not a pipe nobody reads (a pipe would block the server once its
     # ~64 KB buffer filled); it is shown when the server fails to come up.
     log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "robustlens.cli", "serve", str(workspace), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "robustlens.cli", "serve", str(workspace), "--port", str(port),
+                                *extra],
                                stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -12,15 +12,12 @@ WebSocket handshakes against ``robustlens serve``.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import re
 import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -40,7 +37,7 @@ from robustlens.dashboard import widgets
 from robustlens.dashboard.host_guard import HostGuard, HostPolicy, host_of_header, host_of_origin
 from robustlens.dashboard.routes import ROUTES
 from robustlens.errors import ValidationError
-from tests.browser import free_port
+from tests.browser import free_port, served
 from tests.conftest import SAMPLE_DATA
 from tests.dashboard_fixtures import write_analysis_artifacts
 
@@ -327,39 +324,10 @@ def test_embedding_map_legend_and_hover_are_escaped(hostile_workspace, monkeypat
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-@contextlib.contextmanager
-def serving(workspace: Path, *extra: str, timeout: float = 90.0):
-    """``robustlens serve WORKSPACE --port P *extra``; yields the port once /_stcore/health answers."""
-    port = free_port()
-    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "robustlens.cli", "serve", str(workspace), "--port", str(port),
-                                *extra], stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"robustlens serve did not come up: {log.read()[-3000:]}")
-            time.sleep(0.3)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def served_hostile(hostile_workspace):
-    with serving(hostile_workspace, "--allowed-host", "dashboard.example") as port:
+    with served(hostile_workspace, "--allowed-host", "dashboard.example") as url:
+        port = int(urlsplit(url).port)
         yield port
 
 
