@@ -17,7 +17,6 @@ import json
 import re
 import shutil
 import socket
-import sys
 import time
 import urllib.request
 from datetime import UTC, datetime
