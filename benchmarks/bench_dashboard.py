@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from robustlens.analysis.filters import FilterSpec, filter_positions  # noqa: E402
-from robustlens.analysis.sample_table import load_sample_table  # noqa: E402
+from robustlens.query.filters import FilterSpec, filter_positions  # noqa: E402
+from robustlens.query.sample_table import load_sample_table  # noqa: E402
 from robustlens.analysis.workspace import Workspace  # noqa: E402
 from tests.dashboard_fixtures import synthetic_workspace  # noqa: E402
 

@@ -89,7 +89,7 @@ def _add_info(sub) -> None:
 
 
 def _cmd_info(args) -> int:
-    from robustlens.analysis.summary import summarize
+    from robustlens.query.summary import summarize
     from robustlens.analysis.workspace import Workspace
 
     workspace = Workspace(args.workspace)
@@ -103,7 +103,7 @@ def _cmd_info(args) -> int:
 
 
 def _describe(workspace) -> str:
-    from robustlens.analysis.summary import summarize
+    from robustlens.query.summary import summarize
 
     info = summarize(workspace)
     lines = [f"Workspace {info['workspace']}",
@@ -190,7 +190,7 @@ def _resolve_device(requested: str) -> str:
 
 
 def _analysis_summary(workspace) -> str:
-    from robustlens.analysis.summary import analysis_overview
+    from robustlens.query.summary import analysis_overview
 
     overview = analysis_overview(workspace)
     lines = [f"Analysis of {overview['num_samples']:,} samples"]

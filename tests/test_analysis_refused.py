@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from robustlens import cli
-from robustlens.analysis.filters import apply_filter, from_query_params
+from robustlens.query.filters import apply_filter, from_query_params
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.analysis.sample_table import load_sample_table
+from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.stages.base import excluded_rows, read_refused
 from robustlens.analysis.workspace import Workspace
 from tests.conftest import write_image

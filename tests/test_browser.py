@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from playwright.sync_api import expect
 
-from robustlens.analysis.filters import FilterSpec, filter_ids
-from robustlens.analysis.sample_table import load_sample_table
+from robustlens.query.filters import FilterSpec, filter_ids
+from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from tests.browser import (CHROMIUM_ARGS, chromium_path, holding_requests, script_runs, served, wait_for_app_idle,
                            watch_script_runs)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from robustlens.analysis.filters import FilterSpec, filter_ids
-from robustlens.analysis.sample_table import load_sample_table
+from robustlens.query.filters import FilterSpec, filter_ids
+from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from robustlens.dashboard.routes import ROUTES
 from tests.dashboard_fixtures import analysed_template, analysed_workspace  # noqa: F401  (fixtures)
@@ -223,7 +223,7 @@ def test_sort_and_range_filter(app, table):
 def test_a_shared_url_applies_its_filter_and_opens_its_sample(analysed_workspace, table, monkeypatch):
     spec = FilterSpec(labels=["sandal", "shirt"], issues=["dark"], sort_by="metric.brightness")
     first = filter_ids(table, spec)[0]
-    from robustlens.analysis.filters import to_query_params
+    from robustlens.query.filters import to_query_params
 
     app = make_app(analysed_workspace, monkeypatch, query={**to_query_params(spec), "sample": first})
     goto(app, "explorer")

@@ -13,7 +13,7 @@ from sklearn import metrics as skm
 from robustlens.analysis import storage
 from robustlens.analysis.stages import evaluation
 from robustlens.analysis.stages.base import StageContext
-from robustlens.analysis.summary import prediction_accuracy
+from robustlens.query.summary import prediction_accuracy
 from robustlens.analysis.workspace import Workspace
 
 

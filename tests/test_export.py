@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 from robustlens import cli
-from robustlens.analysis import export
-from robustlens.analysis.filters import FilterSpec, filter_ids, to_query_params
+from robustlens.query import export
+from robustlens.query.filters import FilterSpec, filter_ids, to_query_params
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.analysis.sample_table import load_sample_table
+from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from robustlens.commands import export as export_command
 from robustlens.errors import ValidationError, WorkspaceError

@@ -10,9 +10,9 @@ import pytest
 
 from robustlens.analysis import storage
 from robustlens.analysis.curation import CurationStore
-from robustlens.analysis.filters import (FilterError, FilterSpec, apply_filter, filter_ids, filter_positions,
+from robustlens.query.filters import (FilterError, FilterSpec, apply_filter, filter_ids, filter_positions,
                                          from_query_params, prune_spec, region_mask, to_query_params)
-from robustlens.analysis.sample_table import (display_name, issue_types, load_sample_table, numeric_columns,
+from robustlens.query.sample_table import (display_name, issue_types, load_sample_table, numeric_columns,
                                               prediction_sets)
 from robustlens.analysis.workspace import Workspace
 from tests.dashboard_fixtures import analysed_template  # noqa: F401  (fixture)

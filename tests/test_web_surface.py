@@ -30,7 +30,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from robustlens.analysis import curation as curation_db
-from robustlens.analysis.filters import FilterSpec, to_query_params
+from robustlens.query.filters import FilterSpec, to_query_params
 from robustlens.analysis.workspace import Workspace
 from robustlens.dashboard import widgets
 from robustlens.dashboard.host_guard import HostGuard, HostPolicy, host_of_header, host_of_origin

@@ -61,10 +61,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Handler of ``robustlens export``; returns the exit status (errors are raised for the CLI to map)."""
-    from robustlens.analysis import export
-    from robustlens.analysis.filters import FilterError
+    from robustlens.query import export
+    from robustlens.query.filters import FilterError
     from robustlens.analysis.safety import check_output_location, workspace_inputs
-    from robustlens.analysis.sample_table import load_sample_table
+    from robustlens.query.sample_table import load_sample_table
     from robustlens.analysis.workspace import Workspace
 
     workspace = Workspace(args.workspace)

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from robustlens.analysis import filters, sample_table
+from robustlens.query import filters, sample_table
 from robustlens.analysis.curation import CurationStore
-from robustlens.analysis.summary import class_balance, prediction_accuracy, summarize
+from robustlens.query.summary import class_balance, prediction_accuracy, summarize
 from robustlens.analysis.safety import RefusedFiles
 from robustlens.analysis.thumbnails import ensure_thumbnails
 from robustlens.analysis.workspace import Workspace
@@ -107,7 +107,7 @@ def _sample_table(path: str, stamp: tuple) -> pd.DataFrame:
 
 
 def table() -> pd.DataFrame:
-    """The sample table (see :mod:`robustlens.analysis.sample_table`); read-only."""
+    """The sample table (see :mod:`robustlens.query.sample_table`); read-only."""
     return _sample_table(str(workspace_path()), artifacts_stamp())
 
 

@@ -2,7 +2,7 @@
 
 The filter lives in three places that this module keeps in step:
 
-* ``st.session_state[FILTER]`` — the canonical :class:`~robustlens.analysis.filters.FilterSpec` (as a dict),
+* ``st.session_state[FILTER]`` — the canonical :class:`~robustlens.query.filters.FilterSpec` (as a dict),
   global to the session, so switching pages keeps it;
 * the filter widgets in the sidebar (seeded from the canonical spec when they appear or when the spec
   is changed by code, e.g. "open these samples in the explorer");
@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 import pandas as pd
 import streamlit as st
 
-from robustlens.analysis import filters
-from robustlens.analysis.filters import FilterError, FilterSpec
+from robustlens.query import filters
+from robustlens.query.filters import FilterError, FilterSpec
 
 FILTER = "rl.filter"
 URL_SEEN = "rl.url_seen"

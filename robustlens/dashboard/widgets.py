@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from robustlens.analysis.filters import REVIEW_STATES, FilterError, FilterSpec, to_query_params
-from robustlens.analysis.sample_table import display_name, issue_types, prediction_sets
+from robustlens.query.filters import REVIEW_STATES, FilterError, FilterSpec, to_query_params
+from robustlens.query.sample_table import display_name, issue_types, prediction_sets
 from robustlens.dashboard import data, routes, state
 from robustlens.errors import RobustlensError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from robustlens.analysis.filters import FilterError, FilterSpec, apply_filter
+from robustlens.query.filters import FilterError, FilterSpec, apply_filter
 from robustlens.dashboard import data, state, widgets
 from robustlens.errors import RobustlensError
 

@@ -14,8 +14,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from robustlens.analysis.filters import FilterSpec, region_mask
-from robustlens.analysis.sample_table import display_name, issue_types, prediction_sets
+from robustlens.query.filters import FilterSpec, region_mask
+from robustlens.query.sample_table import display_name, issue_types, prediction_sets
 from robustlens.dashboard import data, state, widgets
 from robustlens.errors import RobustlensError
 

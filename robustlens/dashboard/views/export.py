@@ -14,8 +14,8 @@ from urllib.parse import urlencode
 import numpy as np
 import streamlit as st
 
-from robustlens.analysis import export
-from robustlens.analysis.filters import FilterError, FilterSpec, to_query_params
+from robustlens.query import export
+from robustlens.query.filters import FilterError, FilterSpec, to_query_params
 from robustlens.dashboard import data, state, widgets
 from robustlens.errors import RobustlensError
 

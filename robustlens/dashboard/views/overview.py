@@ -6,8 +6,8 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from robustlens.analysis.filters import FilterSpec
-from robustlens.analysis.sample_table import issue_types, prediction_sets
+from robustlens.query.filters import FilterSpec
+from robustlens.query.sample_table import issue_types, prediction_sets
 from robustlens.dashboard import data, widgets
 
 EXAMPLES_PER_ISSUE = 6

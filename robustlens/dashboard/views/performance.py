@@ -8,8 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from robustlens.analysis.filters import FilterSpec
-from robustlens.analysis.sample_table import prediction_sets
+from robustlens.query.filters import FilterSpec
+from robustlens.query.sample_table import prediction_sets
 from robustlens.dashboard import data, widgets
 
 CHART_GENERATION = "perf.chart_generation"

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from robustlens.analysis.sample_table import prediction_sets
+from robustlens.query.sample_table import prediction_sets
 from robustlens.dashboard import data, state, widgets
 from robustlens.errors import RobustlensError
 

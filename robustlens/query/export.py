@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from robustlens.analysis import storage
-from robustlens.analysis.filters import FilterError, FilterSpec, apply_filter, filter_positions
+from robustlens.query.filters import FilterError, FilterSpec, apply_filter, filter_positions
 from robustlens.analysis.images import FileRefused, ImageProblem, read_verified_bytes
 from robustlens.analysis.safety import (DatasetGuard, check_replaceable_file, check_replaceable_folder, file_digest,
                                         marker_body, neutralise_formulas, record_written, validate_name,
@@ -335,7 +335,7 @@ def resolve_filter(spec_text: str | None = None, query: str | None = None) -> Fi
     """A filter from JSON text (``--filter``) or a dashboard URL / query string (``--query``)."""
     from urllib.parse import parse_qs, urlsplit
 
-    from robustlens.analysis.filters import from_query_params
+    from robustlens.query.filters import from_query_params
 
     if spec_text and query:
         raise ValidationError("give either a JSON filter or a query string, not both")

@@ -1,7 +1,7 @@
 """The one filter engine: which samples a view, a saved-filter collection or an export is about.
 
 A :class:`FilterSpec` is a plain, JSON-serialisable description of a subset of the sample table
-(:func:`robustlens.analysis.sample_table.load_sample_table`) and an order. :func:`apply_filter` turns
+(:func:`robustlens.query.sample_table.load_sample_table`) and an order. :func:`apply_filter` turns
 it into a boolean mask with vectorized column operations (no Python loop over rows), so it stays well
 under a second at a million samples; :func:`filter_positions` adds the sort. The dashboard keeps the
 current spec in the URL (:func:`to_query_params` / :func:`from_query_params`), collections store it as
@@ -80,7 +80,7 @@ class FilterSpec:
         ``slice_id`` of a row of ``artifacts/slices.parquet`` (also ``worst_slices`` / ``robustness_slices``):
         keeps exactly the slice's members, from the masks the slices stage counted them with
         (:func:`robustlens.analysis.stages.slices.slice_mask`). Needs a table from
-        :func:`~robustlens.analysis.sample_table.load_sample_table` (it knows its workspace).
+        :func:`~robustlens.query.sample_table.load_sample_table` (it knows its workspace).
     sort_by, descending:
         Sort column (``None``: table order) and direction; missing values sort last.
     """
@@ -284,7 +284,7 @@ def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader
     Parameters
     ----------
     table:
-        The sample table (:func:`~robustlens.analysis.sample_table.load_sample_table`).
+        The sample table (:func:`~robustlens.query.sample_table.load_sample_table`).
     spec:
         The filter.
     curation:
@@ -365,7 +365,7 @@ def filter_ids(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader |
 
 def resolve_prediction_set(table: pd.DataFrame, name: str | None) -> str:
     """``name``, or the table's first prediction set; :class:`FilterError` if there is none / no such set."""
-    from robustlens.analysis.sample_table import prediction_sets
+    from robustlens.query.sample_table import prediction_sets
 
     available = prediction_sets(table)
     if name is None:
@@ -404,7 +404,7 @@ def region_mask(table: pd.DataFrame, polygon: Sequence[Sequence[float]]) -> np.n
     return inside
 
 
-#: ``table.attrs`` key under which :func:`~robustlens.analysis.sample_table.load_sample_table` records the
+#: ``table.attrs`` key under which :func:`~robustlens.query.sample_table.load_sample_table` records the
 #: workspace root (slice filters read that workspace's slice masks).
 WORKSPACE_ATTR = "robustlens.workspace"
 
