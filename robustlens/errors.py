@@ -50,3 +50,25 @@ class WorkspaceError(RobustlensError):
 
 class NotAWorkspaceError(WorkspaceError):
     """The path given as a workspace has no ``workspace.json``: a usage error (exit status 2)."""
+
+
+class ConfigError(ValidationError, ValueError):
+    """A configuration value out of range or of the wrong type, named by where it came from.
+
+    Also a :class:`ValueError`, so code that validated with ``ValueError`` before keeps working.
+
+    Parameters
+    ----------
+    owner:
+        What the configuration belongs to, e.g. ``"stage 'duplicates'"`` or ``"--attack-config attacks.toml"``.
+    field:
+        The configuration field, e.g. ``"near_threshold"``.
+    expected:
+        What is allowed, e.g. ``"a number in [0, 1]"``.
+    got:
+        The value that came (shown with ``repr``).
+    """
+
+    def __init__(self, owner: str, field: str, expected: str, got: object):
+        self.owner, self.field, self.expected, self.got = owner, field, expected, got
+        super().__init__(f"{owner}: {field} must be {expected}, got {got!r}")
