@@ -7,7 +7,7 @@ SAMPLE_WS := workspaces/sample
 HOST ?= 127.0.0.1
 PORT ?= 8501
 
-.PHONY: setup demo test sample-workspace browser postgresql clean bench
+.PHONY: setup demo test lint sample-workspace browser postgresql clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "robustlens needs Python >= 3.11")'
@@ -50,7 +50,14 @@ postgresql:
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
-test: setup browser postgresql
+# Lint and types (configured in pyproject.toml): `ruff format .` rewrites what `--check` refuses.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# The fast loop while developing: $(PY) -m pytest -m "not browser and not slow"
+test: setup browser postgresql lint
 	$(PY) -m pytest
 
 bench: setup
