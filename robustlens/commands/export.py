@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from robustlens.commands.common import EXIT_OK
 from robustlens.errors import ValidationError
 
 FORMATS = ("csv", "json", "parquet", "imagefolder")
@@ -80,7 +81,7 @@ def run(args) -> int:
             frame = export.relabel_frame(table, store, include_all=args.all_decisions)
             export.write_frame(frame, args.out, fmt, overwrite=args.force, raw_csv=args.raw_csv)
             print(f"wrote {len(frame):,} decision(s) to {args.out}")
-            return 0
+            return EXIT_OK
         spec = export.resolve_filter(_read_filter(args.filter_json), args.query)
         try:
             positions = export.select_positions(table, store, spec=spec, collections=args.collection, tags=args.tag)
@@ -104,7 +105,7 @@ def run(args) -> int:
     print(f"wrote {count:,} sample(s) to {args.out}")
     if not count:
         print("warning: the selection is empty", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def _read_filter(value: str | None) -> str | None:

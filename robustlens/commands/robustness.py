@@ -21,9 +21,9 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from robustlens.commands.common import (EXIT_FAILURE, EXIT_OK, add_device_option, add_quiet_option,
+                                       add_workers_option, resolve_device)
 from robustlens.errors import ValidationError
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,15 +77,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"images attacked, 0 to skip (default {defaults.ATTACK_SAMPLES})")
     parser.add_argument("--max-samples", type=int, default=defaults.MAX_SAMPLES,
                         help=f"images evaluated, stratified by class (default {defaults.MAX_SAMPLES})")
-    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda")
+    add_device_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="random_state of the whole run (default 0)")
-    parser.add_argument("--workers", type=int, help="image-decoding threads (default: CPU cores)")
+    add_workers_option(parser)
     parser.add_argument("--threads", type=int,
                         help="torch threads (default: half the CPU cores, at least 1: on busy cores more threads "
                              "than free cores makes torch much slower)")
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 1 when a self-check fails or the validity status is not 'pass'")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_option(parser)
     parser.set_defaults(handler=run)
     return parser
 
@@ -176,19 +176,6 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def resolve_device(requested: str) -> str:
-    """``auto`` → ``cuda`` when available else ``cpu``; a CUDA device must exist."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValidationError(f"--device {requested}: CUDA is not available on this machine")
-    if requested != "cpu" and not requested.startswith("cuda"):
-        raise ValidationError(f"--device must be auto, cpu or cuda[:N]; got {requested!r}")
-    return requested
-
-
 # -- the command -----------------------------------------------------------------------------------------------
 
 def run(args) -> int:
@@ -198,10 +185,9 @@ def run(args) -> int:
 
     workspace = Workspace(args.workspace)
     if not workspace.has_model:
-        print(f"error: {workspace.root} has no model, so there is nothing to attack or certify. Create the "
-              "workspace with a model: robustlens init WS --data DIR --model model.pt --model-config model.json",
-              file=sys.stderr)
-        return EXIT_USAGE
+        raise ValidationError(f"{workspace.root} has no model, so there is nothing to attack or certify. Create the "
+                              "workspace with a model: robustlens init WS --data DIR --model model.pt "
+                              "--model-config model.json")
     config = config_from_args(args)
     summary = run_robustness(workspace, config, progress=not args.quiet, device=resolve_device(args.device),
                              workers=args.workers, threads=args.threads or default_threads())
