@@ -262,9 +262,11 @@ def test_a_slice_filter_keeps_exactly_the_slice_members(planted):
     from robustlens.query.filters import (FilterError, FilterSpec, apply_filter, filter_ids, from_query_params,
                                              prune_spec, to_query_params)
     from robustlens.query.sample_table import load_sample_table
+    from robustlens.query.slices import load_slice_membership
 
     workspace = Workspace(planted["root"])
     table = load_sample_table(workspace)
+    membership = load_slice_membership(workspace)
     all_slices = pd.read_parquet(workspace.artifact_path("slices.parquet"))
     worst = pd.read_parquet(workspace.artifact_path("worst_slices.parquet"))
     predicates = pd.read_parquet(workspace.artifact_path("slice_predicates.parquet")).set_index("predicate_id")
@@ -278,7 +280,7 @@ def test_a_slice_filter_keeps_exactly_the_slice_members(planted):
     chosen += [worst.iloc[0], worst.iloc[-1]]
     for row in chosen:
         spec = FilterSpec(slice=row["slice_id"])
-        mask = apply_filter(table, spec)
+        mask = apply_filter(table, spec, slices=membership)
         assert mask.sum() == row["size"], row["description"]
         expected = np.ones(len(table), dtype=bool)
         for i in row["predicate_ids"]:
@@ -288,16 +290,17 @@ def test_a_slice_filter_keeps_exactly_the_slice_members(planted):
         params = to_query_params(spec)
         assert params == {"slice": row["slice_id"]}
         assert from_query_params(params) == spec == FilterSpec.from_json(spec.to_json())
-        narrowed = filter_ids(table, FilterSpec(slice=row["slice_id"], labels=["coat"]))
+        narrowed = filter_ids(table, FilterSpec(slice=row["slice_id"], labels=["coat"]), slices=membership)
         assert set(narrowed) == set(table["id"][mask & (table["label"] == "coat").to_numpy()])
     planted_row = all_slices[all_slices["description"].map(_is_planted)].iloc[0]
-    assert np.array_equal(apply_filter(table, FilterSpec(slice=planted_row["slice_id"])), planted["planted_mask"])
+    assert np.array_equal(apply_filter(table, FilterSpec(slice=planted_row["slice_id"]), slices=membership),
+                          planted["planted_mask"])
     assert "in slice" in " ".join(FilterSpec(slice=planted_row["slice_id"]).describe())
 
     # An unknown slice (an old link) is an explained error, and pruned from a link's filter.
     with pytest.raises(FilterError, match="no slice"):
-        apply_filter(table, FilterSpec(slice="s-not-there"))
-    pruned, problems = prune_spec(table, FilterSpec(slice="s-not-there", labels=["coat"]))
+        apply_filter(table, FilterSpec(slice="s-not-there"), slices=membership)
+    pruned, problems = prune_spec(table, FilterSpec(slice="s-not-there", labels=["coat"]), slices=membership)
     assert pruned == FilterSpec(labels=["coat"]) and problems
     # A table not loaded from a workspace cannot resolve slices.
     with pytest.raises(FilterError, match="sample table of a workspace"):

@@ -37,6 +37,7 @@ import pandas as pd
 
 from robustlens.analysis import storage
 from robustlens.query.filters import FilterError, FilterSpec, apply_filter, filter_positions
+from robustlens.query.slices import SliceMembership
 from robustlens.analysis.images import FileRefused, ImageProblem, read_verified_bytes
 from robustlens.analysis.safety import (DatasetGuard, check_replaceable_file, check_replaceable_folder, file_digest,
                                         marker_body, neutralise_formulas, record_written, validate_name,
@@ -52,15 +53,17 @@ RELABEL_COLUMNS = ("id", "path", "old_label", "new_label", "action", "reviewer",
 
 
 def select_positions(table: pd.DataFrame, curation, *, spec: FilterSpec | None = None,
-                     collections: Sequence[str] = (), tags: Sequence[str] = ()) -> np.ndarray:
+                     collections: Sequence[str] = (), tags: Sequence[str] = (),
+                     slices: SliceMembership | None = None) -> np.ndarray:
     """Row positions of the samples to export: ``spec`` AND (any of ``collections`` / ``tags``), in the spec's order.
 
-    With neither a spec nor collections nor tags every sample is exported.
+    With neither a spec nor collections nor tags every sample is exported. ``slices``: the workspace's slice
+    membership (:func:`~robustlens.query.slices.load_slice_membership`), needed for slice filters.
     """
     spec = spec or FilterSpec()
-    mask = apply_filter(table, spec, curation)
+    mask = apply_filter(table, spec, curation, slices=slices)
     if collections:
-        mask &= apply_filter(table, FilterSpec(collections=list(collections)), curation)
+        mask &= apply_filter(table, FilterSpec(collections=list(collections)), curation, slices=slices)
     if tags:
         mask &= apply_filter(table, FilterSpec(tags=list(tags)), curation)
     return filter_positions(table, spec, curation, mask=mask)
@@ -103,7 +106,9 @@ def export_frame(table: pd.DataFrame, positions: np.ndarray, *, columns: str = "
 def relabel_frame(table: pd.DataFrame, curation, *, include_all: bool = False) -> pd.DataFrame:
     """The latest review decision per sample as a relabel file.
 
-    Columns: ``id, path, old_label, new_label, action, reviewer, decided_at`` (ISO 8601, UTC), ``note``.
+    Columns: ``id, path, old_label, new_label, action, reviewer, decided_at`` (ISO 8601, UTC), ``note``:
+    ``reviewer`` and ``decided_at`` are the decision's ``created_by`` and ``created_at`` under the names this
+    file has always had (scripts read them).
     Only ``relabel`` decisions unless ``include_all`` (then ``keep`` / ``ambiguous`` rows carry the old label
     as new label and ``exclude`` rows an empty one).
     """
@@ -120,7 +125,7 @@ def relabel_frame(table: pd.DataFrame, curation, *, include_all: bool = False) -
     new = decisions["new_label"].where(decisions["action"] == "relabel", unchanged)
     frame = pd.DataFrame({
         "id": decisions["sample_id"], "path": path, "old_label": old, "new_label": new, "action": decisions["action"],
-        "reviewer": decisions["reviewer"],
+        "reviewer": decisions["created_by"],  # the file's column keeps its published name
         "decided_at": pd.to_datetime(decisions["created_at"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "note": decisions["note"]})
     return frame.reset_index(drop=True)

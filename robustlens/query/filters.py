@@ -9,6 +9,10 @@ current spec in the URL (:func:`to_query_params` / :func:`from_query_params`), c
 
 Conditions combine with AND; the values listed inside one condition combine with OR (``labels=[a, b]``
 keeps samples labelled *a* or *b*), except ``issues`` whose ``issue_mode`` picks ``any`` or ``all``.
+
+The engine reads only what it is given: the table, the curation store (tags, collections, review states)
+and the slice membership (:class:`~robustlens.query.slices.SliceMembership`, for ``slice``). It never
+opens a workspace file itself.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
+
+from robustlens.errors import ValidationError
+from robustlens.query.sample_table import current_column_name, prediction_sets
+from robustlens.query.slices import SliceError, SliceMembership
 
 CORRECTNESS = ("any", "correct", "incorrect")
 ISSUE_MODES = ("any", "all")
@@ -32,8 +38,12 @@ REVIEW_STATES = ("unreviewed", "reviewed", "relabel", "keep", "ambiguous", "excl
 MAX_COLLECTION_DEPTH = 5
 
 
-class FilterError(ValueError):
-    """A filter that cannot be applied: names what is wrong and what was expected."""
+class FilterError(ValidationError, ValueError):
+    """A filter that cannot be applied: names what is wrong and what was expected.
+
+    A :class:`~robustlens.errors.ValidationError` (bad input, exit status 2 in the CLI) and, as before, a
+    :class:`ValueError`.
+    """
 
 
 class CurationReader(Protocol):
@@ -79,8 +89,8 @@ class FilterSpec:
     slice:
         ``slice_id`` of a row of ``artifacts/slices.parquet`` (also ``worst_slices`` / ``robustness_slices``):
         keeps exactly the slice's members, from the masks the slices stage counted them with
-        (:func:`robustlens.analysis.stages.slices.slice_mask`). Needs a table from
-        :func:`~robustlens.query.sample_table.load_sample_table` (it knows its workspace).
+        (:func:`robustlens.analysis.artifacts.slice_membership`). Needs the workspace's
+        :class:`~robustlens.query.slices.SliceMembership` (``slices=`` of :func:`apply_filter`).
     sort_by, descending:
         Sort column (``None``: table order) and direction; missing values sort last.
     """
@@ -208,6 +218,10 @@ class FilterSpec:
     def from_dict(cls, payload: Mapping) -> FilterSpec:
         """Inverse of :meth:`to_dict`.
 
+        Column names of ``ranges`` and ``sort_by`` written before a sample-table column was renamed (a saved
+        filter in a curation database, an old link) are read under their current names
+        (:data:`robustlens.query.sample_table.COLUMN_ALIASES`, e.g. ``rob_fragility`` → ``rob.fragility``).
+
         Raises
         ------
         FilterError
@@ -220,7 +234,13 @@ class FilterSpec:
         unknown = sorted((key for key in payload if key not in names), key=repr)
         if unknown:
             raise FilterError(f"unknown filter field(s) {[_shown(k) for k in unknown]}; fields: {sorted(names)}")
-        return cls(**dict(payload))
+        values = dict(payload)
+        if isinstance(values.get("ranges"), Mapping):
+            values["ranges"] = {current_column_name(c) if isinstance(c, str) else c: bounds
+                                for c, bounds in values["ranges"].items()}
+        if isinstance(values.get("sort_by"), str):
+            values["sort_by"] = current_column_name(values["sort_by"])
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -278,7 +298,7 @@ class FilterSpec:
 
 # -- evaluation -----------------------------------------------------------------------------------
 def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader | None = None,
-                 *, _depth: int = 0) -> np.ndarray:
+                 *, slices: SliceMembership | None = None, _depth: int = 0) -> np.ndarray:
     """Boolean mask (``len(table)``) of the rows ``spec`` keeps.
 
     Parameters
@@ -289,12 +309,15 @@ def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader
         The filter.
     curation:
         Needed when the spec uses tags, collections or review states.
+    slices:
+        The workspace's slice membership (:func:`~robustlens.query.slices.load_slice_membership`); needed when
+        the spec (or a saved filter it refers to) has a ``slice``.
 
     Raises
     ------
     FilterError
-        A column, prediction set or collection the spec names does not exist, or curation is needed
-        and missing.
+        A column, prediction set, slice or collection the spec names does not exist, or curation / slice
+        membership is needed and missing.
     """
     mask = np.ones(len(table), dtype=bool)
     for column, (low, high) in spec.ranges.items():
@@ -326,7 +349,7 @@ def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader
     if spec.region:
         mask &= region_mask(table, spec.region)
     if spec.slice:
-        mask &= slice_mask(table, spec.slice)
+        mask &= slice_mask(table, spec.slice, slices)
     if spec.tags or spec.collections or spec.review:
         if curation is None:
             raise FilterError("this filter uses tags, collections or review states: it needs the curation database")
@@ -334,17 +357,18 @@ def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader
             tagged = set().union(*(curation.samples_with_tag(tag) for tag in spec.tags))
             mask &= table["id"].isin(tagged).to_numpy()
         if spec.collections:
-            mask &= _collections_mask(table, spec.collections, curation, _depth)
+            mask &= _collections_mask(table, spec.collections, curation, _depth, slices)
         if spec.review:
             mask &= _review_mask(table, spec.review, curation)
     return mask
 
 
 def filter_positions(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader | None = None,
-                     *, mask: np.ndarray | None = None) -> np.ndarray:
-    """Row positions kept by ``spec``, in its sort order (table order when unsorted)."""
+                     *, mask: np.ndarray | None = None, slices: SliceMembership | None = None) -> np.ndarray:
+    """Row positions kept by ``spec``, in its sort order (table order when unsorted); arguments as
+    :func:`apply_filter` (``mask``: its result, when already computed)."""
     if mask is None:
-        mask = apply_filter(table, spec, curation)
+        mask = apply_filter(table, spec, curation, slices=slices)
     positions = np.flatnonzero(mask)
     if spec.sort_by is None or positions.size == 0:
         return positions
@@ -358,15 +382,14 @@ def filter_positions(table: pd.DataFrame, spec: FilterSpec, curation: CurationRe
     return positions[order]
 
 
-def filter_ids(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader | None = None) -> list[str]:
+def filter_ids(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader | None = None,
+               *, slices: SliceMembership | None = None) -> list[str]:
     """Ids kept by ``spec``, in its order."""
-    return table["id"].iloc[filter_positions(table, spec, curation)].tolist()
+    return table["id"].iloc[filter_positions(table, spec, curation, slices=slices)].tolist()
 
 
 def resolve_prediction_set(table: pd.DataFrame, name: str | None) -> str:
     """``name``, or the table's first prediction set; :class:`FilterError` if there is none / no such set."""
-    from robustlens.query.sample_table import prediction_sets
-
     available = prediction_sets(table)
     if name is None:
         if not available:
@@ -404,51 +427,31 @@ def region_mask(table: pd.DataFrame, polygon: Sequence[Sequence[float]]) -> np.n
     return inside
 
 
-#: ``table.attrs`` key under which :func:`~robustlens.query.sample_table.load_sample_table` records the
-#: workspace root (slice filters read that workspace's slice masks).
-WORKSPACE_ATTR = "robustlens.workspace"
+def slice_mask(table: pd.DataFrame, slice_id: str, slices: SliceMembership | None) -> np.ndarray:
+    """Rows of ``table`` in slice ``slice_id`` (a ``slice_id`` of ``slices.parquet``).
 
+    The slices stage's own membership (:meth:`~robustlens.query.slices.SliceMembership.mask`: the AND of the
+    slice's bit-packed predicate rows) — the samples its ``size`` counted, nothing re-derived.
 
-def slice_mask(table: pd.DataFrame, slice_id: str) -> np.ndarray:
-    """Rows of ``table`` in slice ``slice_id`` of its workspace's ``slices.parquet``.
-
-    The slices stage's own membership (:func:`~robustlens.analysis.stages.slices.slice_mask`: the AND of
-    the slice's bit-packed predicate rows) — the samples its ``size`` counted, nothing re-derived.
+    Raises
+    ------
+    FilterError
+        ``slices`` is ``None``, the slice is unknown, or the membership does not fit ``table``.
     """
-    root = table.attrs.get(WORKSPACE_ATTR)
-    if not root:
-        raise FilterError("a slice filter needs the sample table of a workspace (load_sample_table)")
-    stamps = []
-    for name in ("samples.parquet", "artifacts/slices.parquet", "artifacts/slice_predicate_masks.npy"):
-        path = Path(root) / name
-        stamps.append((path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None)
-    if slice_id != "all" and stamps[1] is None:
-        raise FilterError(f"no slice '{slice_id}': this workspace has no slice analysis (run `robustlens analyze`)")
-    mask = _cached_slice_mask(str(root), slice_id, tuple(stamps))
+    if slices is None:
+        raise FilterError("a slice filter needs the slice membership of the sample table of a workspace: pass "
+                          "slices=load_slice_membership(workspace) (robustlens.query.slices)")
+    try:
+        mask = slices.mask(slice_id)
+    except SliceError as exc:
+        raise FilterError(exc.detail) from exc
     if len(mask) != len(table):
         raise FilterError(f"slice '{slice_id}' covers {len(mask):,} samples, the table has {len(table):,}: "
                           "the slices are stale, run `robustlens analyze` again")
-    return mask.copy()
-
-
-@lru_cache(maxsize=16)
-def _cached_slice_mask(root: str, slice_id: str, stamps: tuple) -> np.ndarray:
-    from robustlens.analysis.stages.slices import slice_mask as stage_slice_mask
-    from robustlens.analysis.workspace import Workspace
-
-    try:
-        mask = stage_slice_mask(Workspace(root), slice_id)
-    except KeyError as exc:
-        raise FilterError(f"no slice '{slice_id}' in this workspace's slice analysis "
-                          "(from an older analysis run?)") from exc
-    except (FileNotFoundError, ValueError, TypeError) as exc:
-        raise FilterError(f"slice '{slice_id}' cannot be resolved: {exc}") from exc
-    mask = np.asarray(mask, dtype=bool)
-    mask.setflags(write=False)
     return mask
 
 
-def check_spec(table: pd.DataFrame, spec: FilterSpec) -> list[str]:
+def check_spec(table: pd.DataFrame, spec: FilterSpec, *, slices: SliceMembership | None = None) -> list[str]:
     """Problems that would make ``spec`` fail or match nothing on ``table`` (unknown columns, labels…)."""
     problems = []
     columns = set(table.columns)
@@ -468,7 +471,7 @@ def check_spec(table: pd.DataFrame, spec: FilterSpec) -> list[str]:
         problems.append("no embedding map for the region filter")
     if spec.slice:
         try:
-            slice_mask(table, spec.slice)
+            slice_mask(table, spec.slice, slices)
         except FilterError as exc:
             problems.append(str(exc))
     if spec.predicted or spec.correctness != "any" or spec.prediction_set:
@@ -479,9 +482,10 @@ def check_spec(table: pd.DataFrame, spec: FilterSpec) -> list[str]:
     return problems
 
 
-def prune_spec(table: pd.DataFrame, spec: FilterSpec) -> tuple[FilterSpec, list[str]]:
+def prune_spec(table: pd.DataFrame, spec: FilterSpec, *,
+               slices: SliceMembership | None = None) -> tuple[FilterSpec, list[str]]:
     """Drop the parts of ``spec`` that do not apply to ``table`` (e.g. from an old link); returns them too."""
-    problems = check_spec(table, spec)
+    problems = check_spec(table, spec, slices=slices)
     if not problems:
         return spec, []
     columns = set(table.columns)
@@ -489,7 +493,7 @@ def prune_spec(table: pd.DataFrame, spec: FilterSpec) -> tuple[FilterSpec, list[
     slice_ok = True
     if spec.slice:
         try:
-            slice_mask(table, spec.slice)
+            slice_mask(table, spec.slice, slices)
         except FilterError:
             slice_ok = False
     try:
@@ -705,7 +709,8 @@ def _text_mask(table: pd.DataFrame, text: str) -> np.ndarray:
     return mask
 
 
-def _collections_mask(table: pd.DataFrame, names: list[str], curation: CurationReader, depth: int) -> np.ndarray:
+def _collections_mask(table: pd.DataFrame, names: list[str], curation: CurationReader, depth: int,
+                      slices: SliceMembership | None) -> np.ndarray:
     if depth >= MAX_COLLECTION_DEPTH:
         raise FilterError(f"saved filters refer to each other more than {MAX_COLLECTION_DEPTH} levels deep "
                           "(a collection that includes itself?)")
@@ -717,7 +722,8 @@ def _collections_mask(table: pd.DataFrame, names: list[str], curation: CurationR
         if entry.get("members"):
             mask |= table["id"].isin(entry["members"]).to_numpy()
         if entry.get("filter") is not None:
-            mask |= apply_filter(table, FilterSpec.from_dict(entry["filter"]), curation, _depth=depth + 1)
+            mask |= apply_filter(table, FilterSpec.from_dict(entry["filter"]), curation, slices=slices,
+                                 _depth=depth + 1)
     return mask
 
 

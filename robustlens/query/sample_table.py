@@ -19,23 +19,31 @@ column                         source
 ``dup.<column>``               ``artifacts/duplicates.parquet``
 ``outlier.<column>``           ``artifacts/outliers.parquet`` (e.g. ``outlier_score``, ``is_outlier``)
 ``map.x``, ``map.y``           ``artifacts/projection.parquet``
+``rob.<field>``                ``artifacts/robustness_samples.parquet`` (stored as ``rob_<field>``)
 ``<name>.<column>``            any ``artifacts/per_sample_<name>.parquet`` with an ``id`` column — the
-                               way later stages (e.g. robustness) add per-sample columns
+                               way later stages add per-sample columns
 =============================  ==========================================================================
 
-Samples an artifact does not cover get missing values (NaN / ``<NA>``). Nothing here imports streamlit.
+One convention for every joined stage column: ``<prefix>.<column>``. Artifacts keep their own column names
+(``robustness_samples.parquet`` still stores ``rob_clean_correct``); only the table renames. Saved filters
+and links written before the rename (``rob_clean_correct``) still load: :data:`COLUMN_ALIASES` maps old
+names to new ones (applied by :meth:`robustlens.query.filters.FilterSpec.from_dict`).
+
+Samples an artifact does not cover get missing values (NaN / ``<NA>``). Artifacts are read only through
+:mod:`robustlens.analysis.artifacts`. Nothing here imports streamlit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from robustlens.analysis import artifacts
 from robustlens.analysis.workspace import Workspace
+from robustlens.errors import WorkspaceError
 
 #: Columns of ``samples.parquet`` that identify a sample rather than describe it.
 IDENTITY_COLUMNS = ("id", "path", "content_hash")
@@ -53,14 +61,17 @@ class ArtifactJoin:
     artifact:
         File name under ``artifacts/`` (without ``.parquet``).
     prefix:
-        Prefix of its columns in the table (``""``: joined as they are).
+        Prefix of its columns in the table (``<source>.``).
     drop:
         Columns not joined (duplicates of sample columns).
+    strip:
+        A prefix the artifact's own column names carry, removed before ``prefix`` is added.
     """
 
     artifact: str
     prefix: str
     drop: tuple[str, ...] = ()
+    strip: str = ""
 
 
 #: The known per-sample artifacts, in join order.
@@ -71,9 +82,20 @@ JOINS: tuple[ArtifactJoin, ...] = (
     ArtifactJoin("duplicates", "dup."),
     ArtifactJoin("outliers", "outlier."),
     ArtifactJoin("projection", "map."),
-    # Written by `robustlens robustness`; its columns already carry the `rob_` prefix.
-    ArtifactJoin("robustness_samples", ""),
+    # Written by the robustness stage; its file's columns are `rob_<field>`, the table's `rob.<field>`.
+    ArtifactJoin("robustness_samples", "rob.", strip="rob_"),
 )
+#: Old sample-table column name prefix → the current one, for saved filters and links written before the
+#: table named every joined column ``<source>.<column>`` (``rob_clean_correct`` → ``rob.clean_correct``).
+COLUMN_ALIASES: dict[str, str] = {"rob_": "rob."}
+
+
+def current_column_name(column: str) -> str:
+    """``column`` under its current sample-table name (see :data:`COLUMN_ALIASES`); other names unchanged."""
+    for old, new in COLUMN_ALIASES.items():
+        if column.startswith(old):
+            return new + column.removeprefix(old)
+    return column
 #: Issue-matrix columns that summarise all issue types and keep their own names.
 ISSUE_SUMMARY_COLUMNS = ("issue_count", "max_severity")
 
@@ -101,15 +123,15 @@ def load_sample_table(workspace: Workspace, *, prediction_sets: Iterable[str] | 
     parts = [table]
     ids = samples["id"]
     for join in JOINS:
-        frame = _read(workspace.artifact_path(f"{join.artifact}.parquet"))
+        frame = artifacts.read_per_sample(workspace, join.artifact)
         if frame is not None:
-            parts.append(_aligned(frame, ids, prefix=join.prefix, drop=join.drop, source=join.artifact))
+            parts.append(_aligned(frame, ids, prefix=join.prefix, drop=join.drop, strip=join.strip))
     for name in (workspace.prediction_names if prediction_sets is None else list(prediction_sets)):
         parts.append(prediction_columns(workspace, name))
-    for path in sorted(workspace.artifact_path("").glob(f"{PER_SAMPLE_PREFIX}*.parquet")):
-        frame = _read(path)
-        prefix = path.stem.removeprefix(PER_SAMPLE_PREFIX) + "."
-        parts.append(_aligned(frame, ids, prefix=prefix, drop=(), source=path.stem))
+    for name in artifacts.per_sample_names(workspace):
+        frame = artifacts.read_per_sample(workspace, name)
+        prefix = name.removeprefix(PER_SAMPLE_PREFIX) + "."
+        parts.append(_aligned(frame, ids, prefix=prefix, drop=()))
     table = pd.concat(parts, axis=1)
     for column in ISSUE_SUMMARY_COLUMNS:
         prefixed = f"issue.{column}"
@@ -118,8 +140,6 @@ def load_sample_table(workspace: Workspace, *, prediction_sets: Iterable[str] | 
     if "label_issue.suggested_label" in table.columns:
         table["label_issue.suggested_label"] = pd.Categorical(table["label_issue.suggested_label"],
                                                               categories=workspace.classes)
-    # Where the rows came from: slice filters read this workspace's slice masks (rows = samples order).
-    table.attrs["robustlens.workspace"] = str(workspace.root)
     return table
 
 
@@ -132,9 +152,9 @@ def prediction_columns(workspace: Workspace, name: str) -> pd.DataFrame:
     """
     probabilities = workspace.predictions(name)
     samples = workspace.samples
-    if probabilities.shape[0] != len(samples):
-        raise ValueError(f"prediction set '{name}' has {probabilities.shape[0]} rows, samples.parquet has "
-                         f"{len(samples)}")
+    if probabilities.ndim != 2 or probabilities.shape[0] != len(samples):
+        raise WorkspaceError(f"prediction set '{name}' has shape {probabilities.shape}, samples.parquet has "
+                             f"{len(samples)} rows; re-run 'robustlens init --force'")
     classes = workspace.classes
     predicted = probabilities.argmax(axis=1)
     rows = np.arange(len(samples))
@@ -152,13 +172,12 @@ def prediction_columns(workspace: Workspace, name: str) -> pd.DataFrame:
         prefix + "margin": (top - second).astype(np.float32),
         prefix + "given_prob": probabilities[rows, given].astype(np.float32),
     })
-    extra = _read(workspace.artifact_path(f"eval_samples_{name}.parquet"))
+    extra = artifacts.read_per_sample(workspace, f"eval_samples_{name}")
     if extra is not None:
         known = {"label", "predicted_label", "correct", "confidence", "margin"}  # computed above (label: given)
         extra = extra[[c for c in extra.columns if c == "id" or c not in known]]
         if len(extra.columns) > 1:
-            frame = pd.concat([frame, _aligned(extra, samples["id"], prefix=prefix, drop=(),
-                                               source=f"eval_samples_{name}")], axis=1)
+            frame = pd.concat([frame, _aligned(extra, samples["id"], prefix=prefix, drop=())], axis=1)
     return frame
 
 
@@ -207,8 +226,8 @@ def display_name(column: str) -> str:
         return "map " + column.removeprefix("map.")
     if column.startswith("meta."):
         return column.removeprefix("meta.")
-    if column.startswith("rob_"):
-        return "robustness: " + column.removeprefix("rob_").replace("_", " ")
+    if column.startswith("rob."):
+        return "robustness: " + column.removeprefix("rob.").replace("_", " ")
     return column.replace("_", " ")
 
 
@@ -219,31 +238,10 @@ def _category_order(workspace: Workspace, column: str, table: pd.DataFrame) -> l
     return values
 
 
-def _read(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.exists() else None
-
-
-def _aligned(frame: pd.DataFrame, ids: pd.Series, *, prefix: str, drop: tuple[str, ...], source: str) -> pd.DataFrame:
-    """``frame``'s columns (minus ``id`` and ``drop``) in the row order of ``ids``, renamed with ``prefix``."""
-    if "id" not in frame.columns:
-        raise ValueError(f"artifact '{source}' has no 'id' column (columns: {list(frame.columns)})")
-    if frame["id"].duplicated().any():
-        repeated = frame["id"][frame["id"].duplicated()].iloc[0]
-        raise ValueError(f"artifact '{source}' has repeated ids, e.g. '{repeated}'")
-    values = frame.drop(columns=["id", *[c for c in drop if c in frame.columns]])
-    same_order = len(frame) == len(ids) and bool((frame["id"].to_numpy() == ids.to_numpy()).all())
-    if same_order:
-        values = values.reset_index(drop=True)
-    else:
-        positions = pd.Index(frame["id"]).get_indexer(ids)
-        values = values.reset_index(drop=True)
-        values = values.iloc[positions] if (positions >= 0).all() else _take_with_missing(values, positions)
-        values = values.reset_index(drop=True)
-    values.columns = [prefix + c for c in values.columns]
+def _aligned(frame: pd.DataFrame, ids: pd.Series, *, prefix: str, drop: tuple[str, ...],
+             strip: str = "") -> pd.DataFrame:
+    """``frame``'s columns (minus ``id`` and ``drop``) in the row order of ``ids``, renamed ``prefix + name``
+    (``name`` without ``strip``)."""
+    values = artifacts.aligned(frame.drop(columns=[c for c in drop if c in frame.columns]), ids)
+    values.columns = [prefix + c.removeprefix(strip) for c in values.columns]
     return values
-
-
-def _take_with_missing(values: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
-    """Rows of ``values`` at ``positions``; ``-1`` gives a row of missing values (dtypes widened as needed)."""
-    padded = values.reindex(range(len(values) + 1))
-    return padded.iloc[np.where(positions >= 0, positions, len(values))]

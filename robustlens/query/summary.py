@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from robustlens.analysis import artifacts
 from robustlens.analysis.workspace import Workspace
 
 
@@ -62,15 +63,13 @@ def summarize(workspace: Workspace) -> dict:
 
 def analysis_overview(workspace: Workspace) -> dict:
     """What the analysis found: issue counts, accuracy per prediction set, worst slices (when present)."""
-    from robustlens.analysis.stages.base import artifact_entry, read_artifact
-
     samples = workspace.samples
-    issues = read_artifact(workspace, "issues")
+    issues = artifacts.read_issues(workspace)
     issue_counts = ({} if issues is None else
                     {str(k): int(v) for k, v in issues.groupby("issue")["id"].nunique().sort_values(ascending=False).items()})
-    worst = read_artifact(workspace, "worst_slices")
+    worst = artifacts.read_table(workspace, "worst_slices")
     worst_slices = [] if worst is None else worst.head(10).to_dict("records")
-    source = artifact_entry(workspace, "label_issues").get("probability_source")
+    source = artifacts.index_entry(workspace, "label_issues").get("probability_source")
     return {
         "num_samples": int(len(samples)),
         "issue_counts": issue_counts,

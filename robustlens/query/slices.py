@@ -1,0 +1,105 @@
+"""Slice membership and the slice tables, as the query layer serves them to the dashboard, the CLI and export.
+
+A slice (a row of ``artifacts/slices.parquet``) is a conjunction of predicates; its members are the AND of
+the predicates' bit-packed mask rows that the slices stage recorded (``slice_predicate_masks.npy``) — the
+samples its ``size`` counted, nothing re-derived. :class:`SliceMembership` holds what the filter engine needs
+to resolve ``FilterSpec(slice=...)`` in memory (the id → predicates map and the packed masks); load it once
+per artifacts version with :func:`load_slice_membership` and pass it to the filter functions as ``slices=``.
+The membership itself is :func:`robustlens.analysis.artifacts.slice_membership`, the same function the
+slices and robustness stages use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from robustlens.analysis import artifacts
+from robustlens.analysis.workspace import Workspace
+from robustlens.errors import ValidationError
+
+#: The slice holding every sample (no predicate).
+ALL_SAMPLES = "all"
+
+
+class SliceError(ValidationError, ValueError):
+    """A slice that cannot be resolved (unknown id, no slice analysis, stale masks)."""
+
+
+@dataclass(frozen=True)
+class SliceMembership:
+    """Everything needed to tell which samples a slice holds, read once from the slices stage's artifacts.
+
+    Attributes
+    ----------
+    num_samples:
+        ``N``, the number of samples (rows of the sample table).
+    predicates:
+        ``slice_id`` → indices of its predicates (``()``: every sample); empty when the slices stage has
+        not run.
+    packed:
+        ``(P, ceil(N / 8))`` uint8 bit-packed predicate masks (``None`` when there are none).
+    """
+
+    num_samples: int
+    predicates: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    packed: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def analysed(self) -> bool:
+        """Whether the workspace has a slice analysis."""
+        return bool(self.predicates)
+
+    def mask(self, slice_id: str) -> np.ndarray:
+        """``(N,)`` bool membership of slice ``slice_id`` (a fresh, writable array).
+
+        Raises
+        ------
+        SliceError
+            No slice analysis, or no such slice (e.g. an old link after a new analysis).
+        """
+        if not self.analysed:
+            raise SliceError(f"no slice '{slice_id}': this workspace has no slice analysis "
+                             "(run `robustlens analyze`)")
+        if slice_id not in self.predicates:
+            raise SliceError(f"no slice '{slice_id}' in this workspace's slice analysis (from an older analysis run?)")
+        ids = self.predicates[slice_id]
+        if ids and self.packed is None:
+            raise SliceError(f"slice '{slice_id}' cannot be resolved: the predicate masks are missing "
+                             "(run `robustlens analyze` again)")
+        try:
+            return artifacts.slice_membership(self.packed if ids else np.zeros((0, 0), np.uint8), ids,
+                                              self.num_samples)
+        except IndexError as exc:
+            raise SliceError(f"slice '{slice_id}' cannot be resolved: {exc}; run `robustlens analyze` again") from exc
+
+    def members(self, slice_id: str, ids: pd.Series) -> list[str]:
+        """Sample ids (``ids``: the ``id`` column, samples order) of slice ``slice_id``."""
+        return ids[self.mask(slice_id)].tolist()
+
+
+def load_slice_membership(workspace: Workspace) -> SliceMembership:
+    """The slice membership of ``workspace`` (empty when the slices stage has not run).
+
+    Raises
+    ------
+    WorkspaceError
+        The slice artifacts do not fit the samples (stale: the slices stage must run again).
+    """
+    count = len(workspace.samples)
+    table = artifacts.read_table(workspace, "slices")
+    if table is None:
+        return SliceMembership(count)
+    predicates = {str(slice_id): tuple(int(i) for i in ids)
+                  for slice_id, ids in zip(table["slice_id"], table["predicate_ids"], strict=True)}
+    needs_masks = any(predicates.values())
+    packed = np.asarray(artifacts.read_slice_masks(workspace)) if needs_masks else None
+    return SliceMembership(count, predicates, packed)
+
+
+def slice_rows(workspace: Workspace, *, worst: bool = False) -> pd.DataFrame | None:
+    """The slice table the stage wrote: every slice (``slices.parquet``) or the worst (``worst_slices``)."""
+    return artifacts.read_table(workspace, "worst_slices" if worst else "slices")
