@@ -91,12 +91,12 @@ def main() -> None:
           f"peak RSS {full['peak_rss_mib']:.0f} MiB")
     print(f"CleanVision-equivalent stages {', '.join(EQUIVALENT)}: {ours_eq:.2f} s; "
           f"peak RSS {equivalent['peak_rss_mib']:.0f} MiB")
-    print(f"  stage by stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in equivalent["stages"].items()))
+    print("  stage by stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in equivalent["stages"].items()))
     print(f"CleanVision-equivalent from the image folder (init + those stages): {equivalent['init'] + ours_eq:.2f} s")
     if not args.skip_cleanvision:
         cleanvision = _run(CLEANVISION, str(image_folder))
-        print(f"CleanVision find_issues: {cleanvision['seconds']:.2f} s; peak RSS {cleanvision['peak_rss_mib']:.0f} MiB;"
-              f" issues {cleanvision['counts']}")
+        print(f"CleanVision find_issues: {cleanvision['seconds']:.2f} s; "
+              f"peak RSS {cleanvision['peak_rss_mib']:.0f} MiB; issues {cleanvision['counts']}")
         print(f"ratio CleanVision / robustlens-equivalent stages: {cleanvision['seconds'] / ours_eq:.1f}x")
         print(f"ratio CleanVision / robustlens init + equivalent stages: "
               f"{cleanvision['seconds'] / (equivalent['init'] + ours_eq):.1f}x")

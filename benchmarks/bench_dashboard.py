@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from robustlens.analysis.workspace import Workspace  # noqa: E402
 from robustlens.query.filters import FilterSpec, filter_positions  # noqa: E402
 from robustlens.query.sample_table import load_sample_table  # noqa: E402
-from robustlens.analysis.workspace import Workspace  # noqa: E402
 from tests.dashboard_fixtures import synthetic_workspace  # noqa: E402
 
 APP = REPO / "robustlens" / "dashboard" / "app.py"
@@ -118,8 +118,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-apptest", action="store_true", help="only the sample table and filter engine")
     args = parser.parse_args()
-    import streamlit.testing.v1  # noqa: F401  (imports are not what we measure)
     import plotly.graph_objects  # noqa: F401
+    import streamlit.testing.v1  # noqa: F401  (imports are not what we measure)
 
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:

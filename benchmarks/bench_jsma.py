@@ -62,8 +62,8 @@ def main() -> None:
         ref_success = (model(ref).argmax(1) == target).float().mean().item()
     ref_l0 = (ref != x).flatten(1).sum(1).float()
     mo, mt = statistics.median(ours_t), statistics.median(theirs_t)
-    print(f"| images | ours median s | torchattacks median s | ratio | success ours / theirs | median L0 ours / theirs"
-          f" | identical adversarials |")
+    print("| images | ours median s | torchattacks median s | ratio | success ours / theirs | median L0 ours / theirs"
+          " | identical adversarials |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.images} | {mo:.2f} | {mt:.2f} | **{mt / mo:.1f}×** | {ours.success.mean():.3f} / {ref_success:.3f}"
           f" | {np.median(ours.l0):.0f} / {ref_l0.median().item():.0f} | {torch.equal(ours.adv, ref)} |")

@@ -65,9 +65,10 @@ def interleaved_medians(functions: dict, repeats: int) -> dict[str, float]:
 
 def sample_batch(count: int, size: int | None = None, channels: int | None = None):
     """``(images (count, C, H, W) in [0, 1], labels (count,) int64, model)`` from the sample workspace files."""
+    import pandas as pd
+
     from robustlens.analysis.images import read_image
     from robustlens.analysis.ingest.model import ModelConfig, load_model, load_model_config, prepare_images
-    import pandas as pd
 
     config = load_model_config(SAMPLE / "model.json")
     model = load_model(SAMPLE / "model.pt", config, config.classes)
@@ -156,8 +157,8 @@ def bench_corruptions(ours_images: int, theirs_images: int, repeats: int) -> lis
     from imagecorruptions import corrupt as reference_corrupt
     from imagecorruptions import get_corruption_names
 
-    from robustlens.analysis.robustness.corruptions import CORRUPTIONS, SEVERITIES
     from robustlens.analysis.robustness._common import make_generator
+    from robustlens.analysis.robustness.corruptions import CORRUPTIONS, SEVERITIES
 
     x, _, _ = sample_batch(max(ours_images, theirs_images), size=32, channels=3)
     ours_x = x[:ours_images]
@@ -166,11 +167,11 @@ def bench_corruptions(ours_images: int, theirs_images: int, repeats: int) -> lis
     shared = [name for name in CORRUPTIONS if name in set(get_corruption_names("all"))]
     rows = []
     for name in shared:
-        def ours() -> None:
+        def ours(name: str = name) -> None:
             for severity in SEVERITIES:
                 CORRUPTIONS[name](ours_x, severity, make_generator(0, name, severity))
 
-        def theirs() -> None:
+        def theirs(name: str = name) -> None:
             for severity in SEVERITIES:
                 for image in theirs_x:
                     reference_corrupt(image, severity=severity, corruption_name=name)

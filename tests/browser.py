@@ -41,33 +41,31 @@ def served(workspace: Path, *extra: str, timeout: float = 90.0):
     port = free_port()
     # Server output goes to a file, not a pipe nobody reads (a pipe would block the server once its
     # ~64 KB buffer filled); it is shown when the server fails to come up.
-    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-    process = subprocess.Popen([sys.executable, "-m", "robustlens.cli", "serve", str(workspace), "--port", str(port),
-                                *extra],
-                               stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                state = "exited" if process.poll() is not None else "still running"
-                raise RuntimeError(f"dashboard did not come up on {url} ({state}): {log.read()[-4000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        process.terminate()
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as log:
+        command = [sys.executable, "-m", "robustlens.cli", "serve", str(workspace), "--port", str(port), *extra]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    state = "exited" if process.poll() is not None else "still running"
+                    raise RuntimeError(f"dashboard did not come up on {url} ({state}): {log.read()[-4000:]}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def wait_for_app_idle(page, timeout_ms: int = 60_000) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -71,7 +72,7 @@ BLUR_WINDOW = 9
 _SHARED: dict[int, dict[str, torch.Tensor]] = {}
 
 
-def shared(images: torch.Tensor, key: str, compute) -> torch.Tensor:
+def shared(images: torch.Tensor, key: str, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``compute(images)``, computed once per batch tensor ``images`` and ``key``."""
     values = _SHARED.get(id(images))
     if values is None:
@@ -249,7 +250,7 @@ def saturation(images: torch.Tensor) -> torch.Tensor:
     return _spatial_mean(value)
 
 
-def _channel_mean(index: int):
+def _channel_mean(index: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def channel_mean(images: torch.Tensor) -> torch.Tensor:
         channel = images[:, 0] if images.shape[1] == 1 else images[:, index]
         return _spatial_mean(channel)

@@ -3,10 +3,10 @@
 Needs no download and no training. Per image (computed batch-wise in torch):
 
 * a raw descriptor: 16x16 grayscale thumbnail (layout and shape), a 4x4-cell histogram of gradient
-  orientations (edges and texture) and a per-channel colour histogram, all from the 16x16 thumbnail. Over the whole dataset the raw
-  descriptors are standardised and reduced by PCA to at most 64 dimensions (:func:`fit_reduce`); that step
-  needs every image's raw descriptor, so it is refitted on each run (cheap) while the per-image raw
-  descriptors are cached by content hash;
+  orientations (edges and texture) and a per-channel colour histogram, all from the 16x16 thumbnail. Over
+  the whole dataset the raw descriptors are standardised and reduced by PCA to at most 64 dimensions
+  (:func:`fit_reduce`); that step needs every image's raw descriptor, so it is refitted on each run (cheap)
+  while the per-image raw descriptors are cached by content hash;
 * a 32x32 uint8 luminance thumbnail, which the duplicates stage compares pixel by pixel.
 
 What the reduced descriptor is good for: exact and near duplicates, gross visual clusters (brightness,

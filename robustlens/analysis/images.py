@@ -25,6 +25,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -218,10 +219,10 @@ def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, str, int]:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: PNG colour type (8-bit samples) → Pillow mode, for the types the fast path decodes.
 _SIMPLE_PNG_MODES = {0: "L", 2: "RGB", 6: "RGBA"}
-_cv2 = None
+_cv2: Any = None
 
 
-def _opencv():
+def _opencv() -> Any:
     """The ``cv2`` module with its logging silenced (a refused file is retried with Pillow), or ``False``."""
     global _cv2
     if _cv2 is None:
@@ -297,7 +298,7 @@ def _to_float_array(image: Image.Image) -> tuple[np.ndarray, int]:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return (np.asarray(image, dtype=np.float32) / 65535.0)[..., None], 16
     if mode == "I":
-        array = np.asarray(image, dtype=np.float64)
+        array: np.ndarray = np.asarray(image, dtype=np.float64)
         # 32-bit integer files (often 16-bit data widened by the decoder) are scaled by their range.
         scale = 65535.0 if array.max(initial=0) <= 65535 else float(2**31 - 1)
         return np.clip(array / scale, 0.0, 1.0).astype(np.float32)[..., None], 16 if scale == 65535.0 else 32

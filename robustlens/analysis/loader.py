@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from robustlens.analysis.images import DEFAULT_MAX_PIXELS, FileRefused, ImagePro
 from robustlens.analysis.safety import DatasetGuard, RefusedFiles
 from robustlens.errors import WorkspaceError
 
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Bytes of decoded pixels a :class:`PixelMemo` keeps by default (70,000 28×28 images take 220 MB).
 MEMO_BYTES = 1 << 30
@@ -63,7 +66,7 @@ TASK_IMAGES = 32
 BATCH_VALUES = 1 << 22
 
 
-def auto_batch_size(samples, *, smallest: int = 64, largest: int = 4096) -> int:
+def auto_batch_size(samples: pd.DataFrame, *, smallest: int = 64, largest: int = 4096) -> int:
     """Images per batch for ``samples`` (the sample table): about :data:`BATCH_VALUES` pixel values.
 
     Small images in large batches spread the fixed cost of each tensor operation and cache chunk over
@@ -74,7 +77,7 @@ def auto_batch_size(samples, *, smallest: int = 64, largest: int = 4096) -> int:
     return int(min(largest, max(smallest, BATCH_VALUES // max(1, _typical_values(samples)))))
 
 
-def _typical_values(samples) -> int:
+def _typical_values(samples: pd.DataFrame) -> int:
     """Median pixel values per image (width × height × channels) of the sample table."""
     return int(np.median(samples["width"].to_numpy(np.int64) * samples["height"].to_numpy(np.int64)
                          * samples["channels"].to_numpy(np.int64)))
@@ -86,7 +89,7 @@ def _typical_values(samples) -> int:
 TINY_IMAGE_VALUES = 4096
 
 
-def decode_workers(samples) -> int:
+def decode_workers(samples: pd.DataFrame) -> int:
     """Decoder threads for ``samples``: one for tiny images, else :func:`default_workers`."""
     if len(samples) == 0:
         return 1

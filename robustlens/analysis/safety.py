@@ -29,13 +29,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pandas as pd
 
 from robustlens import __version__
 from robustlens.analysis.images import FileRefused
 from robustlens.errors import ValidationError
+
+if TYPE_CHECKING:
+    from robustlens.analysis.workspace import Workspace
 
 #: Marker file robustlens keeps in every folder it writes exports into.
 EXPORT_MARKER = ".robustlens-export"
@@ -128,7 +131,7 @@ def check_init_outputs(workspace: str | Path, *, data: str | Path, db_url: str |
         check_output_location(database, option="--db", dataset_root=data, inputs=files)
 
 
-def check_export_root(export_root: str | Path, workspace) -> Path:
+def check_export_root(export_root: str | Path, workspace: Workspace) -> Path:
     """Validate ``serve --export-root``: an existing folder (or one that can be made), outside the dataset root and
     the workspace's input folders. Returns its absolute real path."""
     root, files = workspace_inputs(workspace.manifest)
@@ -312,8 +315,8 @@ class DatasetGuard:
         full = os.path.join(self.root, relative)
         folder, name = os.path.split(full)
         if folder not in self._folders:
-            real_folder = os.path.realpath(folder)
-            self._folders[folder] = real_folder if self._inside(real_folder) else None
+            resolved = os.path.realpath(folder)
+            self._folders[folder] = resolved if self._inside(resolved) else None
         real_folder = self._folders[folder]
         if real_folder is None:
             raise self._refuse(os.path.join(os.path.realpath(folder), name))
@@ -418,5 +421,5 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _is_formula(value) -> bool:
+def _is_formula(value: object) -> bool:
     return isinstance(value, str) and value.startswith(FORMULA_PREFIXES) and not _NUMBER.fullmatch(value)

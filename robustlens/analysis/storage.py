@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then move ``tmp_path`` onto ``path`` atomically.
 
     Parameters
@@ -57,7 +57,7 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def write_parquet(path: str | Path, frame: pd.DataFrame, **options) -> Path:
+def write_parquet(path: str | Path, frame: pd.DataFrame, **options: Any) -> Path:
     """Write ``frame`` (index dropped) to Parquet atomically; ``options`` go to ``DataFrame.to_parquet``."""
     return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False, **options))
 

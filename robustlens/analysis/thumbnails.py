@@ -39,7 +39,7 @@ def thumbnail_path(workspace: Workspace, content_hash: str) -> Path:
     return workspace.root / THUMBNAIL_DIR / f"{content_hash}.{THUMBNAIL_FORMAT}"
 
 
-def make_thumbnail(source: Path, *, size: int = THUMBNAIL_SIZE, expected_hash: str | None = None,
+def make_thumbnail(source: str | Path, *, size: int = THUMBNAIL_SIZE, expected_hash: str | None = None,
                    no_follow: bool = False) -> bytes:
     """JPEG bytes of ``source`` scaled to fit ``size``×``size`` (aspect kept; alpha over white).
 
@@ -100,8 +100,9 @@ def ensure_thumbnails(workspace: Workspace, items: Iterable[tuple[str, str]], *,
     position in ``items``.
     """
     items = list(items)
-    paths: list[Path | None] = [thumbnail_path(workspace, h) for _, h in items]
-    missing = [i for i, path in enumerate(paths) if not path.exists()]
+    targets = [thumbnail_path(workspace, h) for _, h in items]
+    missing = [i for i, target in enumerate(targets) if not target.exists()]
+    paths: list[Path | None] = list(targets)
     if missing:
         guard = DatasetGuard(workspace.dataset_root)  # one per call: a folder swapped later is seen next time
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ import pandas as pd
 from robustlens.analysis import storage
 from robustlens.analysis.curation import CurationStore
 from robustlens.errors import NotAWorkspaceError, WorkspaceError
+
+if TYPE_CHECKING:
+    from robustlens.analysis.ingest.model import NormalizedModel
 
 #: Version of the workspace layout; :func:`upgrade_manifest` migrates older ones.
 FORMAT_VERSION = 1
@@ -111,7 +115,7 @@ class Workspace:
         path = self.root / "ingest_report.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
-    def load_model(self, device: str = "cpu"):
+    def load_model(self, device: str = "cpu") -> NormalizedModel:
         """The workspace model wrapped with its preprocessing (see :mod:`robustlens.analysis.ingest.model`)."""
         from robustlens.analysis.ingest.model import config_from_dict, load_model
 

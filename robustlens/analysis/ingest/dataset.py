@@ -17,12 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from robustlens.analysis.images import (DEFAULT_MAX_PIXELS, SUPPORTED_EXTENSIONS, ImageProblem, is_supported,
-                                       read_image)
+from robustlens.analysis.images import DEFAULT_MAX_PIXELS, SUPPORTED_EXTENSIONS, ImageProblem, is_supported, read_image
 from robustlens.analysis.ingest.tables import first_rows, read_table
 from robustlens.errors import ValidationError
 
@@ -87,7 +87,7 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
     if not root.is_dir():
         raise ValidationError("dataset root must be a directory", file=root)
     real_root = Path(os.path.realpath(root))
-    warnings = []
+    warnings: list[str] = []
     if manifest is None:
         listing, ignored, skipped, warnings = _list_imagefolder(root, real_root)
         _check_id_sizes(listing["id"], file=None, column=None, root=root)
@@ -255,7 +255,7 @@ def _check_id_sizes(ids: pd.Series, *, file: Path | None, column: str | None, ro
     message = (f"sample id '{shown}' is {size:,} bytes in UTF-8; the curation database holds ids of at most "
                f"{MAX_SAMPLE_ID_BYTES:,} bytes ({len(over):,} id(s) too long")
     if file is None:
-        raise ValidationError(message + "): shorten the folder or file name", file=Path(root) / sample_id)
+        raise ValidationError(message + "): shorten the folder or file name", file=(root or Path()) / sample_id)
     hint = "shorten the id" if column == "id" else "give the images shorter paths or add a shorter 'id' column"
     raise ValidationError(f"{message}, rows {first_rows(ids.index.isin(over.index))}): {hint}", file=file,
                           row=position + 1, column=column)
@@ -352,7 +352,7 @@ def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, worker
                    progress: bool, pixel_budget: int | None = None) -> tuple[dict, list[tuple[int, str]]]:
     budget: PixelBudget | None = None
 
-    def verify(item: tuple[int, str]):
+    def verify(item: tuple[int, str]) -> tuple[int, Any, str | None]:
         index, rel = item
         held = 0
         if budget is not None:

@@ -14,6 +14,7 @@ happens inside the wrapper, and the wrapper is always in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -115,6 +116,11 @@ class NormalizedModel(nn.Module):
         For each workspace class, the model output column holding it (``None``: same order).
     """
 
+    # Buffers registered in __init__ (moved with the module by ``.to(device)``).
+    mean: torch.Tensor
+    std: torch.Tensor
+    output_index: torch.Tensor
+
     def __init__(self, model: nn.Module, config: ModelConfig, output_index: list[int] | None = None):
         super().__init__()
         self.model = model
@@ -129,12 +135,10 @@ class NormalizedModel(nn.Module):
     def train(self, mode: bool = True) -> NormalizedModel:
         # Always evaluated, never trained: batch-norm statistics and dropout must not change results.
         self.training = False
-        try:
+        # torch.export programs cannot switch modes: they run as traced, which is eval mode for a
+        # model exported for inference.
+        with contextlib.suppress(NotImplementedError):
             self.model.train(False)
-        except NotImplementedError:
-            # torch.export programs cannot switch modes: they run as traced, which is eval mode for a
-            # model exported for inference.
-            pass
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -207,7 +211,7 @@ def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.
     except SyntaxError as exc:
         raise ValidationError(f"model factory module '{module_name}' has a syntax error at line {exc.lineno}: "
                               f"{exc.msg}", file=exc.filename) from exc
-    except Exception as exc:  # noqa: BLE001 - the user's module may raise anything while importing
+    except Exception as exc:
         raise ValidationError(f"importing model factory module '{module_name}' raised "
                               f"{type(exc).__name__}: {error_summary(exc)}") from exc
     factory = getattr(module, function_name, None)
@@ -215,7 +219,7 @@ def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.
         raise ValidationError(f"'{module_name}' has no callable '{function_name}'")
     try:
         network = factory()
-    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+    except Exception as exc:
         raise ValidationError(f"model factory '{text}' raised {type(exc).__name__}: {error_summary(exc)}") from exc
     if not isinstance(network, nn.Module):
         raise ValidationError(f"factory '{text}' returned {type(network).__name__}, expected torch.nn.Module")
@@ -292,7 +296,7 @@ def _check_output(model: NormalizedModel, batch: torch.Tensor, config: ModelConf
     try:
         with torch.no_grad():
             raw = model.model(model.normalize(batch))
-    except Exception as exc:  # noqa: BLE001 - the user's network may raise anything
+    except Exception as exc:
         accepted = _accepted_input(model.model, batch, exc)
         hint = (f"; the model accepts input of shape (batch, {accepted[0]}, {accepted[1]}, {accepted[2]}): set "
                 f"\"input_size\": [{accepted[1]}, {accepted[2]}], \"channels\": {accepted[0]} in the model config"

@@ -18,6 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,9 +26,9 @@ import pandas as pd
 from robustlens import __version__
 from robustlens.analysis import storage
 from robustlens.analysis.images import DEFAULT_MAX_PIXELS
-from robustlens.analysis.ingest.dataset import scan_dataset
+from robustlens.analysis.ingest.dataset import DatasetScan, scan_dataset
 from robustlens.analysis.ingest.embeddings import load_embeddings
-from robustlens.analysis.ingest.model import check_model_on_images, load_model, load_model_config
+from robustlens.analysis.ingest.model import ModelConfig, check_model_on_images, load_model, load_model_config
 from robustlens.analysis.ingest.predictions import DEFAULT_SUM_TOLERANCE, PredictionSet, load_predictions
 from robustlens.analysis.names import validate_name
 from robustlens.analysis.workspace import FORMAT_VERSION, MANIFEST_NAME, Workspace
@@ -140,7 +141,7 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
     if options.embeddings is not None:
         embeddings = load_embeddings(options.embeddings, sample_ids=sample_ids, order=scan.order)
 
-    if options.model is not None:
+    if options.model is not None and model_config is not None:  # a model always comes with its config (above)
         model_entry = _validate_model(options.model, model_config, classes, data, samples)
 
     previous = _previous_manifest(root) if options.force else None
@@ -189,7 +190,7 @@ def _redact(url: str) -> str:
         return url
 
 
-def _write_new_workspace(root: Path, data: Path, options: InitOptions, *parts) -> None:
+def _write_new_workspace(root: Path, data: Path, options: InitOptions, *parts: Any) -> None:
     """Assemble the workspace in a staging folder beside ``root``, then rename it into place."""
     root.parent.mkdir(parents=True, exist_ok=True)
     # mkdir (not mkdtemp, which makes a 0700 folder): the workspace gets the usual umask permissions.
@@ -205,7 +206,7 @@ def _write_new_workspace(root: Path, data: Path, options: InitOptions, *parts) -
         raise
 
 
-def _rebuild_workspace(root: Path, data: Path, options: InitOptions, *parts) -> None:
+def _rebuild_workspace(root: Path, data: Path, options: InitOptions, *parts: Any) -> None:
     """``--force``: write the new files in a staging folder inside ``root``, then rename each into place.
 
     The slow part (writing) cannot leave a mix of old and new files: until every new file is complete the
@@ -225,9 +226,10 @@ def _rebuild_workspace(root: Path, data: Path, options: InitOptions, *parts) -> 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_workspace(root: Path, data: Path, options: InitOptions, scan, samples: pd.DataFrame,
-                     classes: list[str], prediction_sets: list[PredictionSet], embeddings, model_entry,
-                     model_config, warnings: list[str], db_url: str | None) -> None:
+def _write_workspace(root: Path, data: Path, options: InitOptions, scan: DatasetScan, samples: pd.DataFrame,
+                     classes: list[str], prediction_sets: list[PredictionSet], embeddings: np.ndarray | None,
+                     model_entry: dict | None, model_config: ModelConfig | None, warnings: list[str],
+                     db_url: str | None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     samples = _parquet_safe(samples)
     storage.write_parquet(root / "samples.parquet", samples)
@@ -240,7 +242,7 @@ def _write_workspace(root: Path, data: Path, options: InitOptions, scan, samples
             "score_kind": prediction_set.score_kind, "renormalized_rows": prediction_set.renormalized_rows,
             "dropped_rows": prediction_set.dropped_rows, "in_sample": prediction_set.name in options.in_sample}
     embeddings_entry = None
-    if embeddings is not None:
+    if embeddings is not None and options.embeddings is not None:
         storage.write_npy(root / "embeddings/imported.npy", embeddings)
         embeddings_entry = {"file": "embeddings/imported.npy", "source": str(Path(options.embeddings).resolve()),
                             "dim": int(embeddings.shape[1])}
@@ -251,7 +253,7 @@ def _write_workspace(root: Path, data: Path, options: InitOptions, scan, samples
         storage.atomic_write(root / copied, lambda tmp: shutil.copyfile(source, tmp))
         model_entry["file"] = copied
         model_entry["source"] = str(source.resolve())
-    if model_entry is not None:
+    if model_entry is not None and model_config is not None:
         model_entry["config"] = model_config.to_dict()
         storage.write_json(root / "model/config.json", model_entry["config"])
 
@@ -346,7 +348,8 @@ def _class_order(explicit: list[str] | None, model_classes: list[str] | None, la
     return sorted(labels)
 
 
-def _validate_model(spec: str, config, classes: list[str], data: Path, samples: pd.DataFrame) -> dict:
+def _validate_model(spec: str, config: ModelConfig, classes: list[str], data: Path,
+                    samples: pd.DataFrame) -> dict:
     """Load the model and run it on a few dataset images (shape, class count, finite output)."""
     path = Path(spec)
     if path.exists():

@@ -133,7 +133,8 @@ def load_predictions(path: str | Path, *, name: str, sample_ids: list[str], samp
                          dropped_rows=dropped, warnings=warnings)
 
 
-def _read_npy(path: Path, *, order, npy_classes, classes):
+def _read_npy(path: Path, *, order: list[str] | None, npy_classes: list[str] | None,
+              classes: list[str]) -> tuple[np.ndarray, list[str], list[str], str | None]:
     if npy_classes is None:
         raise ValidationError("a .npy prediction file needs the class order of its columns (--classes)", file=path)
     if order is None:
@@ -157,7 +158,8 @@ def _read_npy(path: Path, *, order, npy_classes, classes):
     return matrix.astype(np.float64), list(order), list(npy_classes), None
 
 
-def _read_table(path: Path, *, classes, sample_ids, sample_paths):
+def _read_table(path: Path, *, classes: list[str], sample_ids: list[str],
+                sample_paths: list[str]) -> tuple[np.ndarray, list[str], list[str], str | None]:
     table = read_table(path, text_columns=("id", "path"))
     if "id" in table.columns:
         key_column = "id"
@@ -209,7 +211,8 @@ def _check_classes(path: Path, file_columns: list[str], classes: list[str]) -> N
                               f"dataset classes; missing {missing}", file=path)
 
 
-def _check_finite(path, matrix, file_columns, row_ids, key_column) -> None:
+def _check_finite(path: Path, matrix: np.ndarray, file_columns: list[str], row_ids: list[str],
+                  key_column: str | None) -> None:
     bad = ~np.isfinite(matrix)
     if bad.any():
         row, col = np.argwhere(bad)[0]
@@ -219,7 +222,7 @@ def _check_finite(path, matrix, file_columns, row_ids, key_column) -> None:
                               "row(s) affected", file=path, row=int(row) + 1, column=file_columns[col])
 
 
-def _detect_kind(path, matrix, file_columns, scores) -> str:
+def _detect_kind(path: Path, matrix: np.ndarray, file_columns: list[str], scores: str) -> str:
     in_unit = (matrix >= 0.0) & (matrix <= 1.0)
     if scores == "logits":
         return "logits"

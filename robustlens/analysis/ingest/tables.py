@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -81,7 +82,7 @@ def detect_delimiter(path: Path, *, sample_bytes: int = 65536) -> str:
         return max(OTHER_DELIMITERS, key=header.count)
 
 
-def first_rows(mask, limit: int = 5) -> list[int]:
+def first_rows(mask: Any, limit: int = 5) -> list[int]:
     """1-based row numbers where boolean ``mask`` is true (at most ``limit``)."""
     import numpy as np
 
