@@ -76,8 +76,13 @@ def main() -> None:
 
         data = prepare()
     image_folder = data / "images"
-    common = [str(data), str(data / "labels.csv"), str(data / "predictions.csv"),
-              str(REPO / "sample_data" / "model.pt"), str(REPO / "sample_data" / "model.json")]
+    common = [
+        str(data),
+        str(data / "labels.csv"),
+        str(data / "predictions.csv"),
+        str(REPO / "sample_data" / "model.pt"),
+        str(REPO / "sample_data" / "model.json"),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         equivalent = _run(OURS, *common, str(Path(tmp) / "eq"), ",".join(EQUIVALENT))
         full = _run(OURS, *common, str(Path(tmp) / "full"), "all")
@@ -87,19 +92,27 @@ def main() -> None:
     print("full analysis, stage by stage:")
     for stage, seconds in full["stages"].items():
         print(f"  {stage:<14} {seconds:7.2f} s")
-    print(f"  {'total':<14} {sum(full['stages'].values()):7.2f} s   (+ init {full['init']:.1f} s); "
-          f"peak RSS {full['peak_rss_mib']:.0f} MiB")
-    print(f"CleanVision-equivalent stages {', '.join(EQUIVALENT)}: {ours_eq:.2f} s; "
-          f"peak RSS {equivalent['peak_rss_mib']:.0f} MiB")
+    print(
+        f"  {'total':<14} {sum(full['stages'].values()):7.2f} s   (+ init {full['init']:.1f} s); "
+        f"peak RSS {full['peak_rss_mib']:.0f} MiB"
+    )
+    print(
+        f"CleanVision-equivalent stages {', '.join(EQUIVALENT)}: {ours_eq:.2f} s; "
+        f"peak RSS {equivalent['peak_rss_mib']:.0f} MiB"
+    )
     print("  stage by stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in equivalent["stages"].items()))
     print(f"CleanVision-equivalent from the image folder (init + those stages): {equivalent['init'] + ours_eq:.2f} s")
     if not args.skip_cleanvision:
         cleanvision = _run(CLEANVISION, str(image_folder))
-        print(f"CleanVision find_issues: {cleanvision['seconds']:.2f} s; "
-              f"peak RSS {cleanvision['peak_rss_mib']:.0f} MiB; issues {cleanvision['counts']}")
+        print(
+            f"CleanVision find_issues: {cleanvision['seconds']:.2f} s; "
+            f"peak RSS {cleanvision['peak_rss_mib']:.0f} MiB; issues {cleanvision['counts']}"
+        )
         print(f"ratio CleanVision / robustlens-equivalent stages: {cleanvision['seconds'] / ours_eq:.1f}x")
-        print(f"ratio CleanVision / robustlens init + equivalent stages: "
-              f"{cleanvision['seconds'] / (equivalent['init'] + ours_eq):.1f}x")
+        print(
+            f"ratio CleanVision / robustlens init + equivalent stages: "
+            f"{cleanvision['seconds'] / (equivalent['init'] + ours_eq):.1f}x"
+        )
 
 
 if __name__ == "__main__":

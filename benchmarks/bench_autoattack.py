@@ -77,8 +77,9 @@ def run_ours(model, x, y, eps, norm):
 def run_reference(model, x, y, eps, norm):
     import pyautoattack
 
-    ref = pyautoattack.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
-                                  seed=0, device="cpu")
+    ref = pyautoattack.AutoAttack(
+        model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", seed=0, device="cpu"
+    )
     ref.verbose = False
     out = ref.run_standard_evaluation(x, y, batch_size=len(x))
     return out[0] if isinstance(out, tuple) else out
@@ -87,8 +88,9 @@ def run_reference(model, x, y, eps, norm):
 def run_torchattacks(model, x, y, eps, norm):
     import torchattacks
 
-    return torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
-                                   n_classes=10, seed=0)(x, y)
+    return torchattacks.AutoAttack(
+        model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", n_classes=10, seed=0
+    )(x, y)
 
 
 def parse_configs(text: str) -> list[tuple[str, float, str]]:
@@ -128,8 +130,11 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
                 robust[name] = float(robust_of(model, x, y, adv, eps, norm).mean())
                 passes[name] = (counted.forward_count / len(x), counted.backward_count / len(x))
-                print(f"  {norm} {label} round {rep} {name}: {times[name][-1]:.1f} s, robust {robust[name]:.3f}, "
-                      f"passes/sample fwd {passes[name][0]:.0f} bwd {passes[name][1]:.0f}", flush=True)
+                print(
+                    f"  {norm} {label} round {rep} {name}: {times[name][-1]:.1f} s, robust {robust[name]:.3f}, "
+                    f"passes/sample fwd {passes[name][0]:.0f} bwd {passes[name][1]:.0f}",
+                    flush=True,
+                )
         if not args.no_torchattacks:
             try:
                 import torchattacks  # noqa: F401
@@ -142,16 +147,23 @@ def main() -> None:
                     adv = run_torchattacks(counted, x, y, eps, norm)
                     times["torchattacks (own defaults)"] = [time.perf_counter() - start]
                 robust["torchattacks (own defaults)"] = float(robust_of(model, x, y, adv, eps, norm).mean())
-                passes["torchattacks (own defaults)"] = (counted.forward_count / len(x),
-                                                         counted.backward_count / len(x))
-                print(f"  {norm} {label} torchattacks: {times['torchattacks (own defaults)'][0]:.1f} s, "
-                      f"robust {robust['torchattacks (own defaults)']:.3f}", flush=True)
+                passes["torchattacks (own defaults)"] = (
+                    counted.forward_count / len(x),
+                    counted.backward_count / len(x),
+                )
+                print(
+                    f"  {norm} {label} torchattacks: {times['torchattacks (own defaults)'][0]:.1f} s, "
+                    f"robust {robust['torchattacks (own defaults)']:.3f}",
+                    flush=True,
+                )
         ours_t = statistics.median(times["robustlens"])
         for name in times:
             med = statistics.median(times[name])
             rows.append((f"{norm} ε={label}", name, med, med / ours_t, robust[name], *passes[name], len(times[name])))
-    print("\n| threat model | implementation | median wall s | time ÷ ours | robust acc. | fwd passes / sample "
-          "| bwd passes / sample | runs |")
+    print(
+        "\n| threat model | implementation | median wall s | time ÷ ours | robust acc. | fwd passes / sample "
+        "| bwd passes / sample | runs |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for tm, name, med, ratio, rob, fw, bw, n in rows:
         print(f"| {tm} | {name} | {med:.1f} | {ratio:.2f} | {rob:.3f} | {fw:.0f} | {bw:.0f} | {n} |")

@@ -38,9 +38,15 @@ FILTERS = {
     "wrong + confident": FilterSpec(correctness="incorrect", ranges={"pred.model.confidence": [0.5, None]}),
     "text search": FilterSpec(text="s12"),
     "map lasso": FilterSpec(region=[[-1.0, -1.0], [3.0, -1.5], [4.0, 1.0], [1.0, 2.0], [-1.5, 0.5]]),
-    "5 conditions + sort": FilterSpec(labels=["class_1", "class_3", "class_5"], splits=["train"],
-                                      ranges={"metric.contrast": [0.2, 0.9]}, metadata={"camera": ["a", "b"]},
-                                      issues=["dark", "outlier"], sort_by="metric.sharpness", descending=True),
+    "5 conditions + sort": FilterSpec(
+        labels=["class_1", "class_3", "class_5"],
+        splits=["train"],
+        ranges={"metric.contrast": [0.2, 0.9]},
+        metadata={"camera": ["a", "b"]},
+        issues=["dark", "outlier"],
+        sort_by="metric.sharpness",
+        descending=True,
+    ),
     "sort only": FilterSpec(sort_by="label_issue.label_quality"),
 }
 
@@ -82,8 +88,10 @@ def bench_apptest(root: Path) -> list[tuple[str, float, str]]:
         ("AppTest enter reviewer name", lambda: app.text_input(key="rl.user_input").set_value("bench")),
         ("AppTest filter change (label)", lambda: app.multiselect(key="flt.labels").set_value(["class_2", "class_3"])),
         ("AppTest filter change (issue)", lambda: app.multiselect(key="flt.issues").set_value(["dark"])),
-        ("AppTest filter change (sort by a metric)",
-         lambda: app.selectbox(key="flt.sort").set_value("metric.sharpness")),
+        (
+            "AppTest filter change (sort by a metric)",
+            lambda: app.selectbox(key="flt.sort").set_value("metric.sharpness"),
+        ),
         ("AppTest next grid page", lambda: app.get("pagination")[0].set_value(2)),
         ("AppTest clear all filters", lambda: _clear(app)),
         ("AppTest page switch: embedding map (all samples)", lambda: app.switch_page("views/embedding_map.py")),

@@ -30,8 +30,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.copies == 1:
-            options = dict(data=SAMPLE, labels=SAMPLE / "labels.csv", predictions=[("cnn", SAMPLE / "predictions.csv")],
-                           model=str(SAMPLE / "model.pt"), model_config=SAMPLE / "model.json")
+            options = dict(
+                data=SAMPLE,
+                labels=SAMPLE / "labels.csv",
+                predictions=[("cnn", SAMPLE / "predictions.csv")],
+                model=str(SAMPLE / "model.pt"),
+                model_config=SAMPLE / "model.json",
+            )
             count = 2000
         else:
             labels = pd.read_csv(SAMPLE / "labels.csv")
@@ -48,8 +53,10 @@ def main() -> None:
             init_workspace(tmp / f"ws{repeat}", InitOptions(progress=False, **options))
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    print(f"init on {count:,} images: median {median:.2f} s over {args.repeats} runs "
-          f"({count / median:,.0f} images/s); all: {', '.join(f'{t:.2f}' for t in times)}")
+    print(
+        f"init on {count:,} images: median {median:.2f} s over {args.repeats} runs "
+        f"({count / median:,.0f} images/s); all: {', '.join(f'{t:.2f}' for t in times)}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main() -> None:
     data = REPO / "sample_data"
     config = load_model_config(data / "model.json")
     model = NormalizedModel(load_network("model.pt", base_dir=data), config).eval()
-    labels = pd.read_csv(data / "labels.csv").iloc[:args.images]
+    labels = pd.read_csv(data / "labels.csv").iloc[: args.images]
     x = torch.from_numpy(np.stack([np.asarray(Image.open(data / p)) for p in labels.path]).astype(np.float32) / 255)
     x = x[:, None]
     y = torch.tensor([config.classes.index(c) for c in labels.label])
@@ -62,11 +62,15 @@ def main() -> None:
         ref_success = (model(ref).argmax(1) == target).float().mean().item()
     ref_l0 = (ref != x).flatten(1).sum(1).float()
     mo, mt = statistics.median(ours_t), statistics.median(theirs_t)
-    print("| images | ours median s | torchattacks median s | ratio | success ours / theirs | median L0 ours / theirs"
-          " | identical adversarials |")
+    print(
+        "| images | ours median s | torchattacks median s | ratio | success ours / theirs | median L0 ours / theirs"
+        " | identical adversarials |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {args.images} | {mo:.2f} | {mt:.2f} | **{mt / mo:.1f}×** | {ours.success.mean():.3f} / {ref_success:.3f}"
-          f" | {np.median(ours.l0):.0f} / {ref_l0.median().item():.0f} | {torch.equal(ours.adv, ref)} |")
+    print(
+        f"| {args.images} | {mo:.2f} | {mt:.2f} | **{mt / mo:.1f}×** | {ours.success.mean():.3f} / {ref_success:.3f}"
+        f" | {np.median(ours.l0):.0f} / {ref_l0.median().item():.0f} | {torch.equal(ours.adv, ref)} |"
+    )
     print(f"runs (s): ours {[round(t, 2) for t in ours_t]}, torchattacks {[round(t, 2) for t in theirs_t]}")
 
 

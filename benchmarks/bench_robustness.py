@@ -74,8 +74,16 @@ def sample_batch(count: int, size: int | None = None, channels: int | None = Non
     model = load_model(SAMPLE / "model.pt", config, config.classes)
     table = pd.read_csv(SAMPLE / "labels.csv").iloc[:count]
     pixels = [read_image(SAMPLE / p).pixels for p in table["path"]]
-    layout = config if size is None else ModelConfig(input_size=(size, size), channels=channels or config.channels,
-                                                     mean=[0.0] * (channels or 1), std=[1.0] * (channels or 1))
+    layout = (
+        config
+        if size is None
+        else ModelConfig(
+            input_size=(size, size),
+            channels=channels or config.channels,
+            mean=[0.0] * (channels or 1),
+            std=[1.0] * (channels or 1),
+        )
+    )
     images = prepare_images(pixels, layout)
     labels = torch.as_tensor([config.classes.index(c) for c in table["label"]], dtype=torch.int64)
     return images, labels, model
@@ -98,14 +106,19 @@ def bench_pgd(batch: int, repeats: int) -> list[dict]:
     def ours() -> None:
         outputs["robustlens pgd"] = pgd(model, x, y, EPS, norm="linf", steps=STEPS, step_size=STEP_SIZE)
 
-    contenders = {"floor: 10 × forward+backward": floor, "robustlens pgd": ours,
-                  "ART 1.20 ProjectedGradientDescent": _art_pgd(model, x, y, outputs)}
+    contenders = {
+        "floor: 10 × forward+backward": floor,
+        "robustlens pgd": ours,
+        "ART 1.20 ProjectedGradientDescent": _art_pgd(model, x, y, outputs),
+    }
     torchattacks_run = _torchattacks_pgd(model, x, y, outputs)
     if torchattacks_run is not None:
         contenders[torchattacks_run[0]] = torchattacks_run[1]
     seconds = interleaved_medians(contenders, repeats)
-    rows = [{"implementation": name, "seconds": value, **({"adv": outputs[name]} if name in outputs else {})}
-            for name, value in seconds.items()]
+    rows = [
+        {"implementation": name, "seconds": value, **({"adv": outputs[name]} if name in outputs else {})}
+        for name, value in seconds.items()
+    ]
     ours_adv = {"x": outputs["robustlens pgd"]}
     with torch.no_grad():
         reference = model(ours_adv["x"]).argmax(1)
@@ -125,10 +138,24 @@ def _art_pgd(model, x, y, outputs: dict):
     from art.estimators.classification import PyTorchClassifier
 
     name = "ART 1.20 ProjectedGradientDescent"
-    classifier = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                                   nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
-    attack = ProjectedGradientDescent(classifier, norm=np.inf, eps=EPS, eps_step=STEP_SIZE, max_iter=STEPS,
-                                      num_random_init=0, batch_size=x.shape[0], verbose=False)
+    classifier = PyTorchClassifier(
+        model=model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+    attack = ProjectedGradientDescent(
+        classifier,
+        norm=np.inf,
+        eps=EPS,
+        eps_step=STEP_SIZE,
+        max_iter=STEPS,
+        num_random_init=0,
+        batch_size=x.shape[0],
+        verbose=False,
+    )
     inputs, labels = x.numpy(), y.numpy()
 
     def run() -> None:
@@ -162,11 +189,13 @@ def bench_corruptions(ours_images: int, theirs_images: int, repeats: int) -> lis
 
     x, _, _ = sample_batch(max(ours_images, theirs_images), size=32, channels=3)
     ours_x = x[:ours_images]
-    theirs_x = [np.ascontiguousarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-                for img in x[:theirs_images]]
+    theirs_x = [
+        np.ascontiguousarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for img in x[:theirs_images]
+    ]
     shared = [name for name in CORRUPTIONS if name in set(get_corruption_names("all"))]
     rows = []
     for name in shared:
+
         def ours(name: str = name) -> None:
             for severity in SEVERITIES:
                 CORRUPTIONS[name](ours_x, severity, make_generator(0, name, severity))
@@ -177,12 +206,13 @@ def bench_corruptions(ours_images: int, theirs_images: int, repeats: int) -> lis
                     reference_corrupt(image, severity=severity, corruption_name=name)
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")      # imagecorruptions' own deprecation warnings
+            warnings.simplefilter("ignore")  # imagecorruptions' own deprecation warnings
             seconds = interleaved_medians({"ours": ours, "theirs": theirs}, repeats)
         ours_s = seconds["ours"] / (ours_images * len(SEVERITIES))
         theirs_s = seconds["theirs"] / (theirs_images * len(SEVERITIES))
-        rows.append({"corruption": name, "ours_ms": 1000 * ours_s, "theirs_ms": 1000 * theirs_s,
-                     "ratio": theirs_s / ours_s})
+        rows.append(
+            {"corruption": name, "ours_ms": 1000 * ours_s, "theirs_ms": 1000 * theirs_s, "ratio": theirs_s / ours_s}
+        )
     return rows
 
 
@@ -208,19 +238,35 @@ def bench_run(threads: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "ws"
-        init_workspace(root, InitOptions(data=SAMPLE, labels=SAMPLE / "labels.csv",
-                                         predictions=[("cnn", SAMPLE / "predictions.csv")],
-                                         model=str(SAMPLE / "model.pt"), model_config=SAMPLE / "model.json",
-                                         progress=False))
+        init_workspace(
+            root,
+            InitOptions(
+                data=SAMPLE,
+                labels=SAMPLE / "labels.csv",
+                predictions=[("cnn", SAMPLE / "predictions.csv")],
+                model=str(SAMPLE / "model.pt"),
+                model_config=SAMPLE / "model.json",
+                progress=False,
+            ),
+        )
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", RUN, "robustness", str(root), "--quiet", "--threads",
-                                 str(threads)], capture_output=True, text=True, cwd=REPO)
+        result = subprocess.run(
+            [sys.executable, "-c", RUN, "robustness", str(root), "--quiet", "--threads", str(threads)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         wall = time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(f"robustness run failed ({result.returncode}):\n{result.stderr[-4000:]}")
         summary = json.loads((root / "artifacts" / "robustness_summary.json").read_text())
-    return {"wall": wall, "timings": summary["timings"], "stdout": result.stdout,
-            "samples": summary["num_samples"], "warnings": summary["warnings"]}
+    return {
+        "wall": wall,
+        "timings": summary["timings"],
+        "stdout": result.stdout,
+        "samples": summary["num_samples"],
+        "warnings": summary["warnings"],
+    }
 
 
 # -- report -----------------------------------------------------------------------------------------------------
@@ -228,20 +274,29 @@ def print_pgd(rows: list[dict], batch: int) -> None:
     ours = next(r for r in rows if r["implementation"] == "robustlens pgd")
     floor = rows[0]
     print(f"\n### PGD-10 L∞ (ε = 8/255, step 2/255), batch of {batch} sample images, 28×28, sample CNN\n")
-    print("| implementation | median time | images/s | ours is × faster | × the floor | robust acc. "
-          "| same pred. as ours |")
+    print(
+        "| implementation | median time | images/s | ours is × faster | × the floor | robust acc. "
+        "| same pred. as ours |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         faster = row["seconds"] / ours["seconds"]
-        extra = (f"{row['robust_accuracy']:.1%} | {row['same_prediction_as_ours']:.1%}"
-                 if "robust_accuracy" in row else "— | —")
-        print(f"| {row['implementation']} | {row['seconds']:.3f} s | {row['images_per_s']:,.0f} | {faster:.2f} | "
-              f"{row['seconds'] / floor['seconds']:.2f} | {extra} |")
+        extra = (
+            f"{row['robust_accuracy']:.1%} | {row['same_prediction_as_ours']:.1%}"
+            if "robust_accuracy" in row
+            else "— | —"
+        )
+        print(
+            f"| {row['implementation']} | {row['seconds']:.3f} s | {row['images_per_s']:,.0f} | {faster:.2f} | "
+            f"{row['seconds'] / floor['seconds']:.2f} | {extra} |"
+        )
 
 
 def print_corruptions(rows: list[dict], ours_images: int, theirs_images: int) -> None:
-    print(f"\n### Corruptions, 32×32 RGB, severities 1–5 (ours: batch of {ours_images}; imagecorruptions: "
-          f"{theirs_images} images one by one)\n")
+    print(
+        f"\n### Corruptions, 32×32 RGB, severities 1–5 (ours: batch of {ours_images}; imagecorruptions: "
+        f"{theirs_images} images one by one)\n"
+    )
     print("| corruption | ours ms/image | imagecorruptions ms/image | ours is × faster |")
     print("|---|---|---|---|")
     for row in rows:
@@ -252,8 +307,10 @@ def print_corruptions(rows: list[dict], ours_images: int, theirs_images: int) ->
 
 def print_run(result: dict, threads: int) -> None:
     samples = result["samples"]
-    print(f"\n### `robustlens robustness WS` defaults on the sample workspace ({samples['evaluated']} evaluated, "
-          f"{samples['attacked']} attacked, {samples['certified']} certified; torch threads {threads})\n")
+    print(
+        f"\n### `robustlens robustness WS` defaults on the sample workspace ({samples['evaluated']} evaluated, "
+        f"{samples['attacked']} attacked, {samples['certified']} certified; torch threads {threads})\n"
+    )
     print("| stage | seconds |")
     print("|---|---|")
     for stage, seconds in result["timings"].items():
@@ -270,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ours-images", type=int, default=256, help="images per corruption batch (ours)")
     parser.add_argument("--theirs-images", type=int, default=64, help="images corrupted one by one (imagecorruptions)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the project machine's 2 cores are shared)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: the project machine's 2 cores are shared)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
@@ -282,8 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     if "pgd" in parts:
         print_pgd(bench_pgd(args.batch, args.repeats), args.batch)
     if "corruptions" in parts:
-        print_corruptions(bench_corruptions(args.ours_images, args.theirs_images, args.repeats), args.ours_images,
-                          args.theirs_images)
+        print_corruptions(
+            bench_corruptions(args.ours_images, args.theirs_images, args.repeats), args.ours_images, args.theirs_images
+        )
     if "run" in parts:
         print_run(bench_run(args.threads), args.threads)
 

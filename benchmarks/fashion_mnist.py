@@ -55,8 +55,11 @@ def prepare(dest: Path = DEFAULT_DEST, source: Path | None = None) -> Path:
     stacked = np.stack(images)
     logits = build.predict_logits(model, build.to_input(stacked, config["mean"][0], config["std"][0]))
     probs = torch.softmax(logits, dim=1).numpy()
-    build.write_csv(dest / "predictions.csv", ["path", *build.CLASSES],
-                    [[row[0], *values] for row, values in zip(rows, build.format_probs(probs), strict=True)])
+    build.write_csv(
+        dest / "predictions.csv",
+        ["path", *build.CLASSES],
+        [[row[0], *values] for row, values in zip(rows, build.format_probs(probs), strict=True)],
+    )
     (dest / ".complete").write_text("ok\n")
     return dest
 

@@ -17,16 +17,25 @@ from pathlib import Path
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str:
     for candidate in (os.environ.get("ROBUSTLENS_CHROMIUM"), *CHROMIUM_CANDIDATES, shutil.which("chromium")):
         if candidate and Path(candidate).exists():
             return candidate
-    raise RuntimeError("Chromium not found: browser tests need Debian's 'chromium' package "
-                       "(make test installs it) or ROBUSTLENS_CHROMIUM=/path/to/chromium")
+    raise RuntimeError(
+        "Chromium not found: browser tests need Debian's 'chromium' package "
+        "(make test installs it) or ROBUSTLENS_CHROMIUM=/path/to/chromium"
+    )
 
 
 def free_port() -> int:
@@ -87,7 +96,8 @@ def wait_for_app_idle(page, timeout_ms: int = 60_000) -> None:
             const status = document.querySelector("[data-testid='stStatusWidget']");
             return !status || !status.innerText.includes('Running');
         }""",
-        timeout=timeout_ms)
+        timeout=timeout_ms,
+    )
 
 
 @contextlib.contextmanager
@@ -169,8 +179,10 @@ def _ends_a_run(payload: str | bytes) -> bool:
         return False
     message = ForwardMsg()
     message.ParseFromString(payload)
-    return (message.WhichOneof("type") == "script_finished"
-            and message.script_finished != ForwardMsg.FINISHED_EARLY_FOR_RERUN)
+    return (
+        message.WhichOneof("type") == "script_finished"
+        and message.script_finished != ForwardMsg.FINISHED_EARLY_FOR_RERUN
+    )
 
 
 _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -52,8 +52,9 @@ def _save(root: Path, label: str, name: str, pixels: np.ndarray, *, mode: str = 
     return f"{label}/{name}"
 
 
-def build_planted_dataset(root: Path, *, n_clean: int = 600, n_per_issue: int = 30, n_odd: int = 4,
-                          random_state: int = 0) -> tuple[dict[str, set[str]], set[str]]:
+def build_planted_dataset(
+    root: Path, *, n_clean: int = 600, n_per_issue: int = 30, n_odd: int = 4, random_state: int = 0
+) -> tuple[dict[str, set[str]], set[str]]:
     """Write the planted dataset under ``root``; return (issue → ids that have it, ids of clean images)."""
     rng = np.random.default_rng(random_state)
     table = sample_images()
@@ -107,7 +108,7 @@ def build_planted_dataset(root: Path, *, n_clean: int = 600, n_per_issue: int = 
 
 def copy_real_images(root: Path, count: int, *, offset: int = 0) -> list[str]:
     """Copy ``count`` unmodified sample images (from position ``offset``) into an ImageFolder tree."""
-    table = sample_images().iloc[offset:offset + count]
+    table = sample_images().iloc[offset : offset + count]
     ids = []
     for path, label in zip(table["path"], table["label"], strict=True):
         target = root / label / Path(path).name

@@ -11,8 +11,7 @@ import torch
 from robustlens.analysis.metric_registry import register_metric
 
 
-@register_metric("slow_peak", description="largest pixel value (computed slowly on purpose)",
-                 higher_is="brighter peak")
+@register_metric("slow_peak", description="largest pixel value (computed slowly on purpose)", higher_is="brighter peak")
 def slow_peak(images: torch.Tensor) -> torch.Tensor:
     time.sleep(float(os.environ.get("ROBUSTLENS_TEST_METRIC_DELAY", "0")))
     return images.amax(dim=(1, 2, 3))

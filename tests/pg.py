@@ -28,8 +28,10 @@ from pathlib import Path
 import pytest
 
 #: Server settings for a throw-away test cluster: no durability work, loopback only.
-SERVER_OPTIONS = ("-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-                  "-c full_page_writes=off -c max_connections=60 -c shared_buffers=32MB")
+SERVER_OPTIONS = (
+    "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+    "-c full_page_writes=off -c max_connections=60 -c shared_buffers=32MB"
+)
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,11 @@ def _unavailable(reason: str) -> None:
 def find_bin_dir() -> Path | None:
     """The newest ``/usr/lib/postgresql/<version>/bin`` holding ``initdb`` and ``pg_ctl`` (or ``$PG_BIN_DIR``)."""
     candidates = [os.environ["PG_BIN_DIR"]] if os.environ.get("PG_BIN_DIR") else []
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                         key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
-                         reverse=True)
+    candidates += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
     for candidate in candidates:
         path = Path(candidate)
         if (path / "initdb").is_file() and (path / "pg_ctl").is_file():
@@ -86,14 +90,44 @@ def _run(args: list[str], what: str, log: Path | None = None) -> None:
 def start_server(bin_dir: Path, base: Path, *, attempts: int = 3) -> PostgresServer:
     """``initdb`` a cluster in ``base/data`` and start it on a free loopback port (retried on a port clash)."""
     data_dir = base / "data"
-    _run([str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-          "--locale=C", "--no-sync", "--no-instructions"], "initdb")
+    _run(
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data_dir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ],
+        "initdb",
+    )
     log = base / "server.log"
     for attempt in range(attempts):
         port = _free_port()
         try:
-            _run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(log), "-w", "-t", "60",
-                  "-o", f"-p {port} -k {base} {SERVER_OPTIONS}", "start"], "pg_ctl start", log)
+            _run(
+                [
+                    str(bin_dir / "pg_ctl"),
+                    "-D",
+                    str(data_dir),
+                    "-l",
+                    str(log),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    f"-p {port} -k {base} {SERVER_OPTIONS}",
+                    "start",
+                ],
+                "pg_ctl start",
+                log,
+            )
             return PostgresServer(port=port, data_dir=data_dir)
         except RuntimeError:
             if attempt == attempts - 1:
@@ -102,8 +136,12 @@ def start_server(bin_dir: Path, base: Path, *, attempts: int = 3) -> PostgresSer
 
 
 def stop_server(bin_dir: Path, server: PostgresServer) -> None:
-    subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-m", "immediate",
-                                    "-w", "stop"]), capture_output=True, timeout=60, check=False)
+    subprocess.run(
+        _as_server_user([str(bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-m", "immediate", "-w", "stop"]),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

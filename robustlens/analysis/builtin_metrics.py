@@ -87,8 +87,9 @@ def luminance(images: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` → ``(B, H, W)`` Rec. 601 luma (the channel itself when ``C`` = 1)."""
     if images.shape[1] == 1:
         return images[:, 0]
-    return shared(images, "luminance", lambda x: LUMA_WEIGHTS[0] * x[:, 0] + LUMA_WEIGHTS[1] * x[:, 1]
-                  + LUMA_WEIGHTS[2] * x[:, 2])
+    return shared(
+        images, "luminance", lambda x: LUMA_WEIGHTS[0] * x[:, 0] + LUMA_WEIGHTS[1] * x[:, 1] + LUMA_WEIGHTS[2] * x[:, 2]
+    )
 
 
 def _flat(values: torch.Tensor) -> torch.Tensor:
@@ -128,8 +129,7 @@ def laplacian(images: torch.Tensor) -> torch.Tensor:
     def compute(x: torch.Tensor) -> torch.Tensor:
         lum = luminance(x)
         padded = F.pad(lum.unsqueeze(1), (1, 1, 1, 1), mode="replicate")[:, 0]
-        return (padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
-                - 4.0 * lum)
+        return padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:] - 4.0 * lum
 
     return shared(images, "laplacian", compute)
 
@@ -137,8 +137,9 @@ def laplacian(images: torch.Tensor) -> torch.Tensor:
 def _second_difference(values: torch.Tensor, dim: int) -> torch.Tensor:
     """``[1, -2, 1]`` along ``dim`` over the valid region (length shrinks by 2)."""
     length = values.shape[dim]
-    return (values.narrow(dim, 0, length - 2) - 2.0 * values.narrow(dim, 1, length - 2)
-            + values.narrow(dim, 2, length - 2))
+    return (
+        values.narrow(dim, 0, length - 2) - 2.0 * values.narrow(dim, 1, length - 2) + values.narrow(dim, 2, length - 2)
+    )
 
 
 def _box_blur(values: torch.Tensor, dim: int, window: int) -> torch.Tensor:
@@ -147,8 +148,9 @@ def _box_blur(values: torch.Tensor, dim: int, window: int) -> torch.Tensor:
     length = values.shape[dim]
     edge = list(values.shape)
     edge[dim] = half
-    padded = torch.cat([values.narrow(dim, 0, 1).expand(edge), values,
-                        values.narrow(dim, length - 1, 1).expand(edge)], dim=dim)
+    padded = torch.cat(
+        [values.narrow(dim, 0, 1).expand(edge), values, values.narrow(dim, length - 1, 1).expand(edge)], dim=dim
+    )
     total = padded.narrow(dim, 0, length).clone()
     for offset in range(1, window):  # the window's taps, each over the whole batch
         total += padded.narrow(dim, offset, length)
@@ -171,8 +173,11 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
     return _spatial_variance(laplacian(images))
 
 
-@register_metric("high_frequency_ratio", description="variance of the Laplacian / (64 × variance), 0..1",
-                 higher_is="more fine detail")
+@register_metric(
+    "high_frequency_ratio",
+    description="variance of the Laplacian / (64 × variance), 0..1",
+    higher_is="more fine detail",
+)
 def high_frequency_ratio(images: torch.Tensor) -> torch.Tensor:
     variance = luminance_variance(images)
     ratio = sharpness(images) / (64.0 * variance.clamp(min=torch.finfo(images.dtype).tiny))
@@ -189,13 +194,17 @@ def blur_score(images: torch.Tensor) -> torch.Tensor:
         lost = (variation - reblurred.diff(dim=dim).abs()).clamp_(min=0)
         total = _flat(variation).sum(dim=1)
         kept = total - _flat(lost).sum(dim=1)
-        per_axis.append(torch.where(total > 0, kept / total.clamp(min=torch.finfo(lum.dtype).tiny),
-                                    torch.full_like(total, math.nan)))
+        per_axis.append(
+            torch.where(
+                total > 0, kept / total.clamp(min=torch.finfo(lum.dtype).tiny), torch.full_like(total, math.nan)
+            )
+        )
     return torch.fmax(per_axis[0], per_axis[1]).nan_to_num(nan=1.0).clamp(0.0, 1.0)
 
 
-@register_metric("entropy", description="entropy of the 256-bin luminance histogram, bits (0..8)",
-                 higher_is="more information")
+@register_metric(
+    "entropy", description="entropy of the 256-bin luminance histogram, bits (0..8)", higher_is="more information"
+)
 def entropy(images: torch.Tensor) -> torch.Tensor:
     counts = luminance_histogram(images).to(torch.float64)
     probabilities = counts / counts.sum(dim=1, keepdim=True)
@@ -214,20 +223,19 @@ def luminance_percentiles(images: torch.Tensor, quantiles: tuple[float, ...]) ->
     return levels.to(images.dtype) / 255.0
 
 
-@register_metric("shadow_level", description="1st percentile of luminance, 0..1",
-                 higher_is="lighter shadows")
+@register_metric("shadow_level", description="1st percentile of luminance, 0..1", higher_is="lighter shadows")
 def shadow_level(images: torch.Tensor) -> torch.Tensor:
     return luminance_percentiles(images, (0.01,))[:, 0]
 
 
-@register_metric("highlight_level", description="99th percentile of luminance, 0..1",
-                 higher_is="brighter highlights")
+@register_metric("highlight_level", description="99th percentile of luminance, 0..1", higher_is="brighter highlights")
 def highlight_level(images: torch.Tensor) -> torch.Tensor:
     return luminance_percentiles(images, (0.99,))[:, 0]
 
 
-@register_metric("colorfulness", description="Hasler-Süsstrunk colourfulness (intensities 0..1)",
-                 higher_is="more colourful")
+@register_metric(
+    "colorfulness", description="Hasler-Süsstrunk colourfulness (intensities 0..1)", higher_is="more colourful"
+)
 def colorfulness(images: torch.Tensor) -> torch.Tensor:
     if images.shape[1] == 1:
         return images.new_zeros(images.shape[0])
@@ -245,8 +253,7 @@ def saturation(images: torch.Tensor) -> torch.Tensor:
         return images.new_zeros(images.shape[0])
     high = images.amax(dim=1)
     low = images.amin(dim=1)
-    value = torch.where(high > 0, (high - low) / high.clamp(min=torch.finfo(images.dtype).tiny),
-                        torch.zeros_like(high))
+    value = torch.where(high > 0, (high - low) / high.clamp(min=torch.finfo(images.dtype).tiny), torch.zeros_like(high))
     return _spatial_mean(value)
 
 
@@ -264,20 +271,21 @@ mean_g = register_metric("mean_g", description="mean green value, 0..1", higher_
 mean_b = register_metric("mean_b", description="mean blue value, 0..1", higher_is="bluer")(_channel_mean(2))
 
 
-@register_metric("dark_fraction", description=f"fraction of pixels with luminance < {DARK_LEVEL}",
-                 higher_is="more dark pixels")
+@register_metric(
+    "dark_fraction", description=f"fraction of pixels with luminance < {DARK_LEVEL}", higher_is="more dark pixels"
+)
 def dark_fraction(images: torch.Tensor) -> torch.Tensor:
     return _spatial_mean((luminance(images) < DARK_LEVEL).to(images.dtype))
 
 
-@register_metric("bright_fraction", description=f"fraction of pixels with luminance > {BRIGHT_LEVEL}",
-                 higher_is="more bright pixels")
+@register_metric(
+    "bright_fraction", description=f"fraction of pixels with luminance > {BRIGHT_LEVEL}", higher_is="more bright pixels"
+)
 def bright_fraction(images: torch.Tensor) -> torch.Tensor:
     return _spatial_mean((luminance(images) > BRIGHT_LEVEL).to(images.dtype))
 
 
-@register_metric("noise", description="Immerkær noise standard deviation (intensities 0..1)",
-                 higher_is="noisier")
+@register_metric("noise", description="Immerkær noise standard deviation (intensities 0..1)", higher_is="noisier")
 def noise(images: torch.Tensor) -> torch.Tensor:
     batch, _, height, width = images.shape
     if height < 3 or width < 3:
@@ -287,8 +295,9 @@ def noise(images: torch.Tensor) -> torch.Tensor:
     return _flat(response).abs().sum(dim=1) * (math.sqrt(math.pi / 2.0) / (6.0 * (width - 2) * (height - 2)))
 
 
-@register_metric("grayscale_content", description="largest channel difference at any pixel (0 = gray)",
-                 higher_is="more colour")
+@register_metric(
+    "grayscale_content", description="largest channel difference at any pixel (0 = gray)", higher_is="more colour"
+)
 def grayscale_content(images: torch.Tensor) -> torch.Tensor:
     if images.shape[1] == 1:
         return images.new_zeros(images.shape[0])
@@ -321,7 +330,8 @@ def file_size(samples: pd.DataFrame) -> np.ndarray:
     return samples["file_size"].to_numpy(dtype=np.int64)
 
 
-@register_metric("channels", description="decoded channels: 1 (grayscale) or 3 (RGB)",
-                 higher_is="colour", source="record")
+@register_metric(
+    "channels", description="decoded channels: 1 (grayscale) or 3 (RGB)", higher_is="colour", source="record"
+)
 def channels(samples: pd.DataFrame) -> np.ndarray:
     return samples["channels"].to_numpy(dtype=np.int64)

@@ -39,13 +39,15 @@ DESCRIPTION = (
     "Built-in fallback (no model and no imported embeddings): 16x16 grayscale thumbnail + gradient-orientation "
     "histogram + colour histogram, standardised and reduced by PCA. Good for exact / near duplicates, gross "
     "visual clusters (brightness, colour, layout) and visual outliers. NOT a semantic embedding: do not use it "
-    "for semantic similarity or label-issue detection; supply a model (--model) or embeddings (--embeddings).")
+    "for semantic similarity or label-issue detection; supply a model (--model) or embeddings (--embeddings)."
+)
 
 _LUMINANCE = (0.299, 0.587, 0.114)
 # Row-major cell index (ORIENTATION_CELLS x ORIENTATION_CELLS grid) of each pixel of the thumbnail.
-_CELL_OF_PIXEL = ((torch.arange(THUMBNAIL_SIZE) // (THUMBNAIL_SIZE // ORIENTATION_CELLS)).view(-1, 1)
-                  * ORIENTATION_CELLS
-                  + (torch.arange(THUMBNAIL_SIZE) // (THUMBNAIL_SIZE // ORIENTATION_CELLS)).view(1, -1)).flatten()
+_CELL_OF_PIXEL = (
+    (torch.arange(THUMBNAIL_SIZE) // (THUMBNAIL_SIZE // ORIENTATION_CELLS)).view(-1, 1) * ORIENTATION_CELLS
+    + (torch.arange(THUMBNAIL_SIZE) // (THUMBNAIL_SIZE // ORIENTATION_CELLS)).view(1, -1)
+).flatten()
 
 
 def _batched_histogram(bins: torch.Tensor, size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,8 +55,7 @@ def _batched_histogram(bins: torch.Tensor, size: int, weights: torch.Tensor | No
     rows = bins.shape[0]
     offsets = torch.arange(rows, device=bins.device).view(-1, 1) * size
     flat = (bins + offsets).flatten()
-    counts = torch.bincount(flat, weights=None if weights is None else weights.flatten().float(),
-                            minlength=rows * size)
+    counts = torch.bincount(flat, weights=None if weights is None else weights.flatten().float(), minlength=rows * size)
     return counts.view(rows, size).float()
 
 
@@ -71,8 +72,9 @@ def _to_work_size(pixels: list[np.ndarray], device: str | torch.device) -> torch
         stack = torch.from_numpy(array).to(device).permute(0, 3, 1, 2)
         # Grayscale is resized before it is repeated: 3x less work.
         if array.shape[1:3] != (WORK_SIZE, WORK_SIZE):
-            stack = F.interpolate(stack, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False,
-                                  antialias=True)
+            stack = F.interpolate(
+                stack, size=(WORK_SIZE, WORK_SIZE), mode="bilinear", align_corners=False, antialias=True
+            )
         if array.shape[3] == 1:
             stack = stack.expand(-1, 3, -1, -1)
         out[torch.as_tensor(positions, device=device)] = stack.clamp(0.0, 1.0)
@@ -97,10 +99,12 @@ def describe(pixels: list[np.ndarray], device: str | torch.device = "cpu") -> tu
         ``(B, 32, 32)`` uint8 luminance thumbnails (antialiased resize), used to verify near duplicates.
     """
     if not pixels:
-        return (torch.empty((0, RAW_DIM), dtype=torch.float32, device=device),
-                torch.empty((0, WORK_SIZE, WORK_SIZE), dtype=torch.uint8, device=device))
+        return (
+            torch.empty((0, RAW_DIM), dtype=torch.float32, device=device),
+            torch.empty((0, WORK_SIZE, WORK_SIZE), dtype=torch.uint8, device=device),
+        )
     if len(pixels) > CHUNK:  # cache-sized pieces: 4,096 images at once run at half the speed of 256
-        parts = [describe(pixels[start:start + CHUNK], device) for start in range(0, len(pixels), CHUNK)]
+        parts = [describe(pixels[start : start + CHUNK], device) for start in range(0, len(pixels), CHUNK)]
         return torch.cat([raw for raw, _ in parts]), torch.cat([thumbs for _, thumbs in parts])
     rgb = _to_work_size(pixels, device)
     weights = torch.tensor(_LUMINANCE, device=device).view(1, 3, 1, 1)
@@ -133,8 +137,9 @@ def _raw_from_work_size(rgb: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
     angle = torch.atan2(gradients[:, 1], gradients[:, 0]).flatten(1).remainder(torch.pi)
     bins = (angle * (ORIENTATION_BINS / torch.pi)).long().clamp_(max=ORIENTATION_BINS - 1)
     cell = _CELL_OF_PIXEL.to(device)  # (256,) cell index of each thumbnail pixel
-    orientation = _batched_histogram(cell * ORIENTATION_BINS + bins, ORIENTATION_CELLS**2 * ORIENTATION_BINS,
-                                     weights=magnitude)
+    orientation = _batched_histogram(
+        cell * ORIENTATION_BINS + bins, ORIENTATION_CELLS**2 * ORIENTATION_BINS, weights=magnitude
+    )
     # Normalised so that the descriptor measures edge layout, not contrast (contrast is in the thumbnail).
     orientation = orientation / orientation.norm(dim=1, keepdim=True).clamp_min(1e-6)
 

@@ -81,8 +81,9 @@ def is_supported(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
 
 
-def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, expected_hash: str | None = None,
-               no_follow: bool = False) -> DecodedImage:
+def read_image(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, expected_hash: str | None = None, no_follow: bool = False
+) -> DecodedImage:
     """Read, verify and decode one image file.
 
     Parameters
@@ -108,13 +109,20 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, expect
     pixels, mode, bit_depth = _decode(data, max_pixels)
     height, width = pixels.shape[:2]
     record = ImageRecord(
-        width=int(width), height=int(height), mode=mode, channels=int(pixels.shape[2]),
-        bit_depth=bit_depth, file_size=len(data), content_hash=content_hash)
+        width=int(width),
+        height=int(height),
+        mode=mode,
+        channels=int(pixels.shape[2]),
+        bit_depth=bit_depth,
+        file_size=len(data),
+        content_hash=content_hash,
+    )
     return DecodedImage(pixels=pixels, record=record)
 
 
-def read_pixels(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, expected_hash: str | None = None,
-                no_follow: bool = False) -> np.ndarray:
+def read_pixels(
+    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, expected_hash: str | None = None, no_follow: bool = False
+) -> np.ndarray:
     """Just the pixels of :func:`read_image` (same values, same errors), without the record: for stages that
     re-read images already validated at ingest.
 
@@ -144,8 +152,11 @@ def read_verified_bytes(path: str | Path, *, expected_hash: str | None = None, n
 def check_hash(data: bytes, expected_hash: str | None) -> None:
     """Raise :class:`FileRefused` (``changed_since_init``) if ``expected_hash`` is given and ``data`` has another."""
     if expected_hash is not None and hashlib.sha256(data).hexdigest() != expected_hash:
-        raise FileRefused("changed since init: its content hash differs from the one recorded at ingest; not used "
-                          "(re-run 'robustlens init --force' to re-ingest it)", kind="changed_since_init")
+        raise FileRefused(
+            "changed since init: its content hash differs from the one recorded at ingest; not used "
+            "(re-run 'robustlens init --force' to re-ingest it)",
+            kind="changed_since_init",
+        )
 
 
 def _read_bytes(path: str | Path, *, no_follow: bool = False) -> bytes:
@@ -198,7 +209,8 @@ def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, str, int]:
             if width * height > max_pixels:
                 raise ImageProblem(
                     f"{width}x{height} = {width * height:,} pixels exceeds the cap of {max_pixels:,} "
-                    "(possible decompression bomb; raise --max-pixels if the image is genuine)")
+                    "(possible decompression bomb; raise --max-pixels if the image is genuine)"
+                )
             if width == 0 or height == 0:
                 raise ImageProblem(f"image has no pixels ({width}x{height})")
             image.load()
@@ -253,8 +265,8 @@ def _decode_simple_png(data: bytes, max_pixels: int) -> tuple[np.ndarray, str] |
     while True:  # chunks before the first IDAT: refuse transparency keys (Pillow keeps them as info only)
         if position + 8 > len(data):
             return None
-        (length,) = struct.unpack(">I", data[position:position + 4])
-        kind = data[position + 4:position + 8]
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
         if kind == b"IDAT":
             break
         if kind in (b"tRNS", b"PLTE"):

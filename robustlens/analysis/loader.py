@@ -79,8 +79,13 @@ def auto_batch_size(samples: pd.DataFrame, *, smallest: int = 64, largest: int =
 
 def _typical_values(samples: pd.DataFrame) -> int:
     """Median pixel values per image (width × height × channels) of the sample table."""
-    return int(np.median(samples["width"].to_numpy(np.int64) * samples["height"].to_numpy(np.int64)
-                         * samples["channels"].to_numpy(np.int64)))
+    return int(
+        np.median(
+            samples["width"].to_numpy(np.int64)
+            * samples["height"].to_numpy(np.int64)
+            * samples["channels"].to_numpy(np.int64)
+        )
+    )
 
 
 #: Pixel values (median over the dataset) up to which images count as tiny: decoding one costs less
@@ -122,8 +127,11 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def stacks_by_shape(pixels: Sequence[np.ndarray], *, max_values: int | None = None,
-                    ) -> Iterator[tuple[list[int], np.ndarray]]:
+def stacks_by_shape(
+    pixels: Sequence[np.ndarray],
+    *,
+    max_values: int | None = None,
+) -> Iterator[tuple[list[int], np.ndarray]]:
     """Decoded images grouped by shape: ``(positions, stack)`` with ``stack`` ``(b, H, W, C)`` float32.
 
     Batch tensor work runs once per group instead of once per image; with ``max_values`` a group is
@@ -135,7 +143,7 @@ def stacks_by_shape(pixels: Sequence[np.ndarray], *, max_values: int | None = No
     for shape, members in groups.items():
         per_stack = len(members) if max_values is None else max(1, max_values // math.prod(shape))
         for offset in range(0, len(members), per_stack):
-            rows = members[offset:offset + per_stack]
+            rows = members[offset : offset + per_stack]
             yield rows, np.stack([np.asarray(pixels[row], dtype=np.float32) for row in rows])
 
 
@@ -161,11 +169,20 @@ def _every_outside(root: str, paths: Sequence[str], order: np.ndarray, limit: in
     return DatasetFileError(f"{len(found)} dataset file(s) refused: {shown}", kind="outside_root")
 
 
-def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] | None = None, *,
-                 batch_size: int = 512, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 progress: bool = False, desc: str = "Decoding", memo: PixelMemo | None = None,
-                 expected_hashes: Sequence[str] | None = None,
-                 refused: RefusedFiles | None = None) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+def iter_decoded(
+    root: str | Path,
+    paths: Sequence[str],
+    indices: Sequence[int] | None = None,
+    *,
+    batch_size: int = 512,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+    desc: str = "Decoding",
+    memo: PixelMemo | None = None,
+    expected_hashes: Sequence[str] | None = None,
+    refused: RefusedFiles | None = None,
+) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Yield ``(indices, pixels)`` batches.
 
     Every file is read through :class:`~robustlens.analysis.safety.DatasetGuard`: its real path is checked
@@ -219,16 +236,19 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
         path = os.path.join(root_text, paths[index])
         expected = None if expected_hashes is None else expected_hashes[index]
         try:
-            pixels = guard.read(paths[index], lambda real: read_pixels(real, max_pixels=max_pixels,
-                                                                       expected_hash=expected, no_follow=True))
+            pixels = guard.read(
+                paths[index],
+                lambda real: read_pixels(real, max_pixels=max_pixels, expected_hash=expected, no_follow=True),
+            )
         except FileRefused as problem:
             if refused is None:
                 raise DatasetFileError(f"{path}: {problem.reason}", kind=problem.kind) from problem
             refused.add(index, paths[index], problem)
             return None
         except ImageProblem as problem:
-            raise DatasetFileError(f"{path}: {problem.reason} (it was readable at ingest; re-run "
-                                   "'robustlens init --force')") from problem
+            raise DatasetFileError(
+                f"{path}: {problem.reason} (it was readable at ingest; re-run 'robustlens init --force')"
+            ) from problem
         if memo is not None:
             memo.offer(index, pixels)
         return pixels
@@ -242,9 +262,9 @@ def iter_decoded(root: str | Path, paths: Sequence[str], indices: Sequence[int] 
 
     def submit(pool: ThreadPoolExecutor, batch: np.ndarray) -> list:
         items = batch.tolist()
-        return [pool.submit(decode_all, items[i:i + task]) for i in range(0, len(items), task)]
+        return [pool.submit(decode_all, items[i : i + task]) for i in range(0, len(items), task)]
 
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robustlens-decode")
     try:
         with tqdm(total=len(order), desc=desc, unit="img", disable=not progress) as bar:

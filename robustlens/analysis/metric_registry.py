@@ -90,8 +90,15 @@ class Metric:
 _REGISTRY: dict[str, Metric] = {}
 
 
-def register_metric(name: str, *, description: str, higher_is: str = "", source: str = "pixels",
-                    version: str = "1", replace: bool = False) -> Callable[[Callable], Callable]:
+def register_metric(
+    name: str,
+    *,
+    description: str,
+    higher_is: str = "",
+    source: str = "pixels",
+    version: str = "1",
+    replace: bool = False,
+) -> Callable[[Callable], Callable]:
     """Decorator registering ``function`` as metric ``name``; returns the function unchanged.
 
     Parameters
@@ -121,13 +128,20 @@ def register_metric(name: str, *, description: str, higher_is: str = "", source:
     def decorator(function: Callable) -> Callable:
         if not callable(function):
             raise MetricRegistryError(f"metric {name!r}: expected a function, got {type(function).__name__}")
-        metric = Metric(name=name, function=function, description=description, higher_is=higher_is,
-                        source=source, version=str(version))
+        metric = Metric(
+            name=name,
+            function=function,
+            description=description,
+            higher_is=higher_is,
+            source=source,
+            version=str(version),
+        )
         existing = _REGISTRY.get(name)
         if existing is not None and existing.origin != metric.origin and not replace:
             raise MetricRegistryError(
                 f"metric {name!r} is already registered by {existing.origin}; {metric.origin} cannot register "
-                "it again (choose another name, or pass replace=True to override it)")
+                "it again (choose another name, or pass replace=True to override it)"
+            )
         _REGISTRY[name] = metric
         return function
 
@@ -174,9 +188,11 @@ def get_metric(name: str) -> Metric:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise MetricRegistryError(f"unknown metric {name!r}; registered metrics: {list(_REGISTRY)} "
-                                  "(a custom metric's module must be imported first, e.g. through "
-                                  "the metrics stage's Config(plugins=...))") from None
+        raise MetricRegistryError(
+            f"unknown metric {name!r}; registered metrics: {list(_REGISTRY)} "
+            "(a custom metric's module must be imported first, e.g. through "
+            "the metrics stage's Config(plugins=...))"
+        ) from None
 
 
 def import_plugins(modules: tuple[str, ...] | list[str]) -> None:

@@ -44,8 +44,10 @@ def validate_name(kind: str, value: object, *, max_length: int = MAX_NAME_LENGTH
     if not isinstance(value, str):
         raise ValidationError(f"{kind} must be text, got {type(value).__name__}")
     shown = value if len(value) <= 60 else value[:57] + "..."
-    rule = (f"use letters, digits, '_', '.', '-' and single inner spaces, starting with a letter, digit or '_', "
-            f"at most {max_length} characters")
+    rule = (
+        f"use letters, digits, '_', '.', '-' and single inner spaces, starting with a letter, digit or '_', "
+        f"at most {max_length} characters"
+    )
     if not value:
         raise ValidationError(f"{kind} is empty: {rule}")
     if len(value) > max_length:

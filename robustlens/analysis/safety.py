@@ -57,8 +57,10 @@ def validate_name(name: str, *, what: str = "name") -> str:
     """
     text = str(name)
     if not SAFE_NAME.fullmatch(text) or ".." in text:
-        raise ValidationError(f"{what} '{text}' is not a safe name: use 1-100 letters, digits, '.', '_' or '-', "
-                              "starting with a letter or digit (no '/', '\\' or '..')")
+        raise ValidationError(
+            f"{what} '{text}' is not a safe name: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', '\\' or '..')"
+        )
     return text
 
 
@@ -74,8 +76,9 @@ def is_within(path: str | Path, root: str | Path) -> bool:
     return path == root or root in path.parents
 
 
-def check_output_location(path: str | Path, *, option: str, dataset_root: str | Path | None = None,
-                          inputs: Iterable[str | Path | None] = ()) -> None:
+def check_output_location(
+    path: str | Path, *, option: str, dataset_root: str | Path | None = None, inputs: Iterable[str | Path | None] = ()
+) -> None:
     """Refuse an output path that could overwrite or delete the user's data.
 
     Parameters
@@ -100,13 +103,19 @@ def check_output_location(path: str | Path, *, option: str, dataset_root: str | 
     if dataset_root is not None:
         root = real(dataset_root)
         if target == root or root in target.parents:
-            where = (f"is the dataset root {dataset_root}" if target == root
-                     else f"is inside the dataset folder (the dataset root {dataset_root})")
-            raise ValidationError(f"{option} {path} {where}; robustlens never writes into the user's data: choose "
-                                  "a path outside it")
+            where = (
+                f"is the dataset root {dataset_root}"
+                if target == root
+                else f"is inside the dataset folder (the dataset root {dataset_root})"
+            )
+            raise ValidationError(
+                f"{option} {path} {where}; robustlens never writes into the user's data: choose a path outside it"
+            )
         if target in root.parents:
-            raise ValidationError(f"{option} {path} contains the dataset root {dataset_root}; replacing it would "
-                                  "delete the dataset: choose a path outside it")
+            raise ValidationError(
+                f"{option} {path} contains the dataset root {dataset_root}; replacing it would "
+                "delete the dataset: choose a path outside it"
+            )
     for source in inputs:
         if source is None:
             continue
@@ -115,12 +124,14 @@ def check_output_location(path: str | Path, *, option: str, dataset_root: str | 
         if target == file:
             raise ValidationError(f"{option} {path} is the input file {source}; choose another path")
         if target == folder or target in folder.parents:
-            raise ValidationError(f"{option} {path} is or contains the folder of the input file {source} "
-                                  f"({folder}); choose another path")
+            raise ValidationError(
+                f"{option} {path} is or contains the folder of the input file {source} ({folder}); choose another path"
+            )
 
 
-def check_init_outputs(workspace: str | Path, *, data: str | Path, db_url: str | None = None,
-                       inputs: Iterable[str | Path | None] = ()) -> None:
+def check_init_outputs(
+    workspace: str | Path, *, data: str | Path, db_url: str | None = None, inputs: Iterable[str | Path | None] = ()
+) -> None:
     """``robustlens init``'s outputs checked before anything is read or written: the workspace folder and a
     ``sqlite://`` ``--db`` file, against the dataset root (``--data``) and the input files (those of ``inputs``
     that exist as files: a ``module:function`` model factory is not a path)."""
@@ -191,8 +202,11 @@ def read_marker(folder: str | Path) -> dict | None:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or \
-            not isinstance(marker.get("files"), dict):
+    if (
+        not isinstance(marker, dict)
+        or marker.get("format") != MARKER_FORMAT
+        or not isinstance(marker.get("files"), dict)
+    ):
         return None
     return marker
 
@@ -202,9 +216,14 @@ def marker_body(files: dict[str, dict], *, folder_kind: str | None = None, extra
 
     ``folder_kind`` (e.g. ``"imagefolder"``) says robustlens created the folder itself and may replace it whole.
     """
-    body = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "written_with": f"robustlens {__version__}",
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"), "folder_kind": folder_kind,
-            "files": files}
+    body = {
+        "format": MARKER_FORMAT,
+        "version": MARKER_VERSION,
+        "written_with": f"robustlens {__version__}",
+        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "folder_kind": folder_kind,
+        "files": files,
+    }
     return body | (extra or {})
 
 
@@ -223,8 +242,11 @@ def record_written(path: str | Path) -> None:
         if os.path.lexists(path.parent / EXPORT_MARKER):
             return  # a file of that name robustlens cannot read as its own: left alone (no --force for this export)
         marker = marker_body({})
-    marker["files"][path.name] = {"sha256": file_digest(path), "size": path.stat().st_size,
-                                  "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    marker["files"][path.name] = {
+        "sha256": file_digest(path),
+        "size": path.stat().st_size,
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     marker["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     write_marker(path.parent, marker)
 
@@ -236,17 +258,23 @@ def check_replaceable_file(path: str | Path, *, option: str = "--out") -> None:
     """
     path = Path(path)
     if path.is_symlink() or not path.is_file():
-        raise ValidationError(f"{option} {path} exists and is not a regular file robustlens wrote; "
-                              "robustlens replaces only its own exports: choose a new path")
+        raise ValidationError(
+            f"{option} {path} exists and is not a regular file robustlens wrote; "
+            "robustlens replaces only its own exports: choose a new path"
+        )
     marker = read_marker(path.parent)
     entry = (marker or {}).get("files", {}).get(path.name)
     if entry is None:
-        raise ValidationError(f"{option} {path} exists and robustlens did not write it (no entry in "
-                              f"{path.parent / EXPORT_MARKER}); --force replaces only robustlens's own exports: "
-                              "choose a new path or remove the file yourself")
+        raise ValidationError(
+            f"{option} {path} exists and robustlens did not write it (no entry in "
+            f"{path.parent / EXPORT_MARKER}); --force replaces only robustlens's own exports: "
+            "choose a new path or remove the file yourself"
+        )
     if entry.get("sha256") != file_digest(path):
-        raise ValidationError(f"{option} {path} was changed since robustlens wrote it; --force replaces only "
-                              "unchanged robustlens exports: choose a new path or remove the file yourself")
+        raise ValidationError(
+            f"{option} {path} was changed since robustlens wrote it; --force replaces only "
+            "unchanged robustlens exports: choose a new path or remove the file yourself"
+        )
 
 
 def check_replaceable_folder(path: str | Path, *, option: str = "--out", kind: str = "imagefolder") -> None:
@@ -257,8 +285,10 @@ def check_replaceable_folder(path: str | Path, *, option: str = "--out", kind: s
         raise ValidationError(f"{option} {path} exists and is not a folder robustlens created; choose a new path")
     marker = read_marker(path)
     if marker is None or marker.get("folder_kind") != kind:
-        raise ValidationError(f"{option} {path} exists and robustlens did not create it (no {EXPORT_MARKER} "
-                              "marker); --force replaces only robustlens's own exports: choose a new path")
+        raise ValidationError(
+            f"{option} {path} exists and robustlens did not create it (no {EXPORT_MARKER} "
+            "marker); --force replaces only robustlens's own exports: choose a new path"
+        )
     listed = marker["files"]
     foreign = []
     for current, folders, names in os.walk(path):
@@ -275,8 +305,10 @@ def check_replaceable_folder(path: str | Path, *, option: str = "--out", kind: s
                     foreign.append(relative)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" … {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ValidationError(f"{option} {path} holds {len(foreign)} file(s) robustlens did not write or that "
-                              f"changed since ({shown}); --force replaces only robustlens's own exports")
+        raise ValidationError(
+            f"{option} {path} holds {len(foreign)} file(s) robustlens did not write or that "
+            f"changed since ({shown}); --force replaces only robustlens's own exports"
+        )
 
 
 # -- reads that stay inside the dataset root ------------------------------------------------------------------------
@@ -306,8 +338,11 @@ class DatasetGuard:
         return real_path == self.real_root or real_path.startswith(self._prefix)
 
     def _refuse(self, real_path: str) -> FileRefused:
-        return FileRefused(f"now resolves to {real_path}, outside the dataset root {self.real_root} (a symlink "
-                           "swapped in after init?); refused, not read", kind="outside_root")
+        return FileRefused(
+            f"now resolves to {real_path}, outside the dataset root {self.real_root} (a symlink "
+            "swapped in after init?); refused, not read",
+            kind="outside_root",
+        )
 
     def candidate(self, relative: str) -> str:
         """``<real folder>/<name>`` of ``relative`` (the folder checked to be inside the root; the file itself may
@@ -347,8 +382,9 @@ class DatasetGuard:
         except FileRefused as problem:
             if problem.kind != "symlink":
                 raise
-            raise FileRefused("was swapped for another symlink while being read; refused",
-                              kind="outside_root") from problem
+            raise FileRefused(
+                "was swapped for another symlink while being read; refused", kind="outside_root"
+            ) from problem
 
 
 _HAS_NOFOLLOW = hasattr(os, "O_NOFOLLOW")
@@ -411,8 +447,11 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     for column in out.columns:
         series = out[column]
-        if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series) or \
-                pd.api.types.is_datetime64_any_dtype(series):
+        if (
+            pd.api.types.is_numeric_dtype(series)
+            or pd.api.types.is_bool_dtype(series)
+            or pd.api.types.is_datetime64_any_dtype(series)
+        ):
             continue
         values = series.astype(object)
         risky = values.map(_is_formula)

@@ -39,8 +39,9 @@ def thumbnail_path(workspace: Workspace, content_hash: str) -> Path:
     return workspace.root / THUMBNAIL_DIR / f"{content_hash}.{THUMBNAIL_FORMAT}"
 
 
-def make_thumbnail(source: str | Path, *, size: int = THUMBNAIL_SIZE, expected_hash: str | None = None,
-                   no_follow: bool = False) -> bytes:
+def make_thumbnail(
+    source: str | Path, *, size: int = THUMBNAIL_SIZE, expected_hash: str | None = None, no_follow: bool = False
+) -> bytes:
     """JPEG bytes of ``source`` scaled to fit ``size``×``size`` (aspect kept; alpha over white).
 
     ``expected_hash`` and ``no_follow`` as in :func:`robustlens.analysis.images.read_pixels`.
@@ -65,9 +66,15 @@ def make_thumbnail(source: str | Path, *, size: int = THUMBNAIL_SIZE, expected_h
     return buffer.getvalue()
 
 
-def ensure_thumbnail(workspace: Workspace, relative_path: str, content_hash: str, *,
-                     guard: DatasetGuard | None = None, refused: RefusedFiles | None = None,
-                     index: int = -1) -> Path | None:
+def ensure_thumbnail(
+    workspace: Workspace,
+    relative_path: str,
+    content_hash: str,
+    *,
+    guard: DatasetGuard | None = None,
+    refused: RefusedFiles | None = None,
+    index: int = -1,
+) -> Path | None:
     """Path of the cached thumbnail, made now if missing; ``None`` if the image cannot be read any more.
 
     The image is resolved through ``guard`` (default: a new :class:`~robustlens.analysis.safety.DatasetGuard`
@@ -80,8 +87,7 @@ def ensure_thumbnail(workspace: Workspace, relative_path: str, content_hash: str
         return target
     guard = guard or DatasetGuard(workspace.dataset_root)
     try:
-        data = guard.read(relative_path,
-                          lambda real: make_thumbnail(real, expected_hash=content_hash, no_follow=True))
+        data = guard.read(relative_path, lambda real: make_thumbnail(real, expected_hash=content_hash, no_follow=True))
     except FileRefused as problem:
         if refused is not None:
             refused.add(index, relative_path, problem)
@@ -92,8 +98,9 @@ def ensure_thumbnail(workspace: Workspace, relative_path: str, content_hash: str
     return target
 
 
-def ensure_thumbnails(workspace: Workspace, items: Iterable[tuple[str, str]], *, workers: int = 4,
-                      refused: RefusedFiles | None = None) -> list[Path | None]:
+def ensure_thumbnails(
+    workspace: Workspace, items: Iterable[tuple[str, str]], *, workers: int = 4, refused: RefusedFiles | None = None
+) -> list[Path | None]:
     """:func:`ensure_thumbnail` for ``(relative_path, content_hash)`` pairs, missing ones made in parallel.
 
     ``refused`` collects the images refused (outside the dataset root, changed since init), indexed by their
@@ -106,8 +113,9 @@ def ensure_thumbnails(workspace: Workspace, items: Iterable[tuple[str, str]], *,
     if missing:
         guard = DatasetGuard(workspace.dataset_root)  # one per call: a folder swapped later is seen next time
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
-            made = pool.map(lambda i: ensure_thumbnail(workspace, *items[i], guard=guard, refused=refused, index=i),
-                            missing)
+            made = pool.map(
+                lambda i: ensure_thumbnail(workspace, *items[i], guard=guard, refused=refused, index=i), missing
+            )
             for i, path in zip(missing, made, strict=True):
                 paths[i] = path
     return paths

@@ -44,8 +44,10 @@ def upgrade_manifest(manifest: dict, *, source: Path) -> dict:
     if not isinstance(version, int):
         raise WorkspaceError(f"{source}: missing or invalid 'format_version'")
     if version > FORMAT_VERSION:
-        raise WorkspaceError(f"{source}: workspace format {version} is newer than this robustlens supports "
-                             f"({FORMAT_VERSION}); upgrade robustlens")
+        raise WorkspaceError(
+            f"{source}: workspace format {version} is newer than this robustlens supports "
+            f"({FORMAT_VERSION}); upgrade robustlens"
+        )
     while version < FORMAT_VERSION:
         manifest = MANIFEST_UPGRADES[version](manifest)  # type: ignore[operator]
         version = manifest["format_version"]
@@ -65,8 +67,9 @@ class Workspace:
         self.root = Path(root)
         path = self.root / MANIFEST_NAME
         if not path.exists():
-            raise NotAWorkspaceError(f"{self.root} is not a robustlens workspace (no {MANIFEST_NAME}); "
-                                 "create one with 'robustlens init'")
+            raise NotAWorkspaceError(
+                f"{self.root} is not a robustlens workspace (no {MANIFEST_NAME}); create one with 'robustlens init'"
+            )
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -150,8 +153,10 @@ class Workspace:
         except WorkspaceError as exc:
             free = _free_bytes(self.root)
             if free is not None and free < FULL_DISK_BYTES:
-                raise type(exc)(f"{exc} — the disk holding {self.root} is full ({free:,} bytes free): free some "
-                                "space and try again; nothing saved so far is lost") from exc
+                raise type(exc)(
+                    f"{exc} — the disk holding {self.root} is full ({free:,} bytes free): free some "
+                    "space and try again; nothing saved so far is lost"
+                ) from exc
             raise
 
 

@@ -6,6 +6,13 @@ from robustlens.analysis.ingest.model import ModelConfig, NormalizedModel, load_
 from robustlens.analysis.ingest.predictions import PredictionSet, load_predictions
 
 __all__ = [
-    "DatasetScan", "scan_dataset", "PredictionSet", "load_predictions", "load_embeddings",
-    "ModelConfig", "NormalizedModel", "load_model", "load_model_config",
+    "DatasetScan",
+    "scan_dataset",
+    "PredictionSet",
+    "load_predictions",
+    "load_embeddings",
+    "ModelConfig",
+    "NormalizedModel",
+    "load_model",
+    "load_model_config",
 ]

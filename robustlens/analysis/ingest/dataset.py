@@ -27,8 +27,20 @@ from robustlens.analysis.ingest.tables import first_rows, read_table
 from robustlens.errors import ValidationError
 
 #: Columns robustlens owns in ``samples.parquet``; manifest columns with other names become metadata.
-CORE_COLUMNS = ("id", "path", "label", "label_index", "split", "width", "height", "mode", "channels",
-                "bit_depth", "file_size", "content_hash")
+CORE_COLUMNS = (
+    "id",
+    "path",
+    "label",
+    "label_index",
+    "split",
+    "width",
+    "height",
+    "mode",
+    "channels",
+    "bit_depth",
+    "file_size",
+    "content_hash",
+)
 MANIFEST_COLUMNS = ("id", "path", "label", "split")
 METADATA_PREFIX = "meta."
 UNSPECIFIED_SPLIT = "unspecified"
@@ -62,9 +74,14 @@ class DatasetScan:
     warnings: list[str] = field(default_factory=list)
 
 
-def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None,
-                 progress: bool = True) -> DatasetScan:
+def scan_dataset(
+    root: str | Path,
+    manifest: str | Path | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    progress: bool = True,
+) -> DatasetScan:
     """Scan and verify a dataset.
 
     Parameters
@@ -98,10 +115,13 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
         kind = "manifest"
     if listing.empty and not skipped:
         source = manifest if manifest is not None else root
-        raise ValidationError("empty dataset: no images listed" if manifest is not None else
-                              "empty dataset: no images found under <class>/ folders "
-                              f"(supported: {', '.join(sorted(SUPPORTED_EXTENSIONS))})",
-                              file=source)
+        raise ValidationError(
+            "empty dataset: no images listed"
+            if manifest is not None
+            else "empty dataset: no images found under <class>/ folders "
+            f"(supported: {', '.join(sorted(SUPPORTED_EXTENSIONS))})",
+            file=source,
+        )
     order = listing["id"].tolist()
 
     records, problems = _verify_images(root, listing, max_pixels=max_pixels, workers=workers, progress=progress)
@@ -109,19 +129,24 @@ def scan_dataset(root: str | Path, manifest: str | Path | None = None, *,
         skipped.append({"id": listing.at[row_index, "id"], "path": listing.at[row_index, "path"], "reason": reason})
     good = listing.drop(index=[i for i, _ in problems])
     if good.empty:
-        raise ValidationError(f"empty dataset: none of the {len(listing)} listed images could be read "
-                              f"(first problem: {skipped[0]['path']}: {skipped[0]['reason']})",
-                              file=manifest if manifest is not None else root)
+        raise ValidationError(
+            f"empty dataset: none of the {len(listing)} listed images could be read "
+            f"(first problem: {skipped[0]['path']}: {skipped[0]['reason']})",
+            file=manifest if manifest is not None else root,
+        )
     record_frame = pd.DataFrame([records[i] for i in good.index], index=good.index)
-    samples = pd.concat([good[["id", "path", "label", "split"]], record_frame,
-                         good.drop(columns=["id", "path", "label", "split"])], axis=1)
+    samples = pd.concat(
+        [good[["id", "path", "label", "split"]], record_frame, good.drop(columns=["id", "path", "label", "split"])],
+        axis=1,
+    )
     samples = samples.reset_index(drop=True)
     if skipped:
         listed = "; ".join(f"{entry['path']} ({entry['reason']})" for entry in skipped[:5])
         more = f"; … {len(skipped) - 5} more" if len(skipped) > 5 else ""
         warnings.append(f"{len(skipped)} image(s) skipped (listed in ingest_report.json): {listed}{more}")
-    return DatasetScan(samples=samples, order=order, skipped=skipped, ignored_files=ignored, kind=kind,
-                       warnings=warnings)
+    return DatasetScan(
+        samples=samples, order=order, skipped=skipped, ignored_files=ignored, kind=kind, warnings=warnings
+    )
 
 
 #: Images verified per thread-pool task.
@@ -137,8 +162,11 @@ def _inside(real_root: Path, candidate: Path) -> bool:
 
 def _overlaps(real: str, other: str) -> bool:
     """Whether folder ``real`` is ``other``, inside it, or holds it (one would reach the other's files)."""
-    return real == other or real.startswith(other.rstrip(os.sep) + os.sep) or other.startswith(real.rstrip(os.sep)
-                                                                                                 + os.sep)
+    return (
+        real == other
+        or real.startswith(other.rstrip(os.sep) + os.sep)
+        or other.startswith(real.rstrip(os.sep) + os.sep)
+    )
 
 
 def _list_imagefolder(root: Path, real_root: Path) -> tuple[pd.DataFrame, list[str], list[dict], list[str]]:
@@ -158,17 +186,27 @@ def _list_imagefolder(root: Path, real_root: Path) -> tuple[pd.DataFrame, list[s
     scanned: dict[str, str] = {}  # real path -> class folder name it was listed under
     for class_dir in sorted(class_dirs, key=lambda d: (d.is_symlink(), d.name)):
         if not _inside(real_root, class_dir):
-            skipped.append({"id": class_dir.name + "/", "path": class_dir.name + "/",
-                            "reason": "folder is a symlink pointing outside the dataset root"})
+            skipped.append(
+                {
+                    "id": class_dir.name + "/",
+                    "path": class_dir.name + "/",
+                    "reason": "folder is a symlink pointing outside the dataset root",
+                }
+            )
             continue
         real = real_of[class_dir]
         clash = [name for other, name in scanned.items() if _overlaps(real, other)]
         if real == str(real_root) or clash:
-            target = "the dataset root itself (a symlink loop)" if real == str(real_root) else \
-                f"the same files as class folder '{clash[0]}'"
-            warnings.append(f"class folder '{class_dir.name}' is a symlink to {target}; its images are ingested "
-                            "once, under their real folder, not again as class "
-                            f"'{class_dir.name}'")
+            target = (
+                "the dataset root itself (a symlink loop)"
+                if real == str(real_root)
+                else f"the same files as class folder '{clash[0]}'"
+            )
+            warnings.append(
+                f"class folder '{class_dir.name}' is a symlink to {target}; its images are ingested "
+                "once, under their real folder, not again as class "
+                f"'{class_dir.name}'"
+            )
             continue
         scanned[real] = class_dir.name
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
@@ -192,15 +230,19 @@ def _list_manifest(manifest: Path, root: Path, real_root: Path) -> pd.DataFrame:
     table = read_table(manifest, text_columns=MANIFEST_COLUMNS)
     for required in ("path", "label"):
         if required not in table.columns:
-            raise ValidationError(f"required column '{required}' is missing (columns present: "
-                                  f"{list(table.columns)})", file=manifest, column=required)
+            raise ValidationError(
+                f"required column '{required}' is missing (columns present: {list(table.columns)})",
+                file=manifest,
+                column=required,
+            )
     if table.empty:
         raise ValidationError("empty dataset: the manifest has a header but no rows", file=manifest)
     for column in ("path", "label") + (("id",) if "id" in table.columns else ()):
         blank = table[column].isna() | (table[column].astype("string").str.strip() == "")
         if blank.any():
-            raise ValidationError(f"empty value (rows {first_rows(blank)})", file=manifest,
-                                  row=first_rows(blank)[0], column=column)
+            raise ValidationError(
+                f"empty value (rows {first_rows(blank)})", file=manifest, row=first_rows(blank)[0], column=column
+            )
     paths = table["path"].astype(str)
     resolver = _Resolver(root, real_root)
     for number, raw in enumerate(paths, start=1):
@@ -210,21 +252,38 @@ def _list_manifest(manifest: Path, root: Path, real_root: Path) -> pd.DataFrame:
     root_text = str(root)
     missing = [n for n, raw in enumerate(paths, start=1) if not os.path.isfile(os.path.join(root_text, raw))]
     if missing:
-        raise ValidationError(f"{len(missing)} listed image(s) do not exist under {root} "
-                              f"(rows {missing[:5]}, first: '{paths.iloc[missing[0] - 1]}')",
-                              file=manifest, row=missing[0], column="path")
+        raise ValidationError(
+            f"{len(missing)} listed image(s) do not exist under {root} "
+            f"(rows {missing[:5]}, first: '{paths.iloc[missing[0] - 1]}')",
+            file=manifest,
+            row=missing[0],
+            column="path",
+        )
     ids = table["id"].astype(str).str.strip() if "id" in table.columns else paths.map(_normalise)
     _check_id_sizes(ids, file=manifest, column="id" if "id" in table.columns else "path")
     duplicated = ids.duplicated(keep=False)
     if duplicated.any():
         rows = first_rows(duplicated)
         column = "id" if "id" in table.columns else "path"
-        raise ValidationError(f"duplicate ids: '{ids.iloc[rows[0] - 1]}' appears in rows {rows} "
-                              "(every sample needs a unique id)", file=manifest, row=rows[0], column=column)
-    split = (table["split"].astype("string").fillna(UNSPECIFIED_SPLIT).str.strip()
-             if "split" in table.columns else pd.Series(UNSPECIFIED_SPLIT, index=table.index))
-    listing = pd.DataFrame({"id": ids.astype(str), "path": paths.map(_normalise),
-                            "label": table["label"].astype(str).str.strip(), "split": split.astype(str)})
+        raise ValidationError(
+            f"duplicate ids: '{ids.iloc[rows[0] - 1]}' appears in rows {rows} (every sample needs a unique id)",
+            file=manifest,
+            row=rows[0],
+            column=column,
+        )
+    split = (
+        table["split"].astype("string").fillna(UNSPECIFIED_SPLIT).str.strip()
+        if "split" in table.columns
+        else pd.Series(UNSPECIFIED_SPLIT, index=table.index)
+    )
+    listing = pd.DataFrame(
+        {
+            "id": ids.astype(str),
+            "path": paths.map(_normalise),
+            "label": table["label"].astype(str).str.strip(),
+            "split": split.astype(str),
+        }
+    )
     for column in table.columns:
         if column not in MANIFEST_COLUMNS:
             listing[METADATA_PREFIX + column] = table[column].to_numpy()
@@ -252,13 +311,16 @@ def _check_id_sizes(ids: pd.Series, *, file: Path | None, column: str | None, ro
     position = ids.index.get_loc(over.index[0])
     sample_id, size = ids.iloc[position], int(over.iloc[0])
     shown = sample_id if len(sample_id) <= 60 else sample_id[:57] + "..."
-    message = (f"sample id '{shown}' is {size:,} bytes in UTF-8; the curation database holds ids of at most "
-               f"{MAX_SAMPLE_ID_BYTES:,} bytes ({len(over):,} id(s) too long")
+    message = (
+        f"sample id '{shown}' is {size:,} bytes in UTF-8; the curation database holds ids of at most "
+        f"{MAX_SAMPLE_ID_BYTES:,} bytes ({len(over):,} id(s) too long"
+    )
     if file is None:
         raise ValidationError(message + "): shorten the folder or file name", file=(root or Path()) / sample_id)
     hint = "shorten the id" if column == "id" else "give the images shorter paths or add a shorter 'id' column"
-    raise ValidationError(f"{message}, rows {first_rows(ids.index.isin(over.index))}): {hint}", file=file,
-                          row=position + 1, column=column)
+    raise ValidationError(
+        f"{message}, rows {first_rows(ids.index.isin(over.index))}): {hint}", file=file, row=position + 1, column=column
+    )
 
 
 def _normalise(raw: str) -> str:
@@ -348,8 +410,15 @@ def header_pixels(path: Path) -> int:
         return 0
 
 
-def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, workers: int | None,
-                   progress: bool, pixel_budget: int | None = None) -> tuple[dict, list[tuple[int, str]]]:
+def _verify_images(
+    root: Path,
+    listing: pd.DataFrame,
+    *,
+    max_pixels: int,
+    workers: int | None,
+    progress: bool,
+    pixel_budget: int | None = None,
+) -> tuple[dict, list[tuple[int, str]]]:
     budget: PixelBudget | None = None
 
     def verify(item: tuple[int, str]) -> tuple[int, Any, str | None]:
@@ -374,7 +443,7 @@ def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, worker
     items = list(zip(listing.index, listing["path"], strict=True))
     # Several images per task: ThreadPoolExecutor.map ignores ``chunksize``, and one future per small
     # image costs as much as decoding it.
-    chunks = [items[start:start + VERIFY_CHUNK] for start in range(0, len(items), VERIFY_CHUNK)]
+    chunks = [items[start : start + VERIFY_CHUNK] for start in range(0, len(items), VERIFY_CHUNK)]
 
     def timed_first_chunk() -> list:
         # Measured, not guessed: when an image decodes in less time than the Python around it (small
@@ -384,8 +453,11 @@ def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, worker
         results = verify_all(chunks[0][:1])
         start = time.perf_counter()
         results += verify_all(chunks[0][1:])
-        if (workers is None and len(chunks[0]) > 1
-                and (time.perf_counter() - start) / (len(chunks[0]) - 1) < SMALL_IMAGE_SECONDS):
+        if (
+            workers is None
+            and len(chunks[0]) > 1
+            and (time.perf_counter() - start) / (len(chunks[0]) - 1) < SMALL_IMAGE_SECONDS
+        ):
             workers = 1
         return results
 
@@ -402,9 +474,14 @@ def _verify_images(root: Path, listing: pd.DataFrame, *, max_pixels: int, worker
                 for index, record, reason in results:
                     if reason is None:
                         records[index] = {
-                            "width": record.width, "height": record.height, "mode": record.mode,
-                            "channels": record.channels, "bit_depth": record.bit_depth,
-                            "file_size": record.file_size, "content_hash": record.content_hash}
+                            "width": record.width,
+                            "height": record.height,
+                            "mode": record.mode,
+                            "channels": record.channels,
+                            "bit_depth": record.bit_depth,
+                            "file_size": record.file_size,
+                            "content_hash": record.content_hash,
+                        }
                     else:
                         problems.append((index, reason))
     return records, problems

@@ -37,11 +37,15 @@ def load_embeddings(path: str | Path, *, sample_ids: list[str], order: list[str]
         except (ValueError, OSError) as exc:
             raise ValidationError(f"cannot read .npy array: {exc}", file=path) from exc
         if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.number):
-            raise ValidationError(f"expected a numeric 2-D array (N × D), got shape {matrix.shape} "
-                                  f"dtype {matrix.dtype}", file=path)
+            raise ValidationError(
+                f"expected a numeric 2-D array (N × D), got shape {matrix.shape} dtype {matrix.dtype}", file=path
+            )
         if matrix.shape[0] != len(order):
-            raise ValidationError(f"the array has {matrix.shape[0]} rows but the dataset lists {len(order)} "
-                                  "images (rows must follow the manifest order)", file=path)
+            raise ValidationError(
+                f"the array has {matrix.shape[0]} rows but the dataset lists {len(order)} "
+                "images (rows must follow the manifest order)",
+                file=path,
+            )
         row_ids = list(order)
     else:
         table = read_table(path, text_columns=("id",))
@@ -55,26 +59,36 @@ def load_embeddings(path: str | Path, *, sample_ids: list[str], order: list[str]
             try:
                 matrix = np.stack([np.asarray(v, dtype=np.float64) for v in table["embedding"]])
             except (ValueError, TypeError) as exc:
-                raise ValidationError(f"embedding vectors differ in length or are not numeric: {exc}",
-                                      file=path, column="embedding") from exc
+                raise ValidationError(
+                    f"embedding vectors differ in length or are not numeric: {exc}", file=path, column="embedding"
+                ) from exc
         else:
             columns = [c for c in table.columns if c != "id"]
             if not columns:
-                raise ValidationError("no embedding columns: expected one list-valued 'embedding' column or "
-                                      "one numeric column per dimension", file=path)
+                raise ValidationError(
+                    "no embedding columns: expected one list-valued 'embedding' column or "
+                    "one numeric column per dimension",
+                    file=path,
+                )
             for column in columns:
                 values = pd.to_numeric(table[column], errors="coerce")
                 bad = values.isna() & table[column].notna()
                 if bad.any():
                     row = first_rows(bad)[0]
-                    raise ValidationError(f"non-numeric value {str(table[column].iloc[row - 1])[:40]!r} (embedding "
-                                          "columns must hold numbers; only 'id' may be text)", file=path, row=row,
-                                          column=column)
+                    raise ValidationError(
+                        f"non-numeric value {str(table[column].iloc[row - 1])[:40]!r} (embedding "
+                        "columns must hold numbers; only 'id' may be text)",
+                        file=path,
+                        row=row,
+                        column=column,
+                    )
             matrix = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[1] == 0:
-        raise ValidationError(f"embeddings must have at least one dimension, got shape {matrix.shape} "
-                              "(N samples × D dimensions, D ≥ 1)", file=path)
+        raise ValidationError(
+            f"embeddings must have at least one dimension, got shape {matrix.shape} (N samples × D dimensions, D ≥ 1)",
+            file=path,
+        )
     bad = ~np.isfinite(matrix)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])

@@ -44,8 +44,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         payload = dict(self.extra)
-        payload.update({"input_size": list(self.input_size), "channels": self.channels, "mean": self.mean,
-                        "std": self.std})
+        payload.update(
+            {"input_size": list(self.input_size), "channels": self.channels, "mean": self.mean, "std": self.std}
+        )
         if self.classes is not None:
             payload["classes"] = self.classes
         return payload
@@ -73,10 +74,10 @@ def config_from_dict(payload: dict, *, source: str | Path = "model config") -> M
     size = payload["input_size"]
     if isinstance(size, int):
         size = [size, size]
-    if (not isinstance(size, list) or len(size) != 2
-            or not all(isinstance(v, int) and v > 0 for v in size)):
-        raise ValidationError(f"input_size must be [height, width] of positive integers, got {size!r}",
-                              file=source, column="input_size")
+    if not isinstance(size, list) or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValidationError(
+            f"input_size must be [height, width] of positive integers, got {size!r}", file=source, column="input_size"
+        )
     channels = payload.get("channels", len(payload["mean"]) if isinstance(payload["mean"], list) else 3)
     if channels not in (1, 3):
         raise ValidationError(f"channels must be 1 or 3, got {channels!r}", file=source, column="channels")
@@ -84,23 +85,40 @@ def config_from_dict(payload: dict, *, source: str | Path = "model config") -> M
     for key in ("mean", "std"):
         value = payload[key]
         value = [value] * channels if isinstance(value, int | float) else value
-        if (not isinstance(value, list) or len(value) != channels
-                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
-            raise ValidationError(f"{key} must be a list of {channels} numbers, got {payload[key]!r}",
-                                  file=source, column=key)
+        if (
+            not isinstance(value, list)
+            or len(value) != channels
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise ValidationError(
+                f"{key} must be a list of {channels} numbers, got {payload[key]!r}", file=source, column=key
+            )
         if not all(math.isfinite(v) for v in value):
-            raise ValidationError(f"{key} must hold finite numbers, got {payload[key]!r} (NaN or infinity would "
-                                  "turn every normalized pixel into NaN)", file=source, column=key)
+            raise ValidationError(
+                f"{key} must hold finite numbers, got {payload[key]!r} (NaN or infinity would "
+                "turn every normalized pixel into NaN)",
+                file=source,
+                column=key,
+            )
         values[key] = [float(v) for v in value]
     if any(s <= 0 for s in values["std"]):
         raise ValidationError(f"std must be positive, got {values['std']}", file=source, column="std")
     classes = payload.get("classes")
-    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)
-                                or len(set(classes)) != len(classes)):
+    if classes is not None and (
+        not isinstance(classes, list)
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise ValidationError("classes must be a list of distinct strings", file=source, column="classes")
     known = {"input_size", "channels", "mean", "std", "classes"}
-    return ModelConfig(input_size=(size[0], size[1]), channels=int(channels), mean=values["mean"],
-                       std=values["std"], classes=classes, extra={k: v for k, v in payload.items() if k not in known})
+    return ModelConfig(
+        input_size=(size[0], size[1]),
+        channels=int(channels),
+        mean=values["mean"],
+        std=values["std"],
+        classes=classes,
+        extra={k: v for k, v in payload.items() if k not in known},
+    )
 
 
 class NormalizedModel(nn.Module):
@@ -128,8 +146,9 @@ class NormalizedModel(nn.Module):
         shape = (1, config.channels, 1, 1)
         self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).view(shape))
         self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).view(shape))
-        self.register_buffer("output_index", torch.tensor(output_index if output_index is not None else [],
-                                                          dtype=torch.long))
+        self.register_buffer(
+            "output_index", torch.tensor(output_index if output_index is not None else [], dtype=torch.long)
+        )
         self.eval()
 
     def train(self, mode: bool = True) -> NormalizedModel:
@@ -170,8 +189,9 @@ def prepare_images(pixels: list[np.ndarray], config: ModelConfig) -> torch.Tenso
         elif tensor.shape[1] == 1 and config.channels == 3:
             tensor = tensor.expand(-1, 3, -1, -1)
         if tuple(tensor.shape[2:]) != (height, width):
-            tensor = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bilinear",
-                                                     align_corners=False, antialias=True)
+            tensor = torch.nn.functional.interpolate(
+                tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+            )
         out[positions] = tensor
     return out.clamp_(0.0, 1.0)
 
@@ -193,13 +213,14 @@ def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.
         try:
             return torch.jit.load(str(candidate), map_location="cpu")
         except (RuntimeError, ValueError) as exc:
-            raise ValidationError(f"not a loadable TorchScript file ({exc.__class__.__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); save the model with "
-                                  "torch.jit.script(model).save(path) or pass a module:function factory",
-                                  file=candidate) from exc
+            raise ValidationError(
+                f"not a loadable TorchScript file ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); save the model with "
+                "torch.jit.script(model).save(path) or pass a module:function factory",
+                file=candidate,
+            ) from exc
     if ":" not in text:
-        raise ValidationError(f"model '{text}' is neither an existing TorchScript file nor a "
-                              "'module:function' factory")
+        raise ValidationError(f"model '{text}' is neither an existing TorchScript file nor a 'module:function' factory")
     module_name, function_name = text.split(":", 1)
     added = str(base_dir) if base_dir is not None else None
     if added and added not in sys.path:
@@ -209,11 +230,14 @@ def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.
     except ImportError as exc:
         raise ValidationError(f"cannot import model factory module '{module_name}': {exc}") from exc
     except SyntaxError as exc:
-        raise ValidationError(f"model factory module '{module_name}' has a syntax error at line {exc.lineno}: "
-                              f"{exc.msg}", file=exc.filename) from exc
+        raise ValidationError(
+            f"model factory module '{module_name}' has a syntax error at line {exc.lineno}: {exc.msg}",
+            file=exc.filename,
+        ) from exc
     except Exception as exc:
-        raise ValidationError(f"importing model factory module '{module_name}' raised "
-                              f"{type(exc).__name__}: {error_summary(exc)}") from exc
+        raise ValidationError(
+            f"importing model factory module '{module_name}' raised {type(exc).__name__}: {error_summary(exc)}"
+        ) from exc
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise ValidationError(f"'{module_name}' has no callable '{function_name}'")
@@ -226,8 +250,14 @@ def load_network(spec: str | Path, *, base_dir: str | Path | None = None) -> nn.
     return network
 
 
-def load_model(spec: str | Path, config: ModelConfig, classes: list[str], *,
-               base_dir: str | Path | None = None, device: str | torch.device = "cpu") -> NormalizedModel:
+def load_model(
+    spec: str | Path,
+    config: ModelConfig,
+    classes: list[str],
+    *,
+    base_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> NormalizedModel:
     """Load a network, wrap it with its preprocessing and check its output against the classes.
 
     Parameters
@@ -248,8 +278,10 @@ def load_model(spec: str | Path, config: ModelConfig, classes: list[str], *,
     if config.classes is not None:
         unknown = sorted(set(classes) - set(config.classes))
         if unknown:
-            raise ValidationError(f"class-count mismatch: dataset classes {unknown} are not among the model's "
-                                  f"classes {config.classes}", column="classes")
+            raise ValidationError(
+                f"class-count mismatch: dataset classes {unknown} are not among the model's classes {config.classes}",
+                column="classes",
+            )
         output_index = [config.classes.index(c) for c in classes]
         if output_index == list(range(len(config.classes))):
             output_index = None
@@ -259,8 +291,9 @@ def load_model(spec: str | Path, config: ModelConfig, classes: list[str], *,
     return wrapped
 
 
-def check_model_on_images(model: NormalizedModel, pixels: list[np.ndarray], classes: list[str], *,
-                          paths: list[str] | None = None) -> None:
+def check_model_on_images(
+    model: NormalizedModel, pixels: list[np.ndarray], classes: list[str], *, paths: list[str] | None = None
+) -> None:
     """Run ``model`` on a real batch of decoded images and reject what would poison the analysis.
 
     Parameters
@@ -285,12 +318,15 @@ def check_model_on_images(model: NormalizedModel, pixels: list[np.ndarray], clas
     if not bool(finite.all()):
         first = int(torch.nonzero(~finite)[0, 0])
         where = f" (first: '{paths[first]}')" if paths else ""
-        raise ValidationError(f"the model outputs NaN or infinite logits for {int((~finite).sum())} of "
-                              f"{len(pixels)} sample images{where}; check the model and its mean/std")
+        raise ValidationError(
+            f"the model outputs NaN or infinite logits for {int((~finite).sum())} of "
+            f"{len(pixels)} sample images{where}; check the model and its mean/std"
+        )
 
 
-def _check_output(model: NormalizedModel, batch: torch.Tensor, config: ModelConfig, classes: list[str], *,
-                  mapped: bool = False) -> torch.Tensor:
+def _check_output(
+    model: NormalizedModel, batch: torch.Tensor, config: ModelConfig, classes: list[str], *, mapped: bool = False
+) -> torch.Tensor:
     """Forward ``batch``; raise a :class:`ValidationError` saying what was expected when it fails."""
     expected = len(config.classes) if config.classes is not None else len(classes)
     try:
@@ -298,16 +334,23 @@ def _check_output(model: NormalizedModel, batch: torch.Tensor, config: ModelConf
             raw = model.model(model.normalize(batch))
     except Exception as exc:
         accepted = _accepted_input(model.model, batch, exc)
-        hint = (f"; the model accepts input of shape (batch, {accepted[0]}, {accepted[1]}, {accepted[2]}): set "
-                f"\"input_size\": [{accepted[1]}, {accepted[2]}], \"channels\": {accepted[0]} in the model config"
-                if accepted else "")
-        raise ValidationError(f"the model failed on an input of shape {tuple(batch.shape)} built from its config "
-                              f"(input_size {list(config.input_size)}, channels {config.channels}){hint}. "
-                              f"Model error: {error_summary(exc, with_type=True)}") from exc
+        hint = (
+            f"; the model accepts input of shape (batch, {accepted[0]}, {accepted[1]}, {accepted[2]}): set "
+            f'"input_size": [{accepted[1]}, {accepted[2]}], "channels": {accepted[0]} in the model config'
+            if accepted
+            else ""
+        )
+        raise ValidationError(
+            f"the model failed on an input of shape {tuple(batch.shape)} built from its config "
+            f"(input_size {list(config.input_size)}, channels {config.channels}){hint}. "
+            f"Model error: {error_summary(exc, with_type=True)}"
+        ) from exc
     if not isinstance(raw, torch.Tensor) or raw.ndim != 2 or raw.shape[1] != expected:
         shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
-        raise ValidationError(f"class-count mismatch: the model outputs shape {shape}, expected "
-                              f"(batch, {expected}) for classes {config.classes or classes}")
+        raise ValidationError(
+            f"class-count mismatch: the model outputs shape {shape}, expected "
+            f"(batch, {expected}) for classes {config.classes or classes}"
+        )
     if mapped and model.output_index.numel():
         raw = raw.index_select(1, model.output_index)
     return raw

@@ -85,8 +85,9 @@ def validate_options(options: InitOptions) -> None:
     tolerance = options.sum_tolerance
     if not isinstance(tolerance, int | float) or not math.isfinite(tolerance) or not 0 <= tolerance < 1:
         raise ValidationError(f"--sum-tolerance must be a finite number in [0, 1), got {tolerance!r}")
-    if options.workers is not None and (isinstance(options.workers, bool) or not isinstance(options.workers, int)
-                                        or options.workers < 1):
+    if options.workers is not None and (
+        isinstance(options.workers, bool) or not isinstance(options.workers, int) or options.workers < 1
+    ):
         raise ValidationError(f"--workers must be a positive integer, got {options.workers!r}")
     if isinstance(options.max_pixels, bool) or not isinstance(options.max_pixels, int) or options.max_pixels < 1:
         raise ValidationError(f"--max-pixels must be a positive integer, got {options.max_pixels!r}")
@@ -100,8 +101,9 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
     data = Path(options.data)
     validate_options(options)
     _check_destination(root, data, force=options.force)
-    scan = scan_dataset(data, options.labels, max_pixels=options.max_pixels, workers=options.workers,
-                        progress=options.progress)
+    scan = scan_dataset(
+        data, options.labels, max_pixels=options.max_pixels, workers=options.workers, progress=options.progress
+    )
     warnings = list(scan.warnings)
     samples = scan.samples
 
@@ -110,15 +112,21 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
     if options.model is not None:
         config_path = options.model_config or _default_config_path(options.model)
         if config_path is None:
-            raise ValidationError(f"--model {options.model} needs its preprocessing config (--model-config "
-                                  "model.json with input_size, channels, mean, std)")
+            raise ValidationError(
+                f"--model {options.model} needs its preprocessing config (--model-config "
+                "model.json with input_size, channels, mean, std)"
+            )
         model_config = load_model_config(config_path)
 
     labels = set(samples["label"])
-    classes = _class_order(options.classes, model_config.classes if model_config else None, labels,
-                           source=options.labels or data)
-    samples.insert(samples.columns.get_loc("label") + 1, "label_index",
-                   samples["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int32))
+    classes = _class_order(
+        options.classes, model_config.classes if model_config else None, labels, source=options.labels or data
+    )
+    samples.insert(
+        samples.columns.get_loc("label") + 1,
+        "label_index",
+        samples["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int32),
+    )
 
     sample_ids = samples["id"].tolist()
     prediction_sets: list[PredictionSet] = []
@@ -130,10 +138,18 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
         raise ValidationError(f"--in-sample names {unknown_in_sample} are not prediction sets (have: {names})")
     skipped_ids = {entry["id"] for entry in scan.skipped}
     for name, path in options.predictions:
-        prediction_set = load_predictions(path, name=name, sample_ids=sample_ids,
-                                          sample_paths=samples["path"].tolist(), classes=classes, order=scan.order,
-                                          npy_classes=options.classes, skipped_ids=skipped_ids,
-                                          scores=options.scores, sum_tolerance=options.sum_tolerance)
+        prediction_set = load_predictions(
+            path,
+            name=name,
+            sample_ids=sample_ids,
+            sample_paths=samples["path"].tolist(),
+            classes=classes,
+            order=scan.order,
+            npy_classes=options.classes,
+            skipped_ids=skipped_ids,
+            scores=options.scores,
+            sum_tolerance=options.sum_tolerance,
+        )
         warnings.extend(prediction_set.warnings)
         prediction_sets.append(prediction_set)
 
@@ -147,16 +163,44 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
     previous = _previous_manifest(root) if options.force else None
     db_url = options.db_url or (previous or {}).get("db_url")
     if db_url:
-        check_db_url(db_url, option="--db" if options.db_url else
-                     f"the db_url kept from {root / MANIFEST_NAME} (pass --db URL to replace it)")
+        check_db_url(
+            db_url,
+            option="--db"
+            if options.db_url
+            else f"the db_url kept from {root / MANIFEST_NAME} (pass --db URL to replace it)",
+        )
 
     # Validation is over: write.
     if options.force and (root / MANIFEST_NAME).exists():
-        _rebuild_workspace(root, data, options, scan, samples, classes, prediction_sets, embeddings, model_entry,
-                           model_config, warnings, db_url)
+        _rebuild_workspace(
+            root,
+            data,
+            options,
+            scan,
+            samples,
+            classes,
+            prediction_sets,
+            embeddings,
+            model_entry,
+            model_config,
+            warnings,
+            db_url,
+        )
     else:
-        _write_new_workspace(root, data, options, scan, samples, classes, prediction_sets, embeddings, model_entry,
-                             model_config, warnings, db_url)
+        _write_new_workspace(
+            root,
+            data,
+            options,
+            scan,
+            samples,
+            classes,
+            prediction_sets,
+            embeddings,
+            model_entry,
+            model_config,
+            warnings,
+            db_url,
+        )
     workspace = Workspace(root)
     workspace.curation().close()  # creates / migrates the curation database now, not on first click
     return workspace, warnings
@@ -175,9 +219,11 @@ def check_db_url(url: str, *, option: str = "--db") -> None:
         raise ValidationError(f"{option} {_redact(url)!r}: {exc}") from exc
     except (SQLAlchemyError, ImportError, OSError, ValueError) as exc:
         lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise ValidationError(f"{option} {_redact(url)!r}: cannot open the curation database "
-                              f"({type(exc).__name__}: {lines[0] if lines else ''}); expected a SQLAlchemy URL such "
-                              "as sqlite:////abs/path/curation.db or postgresql+psycopg://user@host/db") from exc
+        raise ValidationError(
+            f"{option} {_redact(url)!r}: cannot open the curation database "
+            f"({type(exc).__name__}: {lines[0] if lines else ''}); expected a SQLAlchemy URL such "
+            "as sqlite:////abs/path/curation.db or postgresql+psycopg://user@host/db"
+        ) from exc
 
 
 def _redact(url: str) -> str:
@@ -226,10 +272,20 @@ def _rebuild_workspace(root: Path, data: Path, options: InitOptions, *parts: Any
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_workspace(root: Path, data: Path, options: InitOptions, scan: DatasetScan, samples: pd.DataFrame,
-                     classes: list[str], prediction_sets: list[PredictionSet], embeddings: np.ndarray | None,
-                     model_entry: dict | None, model_config: ModelConfig | None, warnings: list[str],
-                     db_url: str | None) -> None:
+def _write_workspace(
+    root: Path,
+    data: Path,
+    options: InitOptions,
+    scan: DatasetScan,
+    samples: pd.DataFrame,
+    classes: list[str],
+    prediction_sets: list[PredictionSet],
+    embeddings: np.ndarray | None,
+    model_entry: dict | None,
+    model_config: ModelConfig | None,
+    warnings: list[str],
+    db_url: str | None,
+) -> None:
     root.mkdir(parents=True, exist_ok=True)
     samples = _parquet_safe(samples)
     storage.write_parquet(root / "samples.parquet", samples)
@@ -238,14 +294,21 @@ def _write_workspace(root: Path, data: Path, options: InitOptions, scan: Dataset
         relative = f"predictions/{prediction_set.name}.npy"
         storage.write_npy(root / relative, prediction_set.probabilities)
         manifest_sets[prediction_set.name] = {
-            "file": relative, "source": str(Path(prediction_set.source).resolve()),
-            "score_kind": prediction_set.score_kind, "renormalized_rows": prediction_set.renormalized_rows,
-            "dropped_rows": prediction_set.dropped_rows, "in_sample": prediction_set.name in options.in_sample}
+            "file": relative,
+            "source": str(Path(prediction_set.source).resolve()),
+            "score_kind": prediction_set.score_kind,
+            "renormalized_rows": prediction_set.renormalized_rows,
+            "dropped_rows": prediction_set.dropped_rows,
+            "in_sample": prediction_set.name in options.in_sample,
+        }
     embeddings_entry = None
     if embeddings is not None and options.embeddings is not None:
         storage.write_npy(root / "embeddings/imported.npy", embeddings)
-        embeddings_entry = {"file": "embeddings/imported.npy", "source": str(Path(options.embeddings).resolve()),
-                            "dim": int(embeddings.shape[1])}
+        embeddings_entry = {
+            "file": "embeddings/imported.npy",
+            "source": str(Path(options.embeddings).resolve()),
+            "dim": int(embeddings.shape[1]),
+        }
     if model_entry is not None and model_entry["kind"] == "torchscript":
         source = Path(model_entry.pop("source_file"))
         # Keep the suffix: it tells the loader whether the copy is TorchScript (.pt) or torch.export (.pt2).
@@ -271,8 +334,11 @@ def _write_workspace(root: Path, data: Path, options: InitOptions, scan: Dataset
         "format_version": FORMAT_VERSION,
         "created_with": f"robustlens {__version__}",
         "created_at": report["created_at"],
-        "dataset": {"root": str(data.resolve()), "kind": scan.kind,
-                    "manifest": str(Path(options.labels).resolve()) if options.labels else None},
+        "dataset": {
+            "root": str(data.resolve()),
+            "kind": scan.kind,
+            "manifest": str(Path(options.labels).resolve()) if options.labels else None,
+        },
         "classes": classes,
         "splits": sorted(samples["split"].unique().tolist()),
         "metadata_columns": [c for c in samples.columns if c.startswith("meta.")],
@@ -291,20 +357,25 @@ def _check_destination(root: Path, data: Path, *, force: bool) -> None:
     for parent in Path(os.path.abspath(root)).parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValidationError(f"the workspace path is under {parent}, which is a file, not a folder",
-                                      file=root)
+                raise ValidationError(f"the workspace path is under {parent}, which is a file, not a folder", file=root)
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise ValidationError(f"cannot create the workspace: {parent} is not writable", file=root)
             break
     real_root = Path(os.path.realpath(root))
     real_data = Path(os.path.realpath(data))
     if real_root == real_data or real_data in real_root.parents:
-        raise ValidationError("the workspace must not be inside the dataset folder (robustlens never writes "
-                              "into the user's data); choose another workspace path", file=root)
+        raise ValidationError(
+            "the workspace must not be inside the dataset folder (robustlens never writes "
+            "into the user's data); choose another workspace path",
+            file=root,
+        )
     if (root / MANIFEST_NAME).exists():
         if not force:
-            raise ValidationError("already a robustlens workspace; pass --force to rebuild its artifacts "
-                                  "(tags, collections and review decisions are kept)", file=root)
+            raise ValidationError(
+                "already a robustlens workspace; pass --force to rebuild its artifacts "
+                "(tags, collections and review decisions are kept)",
+                file=root,
+            )
     elif root.exists() and any(root.iterdir()):
         raise ValidationError("directory exists and is not empty; choose a new workspace path", file=root)
 
@@ -324,32 +395,38 @@ def _default_config_path(model: str) -> Path | None:
     return None
 
 
-def _class_order(explicit: list[str] | None, model_classes: list[str] | None, labels: set[str],
-                 *, source: Path) -> list[str]:
+def _class_order(
+    explicit: list[str] | None, model_classes: list[str] | None, labels: set[str], *, source: Path
+) -> list[str]:
     if explicit is not None:
         if len(set(explicit)) != len(explicit):
             raise ValidationError(f"--classes has repeated names: {explicit}")
         missing = sorted(labels - set(explicit))
         if missing:
-            raise ValidationError(f"dataset labels {missing} are not in --classes {explicit}", file=source,
-                                  column="label")
+            raise ValidationError(
+                f"dataset labels {missing} are not in --classes {explicit}", file=source, column="label"
+            )
         extra = [c for c in explicit if c not in labels]
         if extra:
-            raise ValidationError(f"class-count mismatch: --classes names {len(explicit)} classes, the dataset "
-                                  f"has {len(labels)}; not in the dataset: {extra}")
+            raise ValidationError(
+                f"class-count mismatch: --classes names {len(explicit)} classes, the dataset "
+                f"has {len(labels)}; not in the dataset: {extra}"
+            )
         return list(explicit)
     if model_classes is not None:
         ordered = [c for c in model_classes if c in labels]
         missing = sorted(labels - set(ordered))
         if missing:
-            raise ValidationError(f"dataset labels {missing} are not among the model's classes {model_classes}",
-                                  file=source, column="label")
+            raise ValidationError(
+                f"dataset labels {missing} are not among the model's classes {model_classes}",
+                file=source,
+                column="label",
+            )
         return ordered
     return sorted(labels)
 
 
-def _validate_model(spec: str, config: ModelConfig, classes: list[str], data: Path,
-                    samples: pd.DataFrame) -> dict:
+def _validate_model(spec: str, config: ModelConfig, classes: list[str], data: Path, samples: pd.DataFrame) -> dict:
     """Load the model and run it on a few dataset images (shape, class count, finite output)."""
     path = Path(spec)
     if path.exists():

@@ -54,10 +54,19 @@ class PredictionSet:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_predictions(path: str | Path, *, name: str, sample_ids: list[str], sample_paths: list[str],
-                     classes: list[str], order: list[str] | None = None,
-                     npy_classes: list[str] | None = None, skipped_ids: set[str] | None = None,
-                     scores: str = "auto", sum_tolerance: float = DEFAULT_SUM_TOLERANCE) -> PredictionSet:
+def load_predictions(
+    path: str | Path,
+    *,
+    name: str,
+    sample_ids: list[str],
+    sample_paths: list[str],
+    classes: list[str],
+    order: list[str] | None = None,
+    npy_classes: list[str] | None = None,
+    skipped_ids: set[str] | None = None,
+    scores: str = "auto",
+    sum_tolerance: float = DEFAULT_SUM_TOLERANCE,
+) -> PredictionSet:
     """Read, validate and align one prediction file.
 
     Parameters
@@ -85,11 +94,13 @@ def load_predictions(path: str | Path, *, name: str, sample_ids: list[str], samp
     if scores not in SCORE_KINDS:
         raise ValidationError(f"scores must be one of {SCORE_KINDS}, got '{scores}'")
     if path.suffix.lower() == ".npy":
-        matrix, row_ids, file_columns, key_column = _read_npy(path, order=order, npy_classes=npy_classes,
-                                                              classes=classes)
+        matrix, row_ids, file_columns, key_column = _read_npy(
+            path, order=order, npy_classes=npy_classes, classes=classes
+        )
     else:
-        matrix, row_ids, file_columns, key_column = _read_table(path, classes=classes, sample_ids=sample_ids,
-                                                                sample_paths=sample_paths)
+        matrix, row_ids, file_columns, key_column = _read_table(
+            path, classes=classes, sample_ids=sample_ids, sample_paths=sample_paths
+        )
     _check_classes(path, file_columns, classes)
     _check_finite(path, matrix, file_columns, row_ids, key_column)
     kind = _detect_kind(path, matrix, file_columns, scores)
@@ -102,8 +113,7 @@ def load_predictions(path: str | Path, *, name: str, sample_ids: list[str], samp
     else:
         probs, renormalized = _check_sums(path, matrix, sum_tolerance)
         if renormalized:
-            warnings.append(f"{path}: {renormalized} row(s) did not sum to 1 (off by ≤ {sum_tolerance}); "
-                            "renormalised")
+            warnings.append(f"{path}: {renormalized} row(s) did not sum to 1 (off by ≤ {sum_tolerance}); renormalised")
     column_of = {c: i for i, c in enumerate(file_columns)}
     probs = probs[:, [column_of[c] for c in classes]]
 
@@ -115,9 +125,13 @@ def load_predictions(path: str | Path, *, name: str, sample_ids: list[str], samp
         unknown = [rid for rid, k in zip(row_ids, keep, strict=True) if not k and rid not in skipped_ids]
         if unknown:
             bad_rows = [i + 1 for i, rid in enumerate(row_ids) if rid in set(unknown[:5])]
-            raise ValidationError(f"{len(unknown)} row(s) name samples that are not in the dataset "
-                                  f"(first: '{unknown[0]}', rows {bad_rows[:5]})", file=path,
-                                  row=bad_rows[0], column=key_column)
+            raise ValidationError(
+                f"{len(unknown)} row(s) name samples that are not in the dataset "
+                f"(first: '{unknown[0]}', rows {bad_rows[:5]})",
+                file=path,
+                row=bad_rows[0],
+                column=key_column,
+            )
         warnings.append(f"{path}: {dropped} row(s) belong to images skipped at ingest and were dropped")
     aligned = np.full((len(sample_ids), len(classes)), np.nan, dtype=np.float32)
     target = np.array([position[rid] for rid, k in zip(row_ids, keep, strict=True) if k], dtype=np.int64)
@@ -126,15 +140,24 @@ def load_predictions(path: str | Path, *, name: str, sample_ids: list[str], samp
     covered[target] = True
     if not covered.all():
         missing = [sample_ids[i] for i in np.flatnonzero(~covered)[:5]]
-        raise ValidationError(f"predictions are missing for {int((~covered).sum())} of {len(sample_ids)} "
-                              f"samples (first: {missing})", file=path)
-    return PredictionSet(name=name, probabilities=aligned, source=str(path), score_kind=kind,
-                         renormalized_rows=renormalized,
-                         dropped_rows=dropped, warnings=warnings)
+        raise ValidationError(
+            f"predictions are missing for {int((~covered).sum())} of {len(sample_ids)} samples (first: {missing})",
+            file=path,
+        )
+    return PredictionSet(
+        name=name,
+        probabilities=aligned,
+        source=str(path),
+        score_kind=kind,
+        renormalized_rows=renormalized,
+        dropped_rows=dropped,
+        warnings=warnings,
+    )
 
 
-def _read_npy(path: Path, *, order: list[str] | None, npy_classes: list[str] | None,
-              classes: list[str]) -> tuple[np.ndarray, list[str], list[str], str | None]:
+def _read_npy(
+    path: Path, *, order: list[str] | None, npy_classes: list[str] | None, classes: list[str]
+) -> tuple[np.ndarray, list[str], list[str], str | None]:
     if npy_classes is None:
         raise ValidationError("a .npy prediction file needs the class order of its columns (--classes)", file=path)
     if order is None:
@@ -150,16 +173,23 @@ def _read_npy(path: Path, *, order: list[str] | None, npy_classes: list[str] | N
     if not np.issubdtype(matrix.dtype, np.number):
         raise ValidationError(f"expected a numeric array, got dtype {matrix.dtype}", file=path)
     if matrix.shape[1] != len(npy_classes):
-        raise ValidationError(f"class-count mismatch: the array has {matrix.shape[1]} columns but "
-                              f"{len(npy_classes)} class names were given", file=path)
+        raise ValidationError(
+            f"class-count mismatch: the array has {matrix.shape[1]} columns but "
+            f"{len(npy_classes)} class names were given",
+            file=path,
+        )
     if matrix.shape[0] != len(order):
-        raise ValidationError(f"the array has {matrix.shape[0]} rows but the dataset lists {len(order)} "
-                              "images (rows must follow the manifest order)", file=path)
+        raise ValidationError(
+            f"the array has {matrix.shape[0]} rows but the dataset lists {len(order)} "
+            "images (rows must follow the manifest order)",
+            file=path,
+        )
     return matrix.astype(np.float64), list(order), list(npy_classes), None
 
 
-def _read_table(path: Path, *, classes: list[str], sample_ids: list[str],
-                sample_paths: list[str]) -> tuple[np.ndarray, list[str], list[str], str | None]:
+def _read_table(
+    path: Path, *, classes: list[str], sample_ids: list[str], sample_paths: list[str]
+) -> tuple[np.ndarray, list[str], list[str], str | None]:
     table = read_table(path, text_columns=("id", "path"))
     if "id" in table.columns:
         key_column = "id"
@@ -168,8 +198,10 @@ def _read_table(path: Path, *, classes: list[str], sample_ids: list[str],
         key_column = "path"
         keys = table["path"]
     else:
-        raise ValidationError(f"needs an 'id' or 'path' column to match rows to samples (columns present: "
-                              f"{list(table.columns)})", file=path)
+        raise ValidationError(
+            f"needs an 'id' or 'path' column to match rows to samples (columns present: {list(table.columns)})",
+            file=path,
+        )
     if table.empty:
         raise ValidationError("the file has a header but no rows", file=path)
     blank = keys.isna()
@@ -179,8 +211,12 @@ def _read_table(path: Path, *, classes: list[str], sample_ids: list[str],
     duplicated = keys.duplicated(keep=False)
     if duplicated.any():
         rows = first_rows(duplicated)
-        raise ValidationError(f"duplicate ids: '{keys.iloc[rows[0] - 1]}' appears in rows {rows}", file=path,
-                              row=rows[0], column=key_column)
+        raise ValidationError(
+            f"duplicate ids: '{keys.iloc[rows[0] - 1]}' appears in rows {rows}",
+            file=path,
+            row=rows[0],
+            column=key_column,
+        )
     score_columns = [c for c in table.columns if c not in ("id", "path")]
     if not score_columns:
         raise ValidationError("no class columns: expected one column per class name", file=path)
@@ -189,8 +225,12 @@ def _read_table(path: Path, *, classes: list[str], sample_ids: list[str],
         bad = values.isna() & table[column].notna()
         if bad.any():
             row = first_rows(bad)[0]
-            raise ValidationError(f"non-numeric value '{table[column].iloc[row - 1]}' (class columns must hold "
-                                  "probabilities or logits)", file=path, row=row, column=column)
+            raise ValidationError(
+                f"non-numeric value '{table[column].iloc[row - 1]}' (class columns must hold probabilities or logits)",
+                file=path,
+                row=row,
+                column=column,
+            )
     matrix = table[score_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     if key_column == "path":
         by_path = dict(zip(sample_paths, sample_ids, strict=True))
@@ -203,23 +243,34 @@ def _read_table(path: Path, *, classes: list[str], sample_ids: list[str],
 def _check_classes(path: Path, file_columns: list[str], classes: list[str]) -> None:
     unknown = [c for c in file_columns if c not in set(classes)]
     if unknown:
-        raise ValidationError(f"labels {unknown} are not classes of the dataset (dataset classes: {classes})",
-                              file=path, column=unknown[0])
+        raise ValidationError(
+            f"labels {unknown} are not classes of the dataset (dataset classes: {classes})",
+            file=path,
+            column=unknown[0],
+        )
     missing = [c for c in classes if c not in set(file_columns)]
     if missing:
-        raise ValidationError(f"class-count mismatch: {len(file_columns)} class columns for {len(classes)} "
-                              f"dataset classes; missing {missing}", file=path)
+        raise ValidationError(
+            f"class-count mismatch: {len(file_columns)} class columns for {len(classes)} "
+            f"dataset classes; missing {missing}",
+            file=path,
+        )
 
 
-def _check_finite(path: Path, matrix: np.ndarray, file_columns: list[str], row_ids: list[str],
-                  key_column: str | None) -> None:
+def _check_finite(
+    path: Path, matrix: np.ndarray, file_columns: list[str], row_ids: list[str], key_column: str | None
+) -> None:
     bad = ~np.isfinite(matrix)
     if bad.any():
         row, col = np.argwhere(bad)[0]
         value = matrix[row, col]
         what = "NaN (empty or not a number)" if np.isnan(value) else f"{value} (infinite)"
-        raise ValidationError(f"value is {what} for sample '{row_ids[row]}'; {int(bad.any(axis=1).sum())} "
-                              "row(s) affected", file=path, row=int(row) + 1, column=file_columns[col])
+        raise ValidationError(
+            f"value is {what} for sample '{row_ids[row]}'; {int(bad.any(axis=1).sum())} row(s) affected",
+            file=path,
+            row=int(row) + 1,
+            column=file_columns[col],
+        )
 
 
 def _detect_kind(path: Path, matrix: np.ndarray, file_columns: list[str], scores: str) -> str:
@@ -234,9 +285,13 @@ def _detect_kind(path: Path, matrix: np.ndarray, file_columns: list[str], scores
         row, col = np.argwhere(negative if negative.any() else ~in_unit)[0]
         value = matrix[row, col]
         problem = "negative probability" if value < 0 else "probability above 1"
-        raise ValidationError(f"{problem} {value:g} ({int((~in_unit).any(axis=1).sum())} row(s) affected); "
-                              "pass --scores logits if the file holds logits", file=path, row=int(row) + 1,
-                              column=file_columns[col])
+        raise ValidationError(
+            f"{problem} {value:g} ({int((~in_unit).any(axis=1).sum())} row(s) affected); "
+            "pass --scores logits if the file holds logits",
+            file=path,
+            row=int(row) + 1,
+            column=file_columns[col],
+        )
     return "logits"
 
 
@@ -251,7 +306,11 @@ def _check_sums(path: Path, matrix: np.ndarray, sum_tolerance: float) -> tuple[n
     rejected = deviation > sum_tolerance
     if rejected.any():
         row = int(np.flatnonzero(rejected)[0])
-        raise ValidationError(f"probabilities sum to {sums[row]:.4f}, not 1 ({int(rejected.sum())} row(s) off by "
-                              f"more than the tolerance {sum_tolerance}; raise --sum-tolerance to renormalise "
-                              "them, or pass --scores logits if they are logits)", file=path, row=row + 1)
+        raise ValidationError(
+            f"probabilities sum to {sums[row]:.4f}, not 1 ({int(rejected.sum())} row(s) off by "
+            f"more than the tolerance {sum_tolerance}; raise --sum-tolerance to renormalise "
+            "them, or pass --scores logits if they are logits)",
+            file=path,
+            row=row + 1,
+        )
     return matrix / sums[:, None], _count_renormalized(matrix, sum_tolerance)

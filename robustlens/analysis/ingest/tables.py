@@ -13,8 +13,27 @@ from robustlens.errors import ValidationError
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 #: Cells pandas reads as missing by default (its ``STR_NA_VALUES``). Text columns (ids, paths, labels)
 #: only treat the empty cell as missing, so a class called "NA", "None" or "null" stays a label.
-DEFAULT_NA_VALUES = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                     "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
+DEFAULT_NA_VALUES = (
+    "",
+    "#N/A",
+    "#N/A N/A",
+    "#NA",
+    "-1.#IND",
+    "-1.#QNAN",
+    "-NaN",
+    "-nan",
+    "1.#IND",
+    "1.#QNAN",
+    "<NA>",
+    "N/A",
+    "NA",
+    "NULL",
+    "NaN",
+    "None",
+    "n/a",
+    "nan",
+    "null",
+)
 #: Delimiters recognised besides the comma (semicolon: spreadsheets in comma-decimal locales).
 OTHER_DELIMITERS = (";", "\t", "|")
 
