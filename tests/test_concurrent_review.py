@@ -34,9 +34,9 @@ def reviewer_session(url: str, reviewer: str, rounds: int, barrier=None) -> None
             own = f"{reviewer}-sample-{i}"
             store.add_tag([own, "shared-sample"], "needs-check", user=reviewer)
             store.add_tag([own], f"by-{reviewer}", user=reviewer)
-            store.record_decision(own, "relabel" if i % 2 else "keep", reviewer=reviewer,
+            store.record_decision(own, "relabel" if i % 2 else "keep", user=reviewer,
                                   new_label="coat" if i % 2 else None, note=f"round {i}")
-            store.record_decision("shared-sample", "ambiguous", reviewer=reviewer, note=f"{reviewer} {i}")
+            store.record_decision("shared-sample", "ambiguous", user=reviewer, note=f"{reviewer} {i}")
             store.add_to_collection("team-set", [own, "shared-sample"], user=reviewer)
     finally:
         store.close()
@@ -67,7 +67,7 @@ def _assert_nothing_lost(url: str, reviewers: list[str]) -> None:
         assert len(history) == 2 * ROUNDS * len(reviewers)
         assert len([d for d in history if d["sample_id"] == "shared-sample"]) == ROUNDS * len(reviewers)
         for reviewer in reviewers:
-            own = [d for d in history if d["reviewer"] == reviewer and d["sample_id"] != "shared-sample"]
+            own = [d for d in history if d["created_by"] == reviewer and d["sample_id"] != "shared-sample"]
             assert [d["note"] for d in own] == [f"round {i}" for i in range(ROUNDS)]  # each reviewer's order kept
         latest = {d["sample_id"]: d for d in store.decisions(latest_only=True)}
         assert latest["shared-sample"]["id"] == max(d["id"] for d in history)
@@ -85,7 +85,7 @@ def test_concurrent_reviewer_threads_lose_nothing(database):
     def run(name: str) -> None:
         try:
             reviewer_session(database, name, ROUNDS, barrier)
-        except BaseException as exc:  # re-raised in the main thread below
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(name,)) for name in reviewers]
@@ -119,9 +119,9 @@ def test_one_store_shared_by_threads_loses_nothing(database):
         for i in range(ROUNDS):
             store.add_tag([f"{name}-sample-{i}", "shared-sample"], "needs-check", user=name)
             store.add_tag([f"{name}-sample-{i}"], f"by-{name}", user=name)
-            store.record_decision(f"{name}-sample-{i}", "relabel" if i % 2 else "keep", reviewer=name,
+            store.record_decision(f"{name}-sample-{i}", "relabel" if i % 2 else "keep", user=name,
                                   new_label="coat" if i % 2 else None, note=f"round {i}")
-            store.record_decision("shared-sample", "ambiguous", reviewer=name)
+            store.record_decision("shared-sample", "ambiguous", user=name)
             store.add_to_collection("team-set", [f"{name}-sample-{i}", "shared-sample"], user=name)
 
     threads = [threading.Thread(target=run, args=(name,)) for name in reviewers]

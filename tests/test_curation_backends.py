@@ -3,7 +3,7 @@
 * 8 writers (threads, each with its own engine and connections) open a brand-new database at the same moment, race to
   create the same tags and collections, bulk-tag and collect 500 samples each with heavy overlap, record
   500 review decisions each and then remove overlapping tags: every row is there exactly once, every
-  "newly added / removed" count adds up, every decision is attributed to its reviewer.
+  "newly added / removed" count adds up, every decision is attributed to its user.
 * Also under SERIALIZABLE isolation (a team server configured that way), where PostgreSQL aborts
   transactions that lost a race: the retries make up for it.
 * Statements beyond the drivers' bind-parameter limits (70,000 ids: psycopg allows 65,535).
@@ -33,8 +33,13 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
 from robustlens.analysis import curation
-from robustlens.analysis.curation import (MAX_NAME_CHARS, MAX_SAMPLE_ID_BYTES, CurationConflictError,
-                                          CurationInputError, CurationStore)
+from robustlens.analysis.curation import (
+    MAX_NAME_CHARS,
+    MAX_SAMPLE_ID_BYTES,
+    CurationConflictError,
+    CurationInputError,
+    CurationStore,
+)
 from robustlens.errors import ValidationError
 from tests.dashboard_fixtures import analysed_template, analysed_workspace  # noqa: F401  (fixtures)
 
@@ -116,7 +121,7 @@ def writer_session(url: str, writer: int, barrier: threading.Barrier, work: Work
             added["team"] += store.add_to_collection("team", batch, user=name)
             for k, sid in enumerate(batch, start=start):
                 action = ("keep", "relabel", "ambiguous", "exclude")[k % 4]
-                store.record_decision(sid, action, reviewer=name, note=f"{writer}:{k}",
+                store.record_decision(sid, action, user=name, note=f"{writer}:{k}",
                                       new_label=f"class-{k % 7}" if action == "relabel" else None)
         result["added"] = added
         barrier.wait()  # every "hot" tag is in before anyone removes
@@ -161,7 +166,7 @@ def _assert_nothing_lost_or_duplicated(url: str, results: list[dict], work: Work
         notes = [d["note"] for d in history]
         assert len(set(notes)) == len(notes)
         for writer in range(WRITERS):
-            mine = [d for d in history if d["reviewer"] == f"rev-{writer}"]
+            mine = [d for d in history if d["created_by"] == f"rev-{writer}"]
             assert [d["note"] for d in mine] == [f"{writer}:{k}" for k in range(work.per_writer)]
             assert [d["sample_id"] for d in mine] == work.own_ids(writer)
             relabels = [d for d in mine if d["action"] == "relabel"]
@@ -170,15 +175,16 @@ def _assert_nothing_lost_or_duplicated(url: str, results: list[dict], work: Work
         with store.engine.connect() as conn:
             # No duplicate tag rows; the audit log has every write of every reviewer.
             assert conn.execute(text("SELECT name FROM tags ORDER BY name")).scalars().all() == ["hot", "shared"]
-            actions = conn.execute(text("SELECT actor, action, count(*) FROM audit_log GROUP BY actor, action")).all()
-        audit = {(actor, action): int(n) for actor, action, n in actions}
+            actions = conn.execute(text("SELECT created_by, action, count(*) FROM audit_log "
+                                        "GROUP BY created_by, action")).all()
+        audit = {(user, action): int(n) for user, action, n in actions}
         for writer in range(WRITERS):
             name = f"rev-{writer}"
             assert audit[(name, "review")] == work.per_writer
             assert audit[(name, "tag")] == 2 * work.per_writer // work.batch
             assert audit[(name, "add_to_collection")] == work.per_writer // work.batch
             assert audit[(name, "untag")] == 1
-        assert sum(n for (actor, action), n in audit.items() if action == "create_collection") == 2
+        assert sum(n for (user, action), n in audit.items() if action == "create_collection") == 2
     finally:
         store.close()
 
@@ -234,11 +240,11 @@ def _long_input_cases() -> list[tuple[str, object]]:
         ("user name", lambda s: s.add_tag(["a"], "t", user=long_name)),
         ("collection name", lambda s: s.create_collection(long_name, user="ana")),
         ("collection name", lambda s: s.add_to_collection(long_name, ["a"], user="ana")),
-        ("reviewer name", lambda s: s.record_decision("a", "keep", reviewer=long_name)),
-        ("new label", lambda s: s.record_decision("a", "relabel", reviewer="ana", new_label=long_name)),
+        ("user name", lambda s: s.record_decision("a", "keep", user=long_name)),
+        ("new label", lambda s: s.record_decision("a", "relabel", user="ana", new_label=long_name)),
         ("sample id #2", lambda s: s.add_tag(["a", long_id], "t", user="ana")),
         ("sample id #1", lambda s: s.add_tag([wide_id], "t", user="ana")),
-        ("sample id #1", lambda s: s.record_decision(long_id, "keep", reviewer="ana")),
+        ("sample id #1", lambda s: s.record_decision(long_id, "keep", user="ana")),
         ("sample id #1", lambda s: s.remove_tag([long_id], "t", user="ana")),
         ("sample id #1", lambda s: s.create_collection("c", user="ana", sample_ids=[wide_id])),
     ]
@@ -254,7 +260,7 @@ def test_long_names_and_ids_behave_the_same_on_every_backend(db_url):
     assert store.samples_with_tag(name) == sorted([longest_id, widest_id])
     store.create_collection(name, user=name, sample_ids=[widest_id])
     assert store.collection(name)["members"] == [widest_id]
-    store.record_decision(longest_id, "relabel", reviewer=name, new_label=name, note="x" * 10_000)
+    store.record_decision(longest_id, "relabel", user=name, new_label=name, note="x" * 10_000)
     assert store.decision_history(longest_id)[0]["new_label"] == name
     before = store.counts()
     # One past the limits: a clear error naming the field and the limit, nothing written.
@@ -314,7 +320,7 @@ def test_a_write_that_lost_a_race_is_retried_whole(db_url, monkeypatch):
     assert store.add_tag(["a", "b", "c"], "t", user="ben") == 2  # the rolled-back tries counted nothing
     assert store.samples_with_tag("t") == ["a", "b", "c"]
     with store.engine.connect() as conn:
-        audits = conn.execute(text("SELECT actor, details FROM audit_log ORDER BY id")).all()
+        audits = conn.execute(text("SELECT created_by, details FROM audit_log ORDER BY id")).all()
     assert [(a, json.loads(d)["count"]) for a, d in audits] == [("ana", 1), ("ben", 2)]
 
     def always_losing(conn, *args, **kwargs):
@@ -439,7 +445,7 @@ _INVISIBLE = ["\t", "\n", "\r", "\x00", "\x7f", "\x85", "\u202a", "\u202b", "\u2
 
 
 def test_names_must_be_display_safe_on_every_backend(db_url):
-    """Tags, collections, user and reviewer names: printable text without control, bidi or zero-width characters
+    """Tags, collections and user names: printable text without control, bidi or zero-width characters
     and without surrounding spaces; punctuation and markup stay allowed (rendering is escaped everywhere)."""
     store = CurationStore(db_url)
     friendly = ["dark coats, frozen", "<b>bold</b> *x* [y](http://e/z) #1 | a&b", "Zoë's 图像 🙂", "=1+1",
@@ -447,27 +453,27 @@ def test_names_must_be_display_safe_on_every_backend(db_url):
     for name in friendly:  # stored and read back exactly
         assert store.add_tag(["img/a.png"], name, user=name) == 1
         store.create_collection(name, user="ana", sample_ids=["img/a.png"])
-        store.record_decision("img/a.png", "keep", reviewer=name)
+        store.record_decision("img/a.png", "keep", user=name)
     assert set(friendly) <= set(store.tag_counts()) and set(friendly) <= set(store.collection_names())
-    assert {d["reviewer"] for d in store.decisions(latest_only=False)} == set(friendly)
+    assert {d["created_by"] for d in store.decisions(latest_only=False)} == set(friendly)
     assert store.add_tag(["img/b.png"], "  padded  ", user=" ana ") == 1  # tags and users: stripped
     assert "padded" in store.tag_counts()
     before = store.counts()
-    calls = {
-        "tag": lambda bad: store.add_tag(["img/a.png"], bad, user="ana"),
-        "user name": lambda bad: store.add_tag(["img/a.png"], "t", user=bad),
-        "collection name": lambda bad: store.create_collection(bad, user="ana"),
-        "reviewer name": lambda bad: store.record_decision("img/a.png", "keep", reviewer=bad),
-    }
-    for field, call in calls.items():
+    calls = [
+        ("tag", lambda bad: store.add_tag(["img/a.png"], bad, user="ana")),
+        ("user name", lambda bad: store.add_tag(["img/a.png"], "t", user=bad)),
+        ("collection name", lambda bad: store.create_collection(bad, user="ana")),
+        ("user name", lambda bad: store.record_decision("img/a.png", "keep", user=bad)),
+    ]
+    for field, call in calls:
         for char in _INVISIBLE:
             with pytest.raises(CurationInputError) as caught:
                 call(f"ok{char}name")
             message = str(caught.value)
             assert message.startswith(field) and f"U+{ord(char):04X}" in message, message
             assert isinstance(caught.value, ValidationError)
-    with pytest.raises(CurationInputError, match="reviewer name ' ann' is not allowed: it starts or ends with a space"):
-        store.record_decision("img/a.png", "keep", reviewer=" ann")
+    with pytest.raises(CurationInputError, match="user name ' ann' is not allowed: it starts or ends with a space"):
+        store.record_decision("img/a.png", "keep", user=" ann")
     assert store.counts() == before  # nothing written by a refused call
     # A name stored before the rule can still be looked up and cleaned up.
     with store.engine.begin() as conn:

@@ -97,10 +97,10 @@ def test_existing_files_are_kept_and_force_replaces_only_robustlens_exports(tabl
 def test_decisions_become_a_relabel_file_and_can_be_applied(workspace, table):
     store = workspace.curation()
     ids = table["id"].tolist()
-    store.record_decision(ids[0], "keep", reviewer="ann")
-    store.record_decision(ids[0], "relabel", reviewer="bob", new_label="bag", note="clearly a bag")
-    store.record_decision(ids[1], "exclude", reviewer="ann")
-    store.record_decision(ids[2], "ambiguous", reviewer="ann")
+    store.record_decision(ids[0], "keep", user="ann")
+    store.record_decision(ids[0], "relabel", user="bob", new_label="bag", note="clearly a bag")
+    store.record_decision(ids[1], "exclude", user="ann")
+    store.record_decision(ids[2], "ambiguous", user="ann")
     relabels = export.relabel_frame(table, store)
     assert relabels.to_dict("records")[0] | {"decided_at": None} == {
         "id": ids[0], "path": table["path"][0], "old_label": str(table["label"][0]), "new_label": "bag",
@@ -166,7 +166,7 @@ def test_cli_exports_collections_tags_relabels_and_imagefolders(analysed_workspa
     ids = table["id"].tolist()
     store.create_collection("keepers", user="ann", sample_ids=ids[:4])
     store.add_tag(ids[2:6], "odd", user="ann")
-    store.record_decision(ids[3], "relabel", reviewer="ann", new_label="bag")
+    store.record_decision(ids[3], "relabel", user="ann", new_label="bag")
     store.close()
     base = ["export", str(analysed_workspace)]
     assert run_cli([*base, "--collection", "keepers", "--tag", "odd", "--out", str(tmp_path / "both.json")],

@@ -141,8 +141,8 @@ def test_tags_collections_and_review_states_read_the_curation_store(table, store
     store.create_collection("dark coats", user="ann",
                             filter_spec=FilterSpec(labels=["coat"], issues=["dark"]).to_dict())
     store.create_collection("nested", user="ann", filter_spec=FilterSpec(collections=["dark coats"]).to_dict())
-    store.record_decision(ids[0], "relabel", reviewer="ann", new_label="shirt")
-    store.record_decision(ids[1], "keep", reviewer="bob")
+    store.record_decision(ids[0], "relabel", user="ann", new_label="shirt")
+    store.record_decision(ids[1], "keep", user="bob")
     assert filter_ids(table, FilterSpec(tags=["blurry-ok"]), store) == ids[:10]
     assert filter_ids(table, FilterSpec(collections=["static"]), store) == ids[5:15]
     dark_coats = ((table["label"] == "coat") & (table["issue.dark"] > 0)).to_numpy()

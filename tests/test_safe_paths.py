@@ -342,8 +342,8 @@ def test_csv_formula_cells_are_neutralised_and_numbers_kept():
 def test_relabel_notes_and_labels_are_neutralised_in_cli_csv_unless_raw(workspace, tmp_path):
     store = workspace.curation()
     ids = workspace.samples["id"].tolist()
-    store.record_decision(ids[0], "relabel", reviewer="mallory", new_label="bag", note=HOSTILE[0])
-    store.record_decision(ids[1], "relabel", reviewer="ann", new_label="bag", note="-1")
+    store.record_decision(ids[0], "relabel", user="mallory", new_label="bag", note=HOSTILE[0])
+    store.record_decision(ids[1], "relabel", user="ann", new_label="bag", note="-1")
     store.close()
     base = ["export", str(workspace.root), "--relabels"]
     assert cli.main([*base, "--out", str(tmp_path / "relabels.csv")]) == 0

@@ -123,14 +123,14 @@ def plant_curation(workspace: Workspace) -> None:
             name=COLLECTION, description=f"{ANCHOR} {IMAGE}", filter_json=None, created_by=REVIEWER,
             created_at=now)).inserted_primary_key[0]
         conn.execute(curation_db.collection_members.insert(), [
-            {"collection_id": collection_id, "sample_id": sid, "added_by": REVIEWER, "added_at": now}
+            {"collection_id": collection_id, "sample_id": sid, "created_by": REVIEWER, "created_at": now}
             for sid in ids[:10]])
         conn.execute(curation_db.collections.insert().values(
             name=f"{LINK} saved", description=SCRIPT, created_by=REVIEWER, created_at=now,
             filter_json=json.dumps(FilterSpec(labels=[IMAGE], text=LINK).to_dict())))
         for sid in ids[:6]:
             conn.execute(curation_db.review_decisions.insert().values(
-                sample_id=sid, action="relabel", new_label=LINK, reviewer=REVIEWER, note=NOTE, created_at=now))
+                sample_id=sid, action="relabel", new_label=LINK, created_by=REVIEWER, note=NOTE, created_at=now))
     store.close()
 
 

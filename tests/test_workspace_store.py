@@ -89,13 +89,13 @@ def test_tags_collections_and_decisions(tmp_path):
     assert store.collection_samples("to fix") == ["s1", "s3"]
     with pytest.raises(ValueError, match="already exists"):
         store.create_collection("to fix", user="ben")
-    store.record_decision("s1", "relabel", reviewer="ana", new_label="dog")
-    store.record_decision("s1", "keep", reviewer="ben")
+    store.record_decision("s1", "relabel", user="ana", new_label="dog")
+    store.record_decision("s1", "keep", user="ben")
     latest = store.decisions()
-    assert [(d["sample_id"], d["action"], d["reviewer"]) for d in latest] == [("s1", "keep", "ben")]
+    assert [(d["sample_id"], d["action"], d["created_by"]) for d in latest] == [("s1", "keep", "ben")]
     assert len(store.decisions(latest_only=False)) == 2
     with pytest.raises(ValueError, match="needs new_label"):
-        store.record_decision("s2", "relabel", reviewer="ana")
+        store.record_decision("s2", "relabel", user="ana")
     assert store.counts() == {"tags": 1, "tag_assignments": 2, "collections": 1, "review_decisions": 2}
 
 
@@ -108,7 +108,7 @@ def test_concurrent_threads_lose_no_tag(tmp_path):
         try:
             for i in range(20):
                 store.add_tag([f"r{n}-{i}", "shared"], "seen", user=f"rev{n}")
-                store.record_decision(f"r{n}-{i}", "keep", reviewer=f"rev{n}")
+                store.record_decision(f"r{n}-{i}", "keep", user=f"rev{n}")
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
         finally:

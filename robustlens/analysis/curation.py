@@ -1,11 +1,22 @@
 """The curation database: tags, collections, review decisions and the audit log.
 
 It is the only mutable state of a workspace. SQLAlchemy Core over a SQLite file by default (WAL mode,
-so browsers reading while a reviewer writes do not block each other), or any SQLAlchemy URL — e.g.
+so browsers reading while a user writes do not block each other), or any SQLAlchemy URL — e.g.
 ``postgresql+psycopg://user@host/db`` (``pip install 'robustlens[postgres]'``) — for a team server.
 The schema carries a version number and :func:`migrate` brings an older database up to date.
 
-Correct on every backend, with many reviewers writing at once:
+One name per concept, in the tables and in the Python API alike:
+
+* the person who wrote a row is the column ``created_by`` and the time the column ``created_at``, in every
+  table (tags, sample tags, collections, collection members, review decisions, the audit log); the methods
+  that write take that person as the keyword ``user``, and rows come back as dicts keyed by column name;
+* a collection's ``kind`` is :data:`STATIC` (a list of samples) or :data:`SAVED_FILTER` (a filter that
+  re-evaluates); its ``members`` is always the list of sample ids and ``size`` always their number.
+
+Schema version 1 named the person ``added_by`` / ``reviewer`` / ``actor`` and the time ``added_at`` / ``at``
+in some tables; :data:`MIGRATIONS` renames those columns in place (version 2), keeping every row.
+
+Correct on every backend, with many users writing at once:
 
 * Every write runs in one transaction (:meth:`CurationStore._write`); on SQLite it takes the write lock
   up front (``BEGIN IMMEDIATE``). A transaction that loses a race — a serialization failure, a deadlock,
@@ -14,7 +25,7 @@ Correct on every backend, with many reviewers writing at once:
   :class:`CurationConflictError`. Nothing is half-written, lost or written twice.
 * "Add unless already there" is ``INSERT … ON CONFLICT DO NOTHING`` (SQLAlchemy's PostgreSQL and SQLite
   dialect constructs; a select-then-insert retried on conflict elsewhere), so overlapping bulk tags from
-  two reviewers both succeed and each row is counted once, by whoever inserted it. Rows are inserted in
+  two users both succeed and each row is counted once, by whoever inserted it. Rows are inserted in
   sorted order, so two overlapping batches lock rows in the same order and do not deadlock.
 * Statements stay under the drivers' bind-parameter limits (psycopg: 65,535, SQLite: 32,766): on
   PostgreSQL any number of ids travel as one array parameter (``unnest(:ids)``, ``= ANY(:ids)``); on
@@ -23,8 +34,8 @@ Correct on every backend, with many reviewers writing at once:
 * Input is checked against the column sizes before anything is written, identically on every backend
   (SQLite does not enforce ``VARCHAR`` lengths, PostgreSQL does): names (tags, collections, users,
   labels) at most :data:`MAX_NAME_CHARS` characters, sample ids at most :data:`MAX_SAMPLE_ID_BYTES`
-  bytes of UTF-8 (PostgreSQL cannot index a longer key in its B-tree). New tag, collection, user and
-  reviewer names must also be display-safe (:func:`check_name`: printable, no control, bidi or zero-width
+  bytes of UTF-8 (PostgreSQL cannot index a longer key in its B-tree). New tag, collection and user
+  names must also be display-safe (:func:`check_name`: printable, no control, bidi or zero-width
   characters, no surrounding spaces). A bad value raises :class:`CurationInputError` naming the field and
   the limit or the rule.
 """
@@ -37,22 +48,46 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import (Column, DateTime, ForeignKey, Integer, MetaData, String, Table, Text, any_, bindparam,
-                        create_engine, delete, event, func, insert, inspect, literal, select, text)
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    literal,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.sql.elements import BindParameter
 
 from robustlens.errors import ValidationError, WorkspaceError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REVIEW_ACTIONS = ("relabel", "keep", "ambiguous", "exclude")
+#: Collection kinds: a static list of samples, or a saved filter (re-evaluated whenever it is used).
+STATIC = "static"
+SAVED_FILTER = "saved filter"
+COLLECTION_KINDS = (STATIC, SAVED_FILTER)
 
-#: Longest tag, collection, user / reviewer name and relabel target, in characters (the ``String(200)`` columns).
+#: Longest tag, collection, user name and relabel target, in characters (the ``String(200)`` columns).
 MAX_NAME_CHARS = 200
 #: Longest sample id, in bytes of UTF-8: within the ``String(1024)`` columns on every backend and small
 #: enough for PostgreSQL's B-tree index (at most 2,704 bytes per key).
@@ -113,8 +148,8 @@ collection_members = Table(
     "collection_members", metadata,
     Column("collection_id", Integer, ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True),
     Column("sample_id", String(1024), primary_key=True),
-    Column("added_by", String(200), nullable=False),
-    Column("added_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 review_decisions = Table(
     "review_decisions", metadata,
@@ -123,21 +158,29 @@ review_decisions = Table(
     Column("sample_id", String(1024), nullable=False, index=True),
     Column("action", String(32), nullable=False),
     Column("new_label", String(200), nullable=True),
-    Column("reviewer", String(200), nullable=False),
+    Column("created_by", String(200), nullable=False),
     Column("note", Text, nullable=False, default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 audit_log = Table(
     "audit_log", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", DateTime(timezone=True), nullable=False),
-    Column("actor", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(200), nullable=False),
     Column("action", String(64), nullable=False),
     Column("details", Text, nullable=False),
 )
 
-# Version → function bringing a database of that version to the next one. Empty while there is one version.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+#: Schema version 1 → 2: ``(table, old column, new column)``, one name for the person and one for the time.
+RENAMED_IN_V2 = (
+    ("collection_members", "added_by", "created_by"),
+    ("collection_members", "added_at", "created_at"),
+    ("review_decisions", "reviewer", "created_by"),
+    ("audit_log", "actor", "created_by"),
+    ("audit_log", "at", "created_at"),
+)
+#: ``ALTER TABLE … RENAME COLUMN`` needs SQLite 3.25 (2018); PostgreSQL has it in every supported version.
+_SQLITE_RENAME_COLUMN = (3, 25, 0)
 
 
 class CurationInputError(ValidationError, ValueError):
@@ -151,6 +194,51 @@ class CurationDatabaseError(WorkspaceError):
 
 class CurationConflictError(CurationDatabaseError):
     """A write still lost to concurrent writers after :data:`WRITE_ATTEMPTS` tries; nothing of it was saved."""
+
+
+def _rename_columns(conn: Connection, renames: Iterable[tuple[str, str, str]]) -> None:
+    """Rename ``(table, old, new)`` columns in place (``ALTER TABLE … RENAME COLUMN``), rows and constraints kept.
+
+    Idempotent: a column that already has its new name is left as it is, so running it again changes nothing.
+    Runs inside the caller's transaction (DDL is transactional on SQLite and PostgreSQL): a failure leaves
+    every column as it was.
+
+    Raises
+    ------
+    CurationDatabaseError
+        SQLite older than 3.25, or a table that has neither or both of the old and the new column.
+    """
+    if conn.dialect.name == "sqlite":
+        version = tuple(conn.dialect.server_version_info or ())
+        if version < _SQLITE_RENAME_COLUMN:
+            raise CurationDatabaseError(
+                f"upgrading the curation database needs SQLite {'.'.join(map(str, _SQLITE_RENAME_COLUMN))} or "
+                f"newer to rename columns; this Python has SQLite {'.'.join(map(str, version))}")
+    quote = conn.dialect.identifier_preparer.quote
+    by_table: dict[str, list[tuple[str, str]]] = {}
+    for table, old, new in renames:
+        by_table.setdefault(table, []).append((old, new))
+    inspector = inspect(conn)
+    for table, pairs in by_table.items():
+        present = {column["name"] for column in inspector.get_columns(table)}  # read once, before any rename
+        for old, new in pairs:
+            if new in present and old not in present:
+                continue
+            if old not in present or new in present:
+                raise CurationDatabaseError(
+                    f"cannot upgrade the curation database: table {table} should have column {old!r} (schema "
+                    f"version 1) or {new!r} (version 2), it has {sorted(present)}")
+            conn.execute(text(f"ALTER TABLE {quote(table)} RENAME COLUMN {quote(old)} TO {quote(new)}"))
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    """One name per concept: the person is ``created_by`` and the time ``created_at`` in every table."""
+    _rename_columns(conn, RENAMED_IN_V2)
+
+
+#: Version → function bringing a database of that version to the next one, run by :func:`migrate` inside its
+#: transaction (under the PostgreSQL advisory lock / the SQLite write lock), the version row updated with it.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
 
 
 def _now() -> datetime:
@@ -193,7 +281,7 @@ def make_engine(url: str) -> Engine:
         raise CurationDatabaseError(f"the database driver for {_safe_url(url)} is not installed ({exc}){hint}") from exc
     if is_sqlite:
         @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_connection, _record):  # pragma: no cover - exercised via every connection
+        def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:  # pragma: no cover - every connection
             dbapi_connection.isolation_level = None  # the driver begins nothing; the "begin" hook below does
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
@@ -202,7 +290,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):  # pragma: no cover - exercised via every transaction
+        def _sqlite_begin(conn: Connection) -> None:  # pragma: no cover - exercised via every transaction
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("curation_write")
                                  else "BEGIN")
     return engine
@@ -211,9 +299,17 @@ def make_engine(url: str) -> Engine:
 def migrate(engine: Engine) -> int:
     """Create missing tables and apply pending migrations in one transaction; returns the schema version.
 
-    Safe when several processes open a new database at once: on PostgreSQL an advisory lock serialises
-    them, on SQLite the write lock does. A database already at :data:`SCHEMA_VERSION` is only read (so a
-    read-only database file opens too).
+    Safe when several processes open a new or an old database at once: on PostgreSQL an advisory lock
+    serialises them, on SQLite the write lock does; whoever comes second finds the schema up to date. Each
+    step of :data:`MIGRATIONS` and the version row it bumps commit together or not at all. A database already
+    at :data:`SCHEMA_VERSION` is only read (so a read-only database file opens too).
+
+    Raises
+    ------
+    WorkspaceError
+        The database's schema is newer than this robustlens.
+    CurationDatabaseError
+        A migration step cannot run (see :func:`_rename_columns`).
     """
     with engine.connect() as conn:
         if inspect(conn).has_table(schema_info.name):
@@ -253,9 +349,9 @@ def check_name(field: str, value: object, *, strip: bool = True, display: bool =
     """``value`` if it is a safe display name that fits a name column, else :class:`CurationInputError`
     naming ``field``.
 
-    Names — tags, collections, users, reviewers, relabel targets — are non-empty text of at most
+    Names — tags, collections, user names, relabel targets — are non-empty text of at most
     :data:`MAX_NAME_CHARS` characters. With ``display`` (every name a user creates or acts under: tags,
-    collections, user and reviewer names) the name must also be *display-safe*
+    collections, user names) the name must also be *display-safe*
     (:func:`display_name_problem`): printable characters only — no control characters (tab, newline, NUL,
     DEL, C1), no format characters (bidi embeddings/overrides/isolates U+202A–U+202E and U+2066–U+2069,
     marks U+200E/U+200F, zero-width space/joiners U+200B–U+200D, word joiner U+2060, BOM U+FEFF), no
@@ -270,7 +366,7 @@ def check_name(field: str, value: object, *, strip: bool = True, display: bool =
     formula-leading cells, so a name shows exactly as typed and never becomes markup.
 
     ``strip``: surrounding whitespace is removed first (tags, collections, user names); without it a name
-    with leading or trailing whitespace is refused (reviewer names are stored exactly as given).
+    with leading or trailing whitespace is refused (the user of a review decision is stored exactly as given).
     ``display=False`` checks only type, emptiness and length: used where a name only *looks up* an existing
     tag or collection (removing, adding members), so one stored before this rule can still be cleaned up,
     and for relabel targets, which are the dataset's class names.
@@ -359,9 +455,10 @@ def _retryable(exc: DBAPIError, dialect: str) -> bool:
     return isinstance(exc, IntegrityError) and dialect != "postgresql"
 
 
-def _id_array(ids: list[str]):
+def _id_array(ids: list[str]) -> BindParameter[Any]:
     """``ids`` as one PostgreSQL ``VARCHAR[]`` bind parameter: no per-id parameters, so no parameter limit."""
-    return bindparam("ids", value=ids, type_=ARRAY(String))
+    array_type: Any = ARRAY(String)
+    return bindparam("ids", value=ids, type_=array_type)
 
 
 def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int, member: Column,
@@ -399,7 +496,7 @@ def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int,
                          .returning(member))
             added += len(conn.execute(statement, rows).all())
             continue
-        present = set()
+        present: set[str] = set()
         for part in _chunks(chunk, IN_CHUNK):
             present.update(conn.execute(select(member).where(key == key_value, member.in_(part))).scalars())
         new_rows = [row for row in rows if row[member.name] not in present]
@@ -425,6 +522,14 @@ def _delete_members(conn: Connection, table: Table, key: Column, key_value: int,
     return removed
 
 
+def _collection_fields(row: Row[Any], size: int) -> dict[str, Any]:
+    """The keys every collection dict has (see :meth:`CurationStore.collection`), from a ``collections`` row."""
+    saved = bool(row.filter_json)
+    return {"name": row.name, "description": row.description, "kind": SAVED_FILTER if saved else STATIC,
+            "filter": json.loads(row.filter_json) if saved else None, "size": size,
+            "created_by": row.created_by, "created_at": row.created_at}
+
+
 class CurationStore:
     """Repository over the curation database; the one place that writes curation state.
 
@@ -438,7 +543,8 @@ class CurationStore:
     Raises
     ------
     CurationDatabaseError
-        The database cannot be opened (bad URL, driver missing, server unreachable, disk full).
+        The database cannot be opened (bad URL, driver missing, server unreachable, disk full) or its older
+        schema cannot be upgraded.
     WorkspaceError
         The database's schema is newer than this robustlens.
     """
@@ -455,6 +561,9 @@ class CurationStore:
             self.engine.dispose()
             raise CurationDatabaseError(f"cannot open the curation database {_safe_url(url)}: "
                                         f"{getattr(exc, 'orig', None) or exc}") from exc
+        except WorkspaceError:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -483,14 +592,14 @@ class CurationStore:
                                                 f"{exc.orig}; nothing was saved") from exc
                 if attempt == WRITE_ATTEMPTS - 1:
                     raise CurationConflictError(
-                        f"could not {what}: other reviewers were writing the same records and {WRITE_ATTEMPTS} "
+                        f"could not {what}: other users were writing the same records and {WRITE_ATTEMPTS} "
                         f"tries each lost the race ({exc.orig}); nothing was saved — try again") from exc
                 self.retries += 1
                 time.sleep(_jitter.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)))
         raise AssertionError("unreachable")
 
-    def _audit(self, conn: Connection, actor: str, action: str, details: dict) -> None:
-        conn.execute(insert(audit_log).values(at=_now(), actor=actor, action=action,
+    def _audit(self, conn: Connection, user: str, action: str, details: dict) -> None:
+        conn.execute(insert(audit_log).values(created_at=_now(), created_by=user, action=action,
                                               details=json.dumps(details, default=str)))
 
     def _tag_id(self, conn: Connection, name: str, user: str) -> int:
@@ -556,17 +665,23 @@ class CurationStore:
 
     def create_collection(self, name: str, *, user: str, description: str = "",
                           sample_ids: Iterable[str] = (), filter_spec: dict | None = None) -> int:
-        """Create a collection: a static list of samples, or a saved filter (``filter_spec``).
+        """Create a collection: a static list of samples (kind :data:`STATIC`), or with ``filter_spec`` a saved
+        filter (kind :data:`SAVED_FILTER`); attributed to ``user``. Returns its id.
 
         Raises :class:`CurationInputError` when a collection of that name exists (also when a concurrent
-        reviewer created it first).
+        user created it first) or ``filter_spec`` is not a JSON-serialisable dict.
         """
         name = check_name("collection name", name)
         user = check_name("user name", user)
         if not isinstance(description, str):
             raise CurationInputError(f"collection description must be text, got {type(description).__name__}")
         ids = check_sample_ids(sample_ids)
-        filter_json = json.dumps(filter_spec) if filter_spec is not None else None
+        if filter_spec is not None and not isinstance(filter_spec, dict):
+            raise CurationInputError(f"filter_spec must be a dict, got {type(filter_spec).__name__}")
+        try:
+            filter_json = json.dumps(filter_spec) if filter_spec is not None else None
+        except (TypeError, ValueError) as exc:
+            raise CurationInputError(f"filter_spec of collection '{name}' cannot be saved as JSON: {exc}") from exc
 
         def work(conn: Connection) -> int:
             if conn.execute(select(collections.c.id).where(collections.c.name == name)).first() is not None:
@@ -579,13 +694,16 @@ class CurationStore:
                 new_id = conn.execute(make_insert(collections).values(values)
                                       .on_conflict_do_nothing(index_elements=["name"])
                                       .returning(collections.c.id)).scalar()
-                if new_id is None:  # a concurrent reviewer created it between our select and insert
+                if new_id is None:  # a concurrent user created it between our select and insert
                     raise CurationInputError(f"a collection named '{name}' already exists")
             else:
-                new_id = conn.execute(insert(collections).values(values)).inserted_primary_key[0]
+                inserted = conn.execute(insert(collections).values(values)).inserted_primary_key
+                new_id = inserted[0] if inserted is not None else None
+            if new_id is None:
+                raise CurationDatabaseError(f"the database gave no id for the new collection '{name}'")
             collection_id = int(new_id)
             _insert_missing(conn, collection_members, collection_members.c.collection_id, collection_id,
-                            collection_members.c.sample_id, ids, {"added_by": user, "added_at": _now()})
+                            collection_members.c.sample_id, ids, {"created_by": user, "created_at": _now()})
             self._audit(conn, user, "create_collection", {"name": name, "count": len(ids)})
             return collection_id
 
@@ -601,34 +719,44 @@ class CurationStore:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(select(collections.c.name).order_by(collections.c.name))]
 
-    def record_decision(self, sample_id: str, action: str, *, reviewer: str, new_label: str | None = None,
-                        note: str = "") -> None:
-        """Append a review decision (``relabel`` needs ``new_label``), attributed to ``reviewer``."""
+    def record_decision(self, sample_id: str, action: str, *, user: str | None = None, new_label: str | None = None,
+                        note: str = "", reviewer: str | None = None) -> None:
+        """Append a review decision (``relabel`` needs ``new_label``), attributed to ``user`` (``created_by``).
+
+        Unlike the other writers, ``user`` is stored exactly as given: one with surrounding spaces is refused
+        rather than stripped (a decision's attribution is never altered).
+        """
+        if user is None:  # TRANSITIONAL(issue 11): the dashboard still says reviewer=; removed once it moves
+            user = reviewer
         if action not in REVIEW_ACTIONS:
             raise CurationInputError(f"action must be one of {REVIEW_ACTIONS}, got '{action}'")
         if action == "relabel" and not new_label:
             raise CurationInputError("a relabel decision needs new_label")
-        if not isinstance(reviewer, str) or not reviewer.strip():
-            raise CurationInputError("reviewer name must not be empty")
-        reviewer = check_name("reviewer name", reviewer, strip=False)
+        user = check_name("user name", user, strip=False)
         if new_label is not None:
             new_label = check_name("new label", new_label, strip=False, display=False)
         if not isinstance(note, str):
             raise CurationInputError(f"note must be text, got {type(note).__name__}")
         (sample_id,) = check_sample_ids([sample_id])
-        values = {"sample_id": sample_id, "action": action, "new_label": new_label, "reviewer": reviewer,
+        values = {"sample_id": sample_id, "action": action, "new_label": new_label, "created_by": user,
                   "note": note}
 
         def work(conn: Connection) -> None:
             conn.execute(insert(review_decisions).values(**values, created_at=_now()))
-            self._audit(conn, reviewer, "review", {"sample_id": sample_id, "action": action, "new_label": new_label})
+            self._audit(conn, user, "review", {"sample_id": sample_id, "action": action, "new_label": new_label})
 
         self._write(f"record the decision on '{sample_id}'", work)
 
     def decisions(self, *, latest_only: bool = True) -> list[dict]:
-        """Review decisions, oldest first; with ``latest_only`` one (the newest) per sample."""
+        """Review decisions, oldest first; with ``latest_only`` one (the newest) per sample.
+
+        Each a dict of the ``review_decisions`` columns: ``id``, ``sample_id``, ``action``, ``new_label``
+        (``None`` unless a relabel), ``created_by`` (the user), ``note``, ``created_at``.
+        """
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(select(review_decisions).order_by(review_decisions.c.id))]
+        for row in rows:  # TRANSITIONAL(issue 11): the dashboard still reads "reviewer"; removed once it moves
+            row["reviewer"] = row["created_by"]
         if latest_only:
             latest = {r["sample_id"]: r for r in rows}
             rows = sorted(latest.values(), key=lambda r: r["id"])
@@ -646,7 +774,12 @@ class CurationStore:
 
     # -- added for the dashboard: collection membership, per-sample lookups ------------------------
     def collection(self, name: str) -> dict | None:
-        """One collection: name, description, ``filter`` (dict or ``None``), ``members`` (ids), creator and time."""
+        """One collection, or ``None`` when there is none of that name.
+
+        Keys: ``name``, ``description``, ``kind`` (:data:`STATIC` or :data:`SAVED_FILTER`), ``filter`` (the
+        saved filter's dict, or ``None``), ``members`` (the stored sample ids, sorted; a saved filter's are
+        not stored, so usually ``[]``), ``size`` (``len(members)``), ``created_by``, ``created_at``.
+        """
         with self.engine.connect() as conn:
             row = conn.execute(select(collections).where(collections.c.name == name)).first()
             if row is None:
@@ -654,21 +787,17 @@ class CurationStore:
             members = [r[0] for r in conn.execute(select(collection_members.c.sample_id)
                                                   .where(collection_members.c.collection_id == row.id)
                                                   .order_by(collection_members.c.sample_id))]
-        return {"name": row.name, "description": row.description,
-                "filter": json.loads(row.filter_json) if row.filter_json else None,
-                "members": members, "created_by": row.created_by, "created_at": row.created_at}
+        return {**_collection_fields(row, len(members)), "members": members}
 
     def collections_overview(self) -> list[dict]:
-        """Every collection (by name): name, description, kind (``static`` / ``saved filter``), filter, size, creator."""
+        """Every collection, by name: the keys of :meth:`collection` except ``members`` (``size`` counts them)."""
         query = (select(collections, func.count(collection_members.c.sample_id).label("size"))
                  .select_from(collections.outerjoin(collection_members))
                  .group_by(collections.c.id).order_by(collections.c.name))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        return [{"name": r.name, "description": r.description,
-                 "kind": "saved filter" if r.filter_json else "static",
-                 "filter": json.loads(r.filter_json) if r.filter_json else None,
-                 "members": int(r.size), "created_by": r.created_by, "created_at": r.created_at} for r in rows]
+        # TRANSITIONAL(issue 11): the dashboard still reads the count as "members"; removed once it moves
+        return [{**_collection_fields(r, int(r.size)), "members": int(r.size)} for r in rows]
 
     def _collection_id(self, conn: Connection, name: str) -> int:
         found = conn.execute(select(collections.c.id).where(collections.c.name == name)).scalar()
@@ -685,7 +814,7 @@ class CurationStore:
         def work(conn: Connection) -> int:
             collection_id = self._collection_id(conn, name)
             added = _insert_missing(conn, collection_members, collection_members.c.collection_id, collection_id,
-                                    collection_members.c.sample_id, ids, {"added_by": user, "added_at": _now()})
+                                    collection_members.c.sample_id, ids, {"created_by": user, "created_at": _now()})
             self._audit(conn, user, "add_to_collection", {"name": name, "count": added})
             return added
 
@@ -733,7 +862,11 @@ class CurationStore:
             return [r[0] for r in conn.execute(query)]
 
     def decision_history(self, sample_id: str) -> list[dict]:
-        """Every decision recorded for one sample, oldest first."""
-        query = select(review_decisions).where(review_decisions.c.sample_id == sample_id).order_by(review_decisions.c.id)
+        """Every decision recorded for one sample, oldest first (dicts as in :meth:`decisions`)."""
+        query = (select(review_decisions).where(review_decisions.c.sample_id == sample_id)
+                 .order_by(review_decisions.c.id))
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for row in rows:  # TRANSITIONAL(issue 11): the dashboard still reads "reviewer"; removed once it moves
+            row["reviewer"] = row["created_by"]
+        return rows
