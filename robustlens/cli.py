@@ -14,8 +14,7 @@ import sys
 
 from robustlens import __version__
 from robustlens.commands import analyze, export, info, init, robustness, serve
-from robustlens.commands.common import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, describe_os_error, resolve_device,
-                                        run_handler)
+from robustlens.commands.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, describe_os_error, resolve_device, run_handler
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "COMMANDS", "build_parser", "describe_os_error", "main",
            "resolve_device"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -161,7 +162,8 @@ def test_in_sample_prediction_sets_are_marked(manifest_dataset, tmp_path, capsys
     root, manifest = manifest_dataset
     ids = pd.read_csv(manifest)["path"]
     pd.DataFrame({"path": ids, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3}).to_csv(tmp_path / "m1.csv", index=False)
-    base = ["init", "--quiet", "--data", str(root), "--labels", str(manifest), "--predictions", str(tmp_path / "m1.csv")]
+    base = ["init", "--quiet", "--data", str(root), "--labels", str(manifest), "--predictions",
+            str(tmp_path / "m1.csv")]
     assert main([base[0], str(tmp_path / "bad"), *base[1:], "--in-sample", "nope"]) == 2
     assert "--in-sample names ['nope']" in capsys.readouterr().err
     assert main([base[0], str(tmp_path / "ws"), *base[1:], "--in-sample", "m1"]) == 0
@@ -212,3 +214,180 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+# -- one CLI: shared options, one device resolver, errors → exit status, light start ---------------------------
+
+def _subparsers(parser):
+    import argparse
+
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_command_lives_in_commands_and_shares_its_options():
+    from robustlens import cli
+    from robustlens.argtypes import positive_int
+    from robustlens.commands import common
+
+    commands = _subparsers(cli.build_parser())
+    assert list(commands) == ["init", "info", "analyze", "robustness", "export", "serve"]
+    for name, parser in commands.items():
+        assert parser.get_default("handler").__module__ == f"robustlens.commands.{name}", name
+    shared = {"--device": ["analyze", "robustness"], "--workers": ["init", "analyze", "robustness"],
+              "--quiet": ["init", "analyze", "robustness"]}
+    for option, users in shared.items():
+        actions = [next(a for a in commands[name]._actions if option in a.option_strings) for name in users]
+        assert len({(a.help, a.type, a.default, type(a)) for a in actions}) == 1, option  # one definition
+    workers = next(a for a in commands["robustness"]._actions if "--workers" in a.option_strings)
+    assert workers.type is positive_int  # robustness used to accept --workers 0 and -3
+    from robustlens.commands import robustness
+
+    assert robustness.resolve_device is common.resolve_device
+    assert robustness.EXIT_FAILURE == common.EXIT_FAILURE == 1 and cli.EXIT_USAGE == common.EXIT_USAGE == 2
+
+
+def test_resolve_device():
+    import torch
+
+    from robustlens.commands.common import resolve_device
+    from robustlens.errors import ValidationError
+
+    assert resolve_device("cpu") == "cpu" and resolve_device(" CPU ") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu", "cuda:x", "cuda:", "", "cpu:0"):
+        with pytest.raises(ValidationError, match="--device must be auto, cpu, cuda, cuda:N or mps"):
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == "cuda:0"
+        with pytest.raises(ValidationError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        for missing in ("cuda", "cuda:1"):
+            with pytest.raises(ValidationError, match="CUDA is not available"):
+                resolve_device(missing)
+
+
+def test_analyze_refuses_an_unknown_device_before_any_stage(image_folder, tmp_path, capsys):
+    assert main(["init", str(tmp_path / "ws"), "--data", str(image_folder), "--quiet"]) == 0
+    before = tree_digest(tmp_path / "ws")
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "ws"), "--device", "tpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device must be") and err.count("\n") == 1
+    assert tree_digest(tmp_path / "ws") == before
+
+
+def test_errors_map_to_exit_statuses_with_one_line(capsys):
+    import argparse
+
+    from robustlens.commands.common import EXIT_FAILURE, EXIT_USAGE, exit_status, run_handler
+    from robustlens.errors import ConfigError, NotAWorkspaceError, RobustlensError, ValidationError, WorkspaceError
+
+    expected = {ValidationError("x"): EXIT_USAGE, ConfigError("stage 'a'", "k", "a number", "b"): EXIT_USAGE,
+                NotAWorkspaceError("x"): EXIT_USAGE, WorkspaceError("x"): EXIT_FAILURE,
+                RobustlensError("x"): EXIT_FAILURE, OSError(28, "No space left on device"): EXIT_FAILURE,
+                RuntimeError("x"): EXIT_FAILURE}
+    for error, status in expected.items():
+        assert exit_status(error) == status, error
+
+    def failing(error):
+        def handler(args):
+            raise error
+        return argparse.Namespace(handler=handler, command="info", workspace=Path("ws"), debug=False)
+
+    assert run_handler(failing(ValidationError("bad value\n  on two lines", file="a.csv", row=3))) == 2
+    assert capsys.readouterr().err == "error: a.csv, row 3: bad value / on two lines\n"
+    assert run_handler(failing(WorkspaceError("damaged"))) == 1
+    assert capsys.readouterr().err == "error: damaged\n"
+    assert run_handler(failing(OSError(28, "No space left on device", "ws/artifacts/x.parquet"))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full during 'robustlens info' on ws") and err.count("\n") == 1
+    # An unexpected exception is a bug: said so, with how to get the traceback (which --debug shows).
+    assert run_handler(failing(KeyError("boom"))) == 1
+    assert "error: unexpected KeyError: 'boom'" in capsys.readouterr().err
+    args = failing(KeyError("boom"))
+    args.debug = True
+    with pytest.raises(KeyError):
+        run_handler(args)
+
+
+def test_damaged_workspace_json_is_a_failure_with_one_line(image_folder, tmp_path, capsys):
+    assert main(["init", str(tmp_path / "ws"), "--data", str(image_folder), "--quiet"]) == 0
+    (tmp_path / "ws" / "workspace.json").write_text("{")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ws")]) == 1
+    err = capsys.readouterr().err
+    assert "workspace.json is damaged" in err and err.count("\n") == 1
+
+
+HEAVY = ("torch", "pandas", "streamlit", "sqlalchemy", "sklearn", "scipy")
+
+
+def _imported(*argv: str) -> set[str]:
+    """Top-level packages ``python -X importtime -m robustlens.cli *argv`` imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "robustlens.cli", *argv],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("command", [[], ["init"], ["info"], ["analyze"], ["robustness"], ["export"], ["serve"]])
+def test_help_imports_no_heavy_library(command):
+    imported = _imported(*command, "--help")
+    assert "robustlens" in imported  # the listing is read correctly
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_info_imports_no_heavy_library(sample_workspace, tmp_path):
+    import shutil
+
+    root = shutil.copytree(sample_workspace, tmp_path / "ws")
+    imported = _imported("info", str(root))
+    assert "pyarrow" in imported
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_quick_info_matches_the_engine_summary(sample_workspace, manifest_dataset, tmp_path):
+    """``robustlens info`` reads without pandas; it must say exactly what the query layer's ``summarize`` says."""
+    import shutil
+
+    from robustlens.analysis import curation, workspace
+    from robustlens.commands.info import QUICK_FORMAT_VERSIONS, QUICK_SCHEMA_VERSIONS, quick_summary
+    from robustlens.query.summary import summarize
+
+    assert workspace.FORMAT_VERSION in QUICK_FORMAT_VERSIONS
+    assert curation.SCHEMA_VERSION in QUICK_SCHEMA_VERSIONS
+
+    sample = Path(shutil.copytree(sample_workspace, tmp_path / "sample"))
+    store = Workspace(sample).curation()
+    ids = Workspace(sample).samples["id"].tolist()
+    store.add_tag(ids[:5], "blurry", user="ana")
+    store.add_tag(ids[3:9], "check", user="ana")
+    store.create_collection("odd", user="ana", sample_ids=ids[:3])
+    store.record_decision(ids[0], "relabel", user="ana", new_label="bag")
+    store.record_decision(ids[1], "keep", user="ana")
+    store.close()
+
+    root, manifest = manifest_dataset  # splits, metadata, two prediction sets, ties in the class counts
+    ids6 = pd.read_csv(manifest)["path"]
+    pd.DataFrame({"path": ids6, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3}).to_csv(tmp_path / "m1.csv", index=False)
+    pd.DataFrame({"path": ids6, "a": [3.0, 1.0] * 3, "b": [-3.0, 2.0] * 3}).to_csv(tmp_path / "m2.csv", index=False)
+    assert main(["init", str(tmp_path / "manifest"), "--quiet", "--data", str(root), "--labels", str(manifest),
+                 "--predictions", str(tmp_path / "m1.csv"), "--predictions", str(tmp_path / "m2.csv")]) == 0
+    pictures = tmp_path / "pictures"  # an ImageFolder tree with imported embeddings and a --db elsewhere
+    for i in range(5):
+        write_image(pictures / ("cat" if i < 3 else "dog") / f"{i}.png", seed=i)
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).normal(size=(5, 4)))
+    assert main(["init", str(tmp_path / "folder"), "--quiet", "--data", str(pictures), "--embeddings",
+                 str(tmp_path / "e.npy"), "--db", f"sqlite:///{tmp_path / 'elsewhere.db'}"]) == 0
+    Workspace(tmp_path / "folder").curation().add_tag(["cat/0.png"], "keep-me", user="ana")
+
+    for path in (sample, tmp_path / "manifest", tmp_path / "folder"):
+        quick = quick_summary(path)
+        assert quick is not None, path
+        assert json.dumps(quick, default=str) == json.dumps(summarize(Workspace(path)), default=str), path
+    assert quick_summary(sample)["curation"] == {"tags": 2, "tag_assignments": 11, "collections": 1,
+                                                 "review_decisions": 2}
+    assert quick_summary(tmp_path / "folder")["curation"]["tags"] == 1  # read through the --db URL
+    assert quick_summary(tmp_path / "nowhere") is None  # the engine names the problem

@@ -142,7 +142,7 @@ def run_handler(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
+    except Exception as exc:  # the last line of defence: a user sees one line, never a traceback (but --debug)
         print(f"error: {error_message(exc, args)}", file=sys.stderr)
         if getattr(args, "debug", False):
             raise
