@@ -283,8 +283,13 @@ def _all_finite(matrix: np.ndarray) -> bool:
                for start in range(0, len(matrix), _FINITE_CHECK_ROWS))
 
 
-def read_sample_array(workspace: Workspace, name: str, *, ndim: int) -> np.ndarray:
+def read_sample_array(workspace: Workspace, name: str, *, ndim: int, stage: str | None = None) -> np.ndarray:
     """``artifacts/<name>.npy`` with one row per sample (``visual_features``, ``thumbnails``).
+
+    Parameters
+    ----------
+    stage:
+        The stage that writes it (default: :func:`stage_of`), named in errors.
 
     Raises
     ------
@@ -292,7 +297,7 @@ def read_sample_array(workspace: Workspace, name: str, *, ndim: int) -> np.ndarr
         Missing, or not ``ndim`` dimensions with ``N`` rows (names the stage to run).
     """
     path = workspace.artifact_path(f"{name}.npy")
-    stage = stage_of(name)
+    stage = stage or stage_of(name)
     if not path.exists():
         raise _missing(path, stage)
     array = np.load(path, allow_pickle=False)
@@ -351,7 +356,7 @@ def slice_membership(packed: np.ndarray, predicate_ids: Any, num_samples: int) -
     if ids.min() < 0 or ids.max() >= packed.shape[0]:
         raise IndexError(f"predicate ids {ids.tolist()} out of range [0, {packed.shape[0]})")
     rows = np.unpackbits(np.asarray(packed[ids]), axis=1, count=num_samples, bitorder="little").astype(bool)
-    return rows.all(axis=0)
+    return np.asarray(rows.all(axis=0))
 
 
 # -- JSON and other files ------------------------------------------------------------------------------------------

@@ -21,13 +21,14 @@ original names, so an export re-imports into a workspace with the same ids and l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +37,23 @@ import numpy as np
 import pandas as pd
 
 from robustlens.analysis import storage
-from robustlens.query.filters import FilterError, FilterSpec, apply_filter, filter_positions
-from robustlens.query.slices import SliceMembership
+from robustlens.analysis.curation import CurationStore
 from robustlens.analysis.images import FileRefused, ImageProblem, read_verified_bytes
-from robustlens.analysis.safety import (DatasetGuard, check_replaceable_file, check_replaceable_folder, file_digest,
-                                        marker_body, neutralise_formulas, record_written, validate_name,
-                                        write_marker)
+from robustlens.analysis.safety import (
+    DatasetGuard,
+    check_replaceable_file,
+    check_replaceable_folder,
+    file_digest,
+    marker_body,
+    neutralise_formulas,
+    record_written,
+    validate_name,
+    write_marker,
+)
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import ValidationError, WorkspaceError
+from robustlens.query.filters import CurationReader, FilterError, FilterSpec, apply_filter, filter_positions
+from robustlens.query.slices import SliceMembership
 
 TABLE_FORMATS = ("csv", "json", "parquet")
 COLUMN_SETS = ("manifest", "all")
@@ -52,7 +62,7 @@ MANIFEST_NAME = "manifest.csv"
 RELABEL_COLUMNS = ("id", "path", "old_label", "new_label", "action", "reviewer", "decided_at", "note")
 
 
-def select_positions(table: pd.DataFrame, curation, *, spec: FilterSpec | None = None,
+def select_positions(table: pd.DataFrame, curation: CurationReader | None, *, spec: FilterSpec | None = None,
                      collections: Sequence[str] = (), tags: Sequence[str] = (),
                      slices: SliceMembership | None = None) -> np.ndarray:
     """Row positions of the samples to export: ``spec`` AND (any of ``collections`` / ``tags``), in the spec's order.
@@ -69,8 +79,8 @@ def select_positions(table: pd.DataFrame, curation, *, spec: FilterSpec | None =
     return filter_positions(table, spec, curation, mask=mask)
 
 
-def export_frame(table: pd.DataFrame, positions: np.ndarray, *, columns: str = "manifest", curation=None,
-                 apply_decisions: bool = False) -> pd.DataFrame:
+def export_frame(table: pd.DataFrame, positions: np.ndarray, *, columns: str = "manifest",
+                 curation: CurationStore | None = None, apply_decisions: bool = False) -> pd.DataFrame:
     """The rows at ``positions`` as an export table.
 
     Parameters
@@ -103,7 +113,7 @@ def export_frame(table: pd.DataFrame, positions: np.ndarray, *, columns: str = "
     return frame
 
 
-def relabel_frame(table: pd.DataFrame, curation, *, include_all: bool = False) -> pd.DataFrame:
+def relabel_frame(table: pd.DataFrame, curation: CurationStore, *, include_all: bool = False) -> pd.DataFrame:
     """The latest review decision per sample as a relabel file.
 
     Columns: ``id, path, old_label, new_label, action, reviewer, decided_at`` (ISO 8601, UTC), ``note``:
@@ -158,9 +168,9 @@ def frame_bytes(frame: pd.DataFrame, fmt: str, *, raw_csv: bool = False) -> byte
 def _has_carriage_return(frame: pd.DataFrame) -> bool:
     for column in frame.columns:
         series = frame[column]
-        if series.dtype == object or isinstance(series.dtype, pd.CategoricalDtype | pd.StringDtype):
-            if series.astype(object).map(lambda v: isinstance(v, str) and "\r" in v).any():
-                return True
+        textual = series.dtype == object or isinstance(series.dtype, pd.CategoricalDtype | pd.StringDtype)
+        if textual and series.astype(object).map(lambda v: isinstance(v, str) and "\r" in v).any():
+            return True
     return False
 
 
@@ -330,7 +340,7 @@ def _export_root_dir(export_root: str | Path) -> Path:
     return root
 
 
-def _name_variants(stem: str, suffix: str):
+def _name_variants(stem: str, suffix: str) -> Iterator[str]:
     yield f"{stem}{suffix}"
     for number in range(2, MAX_NAME_VARIANTS + 1):
         yield f"{stem}-{number}{suffix}"
@@ -356,7 +366,7 @@ def resolve_filter(spec_text: str | None = None, query: str | None = None) -> Fi
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def _tags_column(ids: pd.Series, curation) -> pd.Series:
+def _tags_column(ids: pd.Series, curation: CurationStore) -> pd.Series:
     pairs = pd.DataFrame(curation.tag_assignments(), columns=["id", "tag"])
     if pairs.empty:
         return pd.Series("", index=ids.index)
@@ -364,7 +374,7 @@ def _tags_column(ids: pd.Series, curation) -> pd.Series:
     return ids.map(joined).fillna("")
 
 
-def _apply_decisions(frame: pd.DataFrame, curation) -> pd.DataFrame:
+def _apply_decisions(frame: pd.DataFrame, curation: CurationStore) -> pd.DataFrame:
     latest = pd.DataFrame(curation.decisions(latest_only=True))
     if latest.empty:
         return frame
@@ -424,8 +434,8 @@ def _copy_images(workspace: Workspace, frame: pd.DataFrame, staging: Path
     for position, (sample_id, path, label) in enumerate(zip(frame["id"], frame["path"], frame["label"],
                                                             strict=True)):
         try:
-            data = guard.read(path, lambda real: read_verified_bytes(real, expected_hash=expected.get(sample_id),
-                                                                     no_follow=True))
+            data = guard.read(path, functools.partial(read_verified_bytes, expected_hash=expected.get(sample_id),
+                                                      no_follow=True))
         except FileRefused as problem:
             refused.append({"id": str(sample_id), "path": str(path), "kind": problem.kind, "reason": problem.reason})
             continue

@@ -22,7 +22,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -260,7 +260,7 @@ class FilterSpec:
             raise FilterError("filter JSON is nested too deeply") from exc
         return cls.from_dict(payload)
 
-    def replace(self, **changes) -> FilterSpec:
+    def replace(self, **changes: Any) -> FilterSpec:
         """A copy with ``changes`` applied (validated)."""
         return replace(self, **changes)
 
@@ -338,8 +338,8 @@ def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader
         if spec.correctness != "any":
             correct = table[prefix + "correct"].to_numpy(dtype=bool)
             mask &= correct if spec.correctness == "correct" else ~correct
-    for key, values in spec.metadata.items():
-        mask &= _metadata_mask(table, key, values)
+    for key, wanted in spec.metadata.items():
+        mask &= _metadata_mask(table, key, wanted)
     if spec.issues:
         mask &= _issue_mask(table, spec.issues, spec.issue_mode)
     if spec.text:
@@ -611,12 +611,12 @@ def from_query_params(params: Mapping[str, str | Sequence[str]]) -> FilterSpec:
 _STRING_LIST_FIELDS = ("labels", "splits", "predicted", "issues", "tags", "collections", "ids")
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[numbers.Real]:
     """A real number that is not a boolean (JSON ``true`` is not a bound)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
-def _is_float(value: object) -> bool:
+def _is_float(value: object) -> TypeGuard[numbers.Real]:
     """A number that converts to a ``float`` (not a boolean, not an integer beyond the float range)."""
     if not _is_number(value):
         return False
@@ -627,7 +627,7 @@ def _is_float(value: object) -> bool:
     return True
 
 
-def _as_float(value: object) -> object:
+def _as_float(value: object) -> Any:
     """``value`` as a ``float`` when it is a number a float holds; anything else unchanged (for validate)."""
     if _is_number(value) and not isinstance(value, float):
         try:
@@ -637,7 +637,7 @@ def _as_float(value: object) -> object:
     return value
 
 
-def _metadata_text(value: object) -> object:
+def _metadata_text(value: object) -> Any:
     """Metadata values compare as text: numbers and booleans become their text, anything else is left for
     :meth:`FilterSpec.validate` to refuse."""
     if isinstance(value, bool | np.bool_):
@@ -696,7 +696,7 @@ def _issue_mask(table: pd.DataFrame, issues: list[str], mode: str) -> np.ndarray
             raise FilterError(f"no issue type '{issue}' in this workspace (run `robustlens analyze`)")
         flagged.append(table[column].to_numpy(dtype=float, na_value=0.0) > 0)
     stack = np.vstack(flagged)
-    return stack.any(axis=0) if mode == "any" else stack.all(axis=0)
+    return np.asarray(stack.any(axis=0) if mode == "any" else stack.all(axis=0))
 
 
 def _text_mask(table: pd.DataFrame, text: str) -> np.ndarray:

@@ -67,12 +67,13 @@ class SliceMembership:
         if slice_id not in self.predicates:
             raise SliceError(f"no slice '{slice_id}' in this workspace's slice analysis (from an older analysis run?)")
         ids = self.predicates[slice_id]
-        if ids and self.packed is None:
+        if not ids:
+            return np.ones(self.num_samples, dtype=bool)
+        if self.packed is None:
             raise SliceError(f"slice '{slice_id}' cannot be resolved: the predicate masks are missing "
                              "(run `robustlens analyze` again)")
         try:
-            return artifacts.slice_membership(self.packed if ids else np.zeros((0, 0), np.uint8), ids,
-                                              self.num_samples)
+            return artifacts.slice_membership(self.packed, ids, self.num_samples)
         except IndexError as exc:
             raise SliceError(f"slice '{slice_id}' cannot be resolved: {exc}; run `robustlens analyze` again") from exc
 

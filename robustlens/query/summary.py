@@ -65,8 +65,8 @@ def analysis_overview(workspace: Workspace) -> dict:
     """What the analysis found: issue counts, accuracy per prediction set, worst slices (when present)."""
     samples = workspace.samples
     issues = artifacts.read_issues(workspace)
-    issue_counts = ({} if issues is None else
-                    {str(k): int(v) for k, v in issues.groupby("issue")["id"].nunique().sort_values(ascending=False).items()})
+    per_issue = None if issues is None else issues.groupby("issue")["id"].nunique().sort_values(ascending=False)
+    issue_counts = {} if per_issue is None else {str(k): int(v) for k, v in per_issue.items()}
     worst = artifacts.read_table(workspace, "worst_slices")
     worst_slices = [] if worst is None else worst.head(10).to_dict("records")
     source = artifacts.index_entry(workspace, "label_issues").get("probability_source")
