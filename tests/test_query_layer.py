@@ -193,3 +193,40 @@ def test_stale_slice_masks_are_a_workspace_error_and_the_filter_never_reads_disk
     with pytest.raises(FilterError, match="no slice analysis"):
         apply_filter(table, FilterSpec(slice="odd"), slices=SliceMembership(10))
     assert isinstance(FilterError("x"), ValueError) and isinstance(FilterError("x"), RobustlensError)
+
+
+def test_slice_table_rows_become_filters_matched_whole(workspace):
+    from robustlens.query.slices import class_slice_id, slice_row_filter, slice_row_filters
+
+    masks = np.zeros((2, 10), dtype=bool)
+    masks[0, :4] = masks[1, 2:] = True
+    _write_slices(workspace, masks)
+    membership = load_slice_membership(workspace)
+    assert membership.known_ids == {"all", "p0", "p1", "p0p1"}
+    assert membership.description("p0") == "p0" and membership.description("gone") == "gone"
+    rows = pd.DataFrame({"slice_id": ["all", "p0p1", "label=b", "label=b", "gone", None],
+                         "kind": ["all", "discovered", "class", "metadata", "class", "class"]})
+    specs = slice_row_filters(rows, membership, classes=["a", "b"])
+    assert specs == [FilterSpec(), FilterSpec(slice="p0p1"), FilterSpec(labels=["b"]), None, None, None]
+    assert class_slice_id("a=b") == "label=a=b"     # a label holding '=' is still matched whole
+    row = {"slice_id": "label=a=b", "kind": "class"}
+    assert slice_row_filter(row, membership, ["a=b"]) == FilterSpec(labels=["a=b"])
+    # Without recorded masks only the all-samples slice resolves.
+    assert SliceMembership(10, {"all": (), "p0": (0,)}).known_ids == {"all"}
+
+
+def test_column_summaries_and_nearest_samples():
+    from robustlens.query.neighbours import nearest_samples
+    from robustlens.query.sample_table import category_values, column_bounds
+
+    table = pd.DataFrame({"id": IDS, "split": ["train"] * 9 + [None], "label_index": range(10),
+                          "metric.x": np.linspace(0, 1, 10), "metric.flat": 1.0, "metric.none": np.nan,
+                          "count": np.arange(10), "ok": [True] * 10, "meta.site": ["a", "b"] * 5})
+    assert column_bounds(table) == {"metric.x": (0.0, 1.0, False), "count": (0.0, 9.0, True)}
+    assert category_values(table) == {"split": ["train"], "meta.site": ["a", "b"]}
+    assert category_values(table, max_values=1) == {"split": ["train"]}
+    angles = np.array([0.0, 0.1, 1.0, 3.0, 0.05])
+    unit = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    found = nearest_samples(unit, 0, k=3)
+    assert [i for i, _ in found] == [4, 1, 2] and found[0][1] == pytest.approx(np.cos(0.05))
+    assert len(nearest_samples(unit, 0, k=10)) == 4 and nearest_samples(unit[:1], 0) == []

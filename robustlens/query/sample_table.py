@@ -201,6 +201,32 @@ def numeric_columns(table: pd.DataFrame) -> list[str]:
             and not isinstance(table[c].dtype, pd.CategoricalDtype)]
 
 
+def column_bounds(table: pd.DataFrame) -> dict[str, tuple[float, float, bool]]:
+    """Numeric, non-boolean, non-constant columns (:func:`numeric_columns`) → ``(min, max, is_integer)``:
+    what a range filter can act on. Columns with only missing values are left out."""
+    bounds = {}
+    for column in numeric_columns(table):
+        if pd.api.types.is_bool_dtype(table[column]):
+            continue
+        values = table[column].to_numpy(dtype=float, na_value=np.nan)
+        if np.isnan(values).all():
+            continue
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        if high > low:
+            bounds[column] = (low, high, pd.api.types.is_integer_dtype(table[column]))
+    return bounds
+
+
+def category_values(table: pd.DataFrame, *, max_values: int = 200) -> dict[str, list[str]]:
+    """``split`` and metadata columns with 1 to ``max_values`` distinct values → those values as sorted text."""
+    categories = {}
+    for column in ("split", *metadata_columns(table)):
+        unique = table[column].dropna().unique()
+        if 0 < len(unique) <= max_values:
+            categories[column] = sorted(str(v) for v in unique)
+    return categories
+
+
 def metadata_columns(table: pd.DataFrame) -> list[str]:
     """User metadata columns (``meta.<name>``)."""
     return [c for c in table.columns if c.startswith("meta.")]

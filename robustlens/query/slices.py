@@ -11,8 +11,10 @@ slices and robustness stages use.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,9 @@ import pandas as pd
 from robustlens.analysis import artifacts
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import ValidationError
+
+if TYPE_CHECKING:
+    from robustlens.query.filters import FilterSpec
 
 #: The slice holding every sample (no predicate).
 ALL_SAMPLES = "all"
@@ -42,11 +47,25 @@ class SliceMembership:
         not run.
     packed:
         ``(P, ceil(N / 8))`` uint8 bit-packed predicate masks (``None`` when there are none).
+    descriptions:
+        ``slice_id`` → its human-readable ``description`` (``"label = coat AND brightness in [..]"``).
     """
 
     num_samples: int
     predicates: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     packed: np.ndarray | None = field(default=None, repr=False)
+    descriptions: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def known_ids(self) -> frozenset[str]:
+        """Ids of the slices :meth:`mask` resolves (all of them, when the predicate masks were recorded)."""
+        if self.packed is None:
+            return frozenset(slice_id for slice_id, ids in self.predicates.items() if not ids)
+        return frozenset(self.predicates)
+
+    def description(self, slice_id: str) -> str:
+        """The slice's ``description``; the id itself for a slice this analysis does not have."""
+        return self.descriptions.get(slice_id, slice_id)
 
     @property
     def analysed(self) -> bool:
@@ -96,9 +115,47 @@ def load_slice_membership(workspace: Workspace) -> SliceMembership:
         return SliceMembership(count)
     predicates = {str(slice_id): tuple(int(i) for i in ids)
                   for slice_id, ids in zip(table["slice_id"], table["predicate_ids"], strict=True)}
+    descriptions = ({str(k): str(v) for k, v in zip(table["slice_id"], table["description"], strict=True)}
+                    if "description" in table.columns else {})
     needs_masks = any(predicates.values())
     packed = np.asarray(artifacts.read_slice_masks(workspace)) if needs_masks else None
-    return SliceMembership(count, predicates, packed)
+    return SliceMembership(count, predicates, packed, descriptions)
+
+
+def class_slice_id(label: str) -> str:
+    """The id the robustness stage gives its slice of class ``label`` when the slices stage did not run
+    (``class_slices`` in :mod:`robustlens.analysis.robustness.tables`); compared whole, never parsed."""
+    return f"label={label}"
+
+
+def slice_row_filter(row: Mapping, membership: SliceMembership, classes: Sequence[str] = ()) -> FilterSpec | None:
+    """The filter keeping exactly the samples of one row of a slice table (``slices``, ``worst_slices``,
+    ``robustness_slices``); ``None`` when it cannot be expressed (e.g. an older analysis without masks).
+
+    ``all`` keeps everything; an id :attr:`SliceMembership.known_ids` resolves becomes ``FilterSpec(slice=id)``;
+    a robustness class slice (``kind == "class"``, id :func:`class_slice_id` of one of ``classes``) becomes a
+    label filter. Ids are matched whole, never taken apart.
+    """
+    from robustlens.query.filters import FilterSpec
+
+    slice_id = row.get("slice_id")
+    if slice_id is None or (isinstance(slice_id, float) and math.isnan(slice_id)):
+        return None
+    slice_id = str(slice_id)
+    if slice_id == ALL_SAMPLES:
+        return FilterSpec()
+    if slice_id in membership.known_ids:
+        return FilterSpec(slice=slice_id)
+    if row.get("kind") == "class":
+        label = {class_slice_id(name): name for name in classes}.get(slice_id)
+        return None if label is None else FilterSpec(labels=[label])
+    return None
+
+
+def slice_row_filters(frame: pd.DataFrame, membership: SliceMembership,
+                      classes: Sequence[str] = ()) -> list[FilterSpec | None]:
+    """:func:`slice_row_filter` of every row of ``frame`` (in row order)."""
+    return [slice_row_filter(row, membership, classes) for row in frame.to_dict("records")]
 
 
 def slice_rows(workspace: Workspace, *, worst: bool = False) -> pd.DataFrame | None:
