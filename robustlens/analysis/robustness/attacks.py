@@ -621,7 +621,7 @@ def evaluate_adversarial(model: torch.nn.Module, images: torch.Tensor, labels: t
     if eps is None:
         within = torch.ones_like(size, dtype=torch.bool)
     else:
-        within = size <= eps * (1 + BUDGET_TOL) + BUDGET_TOL
+        within = within_budget(size, eps)
         if reset_outside:
             adv = torch.where(within[:, None, None, None], adv, images)
             l2, linf = flat_norms(adv - images)
@@ -710,9 +710,46 @@ def run_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 # ---------------------------------------------------------------------------- robust accuracy
 
 
+def within_budget(size: Any, eps: float) -> Any:
+    """``size <= eps`` up to :data:`BUDGET_TOL` (relative and absolute), elementwise on an array or tensor."""
+    return size <= eps * (1 + BUDGET_TOL) + BUDGET_TOL
+
+
+def breaking_budget(broken: np.ndarray, eps: np.ndarray, clean_correct: np.ndarray) -> np.ndarray:
+    """Smallest budget at which each sample was broken.
+
+    Parameters
+    ----------
+    broken:
+        ``(E, N)`` bool: an attack found an adversarial of sample ``n`` within budget ``eps[e]``.
+    eps:
+        ``(E,)`` budgets, ascending.
+    clean_correct:
+        ``(N,)`` bool: the model classifies the clean sample correctly.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)`` float: the first budget of ``eps`` at which the sample is broken; ``0`` for clean errors;
+        **NaN when never broken** on the grid (the convention of every robustness result: the per-sample
+        table's ``rob_min_*_eps`` too).
+    """
+    broken = np.asarray(broken, dtype=bool)
+    out = np.full(broken.shape[1], np.nan)
+    ever = broken.any(axis=0)
+    out[ever] = np.asarray(eps, dtype=float)[broken.argmax(axis=0)[ever]]
+    out[~np.asarray(clean_correct, dtype=bool)] = 0.0
+    return out
+
+
+#: Columns of :meth:`RobustAccuracyCurve.records` (the run's ``robustness_curves`` adds ``kind``).
+CURVE_RECORD_COLUMNS = ["norm", "attack", "eps", "robust_accuracy", "success_rate", "n_samples",
+                        "robust_accuracy_ci_low", "robust_accuracy_ci_high"]
+
+
 @dataclass
 class RobustAccuracyCurve:
-    """Result of :func:`robust_accuracy_curve` (``E`` budgets, ``N`` samples).
+    """Result of :func:`robust_accuracy_curve` / :func:`curve_from_breaks` (``E`` budgets, ``N`` samples).
 
     Attributes
     ----------
@@ -731,12 +768,17 @@ class RobustAccuracyCurve:
         ``(E, N)`` bool.
     breaking_eps:
         ``(N,)`` smallest budget of the grid at which the sample is not robust; 0 for clean errors,
-        ``inf`` if robust at every budget.
+        NaN if robust at every budget (see :func:`breaking_budget`).
     min_norm:
         ``(N,)`` smallest perturbation norm found by the minimal-norm attacks (DeepFool, C&W) that
         changes the prediction; 0 for clean errors, NaN where none succeeded or none was run.
     clean_accuracy:
         Accuracy on the clean images.
+    broken_counts:
+        DataFrame indexed by ``eps``, columns as ``per_attack_accuracy``: samples clean-correct and broken by
+        that attack (``worst_case``: by any attack) at that budget.
+    n_correct:
+        Clean-correct samples.
     """
 
     norm: str
@@ -748,6 +790,98 @@ class RobustAccuracyCurve:
     breaking_eps: np.ndarray
     min_norm: np.ndarray
     clean_accuracy: float
+    broken_counts: pd.DataFrame = field(default_factory=pd.DataFrame)
+    n_correct: int = 0
+
+    @property
+    def n_samples(self) -> int:
+        """``N``."""
+        return int(self.robust.shape[1])
+
+    def rates(self, attack: str = "worst_case") -> dict[str, np.ndarray]:
+        """Per budget ``(E,)`` for ``attack`` (or ``"worst_case"``): ``broken`` (counts), ``robust_accuracy``
+        (``(n_correct - broken) / N``), ``success_rate`` (``broken / n_correct``; NaN without clean-correct
+        samples) and its Wilson 95 % interval ``ci_low`` / ``ci_high`` (NaN for ``N = 0``)."""
+        from robustlens.analysis.stages.evaluation import wilson_interval
+
+        broken = self.broken_counts[attack].to_numpy(dtype=np.int64)
+        n, correct = self.n_samples, self.n_correct
+        with np.errstate(divide="ignore", invalid="ignore"):
+            robust = (correct - broken) / n if n else np.full(broken.shape, np.nan)
+            success = broken / correct if correct else np.full(broken.shape, np.nan)
+        low, high = (wilson_interval(correct - broken, np.full(broken.shape, n)) if n else
+                     (np.full(broken.shape, np.nan), np.full(broken.shape, np.nan)))
+        return {"broken": broken, "robust_accuracy": robust, "success_rate": success, "ci_low": low, "ci_high": high}
+
+    def records(self, ran: Mapping[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+        """Long-format rows (:data:`CURVE_RECORD_COLUMNS`): every attack, then ``worst_case``, at every budget
+        (an attack only where ``ran[attack]`` ``(E,)`` is true, when given)."""
+        rows = []
+        for attack in [*self.attacks, "worst_case"]:
+            at = None if ran is None or attack == "worst_case" else ran.get(attack)
+            rate = self.rates(attack)
+            for e, eps in enumerate(self.eps):
+                if at is not None and not at[e]:
+                    continue
+                rows.append({"norm": self.norm, "attack": attack, "eps": float(eps),
+                             "robust_accuracy": float(rate["robust_accuracy"][e]),
+                             "success_rate": float(rate["success_rate"][e]), "n_samples": self.n_samples,
+                             "robust_accuracy_ci_low": float(rate["ci_low"][e]),
+                             "robust_accuracy_ci_high": float(rate["ci_high"][e])})
+        return rows
+
+
+def curve_from_breaks(broken: Mapping[str, np.ndarray], eps: Sequence[float] | np.ndarray,
+                      clean_correct: np.ndarray, *, norm: str,
+                      min_norm: np.ndarray | None = None) -> RobustAccuracyCurve:
+    """The robust-accuracy curve of attacks already run: the one computation behind :func:`robust_accuracy_curve`
+    and the workspace robustness run.
+
+    Parameters
+    ----------
+    broken:
+        Attack name -> ``(E, N)`` bool: the attack found an adversarial of sample ``n`` within ``eps[e]``
+        (entries of clean errors are ignored). Attacks whose adversarials are valid at every larger budget
+        too may pass their breaks closed upwards in ε; nothing here assumes it.
+    eps:
+        ``(E,)`` budgets, ascending.
+    clean_correct:
+        ``(N,)`` bool.
+    norm:
+        Threat model of the attacks (``"linf"`` / ``"l2"``).
+    min_norm:
+        ``(N,)`` smallest successful perturbation of the minimal-norm attacks (NaN: none); default all NaN.
+        Clean errors are set to 0.
+
+    Returns
+    -------
+    RobustAccuracyCurve
+        A sample counts robust at ε only if it is clean-correct and survives every attack at ε; its
+        ``breaking_eps`` is NaN when it is never broken.
+    """
+    grid = np.asarray(eps, dtype=float)
+    correct = np.asarray(clean_correct, dtype=bool)
+    n = correct.shape[0]
+    names = list(broken)
+    hits = {name: np.asarray(broken[name], dtype=bool) & correct[None, :] for name in names}
+    for name, h in hits.items():
+        if h.shape != (grid.size, n):
+            raise RobustnessInputError(f"broken[{name!r}] must have shape {(grid.size, n)}; got {h.shape}")
+    any_hit = np.logical_or.reduce(list(hits.values())) if hits else np.zeros((grid.size, n), dtype=bool)
+    robust = correct[None, :] & ~any_hit                                           # (E, N)
+    index = pd.Index(grid, name="eps")
+    counts = pd.DataFrame({**{name: h.sum(axis=1) for name, h in hits.items()}, "worst_case": any_hit.sum(axis=1)},
+                          index=index)
+    per_attack = pd.DataFrame({**{name: (correct[None, :] & ~h).mean(axis=1) for name, h in hits.items()},
+                               "worst_case": robust.mean(axis=1)}, index=index)
+    sizes = np.full(n, np.nan) if min_norm is None else np.array(min_norm, dtype=float)
+    sizes[~correct] = 0.0
+    return RobustAccuracyCurve(
+        norm=norm, eps=grid, attacks=names, robust_accuracy=robust.mean(axis=1), per_attack_accuracy=per_attack,
+        robust=robust, breaking_eps=breaking_budget(any_hit, grid, correct), min_norm=sizes,
+        clean_accuracy=float(correct.mean()) if n else float("nan"), broken_counts=counts,
+        n_correct=int(correct.sum()),
+    )
 
 
 AttackRequest = str | tuple[str, Mapping[str, Any]]
@@ -813,7 +947,7 @@ def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: 
                              batch_size=batch_size, **params)
             size = res.l2 if norm == "l2" else res.linf
             for e_i, e in enumerate(eps_arr):
-                broken[a_i, e_i] = res.success & (size <= e * (1 + BUDGET_TOL) + BUDGET_TOL)
+                broken[a_i, e_i] = res.success & within_budget(size, e)
             found = np.where(res.success, size, np.nan)
             min_norm = np.fmin(min_norm, found)
             clean_correct = res.clean_correct
@@ -824,18 +958,5 @@ def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: 
                 broken[a_i, e_i] = res.success
                 clean_correct = res.clean_correct
     assert clean_correct is not None
-    min_norm[~clean_correct] = 0.0
-    robust = clean_correct[None, :] & ~broken.any(axis=0)                      # (E, N)
-    per_attack = {lab: (clean_correct[None, :] & ~broken[a_i]).mean(axis=1) for a_i, lab in enumerate(labels_used)}
-    per_attack["worst_case"] = robust.mean(axis=1)
-    table = pd.DataFrame(per_attack, index=pd.Index(eps_arr, name="eps"))
-    breaking = np.full(n, np.inf)
-    not_robust = ~robust
-    any_break = not_robust.any(axis=0)
-    breaking[any_break] = eps_arr[not_robust.argmax(axis=0)[any_break]]
-    breaking[~clean_correct] = 0.0
-    return RobustAccuracyCurve(
-        norm=norm, eps=eps_arr, attacks=labels_used, robust_accuracy=robust.mean(axis=1),
-        per_attack_accuracy=table, robust=robust, breaking_eps=breaking, min_norm=min_norm,
-        clean_accuracy=float(clean_correct.mean()),
-    )
+    return curve_from_breaks(dict(zip(labels_used, broken, strict=True)), eps_arr, clean_correct, norm=norm,
+                             min_norm=min_norm)

@@ -107,13 +107,14 @@ from robustlens.analysis.stages.base import (StageContext, fingerprint, is_curre
 from robustlens.analysis.stages.evaluation import json_safe, wilson_interval
 from robustlens.analysis.stages.slices import slice_mask
 from robustlens.analysis.workspace import Workspace
-from robustlens.errors import ValidationError
+from robustlens.errors import ConfigError, ValidationError
 
 from ._common import derive_seed, eval_mode, make_generator, model_device, predict_labels
-from .attacks import ATTACKS, BUDGET_TOL, AttackResult, run_attack
+from .attacks import (ATTACKS, CURVE_RECORD_COLUMNS, AttackResult, RobustAccuracyCurve, curve_from_breaks, run_attack,
+                      within_budget)
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_benchmark
-from .selfcheck import attack_self_check, gradient_masking_checks
-from .smoothing import certify
+from .selfcheck import robustness_self_check
+from .smoothing import certified_accuracy_curve, certify, radius_grid
 from .tables import (TOO_FEW, FragilityRule, SliceReference, class_slices, family_flip_severity, family_of,
                      fragile_flags,
                      fragility, records, select_samples, slice_robustness)
@@ -208,6 +209,11 @@ class RobustnessConfig:
         Samples stored with their clean / corrupted / adversarial images for the dashboard.
     random_state:
         Seed of the sample choice, the corruptions' noise, randomized attacks and the smoothing noise.
+
+    Raises
+    ------
+    ConfigError
+        At construction (:func:`validate_config`), naming the first bad field, what it expected and what came.
     """
 
     corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
@@ -248,6 +254,9 @@ class RobustnessConfig:
     num_examples: int = 24
     random_state: int = 0
 
+    def __post_init__(self) -> None:
+        validate_config(self)
+
     def params_for(self, attack: str) -> dict[str, Any]:
         """Keyword arguments the run passes to ``attack`` (defaults updated by ``attack_params``)."""
         headline = attack in HEADLINE_ATTACKS.values()
@@ -271,68 +280,74 @@ class RobustnessConfig:
 
 # -- validation ---------------------------------------------------------------------------------------------
 
-def _positive(value: Any, name: str, *, integer: bool = False, allow_zero: bool = False) -> None:
+#: Who a configuration error of :class:`RobustnessConfig` is about (the first words of its message).
+OWNER = f"stage '{STAGE}'"
+
+
+def _positive(value: Any, name: str, *, integer: bool = False, allow_zero: bool = False, owner: str = OWNER) -> None:
+    """Raise :class:`~robustlens.errors.ConfigError` unless ``value`` is a finite number (an int when ``integer``)
+    ``> 0`` (``>= 0`` with ``allow_zero``)."""
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int | np.integer) if integer else isinstance(value, int | float | np.number)
     if isinstance(value, bool) or not ok_type or not math.isfinite(float(value)) or \
             (float(value) < 0 if allow_zero else float(value) <= 0):
-        raise ValidationError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+        raise ConfigError(owner, name, f"{kind} {'>= 0' if allow_zero else '> 0'}", value)
+
+
+def _unknown(field_name: str, names: Any, known: list[str], what: str) -> ConfigError:
+    """The error of ``field_name`` naming entries outside ``known``."""
+    unknown = [n for n in names if n not in known]
+    return ConfigError(OWNER, field_name, f"names from {known} (unknown {what}(s) {unknown})", list(names))
 
 
 def validate_config(config: RobustnessConfig) -> None:
-    """Raise :class:`~robustlens.errors.ValidationError` naming the first bad setting (what was expected, what came)."""
-    unknown = [c for c in config.corruptions if c not in CORRUPTIONS]
-    if unknown:
-        raise ValidationError(f"unknown corruption(s) {unknown}; expected names from {list(CORRUPTIONS)}")
+    """Raise :class:`~robustlens.errors.ConfigError` naming the first bad setting (field, what was expected, what
+    came); :class:`RobustnessConfig` calls it at construction."""
+    if any(c not in CORRUPTIONS for c in config.corruptions):
+        raise _unknown("corruptions", config.corruptions, list(CORRUPTIONS), "corruption")
     bad = [s for s in config.severities
            if isinstance(s, bool) or not isinstance(s, int | np.integer) or s not in SEVERITIES]
     if bad:
-        raise ValidationError(f"severities must be integers in 1..5; got {list(config.severities)}")
+        raise ConfigError(OWNER, "severities", "integers in 1..5", list(config.severities))
     if config.corruptions and not config.severities:
-        raise ValidationError("severities is empty; give at least one of 1..5 (or no corruptions)")
-    unknown = [a for a in config.attacks if a not in ATTACKS]
-    if unknown:
-        raise ValidationError(f"unknown attack(s) {unknown}; expected names from {list(ATTACKS)}")
+        raise ConfigError(OWNER, "severities", "at least one of 1..5 (or no corruptions)", list(config.severities))
+    if any(a not in ATTACKS for a in config.attacks):
+        raise _unknown("attacks", config.attacks, list(ATTACKS), "attack")
     known = [*ATTACKS, *(a for a in HEADLINE_ATTACKS.values() if a not in ATTACKS)]
-    unknown = [a for a in config.attack_params if a not in known]
-    if unknown:
-        raise ValidationError(f"attack_params names unknown attack(s) {unknown}; expected names from {known}")
+    if any(a not in known for a in config.attack_params):
+        raise _unknown("attack_params", config.attack_params, known, "attack")
     for name, params in config.attack_params.items():
         loss = params.get("loss", "ce")
         if "loss" in params and (name not in ("pgd_linf", "pgd_l2") or loss not in PGD_LOSSES):
-            raise ValidationError(f"attack_params[{name!r}]['loss']: only pgd_linf / pgd_l2 take a loss, one of "
-                                  f"{list(PGD_LOSSES)}; got {loss!r}")
-    if config.headline not in ("autoattack", "preview"):
-        raise ValidationError(f"headline must be 'autoattack' or 'preview'; got {config.headline!r}")
-    if config.autoattack_eps not in ("reference", "grid"):
-        raise ValidationError(f"autoattack_eps must be 'reference' or 'grid'; got {config.autoattack_eps!r}")
-    if config.validity_budget not in VALIDITY_BUDGETS:
-        raise ValidationError(f"validity_budget must be one of {list(VALIDITY_BUDGETS)}; "
-                              f"got {config.validity_budget!r}")
-    bad = [n for n in config.verify_norms if n not in ("linf", "l2")]
-    if bad:
-        raise ValidationError(f"verify_norms must be among ['linf', 'l2']; got {list(config.verify_norms)}")
-    bad = [m for m in config.verification if m not in VERIFY_METHODS]
-    if bad:
-        raise ValidationError(f"verification methods must be among {list(VERIFY_METHODS)}; "
-                              f"got {list(config.verification)}")
+            raise ConfigError(OWNER, f"attack_params[{name!r}]['loss']",
+                              f"one of {list(PGD_LOSSES)} (only pgd_linf / pgd_l2 take a loss)", loss)
+    for name, allowed in (("headline", ("autoattack", "preview")), ("autoattack_eps", ("reference", "grid")),
+                          ("validity_budget", VALIDITY_BUDGETS)):
+        if getattr(config, name) not in allowed:
+            raise ConfigError(OWNER, name, f"one of {list(allowed)}", getattr(config, name))
+    if any(n not in ("linf", "l2") for n in config.verify_norms):
+        raise ConfigError(OWNER, "verify_norms", "among ['linf', 'l2']", list(config.verify_norms))
+    if any(m not in VERIFY_METHODS for m in config.verification):
+        raise ConfigError(OWNER, "verification", f"methods among {list(VERIFY_METHODS)}", list(config.verification))
     for norm, grid in (("linf", config.linf_eps), ("l2", config.l2_eps)):
         if not config.attacks_of(norm):
             continue
         if not grid:
-            raise ValidationError(f"{norm}_eps is empty but {norm} attacks {config.attacks_of(norm)} are requested")
+            raise ConfigError(OWNER, f"{norm}_eps", f"a non-empty grid (the {norm} attacks "
+                              f"{config.attacks_of(norm)} are requested)", list(grid))
         for eps in grid:
             _positive(eps, f"{norm}_eps values")
         if norm == "linf" and max(grid) >= 0.5:
-            raise ValidationError(f"linf_eps values must be < 0.5 (pixel units in [0, 1]); got {list(grid)}")
+            raise ConfigError(OWNER, "linf_eps", "values < 0.5 (pixel units in [0, 1])", list(grid))
         reference = config.reference_eps(norm)
         if not any(abs(reference - e) <= 1e-9 * max(1.0, e) for e in grid):
-            raise ValidationError(f"reference_{norm}_eps {reference} must be one of the {norm}_eps grid {list(grid)}")
+            raise ConfigError(OWNER, f"reference_{norm}_eps", f"one of the {norm}_eps grid {list(grid)}", reference)
     for name in ("smoothing_sigma", "smoothing_alpha", "selfcheck_threshold", "fragile_linf_eps", "fragile_l2"):
         _positive(getattr(config, name), name)
-    if config.smoothing_alpha >= 1 or config.selfcheck_threshold > 1:
-        raise ValidationError(f"smoothing_alpha must be in (0, 1) and selfcheck_threshold in (0, 1]; got "
-                              f"{config.smoothing_alpha} and {config.selfcheck_threshold}")
+    if config.smoothing_alpha >= 1:
+        raise ConfigError(OWNER, "smoothing_alpha", "in (0, 1)", config.smoothing_alpha)
+    if config.selfcheck_threshold > 1:
+        raise ConfigError(OWNER, "selfcheck_threshold", "in (0, 1]", config.selfcheck_threshold)
     _positive(config.radius(), "reference_radius", allow_zero=True)
     for name in ("smoothing_n0", "smoothing_n", "max_samples", "selfcheck_samples", "masking_samples",
                  "corruption_batch_size", "attack_batch_size", "smoothing_batch_size", "fragile_min_families",
@@ -407,44 +422,43 @@ def _config_keys(attack: str) -> dict[str, tuple[str, Any]]:
     return keys
 
 
-def _toml_budget(value: Any, where: str) -> float:
-    """A budget from TOML: a positive number or a fraction string like ``"8/255"``."""
+def _toml_budget(value: Any, owner: str, where: str) -> float:
+    """A budget from TOML: a positive number or a fraction string like ``"8/255"`` (``where``: its key)."""
     from fractions import Fraction
 
+    expected = 'a positive number or a fraction like "8/255"'
     if isinstance(value, str):
         try:
             number = float(Fraction(value.strip()))
         except (ValueError, ZeroDivisionError) as exc:
-            raise ValidationError(f"{where}: expected a positive number or a fraction like \"8/255\"; got {value!r}") \
-                from exc
+            raise ConfigError(owner, where, expected, value) from exc
     elif isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
     else:
-        raise ValidationError(f"{where}: expected a positive number or a fraction like \"8/255\"; got {value!r}")
+        raise ConfigError(owner, where, expected, value)
     if not math.isfinite(number) or number <= 0:
-        raise ValidationError(f"{where}: budgets must be > 0; got {value!r}")
+        raise ConfigError(owner, where, "budgets > 0", value)
     return number
 
 
-def _toml_value(value: Any, kind: Any, where: str) -> Any:
-    """Check one attack setting against its kind (see :data:`ATTACK_CONFIG_KEYS`)."""
+def _toml_value(value: Any, kind: Any, owner: str, where: str) -> Any:
+    """Check one attack setting against its kind (see :data:`ATTACK_CONFIG_KEYS`); ``where``: its key."""
     if isinstance(kind, tuple):
         if value not in kind:
-            raise ValidationError(f"{where}: expected one of {list(kind)}; got {value!r}")
+            raise ConfigError(owner, where, f"one of {list(kind)}", value)
         return value
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ValidationError(f"{where}: expected true or false; got {value!r}")
+            raise ConfigError(owner, where, "true or false", value)
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValidationError(f"{where}: expected an integer >= 1; got {value!r}")
+            raise ConfigError(owner, where, "an integer >= 1", value)
         return value
     if kind in ("number", "fraction"):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0 \
                 or (kind == "fraction" and value >= 1):
-            raise ValidationError(f"{where}: expected a number {'in (0, 1)' if kind == 'fraction' else '> 0'}; "
-                                  f"got {value!r}")
+            raise ConfigError(owner, where, f"a number {'in (0, 1)' if kind == 'fraction' else '> 0'}", value)
         return float(value)
     return value
 
@@ -470,8 +484,10 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
     Raises
     ------
     ValidationError
-        The file is missing or not TOML, or a key, attack name or value is not allowed; the message names the
-        file and the key.
+        The file is missing, unreadable or not TOML (the message names the file).
+    ConfigError
+        A key, attack name or value is not allowed: owner the file, field the key (``[attacks.NAME] KEY``),
+        what was expected and what came.
     """
     import tomllib
 
@@ -484,46 +500,47 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
         raise ValidationError(f"--attack-config {path}: cannot read it ({exc})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ValidationError(f"{path}: not valid TOML: {exc}") from exc
+    owner = str(path)
     out: dict[str, Any] = {}
     unknown = [k for k in document if k not in _TOP_LEVEL_KEYS]
     if unknown:
-        raise ValidationError(f"{path}: unknown key(s) {unknown}; expected {list(_TOP_LEVEL_KEYS)}")
+        raise ConfigError(owner, "top-level keys", f"among {list(_TOP_LEVEL_KEYS)}", unknown)
     for norm in ("linf", "l2"):
         key = f"{norm}_eps"
         if key in document:
             grid = document[key]
             if not isinstance(grid, list) or not grid:
-                raise ValidationError(f"{path}: {key}: expected a non-empty list of budgets; got {grid!r}")
-            out[key] = tuple(sorted({_toml_budget(v, f"{path}: {key}") for v in grid}))
+                raise ConfigError(owner, key, "a non-empty list of budgets", grid)
+            out[key] = tuple(sorted({_toml_budget(v, owner, key) for v in grid}))
         key = f"reference_{norm}_eps"
         if key in document:
-            out[key] = _toml_budget(document[key], f"{path}: {key}")
+            out[key] = _toml_budget(document[key], owner, key)
     for key, choices in (("headline", ("autoattack", "preview")), ("autoattack_eps", ("reference", "grid"))):
         if key in document:
-            out[key] = _toml_value(document[key], choices, f"{path}: {key}")
+            out[key] = _toml_value(document[key], choices, owner, key)
     attacks = document.get("attacks", {})
     if isinstance(attacks, list):      # a list of preview attack names
         bad = [a for a in attacks if a not in ATTACKS]
         if bad or not all(isinstance(a, str) for a in attacks):
-            raise ValidationError(f"{path}: attacks: unknown attack(s) {bad}; expected names from {list(ATTACKS)}")
+            raise ConfigError(owner, "attacks", f"names from {list(ATTACKS)} (unknown attack(s) {bad})", attacks)
         out["attacks"] = tuple(attacks)
         attacks = {}
     if not isinstance(attacks, dict):
-        raise ValidationError(f"{path}: attacks: expected a list of names or [attacks.NAME] tables")
+        raise ConfigError(owner, "attacks", "a list of names or [attacks.NAME] tables", attacks)
     params: dict[str, dict[str, Any]] = {}
     known = [*ATTACKS, *(a for a in HEADLINE_ATTACKS.values() if a not in ATTACKS)]
     for name, table in attacks.items():
         if name not in known:
-            raise ValidationError(f"{path}: [attacks.{name}]: unknown attack; expected one of {known}")
+            raise ConfigError(owner, f"[attacks.{name}]", f"a table of a known attack, one of {known}", name)
         if not isinstance(table, dict):
-            raise ValidationError(f"{path}: attacks.{name}: expected a table of settings; got {table!r}")
+            raise ConfigError(owner, f"attacks.{name}", "a table of settings", table)
         keys = _config_keys(name) if name in ATTACKS or name in ATTACK_CONFIG_KEYS else {}
         chosen: dict[str, Any] = {}
         for key, value in table.items():
             if key not in keys:
-                raise ValidationError(f"{path}: [attacks.{name}] unknown key {key!r}; expected one of {sorted(keys)}")
+                raise ConfigError(owner, f"[attacks.{name}] key", f"one of {sorted(keys)}", key)
             argument, kind = keys[key]
-            chosen[argument] = _toml_value(value, kind, f"{path}: [attacks.{name}] {key}")
+            chosen[argument] = _toml_value(value, kind, owner, f"[attacks.{name}] {key}")
         params[name] = chosen
     if params:
         out["attack_params"] = params
@@ -532,29 +549,29 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
         if table is None:
             continue
         if not isinstance(table, dict):
-            raise ValidationError(f"{path}: {section}: expected a [{section}] table; got {table!r}")
+            raise ConfigError(owner, section, f"a [{section}] table", table)
         bad = [k for k in table if k not in allowed]
         if bad:
-            raise ValidationError(f"{path}: [{section}] unknown key(s) {bad}; expected {list(allowed)}")
+            raise ConfigError(owner, f"[{section}] keys", f"among {list(allowed)}", bad)
         if "enabled" in table:
-            out["validity"] = _toml_value(table["enabled"], "bool", f"{path}: [validity] enabled")
+            out["validity"] = _toml_value(table["enabled"], "bool", owner, "[validity] enabled")
         if "budget" in table:
-            out["validity_budget"] = _toml_value(table["budget"], VALIDITY_BUDGETS, f"{path}: [validity] budget")
+            out["validity_budget"] = _toml_value(table["budget"], VALIDITY_BUDGETS, owner, "[validity] budget")
         if "methods" in table:
             methods = table["methods"]
             if not isinstance(methods, list) or any(m not in VERIFY_METHODS for m in methods):
-                raise ValidationError(f"{path}: [verification] methods: expected a list of {list(VERIFY_METHODS)} "
-                                      f"(empty to skip); got {methods!r}")
+                raise ConfigError(owner, "[verification] methods", f"a list of {list(VERIFY_METHODS)} (empty to skip)",
+                                  methods)
             out["verification"] = tuple(dict.fromkeys(methods))
         if "norms" in table:
             norms = table["norms"]
             if not isinstance(norms, list) or any(n not in ("linf", "l2") for n in norms):
-                raise ValidationError(f"{path}: [verification] norms: expected a list of 'linf' / 'l2'; got {norms!r}")
+                raise ConfigError(owner, "[verification] norms", "a list of 'linf' / 'l2'", norms)
             out["verify_norms"] = tuple(dict.fromkeys(norms))
         if "samples" in table:
             samples = table["samples"]
             if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-                raise ValidationError(f"{path}: [verification] samples: expected an integer >= 0; got {samples!r}")
+                raise ConfigError(owner, "[verification] samples", "an integer >= 0", samples)
             out["verify_samples"] = samples
     return out
 
@@ -660,6 +677,11 @@ class AttackFamily:
     def reference_index(self, eps: float) -> int:
         """Position of ``eps`` on the grid."""
         return int(np.argmin(np.abs(self.eps - eps)))
+
+    def curve(self, clean_correct: np.ndarray) -> RobustAccuracyCurve:
+        """The robust-accuracy curve of every attack run (:func:`~.attacks.curve_from_breaks`) over the ``(A,)``
+        clean-correct mask: per attack and worst case, breaking budgets (NaN: never broken), Wilson intervals."""
+        return curve_from_breaks(self.broken, self.eps, clean_correct, norm=self.norm, min_norm=self.min_norm)
 
     def add(self, name: str, broken_at: np.ndarray, ran: np.ndarray, *, kind: str, params: dict[str, Any],
             cost: dict[str, float], adversarial: torch.Tensor | None = None) -> None:
@@ -788,7 +810,7 @@ def run_attack_family(model: torch.nn.Module, images: torch.Tensor, labels: np.n
                                             random_state=config.random_state, batch_size=config.attack_batch_size)
                 size = result.l2 if norm == "l2" else result.linf
                 for e, eps in enumerate(grid):
-                    hits[e, todo] = result.success & (size <= eps * (1 + BUDGET_TOL) + BUDGET_TOL)
+                    hits[e, todo] = result.success & within_budget(size, eps)
                 family.min_norm[todo] = np.fmin(family.min_norm[todo], np.where(result.success, size, np.nan))
             bar.update(grid.size)
         else:
@@ -817,16 +839,6 @@ def _cost(seconds: float, forward_rows: float, backward_rows: float, samples: in
             "backward_passes_per_sample": round(float(backward_rows) / per, 2)}
 
 
-def breaking_budget(family: AttackFamily, clean_correct: np.ndarray) -> np.ndarray:
-    """``(A,)`` smallest budget at which some attack broke the sample; 0 for clean errors, NaN if never."""
-    worst = family.worst()
-    out = np.full(worst.shape[1], np.nan)
-    ever = worst.any(axis=0)
-    out[ever] = family.eps[worst.argmax(axis=0)[ever]]
-    out[~clean_correct] = 0.0
-    return out
-
-
 def robust_rate(robust: np.ndarray) -> dict[str, float | int | None]:
     """``{"robust_accuracy", "ci_low", "ci_high", "n"}`` of a ``(A,)`` bool robust mask, Wilson 95 % interval."""
     n = int(robust.shape[0])
@@ -838,34 +850,20 @@ def robust_rate(robust: np.ndarray) -> dict[str, float | int | None]:
 
 
 def curve_rows(family: AttackFamily, clean_correct: np.ndarray) -> list[dict]:
-    """Rows of ``robustness_curves.parquet`` for one norm: every attack at the budgets it ran at, and the worst
+    """Rows of ``robustness_curves.parquet`` for one norm (:meth:`~.attacks.RobustAccuracyCurve.records` of
+    :meth:`AttackFamily.curve`, with each attack's ``kind``): every attack at the budgets it ran at, and the worst
     case (over every attack, closed upwards in ε) at every ε; robust accuracy with its Wilson 95 % interval."""
-    n = clean_correct.shape[0]
-    correct = int(clean_correct.sum())
-    rows = []
-    entries = [(a, hits, family.ran.get(a), family.kind.get(a, "preview")) for a, hits in family.broken.items()]
-    entries.append(("worst_case", family.worst(), np.ones(family.eps.size, dtype=bool), "worst_case"))
-    for attack, hits, ran, kind in entries:
-        for e, eps in enumerate(family.eps):
-            if ran is not None and not ran[e]:
-                continue
-            broken = int((hits[e] & clean_correct).sum())
-            low, high = wilson_interval(np.array([correct - broken]), np.array([n])) if n else ([np.nan], [np.nan])
-            rows.append({"norm": family.norm, "attack": attack, "eps": float(eps),
-                         "robust_accuracy": (correct - broken) / n if n else np.nan,
-                         "success_rate": broken / correct if correct else np.nan, "n_samples": n,
-                         "robust_accuracy_ci_low": float(low[0]), "robust_accuracy_ci_high": float(high[0]),
-                         "kind": kind})
-    return rows
+    return [{**row, "kind": "worst_case" if row["attack"] == "worst_case" else family.kind.get(row["attack"], "preview")}
+            for row in family.curve(clean_correct).records(ran=family.ran)]
 
 
-CURVE_COLUMNS = ["norm", "attack", "eps", "robust_accuracy", "success_rate", "n_samples", "robust_accuracy_ci_low",
-                 "robust_accuracy_ci_high", "kind"]
+CURVE_COLUMNS = [*CURVE_RECORD_COLUMNS, "kind"]
 
 
 def run_self_checks(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
                     norms: list[str], bar: tqdm) -> dict[str, Any]:
-    """Active test of every attack run (at its norm's reference ε) and gradient-masking checks per norm.
+    """:func:`~.selfcheck.robustness_self_check` of every norm at its reference ε: the active test of every
+    preview attack (on the first ``selfcheck_samples``) and the gradient-masking checks (first ``masking_samples``).
 
     Returns ``{"attacks": {name: result dict}, "masking": {norm: report dict}, "passed": bool,
     "warnings": [...]}``; a failed active test or a suspicious masking report adds a warning.
@@ -873,19 +871,25 @@ def run_self_checks(model: torch.nn.Module, images: torch.Tensor, labels: np.nda
     checks: dict[str, Any] = {}
     masking: dict[str, Any] = {}
     warnings: list[str] = []
-    sc_images = images[:config.selfcheck_samples]
     for norm in norms:
         eps = config.reference_eps(norm)
+        attacks: dict[str, Any] = {}
+        attack_params: dict[str, dict[str, Any]] = {}
         for name in config.attacks_of(norm):
             params = config.params_for(name)
             if params.get("loss", "ce") == "ce":
-                attack, params = name, {k: v for k, v in params.items() if k != "loss"}
+                attacks[name], attack_params[name] = name, {k: v for k, v in params.items() if k != "loss"}
             else:
-                attack = _loss_attack(name, params, config)
-                params = {}
-            result = attack_self_check(model, sc_images, attack, eps, norm=norm, threshold=config.selfcheck_threshold,
-                                       attack_params=params, random_state=config.random_state,
-                                       batch_size=config.attack_batch_size)
+                attacks[name] = _loss_attack(name, params, config)
+        report = robustness_self_check(
+            model, images, labels, eps, norm=norm, attacks=attacks, attack_params=attack_params,
+            threshold=config.selfcheck_threshold, random_state=config.random_state,
+            batch_size=config.attack_batch_size, attack_samples=config.selfcheck_samples,
+            masking_samples=config.masking_samples,
+            masking_params={"pgd_steps": 2 * config.params_for(f"pgd_{norm}").get("steps", 10),
+                            "square_iters": config.params_for("square_linf").get("max_iter", 100)},
+            on_check=lambda: bar.update(1))
+        for name, result in report.attack_checks.items():
             entry = result.to_dict()
             entry.pop("success")
             checks[name] = entry
@@ -894,15 +898,8 @@ def run_self_checks(model: torch.nn.Module, images: torch.Tensor, labels: np.nda
                                 f"{result.success_rate:.0%} of the adversarial examples known to exist (needs "
                                 f"{result.threshold:.0%}); its robust accuracy overestimates robustness — "
                                 "strengthen its parameters")
-            bar.update(1)
-        ms = config.masking_samples
-        report = gradient_masking_checks(model, images[:ms], labels[:ms], eps, norm=norm,
-                                         pgd_steps=2 * config.params_for(f"pgd_{norm}").get("steps", 10),
-                                         square_iters=config.params_for("square_linf").get("max_iter", 100),
-                                         random_state=config.random_state)
-        masking[norm] = report.to_dict()
-        warnings += [f"gradient masking suspected ({norm}): {message}" for message in report.messages]
-        bar.update(1)
+        masking[norm] = report.masking.to_dict()
+        warnings += [f"gradient masking suspected ({norm}): {message}" for message in report.masking.messages]
     passed = all(c["passed"] for c in checks.values()) and not any(m["suspicious"] for m in masking.values())
     return {"attacks": checks, "masking": masking, "passed": passed, "warnings": warnings}
 
@@ -937,17 +934,12 @@ def run_smoothing(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarr
 
 
 def certified_curve(radius: np.ndarray, correct: np.ndarray, config: RobustnessConfig) -> pd.DataFrame:
-    """``robustness_certified.parquet``: certified accuracy on a radius grid of step σ/10 up to the largest
-    radius CERTIFY can give with ``n`` samples (``σ·Φ⁻¹(α^(1/n))``)."""
-    from scipy.stats import norm as normal
-
-    sigma = config.smoothing_sigma
-    largest = sigma * float(normal.ppf(config.smoothing_alpha ** (1.0 / config.smoothing_n)))
-    step = sigma / 10
-    grid = np.round(np.arange(0.0, largest + step, step), 10)
-    accuracy = [float(np.mean(correct & (radius >= r))) if radius.size else np.nan for r in grid]
-    return pd.DataFrame({"radius": grid, "certified_accuracy": accuracy, "n_samples": radius.size,
-                         "sigma": sigma})
+    """``robustness_certified.parquet``: :func:`~.smoothing.certified_accuracy_curve` of the ``(S,)`` radii and
+    certified-correct flags on :func:`~.smoothing.radius_grid` (step σ/10 up to the largest radius CERTIFY can give
+    with ``n`` samples)."""
+    grid = radius_grid(config.smoothing_sigma, config.smoothing_n, config.smoothing_alpha)
+    return pd.DataFrame({"radius": grid, "certified_accuracy": certified_accuracy_curve(radius, correct, grid),
+                         "n_samples": radius.size, "sigma": config.smoothing_sigma})
 
 
 # -- per-sample table and examples --------------------------------------------------------------------------
@@ -987,7 +979,7 @@ def samples_frame(ids: np.ndarray, clean_correct: np.ndarray, corruption: dict |
     for norm, column in (("linf", "rob_min_linf_eps"), ("l2", "rob_min_l2_eps")):
         if norm in families:
             values = np.full(m, np.nan)
-            values[:attacked] = breaking_budget(families[norm], attack_correct)
+            values[:attacked] = families[norm].curve(attack_correct).breaking_eps
             frame[column] = values
     for norm, family in families.items():
         e = family.reference_index(config.reference_eps(norm))
@@ -1666,25 +1658,23 @@ def _summary_body(workspace, config, ids, clean_correct, attacked, corruption, f
     body["attacks"] = {}
     n = int(attack_correct.size)
     for norm, family in families.items():
-        correct = int(attack_correct.sum())
-        clean_low, clean_high = wilson_interval(np.array([correct]), np.array([n]))
+        curve = family.curve(attack_correct)
+        correct = curve.n_correct
         entry = {"eps": family.eps.tolist(), "reference_eps": config.reference_eps(norm),
-                 "clean_accuracy": float(attack_correct.mean()),
-                 "clean_accuracy_ci": [float(clean_low[0]), float(clean_high[0])], "n_samples": n, "attacks": {}}
-        for name, hits in family.broken.items():
-            broken = (hits & attack_correct).sum(axis=1)
+                 "clean_accuracy": curve.clean_accuracy, "clean_accuracy_ci": _interval(robust_rate(attack_correct)),
+                 "n_samples": n, "attacks": {}}
+        for name in family.broken:
+            rate = curve.rates(name)
             ran = family.ran.get(name, np.ones(family.eps.size, dtype=bool))
-            low, high = wilson_interval(correct - broken, np.full(broken.shape, n))
             entry["attacks"][name] = {
                 "kind": family.kind.get(name, "preview"), "params": family.params[name],
-                "success_rate": (broken / correct).tolist() if correct else None,
-                "robust_accuracy": ((correct - broken) / attack_correct.size).tolist(),
-                "robust_accuracy_ci": [[float(a), float(b)] for a, b in zip(low, high, strict=True)],
+                "success_rate": rate["success_rate"].tolist() if correct else None,
+                "robust_accuracy": rate["robust_accuracy"].tolist(),
+                "robust_accuracy_ci": _intervals(rate),
                 "ran_at_eps": ran.tolist(), **family.cost.get(name, {})}
-        worst = (family.worst() & attack_correct).sum(axis=1)
-        entry["worst_case_robust_accuracy"] = ((correct - worst) / attack_correct.size).tolist()
-        low, high = wilson_interval(correct - worst, np.full(worst.shape, n))
-        entry["worst_case_robust_accuracy_ci"] = [[float(a), float(b)] for a, b in zip(low, high, strict=True)]
+        rate = curve.rates("worst_case")
+        entry["worst_case_robust_accuracy"] = rate["robust_accuracy"].tolist()
+        entry["worst_case_robust_accuracy_ci"] = _intervals(rate)
         if norm == "l2" and np.isfinite(family.min_norm).any():
             entry["median_min_l2"] = float(np.nanmedian(family.min_norm))
         entry["min_perturbation"] = _min_perturbation(family, attack_correct)
@@ -1706,7 +1696,8 @@ def _summary_body(workspace, config, ids, clean_correct, attacked, corruption, f
             "sigma": config.smoothing_sigma, "n0": config.smoothing_n0, "n": config.smoothing_n,
             "alpha": config.smoothing_alpha, "abstention_rate": float(smoothing["abstain"].mean()),
             "smoothed_accuracy": float(smoothing["correct"].mean()), "reference_radius": radius,
-            "certified_accuracy_at_reference": float(np.mean(smoothing["correct"] & (smoothing["radius"] >= radius))),
+            "certified_accuracy_at_reference": float(certified_accuracy_curve(smoothing["radius"], smoothing["correct"],
+                                                                              np.array([radius]))[0]),
             "radius": curve["radius"].tolist(), "certified_accuracy": curve["certified_accuracy"].tolist(),
         }
     body["self_check"] = {k: self_check[k] for k in ("attacks", "masking", "passed")}
@@ -1724,6 +1715,16 @@ def _summary_body(workspace, config, ids, clean_correct, attacked, corruption, f
     body["worst_slices"] = _worst_list(slice_table)
     body["slices_too_few"] = _too_few(slice_table)
     return json_safe(body)
+
+
+def _interval(rate: dict) -> list[float]:
+    """``[ci_low, ci_high]`` of a :func:`robust_rate` result."""
+    return [float(rate["ci_low"]), float(rate["ci_high"])]
+
+
+def _intervals(rate: dict[str, np.ndarray]) -> list[list[float]]:
+    """``[[ci_low, ci_high], ...]`` per budget of a :meth:`~.attacks.RobustAccuracyCurve.rates` result."""
+    return [[float(a), float(b)] for a, b in zip(rate["ci_low"], rate["ci_high"], strict=True)]
 
 
 def _mean_corruption_error(table: pd.DataFrame, clean_correct: np.ndarray) -> dict[str, Any] | None:
@@ -1746,7 +1747,7 @@ def _min_perturbation(family: AttackFamily, clean_correct: np.ndarray) -> dict[s
         return {"source": "minimal-norm attacks (" + ", ".join(minimal) + ")", "median": float(np.median(found))
                 if found.size else None, "found": int(found.size), "of": correct,
                 "success_rate": found.size / correct if correct else None}
-    budget = breaking_budget(family, clean_correct)[clean_correct]
+    budget = family.curve(clean_correct).breaking_eps[clean_correct]
     broken = budget[np.isfinite(budget)]
     # Unbroken samples need more than the largest ε: the median is only known when at least half were broken.
     median = float(np.sort(np.concatenate([broken, np.full(budget.size - broken.size, np.inf)]))[(budget.size - 1) // 2]) \

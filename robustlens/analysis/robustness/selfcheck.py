@@ -507,19 +507,54 @@ PREVIEW_ATTACKS = ("fgsm", "pgd_linf", "pgd_l2", "deepfool", "cw_l2", "square_li
 
 
 def robustness_self_check(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
-                          eps: float, *, norm: str = "linf", attacks: Sequence[str] | None = None,
+                          eps: float, *, norm: str = "linf",
+                          attacks: Sequence[str] | Mapping[str, str | AttackFn] | None = None,
                           attack_params: Mapping[str, Mapping[str, Any]] | None = None,
-                          threshold: float = 0.95, random_state: int = 0) -> RobustnessSelfCheckReport:
+                          threshold: float = 0.95, random_state: int = 0, batch_size: int | None = None,
+                          attack_samples: int | None = None, masking_samples: int | None = None,
+                          masking_params: Mapping[str, Any] | None = None,
+                          on_check: Callable[[], None] | None = None) -> RobustnessSelfCheckReport:
     """Run :func:`attack_self_check` for every preview attack of ``norm`` (or ``attacks``) and
-    :func:`gradient_masking_checks`.
+    :func:`gradient_masking_checks`, all at budget ``eps``.
 
-    ``attack_params`` maps attack name -> extra keyword arguments. Other parameters as in those functions.
+    Parameters
+    ----------
+    model, images, labels:
+        Classifier, ``(N, C, H, W)`` images in ``[0, 1]`` and their ``(N,)`` true classes.
+    eps, norm:
+        Budget and threat model of every check.
+    attacks:
+        Attack names (default: the :data:`PREVIEW_ATTACKS` of ``norm``), or a mapping from the name a check is
+        reported under to a registered name or a callable ``attack(model, images, labels, eps, **params)`` (checked
+        in ``norm``; e.g. an attack with another loss).
+    attack_params:
+        Attack name -> extra keyword arguments.
+    threshold, random_state, batch_size:
+        As in :func:`attack_self_check` (``random_state`` also seeds the masking checks' attacks).
+    attack_samples, masking_samples:
+        Use only the first ``attack_samples`` images for the active tests and the first ``masking_samples`` for
+        the gradient-masking checks (default: all).
+    masking_params:
+        Extra keyword arguments of :func:`gradient_masking_checks` (e.g. ``pgd_steps``, ``square_iters``).
+    on_check:
+        Called after each active test and after the masking checks (e.g. a progress bar's update).
     """
     norm = check_norm(norm)
-    names = [k for k in PREVIEW_ATTACKS if ATTACKS[k].norm == norm] if attacks is None else list(attacks)
+    if attacks is None:
+        attacks = [k for k in PREVIEW_ATTACKS if ATTACKS[k].norm == norm]
+    chosen = dict(attacks) if isinstance(attacks, Mapping) else {a: a for a in attacks}
     params = attack_params or {}
-    checks = {a: attack_self_check(model, images, a, eps, threshold=threshold, random_state=random_state,
-                                   attack_params=params.get(a)) for a in names}
-    masking = gradient_masking_checks(model, images, labels, eps, norm=norm, random_state=random_state)
+    checked = images[:attack_samples]
+    checks = {}
+    for name, attack in chosen.items():
+        checks[name] = attack_self_check(model, checked, attack, eps, norm=None if isinstance(attack, str) else norm,
+                                         threshold=threshold, random_state=random_state,
+                                         attack_params=params.get(name), batch_size=batch_size)
+        if on_check is not None:
+            on_check()
+    masking = gradient_masking_checks(model, images[:masking_samples], labels[:masking_samples], eps, norm=norm,
+                                      random_state=random_state, **dict(masking_params or {}))
+    if on_check is not None:
+        on_check()
     return RobustnessSelfCheckReport(norm=norm, eps=float(eps), attack_checks=checks, masking=masking,
                                      all_attacks_passed=all(c.passed for c in checks.values()))

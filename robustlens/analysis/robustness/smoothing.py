@@ -234,6 +234,30 @@ def certified_accuracy_curve(radii: np.ndarray, correct: np.ndarray, radius_grid
     return ((c[None, :]) & (r[None, :] >= grid[:, None])).mean(axis=1)
 
 
+def radius_grid(sigma: float, n: int, alpha: float, *, step: float | None = None) -> np.ndarray:
+    """Radii at which a certified-accuracy curve is worth evaluating: ``0, step, 2·step, …`` up to the largest
+    radius CERTIFY can give with ``n`` estimation samples, ``σ·Φ⁻¹(α^(1/n))`` (``k = n``).
+
+    Parameters
+    ----------
+    sigma, n, alpha:
+        Noise level and CERTIFY's estimation samples and error level, as in :func:`certify`.
+    step:
+        Spacing (default ``σ/10``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(R,)`` ascending radii, rounded to 10 decimals.
+    """
+    sigma = check_positive(sigma, "sigma")
+    n = check_int(n, "n")
+    alpha = check_positive(alpha, "alpha")
+    largest = sigma * float(norm.ppf(alpha ** (1.0 / n)))        # Clopper–Pearson lower bound at k = n
+    step = sigma / 10 if step is None else check_positive(step, "step")
+    return np.round(np.arange(0.0, largest + step, step), 10)
+
+
 def abstention_rate(abstain: np.ndarray) -> float:
     """Fraction of ``True`` in the ``(N,)`` abstain flags (NaN for ``N = 0``)."""
     a = np.asarray(abstain, dtype=bool)
