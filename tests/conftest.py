@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.pg import postgres_server, postgres_url  # noqa: F401 - fixtures: a real PostgreSQL server
+# Fixtures shared by several modules, registered here rather than imported into each test module:
+# a real PostgreSQL server (postgres_server, postgres_url) and analysed dashboard workspaces
+# (analysed_template, analysed_workspace).
+pytest_plugins = ["tests.pg", "tests.dashboard_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"

@@ -20,7 +20,9 @@ from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from tests.browser import (CHROMIUM_ARGS, chromium_path, holding_requests, script_runs, served, wait_for_app_idle,
                            watch_script_runs)
-from tests.dashboard_fixtures import analysed_template, copy_workspace  # noqa: F401  (fixture)
+from tests.dashboard_fixtures import copy_workspace
+
+pytestmark = pytest.mark.browser
 
 TIMEOUT = 60_000
 #: The script of Streamlit's multiselect component (loaded on demand, the first time one is drawn).

@@ -46,7 +46,7 @@ def _process_entry(url: str, reviewer: str, rounds: int, barrier) -> None:
     reviewer_session(url, reviewer, rounds, barrier)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database(request, tmp_path) -> str:
     url = _url(tmp_path / "curation.db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     store = CurationStore(url)

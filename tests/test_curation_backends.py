@@ -41,7 +41,6 @@ from robustlens.analysis.curation import (
     CurationStore,
 )
 from robustlens.errors import ValidationError
-from tests.dashboard_fixtures import analysed_template, analysed_workspace  # noqa: F401  (fixtures)
 
 WRITERS = 8
 
@@ -77,7 +76,7 @@ class Workload:
 FULL = Workload(per_writer=500, batch=50)  # 8 writers x 500 tags, members and decisions each
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path) -> Iterator[str]:
     """An empty database on each backend (PostgreSQL: a fresh database on the session's real server).
 
@@ -194,6 +193,7 @@ def test_eight_concurrent_writers_lose_and_duplicate_nothing(db_url):
     _assert_nothing_lost_or_duplicated(db_url, results, FULL)
 
 
+@pytest.mark.postgres
 def test_serializable_postgres_server_loses_nothing(postgres_url):
     """A server whose default isolation is SERIALIZABLE aborts transactions that raced; they are retried.
 

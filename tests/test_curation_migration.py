@@ -102,7 +102,7 @@ AUDIT = [(1, 0, "ana", "tag", {"tag": "blurry", "count": 1}), (2, 3, "ben", "tag
          (4, 9, "ana", "review", {"sample_id": "img/a.png", "action": "relabel", "new_label": "coat"})]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path) -> Iterator[str]:
     """An empty database on each backend (PostgreSQL: a fresh database on the session's real server)."""
     if request.param == "postgresql":

@@ -14,7 +14,6 @@ from robustlens.query.filters import FilterSpec, filter_ids
 from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from robustlens.dashboard.routes import ROUTES
-from tests.dashboard_fixtures import analysed_template, analysed_workspace  # noqa: F401  (fixtures)
 
 APP = str(Path(__file__).resolve().parents[1] / "robustlens" / "dashboard" / "app.py")
 TITLES = {route.name: route.title for route in ROUTES} | {"review": "Label review"}

@@ -17,7 +17,6 @@ from robustlens.analysis.workspace import Workspace
 from robustlens.commands import export as export_command
 from robustlens.errors import ValidationError, WorkspaceError
 from tests.conftest import SAMPLE_DATA
-from tests.dashboard_fixtures import analysed_template, analysed_workspace  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

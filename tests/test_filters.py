@@ -15,7 +15,6 @@ from robustlens.query.filters import (FilterError, FilterSpec, apply_filter, fil
 from robustlens.query.sample_table import (display_name, issue_types, load_sample_table, numeric_columns,
                                               prediction_sets)
 from robustlens.analysis.workspace import Workspace
-from tests.dashboard_fixtures import analysed_template  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -377,6 +377,7 @@ def settled_text(page, wait_for_app_idle, timeout_s: float = 30.0) -> str:
     return text
 
 
+@pytest.mark.browser
 def test_browser_loads_nothing_from_outside_and_shows_no_outside_link(served_hostile, hostile_workspace):
     sync_api = pytest.importorskip("playwright.sync_api")
     from tests.browser import CHROMIUM_ARGS, chromium_path, wait_for_app_idle
