@@ -20,6 +20,7 @@ imported ``embeddings/*.npy``)
 ``duplicate_pairs.parquet``        ``duplicates``             :func:`read_table` (``"duplicate_pairs"``)
 ``outliers.parquet``               ``outliers``               :func:`read_per_sample` (``"outliers"``)
 ``label_issues.parquet``           ``label_issues``           :func:`read_per_sample` (``"label_issues"``)
+``flags_<stage>.parquet``          each flagging stage        :func:`read_flag_tables`
 ``issues.parquet``,                ``issues``                 :func:`read_table` / :func:`read_per_sample`
 ``issue_matrix.parquet``
 ``evaluation/<set>.json``          ``evaluation``             :func:`read_evaluation`
@@ -164,6 +165,17 @@ def read_per_sample(workspace: Workspace, name: str, *, required: bool = False) 
 def per_sample_names(workspace: Workspace) -> list[str]:
     """Stems of the ``artifacts/per_sample_<name>.parquet`` files (per-sample columns a later stage adds), sorted."""
     return sorted(path.stem for path in workspace.artifact_path("").glob("per_sample_*.parquet"))
+
+
+def read_flag_tables(workspace: Workspace) -> dict[str, pd.DataFrame]:
+    """Every ``artifacts/flags_<stage>.parquet`` (the per-stage issue flags the issues stage gathers), by file
+    stem (``"flags_quality"`` …), sorted by name. Their columns are checked by the issues stage."""
+    tables = {}
+    for path in sorted(workspace.artifact_path("").glob("flags_*.parquet")):
+        frame = read_table(workspace, path.stem)
+        if frame is not None:
+            tables[path.stem] = frame
+    return tables
 
 
 def aligned(frame: pd.DataFrame, ids: pd.Series) -> pd.DataFrame:
