@@ -90,6 +90,7 @@ def test_deepfool_close_to_art(setup):
     assert abs(o_l2 - r_l2) <= NORM_RTOL * r_l2
 
 
+@pytest.mark.slow
 def test_carlini_wagner_close_to_art(setup):
     model, clf, x, y = setup
     ref = CarliniL2Method(clf, confidence=0.0, targeted=False, learning_rate=0.01, binary_search_steps=10,

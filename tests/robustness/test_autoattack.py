@@ -305,6 +305,7 @@ def test_matches_reference_with_fewer_passes_tiny(tiny_task, norm, eps):
 # ------------------------------------------------------------------------------ sample CNN
 
 
+@pytest.mark.slow
 def test_sample_cnn_not_weaker_than_reference_and_pgd(sample_cnn):
     model, x, y = sample_cnn
     eps, norm = 4 / 255, "linf"
@@ -330,6 +331,7 @@ def _torchattacks_or_skip():
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.35)])
+@pytest.mark.slow
 def test_tiny_not_weaker_than_torchattacks_full_settings(tiny_task, norm, eps):
     """Both at their standard settings (ours: 100 iterations; torchattacks: its defaults), Square shortened to
     1,000 queries in both, on the tiny task."""
@@ -347,6 +349,7 @@ def test_tiny_not_weaker_than_torchattacks_full_settings(tiny_task, norm, eps):
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255)])
+@pytest.mark.slow
 def test_sample_cnn_not_weaker_than_torchattacks(sample_cnn, norm, eps):
     """torchattacks' AutoAttack at its own settings (10 iterations, all 9 other classes as targets) against ours
     with 25 iterations (ours is the AutoAttack-grade default, 100; at 10 iterations single marginal samples go

@@ -328,6 +328,7 @@ def test_impulse_noise_statistics():
         assert float(per_image.std()) < 3 * math.sqrt(amount * (1 - amount) / (n / 64))
 
 
+@pytest.mark.slow
 def test_bernoulli_positions_are_independent_bernoulli():
     g = torch.Generator().manual_seed(0)
     reps, n, p = 20000, 12, 0.3

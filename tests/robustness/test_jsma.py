@@ -61,6 +61,7 @@ def test_pair_search_equals_the_full_saliency_map(increasing):
                 assert (int(p[k]), int(q[k])) == (rp, rq), (trial, k)
 
 
+@pytest.mark.slow
 def test_same_adversarial_examples_as_torchattacks(sample_cnn):
     model, x, y = sample_cnn
     gamma = 80 / 784  # gamma·n/2 whole: torchattacks' ceil and our floor give the same step budget

@@ -123,6 +123,7 @@ def _check(report, name):
 
 
 @pytest.mark.parametrize("name", ["plain", "saturated_softmax", "quantization", "quantization_leak", "random_noise"])
+@pytest.mark.slow
 def test_worst_case_matches_independent_reference(tiny_task, models, reports, name):
     x, y = tiny_task.x_test[:N], tiny_task.y_test[:N]
     with torch.random.fork_rng(devices=[]):
@@ -138,6 +139,7 @@ def test_worst_case_matches_independent_reference(tiny_task, models, reports, na
     assert not (report.worst_case_robust & ~combined).any()
 
 
+@pytest.mark.slow
 def test_plain_model_passes(reports):
     report = reports["plain"]
     assert report.status == "pass", [c for c in report.checks if c["status"] != "pass"]
@@ -152,6 +154,7 @@ def test_plain_model_passes(reports):
                            "active_test", "worst_case_gap"]),
     ("random_noise", ["randomized"]),
 ])
+@pytest.mark.slow
 def test_each_trap_is_flagged_by_the_right_checks(reports, name, expected):
     report = reports[name]
     assert report.status != "pass"
@@ -162,6 +165,7 @@ def test_each_trap_is_flagged_by_the_right_checks(reports, name, expected):
         assert set(_check(report, "non_differentiable_ops")["value"]) == {"round"}
 
 
+@pytest.mark.slow
 def test_quantization_headline_is_an_upper_bound(reports):
     report = reports["quantization"]
     assert report.status == "fail"
@@ -172,6 +176,7 @@ def test_quantization_headline_is_an_upper_bound(reports):
     assert d["upper_bound_gap"] == pytest.approx(d["headline_accuracy"] - d["worst_case_accuracy"])
 
 
+@pytest.mark.slow
 def test_weak_headline_mask_is_lowered_and_flagged(tiny_task):
     """A headline from a single FGSM step overstates robustness: the gap is reported and the check fails."""
     model, x, y = tiny_task.model, tiny_task.x_test[:N], tiny_task.y_test[:N]
@@ -223,6 +228,7 @@ def _active_only(tiny_task, model):
     return [_active_check(model, tiny_task.x_test[:N], EPS, "linf", BUDGETS["fast"], 0, False)]
 
 
+@pytest.mark.slow
 def test_active_test_fails_when_masking_is_inside_the_model(reports):
     check = _check(reports["quantization"], "active_test")
     assert check["status"] == "fail" and check["value"] < 0.5
@@ -240,6 +246,7 @@ def test_bad_inputs_are_rejected(tiny_task):
         validity_diagnostics(model, x, y, EPS, norm="l1")
 
 
+@pytest.mark.slow
 def test_l2_threat_model(tiny_task, models):
     """L2: the plain model passes; the quantizer is caught and its worst case falls to the plain model's level."""
     x, y = tiny_task.x_test[:32], tiny_task.y_test[:32]
