@@ -21,8 +21,14 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-from robustlens.commands.common import (EXIT_FAILURE, EXIT_OK, add_device_option, add_quiet_option,
-                                       add_workers_option, resolve_device)
+from robustlens.commands.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    add_device_option,
+    add_quiet_option,
+    add_workers_option,
+    resolve_device,
+)
 from robustlens.errors import ValidationError
 
 
@@ -179,8 +185,14 @@ def default_threads() -> int:
 # -- the command -----------------------------------------------------------------------------------------------
 
 def run(args) -> int:
-    """Handler of ``robustlens robustness``; returns the exit status (errors are raised for the CLI to map)."""
-    from robustlens.analysis.robustness.run import run_robustness
+    """Handler of ``robustlens robustness``; returns the exit status (errors are raised for the CLI to map).
+
+    A shortcut for ``robustlens analyze WS --stages robustness`` with the settings given as flags: the
+    orchestrator runs the robustness stage, then re-runs the stages that read its ``fragile`` flags (``issues``,
+    ``slices``) when the workspace was analysed, and lets robustness re-rank its slice table when the slices
+    changed.
+    """
+    from robustlens.analysis.analyze import analyze
     from robustlens.analysis.workspace import Workspace
 
     workspace = Workspace(args.workspace)
@@ -189,10 +201,11 @@ def run(args) -> int:
                               "workspace with a model: robustlens init WS --data DIR --model model.pt "
                               "--model-config model.json")
     config = config_from_args(args)
-    summary = run_robustness(workspace, config, progress=not args.quiet, device=resolve_device(args.device),
-                             workers=args.workers, threads=args.threads or default_threads())
-    refreshed = refresh_issues(workspace, progress=not args.quiet)
-    print(format_summary(summary, workspace.root, issues_refreshed=refreshed))
+    report = analyze(workspace, stages=["robustness"], configs={"robustness": config}, progress=not args.quiet,
+                     device=resolve_device(args.device), workers=args.workers,
+                     threads=args.threads or default_threads())
+    summary = robustness_summary(report)
+    print(format_summary(summary, workspace.root, issues_refreshed="issues" in report.summaries))
     if summary.get("warnings"):
         for warning in summary["warnings"]:
             print(f"WARNING: {warning}", file=sys.stderr)
@@ -201,15 +214,15 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def refresh_issues(workspace, *, progress: bool) -> bool:
-    """Re-run the (cheap) issues stage when the workspace was analysed, so ``fragile`` flags show at once."""
-    from robustlens.analysis.stages import issues
-    from robustlens.analysis.stages.base import StageContext
-
-    if not workspace.artifact_path("issue_matrix.parquet").exists():
-        return False
-    issues.run(StageContext(workspace=workspace, progress=progress), issues.Config())
-    return True
+def robustness_summary(report) -> dict:
+    """The summary to print from an orchestrator run that included robustness: its first run's summary, with the
+    worst slices of its last run (when the slices stage re-ran after it, robustness re-ranked its slice table)."""
+    runs = [result for result in report.runs if result.stage == "robustness"]
+    summary = dict(runs[0])
+    if len(runs) > 1:
+        summary.update({key: runs[-1][key] for key in ("worst_slices", "slices_too_few", "slice_inputs")
+                        if key in runs[-1]})
+    return summary
 
 
 def _pct(value) -> str:
@@ -281,7 +294,8 @@ def format_summary(summary: dict, root: Path, *, issues_refreshed: bool = False)
                          f", clean {_pct(row.get('clean_accuracy'))}")
     few = summary.get("slices_too_few") or []
     if few:
-        lines.append(f"  not ranked   {len(few)} slice(s) with too few samples (< {summary['config']['min_slice_samples']} "
+        smallest = summary["config"]["min_slice_samples"]
+        lines.append(f"  not ranked   {len(few)} slice(s) with too few samples (< {smallest} "
                      "attacked): " + ", ".join(few[:6]) + (" …" if len(few) > 6 else ""))
     timings = summary.get("timings", {})
     lines.append("  time         " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
@@ -308,7 +322,8 @@ def validity_lines(validity: dict | None) -> list[str]:
     for check in checks:
         if check.get("status") != "pass":
             where = f" ({check['norm']})" if check.get("norm") else ""
-            lines.append(f"    {check.get('status', '?').upper():<4} {check.get('name')}{where}: {check.get('message', '')}")
+            lines.append(f"    {check.get('status', '?').upper():<4} {check.get('name')}{where}: "
+                         f"{check.get('message', '')}")
     return lines
 
 
@@ -318,14 +333,16 @@ def headline_lines(headline: dict, validity: dict | None) -> list[str]:
     for norm, entry in headline.items():
         label = "L∞" if norm == "linf" else "L2"
         kind = "PREVIEW (not AutoAttack-grade)" if entry.get("preview") else entry.get("label", "AutoAttack")
-        lines.append(f"  ROBUST {label:<5} {_pct(entry.get('robust_accuracy'))} {_ci(entry.get('ci_low'), entry.get('ci_high'))} "
+        interval = _ci(entry.get("ci_low"), entry.get("ci_high"))
+        lines.append(f"  ROBUST {label:<5} {_pct(entry.get('robust_accuracy'))} {interval} "
                      f"at ε = {_eps_label(norm, entry['eps'])}, n = {entry.get('n', 0)}: {kind}, per-sample worst case "
                      f"over {len(entry.get('attacks', []))} attack runs")
         autoattack = entry.get("autoattack")
         if autoattack:
             broken = ", ".join(f"{k} {v}" for k, v in autoattack.get("broken_by", {}).items() if k != "clean")
             lines.append(f"               AutoAttack alone {_pct(autoattack['robust_accuracy'])} "
-                         f"{_ci(autoattack['ci_low'], autoattack['ci_high'])}" + (f"; broken by {broken}" if broken else ""))
+                         f"{_ci(autoattack['ci_low'], autoattack['ci_high'])}"
+                         + (f"; broken by {broken}" if broken else ""))
         if entry.get("upper_bound"):
             status = (validity or {}).get("status", "warn")
             lines.append(f"               UPPER BOUND (validity {status}): the diagnostic attacks lowered it by "

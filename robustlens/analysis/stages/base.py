@@ -5,27 +5,36 @@ image's content hash under ``artifacts/cache/<stage>-<config hash>/`` in chunk f
 as work proceeds, so a run killed half-way (even by SIGKILL) resumes where it stopped and a re-run after
 adding images computes only the new ones. Whole-dataset stages record the fingerprint of their inputs
 in ``artifacts/index.json`` and are skipped when it is unchanged.
+
+The stage protocol lives here too (:class:`StageSpec`, :class:`StageResult`, :func:`config_error`): every stage
+module declares ``SPEC = StageSpec(...)`` — its name, its ``Config`` dataclass (validated at construction), the
+artifacts it reads and writes — and ``run(context, config) -> StageResult``. The orchestrator
+(:mod:`robustlens.analysis.analyze`) derives the dependency graph from those declarations.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from robustlens.analysis import storage
+from robustlens.analysis import artifacts, storage
 from robustlens.analysis.loader import PixelMemo, iter_decoded
 from robustlens.analysis.safety import RefusedFiles
 from robustlens.analysis.workspace import Workspace
-from robustlens.errors import WorkspaceError
+from robustlens.errors import ConfigError, ValidationError
 
 
 @dataclass
@@ -56,6 +65,8 @@ class StageContext:
     device: str = "cpu"
     random_state: int = 0
     workers: int | None = None
+    #: Torch intra-op threads for stages that set them (robustness); ``None`` leaves torch's setting.
+    threads: int | None = None
     log: list[str] = field(default_factory=list)
     pixels: PixelMemo = field(default_factory=PixelMemo, repr=False)
     refused: RefusedFiles = field(default_factory=RefusedFiles, repr=False)
@@ -196,17 +207,15 @@ def artifact_entry(workspace: Workspace, name: str) -> dict:
 
     Stages keep their summary there, so a run skipped because its artifacts are current can still report it.
     """
-    index_path = workspace.artifact_path("index.json")
-    if not index_path.exists():
-        return {}
-    return json.loads(index_path.read_text(encoding="utf-8")).get(name) or {}
+    return artifacts.index_entry(workspace, name)
 
 
 def is_current(context: StageContext, name: str, *, config, inputs: str) -> bool:
     """Whether artifact ``name`` exists and was made from the same config and inputs."""
     entry = artifact_entry(context.workspace, name)
     return (entry.get("config_hash") == config_hash(config) and entry.get("inputs") == inputs
-            and any(context.workspace.artifact_path(name + suffix).exists() for suffix in (".parquet", ".npy", ".json")))
+            and any(context.workspace.artifact_path(name + suffix).exists()
+                    for suffix in (".parquet", ".npy", ".json")))
 
 
 def load_sample_array(context: StageContext, name: str, *, ndim: int, producer: str) -> np.ndarray:
@@ -215,21 +224,12 @@ def load_sample_array(context: StageContext, name: str, *, ndim: int, producer: 
     Raises :class:`WorkspaceError` saying which stage to run when it is missing or does not match the
     samples (``ndim`` dimensions, first one = number of samples).
     """
-    path = context.workspace.artifact_path(f"{name}.npy")
-    if not path.exists():
-        raise WorkspaceError(f"{path} does not exist; run the '{producer}' stage first")
-    array = np.load(path, allow_pickle=False)
-    count = len(context.workspace.samples)
-    if array.ndim != ndim or array.shape[0] != count:
-        raise WorkspaceError(f"{path} has shape {array.shape}, expected {ndim} dimensions with {count} rows; "
-                             f"re-run the '{producer}' stage")
-    return array
+    return artifacts.read_sample_array(context.workspace, name, ndim=ndim, stage=producer)
 
 
 def read_artifact(workspace: Workspace, name: str) -> pd.DataFrame | None:
     """``artifacts/<name>.parquet`` or ``None`` when the stage has not run."""
-    path = workspace.artifact_path(f"{name}.parquet")
-    return pd.read_parquet(path) if path.exists() else None
+    return artifacts.read_table(workspace, name)
 
 
 # -- dataset files refused at read time ------------------------------------------------------------------------
@@ -326,10 +326,7 @@ def record_refused(context: StageContext, stage: str, rows: np.ndarray | None = 
 
 def read_refused(workspace: Workspace) -> dict:
     """``artifacts/refused_files.json`` (``count``, ``files``, ``stages``), or an empty report."""
-    path = workspace.artifact_path(REFUSED_ARTIFACT)
-    if not path.exists():
-        return {"count": 0, "files": [], "stages": {}}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return artifacts.read_refused(workspace)
 
 
 def describe_refused(entries: list[dict], *, limit: int = 10) -> str:
@@ -354,3 +351,172 @@ def excluded_rows(workspace: Workspace) -> np.ndarray:
     listed = [row for row in listed if 0 <= int(row) < len(mask)]
     mask[np.asarray(listed, dtype=np.int64)] = True
     return mask
+
+
+# -- the stage protocol ----------------------------------------------------------------------------------------
+#: Columns of every ``artifacts/flags_<stage>.parquet`` table (long: one row per sample and issue) that the
+#: ``issues`` stage gathers: the sample ``id``, the ``issue`` name, its ``severity`` in [0, 1] and a
+#: human-readable ``explanation``.
+FLAG_COLUMNS: tuple[str, ...] = ("id", "issue", "severity", "explanation")
+
+#: Inputs a stage may read that come from ``robustlens init``, not from another stage: ``samples``
+#: (``samples.parquet``, and embeddings imported at init), ``predictions`` (``predictions/*.npy``) and ``model``
+#: (``model/``).
+WORKSPACE_INPUTS: tuple[str, ...] = ("samples", "predictions", "model")
+
+
+class StageInputError(ValidationError, ValueError):
+    """Input a stage cannot use (an unknown prediction set, a malformed flags table, too few classes).
+
+    A :class:`~robustlens.errors.ValidationError` (exit status 2 in the CLI) and, as before, a ``ValueError``.
+    """
+
+
+def config_error(stage: str, field_name: str, expected: str, got: object) -> ConfigError:
+    """The :class:`~robustlens.errors.ConfigError` of stage ``stage``'s config field ``field_name``."""
+    return ConfigError(f"stage '{stage}'", field_name, expected, got)
+
+
+def check_number(stage: str, config: object, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 optional: bool = False, expected: str | None = None) -> None:
+    """Raise :func:`config_error` unless ``config.<name>`` is a (finite) number in the given range.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``integer`` requires an int (a bool is
+    neither); ``optional`` also accepts ``None``. ``expected`` overrides the generated description.
+    """
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if expected is None:
+        word = "an integer" if integer else "a number"
+        if low is not None and high is not None:
+            expected = f"{word} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            expected = f"{word} {'>' if low_open else '>='} {low}"
+        elif high is not None:
+            expected = f"{word} {'<' if high_open else '<='} {high}"
+        else:
+            expected = word
+        if optional:
+            expected += " or None"
+    raise config_error(stage, name, expected, value)
+
+
+def check_choice(stage: str, config: object, name: str, choices: Iterable[str]) -> None:
+    """Raise :func:`config_error` unless ``config.<name>`` is one of ``choices``."""
+    choices = tuple(choices)
+    if getattr(config, name) not in choices:
+        raise config_error(stage, name, f"one of {choices}", getattr(config, name))
+
+
+class StageResult(dict[str, Any]):
+    """What one run of a stage did.
+
+    The object *is* the stage's summary (a JSON-serialisable ``dict`` whose keys each stage documents, e.g.
+    ``skipped``, counts, thresholds), so ``result["skipped"]`` and ``json.dumps(result)`` work as they did when
+    stages returned plain dicts; the typed part is in attributes.
+
+    Attributes
+    ----------
+    stage:
+        The stage's name.
+    artifacts:
+        Names of the artifacts written by this run (``artifacts/<name>.*``); empty when nothing was written.
+    current:
+        ``True`` when the stage found its artifacts current (same config and inputs) and wrote nothing.
+    summary:
+        The summary as a plain ``dict``.
+    """
+
+    def __init__(self, stage: str, summary: dict[str, Any], *, artifacts: Iterable[str] = (),
+                 current: bool = False):
+        super().__init__(summary)
+        self.stage = stage
+        self.artifacts: tuple[str, ...] = tuple(artifacts)
+        self.current = bool(current)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __repr__(self) -> str:
+        return (f"StageResult(stage={self.stage!r}, artifacts={self.artifacts!r}, current={self.current!r}, "
+                f"summary={dict(self)!r})")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """The declaration of one stage: what the orchestrator needs to place it in the dependency graph.
+
+    Attributes
+    ----------
+    name:
+        Stage name (``robustlens analyze --stages NAME``).
+    config:
+        Its config class: a dataclass whose every field has a default, validated at construction
+        (``__post_init__`` raises :class:`~robustlens.errors.ConfigError` naming stage, field, expected, got).
+    run:
+        ``run(context, config) -> StageResult``: writes the stage's artifacts (or finds them current).
+    reads:
+        What the stage needs: artifact names (``artifacts/<name>.*``) and :data:`WORKSPACE_INPUTS`. The stages
+        writing them run first, and are pulled into a run when they are not current.
+    writes:
+        Artifacts every run writes.
+    may_write:
+        Artifacts written only in some runs (a per-prediction-set name as a glob pattern, an optional table, a
+        cache another stage fills on demand).
+    uses:
+        Read when present, not required: ordered after their writers, never pulled in.
+    reads_late:
+        Read when present, without ordering the stage after their writer: the stage reconciles a later change
+        of them itself on its next run (robustness re-ranks its slice table when ``slices.parquet`` changed,
+        without attacking again). This is how a genuine data cycle (robustness → fragile flags → slices →
+        robustness's slice table) stays out of the graph; the orchestrator re-runs such a stage once at the end
+        when one of these was rewritten after it in the same run.
+    on_request:
+        Not part of a plain ``robustlens analyze`` (``--stages NAME`` or ``--stages all`` runs it).
+    precondition:
+        ``(context, config) -> reason or None``: a reason skips the stage with a warning (the data cannot
+        support it) and the other stages still run.
+    description:
+        One line for ``--list-stages``.
+    """
+
+    name: str
+    config: type
+    run: Callable[[StageContext, Any], StageResult]
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    may_write: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    reads_late: tuple[str, ...] = ()
+    on_request: bool = False
+    precondition: Callable[[StageContext, Any], str | None] | None = None
+    description: str = ""
+
+    def result(self, summary: dict[str, Any], *, current: bool | None = None,
+               artifacts: Iterable[str] | None = None) -> StageResult:
+        """Wrap ``summary`` as this stage's :class:`StageResult`.
+
+        ``current`` defaults to ``summary.get("skipped") is True``; ``artifacts`` to nothing when current and
+        to :attr:`writes` otherwise.
+        """
+        if current is None:
+            current = summary.get("skipped") is True
+        if artifacts is None:
+            artifacts = () if current else self.writes
+        return StageResult(self.name, summary, artifacts=artifacts, current=current)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Everything the stage reads, required or not."""
+        return self.reads + self.uses + self.reads_late

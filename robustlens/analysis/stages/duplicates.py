@@ -36,6 +36,11 @@ Outputs:
   representative → copy; ``near``), ``cosine`` (embedding), ``phash_distance`` (-1: unknown),
   ``ncc_distance``, ``pixel_difference``, ``phase_peak``, ``cross_split``.
 * ``artifacts/flags_duplicates.parquet`` — issues ``exact_duplicate``, ``near_duplicate``, ``leakage``.
+
+Per-sample part and reduction: the per-sample inputs (``pixel_hash``/``phash`` of the metrics stage, the
+embedding and the 32×32 thumbnail of the embeddings stage) are computed upstream, batch by batch; this stage is a
+whole-dataset reduction (neighbour search, pair confirmation, connected components), whose pair confirmation
+(:func:`confirm_pairs` / :func:`compare_thumbnails`) is a pure function of the two thumbnails of each pair.
 """
 
 from __future__ import annotations
@@ -51,13 +56,24 @@ from scipy.sparse.csgraph import connected_components
 
 from robustlens.analysis.ingest.dataset import UNSPECIFIED_SPLIT
 from robustlens.analysis.loader import default_workers, torch_threads
-from robustlens.analysis.stages.base import (StageContext, excluded_rows, fingerprint, is_current, load_sample_array,
-                                             read_artifact, write_artifact)
+from robustlens.analysis.stages.base import (
+    FLAG_COLUMNS,
+    StageContext,
+    StageInputError,
+    StageResult,
+    StageSpec,
+    check_number,
+    excluded_rows,
+    fingerprint,
+    is_current,
+    load_sample_array,
+    read_artifact,
+    write_artifact,
+)
 from robustlens.analysis.stages.embeddings import knn_search, load_embeddings, neighbor_graph
 from robustlens.errors import WorkspaceError
 
 STAGE = "duplicates"
-FLAG_COLUMNS = ["id", "issue", "severity", "explanation"]
 #: Low-frequency block (rows × columns of the 2-D spectrum) forming the shift-invariant signature.
 SIGNATURE_BLOCK = 6
 #: Thumbnails transformed per chunk when computing signatures.
@@ -109,10 +125,25 @@ class Config:
     min_phase_peak: float = 0.5
     phash_max_distance: int | None = None
 
+    def __post_init__(self) -> None:
+        check_number(STAGE, self, "n_neighbors", low=1, integer=True)
+        for name in ("min_embedding_cosine", "min_signature_cosine"):
+            check_number(STAGE, self, name, low=-1.0, high=1.0)
+        for name in ("max_ncc_distance", "max_pixel_difference", "max_mean_difference", "max_shift"):
+            check_number(STAGE, self, name, low=0)
+        check_number(STAGE, self, "min_phase_peak")
+        check_number(STAGE, self, "phash_max_distance", low=0, high=64, integer=True, optional=True)
 
-def run(context: StageContext, config: Config) -> dict:
-    """Find duplicates and leakage; write the three artifacts; return counts."""
-    _validate_config(config)
+
+def run(context: StageContext, config: Config) -> StageResult:
+    """Find duplicates and leakage; write the three artifacts.
+
+    Summary: ``skipped``, ``candidate_pairs`` (when computed) and the counts of :func:`_counts`.
+    """
+    return SPEC.result(_run(context, config))
+
+
+def _run(context: StageContext, config: Config) -> dict:
     workspace = context.workspace
     samples = workspace.samples
     prints = load_fingerprints(context)
@@ -384,7 +415,7 @@ def compare_thumbnails(a: np.ndarray, b: np.ndarray, *, max_shift: float = 3.0, 
         Two flat images count as 1.
     """
     if a.shape != b.shape or a.ndim != 3:
-        raise ValueError(f"expected two (P, H, W) arrays of one shape, got {a.shape} and {b.shape}")
+        raise StageInputError(f"expected two (P, H, W) arrays of one shape, got {a.shape} and {b.shape}")
     count, height, width = a.shape
     if count == 0:
         empty = np.zeros(0, dtype=np.float32)
@@ -544,7 +575,7 @@ def flag_table(ids: np.ndarray, splits: np.ndarray, table: pd.DataFrame, exact: 
     if not rows:
         return pd.DataFrame({"id": pd.Series(dtype=str), "issue": pd.Series(dtype=str),
                              "severity": pd.Series(dtype=float), "explanation": pd.Series(dtype=str)})
-    return pd.DataFrame(rows, columns=FLAG_COLUMNS)
+    return pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
 
 
 def _name(ids: np.ndarray, splits: np.ndarray, positions: np.ndarray | list[int], exclude: int = -1) -> str:
@@ -568,15 +599,6 @@ def _counts(table: pd.DataFrame) -> dict:
             "leakage_samples": int(table["cross_split"].sum())}
 
 
-def _validate_config(config: Config) -> None:
-    if config.n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be >= 1, got {config.n_neighbors}")
-    for name in ("min_embedding_cosine", "min_signature_cosine"):
-        value = getattr(config, name)
-        if not -1.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be in [-1, 1], got {value}")
-    for name in ("max_ncc_distance", "max_pixel_difference", "max_mean_difference", "max_shift"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
-    if config.phash_max_distance is not None and not 0 <= config.phash_max_distance <= 64:
-        raise ValueError(f"phash_max_distance must be in [0, 64] or None, got {config.phash_max_distance}")
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("fingerprints", "embeddings", "thumbnails"),
+                 writes=("duplicates", "duplicate_pairs", "flags_duplicates"),
+                 description="exact and near duplicates, their clusters, train/test leakage")

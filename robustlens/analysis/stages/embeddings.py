@@ -29,6 +29,11 @@ Incremental work: images are decoded once per run and only for content hashes mi
 ``artifacts/cache/embeddings-*`` for model vectors, keyed by the model's identity). The PCA of the pixel
 descriptor is fitted on the whole dataset, so adding images refits it over all cached raw descriptors
 (cheap) and every fallback / visual vector may change slightly.
+
+Per-sample part and reduction: :func:`map_batch` is the per-sample part, a pure function of a batch of decoded
+images and the config (raw pixel descriptor, thumbnail and, given the model's feature extractor, the model
+vector of each image; what the caches hold). The whole-dataset reductions are the PCA of the pixel descriptor
+(``visual_features``, the fallback embedding) and the neighbour graph (:func:`neighbor_graph`).
 """
 
 from __future__ import annotations
@@ -46,9 +51,24 @@ from torch import nn
 from robustlens.analysis import fallback_features, storage
 from robustlens.analysis.ingest.model import NormalizedModel, prepare_images
 from robustlens.analysis.loader import auto_batch_size, compute_threads, decode_workers, torch_threads
-from robustlens.analysis.stages.base import (HashCache, StageContext, artifact_entry, cache_for, decode_distinct,
-                                             excluded_rows, fingerprint, is_current, record_artifact, record_refused,
-                                             refused_rows)
+from robustlens.analysis.stages.base import (
+    HashCache,
+    StageContext,
+    StageInputError,
+    StageResult,
+    StageSpec,
+    artifact_entry,
+    cache_for,
+    check_choice,
+    check_number,
+    decode_distinct,
+    excluded_rows,
+    fingerprint,
+    is_current,
+    record_artifact,
+    record_refused,
+    refused_rows,
+)
 from robustlens.errors import WorkspaceError
 
 SOURCES = ("auto", "imported", "model", "fallback")
@@ -101,10 +121,47 @@ class Config:
     batch_size: int | None = None
     fallback_dim: int = 64
 
+    def __post_init__(self) -> None:
+        check_choice(ARTIFACT, self, "source", SOURCES)
+        check_number(ARTIFACT, self, "batch_size", low=1, integer=True, optional=True)
+        check_number(ARTIFACT, self, "fallback_dim", low=1, integer=True)
 
-def run(context: StageContext, config: Config) -> dict:
-    """Compute the stage's artifacts (see the module docstring); returns a summary."""
-    _validate_config(config)
+
+def run(context: StageContext, config: Config) -> StageResult:
+    """Compute the stage's artifacts (see the module docstring).
+
+    Summary: ``skipped``, ``source``, ``layer``, ``dim``, ``computed`` (images decoded), ``samples`` and, when
+    computed, ``samples_skipped`` and ``refused``.
+    """
+    return SPEC.result(_run(context, config))
+
+
+def map_batch(pixels: list[np.ndarray], config: Config, *, device: str = "cpu",
+              extract: Callable[[list[np.ndarray]], torch.Tensor] | None = None) -> pd.DataFrame:
+    """The per-sample part of the stage: one row per decoded image (``(H, W, C)`` float32 in ``[0, 1]``).
+
+    Columns ``raw`` (float32 bytes of the :data:`~robustlens.analysis.fallback_features.RAW_DIM` raw pixel
+    descriptor), ``thumbnail`` (uint8 bytes of the 32×32 luminance thumbnail) and, when ``extract`` (decoded
+    pixels → ``(B, D)`` model features, e.g. from :func:`penultimate_extractor`) is given, ``vector`` (float32
+    bytes). Depends on nothing but its arguments (``config`` is accepted for the protocol: no field of it
+    changes per-sample results), so a batch can be computed anywhere.
+    """
+    frame = pd.DataFrame(_describe_rows(pixels, device))
+    if extract is not None:
+        with torch.no_grad():
+            vectors = extract(pixels).detach().cpu().numpy().astype(np.float32, copy=False)
+        frame["vector"] = [row.tobytes() for row in vectors]
+    return frame
+
+
+def _describe_rows(pixels: list[np.ndarray], device: str | torch.device) -> dict[str, list[bytes]]:
+    """``raw`` and ``thumbnail`` byte blobs of each image (see :func:`map_batch`)."""
+    raw, thumbs = fallback_features.describe(pixels, device)
+    return {"raw": [row.tobytes() for row in raw.cpu().numpy().astype(np.float32, copy=False)],
+            "thumbnail": [row.tobytes() for row in thumbs.cpu().numpy()]}
+
+
+def _run(context: StageContext, config: Config) -> dict:
     workspace = context.workspace
     samples = workspace.samples
     source = resolve_source(workspace, config.source)
@@ -215,7 +272,7 @@ def _embedding_matrix(workspace, source: str, layer: str, computed: np.ndarray) 
 def resolve_source(workspace, requested: str) -> str:
     """The source actually used for ``requested`` (one of :data:`SOURCES`), checking it is available."""
     if requested not in SOURCES:
-        raise ValueError(f"embeddings source must be one of {SOURCES}, got {requested!r}")
+        raise StageInputError(f"embeddings source must be one of {SOURCES}, got {requested!r}")
     has_imported = workspace.manifest.get("embeddings") is not None
     if requested == "auto":
         return "imported" if has_imported else "model" if workspace.has_model else "fallback"
@@ -378,11 +435,8 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
             wanted = np.fromiter((h in pixel_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
             if wanted.any():
                 chosen = [pixels[i] for i in np.flatnonzero(wanted)]
-                raw, thumbs = fallback_features.describe(chosen, context.device)
-                pixel_cache.add(pd.DataFrame({
-                    "content_hash": batch_hashes[wanted],
-                    "raw": [row.tobytes() for row in raw.cpu().numpy().astype(np.float32, copy=False)],
-                    "thumbnail": [row.tobytes() for row in thumbs.cpu().numpy()]}))
+                pixel_cache.add(pd.DataFrame({"content_hash": batch_hashes[wanted],
+                                              **_describe_rows(chosen, context.device)}))
             if vectors is not None:
                 model_cache.add(pd.DataFrame({"content_hash": vector_hashes,
                                               "vector": [row.tobytes() for row in vectors.result()]}))
@@ -453,14 +507,9 @@ def load_embeddings(context: StageContext) -> tuple[np.ndarray, str]:
     WorkspaceError
         The embeddings stage has not run, or ran on a different set of samples.
     """
-    path = context.workspace.artifact_path(f"{ARTIFACT}.npy")
-    if not path.exists():
-        raise WorkspaceError(f"{path} does not exist; run the 'embeddings' stage first "
-                             "('robustlens analyze WS --stages embeddings')")
-    matrix = np.load(path, allow_pickle=False)
-    if matrix.ndim != 2 or matrix.shape[0] != len(context.workspace.samples):
-        raise WorkspaceError(f"{path} has shape {matrix.shape} but the workspace has "
-                             f"{len(context.workspace.samples)} samples; re-run the 'embeddings' stage")
+    from robustlens.analysis.artifacts import read_embeddings
+
+    matrix = read_embeddings(context.workspace, imported=False, required=True).matrix
     return matrix, fingerprint(matrix)
 
 
@@ -490,7 +539,7 @@ def neighbor_graph(context: StageContext, n_neighbors: int) -> tuple[np.ndarray,
         than :data:`SEARCH_MAX_DIM`, measured in their PCA reduction.
     """
     if n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
+        raise StageInputError(f"n_neighbors must be >= 1, got {n_neighbors}")
     embeddings, embeddings_fp = load_embeddings(context)
     n = embeddings.shape[0]
     excluded = excluded_rows(context.workspace)
@@ -537,7 +586,7 @@ def kept_graph(indices: np.ndarray, distances: np.ndarray, kept: np.ndarray) -> 
     local[rows] = np.arange(len(rows))
     sub = local[indices[rows]]
     if (sub < 0).any():
-        raise ValueError("the neighbour graph links kept samples to excluded ones; re-run the 'embeddings' stage")
+        raise StageInputError("the neighbour graph links kept samples to excluded ones; re-run the 'embeddings' stage")
     return sub, distances[rows]
 
 
@@ -562,7 +611,7 @@ def knn_search(vectors: np.ndarray, k: int, *, random_state: int) -> tuple[np.nd
     """
     n = vectors.shape[0]
     if not 0 <= k <= max(n - 1, 0):
-        raise ValueError(f"k must be in [0, {max(n - 1, 0)}] for {n} rows, got {k}")
+        raise StageInputError(f"k must be in [0, {max(n - 1, 0)}] for {n} rows, got {k}")
     if k == 0:
         return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -635,11 +684,6 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
     return _drop_self_rows(indices, distances, np.arange(indices.shape[0]), k)
 
 
-def _validate_config(config: Config) -> None:
-    if config.source not in SOURCES:
-        raise ValueError(f"embeddings source must be one of {SOURCES}, got {config.source!r}")
-    if config.batch_size is not None and config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
-    if config.fallback_dim < 1:
-        raise ValueError(f"fallback_dim must be >= 1, got {config.fallback_dim}")
-
+SPEC = StageSpec(name=ARTIFACT, config=Config, run=run, reads=("samples",), uses=("model",), writes=OUTPUTS,
+                 may_write=("knn_indices", "knn_distances"),
+                 description="one vector per sample (imported, model or built-in), pixel descriptors, thumbnails")

@@ -19,6 +19,10 @@ one float column per quality metric). Outputs, per prediction set ``<set>``:
 * ``artifacts/metric_curves_<set>.parquet`` — accuracy over quantile bins of each metric: ``metric``,
   ``bin``, ``lower``, ``upper``, ``count``, ``mean_value``, ``accuracy``, ``ci_low``, ``ci_high``
   (Wilson 95 %), ``mean_confidence``; empty when there are no metrics.
+
+Per-sample part and reduction: the per-sample outcomes (:func:`sample_outcomes`: correctness, confidence,
+margin, log-loss of each row of probabilities) are a pure function of a batch of probability rows and labels;
+the aggregates, calibration, metric importance and curves are whole-dataset reductions.
 """
 
 from __future__ import annotations
@@ -34,8 +38,20 @@ from sklearn.feature_selection import mutual_info_classif
 from sklearn.metrics import precision_recall_fscore_support
 
 from robustlens.analysis import storage
-from robustlens.analysis.stages.base import (StageContext, artifact_entry, fingerprint, is_current, read_artifact,
-                                             record_artifact, write_artifact)
+from robustlens.analysis.stages.base import (
+    StageContext,
+    StageInputError,
+    StageResult,
+    StageSpec,
+    artifact_entry,
+    check_number,
+    config_error,
+    fingerprint,
+    is_current,
+    read_artifact,
+    record_artifact,
+    write_artifact,
+)
 
 STAGE = "evaluation"
 # A probability of exactly 0 for the given label would make its log-loss infinite.
@@ -80,6 +96,18 @@ class Config:
     mi_max_samples: int = 30_000
     confidence_z: float = 1.96
 
+    def __post_init__(self) -> None:
+        if self.prediction_sets is not None and (isinstance(self.prediction_sets, str) or not all(
+                isinstance(name, str) for name in self.prediction_sets)):
+            raise config_error(STAGE, "prediction_sets", "a sequence of prediction-set names or None",
+                               self.prediction_sets)
+        if isinstance(self.top_k, str | bytes) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.top_k):
+            raise config_error(STAGE, "top_k", "a sequence of integers >= 1", self.top_k)
+        for name in ("calibration_bins", "curve_bins", "mi_neighbors", "mi_max_samples"):
+            check_number(STAGE, self, name, low=1, integer=True)
+        check_number(STAGE, self, "confidence_z", low=0, low_open=True)
+
 
 # -- statistics shared with other stages ---------------------------------------------------------------
 
@@ -103,9 +131,9 @@ def wilson_interval(successes, totals, z: float = 1.96) -> tuple[np.ndarray, np.
     k = np.asarray(successes, dtype=float)
     n = np.asarray(totals, dtype=float)
     if k.shape != n.shape:
-        raise ValueError(f"successes and totals must have the same shape, got {k.shape} and {n.shape}")
+        raise StageInputError(f"successes and totals must have the same shape, got {k.shape} and {n.shape}")
     if np.any(k < 0) or np.any(k > n):
-        raise ValueError("successes must lie in [0, totals]")
+        raise StageInputError("successes must lie in [0, totals]")
     with np.errstate(divide="ignore", invalid="ignore"):
         p = k / n
         denominator = 1 + z * z / n
@@ -130,7 +158,7 @@ def aligned_metrics(workspace) -> pd.DataFrame | None:
     if metrics is None:
         return None
     if "id" not in metrics.columns:
-        raise ValueError(f"{workspace.artifact_path('metrics.parquet')} has no 'id' column")
+        raise StageInputError(f"{workspace.artifact_path('metrics.parquet')} has no 'id' column")
     numeric = [c for c in metrics.columns if c != "id" and pd.api.types.is_numeric_dtype(metrics[c])
                and not pd.api.types.is_bool_dtype(metrics[c])]
     table = metrics.drop_duplicates("id").set_index("id")[numeric].astype(float)
@@ -157,13 +185,13 @@ def json_safe(value):
 def check_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> None:
     """Validate an ``(N, K)`` probability matrix against ``(N,)`` integer labels in ``[0, K)``."""
     if probabilities.ndim != 2:
-        raise ValueError(f"probabilities must be 2-D (N, K), got shape {probabilities.shape}")
+        raise StageInputError(f"probabilities must be 2-D (N, K), got shape {probabilities.shape}")
     if labels.shape != (probabilities.shape[0],):
-        raise ValueError(f"labels must have shape ({probabilities.shape[0]},), got {labels.shape}")
+        raise StageInputError(f"labels must have shape ({probabilities.shape[0]},), got {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= probabilities.shape[1]):
-        raise ValueError(f"labels must lie in [0, {probabilities.shape[1]}), got [{labels.min()}, {labels.max()}]")
+        raise StageInputError(f"labels must lie in [0, {probabilities.shape[1]}), got [{labels.min()}, {labels.max()}]")
     if not np.all(np.isfinite(probabilities)):
-        raise ValueError("probabilities contain NaN or infinite values")
+        raise StageInputError("probabilities contain NaN or infinite values")
 
 
 def sample_outcomes(probabilities: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
@@ -225,7 +253,7 @@ def calibration_table(confidence: np.ndarray, correct: np.ndarray, num_bins: int
     confidence; ``NaN`` for empty bins).
     """
     if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        raise StageInputError(f"num_bins must be >= 1, got {num_bins}")
     index = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
     count = np.bincount(index, minlength=num_bins)
     hits = np.bincount(index, weights=correct.astype(float), minlength=num_bins)
@@ -374,9 +402,9 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], 
         ``report`` — JSON-serialisable dict (see the module docstring); ``outcomes`` — :func:`sample_outcomes`.
     """
     if probabilities.shape[1:] != (len(classes),):
-        raise ValueError(f"probabilities have {probabilities.shape[1:]} columns, expected {len(classes)} classes")
+        raise StageInputError(f"probabilities have {probabilities.shape[1:]} columns, expected {len(classes)} classes")
     if len(labels) == 0:
-        raise ValueError("cannot evaluate an empty prediction set")
+        raise StageInputError("cannot evaluate an empty prediction set")
     outcomes = sample_outcomes(probabilities, labels)
     predicted = outcomes["predicted"].to_numpy()
     correct = outcomes["correct"].to_numpy()
@@ -457,21 +485,38 @@ def _evaluate_set(context: StageContext, config: Config, name: str, metrics: pd.
     return {**summary, "skipped": False}
 
 
-def run(context: StageContext, config: Config) -> dict:
-    """Evaluate every selected prediction set; see the module docstring for the artifacts."""
+def run(context: StageContext, config: Config) -> StageResult:
+    """Evaluate every selected prediction set; see the module docstring for the artifacts.
+
+    Summary: ``prediction_sets`` (set → its summary, with ``skipped``) and ``metrics_available``; or
+    ``skipped``, ``reason`` and an empty ``prediction_sets`` when the workspace has none.
+    """
+    summary = _run(context, config)
+    sets = summary.get("prediction_sets") or {}
+    written = [name for set_name, entry in sets.items() if entry.get("skipped") is not True
+               for name in (f"evaluation/{set_name}", f"eval_samples_{set_name}", f"metric_importance_{set_name}",
+                            f"metric_curves_{set_name}")]
+    return SPEC.result(summary, current=all(entry.get("skipped") is True for entry in sets.values()),
+                       artifacts=written)
+
+
+def _run(context: StageContext, config: Config) -> dict:
     available = context.workspace.prediction_names
     selected = available if config.prediction_sets is None else list(config.prediction_sets)
     unknown = [name for name in selected if name not in available]
     if unknown:
-        raise ValueError(f"unknown prediction set(s) {unknown}; the workspace has {available}")
+        raise StageInputError(f"unknown prediction set(s) {unknown}; the workspace has {available}")
     bad = [name for name in selected if not _SAFE_NAME.match(name)]
     if bad:
-        raise ValueError(f"prediction-set names {bad} cannot be used in artifact file names "
+        raise StageInputError(f"prediction-set names {bad} cannot be used in artifact file names "
                          "(letters, digits, '_', '-', '.' only)")
     if not selected:
         return {"skipped": True, "reason": "the workspace has no prediction sets", "prediction_sets": {}}
-    if config.calibration_bins < 1 or config.curve_bins < 1:
-        raise ValueError("calibration_bins and curve_bins must be >= 1")
     metrics = aligned_metrics(context.workspace)
     return {"prediction_sets": {name: _evaluate_set(context, config, name, metrics) for name in selected},
             "metrics_available": metrics is not None}
+
+
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples",), uses=("predictions", "metrics"),
+                 may_write=("evaluation/*", "eval_samples_*", "metric_importance_*", "metric_curves_*"),
+                 description="accuracy, calibration and metric importance of each prediction set")

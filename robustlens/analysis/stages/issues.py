@@ -1,6 +1,7 @@
 """Stage ``issues``: gather every stage's flags into one table the dashboard and exports filter on.
 
-Inputs: ``artifacts/flags_<stage>.parquet`` (long: id, issue, severity, explanation), whichever exist.
+Inputs: ``artifacts/flags_<stage>.parquet`` (long: id, issue, severity, explanation), whichever exist (the
+analysis stages' always; ``flags_robustness`` once the on-request robustness stage ran).
 Outputs:
 
 * ``artifacts/issues.parquet`` — the same long table, all stages, sorted by sample order then severity;
@@ -15,9 +16,22 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from robustlens.analysis.stages.base import StageContext, fingerprint, is_current, write_artifact
+from robustlens.analysis import artifacts
+from robustlens.analysis.stages.base import (
+    FLAG_COLUMNS,
+    StageContext,
+    StageInputError,
+    StageResult,
+    StageSpec,
+    fingerprint,
+    is_current,
+    write_artifact,
+)
 
-FLAG_COLUMNS = ("id", "issue", "severity", "explanation")
+STAGE = "issues"
+#: The flags tables the analysis stages write (the issues stage needs them); ``flags_robustness`` is used when
+#: present.
+ANALYSIS_FLAGS = ("flags_quality", "flags_duplicates", "flags_outliers", "flags_label_issues")
 
 
 @dataclass
@@ -28,11 +42,11 @@ class Config:
 def collect_flags(context: StageContext) -> pd.DataFrame:
     """Concatenate every ``flags_*.parquet`` (validated), keeping only current samples."""
     frames = []
-    for path in sorted(context.workspace.artifact_path("").glob("flags_*.parquet")):
-        frame = pd.read_parquet(path)
+    for name, frame in artifacts.read_flag_tables(context.workspace).items():
+        path = context.workspace.artifact_path(f"{name}.parquet")
         missing = [c for c in FLAG_COLUMNS if c not in frame.columns]
         if missing:
-            raise ValueError(f"{path}: flags table lacks columns {missing}; expected {list(FLAG_COLUMNS)}")
+            raise StageInputError(f"{path}: flags table lacks columns {missing}; expected {list(FLAG_COLUMNS)}")
         frame = frame[list(FLAG_COLUMNS)].copy()
         frame["stage"] = path.stem.removeprefix("flags_")
         frames.append(frame)
@@ -43,7 +57,15 @@ def collect_flags(context: StageContext) -> pd.DataFrame:
     return flags
 
 
-def run(context: StageContext, config: Config) -> dict:
+def run(context: StageContext, config: Config) -> StageResult:
+    """Gather the flags tables into ``issues`` and ``issue_matrix`` (a whole-dataset reduction).
+
+    Summary: ``skipped``, ``counts`` (issue → samples flagged), ``samples_with_issues`` (when written).
+    """
+    return SPEC.result(_run(context, config))
+
+
+def _run(context: StageContext, config: Config) -> dict:
     samples = context.workspace.samples
     flags = collect_flags(context)
     position = pd.Series(np.arange(len(samples)), index=samples["id"])
@@ -71,3 +93,8 @@ def run(context: StageContext, config: Config) -> dict:
 
 def _counts(flags: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in flags.groupby("issue")["id"].nunique().sort_index().items()}
+
+
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=ANALYSIS_FLAGS, uses=("flags_robustness",),
+                 writes=("issues", "issue_matrix"),
+                 description="every stage's flags in one long table and one row per sample")

@@ -21,6 +21,10 @@ Outputs:
 * ``artifacts/overlapping_classes.parquet`` — class pairs the annotators (or the model) confuse:
   ``class_a``, ``class_b``, ``class_index_a``, ``class_index_b``, ``num_overlapping``, ``joint_probability``;
 * ``artifacts/flags_label_issues.parquet`` — issue ``label_issue``, severity ``1 − label_quality``.
+
+Per-sample part and reduction: none per sample; confident learning (and the cross-validated classifier) is a
+whole-dataset reduction of the labels and probabilities. The stage is skipped with a warning when the data cannot
+support it (:func:`precondition`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,19 @@ from cleanlab.rank import get_label_quality_scores
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from robustlens.analysis.stages.base import StageContext, excluded_rows, fingerprint, is_current, write_artifact
+from robustlens.analysis.stages.base import (
+    StageContext,
+    StageInputError,
+    StageResult,
+    StageSpec,
+    check_choice,
+    check_number,
+    config_error,
+    excluded_rows,
+    fingerprint,
+    is_current,
+    write_artifact,
+)
 from robustlens.analysis.stages.evaluation import json_safe, stored_summary
 
 STAGE = "label_issues"
@@ -87,6 +103,16 @@ class Config:
     logistic_c: float = 1.0
     logistic_max_iter: int = 300
 
+    def __post_init__(self) -> None:
+        check_choice(STAGE, self, "probabilities", PROBABILITY_MODES)
+        check_choice(STAGE, self, "filter_by", FILTER_METHODS)
+        check_choice(STAGE, self, "quality_method", QUALITY_METHODS)
+        check_number(STAGE, self, "cv_folds", low=2, integer=True)
+        check_number(STAGE, self, "logistic_c", low=0, low_open=True)
+        check_number(STAGE, self, "logistic_max_iter", low=1, integer=True)
+        if self.prediction_set is not None and not isinstance(self.prediction_set, str):
+            raise config_error(STAGE, "prediction_set", "a prediction-set name or None", self.prediction_set)
+
 
 def load_embeddings(workspace) -> tuple[np.ndarray | None, str | None]:
     """The embeddings stage's ``artifacts/embeddings.npy``, else the imported embeddings.
@@ -96,29 +122,20 @@ def load_embeddings(workspace) -> tuple[np.ndarray | None, str | None]:
     (embeddings, origin):
         ``(N, D)`` float array or ``None``; ``origin`` names where it came from.
     """
-    path = workspace.artifact_path("embeddings.npy")
-    if path.exists():
-        embeddings, origin = np.load(path, allow_pickle=False), "artifacts/embeddings.npy"
-    else:
-        embeddings, origin = workspace.embeddings(), "imported"
-    if embeddings is None:
-        return None, None
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(workspace.samples):
-        raise ValueError(f"{origin} embeddings have shape {embeddings.shape}, expected "
-                         f"({len(workspace.samples)}, D) in samples order")
-    if not np.all(np.isfinite(embeddings)):
-        raise ValueError(f"{origin} embeddings contain NaN or infinite values")
-    return embeddings, origin
+    from robustlens.analysis.artifacts import read_embeddings
+
+    found = read_embeddings(workspace)
+    return (None, None) if found is None else (found.matrix, found.origin)
 
 
 def effective_folds(labels: np.ndarray, folds: int) -> int:
     """``folds`` reduced to the smallest class count of ``(N,)`` labels (every fold must see every class)."""
     present, counts = np.unique(labels, return_counts=True)
     if len(present) < 2:
-        raise ValueError("cross-validated probabilities need at least two classes with samples")
+        raise StageInputError("cross-validated probabilities need at least two classes with samples")
     if counts.min() < 2:
         smallest = int(present[counts.argmin()])
-        raise ValueError(f"cross-validation needs at least 2 samples per class; class index {smallest} has "
+        raise StageInputError(f"cross-validation needs at least 2 samples per class; class index {smallest} has "
                          f"{int(counts.min())}")
     return min(folds, int(counts.min()))
 
@@ -164,7 +181,7 @@ def choose_source(context: StageContext, config: Config) -> tuple[str, np.ndarra
     names = workspace.prediction_names
     name = config.prediction_set if config.prediction_set is not None else (names[0] if names else None)
     if name is not None and name not in names:
-        raise ValueError(f"unknown prediction set '{name}'; the workspace has {names}")
+        raise StageInputError(f"unknown prediction set '{name}'; the workspace has {names}")
     in_sample = name is not None and (config.predictions_in_sample or
                                       bool(workspace.manifest["prediction_sets"][name].get("in_sample", False)))
     mode = config.probabilities
@@ -177,18 +194,18 @@ def choose_source(context: StageContext, config: Config) -> tuple[str, np.ndarra
         elif name is not None:
             mode = "given"  # in-sample predictions are all there is; the summary warns
         else:
-            raise ValueError("label issues need out-of-sample predictions or embeddings; the workspace has "
+            raise StageInputError("label issues need out-of-sample predictions or embeddings; the workspace has "
                              "neither (pass --predictions to 'robustlens init' or run the embeddings stage)")
     if mode == "given":
         if name is None:
-            raise ValueError("probabilities='given' but the workspace has no prediction sets")
+            raise StageInputError("probabilities='given' but the workspace has no prediction sets")
         details = {"prediction_set": name, "predictions_in_sample": in_sample}
         if in_sample:
             details["warning"] = ("in-sample predictions overfit the given labels, so label errors the model "
                                   "memorised are missed")
         return "given", workspace.predictions(name).astype(np.float64), details
     if embeddings is None:
-        raise ValueError("probabilities='cross_validated' needs embeddings; run the embeddings stage or "
+        raise StageInputError("probabilities='cross_validated' needs embeddings; run the embeddings stage or "
                          "pass --embeddings to 'robustlens init'")
     return "cross_validated", embeddings, {"embeddings": origin, "prediction_set": name,
                                            "predictions_in_sample": in_sample if name else None}
@@ -213,7 +230,7 @@ def find_issues(labels: np.ndarray, probabilities: np.ndarray, *, filter_by: str
         ``confident_joint`` ``(K, K)`` (reused by the class summaries).
     """
     if probabilities.ndim != 2 or probabilities.shape[0] != len(labels):
-        raise ValueError(f"probabilities must have shape ({len(labels)}, K), got {probabilities.shape}")
+        raise StageInputError(f"probabilities must have shape ({len(labels)}, K), got {probabilities.shape}")
     confident_joint = compute_confident_joint(labels, probabilities)
     issues = find_label_issues(labels, probabilities, filter_by=filter_by, confident_joint=confident_joint,
                                n_jobs=1)  # worker processes cost more than they save at these sizes
@@ -290,26 +307,22 @@ def _with_excluded(per_sample: pd.DataFrame, ids: np.ndarray, labels: np.ndarray
     return full
 
 
-def _validate(config: Config) -> None:
-    if config.probabilities not in PROBABILITY_MODES:
-        raise ValueError(f"probabilities must be one of {PROBABILITY_MODES}, got '{config.probabilities}'")
-    if config.filter_by not in FILTER_METHODS:
-        raise ValueError(f"filter_by must be one of {FILTER_METHODS}, got '{config.filter_by}'")
-    if config.quality_method not in QUALITY_METHODS:
-        raise ValueError(f"quality_method must be one of {QUALITY_METHODS}, got '{config.quality_method}'")
-    if config.cv_folds < 2:
-        raise ValueError(f"cv_folds must be >= 2, got {config.cv_folds}")
+def run(context: StageContext, config: Config) -> StageResult:
+    """Find label issues; see the module docstring for the artifacts.
+
+    Summary: ``probability_source`` and its details, ``num_samples``, ``num_label_issues``,
+    ``label_health_score``, ``most_overlapping``, ``skipped``.
+    """
+    return SPEC.result(_run(context, config))
 
 
-def run(context: StageContext, config: Config) -> dict:
-    """Find label issues; see the module docstring for the artifacts."""
-    _validate(config)
+def _run(context: StageContext, config: Config) -> dict:
     workspace = context.workspace
     samples = workspace.samples
     labels = samples["label_index"].to_numpy(dtype=np.int64)
     classes = workspace.classes
     if len(classes) < 2:
-        raise ValueError(f"label issues need at least two classes, the workspace has {classes}")
+        raise StageInputError(f"label issues need at least two classes, the workspace has {classes}")
     source, source_array, details = choose_source(context, config)
     # Cross-validated on embeddings: samples the embeddings stage had no image for (their file was refused) are
     # left out, with no label quality and no flag. Given predictions do not depend on the image files.
@@ -359,3 +372,36 @@ def run(context: StageContext, config: Config) -> dict:
     write_artifact(context, "label_issues", per_sample, stage=STAGE, config=config, inputs=inputs,
                    extra={**extra, "summary": summary})
     return {**summary, "skipped": False}
+
+
+def precondition(context: StageContext, config: Config) -> str | None:
+    """Why the label-issues stage cannot run on this workspace, or ``None`` when it can.
+
+    Without out-of-sample predictions the stage cross-validates a classifier on the embeddings, and
+    stratified k-fold needs at least two samples of every class.
+    """
+    classes = context.workspace.classes
+    if len(classes) < 2:
+        return f"label issues need at least two classes, the workspace has {classes}"
+    try:
+        source, _, _ = choose_source(context, config)
+    except ValueError as exc:  # no predictions and no embeddings: the stage says what is missing
+        return str(exc)
+    if source != "cross_validated":
+        return None
+    # Samples whose file was refused are left out of the cross-validation.
+    labels = context.workspace.samples["label_index"].to_numpy(dtype=np.int64)[~excluded_rows(context.workspace)]
+    counts = np.bincount(labels, minlength=len(classes))
+    thin = [f"'{classes[i]}' ({int(counts[i])} image{'s' if counts[i] != 1 else ''})"
+            for i in np.flatnonzero((counts > 0) & (counts < 2))]
+    if thin:
+        return (f"without out-of-sample predictions, label issues come from cross-validation on the embeddings, "
+                f"which needs at least 2 samples per class; class {', '.join(thin)} has fewer (add images or "
+                "pass --predictions to 'robustlens init')")
+    return None
+
+
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples",), uses=("predictions", "embeddings"),
+                 writes=("label_class_summary", "overlapping_classes", "flags_label_issues", "label_issues"),
+                 precondition=precondition,
+                 description="samples whose given label is probably wrong (confident learning)")

@@ -24,6 +24,12 @@ done, and a re-run after adding images computes only content hashes not seen bef
 content hash are decoded once. The cache key is the set of pixel metrics and their versions (not the
 batch size, which does not change results). Record metrics are recomputed from the sample table on every
 run.
+
+Per-sample part and reduction: :func:`map_batch` is the per-sample part, a pure function of a batch of decoded
+images and the config (the pixel metrics, ``pixel_hash`` and ``phash`` of each image). There is no
+whole-dataset reduction: the run only gathers the cached rows into samples order and adds the record metrics
+(read from ``samples.parquet``). The artifacts are always rewritten (cheap); the cache makes a re-run decode
+nothing.
 """
 
 from __future__ import annotations
@@ -39,13 +45,30 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from robustlens.analysis.loader import (auto_batch_size, compute_threads, decode_workers, stacks_by_shape,
-                                       torch_threads)
 from robustlens.analysis.builtin_metrics import luminance
-from robustlens.analysis.metric_registry import (BUILTIN_MODULE, Metric, MetricRegistryError, available_metrics,
-                                                 get_metric, import_plugins)
-from robustlens.analysis.stages.base import (StageContext, cache_for, decode_distinct, fingerprint, record_refused,
-                                             refused_rows, write_artifact)
+from robustlens.analysis.loader import auto_batch_size, compute_threads, decode_workers, stacks_by_shape, torch_threads
+from robustlens.analysis.metric_registry import (
+    BUILTIN_MODULE,
+    Metric,
+    MetricRegistryError,
+    available_metrics,
+    get_metric,
+    import_plugins,
+)
+from robustlens.analysis.stages.base import (
+    StageContext,
+    StageResult,
+    StageSpec,
+    cache_for,
+    check_number,
+    decode_distinct,
+    fingerprint,
+    record_refused,
+    refused_rows,
+    write_artifact,
+)
+
+STAGE = "metrics"
 
 #: Bump when pixel_hash / phash computation changes (part of the cache key).
 FINGERPRINT_VERSION = "2"
@@ -78,6 +101,10 @@ class Config:
     metrics: tuple[str, ...] | None = None
     plugins: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # The metric names and plugin modules are checked by selected_metrics (it imports the plugins).
+        check_number(STAGE, self, "batch_size", low=1, integer=True, optional=True)
+
 
 def selected_metrics(config: Config) -> list[Metric]:
     """The metrics ``config`` asks for (plugins imported first), in registry order."""
@@ -96,18 +123,32 @@ def selected_metrics(config: Config) -> list[Metric]:
     return [get_metric(name) for name in names]
 
 
-def run(context: StageContext, config: Config) -> dict:
+def run(context: StageContext, config: Config) -> StageResult:
     """Compute metrics and fingerprints for every sample (only uncached content hashes are decoded).
 
     Returns
     -------
-    dict
-        ``computed`` (distinct images decoded and measured this run), ``cached`` (distinct images whose
-        results came from the cache), ``samples``, ``seconds`` and ``metrics`` (the metric columns).
+    StageResult
+        Summary: ``computed`` (distinct images decoded and measured this run), ``cached`` (distinct images
+        whose results came from the cache), ``samples``, ``seconds``, ``metrics`` (the metric columns),
+        ``samples_skipped`` and ``refused``. Never "current": the artifacts are always rewritten.
     """
+    return SPEC.result(_run(context, config), current=False)
+
+
+def map_batch(pixels: list[np.ndarray], config: Config, *, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """The per-sample part of the stage: the pixel metrics of ``config`` and the fingerprints of each image.
+
+    ``pixels``: decoded images, ``(H, W, C)`` float32 in ``[0, 1]``. Returns one row per image: a float64
+    column per pixel metric, ``pixel_hash`` and ``phash`` (see the module docstring). Depends on nothing but its
+    arguments (plugins named in ``config`` are imported), so a batch can be computed anywhere.
+    """
+    metrics = [metric for metric in selected_metrics(config) if metric.source == "pixels"]
+    return measure_batch(pixels, metrics, torch.device(device))
+
+
+def _run(context: StageContext, config: Config) -> dict:
     start = time.perf_counter()
-    if config.batch_size is not None and config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     metrics = selected_metrics(config)
     pixel_metrics = [m for m in metrics if m.source == "pixels"]
     workspace = context.workspace
@@ -168,8 +209,8 @@ def run(context: StageContext, config: Config) -> dict:
     inputs = fingerprint(samples[["id", "content_hash", "width", "height", "file_size", "channels"]])
     refused_entries = record_refused(context, "metrics", skipped)
     extra = {"metrics": [m.name for m in metrics], "skipped_rows": np.flatnonzero(skipped).tolist()}
-    write_artifact(context, "metrics", table, stage="metrics", config=config, inputs=inputs, extra=extra)
-    write_artifact(context, "fingerprints", fingerprints, stage="metrics", config=config, inputs=inputs,
+    write_artifact(context, "metrics", table, stage=STAGE, config=config, inputs=inputs, extra=extra)
+    write_artifact(context, "fingerprints", fingerprints, stage=STAGE, config=config, inputs=inputs,
                    extra={"skipped_rows": extra["skipped_rows"]})
     cache.compact(keep_hashes=set(hashes.tolist()))
     computed = int(decoded)
@@ -260,3 +301,7 @@ def perceptual_hash(images: torch.Tensor) -> np.ndarray:
     median = block[:, 1:].median(dim=1, keepdim=True).values  # 63 AC values: a unique middle one
     bits = (block > median).cpu().numpy()
     return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
+
+
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples",), writes=("metrics", "fingerprints"),
+                 description="per-image quality metrics and fingerprints (pixel hash, perceptual hash)")

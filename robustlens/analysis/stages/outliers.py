@@ -7,10 +7,11 @@ Two views of "unlike", each scored by the mean distance to a sample's ``k`` near
   features and neighbours, reported as ``1 - score`` so that, like every other column here, higher
   means more atypical;
 * **visual** — ``visual_distance``: mean euclidean distance in the built-in pixel-descriptor space
-  (``visual_features.npy``), to neighbours among at most ``Config.max_reference`` samples. It is needed because a classifier's features are not built to notice inputs
-  from another distribution: measured on the Fashion-MNIST sample, the model's embedding places random
-  noise, checkerboards and inverted images among ordinary garments (robust z below 3), while the pixel
-  descriptor puts them far from everything (robust z above 4).
+  (``visual_features.npy``), to neighbours among at most ``Config.max_reference`` samples. It is needed
+  because a classifier's features are not built to notice inputs from another distribution: measured on the
+  Fashion-MNIST sample, the model's embedding places random noise, checkerboards and inverted images among
+  ordinary garments (robust z below 3), while the pixel descriptor puts them far from everything (robust z
+  above 4).
 
 Each distance is turned into a robust z-score on a log scale — ``(log d - median) / (1.4826 MAD)`` — so
 the threshold means the same thing whatever the embedding's scale; ``outlier_score`` is the larger of the
@@ -20,6 +21,10 @@ distance distributions (e.g. a dataset made mostly of copies, where the MAD coll
 
 Outputs: ``artifacts/outliers.parquet`` — ``id``, ``knn_distance``, ``visual_distance``, ``ood_score``,
 ``outlier_score``, ``is_outlier``; ``artifacts/flags_outliers.parquet`` — issue ``outlier``.
+
+Per-sample part and reduction: the per-sample inputs (embedding, pixel descriptor) come from the embeddings
+stage, batch by batch; this stage is a whole-dataset reduction (neighbour distances, robust z-scores over the
+whole dataset, the ``max_fraction`` cap).
 """
 
 from __future__ import annotations
@@ -30,12 +35,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from robustlens.analysis.stages.base import (StageContext, excluded_rows, fingerprint, is_current, load_sample_array,
-                                             read_artifact, write_artifact)
+from robustlens.analysis.stages.base import (
+    FLAG_COLUMNS,
+    StageContext,
+    StageInputError,
+    StageResult,
+    StageSpec,
+    check_number,
+    excluded_rows,
+    fingerprint,
+    is_current,
+    load_sample_array,
+    read_artifact,
+    write_artifact,
+)
 from robustlens.analysis.stages.embeddings import kept_graph, knn_search, load_embeddings, neighbor_graph
 
 STAGE = "outliers"
-FLAG_COLUMNS = ["id", "issue", "severity", "explanation"]
 #: Lower bound of the robust scale (log units), so near-constant distances do not make every
 #: small deviation an outlier.
 MIN_LOG_SCALE = 0.05
@@ -63,10 +79,22 @@ class Config:
     max_fraction: float = 0.02
     max_reference: int = 10_000
 
+    def __post_init__(self) -> None:
+        check_number(STAGE, self, "n_neighbors", low=1, integer=True)
+        check_number(STAGE, self, "threshold", low=0, low_open=True)
+        check_number(STAGE, self, "max_fraction", low=0, high=1)
+        check_number(STAGE, self, "max_reference", low=1, integer=True)
 
-def run(context: StageContext, config: Config) -> dict:
-    """Score every sample; write ``outliers.parquet`` and ``flags_outliers.parquet``; return counts."""
-    _validate_config(config)
+
+def run(context: StageContext, config: Config) -> StageResult:
+    """Score every sample; write ``outliers.parquet`` and ``flags_outliers.parquet``.
+
+    Summary: ``skipped`` and the outlier counts.
+    """
+    return SPEC.result(_run(context, config))
+
+
+def _run(context: StageContext, config: Config) -> dict:
     workspace = context.workspace
     samples = workspace.samples
     embeddings, embeddings_fp = load_embeddings(context)
@@ -158,14 +186,14 @@ class PrecomputedNeighbors:
 
     def __init__(self, indices: np.ndarray, distances: np.ndarray):
         if indices.shape != distances.shape:
-            raise ValueError(f"indices {indices.shape} and distances {distances.shape} differ in shape")
+            raise StageInputError(f"indices {indices.shape} and distances {distances.shape} differ in shape")
         self.indices = indices
         self.distances = distances
         self.n_neighbors = indices.shape[1]
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):  # noqa: N803 (sklearn's name)
         if X is not None and len(X) != len(self.indices):
-            raise ValueError(f"the precomputed graph covers {len(self.indices)} samples, got {len(X)} queries")
+            raise StageInputError(f"the precomputed graph covers {len(self.indices)} samples, got {len(X)} queries")
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if return_distance:
             return self.distances[:, :k].astype(np.float64), self.indices[:, :k]
@@ -219,13 +247,9 @@ def flag_table(table: pd.DataFrame, z_semantic: np.ndarray, z_visual: np.ndarray
     if not rows:
         return pd.DataFrame({"id": pd.Series(dtype=str), "issue": pd.Series(dtype=str),
                              "severity": pd.Series(dtype=float), "explanation": pd.Series(dtype=str)})
-    return pd.DataFrame(rows, columns=FLAG_COLUMNS)
+    return pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
 
 
-def _validate_config(config: Config) -> None:
-    if config.n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be >= 1, got {config.n_neighbors}")
-    if config.threshold <= 0:
-        raise ValueError(f"threshold must be > 0, got {config.threshold}")
-    if not 0.0 <= config.max_fraction <= 1.0:
-        raise ValueError(f"max_fraction must be in [0, 1], got {config.max_fraction}")
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("embeddings", "visual_features"),
+                 writes=("outliers", "flags_outliers"),
+                 description="images unlike the rest (embedding and pixel-descriptor neighbour distances)")

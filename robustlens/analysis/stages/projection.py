@@ -14,6 +14,8 @@ falls from 200 at ``Config.large_dataset`` samples in proportion to 1/N, to no f
 Output: ``artifacts/projection.parquet`` — ``id``, ``x``, ``y`` (float32; NaN for the samples the
 embeddings stage had no image for), samples order. Skipped when the
 embeddings, the config and the random state are unchanged.
+
+Per-sample part and reduction: none per sample here; a whole-dataset reduction of the embeddings (PCA, UMAP).
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from robustlens.analysis.stages.base import StageContext, excluded_rows, fingerprint, is_current, write_artifact
+from robustlens.analysis.stages.base import (
+    StageContext,
+    StageResult,
+    StageSpec,
+    check_choice,
+    check_number,
+    excluded_rows,
+    fingerprint,
+    is_current,
+    write_artifact,
+)
 from robustlens.analysis.stages.embeddings import kept_graph, load_embeddings, neighbor_graph
 
 ARTIFACT = "projection"
@@ -62,10 +74,22 @@ class Config:
     min_epochs: int = 50
     init: str = "auto"
 
+    def __post_init__(self) -> None:
+        check_number(ARTIFACT, self, "n_neighbors", low=2, integer=True)
+        check_number(ARTIFACT, self, "min_dist", low=0)
+        check_number(ARTIFACT, self, "pca_dims", low=2, integer=True)
+        check_number(ARTIFACT, self, "n_epochs", low=1, integer=True, optional=True)
+        check_choice(ARTIFACT, self, "init", ("auto", "spectral", "pca"))
+        check_number(ARTIFACT, self, "min_epochs", low=1, integer=True)
+        check_number(ARTIFACT, self, "large_dataset", low=1, integer=True)
 
-def run(context: StageContext, config: Config) -> dict:
-    """Write ``artifacts/projection.parquet``; returns a summary (method, epochs, skipped)."""
-    _validate_config(config)
+
+def run(context: StageContext, config: Config) -> StageResult:
+    """Write ``artifacts/projection.parquet``; summary: ``skipped``, ``samples``, ``method``, ``n_epochs``."""
+    return SPEC.result(_run(context, config))
+
+
+def _run(context: StageContext, config: Config) -> dict:
     samples = context.workspace.samples
     embeddings, embeddings_fp = load_embeddings(context)
     kept = ~excluded_rows(context.workspace)
@@ -161,16 +185,5 @@ def _pca_layout(data: np.ndarray) -> np.ndarray:
     return layout
 
 
-def _validate_config(config: Config) -> None:
-    if config.n_neighbors < 2:
-        raise ValueError(f"n_neighbors must be >= 2, got {config.n_neighbors}")
-    if not 0.0 <= config.min_dist:
-        raise ValueError(f"min_dist must be >= 0, got {config.min_dist}")
-    if config.pca_dims < 2:
-        raise ValueError(f"pca_dims must be >= 2, got {config.pca_dims}")
-    if config.n_epochs is not None and config.n_epochs < 1:
-        raise ValueError(f"n_epochs must be >= 1 or None, got {config.n_epochs}")
-    if config.init not in ("auto", "spectral", "pca"):
-        raise ValueError(f"init must be 'auto', 'spectral' or 'pca', got {config.init!r}")
-    if config.min_epochs < 1 or config.large_dataset < 1:
-        raise ValueError("min_epochs and large_dataset must be >= 1")
+SPEC = StageSpec(name=ARTIFACT, config=Config, run=run, reads=("embeddings",), writes=(ARTIFACT,),
+                 description="2-D map of the embeddings (UMAP on the shared neighbour graph)")

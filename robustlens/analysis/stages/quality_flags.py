@@ -59,19 +59,31 @@ monotone in how extreme the image is.
 
 A rule whose metrics were not computed (a ``metrics`` stage run with a subset) is skipped and listed
 in the summary; the summary also gives each rule's effective absolute thresholds for this dataset.
+
+Per-sample part and reduction: the per-sample metrics come from the metrics stage; the robust scales (median,
+MAD) are a whole-dataset reduction, after which each rule is per-sample (:func:`flag_quality`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
 
-from robustlens.analysis.stages.base import StageContext, fingerprint, read_artifact, write_artifact
+from robustlens.analysis.stages.base import (
+    StageContext,
+    StageResult,
+    StageSpec,
+    check_number,
+    fingerprint,
+    read_artifact,
+    write_artifact,
+)
 from robustlens.errors import WorkspaceError
 
+STAGE = "quality_flags"
 ISSUES = ("dark", "light", "blurry", "low_information", "odd_aspect_ratio", "odd_size", "grayscale")
 MAD_TO_SD = 1.4826
 
@@ -101,6 +113,10 @@ class Config:
     log_scale_floor: float = 0.05
     grayscale_min_colour_share: float = 0.8
     grayscale_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            check_number(STAGE, self, item.name)
 
 
 #: Metrics each rule reads.
@@ -187,15 +203,23 @@ def flag_quality(metrics: pd.DataFrame, config: Config | None = None) -> tuple[p
     return flags[list(columns)], {"thresholds": thresholds, "skipped": skipped}
 
 
-def run(context: StageContext, config: Config) -> dict:
-    """Flag quality issues from ``metrics.parquet``; returns counts per issue and the thresholds used."""
+def run(context: StageContext, config: Config) -> StageResult:
+    """Flag quality issues from ``metrics.parquet`` (always rewritten: the rules are cheap).
+
+    Summary: ``flagged`` (issue → count), ``images_flagged``, ``samples``, ``skipped`` (the rules whose metrics
+    are missing — not a "current" flag), ``thresholds``, ``seconds``.
+    """
+    return SPEC.result(_run(context, config), current=False)
+
+
+def _run(context: StageContext, config: Config) -> dict:
     start = time.perf_counter()
     metrics = read_artifact(context.workspace, "metrics")
     if metrics is None:
         raise WorkspaceError(f"{context.workspace.root} has no metrics yet; run the 'metrics' stage first "
                              "('robustlens analyze --stages metrics')")
     flags, details = flag_quality(metrics, config)
-    write_artifact(context, "flags_quality", flags, stage="quality_flags", config=config,
+    write_artifact(context, "flags_quality", flags, stage=STAGE, config=config,
                    inputs=fingerprint(metrics), extra={"thresholds": details["thresholds"]})
     counts = flags["issue"].value_counts()
     summary = {"flagged": {issue: int(counts.get(issue, 0)) for issue in ISSUES if issue not in details["skipped"]},
@@ -322,3 +346,7 @@ def _grayscale(metrics: pd.DataFrame, config: Config) -> RuleResult:
                    f"{colour_share:.0%} of the images have colour"] * int(flagged.sum())
     return RuleResult(flagged, np.full(len(gray), colour_share), explanation,
                       {"colour_share": colour_share, "min_colour_share": config.grayscale_min_colour_share})
+
+
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("metrics",), writes=("flags_quality",),
+                 description="dark, light, blurry, low-information, odd-size and grayscale images (rules on metrics)")

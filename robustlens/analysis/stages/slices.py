@@ -45,6 +45,10 @@ Outputs:
   membership bit-packed (``numpy.packbits``, little bit order) in samples order; :func:`slice_mask`
   turns a slice row back into a boolean mask;
 * ``artifacts/slice_clusters.parquet`` — ``id``, ``cluster`` (when embeddings exist).
+
+Per-sample part and reduction: base-predicate membership is per sample (a sample's class, split, metadata, metric
+bin, cluster, flags), but bin edges (quantiles), clusters (k-means) and the SliceLine search are whole-dataset
+reductions.
 """
 
 from __future__ import annotations
@@ -52,19 +56,36 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from itertools import combinations
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 
-from robustlens.analysis import storage
-from robustlens.analysis.stages.base import (StageContext, excluded_rows, fingerprint, is_current, read_artifact,
-                                             record_artifact, write_artifact)
-from robustlens.analysis.stages.evaluation import (aligned_metrics, json_safe, quantile_bins, stored_summary,
-                                                   wilson_interval)
-from robustlens.analysis.stages.issues import collect_flags
+from robustlens.analysis import artifacts, storage
+from robustlens.analysis.stages.base import (
+    StageContext,
+    StageInputError,
+    StageResult,
+    StageSpec,
+    check_number,
+    config_error,
+    excluded_rows,
+    fingerprint,
+    is_current,
+    read_artifact,
+    record_artifact,
+    write_artifact,
+)
+from robustlens.analysis.stages.evaluation import (
+    aligned_metrics,
+    json_safe,
+    quantile_bins,
+    stored_summary,
+    wilson_interval,
+)
+from robustlens.analysis.stages.issues import ANALYSIS_FLAGS, collect_flags
 from robustlens.analysis.stages.label_issues import load_embeddings
 
 STAGE = "slices"
@@ -123,6 +144,23 @@ class Config:
     num_clusters: int | None = None
     max_clusters: int = 30
     exclude_from_search: tuple[str, ...] = ("issue.label_issue",)
+
+    def __post_init__(self) -> None:
+        check_number(STAGE, self, "max_conditions", low=1, high=4, integer=True)
+        check_number(STAGE, self, "alpha", low=0, high=1, low_open=True)
+        for name in ("top_k", "metric_bins", "metadata_bins", "max_levels", "max_clusters",
+                     "max_categorical_unique", "min_support_floor"):
+            check_number(STAGE, self, name, low=1, integer=True)
+        check_number(STAGE, self, "min_support", low=1, integer=True, optional=True)
+        check_number(STAGE, self, "min_support_fraction", low=0, high=1)
+        check_number(STAGE, self, "num_clusters", low=2, integer=True, optional=True)
+        check_number(STAGE, self, "max_reported", low=0, integer=True)
+        if self.prediction_set is not None and not isinstance(self.prediction_set, str):
+            raise config_error(STAGE, "prediction_set", "a prediction-set name or None", self.prediction_set)
+        if isinstance(self.exclude_from_search, str) or not all(
+                isinstance(name, str) for name in self.exclude_from_search):
+            raise config_error(STAGE, "exclude_from_search", "a sequence of feature names",
+                               self.exclude_from_search)
 
 
 # -- base predicates -------------------------------------------------------------------------------------
@@ -425,9 +463,9 @@ def search_slices(bits: np.ndarray, features: np.ndarray, searchable: np.ndarray
     condition: ``predicate_ids`` (tuple), ``size``, ``errors``, ``score``, sorted by score descending.
     """
     if not 1 <= max_conditions <= 4:
-        raise ValueError(f"max_conditions must be in [1, 4], got {max_conditions}")
+        raise StageInputError(f"max_conditions must be in [1, 4], got {max_conditions}")
     if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        raise StageInputError(f"alpha must be in (0, 1], got {alpha}")
     num_predicates = bits.shape[0]
     total_errors = int(popcount(error_bits[None, :])[0])
     empty = pd.DataFrame({"predicate_ids": [], "size": [], "errors": [], "score": []})
@@ -600,20 +638,16 @@ def slice_mask(workspace, slice_row) -> np.ndarray:
             raise KeyError(f"no slice '{slice_row}' in {workspace.artifact_path('slices.parquet')}")
         slice_row = match.iloc[0]
     if not isinstance(slice_row, Mapping | pd.Series) or "predicate_ids" not in slice_row:
-        raise TypeError("slice_row must be a slice_id or a slices.parquet row with 'predicate_ids'")
+        raise StageInputError("slice_row must be a slice_id or a slices.parquet row with 'predicate_ids'")
     ids = np.asarray(slice_row["predicate_ids"], dtype=np.int64)
     n = len(workspace.samples)
     if len(ids) == 0:
         return np.ones(n, dtype=bool)
-    path = workspace.artifact_path(f"{MASKS_NAME}.npy")
-    packed = np.load(path, mmap_mode="r")
-    if packed.shape[1] != (n + 7) // 8:
-        raise ValueError(f"{path} holds {packed.shape[1]} bytes per predicate, a workspace of {n} samples needs "
-                         f"{(n + 7) // 8}: the slices are stale, re-run the slices stage")
-    if ids.min() < 0 or ids.max() >= packed.shape[0]:
-        raise ValueError(f"predicate ids {ids.tolist()} out of range [0, {packed.shape[0]})")
-    rows = np.unpackbits(np.asarray(packed[ids]), axis=1, count=n, bitorder="little").astype(bool)
-    return rows.all(axis=0)
+    packed = artifacts.read_slice_masks(workspace)  # WorkspaceError when stale: re-run the slices stage
+    try:
+        return artifacts.slice_membership(packed, ids, n)
+    except IndexError as exc:
+        raise StageInputError(str(exc)) from exc
 
 
 def slice_members(workspace, slice_row) -> list[str]:
@@ -627,7 +661,7 @@ def resolve_min_support(config: Config, num_samples: int) -> int:
     """``config.min_support`` or ``max(floor, ceil(fraction · N))``, at least 1."""
     if config.min_support is not None:
         if config.min_support < 1:
-            raise ValueError(f"min_support must be >= 1, got {config.min_support}")
+            raise config_error(STAGE, "min_support", "an integer >= 1 or None", config.min_support)
         return int(config.min_support)
     return max(1, config.min_support_floor, int(np.ceil(config.min_support_fraction * num_samples)))
 
@@ -642,23 +676,20 @@ def _inputs(context: StageContext, extras_source: dict) -> str:
     return fingerprint(*parts)
 
 
-def _validate(config: Config) -> None:
-    if not 1 <= config.max_conditions <= 4:
-        raise ValueError(f"max_conditions must be in [1, 4], got {config.max_conditions}")
-    if not 0 < config.alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {config.alpha}")
-    for name in ("top_k", "metric_bins", "metadata_bins", "max_levels", "max_clusters"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.num_clusters is not None and config.num_clusters < 2:
-        raise ValueError(f"num_clusters must be >= 2 or None, got {config.num_clusters}")
-    if config.max_reported < 0:
-        raise ValueError(f"max_reported must be >= 0, got {config.max_reported}")
+def run(context: StageContext, config: Config) -> StageResult:
+    """Compute slice statistics and discover the worst slices; see the module docstring.
+
+    Summary: ``prediction_set``, ``num_predicates``, ``predicates_by_kind``, ``min_support``,
+    ``num_candidates_found``, ``num_slices``, ``overall_error_rate``, ``worst``, ``search_seconds``, ``seconds``,
+    ``notes``, ``skipped``.
+    """
+    summary = _run(context, config)
+    clusters = ("slice_clusters",) if summary.get("skipped") is not True and \
+        context.workspace.artifact_path("slice_clusters.parquet").exists() else ()
+    return SPEC.result(summary, artifacts=None if summary.get("skipped") is True else SPEC.writes + clusters)
 
 
-def run(context: StageContext, config: Config) -> dict:
-    """Compute slice statistics and discover the worst slices; see the module docstring."""
-    _validate(config)
+def _run(context: StageContext, config: Config) -> dict:
     started = time.perf_counter()
     workspace = context.workspace
     samples = workspace.samples
@@ -666,7 +697,7 @@ def run(context: StageContext, config: Config) -> dict:
     names = workspace.prediction_names
     primary = config.prediction_set if config.prediction_set is not None else (names[0] if names else None)
     if primary is not None and primary not in names:
-        raise ValueError(f"unknown prediction set '{primary}'; the workspace has {names}")
+        raise StageInputError(f"unknown prediction set '{primary}'; the workspace has {names}")
     min_support = resolve_min_support(config, n)
 
     metrics = aligned_metrics(workspace)
@@ -730,3 +761,9 @@ def run(context: StageContext, config: Config) -> dict:
     # Written last: its index entry carries the summary that a skipped re-run reports.
     write_artifact(context, "slices", table, stage=STAGE, config=config, inputs=inputs, extra={"summary": summary})
     return {**summary, "skipped": False}
+
+
+SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples", "metrics", "embeddings", *ANALYSIS_FLAGS),
+                 uses=("predictions", "flags_robustness"),
+                 writes=("slice_predicates", MASKS_NAME, "worst_slices", "slices"), may_write=("slice_clusters",),
+                 description="accuracy and issue rates per data slice; worst slices found with SliceLine")
