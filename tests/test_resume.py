@@ -18,6 +18,8 @@ from robustlens.analysis.stages import metrics as metrics_stage
 from robustlens.analysis.stages.base import StageContext, read_artifact
 from tests.metrics_planted import copy_real_images
 
+pytestmark = pytest.mark.slow  # kills a metrics run of 300 images mid-way, then resumes it
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 300
 BATCH_SIZE = 10

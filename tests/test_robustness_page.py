@@ -16,6 +16,8 @@ from robustlens.analysis.robustness.run import RobustnessConfig, run_robustness
 from robustlens.analysis.workspace import Workspace
 from tests.test_robustness_run import QUICK_AUTOATTACK, build_workspace
 
+pytestmark = pytest.mark.slow  # every test runs the robustness pipeline on a workspace
+
 TINY = RobustnessConfig(max_samples=30, attack_samples=30, smoothing_samples=6, smoothing_n0=20, smoothing_n=100,
                         corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
                         attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=12, masking_samples=12,

@@ -107,6 +107,7 @@ def run_cli(argv: list[str], monkeypatch) -> int:
 
 
 # -- artifacts ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_artifacts_exist_with_documented_columns(analysed):
     root, summary = analysed
     for name, columns in COLUMNS.items():
@@ -134,6 +135,7 @@ def test_artifacts_exist_with_documented_columns(analysed):
         assert (predicted == examples["adversarial_pred"]).mean() >= 5 / 6   # float16 storage may flip a borderline one
 
 
+@pytest.mark.slow
 def test_corruption_accuracy_drops_with_severity(analysed):
     table = artifact(analysed[0], "robustness_corruptions")
     by_severity = table.groupby("severity")["accuracy"].mean()
@@ -142,6 +144,7 @@ def test_corruption_accuracy_drops_with_severity(analysed):
     assert np.allclose(table["error"], 1 - table["accuracy"])
 
 
+@pytest.mark.slow
 def test_worst_case_is_below_every_attack_and_curves_fall_with_eps(analysed):
     curves = artifact(analysed[0], "robustness_curves")
     for norm, rows in curves.groupby("norm"):
@@ -157,6 +160,7 @@ def test_worst_case_is_below_every_attack_and_curves_fall_with_eps(analysed):
     assert linf["robust_accuracy"].iloc[-1] < linf["robust_accuracy"].iloc[0]     # 8/255 breaks more than 1/255
 
 
+@pytest.mark.slow
 def test_success_rate_counts_clean_correct_samples(analysed):
     root, summary = analysed
     frame = artifact(root, "robustness_samples")
@@ -170,6 +174,7 @@ def test_success_rate_counts_clean_correct_samples(analysed):
         assert row["robust_accuracy"] == pytest.approx((correct & ~broken).mean())
 
 
+@pytest.mark.slow
 def test_self_check_passes_for_every_attack_run(analysed):
     _, summary = analysed
     checks = summary["self_check"]["attacks"]
@@ -183,6 +188,7 @@ def test_self_check_passes_for_every_attack_run(analysed):
     assert check["status"] == "pass"
 
 
+@pytest.mark.slow
 def test_per_sample_rows_only_for_evaluated_samples(analysed):
     root, _ = analysed
     frame = artifact(root, "robustness_samples")
@@ -199,6 +205,7 @@ def test_per_sample_rows_only_for_evaluated_samples(analysed):
     assert (minimal > 0).all()
 
 
+@pytest.mark.slow
 def test_fragile_flags_land_in_the_issues_stage(analysed):
     root, _ = analysed
     flags = artifact(root, "flags_robustness")
@@ -214,6 +221,7 @@ def test_fragile_flags_land_in_the_issues_stage(analysed):
     assert "fragile" in artifact(root, "issue_matrix").columns
 
 
+@pytest.mark.slow
 def test_rerun_is_skipped_and_slices_are_refreshed(analysed, tmp_path):
     root = shutil.copytree(analysed[0], tmp_path / "ws")
     again = run_robustness(Workspace(root), TINY, progress=False)
@@ -230,6 +238,7 @@ def test_rerun_is_skipped_and_slices_are_refreshed(analysed, tmp_path):
     assert overall["n_samples"] == 40 and overall["clean_accuracy_ci_low"] <= overall["clean_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_weak_attack_fails_its_self_check_loudly(template, tmp_path):
     root = shutil.copytree(template, tmp_path / "ws")
     weak = RobustnessConfig(max_samples=16, attack_samples=16, smoothing_samples=0, corruptions=(),
@@ -260,6 +269,7 @@ def test_selection_is_stratified_seeded_and_prefix_stratified():
     ({"reference_linf_eps": 3 / 255}, "must be one of the linf_eps grid"),
     ({"smoothing_sigma": -1.0}, "smoothing_sigma must be"),
 ])
+@pytest.mark.slow
 def test_bad_settings_are_named(template, change, message):
     with pytest.raises(ValidationError, match=message):
         run_robustness(Workspace(template), RobustnessConfig(**change), progress=False)
@@ -275,11 +285,13 @@ def test_cli_without_model_exits_2(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv", [["--attacks", "fgsm,bogus"], ["--corruptions", "snow"], ["--severities", "2-7"],
                                   ["--eps", "0.01,-1"], ["--device", "tpu"]])
+@pytest.mark.slow
 def test_cli_rejects_bad_names_with_exit_2(template, monkeypatch, capsys, argv):
     assert run_cli(["robustness", str(template), "--quiet", *argv], monkeypatch) == 2
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_runs_and_prints_the_summary(template, tmp_path, monkeypatch, capsys):
     root = shutil.copytree(template, tmp_path / "ws")
     quick = tmp_path / "quick.toml"
@@ -367,6 +379,7 @@ def test_attack_config_errors_name_the_file_and_key(tmp_path, text, names):
         assert name in message, message
 
 
+@pytest.mark.slow
 def test_cli_attack_config_errors_exit_2(template, tmp_path, monkeypatch, capsys):
     path = tmp_path / "bad.toml"
     path.write_text("[attacks.pgd_linf]\nrestart = 5\n")
@@ -398,6 +411,7 @@ def hand_wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+@pytest.mark.slow
 def test_every_robust_accuracy_has_its_wilson_interval(analysed):
     root, summary = analysed
     curves = artifact(root, "robustness_curves")
@@ -426,6 +440,7 @@ def test_every_robust_accuracy_has_its_wilson_interval(analysed):
     assert (ranked["robust_accuracy_linf_ci_low"] <= ranked["robust_accuracy_linf"]).all()
 
 
+@pytest.mark.slow
 def test_small_slices_say_too_few_samples_instead_of_being_ranked(analysed):
     root, summary = analysed
     table = artifact(root, "robustness_slices")
@@ -437,6 +452,7 @@ def test_small_slices_say_too_few_samples_instead_of_being_ranked(analysed):
     assert "not ranked" in format_summary(summary, root)
 
 
+@pytest.mark.slow
 def test_validity_section_is_in_the_json_and_above_the_headline(analysed):
     root, summary = analysed
     stored = json.loads((root / "artifacts" / "robustness_summary.json").read_text())
@@ -456,6 +472,7 @@ def test_validity_section_is_in_the_json_and_above_the_headline(analysed):
         assert head["n"] == 40 and head["ci_low"] <= head["robust_accuracy"] <= head["ci_high"]
 
 
+@pytest.mark.slow
 def test_autoattack_is_the_headline_and_previews_are_labelled(analysed):
     pytest.importorskip("robustlens.analysis.robustness.autoattack")
     root, summary = analysed
@@ -472,6 +489,7 @@ def test_autoattack_is_the_headline_and_previews_are_labelled(analysed):
     assert "pgd_linf (preview)" in text and "AutoAttack alone" in text and "forward /" in text
 
 
+@pytest.mark.slow
 def test_verified_samples_are_never_broken(analysed):
     pytest.importorskip("robustlens.analysis.robustness.verify")
     root, summary = analysed
@@ -523,6 +541,7 @@ def trap_workspace(tmp_path_factory) -> Path:
     return folder / "ws"
 
 
+@pytest.mark.slow
 def test_pgd_margin_loss_sees_through_a_saturated_softmax(trap_workspace):
     workspace = Workspace(trap_workspace)
     model = workspace.load_model()
@@ -538,6 +557,7 @@ def test_pgd_margin_loss_sees_through_a_saturated_softmax(trap_workspace):
     assert margin.robust_accuracy <= ce.robust_accuracy - 0.3, (ce.robust_accuracy, margin.robust_accuracy)
 
 
+@pytest.mark.slow
 def test_trap_model_headline_is_labelled_an_upper_bound(trap_workspace, tmp_path):
     pytest.importorskip("robustlens.analysis.robustness.validity")
     root = shutil.copytree(trap_workspace, tmp_path / "ws")
@@ -558,6 +578,7 @@ def test_trap_model_headline_is_labelled_an_upper_bound(trap_workspace, tmp_path
     assert any("UPPER BOUND" in w for w in summary["warnings"])
 
 
+@pytest.mark.slow
 def test_stability_per_sample_per_class_and_per_slice(analysed):
     pytest.importorskip("robustlens.analysis.robustness.stability")
     root, summary = analysed
