@@ -17,7 +17,7 @@ def test_reads_every_supported_format(tmp_path, suffix, fmt):
     decoded = read_image(path)
     assert decoded.pixels.shape == (10, 20, 3)
     assert decoded.pixels.dtype == np.float32
-    assert 0.0 <= decoded.pixels.min() and decoded.pixels.max() <= 1.0
+    assert decoded.pixels.min() >= 0.0 and decoded.pixels.max() <= 1.0
     assert decoded.record.width == 20 and decoded.record.height == 10
     assert decoded.record.file_size == path.stat().st_size
 
@@ -29,7 +29,7 @@ def test_modes_become_one_or_three_channels(tmp_path, mode, channels, bit_depth)
     decoded = read_image(path)
     assert decoded.pixels.shape[2] == channels
     assert decoded.record.bit_depth == bit_depth
-    assert 0.0 <= decoded.pixels.min() and decoded.pixels.max() <= 1.0
+    assert decoded.pixels.min() >= 0.0 and decoded.pixels.max() <= 1.0
 
 
 def test_16_bit_values_are_scaled_by_65535(tmp_path):

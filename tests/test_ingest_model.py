@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustlens.analysis.ingest.model import (config_from_dict, load_model, load_model_config,
-                                              prepare_images)
+from robustlens.analysis.ingest.model import config_from_dict, load_model, load_model_config, prepare_images
 from robustlens.errors import ValidationError
 from tests.model_factories import MeanModel
 

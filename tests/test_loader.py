@@ -30,7 +30,7 @@ def test_batches_come_in_the_requested_order_with_read_image_pixels(folder, work
     seen = []
     for indices, pixels in loader.iter_decoded(root, paths, order, batch_size=4, workers=workers):
         assert len(indices) == len(pixels) <= 4
-        for index, image in zip(indices.tolist(), pixels):
+        for index, image in zip(indices.tolist(), pixels, strict=True):
             np.testing.assert_array_equal(image, read_image(root / paths[index]).pixels)
             seen.append(index)
     assert seen == order
@@ -51,7 +51,7 @@ def test_memo_spares_the_second_decode_and_respects_its_budget(folder, monkeypat
     assert len(calls) == len(paths) and len(memo) == len(paths)
     second = [image for _, batch in loader.iter_decoded(root, paths, batch_size=7, memo=memo) for image in batch]
     assert len(calls) == len(paths)  # nothing decoded again
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
         assert not b.flags.writeable  # shared between stages: read-only
     one_image = first[0].nbytes
