@@ -170,6 +170,7 @@ def test_in_sample_prediction_sets_are_marked(manifest_dataset, tmp_path, capsys
     assert Workspace(tmp_path / "ws").manifest["prediction_sets"]["m1"]["in_sample"] is True
 
 
+@pytest.mark.slow
 def test_torch_export_model_is_copied_and_reloaded(image_folder, tmp_path):
     import torch
 
@@ -189,6 +190,7 @@ def test_torch_export_model_is_copied_and_reloaded(image_folder, tmp_path):
     torch.testing.assert_close(workspace.load_model()(images), network((images - 0.5) / 0.25))
 
 
+@pytest.mark.slow
 def test_serve_stops_when_signalled(sample_workspace):
     """SIGTERM to `robustlens serve` must stop the server itself, not orphan it."""
     import socket

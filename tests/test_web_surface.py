@@ -458,6 +458,7 @@ def _exchange(port: int, lines: list[str]) -> int:
     return int(head.split(b" ", 2)[1])
 
 
+@pytest.mark.slow
 def test_http_requests_naming_a_foreign_host_are_refused(served_hostile):
     port = served_hostile
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", f"localhost.evil:{port}",
@@ -473,6 +474,7 @@ def test_http_requests_naming_a_foreign_host_are_refused(served_hostile):
     assert http_status(port, f"127.0.0.1:{port}", origin=f"http://localhost:{port}") == 200
 
 
+@pytest.mark.slow
 def test_websocket_handshakes_naming_a_foreign_host_or_origin_are_refused(served_hostile):
     port = served_hostile
     own = f"127.0.0.1:{port}"
