@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from robustlens.query.filters import FilterSpec, filter_ids
-from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from robustlens.dashboard.routes import ROUTES
+from robustlens.query.filters import FilterSpec, filter_ids
+from robustlens.query.sample_table import load_sample_table
+from robustlens.query.slices import load_slice_membership
 
 APP = str(Path(__file__).resolve().parents[1] / "robustlens" / "dashboard" / "app.py")
 TITLES = {route.name: route.title for route in ROUTES} | {"review": "Label review"}
@@ -134,13 +135,15 @@ def _run_slices_stage(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     workspace = Workspace(root)
     slices.run(StageContext(workspace=workspace, progress=False, random_state=0), slices.Config())
-    return (pd.read_parquet(workspace.artifact_path("worst_slices.parquet")),
-            pd.read_parquet(workspace.artifact_path("slices.parquet")))
+    return (
+        pd.read_parquet(workspace.artifact_path("worst_slices.parquet")),
+        pd.read_parquet(workspace.artifact_path("slices.parquet")),
+    )
 
 
 def _select_row(app: AppTest, key_prefix: str, row: int) -> AppTest:
     """Select one row of a slice table (AppTest cannot click a dataframe: its selection state is written)."""
-    generation = app.session_state[f"{key_prefix}.generation"] if f"{key_prefix}.generation" in app.session_state else 0
+    generation = app.session_state.get(f"{key_prefix}.generation", 0)
     app.session_state[f"{key_prefix}.{generation}"] = {"selection": {"rows": [row], "columns": [], "cells": []}}
     return app.run()
 
@@ -157,10 +160,11 @@ def test_a_worst_slice_row_opens_the_explorer_on_exactly_its_samples(analysed_wo
     assert_clean(app)
     assert app.title[0].value == "Explorer"
     assert f"**{int(chosen['size']):,}** of 2,000 samples" in texts(app)
-    assert app.query_params["slice"] == chosen["slice_id"]                   # a shareable link
-    assert any(chosen["description"] in info.value for info in app.info)     # the filter shows in the sidebar
+    assert app.query_params["slice"] == chosen["slice_id"]  # a shareable link
+    assert any(chosen["description"] in info.value for info in app.info)  # the filter shows in the sidebar
     table = load_sample_table(Workspace(analysed_workspace))
-    assert len(filter_ids(table, FilterSpec(slice=chosen["slice_id"]))) == chosen["size"]
+    membership = load_slice_membership(Workspace(analysed_workspace))
+    assert len(filter_ids(table, FilterSpec(slice=chosen["slice_id"]), slices=membership)) == chosen["size"]
     # Narrowing in the sidebar keeps the slice; "Clear slice" drops it.
     app.radio(key="flt.correct").set_value("incorrect").run()
     assert f"**{int(chosen['errors']):,}** of 2,000 samples" in texts(app)
@@ -186,8 +190,13 @@ def test_overview_of_a_plain_workspace(sample_workspace, monkeypatch):
     app = make_app(sample_workspace, monkeypatch)
     assert_clean(app)
     metrics = {m.label: m.value for m in app.metric}
-    assert metrics == {"Samples": "2,000", "Classes": "10", "Skipped at ingest": "0", "Accuracy (cnn)": "91.8%",
-                       "Samples with issues": "—"}
+    assert metrics == {
+        "Samples": "2,000",
+        "Classes": "10",
+        "Skipped at ingest": "0",
+        "Accuracy (cnn)": "91.8%",
+        "Samples with issues": "—",
+    }
 
 
 # -- explorer ----------------------------------------------------------------------------------------------------
@@ -348,8 +357,11 @@ def test_review_asks_the_name_once_and_records_decisions(app, analysed_workspace
     store = Workspace(analysed_workspace).curation()
     decisions = {d["sample_id"]: d for d in store.decisions()}
     assert decisions[first]["action"] == "keep" and decisions[first]["reviewer"] == "rita"
-    assert (decisions[second]["action"], decisions[second]["new_label"], decisions[second]["note"]) == \
-        ("relabel", suggested, "sleeves")
+    assert (decisions[second]["action"], decisions[second]["new_label"], decisions[second]["note"]) == (
+        "relabel",
+        suggested,
+        "sleeves",
+    )
     assert (decisions[third]["action"], decisions[third]["new_label"]) == ("relabel", "bag")
     store.close()
 
@@ -406,8 +418,11 @@ def test_performance_side_by_side_and_confusion_opens_the_explorer(app, table):
     assert app.selectbox(key="flt.pset").value == "cnn_v2"
     expected = filter_ids(table, FilterSpec(labels=[given], predicted=[predicted], prediction_set="cnn_v2"))
     assert f"**{len(expected):,}** of 2,000" in texts(app)
-    confusion = ((table["label"] != table["pred.cnn_v2.label"]).groupby([table["label"], table["pred.cnn_v2.label"]],
-                                                                         observed=True).sum())
+    confusion = (
+        (table["label"] != table["pred.cnn_v2.label"])
+        .groupby([table["label"], table["pred.cnn_v2.label"]], observed=True)
+        .sum()
+    )
     assert len(expected) == confusion.max()  # the list is sorted by count: the first is the largest confusion
 
 
@@ -456,20 +471,101 @@ def test_export_saves_files_on_the_server(app, analysed_workspace, table):
     app.button(key="export.relabels_save").click().run()
     relabels = pd.read_csv(Path(analysed_workspace) / "exports" / "relabels.csv")
     assert relabels[["id", "old_label", "new_label", "reviewer"]].values.tolist() == [
-        [table["id"][5], str(table["label"][5]), "bag", "bob"]]
+        [table["id"][5], str(table["label"][5]), "bag", "bob"]
+    ]
     app.button(key="export.imagefolder").click().run()
     folder = Path(analysed_workspace) / "exports" / "imagefolder-filtered"
     assert len(list(folder.glob("trouser/*.png"))) == len(written)
 
 
 def test_slice_rows_map_to_filters():
-    from robustlens.dashboard.widgets import slice_spec
+    from robustlens.dashboard.components.slice_tables import slice_spec
 
     known = {"s0123456789ab"}
     assert slice_spec(pd.Series({"slice_id": "all", "kind": "all"}), known) == FilterSpec()
-    assert slice_spec(pd.Series({"slice_id": "s0123456789ab", "kind": "discovered"}), known) == \
-        FilterSpec(slice="s0123456789ab")
+    assert slice_spec(pd.Series({"slice_id": "s0123456789ab", "kind": "discovered"}), known) == FilterSpec(
+        slice="s0123456789ab"
+    )
     # The robustness stage's own class slices (no slice analysis) are label filters.
-    assert slice_spec(pd.Series({"slice_id": "label=coat", "kind": "class"}), set()) == FilterSpec(labels=["coat"])
+    assert slice_spec(pd.Series({"slice_id": "label=coat", "kind": "class"}), set(), ["bag", "coat"]) == FilterSpec(
+        labels=["coat"]
+    )
     # Ids the slice analysis does not hold (e.g. a table without stored masks) cannot be opened.
     assert slice_spec(pd.Series({"slice_id": 3, "kind": "class"}), known) is None
+
+
+# -- what the views read instead of computing ----------------------------------------------------------------------
+def test_duplicate_leakage_is_the_stages_unspecified_split_is_no_leakage():
+    """A cluster of a train sample and an 'unspecified' one is not leakage: the page shows the duplicates stage's
+    verdict (the view used to count 'unspecified' as a split of its own)."""
+    import numpy as np
+
+    from robustlens.analysis.stages.duplicates import duplicate_table
+    from robustlens.query.duplicates import cluster_counts, duplicate_clusters
+
+    ids = np.array(["a", "b", "c", "d", "e", "f", "g"])
+    splits = np.array(["train", "unspecified", "train", "test", "unspecified", "unspecified", "train"])
+    exact = np.array([-1, -1, -1, -1, 0, 0, -1])  # e and f: identical bytes
+    cluster = np.array([0, 0, 2, 2, 4, 4, 6])  # a-b, c-d, e-f; g alone
+    stage = duplicate_table(ids, exact, cluster, splits)
+    table = pd.DataFrame({"id": ids, "split": splits} | {f"dup.{c}": stage[c] for c in stage.columns if c != "id"})
+    clusters = duplicate_clusters(table)
+    verdict = clusters.set_index("id")["cross_split"]
+    assert not verdict["a"] and not verdict["b"]  # train + unspecified
+    assert verdict["c"] and verdict["d"]  # train + test
+    assert (
+        verdict.loc[stage["id"][stage["near_group"] >= 0]].tolist()
+        == stage["cross_split"][stage["near_group"] >= 0].tolist()
+    )  # sample by sample, the stage's verdict
+    assert "g" not in verdict.index
+    assert clusters["id"].tolist()[:2] == ["c", "d"]  # leakage is listed first
+    assert cluster_counts(clusters) == {
+        "exact_clusters": 1,
+        "near_clusters": 2,
+        "samples_in_clusters": 6,
+        "cross_split_clusters": 1,
+    }
+    assert clusters.groupby("cluster")["representative"].sum().tolist() == [1, 1, 1]
+
+
+def test_duplicates_page_counts_the_stages_leakage(analysed_workspace, monkeypatch):
+    from robustlens.analysis.artifacts import read_table
+
+    stage = read_table(Workspace(analysed_workspace), "duplicates")
+    leaking = stage[stage["cross_split"] & (stage["near_group"] >= 0)]["near_group"].nunique()
+    app = make_app(analysed_workspace, monkeypatch)
+    goto(app, "duplicates")
+    assert {m.label: m.value for m in app.metric}["Cross-split clusters (leakage)"] == f"{leaking:,}"
+
+
+def test_review_queue_is_a_filter_of_the_filter_engine(analysed_workspace, table):
+    from robustlens.query.review import review_queue, review_queue_spec
+
+    flagged = table[table["label_issue.is_label_issue"].fillna(False).astype(bool)]
+    expected = flagged.sort_values("label_issue.rank", kind="stable", na_position="last")["id"].tolist()
+    store = Workspace(analysed_workspace).curation()
+    queue = review_queue(table, store, flagged_only=True, label=None, hide_decided=True)
+    assert table["id"].iloc[queue].tolist() == expected
+    store.record_decision(expected[0], "keep", user="bob")
+    coats = review_queue(table, store, flagged_only=True, label="coat", hide_decided=True)
+    labels = table.set_index("id")["label"]
+    assert table["id"].iloc[coats].tolist() == [i for i in expected[1:] if labels[i] == "coat"]
+    everything = review_queue(table, store, flagged_only=False, label=None, hide_decided=False)
+    assert len(everything) == len(table) and table["id"].iloc[everything[0]] == expected[0]
+    spec = review_queue_spec(table, flagged_only=True, label="coat", hide_decided=True)
+    assert FilterSpec.from_dict(spec.to_dict()) == spec  # a plain filter: it can be saved or linked
+    store.close()
+
+
+def test_the_artifacts_stamp_is_taken_once_per_run(analysed_template, monkeypatch):
+    from robustlens.dashboard import data
+
+    scans = []
+    scan = data._scan_artifacts
+    monkeypatch.setattr(data, "_scan_artifacts", lambda root: scans.append(root) or scan(root))
+    app = make_app(analysed_template, monkeypatch)
+    assert_clean(app)
+    assert len(scans) == 1
+    goto(app, "explorer")
+    app.multiselect(key="flt.labels").set_value(["coat"]).run()
+    assert len(scans) == 3

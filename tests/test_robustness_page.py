@@ -18,19 +18,32 @@ from tests.test_robustness_run import QUICK_AUTOATTACK, build_workspace
 
 pytestmark = pytest.mark.slow  # every test runs the robustness pipeline on a workspace
 
-TINY = RobustnessConfig(max_samples=30, attack_samples=30, smoothing_samples=6, smoothing_n0=20, smoothing_n=100,
-                        corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
-                        attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=12, masking_samples=12,
-                        num_examples=6, validity_budget="fast", verify_samples=8, verify_norms=("linf",), stability_samples=10,
-                        attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK,
-                                       "autoattack_l2": QUICK_AUTOATTACK})
+TINY = RobustnessConfig(
+    max_samples=30,
+    attack_samples=30,
+    smoothing_samples=6,
+    smoothing_n0=20,
+    smoothing_n=100,
+    corruptions=("gaussian_noise", "contrast"),
+    severities=(1, 5),
+    attacks=("fgsm", "pgd_linf", "deepfool"),
+    selfcheck_samples=12,
+    masking_samples=12,
+    num_examples=6,
+    validity_budget="fast",
+    verify_samples=8,
+    verify_norms=("linf",),
+    stability_samples=10,
+    attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK, "autoattack_l2": QUICK_AUTOATTACK},
+)
 
 
 def page_script() -> None:
     """What the dashboard runs for the page (AppTest executes this function's body as the script)."""
+    from robustlens.dashboard.components.frame import run_page
     from robustlens.dashboard.views import robustness
 
-    robustness.render()
+    run_page("robustness", robustness.render)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +107,7 @@ def test_page_renders_charts_tables_and_status(analysed, monkeypatch):
     # the validity box comes before the headline metrics in the page's element order
     order = [type(e).__name__ for e in walk(app.main)]
     assert order.index(type(boxes[0]).__name__) < order.index("Metric")
-    assert len(app.dataframe) >= 3          # validity checks + self-check details + slice table
+    assert len(app.dataframe) >= 3  # validity checks + self-check details + slice table
     slices = app.dataframe[-1].value
     assert {"robust_accuracy_linf", "robust_accuracy_linf_ci_low", "rank_note"} <= set(slices.columns)
     labels = [m.label for m in app.metric]
@@ -124,10 +137,20 @@ def test_sample_selector_changes_the_shown_sample(analysed, monkeypatch):
 
 def test_failed_self_check_is_a_warning(template, tmp_path, monkeypatch):
     root = shutil.copytree(template, tmp_path / "ws")
-    weak = RobustnessConfig(max_samples=12, attack_samples=12, smoothing_samples=0, corruptions=(),
-                            attacks=("pgd_linf",), selfcheck_samples=12, masking_samples=6, num_examples=2,
-                            headline="preview", validity=False, verification=(),
-                            attack_params={"pgd_linf": {"steps": 1, "step_size": 1e-4}})
+    weak = RobustnessConfig(
+        max_samples=12,
+        attack_samples=12,
+        smoothing_samples=0,
+        corruptions=(),
+        attacks=("pgd_linf",),
+        selfcheck_samples=12,
+        masking_samples=6,
+        num_examples=2,
+        headline="preview",
+        validity=False,
+        verification=(),
+        attack_params={"pgd_linf": {"steps": 1, "step_size": 1e-4}},
+    )
     run_robustness(Workspace(root), weak, progress=False, threads=1)
     app = open_page(root, monkeypatch)
     assert_clean(app)
@@ -135,7 +158,7 @@ def test_failed_self_check_is_a_warning(template, tmp_path, monkeypatch):
     assert not any("Self-checks passed" in s.value for s in app.success)
     assert any(w.value.startswith("Validity checks") and "UPPER BOUND" in w.value for w in [*app.warning, *app.error])
     assert any(m.label.endswith("(upper bound)") for m in app.metric)
-    assert len(app.get("plotly_chart")) == 2        # L∞ curve + perturbation map; no corruption / certified charts
+    assert len(app.get("plotly_chart")) == 2  # L∞ curve + perturbation map; no corruption / certified charts
 
 
 def test_without_results_the_page_says_what_to_run(template, monkeypatch):

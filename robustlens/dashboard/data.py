@@ -9,7 +9,6 @@ Curation state (tags, collections, decisions) changes under other reviewers' han
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,12 +16,16 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from robustlens.query import filters, sample_table
+from robustlens.analysis import artifacts
 from robustlens.analysis.curation import CurationStore
-from robustlens.query.summary import class_balance, prediction_accuracy, summarize
 from robustlens.analysis.safety import RefusedFiles
 from robustlens.analysis.thumbnails import ensure_thumbnails
 from robustlens.analysis.workspace import Workspace
+from robustlens.dashboard.components.markup import text
+from robustlens.query import filters, sample_table
+from robustlens.query.neighbours import nearest_samples
+from robustlens.query.slices import SliceMembership, load_slice_membership
+from robustlens.query.summary import class_balance, prediction_accuracy, summarize
 
 WORKSPACE_ENV = "ROBUSTLENS_WORKSPACE"
 #: Folder server-side exports go under (``robustlens serve --export-root``); default ``WORKSPACE/exports``.
@@ -63,9 +66,32 @@ def cache_key() -> tuple[str, float]:
     return str(path), (manifest.stat().st_mtime if manifest.exists() else 0.0)
 
 
+STAMP = "rl.artifacts_stamp"
+
+
+def refresh_artifacts_stamp() -> tuple:
+    """Take the stamp of the workspace's artifacts for this script run (the page frame calls it first).
+
+    Every cached reader keys on :func:`artifacts_stamp`; taking it once per run lists the artifact folders
+    once, and every read of one run sees the same files. Callbacks (``on_click``), which run before the
+    frame, see the stamp of the run whose page the user acted on.
+    """
+    stamp = _scan_artifacts(workspace_path())
+    st.session_state[STAMP] = (str(workspace_path()), stamp)
+    return stamp
+
+
 def artifacts_stamp() -> tuple:
+    """Name, mtime and size of every file the sample table is built from, as taken by this run's page frame
+    (taken now when no frame ran, e.g. a page body run on its own)."""
+    taken = st.session_state.get(STAMP)
+    if taken is None or taken[0] != str(workspace_path()):
+        return refresh_artifacts_stamp()
+    return taken[1]
+
+
+def _scan_artifacts(root: Path) -> tuple:
     """Name, mtime and size of every file the sample table is built from (cheap: one directory listing each)."""
-    root = workspace_path()
     entries = []
     for name in ("workspace.json", "samples.parquet"):
         if (root / name).exists():
@@ -113,20 +139,27 @@ def table() -> pd.DataFrame:
 
 def filtered_positions(table_: pd.DataFrame, spec: filters.FilterSpec) -> np.ndarray:
     """Row positions matching ``spec``, sorted; tags, collections and review states read live from the DB."""
-    return filters.filter_positions(table_, spec, curation())
+    return filters.filter_positions(table_, spec, curation(), slices=slice_membership())
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _slice_membership(path: str, stamp: tuple) -> SliceMembership:
+    return load_slice_membership(Workspace(path))
+
+
+def slice_membership() -> SliceMembership:
+    """The slice membership the slices stage recorded (see :mod:`robustlens.query.slices`); read-only."""
+    return _slice_membership(str(workspace_path()), artifacts_stamp())
 
 
 # -- other artifacts ----------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _embeddings(path: str, stamp: tuple) -> np.ndarray | None:
-    ws = Workspace(path)
-    file = ws.artifact_path("embeddings.npy")
-    array = np.load(file, allow_pickle=False) if file.exists() else ws.embeddings()
-    if array is None:
+    try:
+        found = artifacts.read_embeddings(Workspace(path))
+    except artifacts.ArtifactError:  # stale (another sample count): no "similar samples" until analyze re-runs
         return None
-    array = np.asarray(array, dtype=np.float32)
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    return array / np.where(norms > 0, norms, 1.0)
+    return None if found is None else found.normalized()
 
 
 def embeddings() -> np.ndarray | None:
@@ -140,22 +173,12 @@ def embeddings() -> np.ndarray | None:
 def neighbours(position: int, k: int = 8) -> list[tuple[int, float]]:
     """The ``k`` nearest samples to the one at ``position`` by embedding cosine: ``(position, cosine)`` pairs."""
     array = embeddings()
-    if array is None:
-        return []
-    similarity = array @ array[position]
-    similarity[position] = -np.inf
-    k = min(k, len(similarity) - 1)
-    if k <= 0:
-        return []
-    best = np.argpartition(-similarity, k - 1)[:k]
-    best = best[np.argsort(-similarity[best])]
-    return [(int(i), float(similarity[i])) for i in best]
+    return [] if array is None else nearest_samples(array, position, k)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _artifact(path: str, name: str, stamp: tuple) -> pd.DataFrame | None:
-    file = Path(path) / "artifacts" / f"{name}.parquet"
-    return pd.read_parquet(file) if file.exists() else None
+    return artifacts.read_table(Workspace(path), name)
 
 
 def artifact(name: str) -> pd.DataFrame | None:
@@ -164,14 +187,29 @@ def artifact(name: str) -> pd.DataFrame | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _evaluation(path: str, name: str, stamp: tuple) -> dict | None:
-    file = Path(path) / "artifacts" / "evaluation" / f"{name}.json"
-    return json.loads(file.read_text(encoding="utf-8")) if file.exists() else None
+def _json_artifact(path: str, name: str, stamp: tuple) -> dict | None:
+    return artifacts.read_json(Workspace(path), name)
 
 
 def evaluation(name: str) -> dict | None:
-    """``artifacts/evaluation/<name>.json`` or ``None``."""
-    return _evaluation(str(workspace_path()), name, artifacts_stamp())
+    """``artifacts/evaluation/<name>.json`` (the evaluation stage's report of prediction set ``name``) or ``None``."""
+    return _json_artifact(str(workspace_path()), f"evaluation/{name}", artifacts_stamp())
+
+
+def robustness_summary() -> dict | None:
+    """``artifacts/robustness_summary.json`` (the robustness run's report), or ``None`` before that run."""
+    return _json_artifact(str(workspace_path()), "robustness_summary", artifacts_stamp())
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _robustness_examples(path: str, stamp: tuple) -> dict[str, np.ndarray] | None:
+    return artifacts.read_robustness_examples(Workspace(path))
+
+
+def robustness_examples() -> dict[str, np.ndarray] | None:
+    """The arrays of ``artifacts/robustness_examples.npz`` (clean / corrupted / adversarial example images, see
+    ``example_images`` in :mod:`robustlens.analysis.robustness.run`), or ``None``."""
+    return _robustness_examples(str(workspace_path()), artifacts_stamp())
 
 
 def sample_issues(sample_id: str) -> pd.DataFrame:
@@ -189,8 +227,6 @@ def thumbnails(positions) -> list[str | None]:
     refused = RefusedFiles()
     paths = ensure_thumbnails(workspace(), zip(rows["path"], rows["content_hash"], strict=True), refused=refused)
     if len(refused):  # a file swapped for an outside symlink or changed since init: not shown, and said so
-        from robustlens.dashboard.widgets import text  # widgets imports this module
-
         st.warning(f"Not shown: {text(refused.summary())}")
     return [str(p) if p is not None else None for p in paths]
 
@@ -220,22 +256,7 @@ def curation() -> CurationStore:
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _column_summary(path: str, stamp: tuple) -> dict:
     frame = _sample_table(path, stamp)
-    bounds = {}
-    for column in sample_table.numeric_columns(frame):
-        if pd.api.types.is_bool_dtype(frame[column]):
-            continue
-        values = frame[column].to_numpy(dtype=float, na_value=np.nan)
-        if np.isnan(values).all():
-            continue
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
-        if high > low:
-            bounds[column] = (low, high, pd.api.types.is_integer_dtype(frame[column]))
-    categories = {}
-    for column in ("split", *sample_table.metadata_columns(frame)):
-        unique = frame[column].dropna().unique()
-        if 0 < len(unique) <= 200:
-            categories[column] = sorted(str(v) for v in unique)
-    return {"bounds": bounds, "categories": categories}
+    return {"bounds": sample_table.column_bounds(frame), "categories": sample_table.category_values(frame)}
 
 
 def column_bounds() -> dict[str, tuple[float, float, bool]]:

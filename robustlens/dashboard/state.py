@@ -61,7 +61,9 @@ def adopt_url_filter(table: pd.DataFrame) -> None:
     except FilterError as exc:
         notice(f"The link's filter could not be read and was ignored: {exc}")
         spec = FilterSpec()
-    spec, problems = filters.prune_spec(table, spec)
+    from robustlens.dashboard import data  # data's readers are cached per server; state is imported first
+
+    spec, problems = filters.prune_spec(table, spec, slices=data.slice_membership())
     for problem in problems:
         notice(f"Part of the link's filter does not apply to this workspace and was ignored: {problem}")
     set_filter(spec)

@@ -14,10 +14,20 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from robustlens.dashboard import data, state
+from robustlens.dashboard.components.filter_panel import filter_panel
+from robustlens.dashboard.components.frame import (
+    analysis_missing,
+    done,
+    filtered_positions_or_stop,
+    require_user,
+    run_page,
+)
+from robustlens.dashboard.components.markup import plot_text
+from robustlens.dashboard.components.navigation import open_in_explorer
+from robustlens.errors import RobustlensError
 from robustlens.query.filters import FilterSpec, region_mask
 from robustlens.query.sample_table import display_name, issue_types, prediction_sets
-from robustlens.dashboard import data, state, widgets
-from robustlens.errors import RobustlensError
 
 MAX_POINTS = 50_000
 CHART = "map.chart"
@@ -26,28 +36,33 @@ OTHER_COLOUR = "#9e9e9e"
 
 
 def render() -> None:
-    widgets.start_page("Embedding map", "Similar images lie close together. Drag to lasso (or switch to box "
-                                        "select in the chart's toolbar) a region, then filter or tag it.")
     table = data.table()
-    spec = widgets.filter_panel(table)
+    spec = filter_panel(table)
     if "map.x" not in table.columns:
-        widgets.analysis_missing("embedding map (2-D projection of the image embeddings)")
+        analysis_missing("embedding map (2-D projection of the image embeddings)")
         state.publish(spec)
         return
-    context = widgets.filtered_positions_or_stop(table, spec.replace(region=[], sort_by=None))
+    context = filtered_positions_or_stop(table, spec.replace(region=[], sort_by=None))
     options = colour_options(table)
     if "map.colour" not in st.session_state and state.url_value("color") in options:
         st.session_state["map.colour"] = state.url_value("color")
     colour = st.selectbox("Colour by", options, key="map.colour", format_func=_colour_label)
     shown = downsample(context, MAX_POINTS)
     if len(shown) < len(context):
-        st.caption(f"Showing a random {len(shown):,} of {len(context):,} matching samples (WebGL keeps up to "
-                   f"{MAX_POINTS:,}); selections apply to every sample in the region.")
+        st.caption(
+            f"Showing a random {len(shown):,} of {len(context):,} matching samples (WebGL keeps up to "
+            f"{MAX_POINTS:,}); selections apply to every sample in the region."
+        )
     else:
         st.caption(f"{len(context):,} samples shown.")
     figure, legend = build_figure(table, shown, colour, spec.region)
-    event = st.plotly_chart(figure, key=CHART, on_select="rerun", selection_mode=("lasso", "box"),
-                            config={"scrollZoom": True, "displaylogo": False})
+    event = st.plotly_chart(
+        figure,
+        key=CHART,
+        on_select="rerun",
+        selection_mode=("lasso", "box"),
+        config={"scrollZoom": True, "displaylogo": False},
+    )
     if legend:
         st.html(legend)  # HTML built by build_figure: every category name in it is escaped
     polygon = selection_polygon(event.selection if event is not None else None)
@@ -84,11 +99,12 @@ def downsample(positions: np.ndarray, limit: int, *, random_state: int = 0) -> n
     return np.sort(rng.choice(positions, size=limit, replace=False))
 
 
-def build_figure(table: pd.DataFrame, positions: np.ndarray, colour: str,
-                 region: list[list[float]]) -> tuple[go.Figure, str]:
+def build_figure(
+    table: pd.DataFrame, positions: np.ndarray, colour: str, region: list[list[float]]
+) -> tuple[go.Figure, str]:
     """One ``Scattergl`` trace (``customdata`` = sample id, HTML-escaped) and an HTML legend for categorical colours.
 
-    Category names and sample ids are user strings: they are HTML-escaped (:func:`widgets.plot_text`) in
+    Category names and sample ids are user strings: they are HTML-escaped (:func:`plot_text`) in
     the legend and in the hover text, which plotly parses as HTML.
 
     Colours are numbers (category codes on a stepped colour scale, or the metric itself), never one colour
@@ -103,23 +119,43 @@ def build_figure(table: pd.DataFrame, positions: np.ndarray, colour: str,
         colours = [PALETTE[i % len(PALETTE)] for i in range(len(names))] + [OTHER_COLOUR]
         marker.update(color=codes, cmin=-0.5, cmax=len(names) + 0.5, colorscale=_stepped(colours), showscale=False)
         present = set(np.unique(codes).tolist())
-        legend = " ".join(f"<span style='white-space:nowrap;margin-right:.8em'>"
-                          f"<span style='color:{colours[i]}'>●</span> {widgets.plot_text(name)}</span>"
-                          for i, name in enumerate(names) if i in present)
+        legend = " ".join(
+            f"<span style='white-space:nowrap;margin-right:.8em'>"
+            f"<span style='color:{colours[i]}'>●</span> {plot_text(name)}</span>"
+            for i, name in enumerate(names)
+            if i in present
+        )
     else:
-        marker.update(color=values.to_numpy(dtype=float, na_value=np.nan), colorscale="Viridis", showscale=True,
-                      colorbar={"title": {"text": widgets.plot_text(_colour_label(colour))}, "thickness": 12})
-    figure = go.Figure(go.Scattergl(
-        x=rows["map.x"].to_numpy(), y=rows["map.y"].to_numpy(), mode="markers", customdata=_hover_ids(rows["id"]),
-        marker=marker, hovertemplate="%{customdata}<extra></extra>"))
+        marker.update(
+            color=values.to_numpy(dtype=float, na_value=np.nan),
+            colorscale="Viridis",
+            showscale=True,
+            colorbar={"title": {"text": plot_text(_colour_label(colour))}, "thickness": 12},
+        )
+    figure = go.Figure(
+        go.Scattergl(
+            x=rows["map.x"].to_numpy(),
+            y=rows["map.y"].to_numpy(),
+            mode="markers",
+            customdata=_hover_ids(rows["id"]),
+            marker=marker,
+            hovertemplate="%{customdata}<extra></extra>",
+        )
+    )
     if region:
         xs = [p[0] for p in region] + [region[0][0]]
         ys = [p[1] for p in region] + [region[0][1]]
         path = "M " + " L ".join(f"{x},{y}" for x, y in zip(xs, ys, strict=True)) + " Z"
         figure.add_shape(type="path", path=path, line={"color": "#d62728", "width": 2, "dash": "dot"})
-    figure.update_layout(height=620, margin=dict(l=10, r=10, t=10, b=10), dragmode="lasso", showlegend=False,
-                         xaxis={"visible": False}, yaxis={"visible": False, "scaleanchor": "x"},
-                         plot_bgcolor="white")
+    figure.update_layout(
+        height=620,
+        margin=dict(l=10, r=10, t=10, b=10),
+        dragmode="lasso",
+        showlegend=False,
+        xaxis={"visible": False},
+        yaxis={"visible": False, "scaleanchor": "x"},
+        plot_bgcolor="white",
+    )
     return figure, legend
 
 
@@ -128,7 +164,7 @@ def _hover_ids(ids: pd.Series) -> np.ndarray:
     so the common case costs one vectorised scan)."""
     ids = ids.astype(str)
     if ids.str.contains("[<>&]", regex=True).any():
-        ids = ids.map(widgets.plot_text)
+        ids = ids.map(plot_text)
     return ids.to_numpy()
 
 
@@ -183,13 +219,13 @@ def _selection_actions(table: pd.DataFrame, context: np.ndarray, spec: FilterSpe
                 state.set_filter(spec.replace(region=polygon), reseed=False)
                 st.rerun()
             if st.button("Open in explorer", key="map.open", icon=":material/grid_view:"):
-                widgets.open_in_explorer(spec.replace(region=polygon))
+                open_in_explorer(spec.replace(region=polygon))
         with tag_col, st.form("map.tag_form", clear_on_submit=True, border=False):
             left, right = st.columns([2, 1], vertical_alignment="bottom")
             tag = left.text_input("Tag the selected samples", key="map.tag", placeholder="e.g. cluster-shoes")
             submitted = right.form_submit_button(f"Tag {len(inside):,} samples", icon=":material/sell:")
         if submitted:
-            user = widgets.require_user()
+            user = require_user()
             if user and tag.strip():
                 ids = table["id"].iloc[inside].tolist()
                 try:
@@ -197,10 +233,10 @@ def _selection_actions(table: pd.DataFrame, context: np.ndarray, spec: FilterSpe
                 except RobustlensError as exc:  # refused tag, a write conflict, the database unreachable
                     state.notice(f"Not tagged: {exc}", "error")
                     st.rerun()
-                widgets.done(f"Tagged {count:,} sample(s) '{tag.strip()}' from the map selection.")
+                done(f"Tagged {count:,} sample(s) '{tag.strip()}' from the map selection.")
             elif user:
                 st.warning("Type a tag name first.")
 
 
 if __name__ == "__main__":
-    widgets.run_page(render)
+    run_page("embedding_map", render)

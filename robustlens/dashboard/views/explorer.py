@@ -6,7 +6,13 @@ import math
 
 import streamlit as st
 
-from robustlens.dashboard import data, state, widgets
+from robustlens.dashboard import data, state
+from robustlens.dashboard.components.bulk_curation import bulk_actions
+from robustlens.dashboard.components.filter_panel import filter_panel
+from robustlens.dashboard.components.frame import filtered_positions_or_stop, run_page
+from robustlens.dashboard.components.grid import caption_for, clear_selection, select_ids, thumbnail_grid
+from robustlens.dashboard.components.markup import text
+from robustlens.dashboard.components.sample_detail import sample_detail
 
 PAGE_SIZE = 48
 PAGE_NO = "explorer.page_no"
@@ -17,20 +23,21 @@ LAST_FILTER = "explorer.last_filter"
 
 
 def render() -> None:
-    widgets.start_page("Explorer")
     table = data.table()
-    spec = widgets.filter_panel(table)
-    positions = widgets.filtered_positions_or_stop(table, spec)
+    spec = filter_panel(table)
+    positions = filtered_positions_or_stop(table, spec)
     _adopt_url_page_state()
     conditions = spec.describe()
-    st.markdown(f"**{len(positions):,}** of {len(table):,} samples"
-                + (" match: " + " · ".join(map(widgets.text, conditions)) if conditions else " (no filter)"))
+    st.markdown(
+        f"**{len(positions):,}** of {len(table):,} samples"
+        + (" match: " + " · ".join(map(text, conditions)) if conditions else " (no filter)")
+    )
     pages = max(1, math.ceil(len(positions) / PAGE_SIZE))
     _reset_page_if_filter_changed(spec)
     with st.expander(f"Tag or collect ({len(state.selection()):,} selected)", expanded=bool(state.selection())):
-        widgets.bulk_actions(table, positions, spec, key="explorer.bulk")
+        bulk_actions(table, positions, spec, key="explorer.bulk")
     page = _toolbar(table, positions, pages)
-    shown = positions[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+    shown = positions[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
     detail = data.position_of(st.session_state.get(DETAIL))
     if detail is None:
         st.session_state[DETAIL] = None  # e.g. a link to a sample that is no longer in the workspace
@@ -42,7 +49,7 @@ def render() -> None:
             _grid(table, shown, spec, columns=6)
         with side, st.container(border=True):
             st.button("Close details", on_click=_open, args=(None,), icon=":material/close:", key="explorer.close")
-            widgets.sample_detail(table, detail, key="explorer.detail_view", on_open=_open)
+            sample_detail(table, detail, key="explorer.detail_view", on_open=_open)
     else:
         _grid(table, shown, spec, columns=8)
     state.publish(spec, {"p": str(page) if page > 1 else None, "sample": st.session_state.get(DETAIL)})
@@ -50,8 +57,14 @@ def render() -> None:
 
 
 def _grid(table, shown, spec, *, columns: int) -> None:
-    widgets.thumbnail_grid(table, shown, columns=columns, key="explorer.grid", on_open=_open,
-                           caption=lambda row: widgets.caption_for(row, table, spec.sort_by))
+    thumbnail_grid(
+        table,
+        shown,
+        columns=columns,
+        key="explorer.grid",
+        on_open=_open,
+        caption=lambda row: caption_for(row, table, spec.sort_by),
+    )
 
 
 def _toolbar(table, positions, pages: int) -> int:
@@ -59,11 +72,16 @@ def _toolbar(table, positions, pages: int) -> int:
     with left:
         page = _pagination(pages)
     start = (page - 1) * PAGE_SIZE
-    page_ids = table["id"].iloc[positions[start:start + PAGE_SIZE]].tolist()
-    middle.button("Select this page", on_click=widgets.select_ids, args=(page_ids,), key="explorer.select_page",
-                  disabled=not page_ids)
-    right.button(f"Clear selection ({len(state.selection()):,})", on_click=widgets.clear_selection,
-                 key="explorer.clear_selection", disabled=not state.selection())
+    page_ids = table["id"].iloc[positions[start : start + PAGE_SIZE]].tolist()
+    middle.button(
+        "Select this page", on_click=select_ids, args=(page_ids,), key="explorer.select_page", disabled=not page_ids
+    )
+    right.button(
+        f"Clear selection ({len(state.selection()):,})",
+        on_click=clear_selection,
+        key="explorer.clear_selection",
+        disabled=not state.selection(),
+    )
     return page
 
 
@@ -107,4 +125,4 @@ def _reset_page_if_filter_changed(spec) -> None:
 
 
 if __name__ == "__main__":
-    widgets.run_page(render)
+    run_page("explorer", render)

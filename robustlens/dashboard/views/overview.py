@@ -6,26 +6,31 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
+from robustlens.dashboard import data
+from robustlens.dashboard.components.frame import analysis_missing, run_page
+from robustlens.dashboard.components.grid import thumbnail_grid
+from robustlens.dashboard.components.markup import code, plot_text, text
+from robustlens.dashboard.components.navigation import explorer_link
+from robustlens.dashboard.components.slice_tables import SLICE_FORMAT, slice_columns, slice_table
 from robustlens.query.filters import FilterSpec
 from robustlens.query.sample_table import issue_types, prediction_sets
-from robustlens.dashboard import data, widgets
 
 EXAMPLES_PER_ISSUE = 6
 
 
 def render() -> None:
-    widgets.start_page("Overview")
     ws = data.workspace()
     key = data.cache_key()
     info = data.summary(*key)
-    st.caption(f"Workspace {widgets.code(info['workspace'])} · dataset {widgets.code(info['dataset_root'])} "
-               f"({widgets.text(info['dataset_kind'])})")
+    st.caption(
+        f"Workspace {code(info['workspace'])} · dataset {code(info['dataset_root'])} ({text(info['dataset_kind'])})"
+    )
     table = data.table()
     _headline(info, table)
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Class balance")
-        balance = data.balance(*key).assign(**{"class": lambda f: f["class"].map(widgets.plot_text)})
+        balance = data.balance(*key).assign(**{"class": lambda f: f["class"].map(plot_text)})
         figure = px.bar(balance, x="class", y="count", hover_data={"share": ":.1%"})
         figure.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=None)
         st.plotly_chart(figure, width="stretch", key="overview.balance")
@@ -37,7 +42,7 @@ def render() -> None:
     if report.get("skipped") or report.get("warnings"):
         with st.expander(f"Ingest report: {len(report.get('skipped', []))} skipped image(s)"):
             for warning in report.get("warnings", []):
-                st.warning(widgets.text(warning))
+                st.warning(text(warning))
             if report.get("skipped"):
                 st.dataframe(report["skipped"], hide_index=True, width="stretch")
 
@@ -49,8 +54,8 @@ def _headline(info: dict, table) -> None:
     cols[2].metric("Skipped at ingest", f"{info['num_skipped']:,}")
     accuracies = {name: entry["accuracy"] for name, entry in info["prediction_sets"].items()}
     if accuracies:
-        best = max(accuracies, key=accuracies.get)
-        cols[3].metric(f"Accuracy ({widgets.text(best)})", f"{accuracies[best]:.1%}")
+        best = max(accuracies, key=lambda name: accuracies[name])
+        cols[3].metric(f"Accuracy ({text(best)})", f"{accuracies[best]:.1%}")
     else:
         cols[3].metric("Accuracy", "—", help="No prediction set in this workspace")
     if "issue_count" in table.columns:
@@ -64,7 +69,7 @@ def _models(info: dict, table) -> None:
     st.subheader("Models")
     sets = prediction_sets(table)
     if sets:
-        rows = {"prediction set": [], "accuracy": [], "scores": []}
+        rows: dict[str, list[str]] = {"prediction set": [], "accuracy": [], "scores": []}
         for name in sets:
             rows["prediction set"].append(name)
             rows["accuracy"].append(f"{table[f'pred.{name}.correct'].mean():.2%}")
@@ -72,32 +77,30 @@ def _models(info: dict, table) -> None:
         st.dataframe(rows, hide_index=True, width="stretch")
     else:
         st.info("No predictions yet: add them with `robustlens init --predictions`.")
-    st.markdown(f"**Model:** {widgets.text(info['model'] or 'none')}")
-    st.markdown("**Splits:** " + ", ".join(f"{widgets.text(k)} ({v:,})" for k, v in info["split_counts"].items()))
+    st.markdown(f"**Model:** {text(info['model'] or 'none')}")
+    st.markdown("**Splits:** " + ", ".join(f"{text(k)} ({v:,})" for k, v in info["split_counts"].items()))
     if info["metadata_columns"]:
-        st.markdown("**Metadata:** " + ", ".join(widgets.code(c) for c in info["metadata_columns"]))
+        st.markdown("**Metadata:** " + ", ".join(code(c) for c in info["metadata_columns"]))
 
 
 def _issues(table) -> None:
     st.subheader("Issues")
     kinds = issue_types(table)
     if not kinds:
-        widgets.analysis_missing("issue flags (dark, blurry, duplicates, label errors, outliers …)")
+        analysis_missing("issue flags (dark, blurry, duplicates, label errors, outliers …)")
         return
     counts = {kind: int((table[f"issue.{kind}"] > 0).sum()) for kind in kinds}
     for kind in sorted(kinds, key=lambda k: -counts[k]):
         count = counts[kind]
         with st.container(border=True):
             head, link = st.columns([4, 1], vertical_alignment="center")
-            head.markdown(f"**{widgets.text(kind.replace('_', ' '))}** — {count:,} samples "
-                          f"({count / max(len(table), 1):.1%})")
+            head.markdown(f"**{text(kind.replace('_', ' '))}** — {count:,} samples ({count / max(len(table), 1):.1%})")
             spec = FilterSpec(issues=[kind], sort_by=f"issue.{kind}", descending=True)
             if count:
                 with link:
-                    widgets.explorer_link("Open in explorer", spec)
+                    explorer_link("Open in explorer", spec)
                 worst = _most_severe(table[f"issue.{kind}"].to_numpy(dtype=float), min(count, EXAMPLES_PER_ISSUE))
-                widgets.thumbnail_grid(table, worst, columns=EXAMPLES_PER_ISSUE * 2, key=f"overview.{kind}",
-                                       selectable=False)
+                thumbnail_grid(table, worst, columns=EXAMPLES_PER_ISSUE * 2, key=f"overview.{kind}", selectable=False)
 
 
 def _most_severe(severity: np.ndarray, k: int) -> np.ndarray:
@@ -110,14 +113,13 @@ def _worst_slices() -> None:
     st.subheader("Worst slices")
     worst = data.artifact("worst_slices")
     if worst is None:
-        widgets.analysis_missing("slice analysis (where the model is weakest)")
+        analysis_missing("slice analysis (where the model is weakest)")
         return
     if worst.empty:
         st.success("No slice is clearly worse than the rest.")
         return
-    widgets.slice_table(worst.head(10), widgets.slice_columns(worst), key="overview.worst",
-                        column_config=widgets.SLICE_FORMAT)
+    slice_table(worst.head(10), slice_columns(worst), key="overview.worst", column_config=SLICE_FORMAT)
 
 
 if __name__ == "__main__":
-    widgets.run_page(render)
+    run_page("overview", render)

@@ -8,9 +8,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from robustlens.dashboard import data
+from robustlens.dashboard.components.frame import analysis_missing, run_page
+from robustlens.dashboard.components.markup import plot_text, text
+from robustlens.dashboard.components.navigation import open_in_explorer
+from robustlens.dashboard.components.slice_tables import SLICE_FORMAT, slice_columns, slice_table
 from robustlens.query.filters import FilterSpec
 from robustlens.query.sample_table import prediction_sets
-from robustlens.dashboard import data, widgets
 
 CHART_GENERATION = "perf.chart_generation"
 #: Metric-importance columns to chart, in order of preference (the first one present is used).
@@ -18,7 +22,6 @@ IMPORTANCE_COLUMNS = ("importance", "mutual_information", "accuracy_spread")
 
 
 def render() -> None:
-    widgets.start_page("Model performance")
     table = data.table()
     sets = prediction_sets(table)
     if not sets:
@@ -26,8 +29,10 @@ def render() -> None:
         return
     chosen = sets
     if len(sets) > 2:
-        chosen = st.multiselect("Prediction sets to compare", sets, default=sets[:2], max_selections=2,
-                                key="perf.sets") or sets[:1]
+        chosen = (
+            st.multiselect("Prediction sets to compare", sets, default=sets[:2], max_selections=2, key="perf.sets")
+            or sets[:1]
+        )
     for column, name in zip(st.columns(len(chosen), gap="large"), chosen, strict=True):
         with column:
             _prediction_set(table, name, first=name == sets[0])
@@ -42,7 +47,7 @@ def confusion(table: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
-    st.subheader(widgets.text(name))
+    st.subheader(text(name))
     report = data.evaluation(name) or {}
     accuracy = float(table[f"pred.{name}.correct"].mean())
     cols = st.columns(3)
@@ -50,8 +55,11 @@ def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
     top_k = report.get("top_k_accuracy") or report.get("top_k") or {}
     top = max((int(k) for k in top_k), default=None)
     cols[1].metric(f"Top-{top} accuracy" if top else "Top-k accuracy", f"{top_k[str(top)]:.2%}" if top else "—")
-    cols[2].metric("ECE", f"{report['ece']:.3f}" if "ece" in report else "—",
-                   help="Expected calibration error: average gap between confidence and accuracy")
+    cols[2].metric(
+        "ECE",
+        f"{report['ece']:.3f}" if "ece" in report else "—",
+        help="Expected calibration error: average gap between confidence and accuracy",
+    )
     counts = confusion(table, name)
     _confusion_chart(counts, name, first=first)
     _per_class(report, counts)
@@ -59,7 +67,7 @@ def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
     _importance(name)
     _curves(name)
     if not report:
-        widgets.analysis_missing(f"evaluation report for '{name}' (top-k, calibration, per-class table)")
+        analysis_missing(f"evaluation report for '{name}' (top-k, calibration, per-class table)")
 
 
 def _confusion_chart(counts: pd.DataFrame, name: str, *, first: bool) -> None:
@@ -67,40 +75,73 @@ def _confusion_chart(counts: pd.DataFrame, name: str, *, first: bool) -> None:
     classes = list(counts.index)
     # Class names are user strings and plotly parses tick and hover text as HTML: it gets them escaped, and a
     # click's escaped name is mapped back to the class.
-    shown = [widgets.plot_text(c) for c in classes]
+    shown = [plot_text(c) for c in classes]
     original = dict(zip(shown, classes, strict=True))
     values = counts.to_numpy()
-    figure = go.Figure(go.Heatmap(z=values, x=shown, y=shown, colorscale="Blues", showscale=False,
-                                  text=values, texttemplate="%{text}", hoverinfo="skip"))
+    figure = go.Figure(
+        go.Heatmap(
+            z=values,
+            x=shown,
+            y=shown,
+            colorscale="Blues",
+            showscale=False,
+            text=values,
+            texttemplate="%{text}",
+            hoverinfo="skip",
+        )
+    )
     # Heatmap cells cannot be selected; an invisible square marker on each cell takes the clicks and the hover.
     grid_x, grid_y = np.meshgrid(shown, shown)
-    figure.add_scatter(x=grid_x.ravel(), y=grid_y.ravel(), mode="markers", customdata=values.ravel(),
-                       hovertemplate="given %{y}<br>predicted %{x}<br>%{customdata} samples<extra></extra>",
-                       marker={"symbol": "square", "size": max(6, 360 // max(len(classes), 1)), "opacity": 0.01})
-    figure.update_layout(height=440, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="predicted",
-                         yaxis_title="given", yaxis={"autorange": "reversed"}, showlegend=False)
+    figure.add_scatter(
+        x=grid_x.ravel(),
+        y=grid_y.ravel(),
+        mode="markers",
+        customdata=values.ravel(),
+        hovertemplate="given %{y}<br>predicted %{x}<br>%{customdata} samples<extra></extra>",
+        marker={"symbol": "square", "size": max(6, 360 // max(len(classes), 1)), "opacity": 0.01},
+    )
+    figure.update_layout(
+        height=440,
+        margin=dict(l=10, r=10, t=10, b=10),
+        xaxis_title="predicted",
+        yaxis_title="given",
+        yaxis={"autorange": "reversed"},
+        showlegend=False,
+    )
     generation = st.session_state.get(CHART_GENERATION, 0)
-    event = st.plotly_chart(figure, key=f"perf.cm.{name}.{generation}", on_select="rerun", selection_mode="points",
-                            width="stretch")
+    event = st.plotly_chart(
+        figure, key=f"perf.cm.{name}.{generation}", on_select="rerun", selection_mode="points", width="stretch"
+    )
     points = event.selection.get("points", []) if event is not None else []
     if points:
         given, predicted = original.get(points[0].get("y")), original.get(points[0].get("x"))
-        if given in classes and predicted in classes:
+        if given is not None and predicted is not None and given in classes and predicted in classes:
             # A fresh chart key on return: the old click must not send the user to the explorer again.
             st.session_state[CHART_GENERATION] = generation + 1
-            widgets.open_in_explorer(_cell_spec(name, given, predicted, first=first))
+            open_in_explorer(_cell_spec(name, given, predicted, first=first))
     cells = [(g, p, int(counts.loc[g, p])) for g in classes for p in classes if g != p and counts.loc[g, p] > 0]
     cells.sort(key=lambda cell: -cell[2])
     left, right = st.columns([3, 1], vertical_alignment="bottom")
-    cell = left.selectbox("Or pick a confusion", cells, index=None, key=f"perf.cell.{name}",
-                          format_func=lambda c: f"{c[0]} → {c[1]} ({c[2]:,})", placeholder="given → predicted")
-    if right.button("Open in explorer", key=f"perf.open.{name}", disabled=cell is None):
-        widgets.open_in_explorer(_cell_spec(name, cell[0], cell[1], first=first))
+    cell = left.selectbox(
+        "Or pick a confusion",
+        cells,
+        index=None,
+        key=f"perf.cell.{name}",
+        format_func=lambda c: f"{c[0]} → {c[1]} ({c[2]:,})",
+        placeholder="given → predicted",
+    )
+    if right.button("Open in explorer", key=f"perf.open.{name}", disabled=cell is None) and cell is not None:
+        open_in_explorer(_cell_spec(name, cell[0], cell[1], first=first))
 
 
 def _cell_spec(name: str, given: str, predicted: str, *, first: bool) -> FilterSpec:
-    return FilterSpec(labels=[given], predicted=[predicted], prediction_set=None if first else name,
-                      sort_by=f"pred.{name}.confidence", descending=True)
+    return FilterSpec(
+        labels=[given],
+        predicted=[predicted],
+        prediction_set=None if first else name,
+        sort_by=f"pred.{name}.confidence",
+        descending=True,
+    )
 
 
 def _per_class(report: dict, counts: pd.DataFrame) -> None:
@@ -108,15 +149,23 @@ def _per_class(report: dict, counts: pd.DataFrame) -> None:
         frame = pd.DataFrame(report["per_class"])
     else:
         support = counts.sum(axis=1)
-        frame = pd.DataFrame({"class": counts.index, "support": support.to_numpy(),
-                              "recall": np.diag(counts.to_numpy()) / np.maximum(support.to_numpy(), 1)})
+        frame = pd.DataFrame(
+            {
+                "class": counts.index,
+                "support": support.to_numpy(),
+                "recall": np.diag(counts.to_numpy()) / np.maximum(support.to_numpy(), 1),
+            }
+        )
     with st.expander("Per-class table", expanded=False):
         st.dataframe(frame, hide_index=True, width="stretch")
 
 
 def _calibration(report: dict, name: str) -> None:
-    bins = (report.get("calibration") or {}).get("bins") if isinstance(report.get("calibration"), dict) \
+    bins = (
+        (report.get("calibration") or {}).get("bins")
+        if isinstance(report.get("calibration"), dict)
         else report.get("calibration")
+    )
     if not bins:
         return
     frame = pd.DataFrame(bins)
@@ -124,15 +173,23 @@ def _calibration(report: dict, name: str) -> None:
         frame = frame[frame["count"] > 0]
     figure = go.Figure()
     width = (frame["upper"] - frame["lower"]) * 0.9 if {"lower", "upper"} <= set(frame.columns) else 0.05
-    figure.add_bar(x=frame["confidence"], y=frame["accuracy"], name="accuracy", width=width,
-                   customdata=frame.get("count"), hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}"
-                                                                "<br>%{customdata} samples<extra></extra>")
+    figure.add_bar(
+        x=frame["confidence"],
+        y=frame["accuracy"],
+        name="accuracy",
+        width=width,
+        customdata=frame.get("count"),
+        hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} samples<extra></extra>",
+    )
     figure.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line={"dash": "dash"})
-    figure.update_layout(height=280, margin=dict(l=10, r=10, t=30, b=10),
-                         xaxis={"range": [0, 1], "title": "confidence"},
-                         yaxis={"range": [0, 1], "title": "accuracy"}, title={"text": "Reliability diagram",
-                                                                              "font": {"size": 13}},
-                         legend={"orientation": "h"})
+    figure.update_layout(
+        height=280,
+        margin=dict(l=10, r=10, t=30, b=10),
+        xaxis={"range": [0, 1], "title": "confidence"},
+        yaxis={"range": [0, 1], "title": "accuracy"},
+        title={"text": "Reliability diagram", "font": {"size": 13}},
+        legend={"orientation": "h"},
+    )
     st.plotly_chart(figure, width="stretch", key=f"perf.calibration.{name}")
 
 
@@ -146,11 +203,13 @@ def _importance(name: str) -> None:
     if value is None:
         return
     ordered = frame.sort_values(value)
-    figure = go.Figure(go.Bar(x=ordered[value], y=ordered["metric"].astype(str).map(widgets.plot_text),
-                              orientation="h"))
-    figure.update_layout(height=60 + 22 * len(frame), margin=dict(l=10, r=10, t=30, b=10),
-                         xaxis_title=value.replace("_", " "),
-                         title={"text": "Which image metrics go with errors", "font": {"size": 13}})
+    figure = go.Figure(go.Bar(x=ordered[value], y=ordered["metric"].astype(str).map(plot_text), orientation="h"))
+    figure.update_layout(
+        height=60 + 22 * len(frame),
+        margin=dict(l=10, r=10, t=30, b=10),
+        xaxis_title=value.replace("_", " "),
+        title={"text": "Which image metrics go with errors", "font": {"size": 13}},
+    )
     st.plotly_chart(figure, width="stretch", key=f"perf.importance.{name}")
 
 
@@ -168,15 +227,30 @@ def _curves(name: str) -> None:
         x = rows["bin"]
     figure = go.Figure()
     if {"ci_low", "ci_high"} <= set(rows.columns):
-        figure.add_scatter(x=list(x) + list(x)[::-1], y=list(rows["ci_high"]) + list(rows["ci_low"])[::-1],
-                           fill="toself", mode="none", fillcolor="rgba(31,119,180,0.15)", hoverinfo="skip",
-                           name="95% interval")
-    figure.add_scatter(x=x, y=rows["accuracy"], mode="lines+markers", name="accuracy",
-                       customdata=rows.get("count"), hovertemplate="%{x:.3g}: accuracy %{y:.1%}"
-                                                                   "<br>%{customdata} samples<extra></extra>")
-    figure.update_layout(height=260, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=widgets.plot_text(metric),
-                         showlegend=False,
-                         yaxis={"title": "accuracy", "tickformat": ".0%"})
+        figure.add_scatter(
+            x=list(x) + list(x)[::-1],
+            y=list(rows["ci_high"]) + list(rows["ci_low"])[::-1],
+            fill="toself",
+            mode="none",
+            fillcolor="rgba(31,119,180,0.15)",
+            hoverinfo="skip",
+            name="95% interval",
+        )
+    figure.add_scatter(
+        x=x,
+        y=rows["accuracy"],
+        mode="lines+markers",
+        name="accuracy",
+        customdata=rows.get("count"),
+        hovertemplate="%{x:.3g}: accuracy %{y:.1%}<br>%{customdata} samples<extra></extra>",
+    )
+    figure.update_layout(
+        height=260,
+        margin=dict(l=10, r=10, t=10, b=10),
+        xaxis_title=plot_text(metric),
+        showlegend=False,
+        yaxis={"title": "accuracy", "tickformat": ".0%"},
+    )
     st.plotly_chart(figure, width="stretch", key=f"perf.curves.{name}")
 
 
@@ -184,16 +258,15 @@ def _slices() -> None:
     st.subheader("Slices")
     slices = data.artifact("slices")
     if slices is None:
-        widgets.analysis_missing("slice analysis")
+        analysis_missing("slice analysis")
         return
     worst = data.artifact("worst_slices")
     if worst is not None and not worst.empty:
         st.markdown("**Worst slices** (large and much worse than average)")
-        widgets.slice_table(worst, widgets.slice_columns(worst), key="perf.worst", column_config=widgets.SLICE_FORMAT)
+        slice_table(worst, slice_columns(worst), key="perf.worst", column_config=SLICE_FORMAT)
     with st.expander(f"All {len(slices):,} slices"):
-        widgets.slice_table(slices, widgets.slice_columns(slices), key="perf.slices",
-                            column_config=widgets.SLICE_FORMAT)
+        slice_table(slices, slice_columns(slices), key="perf.slices", column_config=SLICE_FORMAT)
 
 
 if __name__ == "__main__":
-    widgets.run_page(render)
+    run_page("performance", render)

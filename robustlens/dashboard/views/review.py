@@ -13,9 +13,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from robustlens.query.sample_table import prediction_sets
-from robustlens.dashboard import data, state, widgets
+from robustlens.dashboard import data, state
+from robustlens.dashboard.components.frame import analysis_missing, run_page
+from robustlens.dashboard.components.markup import code, plot_text, text
+from robustlens.dashboard.components.sample_detail import neighbours_block
 from robustlens.errors import RobustlensError
+from robustlens.query.review import flagged_count, has_review_queue, review_queue_spec
+from robustlens.query.sample_table import prediction_sets
 
 POSITION = "review.position"
 SCOPE = "review.scope"
@@ -23,24 +27,29 @@ HIDE_DECIDED = "review.hide_decided"
 CLASS = "review.class"
 NOTE = "review.note"
 RELABEL_TO = "review.relabel_to"
-ACTION_NAMES = {"relabel": "relabelled", "keep": "kept the label", "ambiguous": "marked ambiguous",
-                "exclude": "excluded"}
+ACTION_NAMES = {
+    "relabel": "relabelled",
+    "keep": "kept the label",
+    "ambiguous": "marked ambiguous",
+    "exclude": "excluded",
+}
 
 
 def render() -> None:
-    widgets.start_page("Label review", "Samples ranked by label quality (lowest first): is the given label right?")
     table = data.table()
-    if "label_issue.label_quality" not in table.columns:
-        widgets.analysis_missing("label-issue ranking")
+    if not has_review_queue(table):
+        analysis_missing("label-issue ranking")
         return
     reviewer = _ask_reviewer()
     if reviewer is None:
         return
     latest = {d["sample_id"]: d for d in data.curation().decisions(latest_only=True)}
-    queue = _queue_controls(table, latest)
+    queue = _queue_controls(table)
     mine = sum(1 for d in latest.values() if d["reviewer"] == reviewer)
-    st.caption(f"{len(queue):,} in this queue · {len(latest):,} samples decided by the team · "
-               f"{mine:,} by you ({widgets.text(reviewer)})")
+    st.caption(
+        f"{len(queue):,} in this queue · {len(latest):,} samples decided by the team · "
+        f"{mine:,} by you ({text(reviewer)})"
+    )
     if len(queue) == 0:
         st.success("Nothing left in this queue. Switch **Show** to all samples, or show decided items to revisit them.")
         return
@@ -48,22 +57,7 @@ def render() -> None:
     st.session_state[POSITION] = index
     st.progress((index + 1) / len(queue), text=f"Item {index + 1:,} of {len(queue):,}")
     _item(table, int(queue[index]), latest, reviewer, index)
-    _upcoming(table, queue[index + 1:index + 11])
-
-
-def review_queue(table: pd.DataFrame, *, flagged_only: bool, label: str | None, hide: set[str]) -> np.ndarray:
-    """Row positions to review, most suspicious first (label-issue rank, else label quality)."""
-    mask = np.ones(len(table), dtype=bool)
-    if flagged_only and "label_issue.is_label_issue" in table.columns:
-        mask &= table["label_issue.is_label_issue"].fillna(False).to_numpy(dtype=bool)
-    if label:
-        mask &= (table["label"] == label).to_numpy()
-    if hide:
-        mask &= ~table["id"].isin(hide).to_numpy()
-    positions = np.flatnonzero(mask)
-    key = "label_issue.rank" if "label_issue.rank" in table.columns else "label_issue.label_quality"
-    values = table[key].to_numpy(dtype=float, na_value=np.inf)[positions]
-    return positions[np.argsort(values, kind="stable")]
+    _upcoming(table, queue[index + 1 : index + 11])
 
 
 def _ask_reviewer() -> str | None:
@@ -81,17 +75,27 @@ def _ask_reviewer() -> str | None:
     return None
 
 
-def _queue_controls(table: pd.DataFrame, latest: dict) -> np.ndarray:
-    flags = table.get("label_issue.is_label_issue")
-    flagged = 0 if flags is None else int(flags.fillna(False).sum())
+def _queue_controls(table: pd.DataFrame) -> np.ndarray:
+    flagged = flagged_count(table)
     left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
-    scope = left.radio("Show", ["flagged", "all"], key=SCOPE, horizontal=True,
-                       format_func=lambda s: f"flagged label issues ({flagged:,})" if s == "flagged"
-                       else f"all samples by label quality ({len(table):,})")
-    label = middle.selectbox("Given label", list(table["label"].cat.categories), index=None, key=CLASS,
-                             placeholder="any class")
+    scope = left.radio(
+        "Show",
+        ["flagged", "all"],
+        key=SCOPE,
+        horizontal=True,
+        format_func=lambda s: (
+            f"flagged label issues ({flagged:,})"
+            if s == "flagged"
+            else f"all samples by label quality ({len(table):,})"
+        ),
+    )
+    label = middle.selectbox(
+        "Given label", list(table["label"].cat.categories), index=None, key=CLASS, placeholder="any class"
+    )
     hide = right.toggle("Hide decided", value=True, key=HIDE_DECIDED, help="Leave out samples anyone already decided")
-    return review_queue(table, flagged_only=scope == "flagged", label=label, hide=set(latest) if hide else set())
+    return data.filtered_positions(
+        table, review_queue_spec(table, flagged_only=scope == "flagged", label=label, hide_decided=hide)
+    )
 
 
 def _item(table: pd.DataFrame, position: int, latest: dict, reviewer: str, index: int) -> None:
@@ -105,18 +109,21 @@ def _item(table: pd.DataFrame, position: int, latest: dict, reviewer: str, index
             path = data.thumbnails([position])[0]
             if path:
                 st.image(path, width="stretch", output_format="JPEG")
-            st.caption(widgets.text(sample_id))
+            st.caption(text(sample_id))
         with facts:
-            st.metric("Given label", widgets.text(row["label"]))
-            st.metric("Suggested label", widgets.text(suggested) if suggested else "—")
-            st.metric("Label quality", f"{row['label_issue.label_quality']:.3f}",
-                      help="How much the model believes the given label (0 = not at all)")
+            st.metric("Given label", text(row["label"]))
+            st.metric("Suggested label", text(suggested) if suggested else "—")
+            st.metric(
+                "Label quality",
+                f"{row['label_issue.label_quality']:.3f}",
+                help="How much the model believes the given label (0 = not at all)",
+            )
         with chart:
             _probabilities(table, position)
         _others(sample_id, latest)
         _actions(table, sample_id, str(row["label"]), suggested, reviewer, index)
     with st.expander("Nearest neighbours", expanded=True):
-        widgets.neighbours_block(table, position, key="review.nn", on_open=None)
+        neighbours_block(table, position, key="review.nn", on_open=None)
 
 
 def _probabilities(table: pd.DataFrame, position: int) -> None:
@@ -124,14 +131,19 @@ def _probabilities(table: pd.DataFrame, position: int) -> None:
     if not sets:
         st.caption("No predictions in this workspace.")
         return
-    classes = [widgets.plot_text(c) for c in table["label"].cat.categories]
+    classes = [plot_text(c) for c in table["label"].cat.categories]
     figure = go.Figure()
     for name in sets:
-        figure.add_bar(y=classes, x=data.probabilities(name, position), name=widgets.plot_text(name),
-                       orientation="h")
-    figure.update_layout(height=260, margin=dict(l=10, r=10, t=24, b=10), barmode="group",
-                         title={"text": "Class probabilities", "font": {"size": 13}}, xaxis={"range": [0, 1]},
-                         yaxis={"autorange": "reversed"}, legend={"orientation": "h"})
+        figure.add_bar(y=classes, x=data.probabilities(name, position), name=plot_text(name), orientation="h")
+    figure.update_layout(
+        height=260,
+        margin=dict(l=10, r=10, t=24, b=10),
+        barmode="group",
+        title={"text": "Class probabilities", "font": {"size": 13}},
+        xaxis={"range": [0, 1]},
+        yaxis={"autorange": "reversed"},
+        legend={"orientation": "h"},
+    )
     st.plotly_chart(figure, width="stretch", key="review.probabilities")
 
 
@@ -140,10 +152,13 @@ def _others(sample_id: str, latest: dict) -> None:
     if not history:
         st.caption("No decision on this sample yet.")
         return
-    lines = [f"- **{widgets.text(d['reviewer'])}** {widgets.text(ACTION_NAMES.get(d['action'], d['action']))}"
-             + (f" → {widgets.code(d['new_label'])}" if d["action"] == "relabel" else "")
-             + f" · {pd.Timestamp(d['created_at']).strftime('%Y-%m-%d %H:%M')}"
-             + (f" · _{widgets.text(d['note'])}_" if d["note"] else "") for d in history]
+    lines = [
+        f"- **{text(d['reviewer'])}** {text(ACTION_NAMES.get(d['action'], d['action']))}"
+        + (f" → {code(d['new_label'])}" if d["action"] == "relabel" else "")
+        + f" · {pd.Timestamp(d['created_at']).strftime('%Y-%m-%d %H:%M')}"
+        + (f" · _{text(d['note'])}_" if d["note"] else "")
+        for d in history
+    ]
     st.markdown("**Decisions so far** (latest counts)\n" + "\n".join(lines))
 
 
@@ -151,24 +166,41 @@ def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | N
     hide = bool(st.session_state.get(HIDE_DECIDED, True))
     st.text_input("Note (optional)", key=NOTE, placeholder="why — saved with the decision")
     row1 = st.columns(6)
-    row1[0].button(f"Accept → {widgets.text(suggested)}" if suggested else "Accept suggestion", key="review.accept",
-                   type="primary",
-                   shortcut="A", disabled=not suggested or suggested == given, on_click=_decide,
-                   args=(sample_id, "relabel", suggested, reviewer, hide))
-    row1[1].button("Keep label", key="review.keep", shortcut="K", on_click=_decide,
-                   args=(sample_id, "keep", None, reviewer, hide))
-    row1[2].button("Ambiguous", key="review.ambiguous", shortcut="M", on_click=_decide,
-                   args=(sample_id, "ambiguous", None, reviewer, hide))
-    row1[3].button("Exclude", key="review.exclude", shortcut="X", on_click=_decide,
-                   args=(sample_id, "exclude", None, reviewer, hide))
+    row1[0].button(
+        f"Accept → {text(suggested)}" if suggested else "Accept suggestion",
+        key="review.accept",
+        type="primary",
+        shortcut="A",
+        disabled=not suggested or suggested == given,
+        on_click=_decide,
+        args=(sample_id, "relabel", suggested, reviewer, hide),
+    )
+    row1[1].button(
+        "Keep label", key="review.keep", shortcut="K", on_click=_decide, args=(sample_id, "keep", None, reviewer, hide)
+    )
+    row1[2].button(
+        "Ambiguous",
+        key="review.ambiguous",
+        shortcut="M",
+        on_click=_decide,
+        args=(sample_id, "ambiguous", None, reviewer, hide),
+    )
+    row1[3].button(
+        "Exclude",
+        key="review.exclude",
+        shortcut="X",
+        on_click=_decide,
+        args=(sample_id, "exclude", None, reviewer, hide),
+    )
     row1[4].button("Skip", key="review.skip", shortcut="S", on_click=_move, args=(index + 1,))
     row1[5].button("Back", key="review.back", shortcut="B", on_click=_move, args=(index - 1,), disabled=index == 0)
     others = [c for c in table["label"].cat.categories if c != given]
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     left.selectbox("Relabel to", others, key=RELABEL_TO, index=None, placeholder="choose the right class")
     right.button("Relabel", key="review.relabel", shortcut="L", on_click=_relabel, args=(sample_id, reviewer, hide))
-    st.caption("Keys: **A** accept · **K** keep · **M** ambiguous · **X** exclude · **L** relabel · **S** skip · "
-               "**B** back")
+    st.caption(
+        "Keys: **A** accept · **K** keep · **M** ambiguous · **X** exclude · **L** relabel · **S** skip · **B** back"
+    )
 
 
 def _decide(sample_id: str, action: str, new_label: str | None, reviewer: str, hide: bool) -> None:
@@ -203,11 +235,19 @@ def _upcoming(table: pd.DataFrame, positions: np.ndarray) -> None:
         return
     rows = table.iloc[positions]
     with st.expander(f"Next {len(rows)} in the queue"):
-        st.dataframe(pd.DataFrame({"id": rows["id"], "label": rows["label"].astype(str),
-                                   "suggested": rows["label_issue.suggested_label"].astype(str),
-                                   "label quality": rows["label_issue.label_quality"]}),
-                     hide_index=True, width="stretch")
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "id": rows["id"],
+                    "label": rows["label"].astype(str),
+                    "suggested": rows["label_issue.suggested_label"].astype(str),
+                    "label quality": rows["label_issue.label_quality"],
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+        )
 
 
 if __name__ == "__main__":
-    widgets.run_page(render)
+    run_page("review", render)
