@@ -230,3 +230,31 @@ def test_column_summaries_and_nearest_samples():
     found = nearest_samples(unit, 0, k=3)
     assert [i for i, _ in found] == [4, 1, 2] and found[0][1] == pytest.approx(np.cos(0.05))
     assert len(nearest_samples(unit, 0, k=10)) == 4 and nearest_samples(unit[:1], 0) == []
+
+
+def test_table_summaries_count_what_the_table_holds():
+    from robustlens.query.summary import (
+        confusion_counts,
+        flagged_samples,
+        issue_counts,
+        most_severe,
+        per_class_recall,
+        table_accuracy,
+    )
+
+    classes = ["a", "b", "c"]
+    given = pd.Categorical(["a", "a", "b", "b", "b", "c"], categories=classes)
+    predicted = pd.Categorical(["a", "b", "b", "b", "a", "a"], categories=classes)
+    table = pd.DataFrame({"label": given, "pred.m.label": predicted, "pred.m.correct": given == predicted,
+                          "issue.dark": [0.0, 0.9, 0.0, 0.2, 0.9, 0.5], "issue.blurry": [0.0] * 5 + [1.0],
+                          "issue_count": [0, 1, 0, 1, 1, 2]})
+    counts = confusion_counts(table, "m")
+    assert counts.to_numpy().tolist() == [[1, 1, 0], [1, 2, 0], [1, 0, 0]]
+    assert list(counts.index) == list(counts.columns) == classes
+    recall = per_class_recall(counts)
+    assert recall["support"].tolist() == [2, 3, 1] and recall["recall"].tolist() == pytest.approx([0.5, 2 / 3, 0])
+    assert table_accuracy(table, "m") == pytest.approx(3 / 6)
+    assert issue_counts(table) == {"dark": 4, "blurry": 1} and list(issue_counts(table)) == ["dark", "blurry"]
+    assert flagged_samples(table) == 4 and flagged_samples(table.drop(columns="issue_count")) is None
+    assert most_severe(table, "dark", 3).tolist() == [1, 4, 5]
+    assert most_severe(table, "blurry", 3).tolist() == [5] and most_severe(table, "blurry", 0).size == 0

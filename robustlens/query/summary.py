@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from robustlens.analysis import artifacts
@@ -77,3 +78,48 @@ def analysis_overview(workspace: Workspace) -> dict:
         "worst_slices": worst_slices,
         "label_issue_source": source,
     }
+
+
+# -- summaries of the sample table (what the overview and performance pages show) -----------------------------------
+def confusion_counts(table: pd.DataFrame, prediction_set: str) -> pd.DataFrame:
+    """``(K, K)`` counts: rows = given label, columns = label predicted by ``prediction_set``, both in class
+    order (the table's ``label`` categories); pairs that never occur are 0."""
+    classes = list(table["label"].cat.categories)
+    counts = pd.crosstab(table["label"], table[f"pred.{prediction_set}.label"], dropna=False)
+    return counts.reindex(index=classes, columns=classes, fill_value=0)
+
+
+def per_class_recall(counts: pd.DataFrame) -> pd.DataFrame:
+    """From :func:`confusion_counts`: per class ``class``, ``support`` (samples given it) and ``recall``."""
+    support = counts.sum(axis=1)
+    return pd.DataFrame({"class": counts.index, "support": support.to_numpy(),
+                         "recall": np.diag(counts.to_numpy()) / np.maximum(support.to_numpy(), 1)})
+
+
+def table_accuracy(table: pd.DataFrame, prediction_set: str) -> float:
+    """Fraction of the table's rows that ``prediction_set`` classifies as their given label."""
+    return float(table[f"pred.{prediction_set}.correct"].mean())
+
+
+def issue_counts(table: pd.DataFrame) -> dict[str, int]:
+    """Issue type → samples flagged with it (severity > 0), from the table's ``issue.<type>`` columns, most
+    frequent first (ties in name order)."""
+    names = sorted(c.removeprefix("issue.") for c in table.columns if c.startswith("issue."))
+    counts = {name: int((table[f"issue.{name}"] > 0).sum()) for name in names}
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def flagged_samples(table: pd.DataFrame) -> int | None:
+    """Samples with at least one issue (``issue_count > 0``); ``None`` before the issues stage ran."""
+    return int((table["issue_count"] > 0).sum()) if "issue_count" in table.columns else None
+
+
+def most_severe(table: pd.DataFrame, issue: str, k: int) -> np.ndarray:
+    """Row positions of the ``k`` samples most severely flagged with ``issue``, highest first (stable on ties; a
+    partial sort, fast at a million rows). Fewer when fewer are flagged."""
+    severity = table[f"issue.{issue}"].to_numpy(dtype=float, na_value=0.0)
+    k = min(k, int((severity > 0).sum()))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    top = np.argpartition(-severity, k - 1)[:k]
+    return top[np.argsort(-severity[top], kind="stable")]
