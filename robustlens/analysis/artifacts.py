@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -244,6 +244,14 @@ class Embeddings:
         array = np.asarray(self.matrix, dtype=np.float32)
         norms = np.linalg.norm(array, axis=1, keepdims=True)
         return array / np.where(norms > 0, norms, 1.0)
+
+
+@overload
+def read_embeddings(workspace: Workspace, *, imported: bool = ..., required: Literal[True]) -> Embeddings: ...
+
+
+@overload
+def read_embeddings(workspace: Workspace, *, imported: bool = ..., required: bool = ...) -> Embeddings | None: ...
 
 
 def read_embeddings(workspace: Workspace, *, imported: bool = True, required: bool = False) -> Embeddings | None:
