@@ -17,8 +17,13 @@ import torch
 
 from robustlens import cli
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.analysis.robustness.run import (RobustnessConfig, load_attack_config, load_images,
-                                                run_preview_attack, run_robustness)
+from robustlens.analysis.robustness.run import (
+    RobustnessConfig,
+    load_attack_config,
+    load_images,
+    run_preview_attack,
+    run_robustness,
+)
 from robustlens.analysis.robustness.tables import SLICE_COLUMNS, select_samples
 from robustlens.analysis.stages import issues, slices
 from robustlens.analysis.stages.base import StageContext
@@ -34,7 +39,8 @@ QUICK_AUTOATTACK = {"n_iter": 10, "n_target_classes": 3, "square_queries": 100}
 TINY = RobustnessConfig(max_samples=40, attack_samples=40, smoothing_samples=8, smoothing_n0=20, smoothing_n=100,
                         corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
                         attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=16, masking_samples=16,
-                        num_examples=6, validity_budget="fast", verify_samples=12, verify_norms=("linf",), stability_samples=20,
+                        num_examples=6, validity_budget="fast", verify_samples=12, verify_norms=("linf",),
+                        stability_samples=20,
                         attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK,
                                        "autoattack_l2": QUICK_AUTOATTACK})
 
@@ -422,7 +428,7 @@ def test_every_robust_accuracy_has_its_wilson_interval(analysed):
         assert row["robust_accuracy_ci_low"] == pytest.approx(low, abs=1e-12)
         assert row["robust_accuracy_ci_high"] == pytest.approx(high, abs=1e-12)
         assert low <= row["robust_accuracy"] <= high
-    for norm, entry in summary["attacks"].items():
+    for entry in summary["attacks"].values():
         n = entry["n_samples"]
         for name, result in entry["attacks"].items():
             for value, (low, high) in zip(result["robust_accuracy"], result["robust_accuracy_ci"], strict=True):
@@ -431,8 +437,8 @@ def test_every_robust_accuracy_has_its_wilson_interval(analysed):
                                       strict=True):
             assert (low, high) == pytest.approx(hand_wilson(round(value * n), n))
     for norm, head in summary["headline"].items():
-        assert (head["ci_low"], head["ci_high"]) == pytest.approx(hand_wilson(round(head["robust_accuracy"] * head["n"]),
-                                                                              head["n"]))
+        expected = hand_wilson(round(head["robust_accuracy"] * head["n"]), head["n"])
+        assert (head["ci_low"], head["ci_high"]) == pytest.approx(expected)
         e = int(np.argmin(np.abs(np.array(summary["attacks"][norm]["eps"]) - head["eps"])))
         assert head["robust_accuracy"] == pytest.approx(summary["attacks"][norm]["worst_case_robust_accuracy"][e])
     table = artifact(root, "robustness_slices")

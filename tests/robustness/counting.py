@@ -11,12 +11,12 @@ class _CountBackward(torch.autograd.Function):
     """Identity whose backward adds the batch size to the owner's backward count."""
 
     @staticmethod
-    def forward(ctx, x, owner):  # noqa: ANN001, ANN205
+    def forward(ctx, x, owner):
         ctx.owner = owner
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         ctx.owner.backward_count += grad.shape[0]
         return grad, None
 

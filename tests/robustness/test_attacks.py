@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas.testing as pd_testing
 import pytest
 import torch
 from torch import nn
@@ -10,7 +11,9 @@ from torch import nn
 from robustlens.analysis.robustness import (
     ATTACKS,
     RobustnessInputError,
+    breaking_budget,
     carlini_wagner_l2,
+    curve_from_breaks,
     deepfool,
     fgsm,
     pgd,
@@ -190,3 +193,49 @@ def test_batched_run_attack_matches_unbatched_for_deterministic_attacks(data):
     whole = run_attack(model, x, y, "pgd_linf", 0.05, steps=5)
     chunks = run_attack(model, x, y, "pgd_linf", 0.05, steps=5, batch_size=7)
     assert torch.allclose(whole.adv_images, chunks.adv_images, atol=1e-6)
+
+
+def hand_wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval written out (no library)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_curve_from_breaks_on_planted_breaks():
+    """The curve of attacks already run (what the workspace run uses): counts, rates, breaking budgets (NaN:
+    never broken), Wilson intervals and the per-attack rows where each attack ran, all against planted breaks."""
+    eps = np.array([0.1, 0.2, 0.4])
+    correct = np.array([True, True, True, True, False])
+    a = np.array([[0, 0, 0, 0, 1], [1, 0, 0, 0, 1], [1, 1, 0, 0, 1]], dtype=bool)     # closed upwards
+    b = np.array([[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0]], dtype=bool)     # ran only at 0.4
+    curve = curve_from_breaks({"a": a, "b": b}, eps, correct, norm="linf", min_norm=np.full(5, np.nan))
+    np.testing.assert_array_equal(curve.breaking_eps, [0.2, 0.4, 0.4, np.nan, 0.0])
+    assert curve.broken_counts["a"].tolist() == [0, 1, 2] and curve.broken_counts["worst_case"].tolist() == [0, 1, 3]
+    np.testing.assert_allclose(curve.robust_accuracy, [4 / 5, 3 / 5, 1 / 5])
+    assert curve.n_correct == 4 and curve.clean_accuracy == pytest.approx(0.8)
+    assert curve.min_norm[4] == 0.0 and np.isnan(curve.min_norm[:4]).all()
+    rate = curve.rates("worst_case")
+    np.testing.assert_allclose(rate["success_rate"], [0.0, 0.25, 0.75])
+    for e, k in enumerate([4, 3, 1]):
+        assert (rate["ci_low"][e], rate["ci_high"][e]) == pytest.approx(hand_wilson(k, 5))
+    rows = curve.records(ran={"a": np.ones(3, bool), "b": np.array([False, False, True])})
+    assert [(r["attack"], r["eps"]) for r in rows] == [("a", 0.1), ("a", 0.2), ("a", 0.4), ("b", 0.4),
+                                                       ("worst_case", 0.1), ("worst_case", 0.2), ("worst_case", 0.4)]
+    assert rows[3]["robust_accuracy"] == pytest.approx(3 / 5) and rows[3]["n_samples"] == 5
+    np.testing.assert_array_equal(breaking_budget(a | b, eps, correct), curve.breaking_eps)
+    with pytest.raises(RobustnessInputError, match="shape"):
+        curve_from_breaks({"a": a[:2]}, eps, correct, norm="linf")
+
+
+def test_robust_accuracy_curve_is_curve_from_breaks_of_its_runs(data):
+    """robust_accuracy_curve = its attacks' breaks through curve_from_breaks (one implementation)."""
+    model, x, y = data
+    eps_list = [0.03, 0.1]
+    curve = robust_accuracy_curve(model, x, y, ["fgsm"], eps_list)
+    runs = [run_attack(model, x, y, "fgsm", e) for e in eps_list]
+    again = curve_from_breaks({"fgsm": np.stack([r.success for r in runs])}, eps_list, runs[0].clean_correct,
+                              norm="linf")
+    np.testing.assert_array_equal(curve.breaking_eps, again.breaking_eps)
+    pd_testing.assert_frame_equal(curve.per_attack_accuracy, again.per_attack_accuracy)

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from robustlens.analysis.robustness.attacks import carlini_wagner_l2, deepfool, fgsm, pgd, square_attack
-
 # ART is a test dependency (pyproject [test] extra): a missing install must fail, not skip.
-from art.attacks.evasion import (  # noqa: E402
+from art.attacks.evasion import (
     CarliniL2Method,
     DeepFool,
     FastGradientMethod,
     ProjectedGradientDescent,
     SquareAttack,
 )
-from art.estimators.classification import PyTorchClassifier  # noqa: E402
+from art.estimators.classification import PyTorchClassifier
+
+from robustlens.analysis.robustness.attacks import carlini_wagner_l2, deepfool, fgsm, pgd, square_attack
 
 NORM_RTOL = 0.25
 RATE_ATOL = 0.1

@@ -237,7 +237,7 @@ def test_result_fields_consistent(tiny_task):
     assert np.array_equal(res.robust, res.broken_by == "")
     assert np.array_equal(res.robust, robust_of(model, x, y, res.adv, 0.07, "linf"))
     masks = list(res.robust_after.values())
-    for before, after in zip([res.clean_correct] + masks[:-1], masks):
+    for before, after in zip([res.clean_correct] + masks[:-1], masks, strict=True):
         assert bool((after <= before).all())           # cumulative
     assert np.array_equal(masks[-1], res.robust)
     for name, mask in res.robust_after.items():
@@ -366,5 +366,5 @@ def test_sample_cnn_not_weaker_than_torchattacks(sample_cnn, norm, eps):
         ta_adv = ta(x, y)
     ta_robust = robust_of(model, x, y, ta_adv, eps, norm)
     ours = aa.auto_attack(model, x, y, eps, norm=norm, n_iter=25, n_target_classes=9, square_queries=300)
-    assert 0 < ours.clean_correct.sum()
+    assert ours.clean_correct.sum() > 0
     assert ours.robust.sum() <= ta_robust.sum()

@@ -70,7 +70,8 @@ def test_severity_monotone_on_average(name, channels, rgb, gray):
     x = rgb if channels == 3 else gray
     dev = [float((corrupt(x, name, s, torch.Generator().manual_seed(0)) - x).abs().mean()) for s in range(1, 6)]
     assert dev[0] > 0
-    assert all(a < b for a, b in zip(dev, dev[1:])), f"{name}: mean |corrupted - clean| per severity {dev}"
+    assert all(a < b for a, b in zip(dev, dev[1:], strict=False)), \
+        f"{name}: mean |corrupted - clean| per severity {dev}"
 
 
 def test_saturate_grayscale_is_identity(gray):
@@ -335,7 +336,7 @@ def test_bernoulli_positions_are_independent_bernoulli():
     hits = torch.zeros(reps, n)
     for r in range(reps):
         pos = C._bernoulli_positions(n, p, g)
-        assert bool((pos[1:] > pos[:-1]).all()) and (pos.numel() == 0 or (0 <= int(pos.min()) and int(pos.max()) < n))
+        assert bool((pos[1:] > pos[:-1]).all()) and (pos.numel() == 0 or (int(pos.min()) >= 0 and int(pos.max()) < n))
         hits[r, pos] = 1
     tol = 5 * math.sqrt(p * (1 - p) / reps)
     assert float((hits.mean(0) - p).abs().max()) < tol                           # each position ~ p
@@ -446,7 +447,7 @@ def test_motion_blur_equals_opencv_filter2d_with_one_sided_gaussian_line_kernels
         arm = (wts * d).sum() / wts.sum()
         assert kernels.shape == (b, 2 * reach + 1, 2 * reach + 1)
         rows, cols = np.mgrid[:2 * reach + 1, :2 * reach + 1] - reach
-        for kern, theta in zip(kernels, np.deg2rad(angles)):
+        for kern, theta in zip(kernels, np.deg2rad(angles), strict=True):
             assert kern.min() >= 0 and kern.sum() == pytest.approx(1.0, abs=1e-12)
             assert (kern * cols).sum() == pytest.approx(arm * math.cos(theta), abs=1e-12)
             assert (kern * rows).sum() == pytest.approx(-arm * math.sin(theta), abs=1e-12)

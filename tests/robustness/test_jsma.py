@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-
 import torchattacks  # installed --no-deps by the Makefile (test dependency): a missing install must fail
+from PIL import Image
 
 from robustlens.analysis.ingest.model import NormalizedModel, load_model_config, load_network
 from robustlens.analysis.robustness._common import RobustnessInputError
@@ -31,7 +30,7 @@ def full_map_choice(target_grad, others_grad, domain, increasing):
     """torchattacks' saliency_map, written out over the full n × n map (the reference for the pair search)."""
     n = target_grad.shape[1]
     out = []
-    for t, o, d in zip(target_grad, others_grad, domain):
+    for t, o, d in zip(target_grad, others_grad, domain, strict=True):
         coef = (2 if increasing else -2) * (~d).float()
         tt = t - coef * t.abs().max()
         oo = o + coef * o.abs().max()

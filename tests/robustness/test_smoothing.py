@@ -15,6 +15,7 @@ from robustlens.analysis.robustness import (
     certified_radius,
     certify,
     clopper_pearson_lower,
+    radius_grid,
 )
 
 
@@ -113,3 +114,12 @@ def test_certified_accuracy_curve_and_abstention_rate():
     assert abstention_rate(np.array([True, False, False, False])) == 0.25
     with pytest.raises(RobustnessInputError):
         certified_accuracy_curve(radii, correct.astype(int), np.array([0.0]))
+
+
+def test_radius_grid_reaches_the_largest_certifiable_radius():
+    """Step σ/10 from 0 up to σ·Φ⁻¹(α^(1/n)) (≈ 2.46σ for n = 1000, α = 0.001), the radius of k = n."""
+    grid = radius_grid(0.25, 1000, 0.001)
+    np.testing.assert_allclose(np.diff(grid), 0.025)
+    largest = float(certified_radius(clopper_pearson_lower(1000, 1000, 0.001), 0.25))
+    assert grid[0] == 0.0 and grid[-2] < largest <= grid[-1] and largest == pytest.approx(2.4633 * 0.25, rel=1e-4)
+    np.testing.assert_allclose(radius_grid(0.5, 100, 0.01, step=0.25)[:3], [0.0, 0.25, 0.5])

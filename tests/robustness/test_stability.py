@@ -14,7 +14,6 @@ from torch import nn
 from robustlens.analysis.robustness import stability as st
 from robustlens.analysis.robustness._common import RobustnessInputError
 
-
 # -- the published evaluation (ImageNet-P/cifar-p-eval.py), transcribed loop by loop as the reference ------------
 
 def reference_flip_prob(predictions, noise, difficulty):

@@ -52,7 +52,7 @@ def _seeded(seed: int, build):
 def _mlp(sizes: list[int], seed: int) -> nn.Sequential:
     def build():
         mods: list[nn.Module] = [nn.Flatten()]
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             mods.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 mods.append(nn.ReLU())
@@ -87,7 +87,7 @@ def _exact_min_margins(layers, x0: torch.Tensor, y: int, eps: float) -> np.ndarr
     lo, hi = (x - eps).clamp(0, 1).reshape(-1).numpy(), (x + eps).clamp(0, 1).reshape(-1).numpy()
     # variables: input, then per ReLU block: z (pre), a (post), d (binary)
     var_lo, var_hi, integ = list(lo), list(hi), [0] * lo.size
-    rows, row_lo, row_hi = [], [], []
+    rows = []
     cur = list(range(lo.size))  # indices of the variables holding the current activation
     n_vars = lo.size
     pending = (np.eye(lo.size), np.zeros(lo.size))  # affine map applied to `cur` not yet materialized

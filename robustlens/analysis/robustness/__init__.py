@@ -8,9 +8,14 @@ Entry points
 ------------
 * :func:`corrupt`, :data:`CORRUPTIONS`, :func:`corruption_benchmark` — :mod:`.corruptions`
 * :func:`fgsm`, :func:`pgd`, :func:`deepfool`, :func:`carlini_wagner_l2`, :func:`square_attack`,
-  :data:`ATTACKS`, :func:`run_attack`, :func:`robust_accuracy_curve` — :mod:`.attacks`
-* :func:`certify`, :func:`certified_accuracy_curve`, :func:`clopper_pearson_lower` — :mod:`.smoothing`
+  :data:`ATTACKS`, :func:`run_attack`, :func:`robust_accuracy_curve`, :func:`curve_from_breaks` (the curve of
+  attacks already run), :func:`breaking_budget` — :mod:`.attacks`
+* :func:`certify`, :func:`certified_accuracy_curve`, :func:`radius_grid`, :func:`clopper_pearson_lower` —
+  :mod:`.smoothing`
 * :func:`attack_self_check`, :func:`gradient_masking_checks`, :func:`robustness_self_check` — :mod:`.selfcheck`
+
+The workspace run (:mod:`.run`) calls these same functions for its curves, certification and self-checks. One
+convention holds everywhere: a sample never broken on an ε grid has breaking budget **NaN** (0 for clean errors).
 """
 
 from ._common import RobustnessInputError
@@ -19,7 +24,9 @@ from .attacks import (
     AttackResult,
     AttackSpec,
     RobustAccuracyCurve,
+    breaking_budget,
     carlini_wagner_l2,
+    curve_from_breaks,
     deepfool,
     evaluate_adversarial,
     fgsm,
@@ -46,14 +53,15 @@ from .smoothing import (
     certified_radius,
     certify,
     clopper_pearson_lower,
+    radius_grid,
 )
 
 __all__ = [
     "ATTACKS", "CORRUPTIONS", "SEVERITIES", "ActiveTestModel", "AttackResult", "AttackSpec", "CertifyResult",
     "CorruptionBenchmark", "GradientMaskingReport", "RobustAccuracyCurve", "RobustnessInputError",
-    "RobustnessSelfCheckReport", "SelfCheckResult", "abstention_rate", "attack_self_check",
+    "RobustnessSelfCheckReport", "SelfCheckResult", "abstention_rate", "attack_self_check", "breaking_budget",
     "build_active_test_model", "carlini_wagner_l2", "certified_accuracy_curve", "certified_radius", "certify",
-    "clopper_pearson_lower", "corrupt", "corruption_benchmark", "deepfool", "evaluate_adversarial", "fgsm",
-    "gradient_masking_checks", "pgd", "robust_accuracy_curve", "robustness_self_check", "run_attack",
-    "square_attack",
+    "clopper_pearson_lower", "corrupt", "corruption_benchmark", "curve_from_breaks", "deepfool",
+    "evaluate_adversarial", "fgsm", "gradient_masking_checks", "pgd", "radius_grid", "robust_accuracy_curve",
+    "robustness_self_check", "run_attack", "square_attack",
 ]

@@ -29,7 +29,9 @@ this); in float64 the same loss keeps an accurate gradient up to margins of ~36.
 saturated the two agree to rounding, and FGSM/PGD reproduce ART's adversarial examples.
 
 Entry points for the rest of the engine: :func:`run_attack` (uniform call by name, returns an
-:class:`AttackResult`) and :func:`robust_accuracy_curve` (worst case over attacks on an ε grid).
+:class:`AttackResult`), :func:`robust_accuracy_curve` (worst case over attacks on an ε grid) and
+:func:`curve_from_breaks` (the same curve from breaks already computed — the workspace run's attacks; both
+share :func:`breaking_budget`, whose "never broken" is NaN).
 """
 
 from __future__ import annotations
@@ -520,11 +522,13 @@ class AttackSpec:
     randomized: bool = False
 
 
-def _pgd_linf(model, images, labels, eps, **kw):  # noqa: ANN001, ANN003, ANN202 - thin registry adapter
+def _pgd_linf(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
+             **kw: Any) -> torch.Tensor:
     return pgd(model, images, labels, eps, norm="linf", **kw)
 
 
-def _pgd_l2(model, images, labels, eps, **kw):  # noqa: ANN001, ANN003, ANN202 - thin registry adapter
+def _pgd_l2(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
+             **kw: Any) -> torch.Tensor:
     return pgd(model, images, labels, eps, norm="l2", **kw)
 
 
@@ -909,7 +913,8 @@ def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: 
     Returns
     -------
     RobustAccuracyCurve
-        A sample counts robust at ε only if it is clean-correct and survives every attack at ε.
+        A sample counts robust at ε only if it is clean-correct and survives every attack at ε (built by
+        :func:`curve_from_breaks`; ``breaking_eps`` is NaN for a sample never broken).
     """
     check_model(model)
     check_images(images)
@@ -928,7 +933,7 @@ def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: 
     if len(norms) != 1:
         raise RobustnessInputError(
             "all attacks of a robust-accuracy curve must share one norm; got "
-            + ", ".join(f"{nm} ({s.norm})" for (nm, _), s in zip(requests, specs))
+            + ", ".join(f"{nm} ({s.norm})" for (nm, _), s in zip(requests, specs, strict=True))
         )
     norm = norms.pop()
     eps_arr = np.array(sorted(check_positive(e, "eps", allow_zero=True) for e in eps_list), dtype=float)
@@ -941,7 +946,7 @@ def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: 
     broken = np.zeros((len(requests), eps_arr.size, n), dtype=bool)
     min_norm = np.full(n, np.nan)
     clean_correct: np.ndarray | None = None
-    for a_i, ((nm, params), spec) in enumerate(zip(requests, specs)):
+    for a_i, ((nm, params), spec) in enumerate(zip(requests, specs, strict=True)):
         if spec.minimal:
             res = run_attack(model, images, labels_np, nm, None, random_state=random_state,
                              batch_size=batch_size, **params)

@@ -398,14 +398,47 @@ def _prepare(model: object, images: object, labels: object, eps: object, norm: o
     eps = check_positive(eps, "eps", allow_zero=True)
     norm = check_norm(norm)
     if not isinstance(seed, torch.Generator):
-        make_generator(seed)  # validates
+        make_generator(seed)  # type: ignore[arg-type]  # validates what came
     n = x.shape[0]
     chunk = n if batch_size is None else check_int(batch_size, "batch_size")
     return model, x, y, eps, norm, chunk, _check_counter(counter, n)
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    return [(s, min(s + chunk, n)) for s in range(0, n, max(chunk, 1))]
+
+
+AttackBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, _Tally, torch.Tensor],
+                      tuple[torch.Tensor, torch.Tensor]]
+
+
+def _on_clean_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, chunk: int,
+                      counter: PassCounter | None, attack: AttackBody,
+                      check_classes: Callable[[int], object] | None = None) -> torch.Tensor:
+    """The frame shared by :func:`apgd`, :func:`fab_targeted` and :func:`square`: per chunk of ``chunk`` samples of
+    ``x`` ``(B, C, H, W)``, one counted clean forward, ``check_classes(K)`` on the number of classes, then
+    ``attack(x0, y0, clean_logits0, tally, rows0) -> (adv, found)`` on the clean-correct rows only (skipped for
+    ``eps = 0`` or none). Returns ``(B, C, H, W)``: the attack's adversarial where it found one, else the clean
+    image; the passes go into ``counter``.
+    """
+    n = x.shape[0]
+    adv = x.clone()
+    tally = _Tally(n, x.device)
+    with eval_mode(model):
+        for s, e in _chunks(n, chunk):
+            rows = torch.arange(s, e, device=x.device)
+            with torch.no_grad():
+                clean = logits_of(model, x[s:e]).detach()
+            tally.forward(rows)
+            if check_classes is not None:
+                check_classes(clean.shape[1])
+            ok = (clean.argmax(dim=1) == y[s:e]).nonzero().squeeze(1)
+            if eps == 0 or ok.numel() == 0:
+                continue
+            a, f = attack(x[s:e][ok], y[s:e][ok], clean[ok], tally, rows[ok])
+            adv[s + ok[f]] = a[f]
+    tally.into(counter)
+    return adv
 
 
 def apgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
@@ -460,24 +493,14 @@ def apgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np
     n_restarts = check_int(n_restarts, "n_restarts")
     rho = check_positive(rho, "rho")
     gen = make_generator(seed, "apgd", loss)
-    n = x.shape[0]
-    adv = x.clone()
-    tally = _Tally(n, x.device)
-    with eval_mode(model):
-        for s, e in _chunks(n, chunk):
-            rows = torch.arange(s, e, device=x.device)
-            with torch.no_grad():
-                clean = logits_of(model, x[s:e]).detach()
-            tally.forward(rows)
-            _check_loss_classes(loss, clean.shape[1])
-            ok = (clean.argmax(dim=1) == y[s:e]).nonzero().squeeze(1)
-            if eps == 0 or ok.numel() == 0:
-                continue
-            nt = _check_targets(n_target_classes, clean.shape[1], "apgd") if loss == "dlr-targeted" else 1
-            a, f = _apgd_multi(model, x[s:e][ok], y[s:e][ok], clean[ok], eps, norm, loss, n_iter, n_restarts, nt,
-                               rho, gen, tally, rows[ok])
-            adv[s + ok[f]] = a[f]
-    tally.into(counter)
+
+    def attack(x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally,
+               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nt = _check_targets(n_target_classes, clean.shape[1], "apgd") if loss == "dlr-targeted" else 1
+        return _apgd_multi(model, x0, y0, clean, eps, norm, loss, n_iter, n_restarts, nt, rho, gen, tally, rows)
+
+    adv = _on_clean_correct(model, x, y, eps, chunk, counter, attack,
+                            check_classes=lambda k: _check_loss_classes(loss, k))
     return adv.to(images.device)
 
 
@@ -679,20 +702,14 @@ def fab_targeted(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     n_iter = check_int(n_iter, "n_iter")
     n_restarts = check_int(n_restarts, "n_restarts")
     gen = make_generator(seed, "fab-t")
-    n = x.shape[0]
-    tally = _Tally(n, x.device)
-    adv = x.clone()
-    with eval_mode(model):
-        with torch.no_grad():
-            clean = logits_of(model, x).detach()
-        rows = torch.arange(n, device=x.device)
-        tally.forward(rows)
+
+    def attack(x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally,
+               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nt = _check_targets(n_target_classes, clean.shape[1], "fab_targeted")
-        ok = (clean.argmax(dim=1) == y).nonzero().squeeze(1)
-        if eps > 0 and ok.numel():
-            a, f = _fab_multi(model, x[ok], y[ok], clean[ok], eps, norm, n_iter, n_restarts, nt, gen, tally, rows[ok])
-            adv[ok[f]] = a[f]
-    tally.into(counter)
+        return _fab_multi(model, x0, y0, clean, eps, norm, n_iter, n_restarts, nt, gen, tally, rows)
+
+    adv = _on_clean_correct(model, x, y, eps, x.shape[0], counter, attack,
+                            check_classes=lambda k: _check_targets(n_target_classes, k, "fab_targeted"))
     return adv.to(images.device)
 
 
@@ -852,19 +869,12 @@ def square(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | 
     n_queries = check_int(n_queries, "n_queries", minimum=0)
     p_init = check_positive(p_init, "p_init")
     gen = make_generator(seed, "square")
-    n = x.shape[0]
-    tally = _Tally(n, x.device)
-    adv = x.clone()
-    with eval_mode(model):
-        with torch.no_grad():
-            clean = logits_of(model, x).detach()
-        rows = torch.arange(n, device=x.device)
-        tally.forward(rows)
-        ok = (clean.argmax(dim=1) == y).nonzero().squeeze(1)
-        if eps > 0 and ok.numel():
-            a, f = _square_run(model, x[ok], y[ok], eps, norm, n_queries, p_init, gen, tally, rows[ok])
-            adv[ok[f]] = a[f]
-    tally.into(counter)
+
+    def attack(x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally,
+               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _square_run(model, x0, y0, eps, norm, n_queries, p_init, gen, tally, rows)
+
+    adv = _on_clean_correct(model, x, y, eps, x.shape[0], counter, attack)
     return adv.to(images.device)
 
 
@@ -1053,9 +1063,9 @@ def auto_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
                                   for s, e in _chunks(broken.numel(), chunk)])
             tally.forward(broken)
             size = _norms(adv[broken] - x[broken], norm)
-            bad = (pred == y[broken]) | (size > eps * (1 + 1e-5) + 1e-6)
-            if bool(bad.any()):   # float flakiness at the decision boundary: the sample stays robust
-                undo = broken[bad]
+            invalid = (pred == y[broken]) | (size > eps * (1 + 1e-5) + 1e-6)
+            if bool(invalid.any()):   # float flakiness at the decision boundary: the sample stays robust
+                undo = broken[invalid]
                 robust[undo] = True
                 adv[undo] = x[undo]
                 broken_by[undo.cpu().numpy()] = ""

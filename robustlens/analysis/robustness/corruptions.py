@@ -177,6 +177,8 @@ def _apply_terms(x: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tens
     for a, b in terms:
         term = torch.matmul(a, torch.matmul(x, b.T))
         out = term if out is None else out.add_(term)
+    if out is None:
+        raise RobustnessInputError("_apply_terms needs at least one (A, B) term")
     return out
 
 
@@ -523,8 +525,8 @@ def jpeg_compression(images: torch.Tensor, severity: int, generator: torch.Gener
     quality = JPEG_QUALITY[severity - 1]
     b, c, h, w = images.shape
     mode = "L" if c == 1 else "RGB"
-    arr = (images.detach().to(device="cpu", dtype=torch.float32).clamp(0, 1) * 255).round_().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).contiguous().numpy()                     # (B, H, W, C) uint8
+    pixels = (images.detach().to(device="cpu", dtype=torch.float32).clamp(0, 1) * 255).round_().to(torch.uint8)
+    arr = pixels.permute(0, 2, 3, 1).contiguous().numpy()                  # (B, H, W, C) uint8
     out = np.empty(arr.shape, dtype=np.uint8)
     buf = io.BytesIO()
     for i in range(b):

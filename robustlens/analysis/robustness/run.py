@@ -89,6 +89,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,22 +103,46 @@ from robustlens.analysis import robustness_defaults as defaults
 from robustlens.analysis import storage
 from robustlens.analysis.ingest.model import prepare_images
 from robustlens.analysis.loader import iter_decoded
-from robustlens.analysis.stages.base import (StageContext, fingerprint, is_current, read_artifact,
-                                             record_artifact, write_artifact)
+from robustlens.analysis.stages.base import (
+    StageContext,
+    fingerprint,
+    is_current,
+    read_artifact,
+    record_artifact,
+    write_artifact,
+)
 from robustlens.analysis.stages.evaluation import json_safe, wilson_interval
 from robustlens.analysis.stages.slices import slice_mask
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import ConfigError, ValidationError
 
 from ._common import derive_seed, eval_mode, make_generator, model_device, predict_labels
-from .attacks import (ATTACKS, CURVE_RECORD_COLUMNS, AttackResult, RobustAccuracyCurve, curve_from_breaks, run_attack,
-                      within_budget)
+from .attacks import (
+    ATTACKS,
+    CURVE_RECORD_COLUMNS,
+    AttackResult,
+    RobustAccuracyCurve,
+    curve_from_breaks,
+    run_attack,
+    within_budget,
+)
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_benchmark
 from .selfcheck import robustness_self_check
 from .smoothing import certified_accuracy_curve, certify, radius_grid
-from .tables import (TOO_FEW, FragilityRule, SliceReference, class_slices, family_flip_severity, family_of,
-                     fragile_flags,
-                     fragility, records, select_samples, slice_robustness)
+from .tables import (
+    TOO_FEW,
+    FragilityRule,
+    SliceReference,
+    class_slices,
+    family_flip_severity,
+    family_of,
+    fragile_flags,
+    fragility,
+    rate_with_interval,
+    records,
+    select_samples,
+    slice_robustness,
+)
 
 STAGE = "robustness"
 SUMMARY = "robustness_summary"
@@ -593,13 +618,13 @@ def model_digest(workspace: Workspace) -> str:
     return fingerprint(*parts)
 
 
-def load_images(workspace: Workspace, positions: np.ndarray, model_config, *, workers: int | None = None,
+def load_images(workspace: Workspace, positions: np.ndarray, model_config: Any, *, workers: int | None = None,
                 progress: bool = False) -> torch.Tensor:
     """Decode the samples at ``positions`` ``(M,)`` into the model's layout: ``(M, C, H, W)`` float32 in [0, 1]."""
     paths = workspace.samples["path"].tolist()
     pixels: list[np.ndarray] = []
     # Content hashes of init: a file changed since is refused (DatasetFileError naming it), never used.
-    for _, batch in iter_decoded(workspace.dataset_root, paths, positions, workers=workers, progress=progress,
+    for _, batch in iter_decoded(workspace.dataset_root, paths, positions.tolist(), workers=workers, progress=progress,
                                  desc="Decoding", expected_hashes=workspace.samples["content_hash"].tolist()):
         pixels.extend(batch)
     return prepare_images(pixels, model_config)
@@ -774,6 +799,8 @@ def run_preview_attack(model: torch.nn.Module, images: torch.Tensor, labels: np.
         return run_attack(model, images, labels, name, eps, random_state=random_state, batch_size=batch_size, **params)
     from .attacks import evaluate_adversarial, pgd
 
+    if eps is None:
+        raise ConfigError(OWNER, f"attack_params[{name!r}]['loss']", "used with a budget (PGD needs eps)", loss)
     device = model_device(model, images.device)
     x = images.detach().to(device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
@@ -840,20 +867,20 @@ def _cost(seconds: float, forward_rows: float, backward_rows: float, samples: in
 
 
 def robust_rate(robust: np.ndarray) -> dict[str, float | int | None]:
-    """``{"robust_accuracy", "ci_low", "ci_high", "n"}`` of a ``(A,)`` bool robust mask, Wilson 95 % interval."""
-    n = int(robust.shape[0])
+    """``{"robust_accuracy", "ci_low", "ci_high", "n"}`` of a ``(A,)`` bool robust mask, Wilson 95 % interval
+    (:func:`~.tables.rate_with_interval`; ``None`` for ``n = 0``)."""
+    n, rate, low, high = rate_with_interval(np.asarray(robust, dtype=bool))
     if n == 0:
         return {"robust_accuracy": None, "ci_low": None, "ci_high": None, "n": 0}
-    k = int(robust.sum())
-    low, high = wilson_interval(np.array([k]), np.array([n]))
-    return {"robust_accuracy": k / n, "ci_low": float(low[0]), "ci_high": float(high[0]), "n": n}
+    return {"robust_accuracy": rate, "ci_low": low, "ci_high": high, "n": n}
 
 
 def curve_rows(family: AttackFamily, clean_correct: np.ndarray) -> list[dict]:
     """Rows of ``robustness_curves.parquet`` for one norm (:meth:`~.attacks.RobustAccuracyCurve.records` of
     :meth:`AttackFamily.curve`, with each attack's ``kind``): every attack at the budgets it ran at, and the worst
     case (over every attack, closed upwards in ε) at every ε; robust accuracy with its Wilson 95 % interval."""
-    return [{**row, "kind": "worst_case" if row["attack"] == "worst_case" else family.kind.get(row["attack"], "preview")}
+    kinds = {**family.kind, "worst_case": "worst_case"}
+    return [{**row, "kind": kinds.get(row["attack"], "preview")}
             for row in family.curve(clean_correct).records(ran=family.ran)]
 
 
@@ -904,9 +931,10 @@ def run_self_checks(model: torch.nn.Module, images: torch.Tensor, labels: np.nda
     return {"attacks": checks, "masking": masking, "passed": passed, "warnings": warnings}
 
 
-def _loss_attack(name: str, params: dict[str, Any], config: RobustnessConfig):
+def _loss_attack(name: str, params: dict[str, Any], config: RobustnessConfig) -> Callable[..., torch.Tensor]:
     """``attack(model, images, labels, eps) -> adv`` running :func:`run_preview_attack` (PGD with a non-CE loss)."""
-    def attack(model, images, labels, eps):  # noqa: ANN001, ANN202 - the self-check's callable interface
+    def attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
+               eps: float) -> torch.Tensor:
         labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         return run_preview_attack(model, images, labels, name, eps, params, random_state=config.random_state,
                                   batch_size=config.attack_batch_size).adv_images
@@ -1209,7 +1237,7 @@ def _run(workspace: Workspace, config: RobustnessConfig, *, progress: bool, devi
     frame = samples_frame(ids, clean_correct, corruption, attacked, families, clean_correct[:attacked], smoothing,
                           config, outcome)
     flags = fragile_flags(frame)
-    slice_table = _slice_table(frame, slices, config, families, smoothing)
+    slice_table = _slice_table(frame, slices, config)
     timings["tables"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -1237,7 +1265,8 @@ def _run(workspace: Workspace, config: RobustnessConfig, *, progress: bool, devi
     return {**summary, "skipped": False}
 
 
-def _corruptions(model, images, labels, config, progress, timings) -> tuple[dict | None, pd.DataFrame]:
+def _corruptions(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
+                 progress: bool, timings: dict[str, float]) -> tuple[dict | None, pd.DataFrame]:
     """Corruption benchmark, one corruption at a time (for progress); ``None`` and an empty table when none."""
     columns = ["corruption", "family", "severity", "accuracy", "error", "relative_error", "flip_rate", "n_samples"]
     if not config.corruptions:
@@ -1264,7 +1293,10 @@ def _corruptions(model, images, labels, config, progress, timings) -> tuple[dict
     return result, table[columns]
 
 
-def _attacks(model, images, labels, clean_correct, config, progress, timings, train=None):
+def _attacks(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, clean_correct: np.ndarray,
+             config: RobustnessConfig, progress: bool, timings: dict[str, float],
+             train: tuple[torch.Tensor, np.ndarray] | None = None
+             ) -> tuple[dict[str, AttackFamily], list[dict], dict[str, Any], dict[str, Any]]:
     """Everything run on the attack subset ``(A, C, H, W)``: preview attacks, the AutoAttack headline, the previews'
     self-checks, the validity diagnostics and formal verification.
 
@@ -1286,7 +1318,7 @@ def _attacks(model, images, labels, clean_correct, config, progress, timings, tr
             families[norm] = run_attack_family(model, images, labels, clean_correct, norm, config, bar)
     timings["attacks"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    aa_runs: dict[str, dict] = {}
+    aa_runs: dict[str, dict | None] = {}
     if config.headline == "autoattack":
         for norm in tqdm(norms, desc="AutoAttack", unit="norm", disable=not progress):
             aa_runs[norm] = run_headline_attack(model, images, labels, clean_correct, families[norm], config,
@@ -1311,7 +1343,7 @@ def _attacks(model, images, labels, clean_correct, config, progress, timings, tr
         outcome["headline"][norm] = headline_entry(families[norm], clean_correct, config, aa_runs.get(norm),
                                                    validity_reports.get(norm))
     outcome["validity"] = validity_section(config, validity_reports, self_check, outcome)
-    for norm, entry in outcome["headline"].items():
+    for entry in outcome["headline"].values():
         entry["upper_bound"] = outcome["validity"]["status"] != "pass"
     return families, curves, self_check, outcome
 
@@ -1379,8 +1411,8 @@ def run_headline_attack(model: torch.nn.Module, images: torch.Tensor, labels: np
                 seconds[stage] = seconds.get(stage, 0.0) + float(value)
             settings = {**dict(result.settings), **params}
         broken_at[e] = already
-    cost = _cost(time.perf_counter() - clock, forward, backward, n)
-    cost["seconds_by_attack"] = {k: round(v, 3) for k, v in seconds.items()}
+    cost: dict[str, Any] = {**_cost(time.perf_counter() - clock, forward, backward, n),
+                            "seconds_by_attack": {k: round(v, 3) for k, v in seconds.items()}}
     family.add(name, broken_at, ran, kind="headline", params=settings, cost=cost, adversarial=adversarial)
     return {"name": name, "robust": clean_correct & ~family.broken[name][reference], "broken_by": broken_by,
             "settings": settings}
@@ -1482,17 +1514,22 @@ def run_verification(model: torch.nn.Module, images: torch.Tensor, labels: np.nd
         for name, verified in result.verified.items():
             verified = np.asarray(verified, dtype=bool)
             any_verified |= verified
-            k = verified.sum(axis=1)
-            low, high = wilson_interval(k, np.full(k.shape, count))
-            methods[name] = {"verified_accuracy": (k / count).tolist(), "ci_low": low.tolist(),
-                             "ci_high": high.tolist()}
-        k = empirical.sum(axis=1)
-        low, high = wilson_interval(k, np.full(k.shape, count))
+            accuracy, low, high = _accuracy_per_budget(verified)
+            methods[name] = {"verified_accuracy": accuracy, "ci_low": low, "ci_high": high}
+        accuracy, low, high = _accuracy_per_budget(empirical)
         out[norm] = {"supported": True, "eps": family.eps.tolist(), "n_samples": count, "methods": methods,
-                     "empirical_robust_accuracy": (k / count).tolist(), "empirical_ci_low": low.tolist(),
-                     "empirical_ci_high": high.tolist(), "violations": int((any_verified & ~empirical).any(0).sum()),
-                     "seconds": round(seconds, 3), "verified": any_verified}
+                     "empirical_robust_accuracy": accuracy, "empirical_ci_low": low, "empirical_ci_high": high,
+                     "violations": int((any_verified & ~empirical).any(0).sum()), "seconds": round(seconds, 3),
+                     "verified": any_verified}
     return out
+
+
+def _accuracy_per_budget(hits: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """Fraction of the ``V`` samples with ``hits`` ``(E, V)`` per budget, and its Wilson 95 % interval (lists)."""
+    k = hits.sum(axis=1)
+    count = hits.shape[1]
+    low, high = wilson_interval(k, np.full(k.shape, count))
+    return (k / count).tolist(), low.tolist(), high.tolist()
 
 
 def headline_entry(family: AttackFamily, clean_correct: np.ndarray, config: RobustnessConfig, aa_run: dict | None,
@@ -1537,7 +1574,7 @@ def validity_section(config: RobustnessConfig, reports: dict[str, dict], self_ch
     the worst of the checks'.
     """
     checks: list[dict] = []
-    for norm, report in reports.items():
+    for report in reports.values():
         checks += report["checks"]
     if not config.validity:
         checks.append({"name": "validity_diagnostics", "norm": None, "status": "warn",
@@ -1572,7 +1609,8 @@ def validity_section(config: RobustnessConfig, reports: dict[str, dict], self_ch
     return {"status": status, "checks": checks, "norms": norms}
 
 
-def _stability(model, images, labels, config, timings, warnings) -> dict | None:
+def _stability(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
+               timings: dict[str, float], warnings: list[str]) -> dict | None:
     """Perturbation stability (ImageNet-P sequences, :mod:`.stability`) of the first ``stability_samples``:
     ``{"result": StabilityResult, "n_samples"}`` or ``None`` (skipped, or the module is unavailable)."""
     count = min(config.stability_samples, images.shape[0])
@@ -1588,7 +1626,8 @@ def _stability(model, images, labels, config, timings, warnings) -> dict | None:
     return {"result": result, "n_samples": count}
 
 
-def _smoothing(model, images, labels, config, progress, timings) -> dict | None:
+def _smoothing(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
+               progress: bool, timings: dict[str, float]) -> dict | None:
     """Certification of the smoothing subset, or ``None`` when ``smoothing_samples`` is 0."""
     count = min(config.smoothing_samples, images.shape[0])
     if count == 0:
@@ -1600,16 +1639,13 @@ def _smoothing(model, images, labels, config, progress, timings) -> dict | None:
     return result
 
 
-def _reference(config: RobustnessConfig, families: dict, smoothing: dict | None) -> SliceReference:
-    return SliceReference(linf_eps=config.reference_eps("linf") if "linf" in families else None,
-                          l2_eps=config.reference_eps("l2") if "l2" in families else None,
-                          radius=config.radius() if smoothing is not None else None)
-
-
-def _slice_table(frame: pd.DataFrame, slices: list[dict], config: RobustnessConfig, families: dict,
-                 smoothing: dict | None) -> pd.DataFrame:
-    return slice_robustness(frame, slices, _reference(config, families, smoothing),
-                            min_samples=config.min_slice_samples, top_k=config.worst_slices)
+def _slice_table(frame: pd.DataFrame, slices: list[dict], config: RobustnessConfig) -> pd.DataFrame:
+    """The per-slice robustness table of the per-sample table ``frame``, at the reference budgets of the norms that
+    were attacked (their ``rob_min_*_eps`` columns) and the reference radius when certification ran."""
+    reference = SliceReference(linf_eps=config.reference_eps("linf") if "rob_min_linf_eps" in frame else None,
+                               l2_eps=config.reference_eps("l2") if "rob_min_l2_eps" in frame else None,
+                               radius=config.radius() if "rob_certified_radius" in frame else None)
+    return slice_robustness(frame, slices, reference, min_samples=config.min_slice_samples, top_k=config.worst_slices)
 
 
 WORST_COLUMNS = ("worst_rank", "slice_id", "description", "kind", "n_samples", "n_attacked", "clean_accuracy",
@@ -1628,8 +1664,10 @@ def _worst_list(slice_table: pd.DataFrame) -> list[dict]:
     return records(worst, WORST_COLUMNS)
 
 
-def _summary_body(workspace, config, ids, clean_correct, attacked, corruption, families, attack_correct,
-                  smoothing, self_check, frame, slice_table, outcome=None) -> dict:
+def _summary_body(workspace: Workspace, config: RobustnessConfig, ids: np.ndarray, clean_correct: np.ndarray,
+                  attacked: int, corruption: dict | None, families: dict[str, AttackFamily], attack_correct: np.ndarray,
+                  smoothing: dict | None, self_check: dict[str, Any], frame: pd.DataFrame, slice_table: pd.DataFrame,
+                  outcome: dict | None = None) -> dict:
     """Everything of ``robustness_summary.json`` except config, timings and fingerprints."""
     body: dict[str, Any] = {
         "num_samples": {"workspace": len(workspace.samples), "evaluated": int(ids.shape[0]), "attacked": attacked,
@@ -1683,8 +1721,9 @@ def _summary_body(workspace, config, ids, clean_correct, attacked, corruption, f
     if stability is not None:
         result = stability["result"]
         by_class = result.grouped(np.asarray(workspace.classes)[result.per_sample["label"].to_numpy()], "class")
+        by_class = by_class[["class", "samples", "fp_mean", "t5d_mean"]]
         body["stability"] = {"n_samples": stability["n_samples"], **result.summary,
-                             "by_class": by_class[["class", "samples", "fp_mean", "t5d_mean"]].to_dict(orient="records"),
+                             "by_class": by_class.to_dict(orient="records"),
                              "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}
     body["attack_settings"] = {name: params for family in families.values() for name, params in family.params.items()}
     body["verification"] = {norm: {k: v for k, v in entry.items() if k != "verified"}
@@ -1706,7 +1745,8 @@ def _summary_body(workspace, config, ids, clean_correct, attacked, corruption, f
     if validity is not None and validity["status"] != "pass":
         for norm, entry in body["headline"].items():
             body["warnings"].append(
-                f"validity {validity['status']}: the {norm} robust accuracy {100 * (entry['robust_accuracy'] or 0):.1f} % "
+                f"validity {validity['status']}: the {norm} robust accuracy "
+                f"{100 * (entry['robust_accuracy'] or 0):.1f} % "
                 f"at eps={entry['eps']:.4g} is an UPPER BOUND (the diagnostic attacks lowered it by "
                 f"{100 * entry['lowered_by']:.1f} points)")
     body["fragile"] = {"count": int(frame["rob_fragile"].sum()), "rate": float(frame["rob_fragile"].mean()),
@@ -1750,8 +1790,8 @@ def _min_perturbation(family: AttackFamily, clean_correct: np.ndarray) -> dict[s
     budget = family.curve(clean_correct).breaking_eps[clean_correct]
     broken = budget[np.isfinite(budget)]
     # Unbroken samples need more than the largest ε: the median is only known when at least half were broken.
-    median = float(np.sort(np.concatenate([broken, np.full(budget.size - broken.size, np.inf)]))[(budget.size - 1) // 2]) \
-        if budget.size else None
+    ranked = np.sort(np.concatenate([broken, np.full(budget.size - broken.size, np.inf)]))
+    median = float(ranked[(budget.size - 1) // 2]) if budget.size else None
     return {"source": "smallest grid budget that broke the sample (upper bound)",
             "median": median if median is not None and math.isfinite(median) else None, "found": int(broken.size),
             "of": correct, "success_rate": broken.size / correct if correct else None}
@@ -1774,12 +1814,7 @@ def _refresh_slices(context: StageContext, config: RobustnessConfig, inputs: str
     summary = json.loads(workspace.artifact_path(f"{SUMMARY}.json").read_text(encoding="utf-8"))
     if summary.get("slice_inputs") == slice_inputs:
         return {**summary, "skipped": True}
-    frame = read_artifact(workspace, "robustness_samples")
-    ran = {"linf": "rob_min_linf_eps" in frame, "l2": "rob_min_l2_eps" in frame}
-    reference = SliceReference(linf_eps=config.reference_eps("linf") if ran["linf"] else None,
-                               l2_eps=config.reference_eps("l2") if ran["l2"] else None,
-                               radius=config.radius() if "rob_certified_radius" in frame else None)
-    table = slice_robustness(frame, slices, reference, min_samples=config.min_slice_samples, top_k=config.worst_slices)
+    table = _slice_table(read_artifact(workspace, "robustness_samples"), slices, config)
     write_artifact(context, "robustness_slices", table, stage=STAGE, config=config, inputs=inputs)
     summary.update(worst_slices=json_safe(_worst_list(table)), slices_too_few=_too_few(table),
                    slice_inputs=slice_inputs)
@@ -1798,7 +1833,7 @@ def _write(context: StageContext, config: RobustnessConfig, inputs: str, artifac
     if examples is not None:
         payload = {**examples, "classes": np.array(classes, dtype=str)}
 
-        def save(tmp):
+        def save(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
                 np.savez_compressed(handle, **payload)
 

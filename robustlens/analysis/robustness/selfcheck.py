@@ -94,6 +94,12 @@ class ActiveTestModel(torch.nn.Module):
     ``boost`` ``(N,)`` logit scale; ``eps`` and ``norm`` the threat model.
     """
 
+    anchors: torch.Tensor
+    deltas: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+    boost: torch.Tensor
+
     def __init__(self, base: torch.nn.Module, anchors: torch.Tensor, deltas: torch.Tensor, source: torch.Tensor,
                  target: torch.Tensor, boost: torch.Tensor, eps: float, norm: str):
         super().__init__()

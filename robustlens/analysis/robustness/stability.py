@@ -238,29 +238,31 @@ def _brightness_seq(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.stack([_brightness(x, (i - 15) * 1.5 / 100) for i in range(31)], dim=1)
 
 
-def _translate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _warp_sequence(x: torch.Tensor, matrix: Callable[[int, int, int], np.ndarray], frames: range) -> torch.Tensor:
+    """``(N, T, C, H, W)``: ``x`` ``(N, C, H, W)`` warped by ``matrix(h, w, i)`` (see :func:`_affine_frames`) for each
+    frame ``i`` of ``frames``."""
     h, w = x.shape[-2:]
-    return _affine_frames(x, np.stack([_centered(h, w, np.eye(2), (i - 7, 0)) for i in range(16)]))
+    return _affine_frames(x, np.stack([matrix(h, w, i) for i in frames]))
+
+
+def _translate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return _warp_sequence(x, lambda h, w, i: _centered(h, w, np.eye(2), (i - 7, 0)), range(16))
 
 
 def _rotate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return _affine_frames(x, np.stack([_centered(h, w, _rotation(i - 15)) for i in range(31)]))
+    return _warp_sequence(x, lambda h, w, i: _centered(h, w, _rotation(i - 15)), range(31))
 
 
 def _scale(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return _affine_frames(x, np.stack([_centered(h, w, np.eye(2) * ((i * 2 + 70) / 100)) for i in range(31)]))
+    return _warp_sequence(x, lambda h, w, i: _centered(h, w, np.eye(2) * ((i * 2 + 70) / 100)), range(31))
 
 
 def _shear_seq(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return _affine_frames(x, np.stack([_centered(h, w, _shear(i - 15)) for i in range(31)]))
+    return _warp_sequence(x, lambda h, w, i: _centered(h, w, _shear(i - 15)), range(31))
 
 
 def _tilt_seq(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return _affine_frames(x, np.stack([_tilt(h, w, 0.75 * (i - 15)) for i in range(31)]))
+    return _warp_sequence(x, lambda h, w, i: _tilt(h, w, 0.75 * (i - 15)), range(31))
 
 
 def _gaussian_blur_seq(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -268,8 +270,7 @@ def _gaussian_blur_seq(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def _zoom_blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    zooms = _affine_frames(x, np.stack([_centered(h, w, np.eye(2) * (1 + 0.004 * i)) for i in range(1, 31)]))
+    zooms = _warp_sequence(x, lambda h, w, i: _centered(h, w, np.eye(2) * (1 + 0.004 * i)), range(1, 31))
     running = torch.cumsum(torch.cat([x[:, None], zooms], dim=1), dim=1)
     return running / torch.arange(1, 32, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1, 1)
 

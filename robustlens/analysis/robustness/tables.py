@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -242,8 +243,10 @@ def sample_outcomes(samples: pd.DataFrame, reference: SliceReference) -> dict[st
     return out
 
 
-def _rate(values: np.ndarray, members: np.ndarray) -> tuple[int, float, float, float]:
-    """Count, mean and Wilson 95 % interval of ``values`` (bool or [0, 1] floats) over ``members``."""
+def rate_with_interval(values: np.ndarray,
+                       members: np.ndarray | slice = slice(None)) -> tuple[int, float, float, float]:
+    """Count, mean and Wilson 95 % interval of ``values`` ``(M,)`` (bool or [0, 1] floats; NaN floats left out) over
+    ``members`` (a ``(M,)`` bool mask; default all): ``(n, mean, ci_low, ci_high)``, NaNs when ``n = 0``."""
     chosen = values[members]
     chosen = chosen[~np.isnan(chosen)] if chosen.dtype.kind == "f" else chosen
     n = int(chosen.shape[0])
@@ -285,21 +288,22 @@ def slice_robustness(samples: pd.DataFrame, slices: Sequence[Mapping], reference
     rows = []
     for spec in slices:
         members = np.asarray(spec["members"], dtype=bool)
-        row = {"slice_id": str(spec["slice_id"]), "description": str(spec["description"]),
-               "kind": str(spec["kind"])}
-        row["n_samples"], *clean = _rate(outcome["clean"].astype(float), members)
+        row: dict[str, Any] = {"slice_id": str(spec["slice_id"]), "description": str(spec["description"]),
+                               "kind": str(spec["kind"])}
+        row["n_samples"], *clean = rate_with_interval(outcome["clean"].astype(float), members)
         row["clean_accuracy"], row["clean_accuracy_ci_low"], row["clean_accuracy_ci_high"] = clean
-        _, *corr = _rate(outcome["corruption"], members)
+        _, *corr = rate_with_interval(outcome["corruption"], members)
         row["corruption_accuracy"], row["corruption_accuracy_ci_low"], row["corruption_accuracy_ci_high"] = corr
         attacked = members & outcome["attacked"]
         row["n_attacked"] = int(attacked.sum())
         for norm in ("linf", "l2"):
-            values = (_rate(outcome[f"robust_{norm}"].astype(float), attacked)[1:] if outcome[f"has_{norm}"].any()
+            robust = outcome[f"robust_{norm}"].astype(float)
+            values = (rate_with_interval(robust, attacked)[1:] if outcome[f"has_{norm}"].any()
                       else (np.nan, np.nan, np.nan))
             name = f"robust_accuracy_{norm}"
             row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = values
         certified_members = members & outcome["certified_in"]
-        row["n_certified"], *cert = _rate(outcome["certified"].astype(float), certified_members)
+        row["n_certified"], *cert = rate_with_interval(outcome["certified"].astype(float), certified_members)
         row["certified_accuracy"], row["certified_accuracy_ci_low"], row["certified_accuracy_ci_high"] = cert
         flips = outcome["flip_probability"][members]
         flips = flips[~np.isnan(flips)]

@@ -84,6 +84,7 @@ from ._common import (
 )
 from .attacks import square_attack
 
+_apgd: Callable[..., torch.Tensor] | None
 try:  # the AutoAttack-grade APGD, when present, strengthens the white-box baseline
     from .autoattack import apgd as _apgd
 except ImportError:  # pragma: no cover - depends on the checkout
@@ -179,7 +180,7 @@ class _StraightThroughMode(TorchFunctionMode):
                     self._targets.add(fn)
         self._targets.add(torch.Tensor.__floordiv__)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in self._targets and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad \
@@ -393,6 +394,7 @@ def nes_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps
 def _square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, queries: int,
             seed: int) -> torch.Tensor:
     """Square attack, L∞ or L2 (:func:`.autoattack.square`; L∞ falls back to :func:`.attacks.square_attack`)."""
+    square: Callable[..., torch.Tensor] | None
     try:
         from .autoattack import square
     except ImportError:  # pragma: no cover - depends on the checkout
@@ -492,7 +494,7 @@ class InputPathActiveModel(nn.Module):
                  partners: torch.Tensor):
         super().__init__()
         self.base = base
-        self.anchors, self.deltas, self.half, self.partners = anchors, deltas, half, partners
+        self.anchors, self.deltas, self.half_mask, self.partners = anchors, deltas, half, partners
 
     def mixing(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anchor index ``(B,)`` and mixing amount ``m`` ``(B,)`` for inputs ``z`` ``(B, C, H, W)``."""
@@ -502,7 +504,7 @@ class InputPathActiveModel(nn.Module):
             j = torch.cdist(flat.detach(), anchors).argmin(dim=1)
         u = flat - anchors[j]
         d = self.deltas.reshape(self.deltas.shape[0], -1)[j]
-        a = self.half.reshape(self.half.shape[0], -1)[j]
+        a = self.half_mask.reshape(self.half_mask.shape[0], -1)[j]
         da, db = d * a, d * (1 - a)
         t_a = (u * da).sum(1) / da.pow(2).sum(1).clamp_min(1e-30)
         t_b = (u * db).sum(1) / db.pow(2).sum(1).clamp_min(1e-30)
@@ -776,7 +778,7 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         draws = cfg["draws"] if randomized else 1
         evaluator = _Evaluator(model, y, draws)
         # a randomized model's loss and predictions are noisy: run gradient attacks to the end
-        noisy: dict[str, bool] = {"stop_on_success": False, "final": True} if randomized else {}
+        noisy: dict[str, Any] = {"stop_on_success": False, "final": True} if randomized else {}
         clean = evaluator.correct(x).cpu()
         settings["eval_draws"] = draws
         checks.append(_check("randomized", "warn" if randomized else "pass", diff, 1e-6,
@@ -945,7 +947,7 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         worst_rise = max(rises) if rises else 0.0
         checks.append(_check(
             "monotone_in_eps", "warn" if worst_rise > max(GAP_WARN, 1.5 / n) else "pass", worst_rise, 0.0,
-            "robust accuracy " + ", ".join(f"{a:.0%}@{e:.3g}" for a, e in zip(accs, grid))
+            "robust accuracy " + ", ".join(f"{a:.0%}@{e:.3g}" for a, e in zip(accs, grid, strict=True))
             + ("; it rises with ε" if worst_rise > max(GAP_WARN, 1.5 / n) else ""),
             eps_grid=grid, accuracy=accs))
 

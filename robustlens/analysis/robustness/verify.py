@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +50,7 @@ from torch import nn
 
 from robustlens.errors import ValidationError
 
-from ._common import check_images, check_labels, check_int, check_norm, check_positive, eval_mode, model_device
+from ._common import check_images, check_int, check_labels, check_norm, check_positive, eval_mode, model_device
 
 __all__ = [
     "UnsupportedModelError",
@@ -103,7 +105,8 @@ class Layer:
         """Copy with every tensor on ``device`` in ``dtype``."""
         new = object.__new__(type(self))
         for k, v in self.__dict__.items():
-            new.__dict__[k] = v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() \
+            floating = isinstance(v, torch.Tensor) and v.is_floating_point()
+            new.__dict__[k] = v.to(device=device, dtype=dtype) if floating \
                 else (v.to(device) if isinstance(v, torch.Tensor) else v)
         return new
 
@@ -177,16 +180,16 @@ class LinearLayer(AffineLayer):
     def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         return self.bias.clone()
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T
 
-    def abs_linear(self, x):
+    def abs_linear(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.abs().T
 
-    def sq_linear(self, x):
+    def sq_linear(self, x: torch.Tensor) -> torch.Tensor | None:
         return x @ self.weight.square().T
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         return a @ self.weight
 
 
@@ -201,23 +204,23 @@ class Conv2dLayer(AffineLayer):
             else bias.detach().clone()
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), groups
 
-    def _conv(self, x, w):
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
-    def _offset_from(self, zero):
+    def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         out = self._conv(zero, self.weight)[0]
         return out + self.bias.view(-1, 1, 1)
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.weight)
 
-    def abs_linear(self, x):
+    def abs_linear(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.weight.abs())
 
-    def sq_linear(self, x):
+    def sq_linear(self, x: torch.Tensor) -> torch.Tensor | None:
         return self._conv(x, self.weight.square())
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         return torch.nn.grad.conv2d_input((a.shape[0], *self.in_shape), self.weight, a, self.stride, self.padding,
                                           self.dilation, self.groups)
 
@@ -235,22 +238,22 @@ class ChannelAffineLayer(AffineLayer):
     def _view(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(-1, *([1] * (len(self.in_shape) - 1)))
 
-    def _offset_from(self, zero):
+    def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         if self.scale.numel() not in (1, self.in_shape[0]):
             raise UnsupportedModelError(f"layer '{self.name}' has {self.scale.numel()} channels but its input has "
                                         f"shape {self.in_shape}")
         return (zero[0] + self._view(self.shift)).expand(self.in_shape).clone()
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x * self._view(self.scale)
 
-    def abs_linear(self, x):
+    def abs_linear(self, x: torch.Tensor) -> torch.Tensor:
         return x * self._view(self.scale.abs())
 
-    def sq_linear(self, x):
+    def sq_linear(self, x: torch.Tensor) -> torch.Tensor | None:
         return x * self._view(self.scale.square())
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         return a * self._view(self.scale)
 
 
@@ -263,35 +266,35 @@ class ReshapeLayer(AffineLayer):
         super().__init__(name)
         self.target = tuple(out_shape)
 
-    def _offset_from(self, zero):
+    def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         return zero.reshape(self.target)
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], *self.target)
 
     abs_linear = linear
     sq_linear = linear
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(a.shape[0], *self.in_shape)
 
 
 class PoolLinearLayer(AffineLayer):
     """A linear pooling with non-negative weights (``AvgPool2d``, ``AdaptiveAvgPool2d``)."""
 
-    def __init__(self, name: str, fn):
+    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__(name)
         self.fn = fn
 
-    def _offset_from(self, zero):
+    def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         return self.fn(zero)[0] * 0
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
     abs_linear = linear
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             probe = torch.zeros((a.shape[0], *self.in_shape), dtype=a.dtype, device=a.device, requires_grad=True)
             (grad,) = torch.autograd.grad(self.fn(probe), probe, grad_outputs=a)
@@ -301,10 +304,10 @@ class PoolLinearLayer(AffineLayer):
 class ReLULayer(Layer):
     kind = "relu"
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp_min(0)
 
-    def ibp(self, lo, hi):
+    def ibp(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return lo.clamp_min(0), hi.clamp_min(0)
 
 
@@ -322,10 +325,10 @@ class MaxPool2dLayer(Layer):
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
                             return_indices)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._pool(x)
 
-    def ibp(self, lo, hi):
+    def ibp(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._pool(lo), self._pool(hi)
 
     def relaxation(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -352,7 +355,7 @@ def _type_name(module: nn.Module) -> str:
     return getattr(module, "original_name", None) or type(module).__name__
 
 
-def _pair(v) -> tuple[int, int]:
+def _pair(v: Any) -> tuple[int, int]:
     if isinstance(v, (list, tuple)):
         return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))
     return int(v), int(v)
@@ -408,11 +411,13 @@ def _convert(name: str, module: nn.Module, in_shape: tuple[int, ...], previous: 
     return handler(name, module, in_shape, previous)
 
 
-def _linear_handler(name, module, in_shape, previous):
+def _linear_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                    previous: list[Layer]) -> list[Layer]:
     return [LinearLayer(name, module.weight.float(), _tensor_attr(module, "bias"))]
 
 
-def _conv_handler(name, module, in_shape, previous):
+def _conv_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                  previous: list[Layer]) -> list[Layer]:
     mode = getattr(module, "padding_mode", "zeros")
     if mode != "zeros":
         raise UnsupportedModelError(f"layer '{name}' (Conv2d) uses padding_mode='{mode}'; only 'zeros' is supported")
@@ -422,15 +427,16 @@ def _conv_handler(name, module, in_shape, previous):
         d = _pair(module.dilation)
         if padding == "valid":
             padding = (0, 0)
-        elif all((di * (ki - 1)) % 2 == 0 for ki, di in zip(k, d)) and _pair(module.stride) == (1, 1):
-            padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+        elif all((di * (ki - 1)) % 2 == 0 for ki, di in zip(k, d, strict=True)) and _pair(module.stride) == (1, 1):
+            padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
         else:
             raise UnsupportedModelError(f"layer '{name}' (Conv2d) uses asymmetric padding='{padding}'")
     return [Conv2dLayer(name, module.weight.float(), _tensor_attr(module, "bias"), _pair(module.stride),
                         _pair(padding), _pair(module.dilation), int(module.groups))]
 
 
-def _batchnorm_handler(name, module, in_shape, previous):
+def _batchnorm_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                       previous: list[Layer]) -> list[Layer]:
     mean, var = _tensor_attr(module, "running_mean"), _tensor_attr(module, "running_var")
     if mean is None or var is None:
         raise UnsupportedModelError(f"layer '{name}' ({_type_name(module)}) has no running statistics "
@@ -456,18 +462,21 @@ def fold_batchnorm(layer: Conv2dLayer | LinearLayer, scale: torch.Tensor, shift:
     layer.bias = layer.bias * scale.to(layer.bias) + shift.to(layer.bias)
 
 
-def _flatten_handler(name, module, in_shape, previous):
+def _flatten_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                     previous: list[Layer]) -> list[Layer]:
     start, end = int(getattr(module, "start_dim", 1)), int(getattr(module, "end_dim", -1))
     full = (1, *in_shape)
     out = torch.empty(full, device="meta").flatten(start, end).shape[1:]
     return [ReshapeLayer(name, tuple(out))]
 
 
-def _relu_handler(name, module, in_shape, previous):
+def _relu_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                  previous: list[Layer]) -> list[Layer]:
     return [ReLULayer(name)]
 
 
-def _maxpool_handler(name, module, in_shape, previous):
+def _maxpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                     previous: list[Layer]) -> list[Layer]:
     if bool(getattr(module, "return_indices", False)):
         raise UnsupportedModelError(f"layer '{name}' (MaxPool2d) returns indices")
     k = _pair(module.kernel_size)
@@ -476,23 +485,25 @@ def _maxpool_handler(name, module, in_shape, previous):
     return [MaxPool2dLayer(name, k, s, _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))]
 
 
-def _avgpool_handler(name, module, in_shape, previous):
+def _avgpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                     previous: list[Layer]) -> list[Layer]:
     k = _pair(module.kernel_size)
     s = k if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0) \
         else _pair(module.stride)
     p, ceil, include = _pair(module.padding), bool(module.ceil_mode), bool(module.count_include_pad)
     div = getattr(module, "divisor_override", None)
 
-    def fn(x):
+    def fn(x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x, k, s, p, ceil, include, div)
 
     return [PoolLinearLayer(name, fn)]
 
 
-def _adaptive_avgpool_handler(name, module, in_shape, previous):
+def _adaptive_avgpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+                              previous: list[Layer]) -> list[Layer]:
     size = module.output_size
 
-    def fn(x):
+    def fn(x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, size)
 
     return [PoolLinearLayer(name, fn)]
@@ -788,7 +799,7 @@ def _alpha_crown_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, tor
             sub_best = torch.maximum(sub_best, low.detach())
             grads = torch.autograd.grad(low.sum(), params)
             with torch.no_grad():
-                for t, g, a1, a2 in zip(params, grads, m1, m2):
+                for t, g, a1, a2 in zip(params, grads, m1, m2, strict=True):
                     a1.mul_(beta1).add_(g, alpha=1 - beta1)
                     a2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                     denom = (a2 / (1 - beta2 ** step)).sqrt_().add_(1e-8)
@@ -921,7 +932,7 @@ def _spec(c: torch.Tensor | None, batch: int, k: int, like: torch.Tensor) -> tor
 
 @torch.no_grad()
 def crown_bounds(layers: list[Layer], x: torch.Tensor, eps: float, *, norm: str = "linf",
-                 C: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 C: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: N803 - the matrix C of CROWN
     """CROWN: lower and upper bounds ``(B, S)`` of ``C @ logits`` over the threat set.
 
     Parameters
