@@ -479,19 +479,19 @@ def test_export_saves_files_on_the_server(app, analysed_workspace, table):
 
 
 def test_slice_rows_map_to_filters():
-    from robustlens.dashboard.components.slice_tables import slice_spec
+    from robustlens.query.slices import SliceMembership, slice_row_filter
 
-    known = {"s0123456789ab"}
-    assert slice_spec(pd.Series({"slice_id": "all", "kind": "all"}), known) == FilterSpec()
-    assert slice_spec(pd.Series({"slice_id": "s0123456789ab", "kind": "discovered"}), known) == FilterSpec(
+    known = SliceMembership(0, {"s0123456789ab": ()})
+    assert slice_row_filter(pd.Series({"slice_id": "all", "kind": "all"}), known) == FilterSpec()
+    assert slice_row_filter(pd.Series({"slice_id": "s0123456789ab", "kind": "discovered"}), known) == FilterSpec(
         slice="s0123456789ab"
     )
     # The robustness stage's own class slices (no slice analysis) are label filters.
-    assert slice_spec(pd.Series({"slice_id": "label=coat", "kind": "class"}), set(), ["bag", "coat"]) == FilterSpec(
-        labels=["coat"]
-    )
+    assert slice_row_filter(
+        pd.Series({"slice_id": "label=coat", "kind": "class"}), SliceMembership(0), ["bag", "coat"]
+    ) == FilterSpec(labels=["coat"])
     # Ids the slice analysis does not hold (e.g. a table without stored masks) cannot be opened.
-    assert slice_spec(pd.Series({"slice_id": 3, "kind": "class"}), known) is None
+    assert slice_row_filter(pd.Series({"slice_id": 3, "kind": "class"}), known) is None
 
 
 # -- what the views read instead of computing ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ from robustlens.dashboard.components.markup import text
 from robustlens.query import filters, sample_table
 from robustlens.query.neighbours import nearest_samples
 from robustlens.query.slices import SliceMembership, load_slice_membership
-from robustlens.query.summary import class_balance, prediction_accuracy, summarize
+from robustlens.query.summary import class_balance, summarize
 
 WORKSPACE_ENV = "ROBUSTLENS_WORKSPACE"
 #: Folder server-side exports go under (``robustlens serve --export-root``); default ``WORKSPACE/exports``.
@@ -111,19 +111,23 @@ def _scan_artifacts(root: Path) -> tuple:
 
 # -- summaries (small, cached as data) ----------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=8)
-def summary(path: str, stamp: float) -> dict:
+def _summary(path: str, stamp: float) -> dict:
     return summarize(_open(path, stamp))
 
 
+def summary() -> dict:
+    """The workspace summary (:func:`robustlens.query.summary.summarize`): counts, classes, splits, models."""
+    return _summary(*cache_key())
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
-def balance(path: str, stamp: float) -> pd.DataFrame:
+def _balance(path: str, stamp: float) -> pd.DataFrame:
     return class_balance(_open(path, stamp))
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def accuracies(path: str, stamp: float) -> dict[str, float]:
-    ws = _open(path, stamp)
-    return {name: prediction_accuracy(ws, name) for name in ws.prediction_names}
+def balance() -> pd.DataFrame:
+    """Samples per class and split (:func:`robustlens.query.summary.class_balance`)."""
+    return _balance(*cache_key())
 
 
 # -- the sample table ---------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import streamlit as st
 from robustlens.dashboard import data, state
 from robustlens.dashboard.components.frame import hold_widget_value, show_notices
 from robustlens.dashboard.components.markup import text
-from robustlens.dashboard.components.slice_tables import slice_description
 from robustlens.query.filters import REVIEW_STATES, FilterError, FilterSpec
 from robustlens.query.sample_table import display_name, issue_types, prediction_sets
 
@@ -217,7 +216,7 @@ def _spec_from_widgets(table: pd.DataFrame, previous: FilterSpec, bounds: dict) 
 
 def _selection_chips(table: pd.DataFrame, spec: FilterSpec) -> None:
     if spec.slice:
-        st.sidebar.info(f"Slice: {text(slice_description(spec.slice))}", icon=":material/pie_chart:")
+        st.sidebar.info(f"Slice: {text(data.slice_membership().description(spec.slice))}", icon=":material/pie_chart:")
         st.sidebar.button("Clear slice", on_click=_update_filter, kwargs={"slice": None}, key=W + "clear_slice")
     if spec.region:
         st.sidebar.info(f"Map region filter ({len(spec.region)}-point outline)", icon=":material/gesture:")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import plotly.express as px
 import streamlit as st
 
@@ -13,15 +12,15 @@ from robustlens.dashboard.components.markup import code, plot_text, text
 from robustlens.dashboard.components.navigation import explorer_link
 from robustlens.dashboard.components.slice_tables import SLICE_FORMAT, slice_columns, slice_table
 from robustlens.query.filters import FilterSpec
-from robustlens.query.sample_table import issue_types, prediction_sets
+from robustlens.query.sample_table import prediction_sets
+from robustlens.query.summary import flagged_samples, issue_counts, most_severe, table_accuracy
 
 EXAMPLES_PER_ISSUE = 6
 
 
 def render() -> None:
     ws = data.workspace()
-    key = data.cache_key()
-    info = data.summary(*key)
+    info = data.summary()
     st.caption(
         f"Workspace {code(info['workspace'])} · dataset {code(info['dataset_root'])} ({text(info['dataset_kind'])})"
     )
@@ -30,7 +29,7 @@ def render() -> None:
     left, right = st.columns([3, 2])
     with left:
         st.subheader("Class balance")
-        balance = data.balance(*key).assign(**{"class": lambda f: f["class"].map(plot_text)})
+        balance = data.balance().assign(**{"class": lambda f: f["class"].map(plot_text)})
         figure = px.bar(balance, x="class", y="count", hover_data={"share": ":.1%"})
         figure.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), xaxis_title=None)
         st.plotly_chart(figure, width="stretch", key="overview.balance")
@@ -58,8 +57,8 @@ def _headline(info: dict, table) -> None:
         cols[3].metric(f"Accuracy ({text(best)})", f"{accuracies[best]:.1%}")
     else:
         cols[3].metric("Accuracy", "—", help="No prediction set in this workspace")
-    if "issue_count" in table.columns:
-        flagged = int((table["issue_count"] > 0).sum())
+    flagged = flagged_samples(table)
+    if flagged is not None:
         cols[4].metric("Samples with issues", f"{flagged:,}", help=f"{flagged / max(len(table), 1):.1%} of all samples")
     else:
         cols[4].metric("Samples with issues", "—", help="Run `robustlens analyze` to find issues")
@@ -72,7 +71,7 @@ def _models(info: dict, table) -> None:
         rows: dict[str, list[str]] = {"prediction set": [], "accuracy": [], "scores": []}
         for name in sets:
             rows["prediction set"].append(name)
-            rows["accuracy"].append(f"{table[f'pred.{name}.correct'].mean():.2%}")
+            rows["accuracy"].append(f"{table_accuracy(table, name):.2%}")
             rows["scores"].append(info["prediction_sets"][name]["score_kind"])
         st.dataframe(rows, hide_index=True, width="stretch")
     else:
@@ -85,13 +84,11 @@ def _models(info: dict, table) -> None:
 
 def _issues(table) -> None:
     st.subheader("Issues")
-    kinds = issue_types(table)
-    if not kinds:
+    counts = issue_counts(table)
+    if not counts:
         analysis_missing("issue flags (dark, blurry, duplicates, label errors, outliers …)")
         return
-    counts = {kind: int((table[f"issue.{kind}"] > 0).sum()) for kind in kinds}
-    for kind in sorted(kinds, key=lambda k: -counts[k]):
-        count = counts[kind]
+    for kind, count in counts.items():
         with st.container(border=True):
             head, link = st.columns([4, 1], vertical_alignment="center")
             head.markdown(f"**{text(kind.replace('_', ' '))}** — {count:,} samples ({count / max(len(table), 1):.1%})")
@@ -99,14 +96,8 @@ def _issues(table) -> None:
             if count:
                 with link:
                     explorer_link("Open in explorer", spec)
-                worst = _most_severe(table[f"issue.{kind}"].to_numpy(dtype=float), min(count, EXAMPLES_PER_ISSUE))
+                worst = most_severe(table, kind, EXAMPLES_PER_ISSUE)
                 thumbnail_grid(table, worst, columns=EXAMPLES_PER_ISSUE * 2, key=f"overview.{kind}", selectable=False)
-
-
-def _most_severe(severity: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the ``k`` highest severities, highest first (a partial sort: fast at a million rows)."""
-    top = np.argpartition(-severity, k - 1)[:k]
-    return top[np.argsort(-severity[top], kind="stable")]
 
 
 def _worst_slices() -> None:

@@ -15,6 +15,7 @@ from robustlens.dashboard.components.navigation import open_in_explorer
 from robustlens.dashboard.components.slice_tables import SLICE_FORMAT, slice_columns, slice_table
 from robustlens.query.filters import FilterSpec
 from robustlens.query.sample_table import prediction_sets
+from robustlens.query.summary import confusion_counts, per_class_recall, table_accuracy
 
 CHART_GENERATION = "perf.chart_generation"
 #: Metric-importance columns to chart, in order of preference (the first one present is used).
@@ -39,17 +40,10 @@ def render() -> None:
     _slices()
 
 
-def confusion(table: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Counts: rows = given label, columns = predicted label (class order)."""
-    classes = list(table["label"].cat.categories)
-    counts = pd.crosstab(table["label"], table[f"pred.{name}.label"], dropna=False)
-    return counts.reindex(index=classes, columns=classes, fill_value=0)
-
-
 def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
     st.subheader(text(name))
     report = data.evaluation(name) or {}
-    accuracy = float(table[f"pred.{name}.correct"].mean())
+    accuracy = table_accuracy(table, name)
     cols = st.columns(3)
     cols[0].metric("Accuracy", f"{accuracy:.2%}")
     top_k = report.get("top_k_accuracy") or report.get("top_k") or {}
@@ -60,7 +54,7 @@ def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
         f"{report['ece']:.3f}" if "ece" in report else "—",
         help="Expected calibration error: average gap between confidence and accuracy",
     )
-    counts = confusion(table, name)
+    counts = confusion_counts(table, name)
     _confusion_chart(counts, name, first=first)
     _per_class(report, counts)
     _calibration(report, name)
@@ -145,17 +139,8 @@ def _cell_spec(name: str, given: str, predicted: str, *, first: bool) -> FilterS
 
 
 def _per_class(report: dict, counts: pd.DataFrame) -> None:
-    if report.get("per_class"):
-        frame = pd.DataFrame(report["per_class"])
-    else:
-        support = counts.sum(axis=1)
-        frame = pd.DataFrame(
-            {
-                "class": counts.index,
-                "support": support.to_numpy(),
-                "recall": np.diag(counts.to_numpy()) / np.maximum(support.to_numpy(), 1),
-            }
-        )
+    # the evaluation stage's table when it ran, else recall from the counts shown
+    frame = pd.DataFrame(report["per_class"]) if report.get("per_class") else per_class_recall(counts)
     with st.expander("Per-class table", expanded=False):
         st.dataframe(frame, hide_index=True, width="stretch")
 
