@@ -312,7 +312,8 @@ def _status_of(workspace: Workspace, name: str, specs: Mapping[str, StageSpec], 
     if check_config and recorded != {wanted}:
         return ("stale", "config changed")
     times = [t for t in (_timestamp(entries[a].get("written_at")) for a in spec.writes) if t is not None]
-    ran_at = max([*times, *([_timestamp(run.get("finished_at"))] if run.get("finished_at") else [])], default=None)
+    finished = _timestamp(run.get("finished_at"))
+    ran_at = max([*times, *([finished] if finished is not None else [])], default=None)
     if ran_at is None:
         return ("stale", "no time recorded")
     for read in spec.inputs:

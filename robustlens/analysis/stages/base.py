@@ -19,11 +19,11 @@ import json
 import math
 import numbers
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -72,14 +72,14 @@ class StageContext:
     refused: RefusedFiles = field(default_factory=RefusedFiles, repr=False)
 
 
-def config_hash(config) -> str:
+def config_hash(config: Any) -> str:
     """Stable short hash of a stage config (a dataclass or a JSON-serialisable mapping)."""
-    payload = asdict(config) if is_dataclass(config) else config
+    payload = asdict(config) if is_dataclass(config) and not isinstance(config, type) else config
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def fingerprint(*parts) -> str:
+def fingerprint(*parts: Any) -> str:
     """Hash of stage inputs: arrays, frames, strings or JSON-serialisable values."""
     digest = hashlib.sha256()
     for part in parts:
@@ -180,11 +180,11 @@ class HashCache:
             leftover.unlink(missing_ok=True)
 
 
-def cache_for(context: StageContext, stage: str, config) -> HashCache:
+def cache_for(context: StageContext, stage: str, config: Any) -> HashCache:
     return HashCache(context.workspace.artifact_path(f"cache/{stage}-{config_hash(config)}"))
 
 
-def write_artifact(context: StageContext, name: str, frame: pd.DataFrame, *, stage: str, config, inputs: str,
+def write_artifact(context: StageContext, name: str, frame: pd.DataFrame, *, stage: str, config: Any, inputs: str,
                    extra: dict | None = None) -> Path:
     """Write ``artifacts/<name>.parquet`` atomically and record it in ``artifacts/index.json``."""
     path = storage.write_parquet(context.workspace.artifact_path(f"{name}.parquet"), frame)
@@ -192,11 +192,12 @@ def write_artifact(context: StageContext, name: str, frame: pd.DataFrame, *, sta
     return path
 
 
-def record_artifact(context: StageContext, name: str, *, stage: str, config, inputs: str,
+def record_artifact(context: StageContext, name: str, *, stage: str, config: Any, inputs: str,
                     extra: dict | None = None) -> None:
     index_path = context.workspace.artifact_path("index.json")
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    index[name] = {"stage": stage, "config": asdict(config) if is_dataclass(config) else config,
+    index[name] = {"stage": stage,
+                   "config": asdict(config) if is_dataclass(config) and not isinstance(config, type) else config,
                    "config_hash": config_hash(config), "inputs": inputs,
                    "written_at": datetime.now(UTC).isoformat(timespec="seconds"), **(extra or {})}
     storage.write_json(index_path, index)
@@ -210,7 +211,7 @@ def artifact_entry(workspace: Workspace, name: str) -> dict:
     return artifacts.index_entry(workspace, name)
 
 
-def is_current(context: StageContext, name: str, *, config, inputs: str) -> bool:
+def is_current(context: StageContext, name: str, *, config: Any, inputs: str) -> bool:
     """Whether artifact ``name`` exists and was made from the same config and inputs."""
     entry = artifact_entry(context.workspace, name)
     return (entry.get("config_hash") == config_hash(config) and entry.get("inputs") == inputs
@@ -237,7 +238,8 @@ def read_artifact(workspace: Workspace, name: str) -> pd.DataFrame | None:
 REFUSED_ARTIFACT = "refused_files.json"
 
 
-def decode_distinct(context: StageContext, rows: np.ndarray, *, batch_size: int, workers: int, desc: str):
+def decode_distinct(context: StageContext, rows: np.ndarray, *, batch_size: int, workers: int,
+                    desc: str) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Decode the samples ``rows`` (one per content hash still to compute), skipping refused files.
 
     Every file is read through :func:`~robustlens.analysis.loader.iter_decoded` with the content hashes of
@@ -278,7 +280,8 @@ def decode_distinct(context: StageContext, rows: np.ndarray, *, batch_size: int,
         if not len(pending):
             return
         before = {entry.index for entry in context.refused.entries}
-        for indices, pixels in iter_decoded(context.workspace.dataset_root, paths, pending, batch_size=batch_size,
+        for indices, pixels in iter_decoded(context.workspace.dataset_root, paths, cast("Sequence[int]", pending),
+                                            batch_size=batch_size,
                                             workers=workers, progress=context.progress, memo=context.pixels,
                                             desc=desc, expected_hashes=hashes, refused=context.refused):
             if len(indices):

@@ -301,7 +301,7 @@ def candidate_pairs(context: StageContext, embeddings: np.ndarray, thumbnails: n
     # signature cosine >= 0.995 for every planted copy), so this cheap test spares most comparisons.
     sig_cosine = np.einsum("ij,ij->i", signature[pairs[:, 0]], signature[pairs[:, 1]])
     # Flat (blank) thumbnails have an all-zero signature; two of them are still compared.
-    flat = ~signature.any(axis=1)
+    flat = np.asarray(~signature.any(axis=1))
     return pairs[(sig_cosine >= config.min_signature_cosine) | (flat[pairs[:, 0]] & flat[pairs[:, 1]])]
 
 

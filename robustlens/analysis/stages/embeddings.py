@@ -42,6 +42,8 @@ import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -69,6 +71,7 @@ from robustlens.analysis.stages.base import (
     record_refused,
     refused_rows,
 )
+from robustlens.analysis.workspace import Workspace
 from robustlens.errors import WorkspaceError
 
 SOURCES = ("auto", "imported", "model", "fallback")
@@ -189,11 +192,10 @@ def _run(context: StageContext, config: Config) -> dict:
     computed = _fill_caches(context, pixel_cache, model_cache, extract=extract,
                             batch_size=config.batch_size or auto_batch_size(samples))
     hashes = samples["content_hash"].to_numpy(dtype=str)
-    pixel_rows, pixel_found = _stack_blobs(pixel_cache, {"raw": np.float32, "thumbnail": np.uint8}, hashes,
-                                           allow_missing=True)
+    pixel_rows, pixel_found = _stack_found(pixel_cache, {"raw": np.float32, "thumbnail": np.uint8}, hashes)
     found = pixel_found
-    if source == "model":
-        vector_rows, vector_found = _stack_blobs(model_cache, {"vector": np.float32}, hashes, allow_missing=True)
+    if model_cache is not None:
+        vector_rows, vector_found = _stack_found(model_cache, {"vector": np.float32}, hashes)
         found = found & vector_found
     # Samples whose file was refused (outside the dataset root, changed since init) and whose content hash has
     # nothing cached: zero rows standing for "no value", listed as excluded_rows; later stages leave them out.
@@ -231,7 +233,7 @@ def _run(context: StageContext, config: Config) -> dict:
     storage.write_npy(workspace.artifact_path(f"{ARTIFACT}.npy"), matrix)
     refused_entries = record_refused(context, ARTIFACT, excluded)
     excluded_list = np.flatnonzero(excluded).tolist()
-    extras = {"embeddings": {"source": source, "layer": layer, "description": description,
+    extras: dict[str, dict[str, Any]] = {"embeddings": {"source": source, "layer": layer, "description": description,
                              "dim": int(matrix.shape[1]), "excluded_rows": excluded_list},
               "visual_features": {"description": fallback_features.DESCRIPTION, "dim": int(visual.shape[1])},
               "thumbnails": {"description": "32x32 uint8 luminance thumbnails for duplicate verification"}}
@@ -242,7 +244,7 @@ def _run(context: StageContext, config: Config) -> dict:
             "refused": refused_entries}
 
 
-def _embedding_matrix(workspace, source: str, layer: str, computed: np.ndarray) -> tuple[np.ndarray, str]:
+def _embedding_matrix(workspace: Workspace, source: str, layer: str, computed: np.ndarray) -> tuple[np.ndarray, str]:
     """The L2-normalised ``(N, D)`` embedding of ``source`` and its description.
 
     ``computed`` is the model's features (source ``model``) or the reduced pixel descriptor (``fallback``);
@@ -250,7 +252,10 @@ def _embedding_matrix(workspace, source: str, layer: str, computed: np.ndarray) 
     """
     samples = workspace.samples
     if source == "imported":
-        matrix = workspace.embeddings().astype(np.float32)
+        imported = workspace.embeddings()
+        if imported is None:
+            raise WorkspaceError(f"{workspace.root} has no imported embeddings; pass --embeddings to 'robustlens init'")
+        matrix = imported.astype(np.float32)
         if matrix.shape[0] != len(samples):
             raise WorkspaceError(f"imported embeddings have {matrix.shape[0]} rows but the workspace has "
                                  f"{len(samples)} samples; re-run 'robustlens init --force'")
@@ -269,7 +274,7 @@ def _embedding_matrix(workspace, source: str, layer: str, computed: np.ndarray) 
 
 
 # -- source selection ----------------------------------------------------------------------------------
-def resolve_source(workspace, requested: str) -> str:
+def resolve_source(workspace: Workspace, requested: str) -> str:
     """The source actually used for ``requested`` (one of :data:`SOURCES`), checking it is available."""
     if requested not in SOURCES:
         raise StageInputError(f"embeddings source must be one of {SOURCES}, got {requested!r}")
@@ -283,7 +288,7 @@ def resolve_source(workspace, requested: str) -> str:
     return requested
 
 
-def _source_identity(workspace, source: str, *, device: str) -> tuple[dict, NormalizedModel | None]:
+def _source_identity(workspace: Workspace, source: str, *, device: str) -> tuple[dict, NormalizedModel | None]:
     """What the vectors depend on besides the image content (keys the per-image cache).
 
     Returns the identity and, when it had to be loaded to identify it (factory models), the model.
@@ -306,7 +311,7 @@ def _source_identity(workspace, source: str, *, device: str) -> tuple[dict, Norm
              "config": entry.get("config")}, model)
 
 
-def _file_sha256(path) -> str:
+def _file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -359,7 +364,7 @@ def _last_linear_input(model: NormalizedModel, linears: dict[str, nn.Linear]) ->
     def extract(images: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
 
-        def hook(_module, args):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             captured[:] = [args[0]]
 
         handles = [m.register_forward_pre_hook(hook) for m in linears.values()]
@@ -414,6 +419,7 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     pixel_missing = set(first.index[need_pixels])
     vector_missing = set(first.index[need_vectors])
     def vectors_of(chosen: list[np.ndarray]) -> np.ndarray:
+        assert extract is not None  # only submitted with a model
         with torch.no_grad():  # grad mode is per thread
             return extract(chosen).detach().cpu().numpy().astype(np.float32, copy=False)
 
@@ -437,7 +443,7 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
                 chosen = [pixels[i] for i in np.flatnonzero(wanted)]
                 pixel_cache.add(pd.DataFrame({"content_hash": batch_hashes[wanted],
                                               **_describe_rows(chosen, context.device)}))
-            if vectors is not None:
+            if vectors is not None and model_cache is not None:
                 model_cache.add(pd.DataFrame({"content_hash": vector_hashes,
                                               "vector": [row.tobytes() for row in vectors.result()]}))
     keep = set(hashes)
@@ -445,6 +451,12 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     if model_cache is not None:
         model_cache.compact(keep_hashes=keep)
     return int(decoded)
+
+
+def _stack_found(cache: HashCache, columns: dict[str, type], hashes: np.ndarray,
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`_stack_blobs` with ``allow_missing``: ``(arrays, found)``."""
+    return cast(tuple[dict[str, np.ndarray], np.ndarray], _stack_blobs(cache, columns, hashes, allow_missing=True))
 
 
 def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray, *, allow_missing: bool = False,
@@ -459,7 +471,7 @@ def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray,
     images in the pandas round trip); the rows for ``hashes`` are located once for all columns.
     """
     if len(hashes) == 0:
-        empty = {column: np.zeros((0, 1), dtype=dtype) for column, dtype in columns.items()}
+        empty: dict[str, np.ndarray] = {column: np.zeros((0, 1), dtype=dtype) for column, dtype in columns.items()}
         return (empty, np.zeros(0, dtype=bool)) if allow_missing else empty
     table = cache.load_table(["content_hash", *columns])
     if table is None and allow_missing and not cache.hashes().size:
@@ -509,7 +521,9 @@ def load_embeddings(context: StageContext) -> tuple[np.ndarray, str]:
     """
     from robustlens.analysis.artifacts import read_embeddings
 
-    matrix = read_embeddings(context.workspace, imported=False, required=True).matrix
+    embeddings = read_embeddings(context.workspace, imported=False, required=True)
+    assert embeddings is not None  # required=True raises instead
+    matrix = embeddings.matrix
     return matrix, fingerprint(matrix)
 
 

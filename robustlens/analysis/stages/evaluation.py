@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy import stats
 from sklearn.feature_selection import mutual_info_classif
 from sklearn.metrics import precision_recall_fscore_support
@@ -52,6 +55,7 @@ from robustlens.analysis.stages.base import (
     record_artifact,
     write_artifact,
 )
+from robustlens.analysis.workspace import Workspace
 
 STAGE = "evaluation"
 # A probability of exactly 0 for the given label would make its log-loss infinite.
@@ -111,7 +115,7 @@ class Config:
 
 # -- statistics shared with other stages ---------------------------------------------------------------
 
-def wilson_interval(successes, totals, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+def wilson_interval(successes: ArrayLike, totals: ArrayLike, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval of a binomial proportion, vectorised.
 
     Parameters
@@ -149,7 +153,7 @@ def stored_summary(context: StageContext, name: str) -> dict | None:
     return artifact_entry(context.workspace, name).get("summary")
 
 
-def aligned_metrics(workspace) -> pd.DataFrame | None:
+def aligned_metrics(workspace: Workspace) -> pd.DataFrame | None:
     """``artifacts/metrics.parquet`` reindexed to ``workspace.samples`` order (float columns only).
 
     Returns ``None`` when the metrics stage has not run. Samples missing from the table get ``NaN``.
@@ -165,7 +169,7 @@ def aligned_metrics(workspace) -> pd.DataFrame | None:
     return table.reindex(workspace.samples["id"]).reset_index(drop=True)
 
 
-def json_safe(value):
+def json_safe(value: Any) -> Any:
     """``value`` with numpy scalars turned into Python ones and NaN / inf into ``None`` (strict JSON)."""
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
@@ -379,13 +383,13 @@ def metric_curves(metrics: pd.DataFrame, correct: np.ndarray, confidence: np.nda
     return pd.concat(frames, ignore_index=True)
 
 
-def _empty(columns) -> pd.DataFrame:
+def _empty(columns: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=str if c == "metric" else float) for c in columns})
 
 
 # -- one prediction set -----------------------------------------------------------------------------------
 
-def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], *, top_k=(1, 3, 5),
+def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], *, top_k: Iterable[int] = (1, 3, 5),
              calibration_bins: int = 15) -> tuple[dict, pd.DataFrame]:
     """Aggregate evaluation of one prediction set.
 

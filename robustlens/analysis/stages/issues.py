@@ -7,6 +7,9 @@ Outputs:
 * ``artifacts/issues.parquet`` — the same long table, all stages, sorted by sample order then severity;
 * ``artifacts/issue_matrix.parquet`` — one row per sample (samples order): ``id``, then for each issue
   type ``<issue>`` (severity, 0 where not flagged), plus ``issue_count`` and ``max_severity``.
+
+Per-sample part and reduction: none per sample; a gather of the flag tables into samples order (a whole-dataset
+reduction, cheap).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from robustlens.analysis.stages.base import (
     write_artifact,
 )
 from robustlens.analysis.stages.evaluation import json_safe, stored_summary
+from robustlens.analysis.workspace import Workspace
 
 STAGE = "label_issues"
 ISSUE = "label_issue"
@@ -114,7 +115,7 @@ class Config:
             raise config_error(STAGE, "prediction_set", "a prediction-set name or None", self.prediction_set)
 
 
-def load_embeddings(workspace) -> tuple[np.ndarray | None, str | None]:
+def load_embeddings(workspace: Workspace) -> tuple[np.ndarray | None, str | None]:
     """The embeddings stage's ``artifacts/embeddings.npy``, else the imported embeddings.
 
     Returns

@@ -105,7 +105,8 @@ def _run(context: StageContext, config: Config) -> dict:
     if is_current(context, "outliers", config=config, inputs=inputs) and \
             is_current(context, "flags_outliers", config=config, inputs=inputs):
         table = read_artifact(workspace, "outliers")
-        return {"skipped": True, "outliers": int(table["is_outlier"].sum()), "samples": len(samples)}
+        if table is not None:
+            return {"skipped": True, "outliers": int(table["is_outlier"].sum()), "samples": len(samples)}
 
     # Samples without an image (their file was refused) are scored by nobody: NaN scores, never flagged.
     n = int(kept.sum())
@@ -142,7 +143,7 @@ def _run(context: StageContext, config: Config) -> dict:
             "visual": int((flagged & (z_visual > z_semantic)).sum())}
 
 
-def _scatter(values: np.ndarray, kept: np.ndarray, *, fill=np.nan) -> np.ndarray:
+def _scatter(values: np.ndarray, kept: np.ndarray, *, fill: float = np.nan) -> np.ndarray:
     """``(N,)`` array holding ``values`` (one per kept sample) at the ``kept`` positions, ``fill`` elsewhere."""
     out = np.full(len(kept), fill, dtype=np.float64 if fill is np.nan else np.asarray(values).dtype)
     out[kept] = values
@@ -191,7 +192,8 @@ class PrecomputedNeighbors:
         self.distances = distances
         self.n_neighbors = indices.shape[1]
 
-    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):  # noqa: N803 (sklearn's name)
+    def kneighbors(self, X: np.ndarray | None = None, n_neighbors: int | None = None,  # noqa: N803 (sklearn's name)
+                   return_distance: bool = True) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
         if X is not None and len(X) != len(self.indices):
             raise StageInputError(f"the precomputed graph covers {len(self.indices)} samples, got {len(X)} queries")
         k = self.n_neighbors if n_neighbors is None else n_neighbors

@@ -58,9 +58,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from sklearn.cluster import KMeans
 
 from robustlens.analysis import artifacts, storage
@@ -87,6 +89,7 @@ from robustlens.analysis.stages.evaluation import (
 )
 from robustlens.analysis.stages.issues import ANALYSIS_FLAGS, collect_flags
 from robustlens.analysis.stages.label_issues import load_embeddings
+from robustlens.analysis.workspace import Workspace
 
 STAGE = "slices"
 MASKS_NAME = "slice_predicate_masks"
@@ -165,8 +168,8 @@ class Config:
 
 # -- base predicates -------------------------------------------------------------------------------------
 
-def _predicate(feature: str, kind: str, description: str, mask: np.ndarray, *, value=None, lower=np.nan,
-               upper=np.nan) -> tuple[dict, np.ndarray]:
+def _predicate(feature: str, kind: str, description: str, mask: np.ndarray, *, value: Any = None,
+               lower: float = np.nan, upper: float = np.nan) -> tuple[dict, np.ndarray]:
     row = {"feature": feature, "kind": kind, "value": None if value is None else str(value),
            "lower": float(lower), "upper": float(upper), "description": description}
     return row, mask
@@ -280,10 +283,10 @@ def build_predicates(context: StageContext, config: Config) -> tuple[pd.DataFram
                    for name, mask in issues.items()]
 
     # A predicate that selects nothing or everything is no slice.
-    kept = [(row, mask) for row, mask in predicates if 0 < mask.sum() < n]
-    table = pd.DataFrame([row for row, _ in kept], columns=list(PREDICATE_COLUMNS[1:-1]))
-    masks = np.array([mask for _, mask in kept], dtype=bool).reshape(len(kept), n)
-    table.insert(0, "predicate_id", np.arange(len(kept)))
+    chosen = [(row, mask) for row, mask in predicates if 0 < mask.sum() < n]
+    table = pd.DataFrame([row for row, _ in chosen], columns=list(PREDICATE_COLUMNS[1:-1]))
+    masks = np.array([mask for _, mask in chosen], dtype=bool).reshape(len(chosen), n)
+    table.insert(0, "predicate_id", np.arange(len(chosen)))
     table["size"] = masks.sum(axis=1)
     return table, masks, {"notes": notes, "clusters": clusters, "issues": issues}
 
@@ -354,7 +357,8 @@ def count_conjunctions(bits: np.ndarray, candidates: np.ndarray, targets: np.nda
 
 # -- SliceLine -----------------------------------------------------------------------------------------------
 
-def sliceline_score(sizes, errors, num_samples: int, mean_error: float, alpha: float) -> np.ndarray:
+def sliceline_score(sizes: ArrayLike, errors: ArrayLike, num_samples: int, mean_error: float,
+                    alpha: float) -> np.ndarray:
     """SliceLine score of slices with ``sizes`` members and ``errors`` errors (arrays); -inf for empty."""
     sizes = np.asarray(sizes, dtype=float)
     errors = np.asarray(errors, dtype=float)
@@ -363,8 +367,8 @@ def sliceline_score(sizes, errors, num_samples: int, mean_error: float, alpha: f
     return np.where(sizes > 0, score, -np.inf)
 
 
-def score_upper_bound(size_bound, error_bound, num_samples: int, mean_error: float, min_support: int,
-                      alpha: float) -> np.ndarray:
+def score_upper_bound(size_bound: ArrayLike, error_bound: ArrayLike, num_samples: int, mean_error: float,
+                      min_support: int, alpha: float) -> np.ndarray:
     """Highest score any slice with at most ``size_bound`` members and ``error_bound`` errors can reach.
 
     With 0/1 errors a slice of size ``s`` has at most ``min(s, error_bound)`` errors; the score is
@@ -473,10 +477,10 @@ def search_slices(bits: np.ndarray, features: np.ndarray, searchable: np.ndarray
         return empty
     mean_error = total_errors / num_samples
 
-    def score(sizes, errors):
+    def score(sizes: np.ndarray, errors: np.ndarray) -> np.ndarray:
         return sliceline_score(sizes, errors, num_samples, mean_error, alpha)
 
-    def bound(sizes, errors):
+    def bound(sizes: np.ndarray, errors: np.ndarray) -> np.ndarray:
         return score_upper_bound(sizes, errors, num_samples, mean_error, min_support, alpha)
 
     sizes, hits = count_conjunctions(bits, np.arange(num_predicates)[:, None], error_bits[None, :])
@@ -618,7 +622,7 @@ def _dominated(ids: tuple[int, ...], score: float, score_of: dict[tuple[int, ...
 
 # -- membership for the dashboard ---------------------------------------------------------------------------
 
-def slice_mask(workspace, slice_row) -> np.ndarray:
+def slice_mask(workspace: Workspace, slice_row: str | Mapping | pd.Series) -> np.ndarray:
     """Boolean ``(N,)`` membership of a slice, in ``workspace.samples`` order.
 
     Parameters
@@ -650,7 +654,7 @@ def slice_mask(workspace, slice_row) -> np.ndarray:
         raise StageInputError(str(exc)) from exc
 
 
-def slice_members(workspace, slice_row) -> list[str]:
+def slice_members(workspace: Workspace, slice_row: str | Mapping | pd.Series) -> list[str]:
     """Sample ids of a slice (see :func:`slice_mask`)."""
     return workspace.samples["id"][slice_mask(workspace, slice_row)].tolist()
 
