@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 
 from robustlens import cli
-from robustlens.query import export, loader, safety, thumbnails
+from robustlens.analysis import loader, safety, thumbnails
 from robustlens.analysis.images import FileRefused, read_verified_bytes
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import ValidationError
+from robustlens.query import export
+from robustlens.query.sample_table import load_sample_table
 from tests.conftest import tree_digest, write_image
 
 SECRET_PNG_SEED = 99
