@@ -41,14 +41,18 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn import grad as nn_grad
 
 from robustlens.errors import ValidationError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from ._common import check_images, check_int, check_labels, check_norm, check_positive, eval_mode, model_device
 
@@ -196,8 +200,8 @@ class LinearLayer(AffineLayer):
 class Conv2dLayer(AffineLayer):
     """2-D convolution with zero padding; input ``(B, C, H, W)``."""
 
-    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
-                 groups: int):
+    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any,
+                 dilation: Any, groups: int):
         super().__init__(name)
         self.weight = weight.detach().clone()
         self.bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None \
@@ -221,7 +225,7 @@ class Conv2dLayer(AffineLayer):
         return self._conv(x, self.weight.square())
 
     def backward(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.nn.grad.conv2d_input((a.shape[0], *self.in_shape), self.weight, a, self.stride, self.padding,
+        return nn_grad.conv2d_input((a.shape[0], *self.in_shape), self.weight, a, self.stride, self.padding,
                                           self.dilation, self.groups)
 
 
@@ -316,14 +320,14 @@ class MaxPool2dLayer(Layer):
 
     kind = "maxpool"
 
-    def __init__(self, name: str, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    def __init__(self, name: str, kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool):
         super().__init__(name)
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation, self.ceil_mode = tuple(padding), tuple(dilation), bool(ceil_mode)
 
-    def _pool(self, x, return_indices=False):
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
-                            return_indices)
+    def _pool(self, x: torch.Tensor, return_indices: bool = False) -> Any:
+        pool: Any = F.max_pool2d          # torch's stubs do not cover tuple sizes with return_indices
+        return pool(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._pool(x)
@@ -370,7 +374,7 @@ _SKIPPED = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "F
 _CONTAINERS = {"Sequential"}
 
 
-def _walk(module: nn.Module, name: str, out: list[tuple[str, nn.Module]]) -> None:
+def _walk(module: Any, name: str, out: list[tuple[str, nn.Module]]) -> None:
     """Append ``(qualified name, leaf module)`` in execution order (children in registration order)."""
     tname = _type_name(module)
     if tname == "NormalizedModel" and hasattr(module, "model") and hasattr(module, "mean"):
@@ -388,7 +392,7 @@ def _walk(module: nn.Module, name: str, out: list[tuple[str, nn.Module]]) -> Non
         _walk(child, f"{name}.{child_name}" if name else child_name, out)
 
 
-def _convert(name: str, module: nn.Module, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
+def _convert(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     """Layers for one leaf module (empty for no-ops); may fold into ``previous[-1]`` in place."""
     tname = _type_name(module)
     if tname == "NormalizedModel":
@@ -411,12 +415,12 @@ def _convert(name: str, module: nn.Module, in_shape: tuple[int, ...], previous: 
     return handler(name, module, in_shape, previous)
 
 
-def _linear_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _linear_handler(name: str, module: Any, in_shape: tuple[int, ...],
                     previous: list[Layer]) -> list[Layer]:
     return [LinearLayer(name, module.weight.float(), _tensor_attr(module, "bias"))]
 
 
-def _conv_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _conv_handler(name: str, module: Any, in_shape: tuple[int, ...],
                   previous: list[Layer]) -> list[Layer]:
     mode = getattr(module, "padding_mode", "zeros")
     if mode != "zeros":
@@ -435,7 +439,7 @@ def _conv_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
                         _pair(padding), _pair(module.dilation), int(module.groups))]
 
 
-def _batchnorm_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _batchnorm_handler(name: str, module: Any, in_shape: tuple[int, ...],
                        previous: list[Layer]) -> list[Layer]:
     mean, var = _tensor_attr(module, "running_mean"), _tensor_attr(module, "running_var")
     if mean is None or var is None:
@@ -462,7 +466,7 @@ def fold_batchnorm(layer: Conv2dLayer | LinearLayer, scale: torch.Tensor, shift:
     layer.bias = layer.bias * scale.to(layer.bias) + shift.to(layer.bias)
 
 
-def _flatten_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _flatten_handler(name: str, module: Any, in_shape: tuple[int, ...],
                      previous: list[Layer]) -> list[Layer]:
     start, end = int(getattr(module, "start_dim", 1)), int(getattr(module, "end_dim", -1))
     full = (1, *in_shape)
@@ -470,12 +474,12 @@ def _flatten_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
     return [ReshapeLayer(name, tuple(out))]
 
 
-def _relu_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _relu_handler(name: str, module: Any, in_shape: tuple[int, ...],
                   previous: list[Layer]) -> list[Layer]:
     return [ReLULayer(name)]
 
 
-def _maxpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _maxpool_handler(name: str, module: Any, in_shape: tuple[int, ...],
                      previous: list[Layer]) -> list[Layer]:
     if bool(getattr(module, "return_indices", False)):
         raise UnsupportedModelError(f"layer '{name}' (MaxPool2d) returns indices")
@@ -485,7 +489,7 @@ def _maxpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
     return [MaxPool2dLayer(name, k, s, _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))]
 
 
-def _avgpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...],
                      previous: list[Layer]) -> list[Layer]:
     k = _pair(module.kernel_size)
     s = k if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0) \
@@ -499,7 +503,7 @@ def _avgpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
     return [PoolLinearLayer(name, fn)]
 
 
-def _adaptive_avgpool_handler(name: str, module: nn.Module, in_shape: tuple[int, ...],
+def _adaptive_avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...],
                               previous: list[Layer]) -> list[Layer]:
     size = module.output_size
 
@@ -703,13 +707,21 @@ def _relu_relaxation(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _backward_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int,
-                    a: torch.Tensor, x: torch.Tensor, eps: float, norm: str, start: int = 0,
-                    alphas: dict[int, torch.Tensor] | None = None,
-                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Lower bound ``(B, S)`` of ``a · h_end(x')`` over the threat set, ``h_end`` the output of ``layers[:end]``.
+                    a: torch.Tensor, x: torch.Tensor, eps: float, norm: str,
+                    alphas: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Lower bound ``(B, S)`` of ``a · h_end(x')`` over the threat set, ``h_end`` the output of ``layers[:end]``:
+    :func:`_backward_pass` down to the input, concretized over the threat set."""
+    coefficients, bias = _backward_pass(layers, bounds, end, a, 0, alphas)
+    return _concretize(coefficients, x, eps, norm) + bias
 
-    ``a`` is ``(B, S, *layers[end-1].out_shape)``; ``bounds[i]`` bounds the input of layer ``i``. With
-    ``start > 0`` the propagation stops at the input of layer ``start`` and returns ``(coefficients, bias)``.
+
+def _backward_pass(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int,
+                   a: torch.Tensor, start: int, alphas: dict[int, torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward linear bound of ``a · h_end`` (``h_end`` the output of ``layers[:end]``) in terms of the input of
+    layer ``start``: ``(coefficients, bias)`` with ``a · h_end >= coefficients · h_start + bias``.
+
+    ``a`` is ``(B, S, *layers[end-1].out_shape)``; ``bounds[i]`` bounds the input of layer ``i``.
     ``alphas[i]`` (``(B, S, *shape)``, clamped to ``[0, 1]``) replaces the lower slopes of the unstable
     neurons of ReLU ``i`` (α-CROWN; any slope in ``[0, 1]`` is a valid lower bound of a ReLU).
     """
@@ -730,7 +742,7 @@ def _backward_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.
             pos, neg = a.clamp_min(0), a.clamp_max(0)
             bias = bias + (neg * up_icpt.unsqueeze(1)).flatten(2).sum(2)
             a = pos * low_slope + neg * up_slope.unsqueeze(1)
-        elif layer.kind == "maxpool":
+        elif isinstance(layer, MaxPool2dLayer):
             lo, hi = bounds[i]
             idx, dominated, umax = layer.relaxation(lo, hi)
             pos, neg = a.clamp_min(0), a.clamp_max(0)
@@ -743,16 +755,15 @@ def _backward_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.
             a = out.view(batch, spec, c, h, w)
         else:  # pragma: no cover - extract_layers only builds the kinds above
             raise UnsupportedModelError(f"layer '{layer.name}' cannot be bounded")
-    if start > 0:
-        return a, bias
-    return _concretize(a, x, eps, norm) + bias
+    return a, bias
 
 
 def _max_width(layers: list[Layer], end: int) -> int:
     return max([math.prod(layer.in_shape) for layer in layers[:end]] + [math.prod(layers[end - 1].out_shape)])
 
 
-def _chunked_lower(layers, bounds, end, a, x, eps, norm) -> torch.Tensor:
+def _chunked_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int, a: torch.Tensor,
+                   x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """:func:`_backward_lower` over chunks of the specification dimension (memory cap)."""
     batch, spec = a.shape[:2]
     per = max(1, _MAX_COEFF_FLOATS // max(1, batch * _max_width(layers, end)))
@@ -818,7 +829,8 @@ def _exact_by_ibp(layers: list[Layer], end: int) -> bool:
     return sum(not layer.diagonal for layer in layers[:end]) <= 1
 
 
-def _crown_refine(layers, bounds, end, x, eps, norm, budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _crown_refine(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int, x: torch.Tensor,
+                  eps: float, norm: str, budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tighten ``bounds[end]`` (input of a ReLU) with backward CROWN on the neurons IBP leaves unstable.
 
     With ``budget`` (coefficient floats per sample), a layer whose refinement would move more than that
@@ -962,14 +974,14 @@ def _ibp_spec_lower(layers: list[Layer], x: torch.Tensor, eps: float, norm: str,
         start -= 1
     if start == 0:  # a purely affine model: exact backward bound
         return _backward_lower(layers, bounds, len(layers), c, x, eps, norm)
-    a, bias = _backward_lower(layers, bounds, len(layers), c, x, eps, norm, start=start)
+    a, bias = _backward_pass(layers, bounds, len(layers), c, start)
     lo, hi = bounds[start]
     center, radius = ((lo + hi) / 2).flatten(1).unsqueeze(2), ((hi - lo) / 2).flatten(1).unsqueeze(2)
     a = a.flatten(2)
     return torch.bmm(a, center).squeeze(2) - torch.bmm(a.abs(), radius).squeeze(2) + bias
 
 
-def _to_layers(model_or_layers, images: torch.Tensor) -> list[Layer]:
+def _to_layers(model_or_layers: nn.Module | list[Layer], images: torch.Tensor) -> list[Layer]:
     if isinstance(model_or_layers, list):
         if not all(isinstance(layer, Layer) for layer in model_or_layers):
             raise ValidationError("model_or_layers must be an nn.Module or a list of Layer from extract_layers")
@@ -984,7 +996,7 @@ def _check_method(method: object, allowed: tuple[str, ...]) -> str:
 
 
 @torch.no_grad()
-def margin_lower_bounds(model_or_layers: nn.Module | list[Layer], images: torch.Tensor, labels,
+def margin_lower_bounds(model_or_layers: nn.Module | list[Layer], images: torch.Tensor, labels: Any,
                         eps: float, *, method: str = "crown", norm: str = "linf", batch_size: int = 64,
                         dtype: torch.dtype | None = None, alpha_steps: int = 20,
                         refine_budget: float | None = None) -> np.ndarray:
@@ -1086,7 +1098,7 @@ class VerificationResult:
     margin_lower: dict[str, np.ndarray] = field(default_factory=dict)
     norm: str = "linf"
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """Long table: one row per (method, ε) with ``method, norm, eps, verified_accuracy, n_verified, n,
         clean_accuracy, seconds`` (seconds: the method's time for that ε)."""
         import pandas as pd
@@ -1107,7 +1119,7 @@ class VerificationResult:
     seconds_per_eps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def verify(model: nn.Module, images: torch.Tensor, labels, eps_grid, *, method: str = "crown",
+def verify(model: nn.Module, images: torch.Tensor, labels: Any, eps_grid: Any, *, method: str = "crown",
            norm: str = "linf", batch_size: int = 64, dtype: torch.dtype | None = None,
            refine_budget: float | None = DEFAULT_REFINE_BUDGET) -> VerificationResult:
     """Verified robustness of every sample at every ε of ``eps_grid`` (IBP and/or CROWN).
@@ -1163,7 +1175,11 @@ def verify(model: nn.Module, images: torch.Tensor, labels, eps_grid, *, method: 
         clean = torch.cat([model(images[s:s + batch_size].to(device)).argmax(1)
                            for s in range(0, images.shape[0], batch_size)])
     correct = (clean == y).cpu().numpy()
-    verified, accuracy, seconds, per_eps, margins = {}, {}, {}, {}, {}
+    verified: dict[str, Any] = {}
+    accuracy: dict[str, Any] = {}
+    seconds: dict[str, Any] = {}
+    per_eps: dict[str, Any] = {}
+    margins: dict[str, Any] = {}
     x_all = images.to(dtype)
     order = np.argsort(eps_arr, kind="stable")
     for m in methods:
