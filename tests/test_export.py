@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 
 from robustlens import cli
-from robustlens.query import export
-from robustlens.query.filters import FilterSpec, filter_ids, to_query_params
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.workspace import Workspace
 from robustlens.commands import export as export_command
 from robustlens.errors import ValidationError, WorkspaceError
+from robustlens.query import export
+from robustlens.query.filters import FilterSpec, filter_ids, to_query_params
+from robustlens.query.sample_table import load_sample_table
 from tests.conftest import SAMPLE_DATA
 
 

@@ -10,11 +10,19 @@ import pytest
 
 from robustlens.analysis import storage
 from robustlens.analysis.curation import CurationStore
-from robustlens.query.filters import (FilterError, FilterSpec, apply_filter, filter_ids, filter_positions,
-                                         from_query_params, prune_spec, region_mask, to_query_params)
-from robustlens.query.sample_table import (display_name, issue_types, load_sample_table, numeric_columns,
-                                              prediction_sets)
 from robustlens.analysis.workspace import Workspace
+from robustlens.query.filters import (
+    FilterError,
+    FilterSpec,
+    apply_filter,
+    filter_ids,
+    filter_positions,
+    from_query_params,
+    prune_spec,
+    region_mask,
+    to_query_params,
+)
+from robustlens.query.sample_table import display_name, issue_types, load_sample_table, numeric_columns, prediction_sets
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +129,26 @@ def test_sorting_by_a_metric_with_missing_values_last(table):
     assert (np.diff(with_missing["score"].to_numpy()[ordered[:1000]]) > 0).all()
 
 
+def _between_points(values: np.ndarray, fraction: float) -> float:
+    """A coordinate between two neighbouring map points near ``fraction`` of their range (on no point)."""
+    unique = np.unique(values[np.isfinite(values)])
+    i = int(fraction * (len(unique) - 2))
+    return float(unique[i] + unique[i + 1]) / 2
+
+
 def test_region_is_a_polygon_on_the_map(table):
+    # Shapes are placed where the map's points are: the projection's scale is its own.
     x, y = table["map.x"].to_numpy(), table["map.y"].to_numpy()
-    square = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
-    expected = (x > 0) & (x < 1) & (y > 0) & (y < 1)
+    (x0, x1), (y0, y1) = [(_between_points(v, 0.25), _between_points(v, 0.75)) for v in (x, y)]
+    square = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+    expected = (x > x0) & (x < x1) & (y > y0) & (y < y1)
     assert (region_mask(table, square) == expected).all() and expected.any()
-    triangle = [[-2.0, -2.0], [2.0, -2.0], [0.0, 2.0]]
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0)
+    triangle = [[cx - r, cy - r], [cx + r, cy - r], [cx, cy + r]]
     inside = region_mask(table, triangle)
     # A point is inside the triangle when it is above the base and below both slanted edges.
-    reference = (y > -2) & (y < 2 * x + 2) & (y < -2 * x + 2)
-    assert (inside == reference).all()
+    reference = (y > cy - r) & (y - cy < 2 * (x - cx) + r) & (y - cy < -2 * (x - cx) + r)
+    assert (inside == reference).all() and reference.any() and not reference.all()
 
 
 def test_tags_collections_and_review_states_read_the_curation_store(table, store):

@@ -259,8 +259,15 @@ def _satisfies(table: pd.DataFrame, predicate: pd.Series, clusters: pd.Series) -
 
 
 def test_a_slice_filter_keeps_exactly_the_slice_members(planted):
-    from robustlens.query.filters import (FilterError, FilterSpec, apply_filter, filter_ids, from_query_params,
-                                             prune_spec, to_query_params)
+    from robustlens.query.filters import (
+        FilterError,
+        FilterSpec,
+        apply_filter,
+        filter_ids,
+        from_query_params,
+        prune_spec,
+        to_query_params,
+    )
     from robustlens.query.sample_table import load_sample_table
     from robustlens.query.slices import load_slice_membership
 
