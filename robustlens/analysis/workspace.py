@@ -18,6 +18,7 @@ Artifacts are immutable and written atomically; the curation database is the onl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST_NAME = "workspace.json"
 # Format version → function upgrading a manifest dict of that version to the next one.
-MANIFEST_UPGRADES: dict[int, object] = {}
+MANIFEST_UPGRADES: dict[int, Callable[[dict], dict]] = {}
 
 
 def upgrade_manifest(manifest: dict, *, source: Path) -> dict:
@@ -49,7 +50,7 @@ def upgrade_manifest(manifest: dict, *, source: Path) -> dict:
             f"({FORMAT_VERSION}); upgrade robustlens"
         )
     while version < FORMAT_VERSION:
-        manifest = MANIFEST_UPGRADES[version](manifest)  # type: ignore[operator]
+        manifest = MANIFEST_UPGRADES[version](manifest)
         version = manifest["format_version"]
     return manifest
 
