@@ -62,11 +62,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Handler of ``robustlens export``; returns the exit status (errors are raised for the CLI to map)."""
+    from robustlens.analysis.safety import check_output_location, workspace_inputs
+    from robustlens.analysis.workspace import Workspace
     from robustlens.query import export
     from robustlens.query.filters import FilterError
-    from robustlens.analysis.safety import check_output_location, workspace_inputs
     from robustlens.query.sample_table import load_sample_table
-    from robustlens.analysis.workspace import Workspace
+    from robustlens.query.slices import load_slice_membership
 
     workspace = Workspace(args.workspace)
     fmt = args.format or export.format_from_suffix(args.out)
@@ -84,7 +85,8 @@ def run(args) -> int:
             return EXIT_OK
         spec = export.resolve_filter(_read_filter(args.filter_json), args.query)
         try:
-            positions = export.select_positions(table, store, spec=spec, collections=args.collection, tags=args.tag)
+            positions = export.select_positions(table, store, spec=spec, collections=args.collection, tags=args.tag,
+                                                slices=load_slice_membership(workspace))
         except FilterError as exc:
             raise ValidationError(str(exc)) from exc
         if fmt == "imagefolder":
