@@ -221,7 +221,7 @@ def test_review_a_label_issue_with_the_keyboard(page, server, workspace):
     wait_text(page, f"Saved: {first} kept the label.")
     latest = {d["sample_id"]: d for d in store.decisions()}
     store.close()
-    assert latest[first]["action"] == "keep" and latest[first]["reviewer"] == "keyboard-reviewer"
+    assert latest[first]["action"] == "keep" and latest[first]["created_by"] == "keyboard-reviewer"
     no_exceptions(page)
 
 

@@ -356,7 +356,7 @@ def test_review_asks_the_name_once_and_records_decisions(app, analysed_workspace
     app.button(key="review.relabel").click().run()
     store = Workspace(analysed_workspace).curation()
     decisions = {d["sample_id"]: d for d in store.decisions()}
-    assert decisions[first]["action"] == "keep" and decisions[first]["reviewer"] == "rita"
+    assert decisions[first]["action"] == "keep" and decisions[first]["created_by"] == "rita"
     assert (decisions[second]["action"], decisions[second]["new_label"], decisions[second]["note"]) == (
         "relabel",
         suggested,
@@ -369,7 +369,7 @@ def test_review_asks_the_name_once_and_records_decisions(app, analysed_workspace
 def test_review_shows_what_others_decided(app, analysed_workspace, table):
     queue = table[table["label_issue.is_label_issue"]].sort_values("label_issue.rank")["id"].tolist()
     store = Workspace(analysed_workspace).curation()
-    store.record_decision(queue[0], "ambiguous", reviewer="bob", note="hard to tell")
+    store.record_decision(queue[0], "ambiguous", user="bob", note="hard to tell")
     store.close()
     set_user(app, "ann")
     goto(app, "review")
@@ -434,7 +434,7 @@ def test_create_saved_filter_and_static_collections(app, analysed_workspace, tab
     app.multiselect(key="flt.issues").set_value(["dark"]).run()
     app.text_input(key="coll.new.name").set_value("dark coats")
     app.text_input(key="coll.new.description").set_value("too dark to judge")
-    app.radio(key="coll.new.kind").set_value("saved")
+    app.radio(key="coll.new.kind").set_value("saved filter")
     app.form_submit_button[0].click().run()
     assert_clean(app)
     app.text_input(key="coll.new.name").set_value("dark coats, frozen")
@@ -457,7 +457,7 @@ def test_create_saved_filter_and_static_collections(app, analysed_workspace, tab
 # -- export ---------------------------------------------------------------------------------------------------------
 def test_export_saves_files_on_the_server(app, analysed_workspace, table):
     store = Workspace(analysed_workspace).curation()
-    store.record_decision(table["id"][5], "relabel", reviewer="bob", new_label="bag")
+    store.record_decision(table["id"][5], "relabel", user="bob", new_label="bag")
     store.close()
     goto(app, "export")
     app.multiselect(key="flt.labels").set_value(["trouser"]).run()

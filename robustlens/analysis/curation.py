@@ -719,15 +719,13 @@ class CurationStore:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(select(collections.c.name).order_by(collections.c.name))]
 
-    def record_decision(self, sample_id: str, action: str, *, user: str | None = None, new_label: str | None = None,
-                        note: str = "", reviewer: str | None = None) -> None:
+    def record_decision(self, sample_id: str, action: str, *, user: str, new_label: str | None = None,
+                        note: str = "") -> None:
         """Append a review decision (``relabel`` needs ``new_label``), attributed to ``user`` (``created_by``).
 
         Unlike the other writers, ``user`` is stored exactly as given: one with surrounding spaces is refused
         rather than stripped (a decision's attribution is never altered).
         """
-        if user is None:  # TRANSITIONAL(issue 11): the dashboard still says reviewer=; removed once it moves
-            user = reviewer
         if action not in REVIEW_ACTIONS:
             raise CurationInputError(f"action must be one of {REVIEW_ACTIONS}, got '{action}'")
         if action == "relabel" and not new_label:
@@ -755,8 +753,6 @@ class CurationStore:
         """
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(select(review_decisions).order_by(review_decisions.c.id))]
-        for row in rows:  # TRANSITIONAL(issue 11): the dashboard still reads "reviewer"; removed once it moves
-            row["reviewer"] = row["created_by"]
         if latest_only:
             latest = {r["sample_id"]: r for r in rows}
             rows = sorted(latest.values(), key=lambda r: r["id"])
@@ -796,8 +792,7 @@ class CurationStore:
                  .group_by(collections.c.id).order_by(collections.c.name))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        # TRANSITIONAL(issue 11): the dashboard still reads the count as "members"; removed once it moves
-        return [{**_collection_fields(r, int(r.size)), "members": int(r.size)} for r in rows]
+        return [_collection_fields(r, int(r.size)) for r in rows]
 
     def _collection_id(self, conn: Connection, name: str) -> int:
         found = conn.execute(select(collections.c.id).where(collections.c.name == name)).scalar()
@@ -866,7 +861,4 @@ class CurationStore:
         query = (select(review_decisions).where(review_decisions.c.sample_id == sample_id)
                  .order_by(review_decisions.c.id))
         with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
-        for row in rows:  # TRANSITIONAL(issue 11): the dashboard still reads "reviewer"; removed once it moves
-            row["reviewer"] = row["created_by"]
-        return rows
+            return [dict(r._mapping) for r in conn.execute(query)]

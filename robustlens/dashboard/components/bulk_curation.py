@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from robustlens.analysis.curation import SAVED_FILTER, STATIC
 from robustlens.dashboard import data, state
 from robustlens.dashboard.components.frame import done, require_user
 from robustlens.dashboard.components.markup import text
@@ -42,7 +43,7 @@ def bulk_actions(table: pd.DataFrame, positions: np.ndarray, spec: FilterSpec, *
         if remove.button("Remove tag", key=f"{key}.remove_tag", disabled=not count):
             tag_samples(ids(), tag, remove=True)
     with middle:
-        static = [c["name"] for c in store.collections_overview() if c["kind"] == "static"]
+        static = [c["name"] for c in store.collections_overview() if c["kind"] == STATIC]
         target = st.selectbox(
             "Collection",
             static,
@@ -90,13 +91,13 @@ def new_collection_form(spec: FilterSpec, *, ids: Callable[[], list[str]], count
     with st.form(key, clear_on_submit=True, border=False):
         name = st.text_input("New collection", placeholder="name", key=f"{key}.name")
         description = st.text_input("Description", key=f"{key}.description", placeholder="what and why (optional)")
-        kinds = ["static"] + (["saved"] if scope == "filter" else [])
+        kinds = [STATIC] + ([SAVED_FILTER] if scope == "filter" else [])
         kind = st.radio(
             "Kind",
             kinds,
             key=f"{key}.kind",
             horizontal=True,
-            format_func=lambda k: f"static list ({count:,})" if k == "static" else "saved filter (re-evaluates)",
+            format_func=lambda k: f"static list ({count:,})" if k == STATIC else "saved filter (re-evaluates)",
         )
         submitted = st.form_submit_button("Create collection", icon=":material/add:")
     if submitted:
@@ -106,7 +107,8 @@ def new_collection_form(spec: FilterSpec, *, ids: Callable[[], list[str]], count
 def create_collection(
     name: str, description: str, *, kind: str, ids: Callable[[], list[str]], spec: FilterSpec
 ) -> None:
-    """Create a saved-filter (``kind="saved"``) or static collection under the user's name, then rerun."""
+    """Create a collection of ``kind`` :data:`~robustlens.analysis.curation.SAVED_FILTER` (``spec``) or
+    :data:`~robustlens.analysis.curation.STATIC` (``ids()``) under the user's name, then rerun."""
     user = require_user()
     if not user:
         return
@@ -115,7 +117,7 @@ def create_collection(
         return
     store = data.curation()
     try:
-        if kind == "saved":
+        if kind == SAVED_FILTER:
             store.create_collection(
                 name,
                 user=user,
@@ -128,5 +130,5 @@ def create_collection(
     except (RobustlensError, ValueError) as exc:
         st.error(text(f"Not saved: {exc}"))
         return
-    what = " (saved filter)." if kind == "saved" else f" with {len(members):,} samples."
+    what = " (saved filter)." if kind == SAVED_FILTER else f" with {len(members):,} samples."
     done(f"Created collection '{name.strip()}'{what}")

@@ -54,7 +54,9 @@ def sample_detail(
     if history:
         st.markdown("**Review decisions**")
         st.dataframe(
-            pd.DataFrame(history)[["reviewer", "action", "new_label", "note", "created_at"]],
+            pd.DataFrame(history)[["created_by", "action", "new_label", "note", "created_at"]].rename(
+                columns={"created_by": "created by", "new_label": "new label", "created_at": "created at"}
+            ),
             hide_index=True,
             width="stretch",
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from robustlens.analysis.curation import SAVED_FILTER
 from robustlens.dashboard import data, state
 from robustlens.dashboard.components.bulk_curation import new_collection_form
 from robustlens.dashboard.components.filter_panel import filter_panel
@@ -74,8 +75,8 @@ def _collections(table: pd.DataFrame, store) -> None:
         return
     rows = []
     for entry in overview:
-        size = entry["members"]
-        if entry["kind"] == "saved filter":
+        size = entry["size"]
+        if entry["kind"] == SAVED_FILTER:
             try:
                 size = int(
                     apply_filter(
@@ -114,7 +115,7 @@ def _collections(table: pd.DataFrame, store) -> None:
                 st.session_state.pop("coll.confirm", None)
                 done(f"Deleted collection '{chosen}' (its samples are untouched).")
     entry = next(e for e in overview if e["name"] == chosen)
-    if entry["kind"] == "saved filter":
+    if entry["kind"] == SAVED_FILTER:
         st.caption(
             "Filter: " + (" · ".join(map(text, FilterSpec.from_dict(entry["filter"]).describe())) or "everything")
         )

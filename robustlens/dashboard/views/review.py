@@ -1,6 +1,6 @@
 """Label review: the samples most likely mislabelled, one at a time, with the model's view and neighbours.
 
-Every decision is appended to the curation database under the reviewer's name with the time; decisions
+Every decision is appended to the curation database under the user's name with the time; decisions
 by others show on each item, and by default items someone already decided leave the queue, so several
 reviewers can work one queue at once. Keys: A accept · K keep · M ambiguous · X exclude · L relabel ·
 S skip · B back.
@@ -40,15 +40,15 @@ def render() -> None:
     if not has_review_queue(table):
         analysis_missing("label-issue ranking")
         return
-    reviewer = _ask_reviewer()
-    if reviewer is None:
+    user = _ask_user()
+    if user is None:
         return
     latest = {d["sample_id"]: d for d in data.curation().decisions(latest_only=True)}
     queue = _queue_controls(table)
-    mine = sum(1 for d in latest.values() if d["reviewer"] == reviewer)
+    mine = sum(1 for d in latest.values() if d["created_by"] == user)
     st.caption(
         f"{len(queue):,} in this queue · {len(latest):,} samples decided by the team · "
-        f"{mine:,} by you ({text(reviewer)})"
+        f"{mine:,} by you ({text(user)})"
     )
     if len(queue) == 0:
         st.success("Nothing left in this queue. Switch **Show** to all samples, or show decided items to revisit them.")
@@ -56,12 +56,12 @@ def render() -> None:
     index = min(max(int(st.session_state.get(POSITION, 0)), 0), len(queue) - 1)
     st.session_state[POSITION] = index
     st.progress((index + 1) / len(queue), text=f"Item {index + 1:,} of {len(queue):,}")
-    _item(table, int(queue[index]), latest, reviewer, index)
+    _item(table, int(queue[index]), latest, user, index)
     _upcoming(table, queue[index + 1 : index + 11])
 
 
-def _ask_reviewer() -> str | None:
-    """The reviewer's name, asked once per browser session (Enter submits)."""
+def _ask_user() -> str | None:
+    """The user's name, asked once per browser session (Enter submits)."""
     if state.user():
         return state.user()
     with st.form("review.who"):
@@ -98,7 +98,7 @@ def _queue_controls(table: pd.DataFrame) -> np.ndarray:
     )
 
 
-def _item(table: pd.DataFrame, position: int, latest: dict, reviewer: str, index: int) -> None:
+def _item(table: pd.DataFrame, position: int, latest: dict, user: str, index: int) -> None:
     row = table.iloc[position]
     sample_id = row["id"]
     suggested = row.get("label_issue.suggested_label")
@@ -121,7 +121,7 @@ def _item(table: pd.DataFrame, position: int, latest: dict, reviewer: str, index
         with chart:
             _probabilities(table, position)
         _others(sample_id, latest)
-        _actions(table, sample_id, str(row["label"]), suggested, reviewer, index)
+        _actions(table, sample_id, str(row["label"]), suggested, user, index)
     with st.expander("Nearest neighbours", expanded=True):
         neighbours_block(table, position, key="review.nn", on_open=None)
 
@@ -153,7 +153,7 @@ def _others(sample_id: str, latest: dict) -> None:
         st.caption("No decision on this sample yet.")
         return
     lines = [
-        f"- **{text(d['reviewer'])}** {text(ACTION_NAMES.get(d['action'], d['action']))}"
+        f"- **{text(d['created_by'])}** {text(ACTION_NAMES.get(d['action'], d['action']))}"
         + (f" → {code(d['new_label'])}" if d["action"] == "relabel" else "")
         + f" · {pd.Timestamp(d['created_at']).strftime('%Y-%m-%d %H:%M')}"
         + (f" · _{text(d['note'])}_" if d["note"] else "")
@@ -162,7 +162,7 @@ def _others(sample_id: str, latest: dict) -> None:
     st.markdown("**Decisions so far** (latest counts)\n" + "\n".join(lines))
 
 
-def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | None, reviewer: str, index: int) -> None:
+def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | None, user: str, index: int) -> None:
     hide = bool(st.session_state.get(HIDE_DECIDED, True))
     st.text_input("Note (optional)", key=NOTE, placeholder="why — saved with the decision")
     row1 = st.columns(6)
@@ -173,40 +173,40 @@ def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | N
         shortcut="A",
         disabled=not suggested or suggested == given,
         on_click=_decide,
-        args=(sample_id, "relabel", suggested, reviewer, hide),
+        args=(sample_id, "relabel", suggested, user, hide),
     )
     row1[1].button(
-        "Keep label", key="review.keep", shortcut="K", on_click=_decide, args=(sample_id, "keep", None, reviewer, hide)
+        "Keep label", key="review.keep", shortcut="K", on_click=_decide, args=(sample_id, "keep", None, user, hide)
     )
     row1[2].button(
         "Ambiguous",
         key="review.ambiguous",
         shortcut="M",
         on_click=_decide,
-        args=(sample_id, "ambiguous", None, reviewer, hide),
+        args=(sample_id, "ambiguous", None, user, hide),
     )
     row1[3].button(
         "Exclude",
         key="review.exclude",
         shortcut="X",
         on_click=_decide,
-        args=(sample_id, "exclude", None, reviewer, hide),
+        args=(sample_id, "exclude", None, user, hide),
     )
     row1[4].button("Skip", key="review.skip", shortcut="S", on_click=_move, args=(index + 1,))
     row1[5].button("Back", key="review.back", shortcut="B", on_click=_move, args=(index - 1,), disabled=index == 0)
     others = [c for c in table["label"].cat.categories if c != given]
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     left.selectbox("Relabel to", others, key=RELABEL_TO, index=None, placeholder="choose the right class")
-    right.button("Relabel", key="review.relabel", shortcut="L", on_click=_relabel, args=(sample_id, reviewer, hide))
+    right.button("Relabel", key="review.relabel", shortcut="L", on_click=_relabel, args=(sample_id, user, hide))
     st.caption(
         "Keys: **A** accept · **K** keep · **M** ambiguous · **X** exclude · **L** relabel · **S** skip · **B** back"
     )
 
 
-def _decide(sample_id: str, action: str, new_label: str | None, reviewer: str, hide: bool) -> None:
+def _decide(sample_id: str, action: str, new_label: str | None, user: str, hide: bool) -> None:
     note = str(st.session_state.get(NOTE) or "").strip()
     try:
-        data.curation().record_decision(sample_id, action, reviewer=reviewer, new_label=new_label, note=note)
+        data.curation().record_decision(sample_id, action, user=user, new_label=new_label, note=note)
     except RobustlensError as exc:  # refused input, a write conflict, the database unreachable: nothing saved
         state.notice(f"Not saved: {exc}", "error")
         return
@@ -218,12 +218,12 @@ def _decide(sample_id: str, action: str, new_label: str | None, reviewer: str, h
     state.notice(f"Saved: {sample_id} {verb}.", "success")
 
 
-def _relabel(sample_id: str, reviewer: str, hide: bool) -> None:
+def _relabel(sample_id: str, user: str, hide: bool) -> None:
     target = st.session_state.get(RELABEL_TO)
     if not target:
         state.notice("Choose the class to relabel to first (the 'Relabel to' box).")
         return
-    _decide(sample_id, "relabel", target, reviewer, hide)
+    _decide(sample_id, "relabel", target, user, hide)
 
 
 def _move(index: int) -> None:
