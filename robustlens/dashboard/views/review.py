@@ -47,8 +47,7 @@ def render() -> None:
     queue = _queue_controls(table)
     mine = sum(1 for d in latest.values() if d["created_by"] == user)
     st.caption(
-        f"{len(queue):,} in this queue · {len(latest):,} samples decided by the team · "
-        f"{mine:,} by you ({text(user)})"
+        f"{len(queue):,} in this queue · {len(latest):,} samples decided by the team · {mine:,} by you ({text(user)})"
     )
     if len(queue) == 0:
         st.success("Nothing left in this queue. Switch **Show** to all samples, or show decided items to revisit them.")
