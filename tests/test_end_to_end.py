@@ -51,30 +51,20 @@ n_iter = 10
 n_target_classes = 3
 square_queries = 100
 """
-ROBUSTNESS_OPTIONS = [
-    "--max-samples",
-    "40",
-    "--attack-samples",
-    "8",
-    "--verify-samples",
-    "4",
-    "--smoothing-samples",
-    "4",
-    "--smoothing-n",
-    "50",
-    "--smoothing-n0",
-    "10",
-    "--corruptions",
-    "gaussian_noise,contrast",
-    "--severities",
-    "1,5",
-    "--attacks",
-    "fgsm,pgd_linf,deepfool",
-    "--validity-budget",
-    "fast",
-    "--threads",
-    "1",
-]
+ROBUSTNESS_SETTINGS = {
+    "--max-samples": "40",
+    "--attack-samples": "8",
+    "--verify-samples": "4",
+    "--smoothing-samples": "4",
+    "--smoothing-n": "50",
+    "--smoothing-n0": "10",
+    "--corruptions": "gaussian_noise,contrast",
+    "--severities": "1,5",
+    "--attacks": "fgsm,pgd_linf,deepfool",
+    "--validity-budget": "fast",
+    "--threads": "1",
+}
+ROBUSTNESS_OPTIONS = [part for option in ROBUSTNESS_SETTINGS.items() for part in option]
 
 
 def write_subset(directory: Path) -> tuple[Path, Path]:
@@ -118,26 +108,18 @@ def e2e_run(tmp_path_factory) -> tuple[Path, AnalysisReport]:
     attack_config = directory / "attacks.toml"
     attack_config.write_text(QUICK_ATTACKS, encoding="utf-8")
     root = directory / "ws"
-    assert (
-        main(
-            [
-                "init",
-                str(root),
-                "--data",
-                str(SAMPLE_DATA),
-                "--labels",
-                str(manifest),
-                "--predictions",
-                f"cnn={predictions}",
-                "--model",
-                str(SAMPLE_DATA / "model.pt"),
-                "--model-config",
-                str(SAMPLE_DATA / "model.json"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    model = ["--model", str(SAMPLE_DATA / "model.pt"), "--model-config", str(SAMPLE_DATA / "model.json")]
+    init = [
+        "init",
+        str(root),
+        "--data",
+        str(SAMPLE_DATA),
+        "--labels",
+        str(manifest),
+        "--predictions",
+        f"cnn={predictions}",
+    ]
+    assert main([*init, *model, "--quiet"]) == 0
     report = analyze(
         Workspace(root),
         stages=["all"],
