@@ -34,8 +34,13 @@ def reviewer_session(url: str, reviewer: str, rounds: int, barrier=None) -> None
             own = f"{reviewer}-sample-{i}"
             store.add_tag([own, "shared-sample"], "needs-check", user=reviewer)
             store.add_tag([own], f"by-{reviewer}", user=reviewer)
-            store.record_decision(own, "relabel" if i % 2 else "keep", user=reviewer,
-                                  new_label="coat" if i % 2 else None, note=f"round {i}")
+            store.record_decision(
+                own,
+                "relabel" if i % 2 else "keep",
+                user=reviewer,
+                new_label="coat" if i % 2 else None,
+                note=f"round {i}",
+            )
             store.record_decision("shared-sample", "ambiguous", user=reviewer, note=f"{reviewer} {i}")
             store.add_to_collection("team-set", [own, "shared-sample"], user=reviewer)
     finally:
@@ -119,8 +124,13 @@ def test_one_store_shared_by_threads_loses_nothing(database):
         for i in range(ROUNDS):
             store.add_tag([f"{name}-sample-{i}", "shared-sample"], "needs-check", user=name)
             store.add_tag([f"{name}-sample-{i}"], f"by-{name}", user=name)
-            store.record_decision(f"{name}-sample-{i}", "relabel" if i % 2 else "keep", user=name,
-                                  new_label="coat" if i % 2 else None, note=f"round {i}")
+            store.record_decision(
+                f"{name}-sample-{i}",
+                "relabel" if i % 2 else "keep",
+                user=name,
+                new_label="coat" if i % 2 else None,
+                note=f"round {i}",
+            )
             store.record_decision("shared-sample", "ambiguous", user=name)
             store.add_to_collection("team-set", [f"{name}-sample-{i}", "shared-sample"], user=name)
 

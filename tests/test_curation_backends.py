@@ -70,7 +70,7 @@ class Workload:
 
     def hot_removals(self, writer: int) -> list[str]:
         step = self.per_writer // 10
-        return self.hot()[writer * step: writer * step + 2 * step]
+        return self.hot()[writer * step : writer * step + 2 * step]
 
 
 FULL = Workload(per_writer=500, batch=50)  # 8 writers x 500 tags, members and decisions each
@@ -86,8 +86,11 @@ def db_url(request, tmp_path) -> Iterator[str]:
         yield request.getfixturevalue("postgres_url")
         return
     shm = Path("/dev/shm")
-    folder = Path(tempfile.mkdtemp(prefix="robustlens-curation-", dir=shm)) if shm.is_dir() and os.access(
-        shm, os.W_OK) else tmp_path
+    folder = (
+        Path(tempfile.mkdtemp(prefix="robustlens-curation-", dir=shm))
+        if shm.is_dir() and os.access(shm, os.W_OK)
+        else tmp_path
+    )
     try:
         yield f"sqlite:///{folder / 'curation.db'}"
     finally:
@@ -114,14 +117,19 @@ def writer_session(url: str, writer: int, barrier: threading.Barrier, work: Work
         rng.shuffle(hot)
         added = {"shared": 0, "hot": 0, "team": 0}
         for start in range(0, work.per_writer, work.batch):
-            batch = mine[start:start + work.batch]
+            batch = mine[start : start + work.batch]
             added["shared"] += store.add_tag(batch, "shared", user=name)
-            added["hot"] += store.add_tag(hot[start:start + work.batch], "hot", user=name)
+            added["hot"] += store.add_tag(hot[start : start + work.batch], "hot", user=name)
             added["team"] += store.add_to_collection("team", batch, user=name)
             for k, sid in enumerate(batch, start=start):
                 action = ("keep", "relabel", "ambiguous", "exclude")[k % 4]
-                store.record_decision(sid, action, user=name, note=f"{writer}:{k}",
-                                      new_label=f"class-{k % 7}" if action == "relabel" else None)
+                store.record_decision(
+                    sid,
+                    action,
+                    user=name,
+                    note=f"{writer}:{k}",
+                    new_label=f"class-{k % 7}" if action == "relabel" else None,
+                )
         result["added"] = added
         barrier.wait()  # every "hot" tag is in before anyone removes
         result["removed_hot"] = store.remove_tag(work.hot_removals(writer), "hot", user=name)
@@ -174,8 +182,9 @@ def _assert_nothing_lost_or_duplicated(url: str, results: list[dict], work: Work
         with store.engine.connect() as conn:
             # No duplicate tag rows; the audit log has every write of every reviewer.
             assert conn.execute(text("SELECT name FROM tags ORDER BY name")).scalars().all() == ["hot", "shared"]
-            actions = conn.execute(text("SELECT created_by, action, count(*) FROM audit_log "
-                                        "GROUP BY created_by, action")).all()
+            actions = conn.execute(
+                text("SELECT created_by, action, count(*) FROM audit_log GROUP BY created_by, action")
+            ).all()
         audit = {(user, action): int(n) for user, action, n in actions}
         for writer in range(WRITERS):
             name = f"rev-{writer}"
@@ -298,8 +307,9 @@ def _lost_race(dialect: str) -> OperationalError:
     if dialect == "postgresql":
         import psycopg
 
-        return OperationalError("INSERT …", {}, psycopg.errors.SerializationFailure(
-            "could not serialize access due to concurrent update"))
+        return OperationalError(
+            "INSERT …", {}, psycopg.errors.SerializationFailure("could not serialize access due to concurrent update")
+        )
     return OperationalError("INSERT …", {}, sqlite3.OperationalError("database is locked"))
 
 
@@ -391,13 +401,16 @@ def test_review_page_reports_a_lost_write_instead_of_a_traceback(analysed_worksp
     from robustlens.analysis.workspace import Workspace
 
     def conflicted(self, sample_id, action, **kwargs):
-        raise CurationConflictError(f"could not record the decision on '{sample_id}': other reviewers were "
-                                    "writing the same records; nothing was saved — try again")
+        raise CurationConflictError(
+            f"could not record the decision on '{sample_id}': other reviewers were "
+            "writing the same records; nothing was saved — try again"
+        )
 
     monkeypatch.setattr(CurationStore, "record_decision", conflicted)
     monkeypatch.setenv("ROBUSTLENS_WORKSPACE", str(analysed_workspace))
-    app = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "robustlens" / "dashboard" / "app.py"),
-                            default_timeout=60).run()
+    app = AppTest.from_file(
+        str(Path(__file__).resolve().parents[1] / "robustlens" / "dashboard" / "app.py"), default_timeout=60
+    ).run()
     app.switch_page("views/review.py").run()
     app.text_input(key="review.name").set_value("rita")
     app.form_submit_button[0].click().run()
@@ -439,17 +452,39 @@ def test_an_up_to_date_read_only_database_opens_for_reading(tmp_path):
 
 
 # -- display-safe names (issue 9: names validated against a safe pattern) -----------------------------------------
-_INVISIBLE = ["\t", "\n", "\r", "\x00", "\x7f", "\x85", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066",
-              "\u2067", "\u2068", "\u2069", "\u200b", "\u200c", "\u200d", "\u200e", "\u2060", "\ufeff", "\u2028",
-              "\u00a0", "\ue000"]
+_INVISIBLE = [
+    "\t",
+    "\n",
+    "\r",
+    "\x00",
+    "\x7f",
+    "\x85",
+    "\u202a",
+    "\u202b",
+    "\u202c",
+    "\u202d",
+    "\u202e",
+    "\u2066",
+    "\u2067",
+    "\u2068",
+    "\u2069",
+    "\u200b",
+    "\u200c",
+    "\u200d",
+    "\u200e",
+    "\u2060",
+    "\ufeff",
+    "\u2028",
+    "\u00a0",
+    "\ue000",
+]
 
 
 def test_names_must_be_display_safe_on_every_backend(db_url):
     """Tags, collections and user names: printable text without control, bidi or zero-width characters
     and without surrounding spaces; punctuation and markup stay allowed (rendering is escaped everywhere)."""
     store = CurationStore(db_url)
-    friendly = ["dark coats, frozen", "<b>bold</b> *x* [y](http://e/z) #1 | a&b", "Zoë's 图像 🙂", "=1+1",
-                "a" * 200]
+    friendly = ["dark coats, frozen", "<b>bold</b> *x* [y](http://e/z) #1 | a&b", "Zoë's 图像 🙂", "=1+1", "a" * 200]
     for name in friendly:  # stored and read back exactly
         assert store.add_tag(["img/a.png"], name, user=name) == 1
         store.create_collection(name, user="ana", sample_ids=["img/a.png"])
@@ -477,8 +512,11 @@ def test_names_must_be_display_safe_on_every_backend(db_url):
     assert store.counts() == before  # nothing written by a refused call
     # A name stored before the rule can still be looked up and cleaned up.
     with store.engine.begin() as conn:
-        conn.execute(curation.collections.insert().values(name="old\tname", description="", created_by="x",
-                                                          created_at=curation._now()))
+        conn.execute(
+            curation.collections.insert().values(
+                name="old\tname", description="", created_by="x", created_at=curation._now()
+            )
+        )
     assert store.add_to_collection("old\tname", ["img/a.png"], user="ana") == 1
     store.delete_collection("old\tname", user="ana")
     assert "old\tname" not in store.collection_names()
@@ -494,17 +532,26 @@ def test_check_name_accepts_exactly_the_display_safe_names():
     from robustlens.analysis.curation import check_name
 
     @settings(max_examples=400, deadline=None, derandomize=True)
-    @given(value=st.one_of(st.text(max_size=30), st.text(min_size=195, max_size=205),
-                           st.sampled_from(["dark coats, frozen", " x ", "a\u202eb", "\u2066x\u2069", "a\u200db"])),
-           strip=st.booleans())
+    @given(
+        value=st.one_of(
+            st.text(max_size=30),
+            st.text(min_size=195, max_size=205),
+            st.sampled_from(["dark coats, frozen", " x ", "a\u202eb", "\u2066x\u2069", "a\u200db"]),
+        ),
+        strip=st.booleans(),
+    )
     def check(value, strip):
         try:
             name = check_name("collection name", value, strip=strip)
         except CurationInputError as exc:
             assert str(exc).startswith("collection name"), str(exc)
-            expected_ok = (value.strip() if strip else value)
-            assert (not expected_ok.strip() or len(expected_ok) > MAX_NAME_CHARS or not expected_ok.isprintable()
-                    or expected_ok != expected_ok.strip())
+            expected_ok = value.strip() if strip else value
+            assert (
+                not expected_ok.strip()
+                or len(expected_ok) > MAX_NAME_CHARS
+                or not expected_ok.isprintable()
+                or expected_ok != expected_ok.strip()
+            )
             return
         assert name == (value.strip() if strip else value)
         assert 0 < len(name) <= MAX_NAME_CHARS and name.isprintable() and name == name.strip()

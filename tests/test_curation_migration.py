@@ -55,14 +55,20 @@ CREATE INDEX ix_review_decisions_sample_id ON review_decisions (sample_id);
 CREATE TABLE audit_log (id {serial} NOT NULL, at {timestamp} NOT NULL, actor VARCHAR(200) NOT NULL,
     action VARCHAR(64) NOT NULL, details TEXT NOT NULL, PRIMARY KEY (id));
 """
-TYPES = {"sqlite": {"serial": "INTEGER", "timestamp": "DATETIME"},
-         "postgresql": {"serial": "SERIAL", "timestamp": "TIMESTAMP WITH TIME ZONE"}}
-V1_COLUMNS = {"collection_members": ["collection_id", "sample_id", "added_by", "added_at"],
-              "review_decisions": ["id", "sample_id", "action", "new_label", "reviewer", "note", "created_at"],
-              "audit_log": ["id", "at", "actor", "action", "details"]}
-V2_COLUMNS = {"collection_members": ["collection_id", "sample_id", "created_by", "created_at"],
-              "review_decisions": ["id", "sample_id", "action", "new_label", "created_by", "note", "created_at"],
-              "audit_log": ["id", "created_at", "created_by", "action", "details"]}
+TYPES = {
+    "sqlite": {"serial": "INTEGER", "timestamp": "DATETIME"},
+    "postgresql": {"serial": "SERIAL", "timestamp": "TIMESTAMP WITH TIME ZONE"},
+}
+V1_COLUMNS = {
+    "collection_members": ["collection_id", "sample_id", "added_by", "added_at"],
+    "review_decisions": ["id", "sample_id", "action", "new_label", "reviewer", "note", "created_at"],
+    "audit_log": ["id", "at", "actor", "action", "details"],
+}
+V2_COLUMNS = {
+    "collection_members": ["collection_id", "sample_id", "created_by", "created_at"],
+    "review_decisions": ["id", "sample_id", "action", "new_label", "created_by", "note", "created_at"],
+    "audit_log": ["id", "created_at", "created_by", "action", "details"],
+}
 
 T0 = datetime(2026, 11, 22, 9, 30, 0, tzinfo=UTC)
 
@@ -88,18 +94,25 @@ TAGS = [(1, "blurry", "ana", 0), (2, "check again", "ben", 1)]
 # (sample_id, tag_id, created_by, minute)
 SAMPLE_TAGS = [("img/a.png", 1, "ana", 2), ("img/b.png", 1, "ben", 3), ("img/b.png", 2, "ben", 4)]
 # (id, name, description, filter_json, created_by, minute)
-COLLECTIONS = [(1, "dark coats", "too dark", None, "ana", 5),
-               (2, "sandals", "saved", json.dumps({"labels": ["sandal"]}), "cleo", 6)]
+COLLECTIONS = [
+    (1, "dark coats", "too dark", None, "ana", 5),
+    (2, "sandals", "saved", json.dumps({"labels": ["sandal"]}), "cleo", 6),
+]
 # (collection_id, sample_id, added_by, minute)
 MEMBERS = [(1, "img/a.png", "ana", 7), (1, "img/c.png", "ben", 8)]
 # (id, sample_id, action, new_label, reviewer, note, minute): img/a.png decided twice (history kept).
-DECISIONS = [(1, "img/a.png", "relabel", "coat", "ana", "looks like a coat", 9),
-             (2, "img/b.png", "keep", None, "ben", "", 10),
-             (3, "img/a.png", "ambiguous", None, "cleo", "not sure after all", 11)]
+DECISIONS = [
+    (1, "img/a.png", "relabel", "coat", "ana", "looks like a coat", 9),
+    (2, "img/b.png", "keep", None, "ben", "", 10),
+    (3, "img/a.png", "ambiguous", None, "cleo", "not sure after all", 11),
+]
 # (id, minute, actor, action, details)
-AUDIT = [(1, 0, "ana", "tag", {"tag": "blurry", "count": 1}), (2, 3, "ben", "tag", {"tag": "blurry", "count": 1}),
-         (3, 5, "ana", "create_collection", {"name": "dark coats", "count": 1}),
-         (4, 9, "ana", "review", {"sample_id": "img/a.png", "action": "relabel", "new_label": "coat"})]
+AUDIT = [
+    (1, 0, "ana", "tag", {"tag": "blurry", "count": 1}),
+    (2, 3, "ben", "tag", {"tag": "blurry", "count": 1}),
+    (3, 5, "ana", "create_collection", {"name": "dark coats", "count": 1}),
+    (4, 9, "ana", "review", {"sample_id": "img/a.png", "action": "relabel", "new_label": "coat"}),
+]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -122,34 +135,64 @@ def build_v1_database(url: str) -> None:
                     conn.exec_driver_sql(statement)
             conn.execute(text("INSERT INTO schema_info (\"key\", value) VALUES ('schema_version', '1')"))
             for tag_id, name, user, minute in TAGS:
-                conn.execute(text("INSERT INTO tags (id, name, created_by, created_at) VALUES (:i, :n, :u, :t)"),
-                             {"i": tag_id, "n": name, "u": user, "t": _stored(_at(minute), dialect)})
+                conn.execute(
+                    text("INSERT INTO tags (id, name, created_by, created_at) VALUES (:i, :n, :u, :t)"),
+                    {"i": tag_id, "n": name, "u": user, "t": _stored(_at(minute), dialect)},
+                )
             for sid, tag_id, user, minute in SAMPLE_TAGS:
-                conn.execute(text("INSERT INTO sample_tags (sample_id, tag_id, created_by, created_at) "
-                                  "VALUES (:s, :i, :u, :t)"),
-                             {"s": sid, "i": tag_id, "u": user, "t": _stored(_at(minute), dialect)})
+                conn.execute(
+                    text("INSERT INTO sample_tags (sample_id, tag_id, created_by, created_at) VALUES (:s, :i, :u, :t)"),
+                    {"s": sid, "i": tag_id, "u": user, "t": _stored(_at(minute), dialect)},
+                )
             for cid, name, description, filter_json, user, minute in COLLECTIONS:
-                conn.execute(text("INSERT INTO collections (id, name, description, filter_json, created_by, "
-                                  "created_at) VALUES (:i, :n, :d, :f, :u, :t)"),
-                             {"i": cid, "n": name, "d": description, "f": filter_json, "u": user,
-                              "t": _stored(_at(minute), dialect)})
+                conn.execute(
+                    text(
+                        "INSERT INTO collections (id, name, description, filter_json, created_by, "
+                        "created_at) VALUES (:i, :n, :d, :f, :u, :t)"
+                    ),
+                    {
+                        "i": cid,
+                        "n": name,
+                        "d": description,
+                        "f": filter_json,
+                        "u": user,
+                        "t": _stored(_at(minute), dialect),
+                    },
+                )
             for cid, sid, user, minute in MEMBERS:
-                conn.execute(text("INSERT INTO collection_members (collection_id, sample_id, added_by, added_at) "
-                                  "VALUES (:c, :s, :u, :t)"),
-                             {"c": cid, "s": sid, "u": user, "t": _stored(_at(minute), dialect)})
+                conn.execute(
+                    text(
+                        "INSERT INTO collection_members (collection_id, sample_id, added_by, added_at) "
+                        "VALUES (:c, :s, :u, :t)"
+                    ),
+                    {"c": cid, "s": sid, "u": user, "t": _stored(_at(minute), dialect)},
+                )
             for did, sid, action, new_label, user, note, minute in DECISIONS:
-                conn.execute(text("INSERT INTO review_decisions (id, sample_id, action, new_label, reviewer, note, "
-                                  "created_at) VALUES (:i, :s, :a, :l, :u, :n, :t)"),
-                             {"i": did, "s": sid, "a": action, "l": new_label, "u": user, "n": note,
-                              "t": _stored(_at(minute), dialect)})
+                conn.execute(
+                    text(
+                        "INSERT INTO review_decisions (id, sample_id, action, new_label, reviewer, note, "
+                        "created_at) VALUES (:i, :s, :a, :l, :u, :n, :t)"
+                    ),
+                    {
+                        "i": did,
+                        "s": sid,
+                        "a": action,
+                        "l": new_label,
+                        "u": user,
+                        "n": note,
+                        "t": _stored(_at(minute), dialect),
+                    },
+                )
             for aid, minute, user, action, details in AUDIT:
-                conn.execute(text("INSERT INTO audit_log (id, at, actor, action, details) VALUES (:i, :t, :u, :a, :d)"),
-                             {"i": aid, "t": _stored(_at(minute), dialect), "u": user, "a": action,
-                              "d": json.dumps(details)})
+                conn.execute(
+                    text("INSERT INTO audit_log (id, at, actor, action, details) VALUES (:i, :t, :u, :a, :d)"),
+                    {"i": aid, "t": _stored(_at(minute), dialect), "u": user, "a": action, "d": json.dumps(details)},
+                )
             if dialect == "postgresql":  # explicit ids above: move the sequences past them, as a live v1 had
                 for table in ("tags", "collections", "review_decisions", "audit_log"):
-                    conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                      f"(SELECT max(id) FROM {table}))"))
+                    conn.execute(
+                        text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+                    )
     finally:
         engine.dispose()
 
@@ -179,28 +222,46 @@ def assert_v1_rows_survived(store: CurationStore) -> None:
     left out of the comparison)."""
     db = curation
     with store.engine.connect() as conn:  # typed selects over today's tables: times come back as datetimes
-        tags = conn.execute(select(db.tags.c.id, db.tags.c.name, db.tags.c.created_by, db.tags.c.created_at)
-                            .where(db.tags.c.id <= len(TAGS)).order_by(db.tags.c.id)).all()
-        sample_tags = conn.execute(select(db.sample_tags.c.sample_id, db.sample_tags.c.tag_id,
-                                          db.sample_tags.c.created_by, db.sample_tags.c.created_at)
-                                   .order_by(db.sample_tags.c.tag_id, db.sample_tags.c.sample_id)).all()
+        tags = conn.execute(
+            select(db.tags.c.id, db.tags.c.name, db.tags.c.created_by, db.tags.c.created_at)
+            .where(db.tags.c.id <= len(TAGS))
+            .order_by(db.tags.c.id)
+        ).all()
+        sample_tags = conn.execute(
+            select(
+                db.sample_tags.c.sample_id,
+                db.sample_tags.c.tag_id,
+                db.sample_tags.c.created_by,
+                db.sample_tags.c.created_at,
+            ).order_by(db.sample_tags.c.tag_id, db.sample_tags.c.sample_id)
+        ).all()
         cm = db.collection_members.c
-        members = conn.execute(select(cm.collection_id, cm.sample_id, cm.created_by, cm.created_at)
-                               .order_by(cm.collection_id, cm.sample_id)).all()
+        members = conn.execute(
+            select(cm.collection_id, cm.sample_id, cm.created_by, cm.created_at).order_by(
+                cm.collection_id, cm.sample_id
+            )
+        ).all()
         log = db.audit_log.c
-        audit = conn.execute(select(log.id, log.created_at, log.created_by, log.action, log.details)
-                             .where(log.id <= len(AUDIT)).order_by(log.id)).all()
+        audit = conn.execute(
+            select(log.id, log.created_at, log.created_by, log.action, log.details)
+            .where(log.id <= len(AUDIT))
+            .order_by(log.id)
+        ).all()
     sample_tags = [r for r in sample_tags if (r[0], r[1]) in {(s, i) for s, i, _, _ in SAMPLE_TAGS}]
     members = [r for r in members if (r[0], r[1]) in {(c, s) for c, s, _, _ in MEMBERS}]
     assert [(i, n, u, _utc(t)) for i, n, u, t in tags] == [(i, n, u, _at(m)) for i, n, u, m in TAGS]
-    assert [(s, i, u, _utc(t)) for s, i, u, t in sample_tags] == [(s, i, u, _at(m)) for s, i, u, m in
-                                                                  sorted(SAMPLE_TAGS, key=lambda r: (r[1], r[0]))]
+    assert [(s, i, u, _utc(t)) for s, i, u, t in sample_tags] == [
+        (s, i, u, _at(m)) for s, i, u, m in sorted(SAMPLE_TAGS, key=lambda r: (r[1], r[0]))
+    ]
     assert [(c, s, u, _utc(t)) for c, s, u, t in members] == [(c, s, u, _at(m)) for c, s, u, m in MEMBERS]
-    assert [(i, _utc(t), u, a, json.loads(d)) for i, t, u, a, d in audit] == [(i, _at(m), u, a, d)
-                                                                            for i, m, u, a, d in AUDIT]
+    assert [(i, _utc(t), u, a, json.loads(d)) for i, t, u, a, d in audit] == [
+        (i, _at(m), u, a, d) for i, m, u, a, d in AUDIT
+    ]
     history = [d for d in store.decisions(latest_only=False) if d["id"] <= len(DECISIONS)]
-    assert [(d["id"], d["sample_id"], d["action"], d["new_label"], d["created_by"], d["note"], _utc(d["created_at"]))
-            for d in history] == [(i, s, a, label, u, n, _at(m)) for i, s, a, label, u, n, m in DECISIONS]
+    assert [
+        (d["id"], d["sample_id"], d["action"], d["new_label"], d["created_by"], d["note"], _utc(d["created_at"]))
+        for d in history
+    ] == [(i, s, a, label, u, n, _at(m)) for i, s, a, label, u, n, m in DECISIONS]
 
 
 def assert_v1_api_view(store: CurationStore) -> None:
@@ -209,13 +270,25 @@ def assert_v1_api_view(store: CurationStore) -> None:
     assert store.samples_with_tag("blurry") == ["img/a.png", "img/b.png"]
     static, saved = store.collection("dark coats"), store.collection("sandals")
     assert static is not None and saved is not None
-    assert (static["kind"], static["members"], static["size"], static["created_by"], _utc(static["created_at"])) \
-        == (STATIC, ["img/a.png", "img/c.png"], 2, "ana", _at(5))
-    assert (saved["kind"], saved["filter"], saved["members"], saved["size"], saved["created_by"]) \
-        == (SAVED_FILTER, {"labels": ["sandal"]}, [], 0, "cleo")
+    assert (static["kind"], static["members"], static["size"], static["created_by"], _utc(static["created_at"])) == (
+        STATIC,
+        ["img/a.png", "img/c.png"],
+        2,
+        "ana",
+        _at(5),
+    )
+    assert (saved["kind"], saved["filter"], saved["members"], saved["size"], saved["created_by"]) == (
+        SAVED_FILTER,
+        {"labels": ["sandal"]},
+        [],
+        0,
+        "cleo",
+    )
     assert len(store.decisions(latest_only=False)) == len(DECISIONS)
-    assert [(d["sample_id"], d["created_by"]) for d in store.decisions()] == [("img/b.png", "ben"),
-                                                                               ("img/a.png", "cleo")]
+    assert [(d["sample_id"], d["created_by"]) for d in store.decisions()] == [
+        ("img/b.png", "ben"),
+        ("img/a.png", "cleo"),
+    ]
 
 
 def test_a_version_1_database_is_upgraded_and_keeps_every_row(db_url):
@@ -236,12 +309,17 @@ def test_a_version_1_database_is_upgraded_and_keeps_every_row(db_url):
         assert store.decision_history("img/d.png")[0]["created_by"] == "dora"
         assert store.collection("dark coats")["members"] == ["img/a.png", "img/c.png", "img/d.png"]
         with store.engine.connect() as conn:
-            new_audit = conn.execute(text("SELECT id, created_by, action FROM audit_log WHERE id > :n ORDER BY id"),
-                                     {"n": len(AUDIT)}).all()
+            new_audit = conn.execute(
+                text("SELECT id, created_by, action FROM audit_log WHERE id > :n ORDER BY id"), {"n": len(AUDIT)}
+            ).all()
             member = conn.execute(text("SELECT created_by FROM collection_members WHERE sample_id = 'img/d.png'"))
             assert member.scalar_one() == "dora"
-        assert [tuple(r) for r in new_audit] == [(5, "dora", "tag"), (6, "dora", "add_to_collection"),
-                                                 (7, "dora", "review"), (8, "dora", "create_collection")]
+        assert [tuple(r) for r in new_audit] == [
+            (5, "dora", "tag"),
+            (6, "dora", "add_to_collection"),
+            (7, "dora", "review"),
+            (8, "dora", "create_collection"),
+        ]
         assert_v1_rows_survived(store)  # the old rows untouched by the new writes
     finally:
         store.close()
@@ -339,8 +417,12 @@ def test_collections_have_one_kind_vocabulary_and_members_is_always_a_list(tmp_p
         store.create_collection("saved one", user="ben", filter_spec={"labels": ["coat"]})
         static, saved = store.collection("static one"), store.collection("saved one")
         assert (static["kind"], static["members"], static["size"]) == (STATIC, ["a", "b"], 2)
-        assert (saved["kind"], saved["members"], saved["size"], saved["filter"]) == (SAVED_FILTER, [], 0,
-                                                                                    {"labels": ["coat"]})
+        assert (saved["kind"], saved["members"], saved["size"], saved["filter"]) == (
+            SAVED_FILTER,
+            [],
+            0,
+            {"labels": ["coat"]},
+        )
         overview = {entry["name"]: entry for entry in store.collections_overview()}
         assert {entry["kind"] for entry in overview.values()} == set(COLLECTION_KINDS)
         for name, full in (("static one", static), ("saved one", saved)):
@@ -354,11 +436,13 @@ def test_collections_have_one_kind_vocabulary_and_members_is_always_a_list(tmp_p
 def test_bad_input_is_a_robustlens_error(tmp_path):
     store = CurationStore(f"sqlite:///{tmp_path / 'curation.db'}")
     try:
-        cases = [lambda: store.create_collection("c", user="ana", filter_spec={"bad": object()}),
-                 lambda: store.create_collection("c", user="ana", filter_spec=["labels"]),  # type: ignore[arg-type]
-                 lambda: store.record_decision("img/a.png", "delete", user="ana"),
-                 lambda: store.record_decision("img/a.png", "keep", user=None),  # type: ignore[arg-type]
-                 lambda: store.add_to_collection("nope", ["a"], user="ana")]
+        cases = [
+            lambda: store.create_collection("c", user="ana", filter_spec={"bad": object()}),
+            lambda: store.create_collection("c", user="ana", filter_spec=["labels"]),  # type: ignore[arg-type]
+            lambda: store.record_decision("img/a.png", "delete", user="ana"),
+            lambda: store.record_decision("img/a.png", "keep", user=None),  # type: ignore[arg-type]
+            lambda: store.add_to_collection("nope", ["a"], user="ana"),
+        ]
         for call in cases:
             with pytest.raises(CurationInputError) as caught:
                 call()

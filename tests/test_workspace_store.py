@@ -65,7 +65,8 @@ def test_sqlite_uses_wal_and_records_schema_version(tmp_path):
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("select value from schema_info where key='schema_version'")).scalar() == str(
-            SCHEMA_VERSION)
+            SCHEMA_VERSION
+        )
     assert store.schema_version == SCHEMA_VERSION
 
 

@@ -116,26 +116,30 @@ _jitter = random.Random()  # backoff jitter only: decorrelates writers, no resul
 metadata = MetaData()
 
 schema_info = Table(
-    "schema_info", metadata,
+    "schema_info",
+    metadata,
     Column("key", String(64), primary_key=True),
     Column("value", String(256), nullable=False),
 )
 tags = Table(
-    "tags", metadata,
+    "tags",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(200), nullable=False, unique=True),
     Column("created_by", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 sample_tags = Table(
-    "sample_tags", metadata,
+    "sample_tags",
+    metadata,
     Column("sample_id", String(1024), primary_key=True),
     Column("tag_id", Integer, ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
     Column("created_by", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 collections = Table(
-    "collections", metadata,
+    "collections",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(200), nullable=False, unique=True),
     Column("description", Text, nullable=False, default=""),
@@ -145,14 +149,16 @@ collections = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 collection_members = Table(
-    "collection_members", metadata,
+    "collection_members",
+    metadata,
     Column("collection_id", Integer, ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True),
     Column("sample_id", String(1024), primary_key=True),
     Column("created_by", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 review_decisions = Table(
-    "review_decisions", metadata,
+    "review_decisions",
+    metadata,
     # Append-only: the latest row per sample is its current decision; older rows are its history.
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("sample_id", String(1024), nullable=False, index=True),
@@ -163,7 +169,8 @@ review_decisions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 audit_log = Table(
-    "audit_log", metadata,
+    "audit_log",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("created_by", String(200), nullable=False),
@@ -213,7 +220,8 @@ def _rename_columns(conn: Connection, renames: Iterable[tuple[str, str, str]]) -
         if version < _SQLITE_RENAME_COLUMN:
             raise CurationDatabaseError(
                 f"upgrading the curation database needs SQLite {'.'.join(map(str, _SQLITE_RENAME_COLUMN))} or "
-                f"newer to rename columns; this Python has SQLite {'.'.join(map(str, version))}")
+                f"newer to rename columns; this Python has SQLite {'.'.join(map(str, version))}"
+            )
     quote = conn.dialect.identifier_preparer.quote
     by_table: dict[str, list[tuple[str, str]]] = {}
     for table, old, new in renames:
@@ -227,7 +235,8 @@ def _rename_columns(conn: Connection, renames: Iterable[tuple[str, str, str]]) -
             if old not in present or new in present:
                 raise CurationDatabaseError(
                     f"cannot upgrade the curation database: table {table} should have column {old!r} (schema "
-                    f"version 1) or {new!r} (version 2), it has {sorted(present)}")
+                    f"version 1) or {new!r} (version 2), it has {sorted(present)}"
+                )
             conn.execute(text(f"ALTER TABLE {quote(table)} RENAME COLUMN {quote(old)} TO {quote(new)}"))
 
 
@@ -269,17 +278,20 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
-        raise CurationDatabaseError(f"{_safe_url(url)} is not a database URL ({exc}; expected e.g. "
-                                    f"sqlite:////abs/path/curation.db or postgresql+psycopg://user@host/db)") from exc
+        raise CurationDatabaseError(
+            f"{_safe_url(url)} is not a database URL ({exc}; expected e.g. "
+            f"sqlite:////abs/path/curation.db or postgresql+psycopg://user@host/db)"
+        ) from exc
     is_sqlite = parsed.get_backend_name() == "sqlite"
     try:
-        engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {},
-                               pool_pre_ping=not is_sqlite)
+        engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {}, pool_pre_ping=not is_sqlite)
     except (ImportError, NoSuchModuleError) as exc:
-        hint = (" — install it with pip install 'robustlens[postgres]'"
-                if parsed.get_backend_name() == "postgresql" else "")
+        hint = (
+            " — install it with pip install 'robustlens[postgres]'" if parsed.get_backend_name() == "postgresql" else ""
+        )
         raise CurationDatabaseError(f"the database driver for {_safe_url(url)} is not installed ({exc}){hint}") from exc
     if is_sqlite:
+
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:  # pragma: no cover - every connection
             dbapi_connection.isolation_level = None  # the driver begins nothing; the "begin" hook below does
@@ -291,8 +303,8 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:  # pragma: no cover - exercised via every transaction
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("curation_write")
-                                 else "BEGIN")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("curation_write") else "BEGIN")
+
     return engine
 
 
@@ -331,8 +343,10 @@ def migrate(engine: Engine) -> int:
             return SCHEMA_VERSION
         version = int(row[0])
         if version > SCHEMA_VERSION:
-            raise WorkspaceError(f"the curation database has schema version {version}, newer than this "
-                                 f"robustlens supports ({SCHEMA_VERSION}); upgrade robustlens")
+            raise WorkspaceError(
+                f"the curation database has schema version {version}, newer than this "
+                f"robustlens supports ({SCHEMA_VERSION}); upgrade robustlens"
+            )
         while version < SCHEMA_VERSION:
             MIGRATIONS[version](conn)
             version += 1
@@ -377,8 +391,10 @@ def check_name(field: str, value: object, *, strip: bool = True, display: bool =
     if not name.strip():
         raise CurationInputError(f"{field} must not be empty")
     if len(name) > MAX_NAME_CHARS:
-        raise CurationInputError(f"{field} {_shown(name)} is {len(name):,} characters long; the curation "
-                                 f"database holds at most {MAX_NAME_CHARS}")
+        raise CurationInputError(
+            f"{field} {_shown(name)} is {len(name):,} characters long; the curation "
+            f"database holds at most {MAX_NAME_CHARS}"
+        )
     if display:
         problem = display_name_problem(name)
         if problem:
@@ -387,14 +403,23 @@ def check_name(field: str, value: object, *, strip: bool = True, display: bool =
 
 
 #: The display-safe name rule, as told to the user.
-DISPLAY_NAME_RULE = (f"a name is printable text (letters, digits, spaces, punctuation) of 1 to {MAX_NAME_CHARS} "
-                     "characters, without control, invisible or text-direction characters and without leading "
-                     "or trailing spaces")
+DISPLAY_NAME_RULE = (
+    f"a name is printable text (letters, digits, spaces, punctuation) of 1 to {MAX_NAME_CHARS} "
+    "characters, without control, invisible or text-direction characters and without leading "
+    "or trailing spaces"
+)
 
 
-_REFUSED_CATEGORIES = {"Cc": "a control character", "Cf": "an invisible format character",
-                       "Cs": "a surrogate", "Co": "a private-use character", "Cn": "an unassigned code point",
-                       "Zl": "a line separator", "Zp": "a paragraph separator", "Zs": "a space other than ' '"}
+_REFUSED_CATEGORIES = {
+    "Cc": "a control character",
+    "Cf": "an invisible format character",
+    "Cs": "a surrogate",
+    "Co": "a private-use character",
+    "Cn": "an unassigned code point",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+    "Zs": "a space other than ' '",
+}
 
 
 def display_name_problem(name: str) -> str | None:
@@ -432,14 +457,16 @@ def check_sample_ids(sample_ids: Iterable[str] | str) -> list[str]:
             raise CurationInputError(f"sample id #{position + 1} is empty")
         size = len(sid.encode("utf-8", "surrogatepass"))
         if size > MAX_SAMPLE_ID_BYTES:
-            raise CurationInputError(f"sample id #{position + 1} {_shown(sid)} is {size:,} bytes in UTF-8; the "
-                                     f"curation database holds ids of at most {MAX_SAMPLE_ID_BYTES:,} bytes")
+            raise CurationInputError(
+                f"sample id #{position + 1} {_shown(sid)} is {size:,} bytes in UTF-8; the "
+                f"curation database holds ids of at most {MAX_SAMPLE_ID_BYTES:,} bytes"
+            )
     return sorted(ids)
 
 
 def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _retryable(exc: DBAPIError, dialect: str) -> bool:
@@ -461,8 +488,9 @@ def _id_array(ids: list[str]) -> BindParameter[Any]:
     return bindparam("ids", value=ids, type_=array_type)
 
 
-def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int, member: Column,
-                    ids: list[str], extra: dict) -> int:
+def _insert_missing(
+    conn: Connection, table: Table, key: Column, key_value: int, member: Column, ids: list[str], extra: dict
+) -> int:
     """Insert ``(key=key_value, member=id, **extra)`` for every id not there yet; returns how many were new.
 
     * PostgreSQL: ``INSERT … SELECT unnest(:ids) … ON CONFLICT DO NOTHING RETURNING`` with the ids as one
@@ -483,8 +511,12 @@ def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int,
         constants += [literal(value, table.c[name].type).label(name) for name, value in extra.items()]
         for chunk in _chunks(ids, ARRAY_CHUNK):
             source = select(func.unnest(_id_array(chunk)).label(member.name), *constants)
-            statement = (postgresql_insert(table).from_select([member.name, key.name, *extra], source)
-                         .on_conflict_do_nothing(index_elements=[key.name, member.name]).returning(member))
+            statement = (
+                postgresql_insert(table)
+                .from_select([member.name, key.name, *extra], source)
+                .on_conflict_do_nothing(index_elements=[key.name, member.name])
+                .returning(member)
+            )
             added += len(conn.execute(statement).all())
         return added
     columns = 2 + len(extra)
@@ -492,8 +524,9 @@ def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int,
     for chunk in _chunks(ids, max(1, MAX_BIND_PARAMS // columns)):
         rows = [{key.name: key_value, member.name: sid, **extra} for sid in chunk]
         if dialect == "sqlite":
-            statement = (sqlite_insert(table).on_conflict_do_nothing(index_elements=[key.name, member.name])
-                         .returning(member))
+            statement = (
+                sqlite_insert(table).on_conflict_do_nothing(index_elements=[key.name, member.name]).returning(member)
+            )
             added += len(conn.execute(statement, rows).all())
             continue
         present: set[str] = set()
@@ -506,8 +539,7 @@ def _insert_missing(conn: Connection, table: Table, key: Column, key_value: int,
     return added
 
 
-def _delete_members(conn: Connection, table: Table, key: Column, key_value: int, member: Column,
-                    ids: list[str]) -> int:
+def _delete_members(conn: Connection, table: Table, key: Column, key_value: int, member: Column, ids: list[str]) -> int:
     """Delete ``(key_value, id)`` rows for ``ids``: ``= ANY(:ids)`` with one array parameter on PostgreSQL,
     ``IN`` lists of :data:`IN_CHUNK` ids elsewhere (under every driver's parameter limit)."""
     removed = 0
@@ -517,17 +549,29 @@ def _delete_members(conn: Connection, table: Table, key: Column, key_value: int,
             removed += max(0, int(conn.execute(statement, execution_options=_COUNT_ROWS).rowcount))
         return removed
     for part in _chunks(ids, IN_CHUNK):
-        removed += max(0, int(conn.execute(delete(table).where(key == key_value, member.in_(part)),
-                                           execution_options=_COUNT_ROWS).rowcount))
+        removed += max(
+            0,
+            int(
+                conn.execute(
+                    delete(table).where(key == key_value, member.in_(part)), execution_options=_COUNT_ROWS
+                ).rowcount
+            ),
+        )
     return removed
 
 
 def _collection_fields(row: Row[Any], size: int) -> dict[str, Any]:
     """The keys every collection dict has (see :meth:`CurationStore.collection`), from a ``collections`` row."""
     saved = bool(row.filter_json)
-    return {"name": row.name, "description": row.description, "kind": SAVED_FILTER if saved else STATIC,
-            "filter": json.loads(row.filter_json) if saved else None, "size": size,
-            "created_by": row.created_by, "created_at": row.created_at}
+    return {
+        "name": row.name,
+        "description": row.description,
+        "kind": SAVED_FILTER if saved else STATIC,
+        "filter": json.loads(row.filter_json) if saved else None,
+        "size": size,
+        "created_by": row.created_by,
+        "created_at": row.created_at,
+    }
 
 
 class CurationStore:
@@ -559,8 +603,9 @@ class CurationStore:
             self.schema_version = migrate(self.engine)
         except (DBAPIError, SQLAlchemyError) as exc:
             self.engine.dispose()
-            raise CurationDatabaseError(f"cannot open the curation database {_safe_url(url)}: "
-                                        f"{getattr(exc, 'orig', None) or exc}") from exc
+            raise CurationDatabaseError(
+                f"cannot open the curation database {_safe_url(url)}: {getattr(exc, 'orig', None) or exc}"
+            ) from exc
         except WorkspaceError:
             self.engine.dispose()
             raise
@@ -588,19 +633,24 @@ class CurationStore:
                     return work(conn)
             except DBAPIError as exc:
                 if not _retryable(exc, dialect):
-                    raise CurationDatabaseError(f"the curation database {_safe_url(self.url)} refused to {what}: "
-                                                f"{exc.orig}; nothing was saved") from exc
+                    raise CurationDatabaseError(
+                        f"the curation database {_safe_url(self.url)} refused to {what}: {exc.orig}; nothing was saved"
+                    ) from exc
                 if attempt == WRITE_ATTEMPTS - 1:
                     raise CurationConflictError(
                         f"could not {what}: other users were writing the same records and {WRITE_ATTEMPTS} "
-                        f"tries each lost the race ({exc.orig}); nothing was saved — try again") from exc
+                        f"tries each lost the race ({exc.orig}); nothing was saved — try again"
+                    ) from exc
                 self.retries += 1
-                time.sleep(_jitter.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt)))
+                time.sleep(_jitter.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt)))
         raise AssertionError("unreachable")
 
     def _audit(self, conn: Connection, user: str, action: str, details: dict) -> None:
-        conn.execute(insert(audit_log).values(created_at=_now(), created_by=user, action=action,
-                                              details=json.dumps(details, default=str)))
+        conn.execute(
+            insert(audit_log).values(
+                created_at=_now(), created_by=user, action=action, details=json.dumps(details, default=str)
+            )
+        )
 
     def _tag_id(self, conn: Connection, name: str, user: str) -> int:
         """The tag's id, creating the tag if needed (a concurrent creator's row is reused)."""
@@ -627,8 +677,15 @@ class CurationStore:
 
         def work(conn: Connection) -> int:
             tag_id = self._tag_id(conn, tag, user)
-            added = _insert_missing(conn, sample_tags, sample_tags.c.tag_id, tag_id, sample_tags.c.sample_id, ids,
-                                    {"created_by": user, "created_at": _now()})
+            added = _insert_missing(
+                conn,
+                sample_tags,
+                sample_tags.c.tag_id,
+                tag_id,
+                sample_tags.c.sample_id,
+                ids,
+                {"created_by": user, "created_at": _now()},
+            )
             self._audit(conn, user, "tag", {"tag": tag, "count": added})
             return added
 
@@ -644,8 +701,9 @@ class CurationStore:
             tag_id = conn.execute(select(tags.c.id).where(tags.c.name == tag)).scalar()
             if tag_id is None:
                 return 0
-            removed = _delete_members(conn, sample_tags, sample_tags.c.tag_id, int(tag_id), sample_tags.c.sample_id,
-                                      ids)
+            removed = _delete_members(
+                conn, sample_tags, sample_tags.c.tag_id, int(tag_id), sample_tags.c.sample_id, ids
+            )
             self._audit(conn, user, "untag", {"tag": tag, "count": removed})
             return removed
 
@@ -653,8 +711,12 @@ class CurationStore:
 
     def tag_counts(self) -> dict[str, int]:
         """Tag name → number of tagged samples."""
-        query = (select(tags.c.name, func.count(sample_tags.c.sample_id))
-                 .select_from(tags.outerjoin(sample_tags)).group_by(tags.c.name).order_by(tags.c.name))
+        query = (
+            select(tags.c.name, func.count(sample_tags.c.sample_id))
+            .select_from(tags.outerjoin(sample_tags))
+            .group_by(tags.c.name)
+            .order_by(tags.c.name)
+        )
         with self.engine.connect() as conn:
             return {name: int(count) for name, count in conn.execute(query)}
 
@@ -663,8 +725,15 @@ class CurationStore:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
-    def create_collection(self, name: str, *, user: str, description: str = "",
-                          sample_ids: Iterable[str] = (), filter_spec: dict | None = None) -> int:
+    def create_collection(
+        self,
+        name: str,
+        *,
+        user: str,
+        description: str = "",
+        sample_ids: Iterable[str] = (),
+        filter_spec: dict | None = None,
+    ) -> int:
         """Create a collection: a static list of samples (kind :data:`STATIC`), or with ``filter_spec`` a saved
         filter (kind :data:`SAVED_FILTER`); attributed to ``user``. Returns its id.
 
@@ -686,14 +755,22 @@ class CurationStore:
         def work(conn: Connection) -> int:
             if conn.execute(select(collections.c.id).where(collections.c.name == name)).first() is not None:
                 raise CurationInputError(f"a collection named '{name}' already exists")
-            values = {"name": name, "description": description, "created_by": user, "created_at": _now(),
-                      "filter_json": filter_json}
+            values = {
+                "name": name,
+                "description": description,
+                "created_by": user,
+                "created_at": _now(),
+                "filter_json": filter_json,
+            }
             dialect = conn.dialect.name
             if dialect in ("postgresql", "sqlite"):
                 make_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-                new_id = conn.execute(make_insert(collections).values(values)
-                                      .on_conflict_do_nothing(index_elements=["name"])
-                                      .returning(collections.c.id)).scalar()
+                new_id = conn.execute(
+                    make_insert(collections)
+                    .values(values)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                    .returning(collections.c.id)
+                ).scalar()
                 if new_id is None:  # a concurrent user created it between our select and insert
                     raise CurationInputError(f"a collection named '{name}' already exists")
             else:
@@ -702,16 +779,27 @@ class CurationStore:
             if new_id is None:
                 raise CurationDatabaseError(f"the database gave no id for the new collection '{name}'")
             collection_id = int(new_id)
-            _insert_missing(conn, collection_members, collection_members.c.collection_id, collection_id,
-                            collection_members.c.sample_id, ids, {"created_by": user, "created_at": _now()})
+            _insert_missing(
+                conn,
+                collection_members,
+                collection_members.c.collection_id,
+                collection_id,
+                collection_members.c.sample_id,
+                ids,
+                {"created_by": user, "created_at": _now()},
+            )
             self._audit(conn, user, "create_collection", {"name": name, "count": len(ids)})
             return collection_id
 
         return self._write(f"create collection '{name}'", work)
 
     def collection_samples(self, name: str) -> list[str]:
-        query = (select(collection_members.c.sample_id).join(collections)
-                 .where(collections.c.name == name).order_by(collection_members.c.sample_id))
+        query = (
+            select(collection_members.c.sample_id)
+            .join(collections)
+            .where(collections.c.name == name)
+            .order_by(collection_members.c.sample_id)
+        )
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
@@ -719,8 +807,9 @@ class CurationStore:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(select(collections.c.name).order_by(collections.c.name))]
 
-    def record_decision(self, sample_id: str, action: str, *, user: str, new_label: str | None = None,
-                        note: str = "") -> None:
+    def record_decision(
+        self, sample_id: str, action: str, *, user: str, new_label: str | None = None, note: str = ""
+    ) -> None:
         """Append a review decision (``relabel`` needs ``new_label``), attributed to ``user`` (``created_by``).
 
         Unlike the other writers, ``user`` is stored exactly as given: one with surrounding spaces is refused
@@ -736,8 +825,7 @@ class CurationStore:
         if not isinstance(note, str):
             raise CurationInputError(f"note must be text, got {type(note).__name__}")
         (sample_id,) = check_sample_ids([sample_id])
-        values = {"sample_id": sample_id, "action": action, "new_label": new_label, "created_by": user,
-                  "note": note}
+        values = {"sample_id": sample_id, "action": action, "new_label": new_label, "created_by": user, "note": note}
 
         def work(conn: Connection) -> None:
             conn.execute(insert(review_decisions).values(**values, created_at=_now()))
@@ -780,16 +868,24 @@ class CurationStore:
             row = conn.execute(select(collections).where(collections.c.name == name)).first()
             if row is None:
                 return None
-            members = [r[0] for r in conn.execute(select(collection_members.c.sample_id)
-                                                  .where(collection_members.c.collection_id == row.id)
-                                                  .order_by(collection_members.c.sample_id))]
+            members = [
+                r[0]
+                for r in conn.execute(
+                    select(collection_members.c.sample_id)
+                    .where(collection_members.c.collection_id == row.id)
+                    .order_by(collection_members.c.sample_id)
+                )
+            ]
         return {**_collection_fields(row, len(members)), "members": members}
 
     def collections_overview(self) -> list[dict]:
         """Every collection, by name: the keys of :meth:`collection` except ``members`` (``size`` counts them)."""
-        query = (select(collections, func.count(collection_members.c.sample_id).label("size"))
-                 .select_from(collections.outerjoin(collection_members))
-                 .group_by(collections.c.id).order_by(collections.c.name))
+        query = (
+            select(collections, func.count(collection_members.c.sample_id).label("size"))
+            .select_from(collections.outerjoin(collection_members))
+            .group_by(collections.c.id)
+            .order_by(collections.c.name)
+        )
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [_collection_fields(r, int(r.size)) for r in rows]
@@ -808,8 +904,15 @@ class CurationStore:
 
         def work(conn: Connection) -> int:
             collection_id = self._collection_id(conn, name)
-            added = _insert_missing(conn, collection_members, collection_members.c.collection_id, collection_id,
-                                    collection_members.c.sample_id, ids, {"created_by": user, "created_at": _now()})
+            added = _insert_missing(
+                conn,
+                collection_members,
+                collection_members.c.collection_id,
+                collection_id,
+                collection_members.c.sample_id,
+                ids,
+                {"created_by": user, "created_at": _now()},
+            )
             self._audit(conn, user, "add_to_collection", {"name": name, "count": added})
             return added
 
@@ -823,8 +926,14 @@ class CurationStore:
 
         def work(conn: Connection) -> int:
             collection_id = self._collection_id(conn, name)
-            removed = _delete_members(conn, collection_members, collection_members.c.collection_id, collection_id,
-                                      collection_members.c.sample_id, ids)
+            removed = _delete_members(
+                conn,
+                collection_members,
+                collection_members.c.collection_id,
+                collection_id,
+                collection_members.c.sample_id,
+                ids,
+            )
             self._audit(conn, user, "remove_from_collection", {"name": name, "count": removed})
             return removed
 
@@ -845,8 +954,7 @@ class CurationStore:
 
     def tag_assignments(self) -> list[tuple[str, str]]:
         """Every ``(sample_id, tag)`` pair, ordered by tag then sample."""
-        query = (select(sample_tags.c.sample_id, tags.c.name).join(tags)
-                 .order_by(tags.c.name, sample_tags.c.sample_id))
+        query = select(sample_tags.c.sample_id, tags.c.name).join(tags).order_by(tags.c.name, sample_tags.c.sample_id)
         with self.engine.connect() as conn:
             return [(r[0], r[1]) for r in conn.execute(query)]
 
@@ -858,7 +966,8 @@ class CurationStore:
 
     def decision_history(self, sample_id: str) -> list[dict]:
         """Every decision recorded for one sample, oldest first (dicts as in :meth:`decisions`)."""
-        query = (select(review_decisions).where(review_decisions.c.sample_id == sample_id)
-                 .order_by(review_decisions.c.id))
+        query = (
+            select(review_decisions).where(review_decisions.c.sample_id == sample_id).order_by(review_decisions.c.id)
+        )
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
