@@ -73,7 +73,8 @@ def _darkest(table: pd.DataFrame, label: str, count: int) -> pd.DataFrame:
 
 def build_hostile_workspace(base: Path) -> Path:
     """60 sample images: 40 in four payload classes, 10 each of two real ones (dark enough for the fixture's
-    slices); two payload file names; a metadata column of payloads; every analysis artifact."""
+    slices); two payload file names, the first also copied as the last image (an exact duplicate); a metadata
+    column of payloads; every analysis artifact."""
     from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
 
     source = pd.read_csv(SAMPLE_DATA / "labels.csv")
@@ -84,7 +85,9 @@ def build_hostile_workspace(base: Path) -> Path:
     rows = []
     for i, row in chosen.iterrows():
         name = FILE_NAMES[i] if i < len(FILE_NAMES) else f"im{i}.png"
-        shutil.copy(SAMPLE_DATA / row["path"], data / "imgs" / name)
+        # The last image is an exact copy of the first (a payload file name), so the duplicates page has a cluster.
+        source_path = chosen.loc[0, "path"] if i == len(chosen) - 1 else row["path"]
+        shutil.copy(SAMPLE_DATA / source_path, data / "imgs" / name)
         rows.append({"path": f"imgs/{name}",
                      "label": row["label"] if row["label"] in ("shirt", "pullover") else CLASSES[i % len(CLASSES)],
                      "split": "test" if i % 4 == 0 else "train", "camera": CAMERAS[i % len(CAMERAS)]})
