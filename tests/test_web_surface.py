@@ -18,7 +18,6 @@ import re
 import shutil
 import socket
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -30,13 +29,13 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from robustlens.analysis import curation as curation_db
-from robustlens.query.filters import FilterSpec, to_query_params
 from robustlens.analysis.workspace import Workspace
-from robustlens.dashboard import widgets
+from robustlens.dashboard.components import markup
 from robustlens.dashboard.host_guard import HostGuard, HostPolicy, host_of_header, host_of_origin
 from robustlens.dashboard.routes import ROUTES
 from robustlens.errors import ValidationError
-from tests.browser import free_port, served
+from robustlens.query.filters import FilterSpec, to_query_params
+from tests.browser import served
 from tests.conftest import SAMPLE_DATA
 from tests.dashboard_fixtures import write_analysis_artifacts
 
@@ -244,11 +243,11 @@ def assert_shown_as_text(app: AppTest, where: str) -> int:
 # -- the escape helpers --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_text_leaves_no_markup_and_keeps_every_character(payload):
-    escaped = widgets.text(payload)
+    escaped = markup.text(payload)
     assert not surviving_markup(escaped), escaped
     assert "\n" not in escaped
     # Removing the escapes and word joiners gives the string back (line breaks become spaces, leading blanks go).
-    shown = re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", escaped).replace(widgets.WORD_JOINER, "")
+    shown = re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", escaped).replace(markup.WORD_JOINER, "")
     assert shown == re.sub(r"\s*\n\s*", " ", payload).lstrip()
 
 
@@ -261,19 +260,19 @@ def test_the_checker_sees_unescaped_payloads():
 def test_text_keeps_ordinary_names_readable():
     for name in ("tshirt_top", "needs-relabel", "images/test_00002.png", "Tagged 2 sample(s) 'look-again'",
                  "Saved: a kept the label.", "label = coat AND brightness ≤ q25"):
-        assert widgets.text(name) == name
+        assert markup.text(name) == name
 
 
 @pytest.mark.parametrize("payload", ["a`b", "``x``", "`", IMAGE, "line\nbreak"])
 def test_code_spans_cannot_be_closed_from_inside(payload):
-    span = widgets.code(payload)
+    span = markup.code(payload)
     match = _CODE_SPAN.fullmatch(span)
     assert match is not None and match.group(2).strip() == payload.replace("\n", " ")
 
 
 def test_plot_text_escapes_html():
-    assert widgets.plot_text(ANCHOR) == '&lt;a href="http://evil.invalid/a"&gt;click&lt;/a&gt;'
-    assert widgets.plot_text("a & b") == "a &amp; b"
+    assert markup.plot_text(ANCHOR) == '&lt;a href="http://evil.invalid/a"&gt;click&lt;/a&gt;'
+    assert markup.plot_text("a & b") == "a &amp; b"
 
 
 # -- every page, AppTest ------------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def _visit_every_page(workspace: Path, monkeypatch, query: dict, user: str) -> d
         app.run()
         quoted[route.name] = assert_shown_as_text(app, route.name)
         if route.name == "explorer" and "sample" in query:  # the detail view of the payload-named sample
-            assert widgets.text(query["sample"]) in [h.value for h in app.subheader]
+            assert markup.text(query["sample"]) in [h.value for h in app.subheader]
     return quoted
 
 

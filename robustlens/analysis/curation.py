@@ -376,7 +376,7 @@ def check_name(field: str, value: object, *, strip: bool = True, display: bool =
     Punctuation and markup characters (``,``, ``<``, ``*``, ``[``, ``#`` …) stay allowed, so human
     names such as ``"dark coats, frozen"`` keep working: names are never file names (exports pass them
     through their own file-name rule), every dashboard view renders them through the one escape helper
-    (:func:`robustlens.dashboard.widgets.text` / ``code`` / ``plot_text``) and CSV exports neutralise
+    (:func:`robustlens.dashboard.components.markup.text` / ``code`` / ``plot_text``) and CSV exports neutralise
     formula-leading cells, so a name shows exactly as typed and never becomes markup.
 
     ``strip``: surrounding whitespace is removed first (tags, collections, user names); without it a name
