@@ -121,11 +121,16 @@ def test_overview_shows_counts_accuracy_and_issue_examples(analysed_template, mo
     summary = texts(app)
     dark = int((table["issue.dark"] > 0).sum())
     assert f"**dark** — {dark:,} samples ({dark / 2000:.1%})" in summary
-    assert len(app.get("image")) == 6 * len([c for c in table.columns if c.startswith("issue.")])
+    issue_types = len([c for c in table.columns if c.startswith("issue.")])
+    assert issue_types >= 6 and len(app.get("image")) == 6 * issue_types
+    # One "open in explorer" link per issue type (the fixture plants six kinds of issue, the stages find them).
     links = [link for link in app.get("page_link")]
-    assert len(links) >= 8 and all(link.proto.page == "explorer" or "explorer" in link.proto.page for link in links)
+    assert len(links) >= issue_types
+    assert all(link.proto.page == "explorer" or "explorer" in link.proto.page for link in links)
+    # The worst slices the slices stage wrote, the first ten of them.
+    worst = pd.read_parquet(Path(analysed_template) / "artifacts" / "worst_slices.parquet")
     slices = app.dataframe[-1].value
-    assert "description" in slices.columns and len(slices) == 5
+    assert "description" in slices.columns and len(slices) == min(10, len(worst)) > 0
 
 
 def _run_slices_stage(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
