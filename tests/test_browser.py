@@ -15,11 +15,18 @@ import pandas as pd
 import pytest
 from playwright.sync_api import expect
 
+from robustlens.analysis.workspace import Workspace
 from robustlens.query.filters import FilterSpec, filter_ids
 from robustlens.query.sample_table import load_sample_table
-from robustlens.analysis.workspace import Workspace
-from tests.browser import (CHROMIUM_ARGS, chromium_path, holding_requests, script_runs, served, wait_for_app_idle,
-                           watch_script_runs)
+from tests.browser import (
+    CHROMIUM_ARGS,
+    chromium_path,
+    holding_requests,
+    script_runs,
+    served,
+    wait_for_app_idle,
+    watch_script_runs,
+)
 from tests.dashboard_fixtures import copy_workspace
 
 pytestmark = pytest.mark.browser

@@ -17,8 +17,13 @@ from scipy import fft, ndimage, signal, stats
 
 from robustlens.analysis import builtin_metrics
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.analysis.metric_registry import (MetricRegistryError, available_metrics, get_metric,
-                                                 register_metric, unregister_metric)
+from robustlens.analysis.metric_registry import (
+    MetricRegistryError,
+    available_metrics,
+    get_metric,
+    register_metric,
+    unregister_metric,
+)
 from robustlens.analysis.stages import metrics as metrics_stage
 from robustlens.analysis.stages.base import StageContext, read_artifact
 from tests.metrics_planted import SAMPLE_DATA, copy_real_images, sample_images
@@ -226,7 +231,7 @@ def test_blur_score_orders_blur_levels():
     scores = builtin_metrics.blur_score(torch.from_numpy(stack).unsqueeze(1))
     ratios = builtin_metrics.high_frequency_ratio(torch.from_numpy(stack).unsqueeze(1))
     assert torch.all(scores.diff() > 0) and torch.all(ratios.diff() < 0)
-    assert 0 <= scores.min() and scores.max() <= 1
+    assert scores.min() >= 0 and scores.max() <= 1
 
 
 # -- fingerprints -----------------------------------------------------------------------------------------
@@ -244,6 +249,7 @@ def test_phash_equals_resize_then_dct_at_other_sizes(shape):
     """The folded resize+DCT matrices give the hash of the literal recipe: antialiased resize to 32x32,
     2-D DCT, top-left 8x8 against the median of its 63 AC values."""
     import torch.nn.functional as F
+
     from robustlens.analysis.builtin_metrics import luminance
 
     images = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
