@@ -351,12 +351,13 @@ def test_info_imports_no_heavy_library(sample_workspace, tmp_path):
 
 
 def test_quick_info_matches_the_engine_summary(sample_workspace, manifest_dataset, tmp_path):
-    """``robustlens info`` reads without pandas; it must say exactly what the query layer's ``summarize`` says."""
+    """``robustlens info`` reads without pandas or SQLAlchemy (curation counts straight from the SQLite file); it
+    must say exactly what the query layer's ``summarize`` says through the engine's workspace and curation store."""
     import shutil
 
     from robustlens.analysis import curation, workspace
-    from robustlens.commands.info import QUICK_FORMAT_VERSIONS, QUICK_SCHEMA_VERSIONS, quick_summary
-    from robustlens.query.summary import summarize
+    from robustlens.query.summary import QUICK_FORMAT_VERSIONS, QUICK_SCHEMA_VERSIONS, summarize
+    from robustlens.query.summary import read_summary as quick_summary
 
     assert workspace.FORMAT_VERSION in QUICK_FORMAT_VERSIONS
     assert curation.SCHEMA_VERSION in QUICK_SCHEMA_VERSIONS
