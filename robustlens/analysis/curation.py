@@ -898,46 +898,33 @@ class CurationStore:
 
     def add_to_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
         """Add samples (any number) to a collection; returns how many were not in it yet."""
-        name = check_name("collection name", name, display=False)
-        user = check_name("user name", user)
-        ids = check_sample_ids(sample_ids)
-
-        def work(conn: Connection) -> int:
-            collection_id = self._collection_id(conn, name)
-            added = _insert_missing(
-                conn,
-                collection_members,
-                collection_members.c.collection_id,
-                collection_id,
-                collection_members.c.sample_id,
-                ids,
-                {"created_by": user, "created_at": _now()},
-            )
-            self._audit(conn, user, "add_to_collection", {"name": name, "count": added})
-            return added
-
-        return self._write(f"add {len(ids):,} samples to collection '{name}'", work)
+        return self._change_members(name, sample_ids, user, add=True)
 
     def remove_from_collection(self, name: str, sample_ids: Iterable[str], *, user: str) -> int:
         """Remove samples (any number) from a collection; returns how many left it."""
+        return self._change_members(name, sample_ids, user, add=False)
+
+    def _change_members(self, name: str, sample_ids: Iterable[str], user: str, *, add: bool) -> int:
+        """Add (``add=True``) or remove samples of collection ``name`` in one audited write; returns how many
+        samples changed membership (ids already in, or already out, are not counted)."""
         name = check_name("collection name", name, display=False)
         user = check_name("user name", user)
         ids = check_sample_ids(sample_ids)
+        key, member = collection_members.c.collection_id, collection_members.c.sample_id
 
         def work(conn: Connection) -> int:
             collection_id = self._collection_id(conn, name)
-            removed = _delete_members(
-                conn,
-                collection_members,
-                collection_members.c.collection_id,
-                collection_id,
-                collection_members.c.sample_id,
-                ids,
-            )
-            self._audit(conn, user, "remove_from_collection", {"name": name, "count": removed})
-            return removed
+            if add:
+                extra = {"created_by": user, "created_at": _now()}
+                count = _insert_missing(conn, collection_members, key, collection_id, member, ids, extra)
+            else:
+                count = _delete_members(conn, collection_members, key, collection_id, member, ids)
+            action = "add_to_collection" if add else "remove_from_collection"
+            self._audit(conn, user, action, {"name": name, "count": count})
+            return count
 
-        return self._write(f"remove {len(ids):,} samples from collection '{name}'", work)
+        change = f"add {len(ids):,} samples to" if add else f"remove {len(ids):,} samples from"
+        return self._write(f"{change} collection '{name}'", work)
 
     def delete_collection(self, name: str, *, user: str) -> None:
         """Delete a collection and its membership list (the samples themselves are untouched)."""
