@@ -7,26 +7,26 @@ import argparse
 import math
 
 
-def positive_int(text: str) -> int:
-    """An integer ≥ 1 (``--workers``, ``--max-pixels``, thread and sample counts)."""
+def _int_at_least(text: str, minimum: int, expected: str, *, below: str | None = None) -> int:
+    """``text`` as an integer ``>= minimum``; the error says ``expected {expected}`` (``{below}`` when the
+    integer is too small and ``below`` is given)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {below or expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1 (``--workers``, ``--max-pixels``, thread and sample counts)."""
+    return _int_at_least(text, 1, "a positive integer", below="a positive integer (1 or more)")
 
 
 def non_negative_int(text: str) -> int:
     """An integer ≥ 0 (counts where 0 means "skip")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer ≥ 0")
 
 
 def finite_float(text: str) -> float:
