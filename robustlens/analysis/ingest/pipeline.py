@@ -171,36 +171,22 @@ def init_workspace(root: str | Path, options: InitOptions) -> tuple[Workspace, l
         )
 
     # Validation is over: write.
-    if options.force and (root / MANIFEST_NAME).exists():
-        _rebuild_workspace(
-            root,
-            data,
-            options,
-            scan,
-            samples,
-            classes,
-            prediction_sets,
-            embeddings,
-            model_entry,
-            model_config,
-            warnings,
-            db_url,
-        )
-    else:
-        _write_new_workspace(
-            root,
-            data,
-            options,
-            scan,
-            samples,
-            classes,
-            prediction_sets,
-            embeddings,
-            model_entry,
-            model_config,
-            warnings,
-            db_url,
-        )
+    rebuild = options.force and (root / MANIFEST_NAME).exists()
+    write = _rebuild_workspace if rebuild else _write_new_workspace
+    write(
+        root,
+        data,
+        options,
+        scan,
+        samples,
+        classes,
+        prediction_sets,
+        embeddings,
+        model_entry,
+        model_config,
+        warnings,
+        db_url,
+    )
     workspace = Workspace(root)
     workspace.curation().close()  # creates / migrates the curation database now, not on first click
     return workspace, warnings
