@@ -38,11 +38,9 @@ vector of each image; what the caches hold). The whole-dataset reductions are th
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -53,6 +51,7 @@ from torch import nn
 from robustlens.analysis import fallback_features, storage
 from robustlens.analysis.ingest.model import NormalizedModel, prepare_images
 from robustlens.analysis.loader import auto_batch_size, compute_threads, decode_workers, torch_threads
+from robustlens.analysis.safety import file_digest
 from robustlens.analysis.stages.base import (
     HashCache,
     StageContext,
@@ -300,7 +299,7 @@ def _source_identity(workspace: Workspace, source: str, *, device: str) -> tuple
     entry = workspace.manifest["model"]
     model = None
     if entry["kind"] == "torchscript":
-        weights = _file_sha256(workspace.root / entry["file"])
+        weights = file_digest(workspace.root / entry["file"])
     else:
         # Factory models have no file of their own: their weights identify them.
         model = workspace.load_model(device)
@@ -309,14 +308,6 @@ def _source_identity(workspace: Workspace, source: str, *, device: str) -> tuple
                               *[t.detach().cpu().float().numpy() for t in state.values()])
     return ({"source": source, "kind": entry["kind"], "spec": entry.get("factory"), "weights": weights,
              "config": entry.get("config")}, model)
-
-
-def _file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- model penultimate layer ---------------------------------------------------------------------------
