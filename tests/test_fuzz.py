@@ -185,13 +185,18 @@ def test_any_prediction_set_name_stays_inside_the_workspace(corpus, capsys, name
 @FUZZ_CHEAP
 @given(query=query_strings())
 def test_any_filter_url_exits_0_or_2(corpus, capsys, query):
+    export_reads_only(corpus, capsys, "--query", query)
+
+
+def export_reads_only(corpus, capsys, option, value):
+    """``robustlens export WS OPTION VALUE`` exits 0 (writing --out) or 2 (writing nothing), and the export reads
+    the workspace: the curation database may be opened, the analysis artifacts never change."""
     workspace = corpus / "ws"
     before = tree_digest(workspace)
     out = fresh(corpus, "export").with_suffix(".csv")
-    code, err = run_cli(capsys, ["export", workspace, "--query", query, "--out", out])
+    code, err = run_cli(capsys, ["export", workspace, option, value, "--out", out])
     assert_clean_outcome(code, err)
     assert out.exists() == (code == 0)
-    # The export reads the workspace; the curation database may be opened, the analysis artifacts never change.
     after = tree_digest(workspace)
     assert {k: v for k, v in after.items() if not k.startswith("curation.db")} == \
            {k: v for k, v in before.items() if not k.startswith("curation.db")}
@@ -228,15 +233,7 @@ def filter_texts(draw):
 @FUZZ_CHEAP
 @given(spec=filter_texts())
 def test_any_filter_json_exits_0_or_2(corpus, capsys, spec):
-    workspace = corpus / "ws"
-    before = tree_digest(workspace)
-    out = fresh(corpus, "export").with_suffix(".csv")
-    code, err = run_cli(capsys, ["export", workspace, "--filter", spec, "--out", out])
-    assert_clean_outcome(code, err)
-    assert out.exists() == (code == 0)
-    after = tree_digest(workspace)
-    assert {k: v for k, v in after.items() if not k.startswith("curation.db")} == \
-           {k: v for k, v in before.items() if not k.startswith("curation.db")}
+    export_reads_only(corpus, capsys, "--filter", spec)
 
 @settings(max_examples=300, **_COMMON)
 @given(name=st.text(max_size=40))
