@@ -24,50 +24,20 @@ Prints a markdown table. Compare ratios measured in one run, not absolute times 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import statistics
 import sys
 import time
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "sample_data"
 sys.path.insert(0, str(REPO))
 
 from robustlens.analysis.robustness.autoattack import auto_attack  # noqa: E402
 from tests.robustness.counting import CountingModel  # noqa: E402
-
-
-def load_sample(n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    from PIL import Image
-
-    from robustlens.analysis.ingest.model import load_model, load_model_config
-
-    classes = json.loads((SAMPLE / "model.json").read_text())["classes"]
-    model = load_model(SAMPLE / "model.pt", load_model_config(SAMPLE / "model.json"), classes).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with open(SAMPLE / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:n]
-    x = np.stack([np.asarray(Image.open(SAMPLE / r["path"]).convert("L"), dtype=np.float32) / 255 for r in rows])
-    y = torch.tensor([classes.index(r["label"]) for r in rows])
-    return model, torch.from_numpy(x)[:, None], y
-
-
-def robust_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, eps: float, norm: str):
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-        adv_ok = model(adv).argmax(1) == y
-    d = (adv - x).reshape(len(x), -1)
-    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
-    valid = (size <= eps * (1 + 1e-5) + 1e-5) & (adv.min() >= 0) & (adv.max() <= 1)
-    return (ok & (adv_ok | ~valid)).numpy()
+from tests.robustness.sample_cnn import load_sample_cnn, robust_of  # noqa: E402
 
 
 def run_ours(model, x, y, eps, norm):
@@ -110,7 +80,7 @@ def main() -> None:
     ap.add_argument("--no-torchattacks", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, x, y = load_sample(args.samples)
+    model, x, y = load_sample_cnn(args.samples)
     counted = CountingModel(model)
     with torch.no_grad():
         clean = float((model(x).argmax(1) == y).float().mean())

@@ -3,10 +3,6 @@ the reference implementation (pyautoattack = fra31/auto-attack), torchattacks an
 
 from __future__ import annotations
 
-import csv
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +12,8 @@ from robustlens.analysis.robustness import autoattack as aa
 from robustlens.analysis.robustness._common import RobustnessInputError
 from robustlens.analysis.robustness.attacks import ATTACKS, pgd, run_attack
 from tests.robustness.counting import CountingModel
+from tests.robustness.sample_cnn import load_sample_cnn, robust_of
 
-SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
 TOL = 1e-5
 
 
@@ -43,35 +39,6 @@ def reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     with torch.random.fork_rng(devices=[]):
         out = ref.run_standard_evaluation(x, y, batch_size=len(x))
     return out[0] if isinstance(out, tuple) else out     # pyautoattack 0.2 returns (adv, adv_labels)
-
-
-def load_sample_cnn(n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The sample Fashion-MNIST CNN (normalization inside) and its first ``n`` test images / labels."""
-    from PIL import Image
-
-    from robustlens.analysis.ingest.model import load_model, load_model_config
-
-    classes = json.loads((SAMPLE_DATA / "model.json").read_text())["classes"]
-    model = load_model(SAMPLE_DATA / "model.pt", load_model_config(SAMPLE_DATA / "model.json"), classes).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with open(SAMPLE_DATA / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:n]
-    x = np.stack([np.asarray(Image.open(SAMPLE_DATA / r["path"]).convert("L"), dtype=np.float32) / 255 for r in rows])
-    y = torch.tensor([classes.index(r["label"]) for r in rows])
-    return model, torch.from_numpy(x)[:, None], y
-
-
-def robust_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, eps: float,
-              norm: str) -> np.ndarray:
-    """Per-sample robustness of ``adv``: clean-correct and (adv not within eps or still correct)."""
-    with torch.no_grad():
-        clean_ok = model(x).argmax(1) == y
-        adv_ok = model(adv).argmax(1) == y
-    d = (adv - x).reshape(len(x), -1)
-    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
-    valid = (size <= eps * (1 + TOL) + TOL) & (adv.min() >= 0) & (adv.max() <= 1)
-    return (clean_ok & (adv_ok | ~valid)).numpy()
 
 
 @pytest.fixture(scope="module")
