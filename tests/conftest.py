@@ -84,6 +84,18 @@ def sample_workspace(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after: on the 2 shared cores of the test machine more threads
+    than free cores stalls torch. Modules of torch-heavy tests use it through an autouse fixture."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _restore_main_module():
     """Streamlit's script runner (AppTest) installs the page script as ``sys.modules['__main__']`` and

@@ -72,11 +72,8 @@ def build_workspace(root: Path, *, model: bool = True) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)   # 2 shared cores: more threads than free cores stalls torch
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

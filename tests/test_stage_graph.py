@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from robustlens import cli
 from robustlens.analysis.analyze import (
@@ -45,11 +44,8 @@ CHEAP_ROBUSTNESS = RobustnessConfig(max_samples=20, attack_samples=0, smoothing_
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads than free cores stalls torch
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
