@@ -128,6 +128,21 @@ def check_positive(value: object, name: str, *, allow_zero: bool = False) -> flo
     return v
 
 
+def check_fraction(value: object, name: str) -> float:
+    """Validate a real number in the open interval ``(0, 1)`` (a significance level, a share) and return it as
+    float."""
+    v = check_positive(value, name)
+    if v >= 1:
+        raise RobustnessInputError(f"{name} must be in (0, 1); got {v}")
+    return v
+
+
+def check_seed(value: object, name: str = "random_state") -> None:
+    """Refuse anything but an integer seed (bool included) for ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise RobustnessInputError(f"{name} must be an int; got {value!r}")
+
+
 def check_int(value: object, name: str, *, minimum: int = 1) -> int:
     """Validate an integer ``>= minimum`` and return it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

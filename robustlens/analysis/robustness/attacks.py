@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ._common import (
     RobustnessInputError,
+    check_fraction,
     check_images,
     check_int,
     check_labels,
@@ -451,9 +452,7 @@ def square_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
         raise RobustnessInputError(f"square_attack supports norm='linf' only; got {norm!r}")
     eps = check_positive(eps, "eps")
     max_iter = check_int(max_iter, "max_iter")
-    p_init = check_positive(p_init, "p_init")
-    if p_init >= 1:
-        raise RobustnessInputError(f"p_init must be in (0, 1); got {p_init}")
+    p_init = check_fraction(p_init, "p_init")
     gen = make_generator(random_state, "square")
     b, c, h, w = x.shape
     dev = x.device

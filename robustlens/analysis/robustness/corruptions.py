@@ -91,6 +91,7 @@ from ._common import (
     check_int,
     check_labels,
     check_model,
+    check_seed,
     eval_mode,
     make_generator,
     model_device,
@@ -722,8 +723,7 @@ def corruption_benchmark(model: torch.nn.Module, images: torch.Tensor, labels: t
     if not sevs:
         raise RobustnessInputError("severities must list at least one severity in 1..5; got an empty list")
     batch_size = check_int(batch_size, "batch_size")
-    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
-        raise RobustnessInputError(f"random_state must be an int; got {random_state!r}")
+    check_seed(random_state)
 
     device = model_device(model, images.device)
     preds = np.empty((len(names), len(sevs), n), dtype=np.int64)

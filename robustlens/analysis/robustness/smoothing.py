@@ -28,11 +28,13 @@ from scipy.stats import beta, norm
 
 from ._common import (
     RobustnessInputError,
+    check_fraction,
     check_images,
     check_int,
     check_labels,
     check_model,
     check_positive,
+    check_seed,
     eval_mode,
     logits_of,
     make_generator,
@@ -64,9 +66,7 @@ def clopper_pearson_lower(k: np.ndarray | int, n: int, alpha: float) -> np.ndarr
         ``alpha^(1/n)``. Equals the lower end of the two-sided exact interval at level ``1 - 2·alpha``.
     """
     n = check_int(n, "n")
-    alpha = check_positive(alpha, "alpha")
-    if alpha >= 1:
-        raise RobustnessInputError(f"alpha must be in (0, 1); got {alpha}")
+    alpha = check_fraction(alpha, "alpha")
     k_arr = np.asarray(k)
     if k_arr.dtype.kind not in "iu" or (k_arr.size and (k_arr.min() < 0 or k_arr.max() > n)):
         raise RobustnessInputError(f"k must be integers in [0, {n}]; got {k!r}")
@@ -178,12 +178,9 @@ def certify(model: torch.nn.Module, images: torch.Tensor, sigma: float, *, n0: i
     sigma = check_positive(sigma, "sigma")
     n0 = check_int(n0, "n0")
     n = check_int(n, "n")
-    alpha = check_positive(alpha, "alpha")
-    if alpha >= 1:
-        raise RobustnessInputError(f"alpha must be in (0, 1); got {alpha}")
+    alpha = check_fraction(alpha, "alpha")
     batch_size = check_int(batch_size, "batch_size")
-    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
-        raise RobustnessInputError(f"random_state must be an int; got {random_state!r}")
+    check_seed(random_state)
     device = model_device(model, images.device)
     count = images.shape[0]
     top = np.empty(count, dtype=np.int64)
