@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from robustlens.analysis.ingest.tables import first_rows, read_table
+from robustlens.analysis.ingest.tables import numeric_columns, read_table
 from robustlens.errors import ValidationError
 
 
@@ -70,19 +69,13 @@ def load_embeddings(path: str | Path, *, sample_ids: list[str], order: list[str]
                     "one numeric column per dimension",
                     file=path,
                 )
-            for column in columns:
-                values = pd.to_numeric(table[column], errors="coerce")
-                bad = values.isna() & table[column].notna()
-                if bad.any():
-                    row = first_rows(bad)[0]
-                    raise ValidationError(
-                        f"non-numeric value {str(table[column].iloc[row - 1])[:40]!r} (embedding "
-                        "columns must hold numbers; only 'id' may be text)",
-                        file=path,
-                        row=row,
-                        column=column,
-                    )
-            matrix = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+            matrix = numeric_columns(
+                table,
+                columns,
+                file=path,
+                refuse=lambda cell: f"non-numeric value {str(cell)[:40]!r} (embedding columns must hold numbers; "
+                "only 'id' may be text)",
+            )
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[1] == 0:
         raise ValidationError(

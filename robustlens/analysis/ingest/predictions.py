@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from robustlens.analysis.ingest.tables import first_rows, read_table
+from robustlens.analysis.ingest.tables import first_rows, numeric_columns, read_table
 from robustlens.errors import ValidationError
 
 SCORE_KINDS = ("auto", "probabilities", "logits")
@@ -220,18 +219,12 @@ def _read_table(
     score_columns = [c for c in table.columns if c not in ("id", "path")]
     if not score_columns:
         raise ValidationError("no class columns: expected one column per class name", file=path)
-    for column in score_columns:
-        values = pd.to_numeric(table[column], errors="coerce")
-        bad = values.isna() & table[column].notna()
-        if bad.any():
-            row = first_rows(bad)[0]
-            raise ValidationError(
-                f"non-numeric value '{table[column].iloc[row - 1]}' (class columns must hold probabilities or logits)",
-                file=path,
-                row=row,
-                column=column,
-            )
-    matrix = table[score_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    matrix = numeric_columns(
+        table,
+        score_columns,
+        file=path,
+        refuse=lambda cell: f"non-numeric value '{cell}' (class columns must hold probabilities or logits)",
+    )
     if key_column == "path":
         by_path = dict(zip(sample_paths, sample_ids, strict=True))
         row_ids = [by_path.get(k, k) for k in keys]

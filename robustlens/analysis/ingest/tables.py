@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,20 @@ def first_rows(mask: Any, limit: int = 5) -> list[int]:
     import numpy as np
 
     return [int(i) + 1 for i in np.flatnonzero(np.asarray(mask))[:limit]]
+
+
+def numeric_columns(table: pd.DataFrame, columns: list[str], *, file: Path, refuse: Callable[[Any], str]) -> Any:
+    """``table[columns]`` as an ``(N, len(columns))`` float64 array (empty cells are NaN).
+
+    The first cell that holds something other than a number (column by column, top down) is refused: a
+    :class:`ValidationError` naming ``file``, the 1-based row and the column, whose message is ``refuse(cell)``.
+    """
+    import numpy as np
+
+    for column in columns:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values.isna() & table[column].notna()
+        if bad.any():
+            row = first_rows(bad)[0]
+            raise ValidationError(refuse(table[column].iloc[row - 1]), file=file, row=row, column=column)
+    return table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
