@@ -214,41 +214,43 @@ FLAT_MODEL = ("import torch\nfrom torch import nn\n"
               "    def forward(self, x):\n        return {output}\n")
 
 
+def _flat_factory(folder: Path, name: str, output: str) -> str:
+    """Factory module ``name`` whose ``build()`` returns :data:`FLAT_MODEL` with ``forward`` returning ``output``."""
+    return _factory(folder, name, FLAT_MODEL.format(output=output) + "def build():\n    return Flat()\n")
+
+
+def _factory_init(tmp_path, image_folder, spec: str) -> list:
+    """``robustlens init`` arguments: the model built by factory ``spec``, with the 8×8 grey model config."""
+    return init_args(tmp_path / "ws", image_folder, "--model", spec, "--model-config", _config(tmp_path))
+
+
 def test_factory_that_raises(image_folder, tmp_path, capsys, factory_dir):
     spec = _factory(factory_dir, "rl_factory_raises", "def build():\n    raise KeyError('checkpoint.pth')\n")
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--model", spec,
-                                                "--model-config", _config(tmp_path)),
+    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
                    contains=("rl_factory_raises:build", "raised KeyError", "checkpoint.pth"))
 
 
 def test_factory_module_with_a_syntax_error(image_folder, tmp_path, capsys, factory_dir):
     spec = _factory(factory_dir, "rl_factory_syntax", "def build(:\n    pass\n")
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--model", spec,
-                                                "--model-config", _config(tmp_path)),
+    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
                    contains=("rl_factory_syntax.py", "syntax error at line 1"))
 
 
 def test_model_returning_nan(image_folder, tmp_path, capsys, factory_dir):
-    body = FLAT_MODEL.format(output="self.linear(x.flatten(1)) * float('nan')") + "def build():\n    return Flat()\n"
-    spec = _factory(factory_dir, "rl_factory_nan", body)
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--model", spec,
-                                                "--model-config", _config(tmp_path)),
+    spec = _flat_factory(factory_dir, "rl_factory_nan", "self.linear(x.flatten(1)) * float('nan')")
+    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
                    contains=("outputs NaN or infinite logits", "sample images", "cat/0.png"))
 
 
 def test_model_with_the_wrong_number_of_classes(image_folder, tmp_path, capsys, factory_dir):
-    body = FLAT_MODEL.format(output="self.linear(x.flatten(1))[:, :2]") + "def build():\n    return Flat()\n"
-    spec = _factory(factory_dir, "rl_factory_two", body)
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--model", spec,
-                                                "--model-config", _config(tmp_path)),
+    spec = _flat_factory(factory_dir, "rl_factory_two", "self.linear(x.flatten(1))[:, :2]")
+    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
                    contains=("class-count mismatch", "(2, 2)", "(batch, 3)"))
 
 
 def test_a_good_factory_still_passes_the_sample_batch_check(image_folder, tmp_path, capsys, factory_dir):
-    body = FLAT_MODEL.format(output="self.linear(x.flatten(1))") + "def build():\n    return Flat()\n"
-    spec = _factory(factory_dir, "rl_factory_good", body)
-    code, _, err = run_cli(capsys, *init_args(tmp_path / "ws", image_folder, "--model", spec,
-                                              "--model-config", _config(tmp_path)))
+    spec = _flat_factory(factory_dir, "rl_factory_good", "self.linear(x.flatten(1))")
+    code, _, err = run_cli(capsys, *_factory_init(tmp_path, image_folder, spec))
     assert code == 0, err
 
 
