@@ -174,23 +174,16 @@ def _actions(table: pd.DataFrame, sample_id: str, given: str, suggested: str | N
         on_click=_decide,
         args=(sample_id, "relabel", suggested, user, hide),
     )
-    row1[1].button(
-        "Keep label", key="review.keep", shortcut="K", on_click=_decide, args=(sample_id, "keep", None, user, hide)
-    )
-    row1[2].button(
-        "Ambiguous",
-        key="review.ambiguous",
-        shortcut="M",
-        on_click=_decide,
-        args=(sample_id, "ambiguous", None, user, hide),
-    )
-    row1[3].button(
-        "Exclude",
-        key="review.exclude",
-        shortcut="X",
-        on_click=_decide,
-        args=(sample_id, "exclude", None, user, hide),
-    )
+    # The decisions that carry no new label: one button each, keyed review.<decision>.
+    keeping = (("Keep label", "keep", "K"), ("Ambiguous", "ambiguous", "M"), ("Exclude", "exclude", "X"))
+    for column, (title, decision, shortcut) in zip(row1[1:4], keeping, strict=True):
+        column.button(
+            title,
+            key=f"review.{decision}",
+            shortcut=shortcut,
+            on_click=_decide,
+            args=(sample_id, decision, None, user, hide),
+        )
     row1[4].button("Skip", key="review.skip", shortcut="S", on_click=_move, args=(index + 1,))
     row1[5].button("Back", key="review.back", shortcut="B", on_click=_move, args=(index - 1,), disabled=index == 0)
     others = [c for c in table["label"].cat.categories if c != given]
