@@ -214,9 +214,9 @@ FLAT_MODEL = ("import torch\nfrom torch import nn\n"
               "    def forward(self, x):\n        return {output}\n")
 
 
-def _flat_factory(folder: Path, name: str, output: str) -> str:
-    """Factory module ``name`` whose ``build()`` returns :data:`FLAT_MODEL` with ``forward`` returning ``output``."""
-    return _factory(folder, name, FLAT_MODEL.format(output=output) + "def build():\n    return Flat()\n")
+def _flat_body(output: str) -> str:
+    """A factory module whose ``build()`` returns :data:`FLAT_MODEL` with ``forward`` returning ``output``."""
+    return FLAT_MODEL.format(output=output) + "def build():\n    return Flat()\n"
 
 
 def _factory_init(tmp_path, image_folder, spec: str) -> list:
@@ -224,32 +224,26 @@ def _factory_init(tmp_path, image_folder, spec: str) -> list:
     return init_args(tmp_path / "ws", image_folder, "--model", spec, "--model-config", _config(tmp_path))
 
 
-def test_factory_that_raises(image_folder, tmp_path, capsys, factory_dir):
-    spec = _factory(factory_dir, "rl_factory_raises", "def build():\n    raise KeyError('checkpoint.pth')\n")
-    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
-                   contains=("rl_factory_raises:build", "raised KeyError", "checkpoint.pth"))
-
-
-def test_factory_module_with_a_syntax_error(image_folder, tmp_path, capsys, factory_dir):
-    spec = _factory(factory_dir, "rl_factory_syntax", "def build(:\n    pass\n")
-    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
-                   contains=("rl_factory_syntax.py", "syntax error at line 1"))
-
-
-def test_model_returning_nan(image_folder, tmp_path, capsys, factory_dir):
-    spec = _flat_factory(factory_dir, "rl_factory_nan", "self.linear(x.flatten(1)) * float('nan')")
-    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
-                   contains=("outputs NaN or infinite logits", "sample images", "cat/0.png"))
-
-
-def test_model_with_the_wrong_number_of_classes(image_folder, tmp_path, capsys, factory_dir):
-    spec = _flat_factory(factory_dir, "rl_factory_two", "self.linear(x.flatten(1))[:, :2]")
-    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec),
-                   contains=("class-count mismatch", "(2, 2)", "(batch, 3)"))
+@pytest.mark.parametrize(
+    ("module", "body", "contains"),
+    [
+        ("rl_factory_raises", "def build():\n    raise KeyError('checkpoint.pth')\n",
+         ("rl_factory_raises:build", "raised KeyError", "checkpoint.pth")),
+        ("rl_factory_syntax", "def build(:\n    pass\n", ("rl_factory_syntax.py", "syntax error at line 1")),
+        ("rl_factory_nan", _flat_body("self.linear(x.flatten(1)) * float('nan')"),
+         ("outputs NaN or infinite logits", "sample images", "cat/0.png")),
+        ("rl_factory_two", _flat_body("self.linear(x.flatten(1))[:, :2]"),
+         ("class-count mismatch", "(2, 2)", "(batch, 3)")),
+    ],
+    ids=["factory_that_raises", "module_with_a_syntax_error", "model_returning_nan", "wrong_number_of_classes"],
+)
+def test_bad_model_factory_is_refused(image_folder, tmp_path, capsys, factory_dir, module, body, contains):
+    spec = _factory(factory_dir, module, body)
+    expect_refused(capsys, tmp_path, *_factory_init(tmp_path, image_folder, spec), contains=contains)
 
 
 def test_a_good_factory_still_passes_the_sample_batch_check(image_folder, tmp_path, capsys, factory_dir):
-    spec = _flat_factory(factory_dir, "rl_factory_good", "self.linear(x.flatten(1))")
+    spec = _factory(factory_dir, "rl_factory_good", _flat_body("self.linear(x.flatten(1))"))
     code, _, err = run_cli(capsys, *_factory_init(tmp_path, image_folder, spec))
     assert code == 0, err
 
