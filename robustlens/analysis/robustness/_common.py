@@ -225,6 +225,22 @@ def flat_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------- seeding
 
 
+def nearest_anchor(
+    z: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Locate inputs among the anchors of a planted test model.
+
+    ``z`` ``(B, C, H, W)``, ``anchors`` and ``deltas`` ``(A, C, H, W)``. Returns ``j`` ``(B,)``, the index of each
+    input's nearest anchor (L2, chosen without gradient: piecewise constant), ``u`` ``(B, C·H·W)``, the flattened
+    offset ``z - anchors[j]`` (differentiable in ``z``), and ``d`` ``(B, C·H·W)``, the flattened ``deltas[j]``.
+    """
+    flat = z.reshape(z.shape[0], -1)
+    flat_anchors = anchors.reshape(anchors.shape[0], -1)
+    with torch.no_grad():
+        j = torch.cdist(flat.detach(), flat_anchors).argmin(dim=1)
+    return j, flat - flat_anchors[j], deltas.reshape(deltas.shape[0], -1)[j]
+
+
 def derive_seed(random_state: int, *keys: int | str) -> int:
     """A 63-bit seed derived deterministically from ``random_state`` and ``keys`` (strings hashed by CRC32).
 

@@ -69,6 +69,7 @@ from ._common import (
     logits_of,
     make_generator,
     model_device,
+    nearest_anchor,
     predict_logits,
 )
 from .attacks import ATTACKS, AttackResult, evaluate_adversarial, run_attack
@@ -117,12 +118,7 @@ class ActiveTestModel(torch.nn.Module):
 
         The anchor is chosen without gradient (piecewise constant); the boost is differentiable in ``z``.
         """
-        flat = z.reshape(z.shape[0], -1)
-        anchors = self.anchors.reshape(self.anchors.shape[0], -1)
-        with torch.no_grad():
-            j = torch.cdist(flat.detach(), anchors).argmin(dim=1)
-        u = flat - anchors[j]
-        d = self.deltas.reshape(self.deltas.shape[0], -1)[j]
+        j, u, d = nearest_anchor(z, self.anchors, self.deltas)
         t = (u * d).sum(dim=1) / d.pow(2).sum(dim=1)
         size = u.abs().amax(dim=1) if self.norm == "linf" else u.norm(dim=1)
         env = torch.sigmoid((ENVELOPE_RADIUS - size / self.eps) / ENVELOPE_WIDTH)

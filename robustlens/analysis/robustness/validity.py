@@ -81,6 +81,7 @@ from ._common import (
     logits_of,
     make_generator,
     model_device,
+    nearest_anchor,
 )
 from .attacks import square_attack
 
@@ -498,12 +499,7 @@ class InputPathActiveModel(nn.Module):
 
     def mixing(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anchor index ``(B,)`` and mixing amount ``m`` ``(B,)`` for inputs ``z`` ``(B, C, H, W)``."""
-        flat = z.reshape(z.shape[0], -1)
-        anchors = self.anchors.reshape(self.anchors.shape[0], -1)
-        with torch.no_grad():
-            j = torch.cdist(flat.detach(), anchors).argmin(dim=1)
-        u = flat - anchors[j]
-        d = self.deltas.reshape(self.deltas.shape[0], -1)[j]
+        j, u, d = nearest_anchor(z, self.anchors, self.deltas)
         a = self.half_mask.reshape(self.half_mask.shape[0], -1)[j]
         da, db = d * a, d * (1 - a)
         t_a = (u * da).sum(1) / da.pow(2).sum(1).clamp_min(1e-30)
