@@ -73,15 +73,9 @@ def manifest_dataset(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def sample_workspace(tmp_path_factory) -> Path:
     """A workspace built from the shipped sample data (read-only for tests)."""
-    from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
+    from tests.workspaces import build_sample_workspace
 
-    root = tmp_path_factory.mktemp("sample") / "ws"
-    options = InitOptions(data=SAMPLE_DATA, labels=SAMPLE_DATA / "labels.csv",
-                          predictions=[("cnn", SAMPLE_DATA / "predictions.csv")],
-                          model=str(SAMPLE_DATA / "model.pt"), model_config=SAMPLE_DATA / "model.json",
-                          progress=False)
-    init_workspace(root, options)
-    return root
+    return build_sample_workspace(tmp_path_factory.mktemp("sample") / "ws")
 
 
 @pytest.fixture

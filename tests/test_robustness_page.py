@@ -14,7 +14,8 @@ from streamlit.testing.v1 import AppTest
 
 from robustlens.analysis.robustness.run import RobustnessConfig, run_robustness
 from robustlens.analysis.workspace import Workspace
-from tests.test_robustness_run import QUICK_AUTOATTACK, build_workspace
+from tests.test_robustness_run import QUICK_AUTOATTACK
+from tests.workspaces import build_sample_workspace
 
 pytestmark = pytest.mark.slow  # every test runs the robustness pipeline on a workspace
 
@@ -48,7 +49,7 @@ def page_script() -> None:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    return build_workspace(tmp_path_factory.mktemp("page") / "ws")
+    return build_sample_workspace(tmp_path_factory.mktemp("page") / "ws")
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from robustlens.analysis.workspace import Workspace
 from robustlens.commands import robustness as command
 from robustlens.commands.robustness import format_summary
 from robustlens.errors import ValidationError
+from tests.workspaces import build_sample_workspace
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -61,16 +62,6 @@ COLUMNS = {
 }
 
 
-def build_workspace(root: Path, *, model: bool = True) -> Path:
-    """A workspace of the 2,000 shipped sample images (with the sample CNN unless ``model=False``)."""
-    options = InitOptions(data=SAMPLE_DATA, labels=SAMPLE_DATA / "labels.csv",
-                          predictions=[("cnn", SAMPLE_DATA / "predictions.csv")],
-                          model=str(SAMPLE_DATA / "model.pt") if model else None,
-                          model_config=SAMPLE_DATA / "model.json" if model else None, progress=False)
-    init_workspace(root, options)
-    return root
-
-
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread):
     """Every test here runs torch on one thread (conftest.one_torch_thread)."""
@@ -79,7 +70,7 @@ def _one_thread(one_torch_thread):
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     """A fresh sample workspace nothing has run on (copy it before writing)."""
-    return build_workspace(tmp_path_factory.mktemp("rob") / "ws")
+    return build_sample_workspace(tmp_path_factory.mktemp("rob") / "ws")
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +271,7 @@ def test_bad_settings_are_named(template, change, message):
 
 # -- CLI ---------------------------------------------------------------------------------------------------------------
 def test_cli_without_model_exits_2(tmp_path, monkeypatch, capsys):
-    root = build_workspace(tmp_path / "ws", model=False)
+    root = build_sample_workspace(tmp_path / "ws", model=False)
     assert run_cli(["robustness", str(root), "--quiet"], monkeypatch) == 2
     assert "has no model" in capsys.readouterr().err
     assert not (root / "artifacts" / "robustness_summary.json").exists()
