@@ -16,8 +16,16 @@ from robustlens import __version__
 from robustlens.commands import analyze, export, info, init, robustness, serve
 from robustlens.commands.common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, describe_os_error, resolve_device, run_handler
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "COMMANDS", "build_parser", "describe_os_error", "main",
-           "resolve_device"]
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "COMMANDS",
+    "build_parser",
+    "describe_os_error",
+    "main",
+    "resolve_device",
+]
 
 #: The subcommands in the order ``robustlens --help`` lists them; each module has ``add_parser(subparsers)``.
 COMMANDS = (init, info, analyze, robustness, export, serve)
@@ -28,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustlens",
         description="Inspect an image-classification dataset and its model: quality, duplicates, label errors, "
-                    "slices and robustness.")
+        "slices and robustness.",
+    )
     parser.add_argument("--version", action="version", version=f"robustlens {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -28,8 +28,9 @@ class ValidationError(RobustlensError):
         Column name, if the problem is in one column.
     """
 
-    def __init__(self, message: str, *, file: str | Path | None = None, row: int | None = None,
-                 column: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | Path | None = None, row: int | None = None, column: str | None = None
+    ):
         self.file = str(file) if file is not None else None
         self.row = row
         self.column = column

@@ -23,7 +23,6 @@ import argparse
 import csv
 import gzip
 import json
-import os
 import shutil
 import struct
 import sys
@@ -156,8 +155,9 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torc
     return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
-          x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, x_test: torch.Tensor, y_test: torch.Tensor
+) -> None:
     gen = torch.Generator().manual_seed(TRAIN_SEED)
     opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = (len(x) + BATCH_SIZE - 1) // BATCH_SIZE
@@ -215,7 +215,9 @@ def write_pngs(out: Path, images: np.ndarray, indices: np.ndarray) -> None:
         if stale.name not in wanted:
             stale.unlink()
     for i in indices:
-        Image.fromarray(np.ascontiguousarray(images[i], dtype=np.uint8)).save(out / rel_path(int(i)), format="PNG", optimize=False)
+        Image.fromarray(np.ascontiguousarray(images[i], dtype=np.uint8)).save(
+            out / rel_path(int(i)), format="PNG", optimize=False
+        )
 
 
 def read_pngs(out: Path, indices: np.ndarray) -> np.ndarray:
@@ -263,9 +265,7 @@ def write_readme(out: Path, info: dict) -> None:
         if (out / name).exists()
     }
     size_lines = "\n".join(f"| `{k}` | {human(v)} ({v:,} bytes) |" for k, v in sizes.items())
-    per_class = "\n".join(
-        f"| {i} | `{c}` | {info['subset_class_acc'][i]:.3f} |" for i, c in enumerate(CLASSES)
-    )
+    per_class = "\n".join(f"| {i} | `{c}` | {info['subset_class_acc'][i]:.3f} |" for i, c in enumerate(CLASSES))
     text = f"""# robustlens sample data
 
 A small, self-contained image-classification bundle for trying robustlens:
@@ -293,7 +293,7 @@ Class index order: {", ".join(f"{i} `{c}`" for i, c in enumerate(CLASSES))}.
   *Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning
   Algorithms*, arXiv:1708.07747, 2017.
 * Read from the Debian package `dataset-fashion-mnist`
-  (version {info['deb_version']}), directory `/usr/share/datasets/fashion-mnist/`,
+  (version {info["deb_version"]}), directory `/usr/share/datasets/fashion-mnist/`,
   files `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`,
   `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz` (original IDX format,
   parsed with a small numpy/gzip reader in `build.py`).
@@ -347,27 +347,27 @@ out-of-sample.
   `Conv(1->16,3x3,pad 1)-BN-ReLU-MaxPool2` -> `Conv(16->32,3x3)-BN-ReLU-MaxPool2`
   -> `Conv(32->64,3x3)-BN-ReLU-MaxPool2` -> `Flatten(576)` -> `Dropout(0.2)`
   -> `Linear(576->64)-ReLU` -> `classifier: Linear(64->10)`.
-* Parameters: **{info['n_params']:,}**. Saved with `torch.jit.script`
-  (`model.pt`, {human(sizes['model.pt'])}); submodules `features` and `classifier`
+* Parameters: **{info["n_params"]:,}**. Saved with `torch.jit.script`
+  (`model.pt`, {human(sizes["model.pt"])}); submodules `features` and `classifier`
   are callable on the loaded scripted module, e.g.
   `emb = torch.jit.load("model.pt").features(x)`.
 * Normalisation is **not** inside the model: apply `(x/255 - mean)/std` with
-  mean = {info['mean']}, std = {info['std']} (from `model.json`; computed over
+  mean = {info["mean"]}, std = {info["std"]} (from `model.json`; computed over
   all 60,000 training images in [0,1]).
-* Training: all 60,000 training images, {info['epochs']} epochs, batch
+* Training: all 60,000 training images, {info["epochs"]} epochs, batch
   {BATCH_SIZE}, Adam (weight decay {WEIGHT_DECAY:g}), one-cycle LR schedule with
   peak {LR:g}, cross-entropy, random horizontal flip (p=0.5) as the only
   augmentation, CPU with `torch.set_num_threads(2)`, seeds
   `torch.manual_seed({TRAIN_SEED})` / `np.random.seed({TRAIN_SEED})` and a seeded
-  `torch.Generator` for shuffling/flips. Training took {info['train_time']}
-  on 2 CPU cores with torch {info['torch_version']}.
+  `torch.Generator` for shuffling/flips. Training took {info["train_time"]}
+  on 2 CPU cores with torch {info["torch_version"]}.
 
 ### Accuracy
 
 | Evaluation set | Accuracy |
 |---|---|
-| Full Fashion-MNIST test split (10,000 images) | **{info['test_acc']:.4f}** |
-| This 2,000-image subset (`predictions.csv` argmax vs `labels.csv`) | **{info['subset_acc']:.4f}** |
+| Full Fashion-MNIST test split (10,000 images) | **{info["test_acc"]:.4f}** |
+| This 2,000-image subset (`predictions.csv` argmax vs `labels.csv`) | **{info["subset_acc"]:.4f}** |
 
 Per-class accuracy on the 2,000-image subset:
 
@@ -379,7 +379,7 @@ Per-class accuracy on the 2,000-image subset:
 
 | File | Size |
 |---|---|
-| `images/` ({info['n_images']} PNGs) | {human(img_bytes)} ({img_bytes:,} bytes) |
+| `images/` ({info["n_images"]} PNGs) | {human(img_bytes)} ({img_bytes:,} bytes) |
 {size_lines}
 
 ## Regenerating
@@ -390,7 +390,7 @@ From the repository root:
 .venv/bin/python sample_data/build.py
 ```
 
-Options: `--epochs N` (default {info['default_epochs']}), `--source DIR` (folder with
+Options: `--epochs N` (default {info["default_epochs"]}), `--source DIR` (folder with
 the four `*-ubyte.gz` files; default `/usr/share/datasets/fashion-mnist`),
 `--out DIR` (default: this folder), `--reuse-model PATH` (skip training and use
 an existing TorchScript model).
@@ -399,7 +399,7 @@ Reproducibility: the subset selection, `images/*.png` and `labels.csv` do not
 depend on training and are byte-identical across runs (uint8 pixels, Pillow PNG
 encoder with `optimize=False`, no timestamps/metadata). Training is seeded and
 single-process; with the same torch version (built with torch
-{info['torch_version']}) on the same kind of CPU it reproduces the same weights,
+{info["torch_version"]}) on the same kind of CPU it reproduces the same weights,
 and hence the same `model.json` accuracy and `predictions.csv` (verified
 byte-identical; the `model.pt` archive itself may differ in a few
 serialisation bytes even when the weights are equal). Other torch
@@ -433,8 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"training epochs (default {DEFAULT_EPOCHS})")
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help=f"IDX .gz folder (default {DEFAULT_SOURCE})")
     ap.add_argument("--out", type=Path, default=here, help="output folder (default: this script's folder)")
-    ap.add_argument("--reuse-model", type=Path, default=None,
-                    help="skip training; load this TorchScript model instead (copied to OUT/model.pt)")
+    ap.add_argument(
+        "--reuse-model",
+        type=Path,
+        default=None,
+        help="skip training; load this TorchScript model instead (copied to OUT/model.pt)",
+    )
     args = ap.parse_args(argv)
 
     torch.manual_seed(TRAIN_SEED)
@@ -517,28 +521,34 @@ def main(argv: list[str] | None = None) -> int:
     logits = predict_logits(scripted, to_input(back, mean, std))
     probs = torch.softmax(logits.double(), dim=1).numpy()
     rows = format_probs(probs)
-    write_csv(out / "predictions.csv", ["path", *CLASSES],
-              [[rel_path(int(i)), *r] for i, r in zip(indices, rows)])
+    write_csv(
+        out / "predictions.csv",
+        ["path", *CLASSES],
+        [[rel_path(int(i)), *r] for i, r in zip(indices, rows, strict=True)],
+    )
     sub_pred = probs.argmax(1)
     sub_true = test_y[indices]
     subset_acc = float((sub_pred == sub_true).mean())
     class_acc = [float((sub_pred[sub_true == c] == c).mean()) for c in range(len(CLASSES))]
     log(f"wrote predictions.csv; subset accuracy (2,000 images): {subset_acc:.4f}")
 
-    write_readme(out, {
-        "n_params": n_params,
-        "mean": mean,
-        "std": std,
-        "epochs": args.epochs if args.reuse_model is None else "(reused model)",
-        "default_epochs": DEFAULT_EPOCHS,
-        "train_time": train_time,
-        "torch_version": torch.__version__,
-        "test_acc": test_acc,
-        "subset_acc": subset_acc,
-        "subset_class_acc": class_acc,
-        "n_images": len(indices),
-        "deb_version": deb_version(),
-    })
+    write_readme(
+        out,
+        {
+            "n_params": n_params,
+            "mean": mean,
+            "std": std,
+            "epochs": args.epochs if args.reuse_model is None else "(reused model)",
+            "default_epochs": DEFAULT_EPOCHS,
+            "train_time": train_time,
+            "torch_version": torch.__version__,
+            "test_acc": test_acc,
+            "subset_acc": subset_acc,
+            "subset_class_acc": class_acc,
+            "n_images": len(indices),
+            "deb_version": deb_version(),
+        },
+    )
     log(f"wrote README.md; all done in {time.time() - t_start:.0f}s -> {out}")
     return 0
 

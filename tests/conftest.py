@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "sample_data"
 
 
-def write_image(path: Path, *, mode: str = "RGB", size: tuple[int, int] = (16, 12), seed: int = 0,
-                fmt: str | None = None) -> Path:
+def write_image(
+    path: Path, *, mode: str = "RGB", size: tuple[int, int] = (16, 12), seed: int = 0, fmt: str | None = None
+) -> Path:
     """Write a random image of ``mode`` (Pillow mode) and ``size`` (width, height)."""
     rng = np.random.default_rng(seed)
     width, height = size
@@ -31,7 +32,8 @@ def write_image(path: Path, *, mode: str = "RGB", size: tuple[int, int] = (16, 1
         image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
     elif mode == "P":
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB").convert(
-            "P", palette=Image.Palette.ADAPTIVE, colors=16)
+            "P", palette=Image.Palette.ADAPTIVE, colors=16
+        )
     elif mode == "LA":
         image = Image.fromarray(rng.integers(0, 256, (height, width, 2), dtype=np.uint8), "LA")
     else:
@@ -43,8 +45,11 @@ def write_image(path: Path, *, mode: str = "RGB", size: tuple[int, int] = (16, 1
 
 def tree_digest(root: Path) -> dict[str, str]:
     """Relative path → sha256 of every file under ``root`` (to prove inputs were not modified)."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture

@@ -17,17 +17,16 @@ import pandas as pd
 import pytest
 
 from robustlens import cli
-from robustlens.query.filters import apply_filter, from_query_params
 from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
-from robustlens.query.sample_table import load_sample_table
 from robustlens.analysis.stages.base import excluded_rows, read_refused
 from robustlens.analysis.workspace import Workspace
+from robustlens.query.filters import apply_filter, from_query_params
+from robustlens.query.sample_table import load_sample_table
 from tests.conftest import write_image
 
 CLASSES = ("coat", "bag", "shoe")
 PER_CLASS = 5  # 15 samples: below the projection stage's UMAP minimum (16), which keeps the test fast
-STAGES_WITH_OUTPUT = ("metrics", "fingerprints", "projection", "duplicates", "outliers", "label_issues",
-                      "slices")
+STAGES_WITH_OUTPUT = ("metrics", "fingerprints", "projection", "duplicates", "outliers", "label_issues", "slices")
 
 
 @pytest.fixture
@@ -106,8 +105,9 @@ def assert_skipped_everywhere(workspace: Workspace, bad: int) -> None:
     pairs = artifact(workspace, "duplicate_pairs")
     ids = workspace.samples["id"].to_numpy()
     assert ids[bad] not in set(pairs.iloc[:, 0]) | set(pairs.iloc[:, 1])
-    clusters = artifact(workspace, "slice_clusters") if workspace.artifact_path(
-        "slice_clusters.parquet").exists() else None
+    clusters = (
+        artifact(workspace, "slice_clusters") if workspace.artifact_path("slice_clusters.parquet").exists() else None
+    )
     if clusters is not None:
         assert clusters.set_index("id").loc[ids[bad], "cluster"] == -1
 

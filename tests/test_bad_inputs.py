@@ -70,9 +70,28 @@ def predictions(image_folder, tmp_path) -> Path:
 
 # -- names ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["../../../pwned", "a/b", "..", ".hidden", "x\\y", "![u](http://evil/x)",
-                                  "<script>alert(1)</script>", "[Session expired](http://evil/login)", "a\nb",
-                                  " lead", "trail ", "two  spaces", "", "x" * 101, "`code`", "*bold*"])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../../pwned",
+        "a/b",
+        "..",
+        ".hidden",
+        "x\\y",
+        "![u](http://evil/x)",
+        "<script>alert(1)</script>",
+        "[Session expired](http://evil/login)",
+        "a\nb",
+        " lead",
+        "trail ",
+        "two  spaces",
+        "",
+        "x" * 101,
+        "`code`",
+        "*bold*",
+    ],
+)
 def test_validate_name_refuses_paths_markup_and_control_characters(name):
     with pytest.raises(ValidationError, match="tag"):
         validate_name("tag", name)
@@ -86,28 +105,35 @@ def test_validate_name_accepts_ordinary_names(name):
 @pytest.mark.parametrize("name", ["../../../pwned", "![u](http://evil/x)", "<b>x</b>", "a/b"])
 def test_prediction_set_names_are_validated(image_folder, predictions, tmp_path, capsys, name):
     """Before: '../../../pwned=p.csv' wrote pwned.npy outside the workspace; markup broke analyze later."""
-    expect_refused(capsys, tmp_path,
-                   *init_args(tmp_path / "ws", image_folder, "--predictions", f"{name}={predictions}"),
-                   contains=("--predictions", "prediction-set name", "not allowed"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--predictions", f"{name}={predictions}"),
+        contains=("--predictions", "prediction-set name", "not allowed"),
+    )
     assert not (tmp_path.parent / "pwned.npy").exists() and not list(tmp_path.rglob("pwned.npy"))
 
 
 def test_prediction_set_named_after_an_unsafe_file_name(image_folder, predictions, tmp_path, capsys):
     odd = tmp_path / "preds (copy).csv"
     odd.write_bytes(predictions.read_bytes())
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--predictions", odd),
-                   contains=("'preds (copy)'", "NAME=PATH"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--predictions", odd),
+        contains=("'preds (copy)'", "NAME=PATH"),
+    )
     code, _, _ = run_cli(capsys, *init_args(tmp_path / "ws", image_folder, "--predictions", f"copy={odd}"))
     assert code == 0 and Workspace(tmp_path / "ws").prediction_names == ["copy"]
 
 
 # -- --db ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("url", ["not a url", "nosuchdialect://x/y", "sqlite:////nonexistent-dir/sub/curation.db"])
 def test_bad_db_url_is_refused_before_anything_is_written(image_folder, tmp_path, capsys, url):
     """Before: a traceback after workspace.json was written with the bad URL; a re-run said 'already a workspace'."""
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--db", url),
-                   contains=("--db", url))
+    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--db", url), contains=("--db", url))
     # Nothing was left behind, so the corrected command just works.
     good = f"sqlite:///{tmp_path / 'elsewhere' / 'c.db'}"
     (tmp_path / "elsewhere").mkdir()
@@ -123,14 +149,19 @@ def test_force_rebuild_does_not_keep_a_broken_db_url(image_folder, tmp_path, cap
     manifest = json.loads((workspace / "workspace.json").read_text())
     manifest["db_url"] = "sqlite:////nonexistent-dir/x.db"  # as an older robustlens could leave it
     (workspace / "workspace.json").write_text(json.dumps(manifest))
-    expect_refused(capsys, tmp_path, *init_args(workspace, image_folder, "--force"),
-                   contains=("db_url kept from", "pass --db URL to replace it"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(workspace, image_folder, "--force"),
+        contains=("db_url kept from", "pass --db URL to replace it"),
+    )
     good = f"sqlite:///{tmp_path / 'c.db'}"
     assert run_cli(capsys, *init_args(workspace, image_folder, "--force", "--db", good))[0] == 0
     assert Workspace(workspace).manifest["db_url"] == good
 
 
 # -- the model ----------------------------------------------------------------------------------------------------
+
 
 class _Raises(nn.Module):
     def forward(self, x):
@@ -165,20 +196,27 @@ def _script(tmp_path, module, name="m.pt") -> Path:
 
 def test_torchscript_model_that_raises(image_folder, tmp_path, capsys):
     model, config = _script(tmp_path, _Raises()), _config(tmp_path)
-    err = expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--model", model,
-                                                       "--model-config", config),
-                         contains=("the model failed", "weights were never loaded"))
+    err = expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--model", model, "--model-config", config),
+        contains=("the model failed", "weights were never loaded"),
+    )
     assert "The following operation failed in the TorchScript interpreter" not in err
 
 
 def test_wrong_input_size_says_what_the_model_expects(image_folder, tmp_path, capsys):
     """Before: 'The following operation failed in the TorchScript interpreter.'"""
-    model, config = _script(tmp_path, _Flat()), _config(tmp_path, input_size=[32, 32], channels=3,
-                                                        mean=[0.5] * 3, std=[0.25] * 3)
-    err = expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--model", model,
-                                                       "--model-config", config),
-                         contains=("input_size [32, 32], channels 3",
-                                   "accepts input of shape (batch, 1, 8, 8)", '"input_size": [8, 8]'))
+    model, config = (
+        _script(tmp_path, _Flat()),
+        _config(tmp_path, input_size=[32, 32], channels=3, mean=[0.5] * 3, std=[0.25] * 3),
+    )
+    err = expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--model", model, "--model-config", config),
+        contains=("input_size [32, 32], channels 3", "accepts input of shape (batch, 1, 8, 8)", '"input_size": [8, 8]'),
+    )
     assert "TorchScript interpreter" not in err
 
 
@@ -186,9 +224,12 @@ def test_config_with_nan_mean_or_infinite_std(image_folder, tmp_path, capsys):
     model = _script(tmp_path, _Flat())
     for field, value in (("mean", [float("nan")]), ("std", [float("inf")])):
         config = _config(tmp_path, **{field: value})
-        expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--model", model,
-                                                    "--model-config", config),
-                       contains=(str(config), f"column '{field}'", "finite"))
+        expect_refused(
+            capsys,
+            tmp_path,
+            *init_args(tmp_path / "ws", image_folder, "--model", model, "--model-config", config),
+            contains=(str(config), f"column '{field}'", "finite"),
+        )
 
 
 @pytest.fixture
@@ -208,10 +249,12 @@ def _factory(folder: Path, name: str, body: str) -> str:
     return f"{name}:build"
 
 
-FLAT_MODEL = ("import torch\nfrom torch import nn\n"
-              "class Flat(nn.Module):\n"
-              "    def __init__(self):\n        super().__init__()\n        self.linear = nn.Linear(64, 3)\n"
-              "    def forward(self, x):\n        return {output}\n")
+FLAT_MODEL = (
+    "import torch\nfrom torch import nn\n"
+    "class Flat(nn.Module):\n"
+    "    def __init__(self):\n        super().__init__()\n        self.linear = nn.Linear(64, 3)\n"
+    "    def forward(self, x):\n        return {output}\n"
+)
 
 
 def _flat_body(output: str) -> str:
@@ -227,13 +270,22 @@ def _factory_init(tmp_path, image_folder, spec: str) -> list:
 @pytest.mark.parametrize(
     ("module", "body", "contains"),
     [
-        ("rl_factory_raises", "def build():\n    raise KeyError('checkpoint.pth')\n",
-         ("rl_factory_raises:build", "raised KeyError", "checkpoint.pth")),
+        (
+            "rl_factory_raises",
+            "def build():\n    raise KeyError('checkpoint.pth')\n",
+            ("rl_factory_raises:build", "raised KeyError", "checkpoint.pth"),
+        ),
         ("rl_factory_syntax", "def build(:\n    pass\n", ("rl_factory_syntax.py", "syntax error at line 1")),
-        ("rl_factory_nan", _flat_body("self.linear(x.flatten(1)) * float('nan')"),
-         ("outputs NaN or infinite logits", "sample images", "cat/0.png")),
-        ("rl_factory_two", _flat_body("self.linear(x.flatten(1))[:, :2]"),
-         ("class-count mismatch", "(2, 2)", "(batch, 3)")),
+        (
+            "rl_factory_nan",
+            _flat_body("self.linear(x.flatten(1)) * float('nan')"),
+            ("outputs NaN or infinite logits", "sample images", "cat/0.png"),
+        ),
+        (
+            "rl_factory_two",
+            _flat_body("self.linear(x.flatten(1))[:, :2]"),
+            ("class-count mismatch", "(2, 2)", "(batch, 3)"),
+        ),
     ],
     ids=["factory_that_raises", "module_with_a_syntax_error", "model_returning_nan", "wrong_number_of_classes"],
 )
@@ -250,32 +302,47 @@ def test_a_good_factory_still_passes_the_sample_batch_check(image_folder, tmp_pa
 
 # -- embeddings ---------------------------------------------------------------------------------------------------
 
+
 def test_embeddings_csv_with_a_text_column(image_folder, tmp_path, capsys):
     ids = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.png"))
     table = pd.DataFrame({"id": ids, "e0": np.arange(12.0), "comment": ["ok"] * 12})
     table.to_csv(tmp_path / "e.csv", index=False)
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--embeddings", tmp_path / "e.csv"),
-                   contains=(f"{tmp_path / 'e.csv'}, row 1, column 'comment'", "non-numeric value 'ok'"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--embeddings", tmp_path / "e.csv"),
+        contains=(f"{tmp_path / 'e.csv'}, row 1, column 'comment'", "non-numeric value 'ok'"),
+    )
 
 
 def test_embeddings_with_zero_dimensions(image_folder, tmp_path, capsys):
     np.save(tmp_path / "e.npy", np.zeros((12, 0)))
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--embeddings", tmp_path / "e.npy"),
-                   contains=(str(tmp_path / "e.npy"), "at least one dimension", "(12, 0)"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--embeddings", tmp_path / "e.npy"),
+        contains=(str(tmp_path / "e.npy"), "at least one dimension", "(12, 0)"),
+    )
 
 
 # -- the workspace path -------------------------------------------------------------------------------------------
+
 
 def test_workspace_path_that_is_a_file_or_under_a_file(image_folder, tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("precious")
     expect_refused(capsys, tmp_path, *init_args(notes, image_folder), contains=(str(notes), "is a file"))
-    expect_refused(capsys, tmp_path, *init_args(notes / "ws", image_folder),
-                   contains=(str(notes / "ws"), f"under {notes}, which is a file"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(notes / "ws", image_folder),
+        contains=(str(notes / "ws"), f"under {notes}, which is a file"),
+    )
     assert notes.read_text() == "precious"
 
 
 # -- options ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("value", ["-1", "0", "two", "1.5"])
 def test_workers_rejected_before_any_decoding(image_folder, tmp_path, capsys, monkeypatch, value):
@@ -286,30 +353,43 @@ def test_workers_rejected_before_any_decoding(image_folder, tmp_path, capsys, mo
         raise AssertionError("decoded an image before validating --workers")
 
     monkeypatch.setattr(dataset, "read_image", no_decoding)
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--workers", value),
-                   contains=("--workers", "positive integer"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--workers", value),
+        contains=("--workers", "positive integer"),
+    )
 
 
 def test_analyze_workers_and_max_pixels_are_validated(sample_workspace, tmp_path, capsys):
     expect_refused(capsys, tmp_path, "analyze", sample_workspace, "--workers", "0", contains=("--workers",))
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", sample_workspace, "--max-pixels", "-5"),
-                   contains=("--max-pixels",))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", sample_workspace, "--max-pixels", "-5"),
+        contains=("--max-pixels",),
+    )
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-0.1", "1", "x"])
 def test_sum_tolerance_must_be_finite_and_in_range(image_folder, predictions, tmp_path, capsys, value):
     """Before: --sum-tolerance nan|inf was accepted and NaN probabilities were stored."""
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder, "--predictions", predictions,
-                                                "--sum-tolerance", value),
-                   contains=("--sum-tolerance",))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder, "--predictions", predictions, "--sum-tolerance", value),
+        contains=("--sum-tolerance",),
+    )
 
 
 def test_library_entry_point_validates_options_too(image_folder, tmp_path):
     from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
 
-    for options in (InitOptions(data=image_folder, sum_tolerance=float("nan")),
-                    InitOptions(data=image_folder, workers=-1),
-                    InitOptions(data=image_folder, predictions=[("../x", tmp_path / "p.csv")])):
+    for options in (
+        InitOptions(data=image_folder, sum_tolerance=float("nan")),
+        InitOptions(data=image_folder, workers=-1),
+        InitOptions(data=image_folder, predictions=[("../x", tmp_path / "p.csv")]),
+    ):
         with pytest.raises(ValidationError):
             init_workspace(tmp_path / "ws", options)
         assert not (tmp_path / "ws").exists()
@@ -317,13 +397,15 @@ def test_library_entry_point_validates_options_too(image_folder, tmp_path):
 
 # -- manifests ----------------------------------------------------------------------------------------------------
 
+
 def test_na_none_null_are_label_strings(manifest_dataset, tmp_path, capsys):
     """Before: labels 'NA' / 'None' were rejected as empty."""
     root, _ = manifest_dataset
     labels = ["NA", "None", "null", "NA", "None", "null"]
     manifest = tmp_path / "na.csv"
-    pd.DataFrame({"path": [f"imgs/im{i}.png" for i in range(6)], "label": labels,
-                  "note": ["NA", "", "x", "y", "z", "w"]}).to_csv(manifest, index=False)
+    pd.DataFrame(
+        {"path": [f"imgs/im{i}.png" for i in range(6)], "label": labels, "note": ["NA", "", "x", "y", "z", "w"]}
+    ).to_csv(manifest, index=False)
     code, _, err = run_cli(capsys, *init_args(tmp_path / "ws", root, "--labels", manifest))
     assert code == 0, err
     workspace = Workspace(tmp_path / "ws")
@@ -337,8 +419,12 @@ def test_empty_label_is_still_an_error(manifest_dataset, tmp_path, capsys):
     root, _ = manifest_dataset
     manifest = tmp_path / "blank.csv"
     manifest.write_text("path,label\nimgs/im0.png,a\nimgs/im1.png,\n")
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", root, "--labels", manifest),
-                   contains=(f"{manifest}, row 2, column 'label'", "empty value"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", root, "--labels", manifest),
+        contains=(f"{manifest}, row 2, column 'label'", "empty value"),
+    )
 
 
 @pytest.mark.parametrize("delimiter", [";", "\t", "|"])
@@ -378,6 +464,7 @@ def test_class_folder_symlinked_to_the_root_is_ingested_once(image_folder, tmp_p
 
 # -- analyze ------------------------------------------------------------------------------------------------------
 
+
 def test_analyze_with_a_class_of_one_image_and_no_predictions(tmp_path, capsys):
     """Before: 'cross-validation needs at least 2 samples per class' and the stages after it never ran."""
     data = tmp_path / "data"
@@ -396,14 +483,15 @@ def test_analyze_with_a_class_of_one_image_and_no_predictions(tmp_path, capsys):
 
 # -- decoding memory ----------------------------------------------------------------------------------------------
 
+
 def test_concurrent_decodes_stay_within_the_pixel_budget(tmp_path, monkeypatch):
     """Before: 4 workers decoded four 9400² PNGs at once (9.5 GB); now the pixels in flight are bounded."""
     import robustlens.analysis.ingest.dataset as dataset
 
     data = tmp_path / "data"
     for i in range(8):
-        write_image(data / "big" / f"{i}.png", size=(200, 150), seed=i)   # 30,000 pixels each
-        write_image(data / "small" / f"{i}.png", size=(20, 10), seed=i)   # 200 pixels each
+        write_image(data / "big" / f"{i}.png", size=(200, 150), seed=i)  # 30,000 pixels each
+        write_image(data / "small" / f"{i}.png", size=(20, 10), seed=i)  # 200 pixels each
     in_flight, peak, lock = [0], [0], threading.Lock()
     real_read = dataset.read_image
 
@@ -439,6 +527,7 @@ def test_header_pixels_reads_png_and_other_formats_without_decoding(tmp_path):
 
 # -- sample ids the curation database cannot hold (issue 9: ids > 1,024 bytes passed init, failed on PostgreSQL) ----
 
+
 def test_sample_id_longer_than_the_curation_limit_is_refused_naming_the_row(manifest_dataset, tmp_path, capsys):
     from robustlens.analysis.curation import MAX_SAMPLE_ID_BYTES
 
@@ -447,14 +536,20 @@ def test_sample_id_longer_than_the_curation_limit_is_refused_naming_the_row(mani
     ids = ["a", "b", wide, "d", "e", "f"]
     manifest = tmp_path / "ids.csv"
     pd.DataFrame({"id": ids, "path": [f"imgs/im{i}.png" for i in range(6)], "label": list("ababab")}).to_csv(
-        manifest, index=False)
-    err = expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", root, "--labels", manifest),
-                         contains=(f"{manifest}, row 3, column 'id'", "1,026 bytes", f"{MAX_SAMPLE_ID_BYTES:,} bytes"))
+        manifest, index=False
+    )
+    err = expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", root, "--labels", manifest),
+        contains=(f"{manifest}, row 3, column 'id'", "1,026 bytes", f"{MAX_SAMPLE_ID_BYTES:,} bytes"),
+    )
     assert not (tmp_path / "ws").exists(), err
     # At the limit (bytes, not characters): accepted, stored exactly.
     ids[2], ids[3] = "图" * (MAX_SAMPLE_ID_BYTES // 3), "i" * MAX_SAMPLE_ID_BYTES
     pd.DataFrame({"id": ids, "path": [f"imgs/im{i}.png" for i in range(6)], "label": list("ababab")}).to_csv(
-        manifest, index=False)
+        manifest, index=False
+    )
     code, _, err = run_cli(capsys, *init_args(tmp_path / "ws", root, "--labels", manifest))
     assert code == 0, err
     assert Workspace(tmp_path / "ws").samples["id"].tolist() == ids
@@ -473,12 +568,19 @@ def test_path_id_longer_than_the_curation_limit_is_refused(manifest_dataset, tmp
     relative = _deep_image(root)
     with open(manifest, "a") as handle:
         handle.write(f"{relative},a,train,cam0,100\n")
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", root, "--labels", manifest),
-                   contains=(f"{manifest}, row 7, column 'path'", f"{len(relative.encode()):,} bytes",
-                             "shorter 'id' column"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", root, "--labels", manifest),
+        contains=(f"{manifest}, row 7, column 'path'", f"{len(relative.encode()):,} bytes", "shorter 'id' column"),
+    )
 
 
 def test_imagefolder_path_longer_than_the_curation_limit_is_refused(image_folder, tmp_path, capsys):
     relative = _deep_image(image_folder / "cat")
-    expect_refused(capsys, tmp_path, *init_args(tmp_path / "ws", image_folder),
-                   contains=(str(image_folder / "cat" / relative), "bytes in UTF-8", "shorten"))
+    expect_refused(
+        capsys,
+        tmp_path,
+        *init_args(tmp_path / "ws", image_folder),
+        contains=(str(image_folder / "cat" / relative), "bytes in UTF-8", "shorten"),
+    )

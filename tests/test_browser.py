@@ -105,8 +105,11 @@ def test_overview_shows_counts_and_issue_examples(page, server):
     metrics = page.locator("[data-testid='stMetric']")
     expect(metrics.filter(has_text=re.compile(r"^Samples\s*2,000$"))).to_have_count(1, timeout=TIMEOUT)
     expect(metrics.filter(has_text=re.compile(r"Accuracy \(cnn\)\s*91\.8%"))).to_have_count(1, timeout=TIMEOUT)
-    page.wait_for_function("() => [...document.querySelectorAll(\"[data-testid='stImage'] img\")]"
-                           ".filter(i => i.complete && i.naturalWidth > 0).length >= 6", timeout=TIMEOUT)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll(\"[data-testid='stImage'] img\")]"
+        ".filter(i => i.complete && i.naturalWidth > 0).length >= 6",
+        timeout=TIMEOUT,
+    )
     expect(page.get_by_role("link", name="Open in explorer").nth(4)).to_be_visible(timeout=TIMEOUT)
     no_exceptions(page)
 
@@ -135,8 +138,13 @@ def test_lasso_on_the_map_then_tag_in_one_action(page, server, workspace):
     drag.wait_for(timeout=TIMEOUT)
     box = drag.bounding_box()
     cx, cy, w, h = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["width"], box["height"]
-    outline = [(cx - 0.2 * w, cy - 0.2 * h), (cx + 0.2 * w, cy - 0.2 * h), (cx + 0.2 * w, cy + 0.2 * h),
-               (cx - 0.2 * w, cy + 0.2 * h), (cx - 0.2 * w, cy - 0.19 * h)]
+    outline = [
+        (cx - 0.2 * w, cy - 0.2 * h),
+        (cx + 0.2 * w, cy - 0.2 * h),
+        (cx + 0.2 * w, cy + 0.2 * h),
+        (cx - 0.2 * w, cy + 0.2 * h),
+        (cx - 0.2 * w, cy - 0.19 * h),
+    ]
     page.mouse.move(*outline[0])
     page.mouse.down()
     for x, y in outline[1:]:
@@ -174,7 +182,8 @@ def test_clicking_a_confusion_cell_opens_its_samples(page, server, workspace):
     cells.hover(position=cell, timeout=TIMEOUT)
     # The cell's hover label shows once plotly is interactive; one click then selects it (a second would deselect).
     chart.locator(".hoverlayer .hovertext").filter(has_text=re.compile("given shirt.*predicted tshirt_top")).wait_for(
-        timeout=TIMEOUT)
+        timeout=TIMEOUT
+    )
     with script_runs(page).expect_run(TIMEOUT):
         cells.click(position=cell, timeout=TIMEOUT)
     page.get_by_role("heading", name="Explorer").wait_for(timeout=TIMEOUT)

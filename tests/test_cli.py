@@ -17,10 +17,24 @@ from tests.conftest import SAMPLE_DATA, tree_digest, write_image
 
 
 def _init_sample(workspace, *extra):
-    return main(["init", str(workspace), "--quiet", "--data", str(SAMPLE_DATA),
-                 "--labels", str(SAMPLE_DATA / "labels.csv"),
-                 "--predictions", f"cnn={SAMPLE_DATA / 'predictions.csv'}",
-                 "--model", str(SAMPLE_DATA / "model.pt"), "--model-config", str(SAMPLE_DATA / "model.json"), *extra])
+    return main(
+        [
+            "init",
+            str(workspace),
+            "--quiet",
+            "--data",
+            str(SAMPLE_DATA),
+            "--labels",
+            str(SAMPLE_DATA / "labels.csv"),
+            "--predictions",
+            f"cnn={SAMPLE_DATA / 'predictions.csv'}",
+            "--model",
+            str(SAMPLE_DATA / "model.pt"),
+            "--model-config",
+            str(SAMPLE_DATA / "model.json"),
+            *extra,
+        ]
+    )
 
 
 def test_round_trip_on_the_sample_data(tmp_path, capsys):
@@ -71,8 +85,21 @@ def test_manifest_with_metadata_and_two_prediction_sets(manifest_dataset, tmp_pa
     logits = pd.DataFrame({"path": ids, "a": [3.0, -1.0] * 3, "b": [-3.0, 2.0] * 3})
     good.to_csv(tmp_path / "m1.csv", index=False)
     logits.to_parquet(tmp_path / "m2.parquet")
-    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(root), "--labels", str(manifest),
-                 "--predictions", str(tmp_path / "m1.csv"), "--predictions", f"second={tmp_path / 'm2.parquet'}"])
+    code = main(
+        [
+            "init",
+            str(tmp_path / "ws"),
+            "--quiet",
+            "--data",
+            str(root),
+            "--labels",
+            str(manifest),
+            "--predictions",
+            str(tmp_path / "m1.csv"),
+            "--predictions",
+            f"second={tmp_path / 'm2.parquet'}",
+        ]
+    )
     assert code == 0
     workspace = Workspace(tmp_path / "ws")
     assert workspace.prediction_names == ["m1", "second"]
@@ -86,8 +113,19 @@ def test_validation_error_exits_2_and_writes_nothing(manifest_dataset, tmp_path,
     bad = tmp_path / "bad.csv"
     bad.write_text("path,a,b\nimgs/im0.png,0.5,nan\n")
     before = tree_digest(tmp_path)
-    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(root), "--labels", str(manifest),
-                 "--predictions", str(bad)])
+    code = main(
+        [
+            "init",
+            str(tmp_path / "ws"),
+            "--quiet",
+            "--data",
+            str(root),
+            "--labels",
+            str(manifest),
+            "--predictions",
+            str(bad),
+        ]
+    )
     assert code == 2
     assert f"{bad}, row 1, column 'b'" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
@@ -123,8 +161,21 @@ def test_npy_predictions_and_embeddings_through_the_cli(image_folder, tmp_path):
     probs = rng.dirichlet(np.ones(3), size=12)
     np.save(tmp_path / "p.npy", probs)
     np.save(tmp_path / "e.npy", rng.normal(size=(12, 5)))
-    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(image_folder), "--predictions",
-                 str(tmp_path / "p.npy"), "--classes", "cat,dog,fox", "--embeddings", str(tmp_path / "e.npy")])
+    code = main(
+        [
+            "init",
+            str(tmp_path / "ws"),
+            "--quiet",
+            "--data",
+            str(image_folder),
+            "--predictions",
+            str(tmp_path / "p.npy"),
+            "--classes",
+            "cat,dog,fox",
+            "--embeddings",
+            str(tmp_path / "e.npy"),
+        ]
+    )
     assert code == 0
     workspace = Workspace(tmp_path / "ws")
     np.testing.assert_allclose(workspace.predictions("p"), probs, rtol=1e-6)
@@ -145,15 +196,17 @@ def test_missing_workspace_fails_cleanly(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", [[], ["init"], ["info"], ["analyze"], ["export"], ["serve"]])
 def test_help_on_every_command(command):
-    result = subprocess.run([sys.executable, "-m", "robustlens.cli", *command, "--help"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "robustlens.cli", *command, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     assert "usage: robustlens" in result.stdout
 
 
 def test_usage_error_exit_code():
-    result = subprocess.run([sys.executable, "-m", "robustlens.cli", "init"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "robustlens.cli", "init"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert "the following arguments are required" in result.stderr
 
@@ -162,8 +215,16 @@ def test_in_sample_prediction_sets_are_marked(manifest_dataset, tmp_path, capsys
     root, manifest = manifest_dataset
     ids = pd.read_csv(manifest)["path"]
     pd.DataFrame({"path": ids, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3}).to_csv(tmp_path / "m1.csv", index=False)
-    base = ["init", "--quiet", "--data", str(root), "--labels", str(manifest), "--predictions",
-            str(tmp_path / "m1.csv")]
+    base = [
+        "init",
+        "--quiet",
+        "--data",
+        str(root),
+        "--labels",
+        str(manifest),
+        "--predictions",
+        str(tmp_path / "m1.csv"),
+    ]
     assert main([base[0], str(tmp_path / "bad"), *base[1:], "--in-sample", "nope"]) == 2
     assert "--in-sample names ['nope']" in capsys.readouterr().err
     assert main([base[0], str(tmp_path / "ws"), *base[1:], "--in-sample", "m1"]) == 0
@@ -181,8 +242,19 @@ def test_torch_export_model_is_copied_and_reloaded(image_folder, tmp_path):
     torch.export.save(torch.export.export(network, (torch.zeros(2, 3, 8, 8),)), str(archive))
     config = tmp_path / "model.json"
     config.write_text(json.dumps({"input_size": [8, 8], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}))
-    code = main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(image_folder), "--model", str(archive),
-                 "--model-config", str(config)])
+    code = main(
+        [
+            "init",
+            str(tmp_path / "ws"),
+            "--quiet",
+            "--data",
+            str(image_folder),
+            "--model",
+            str(archive),
+            "--model-config",
+            str(config),
+        ]
+    )
     assert code == 0
     workspace = Workspace(tmp_path / "ws")
     assert workspace.manifest["model"]["file"] == "model/model.pt2"
@@ -210,15 +282,18 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom robustlens.cli import main\n"
-            "for argv in (['--help'], ['robustness', '--help'], ['analyze', '--help']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys\nfrom robustlens.cli import main\n"
+        "for argv in (['--help'], ['robustness', '--help'], ['analyze', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
 
 
 # -- one CLI: shared options, one device resolver, errors → exit status, light start ---------------------------
+
 
 def _subparsers(parser):
     import argparse
@@ -235,8 +310,11 @@ def test_every_command_lives_in_commands_and_shares_its_options():
     assert list(commands) == ["init", "info", "analyze", "robustness", "export", "serve"]
     for name, parser in commands.items():
         assert parser.get_default("handler").__module__ == f"robustlens.commands.{name}", name
-    shared = {"--device": ["analyze", "robustness"], "--workers": ["init", "analyze", "robustness"],
-              "--quiet": ["init", "analyze", "robustness"]}
+    shared = {
+        "--device": ["analyze", "robustness"],
+        "--workers": ["init", "analyze", "robustness"],
+        "--quiet": ["init", "analyze", "robustness"],
+    }
     for option, users in shared.items():
         actions = [next(a for a in commands[name]._actions if option in a.option_strings) for name in users]
         assert len({(a.help, a.type, a.default, type(a)) for a in actions}) == 1, option  # one definition
@@ -285,16 +363,22 @@ def test_errors_map_to_exit_statuses_with_one_line(capsys):
     from robustlens.commands.common import EXIT_FAILURE, EXIT_USAGE, exit_status, run_handler
     from robustlens.errors import ConfigError, NotAWorkspaceError, RobustlensError, ValidationError, WorkspaceError
 
-    expected = {ValidationError("x"): EXIT_USAGE, ConfigError("stage 'a'", "k", "a number", "b"): EXIT_USAGE,
-                NotAWorkspaceError("x"): EXIT_USAGE, WorkspaceError("x"): EXIT_FAILURE,
-                RobustlensError("x"): EXIT_FAILURE, OSError(28, "No space left on device"): EXIT_FAILURE,
-                RuntimeError("x"): EXIT_FAILURE}
+    expected = {
+        ValidationError("x"): EXIT_USAGE,
+        ConfigError("stage 'a'", "k", "a number", "b"): EXIT_USAGE,
+        NotAWorkspaceError("x"): EXIT_USAGE,
+        WorkspaceError("x"): EXIT_FAILURE,
+        RobustlensError("x"): EXIT_FAILURE,
+        OSError(28, "No space left on device"): EXIT_FAILURE,
+        RuntimeError("x"): EXIT_FAILURE,
+    }
     for error, status in expected.items():
         assert exit_status(error) == status, error
 
     def failing(error):
         def handler(args):
             raise error
+
         return argparse.Namespace(handler=handler, command="info", workspace=Path("ws"), debug=False)
 
     assert run_handler(failing(ValidationError("bad value\n  on two lines", file="a.csv", row=3))) == 2
@@ -327,11 +411,15 @@ HEAVY = ("torch", "pandas", "streamlit", "sqlalchemy", "sklearn", "scipy")
 
 def _imported(*argv: str) -> set[str]:
     """Top-level packages ``python -X importtime -m robustlens.cli *argv`` imported."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "robustlens.cli", *argv],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "robustlens.cli", *argv], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    return {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-            if line.startswith("import time:") and "|" in line}
+    return {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
 
 
 @pytest.mark.parametrize("command", [[], ["init"], ["info"], ["analyze"], ["robustness"], ["export"], ["serve"]])
@@ -376,21 +464,55 @@ def test_quick_info_matches_the_engine_summary(sample_workspace, manifest_datase
     ids6 = pd.read_csv(manifest)["path"]
     pd.DataFrame({"path": ids6, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3}).to_csv(tmp_path / "m1.csv", index=False)
     pd.DataFrame({"path": ids6, "a": [3.0, 1.0] * 3, "b": [-3.0, 2.0] * 3}).to_csv(tmp_path / "m2.csv", index=False)
-    assert main(["init", str(tmp_path / "manifest"), "--quiet", "--data", str(root), "--labels", str(manifest),
-                 "--predictions", str(tmp_path / "m1.csv"), "--predictions", str(tmp_path / "m2.csv")]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(tmp_path / "manifest"),
+                "--quiet",
+                "--data",
+                str(root),
+                "--labels",
+                str(manifest),
+                "--predictions",
+                str(tmp_path / "m1.csv"),
+                "--predictions",
+                str(tmp_path / "m2.csv"),
+            ]
+        )
+        == 0
+    )
     pictures = tmp_path / "pictures"  # an ImageFolder tree with imported embeddings and a --db elsewhere
     for i in range(5):
         write_image(pictures / ("cat" if i < 3 else "dog") / f"{i}.png", seed=i)
     np.save(tmp_path / "e.npy", np.random.default_rng(0).normal(size=(5, 4)))
-    assert main(["init", str(tmp_path / "folder"), "--quiet", "--data", str(pictures), "--embeddings",
-                 str(tmp_path / "e.npy"), "--db", f"sqlite:///{tmp_path / 'elsewhere.db'}"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(tmp_path / "folder"),
+                "--quiet",
+                "--data",
+                str(pictures),
+                "--embeddings",
+                str(tmp_path / "e.npy"),
+                "--db",
+                f"sqlite:///{tmp_path / 'elsewhere.db'}",
+            ]
+        )
+        == 0
+    )
     Workspace(tmp_path / "folder").curation().add_tag(["cat/0.png"], "keep-me", user="ana")
 
     for path in (sample, tmp_path / "manifest", tmp_path / "folder"):
         quick = quick_summary(path)
         assert quick is not None, path
         assert json.dumps(quick, default=str) == json.dumps(summarize(Workspace(path)), default=str), path
-    assert quick_summary(sample)["curation"] == {"tags": 2, "tag_assignments": 11, "collections": 1,
-                                                 "review_decisions": 2}
+    assert quick_summary(sample)["curation"] == {
+        "tags": 2,
+        "tag_assignments": 11,
+        "collections": 1,
+        "review_decisions": 2,
+    }
     assert quick_summary(tmp_path / "folder")["curation"]["tags"] == 1  # read through the --db URL
     assert quick_summary(tmp_path / "nowhere") is None  # the engine names the problem

@@ -45,8 +45,9 @@ def tiny_disk(tmp_path):
     mount_point.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True, text=True, timeout=30
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
     try:
@@ -70,8 +71,11 @@ def fill(disk: Path) -> Path:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files of interrupted atomic writes or init staging folders."""
-    return sorted(p.name for p in folder.rglob("*")
-                  if p.name.endswith(".tmp") or ".init-" in p.name or p.name.startswith(".rebuild-"))
+    return sorted(
+        p.name
+        for p in folder.rglob("*")
+        if p.name.endswith(".tmp") or ".init-" in p.name or p.name.startswith(".rebuild-")
+    )
 
 
 def test_analyze_on_a_full_disk_fails_cleanly_and_resumes(small_dataset, tiny_disk, capsys):
@@ -119,18 +123,21 @@ def test_force_rebuild_on_a_full_disk_keeps_the_old_workspace(small_dataset, tin
     code, err = run_cli(capsys, "init", workspace, "--quiet", "--data", small_dataset, "--force")
     assert code == 1 and "the disk is full" in err
     assert not leftovers(workspace)
-    assert {k: v for k, v in tree_digest(workspace).items() if not k.startswith("curation.db")} == \
-           {k: v for k, v in before.items() if not k.startswith("curation.db")}  # the old workspace, untouched
+    assert {k: v for k, v in tree_digest(workspace).items() if not k.startswith("curation.db")} == {
+        k: v for k, v in before.items() if not k.startswith("curation.db")
+    }  # the old workspace, untouched
     filler.unlink()
     assert run_cli(capsys, "init", workspace, "--quiet", "--data", small_dataset, "--force")[0] == 0
     assert len(Workspace(workspace).samples) == 19
     assert Workspace(workspace).curation().samples_with_tag("keep-me") == ["cat/0.png"]
 
 
-@pytest.mark.parametrize("code_name,expected", [("EIO", "input/output error"), ("ENOSPC", "the disk is full"),
-                                                ("EROFS", "read-only")])
-def test_io_errors_while_writing_are_reported_without_traceback(small_dataset, tmp_path, capsys, monkeypatch,
-                                                                code_name, expected):
+@pytest.mark.parametrize(
+    "code_name,expected", [("EIO", "input/output error"), ("ENOSPC", "the disk is full"), ("EROFS", "read-only")]
+)
+def test_io_errors_while_writing_are_reported_without_traceback(
+    small_dataset, tmp_path, capsys, monkeypatch, code_name, expected
+):
     from robustlens.analysis import storage
 
     def broken(path, write):

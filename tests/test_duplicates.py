@@ -105,8 +105,11 @@ def build_planted(tmp: Path, *, seed: int = 0) -> Planted:
         source = next(pool)
         fmt = ("png", "bmp", "tiff")[i % 3]
         copy = f"img/exact_{i}.{'png' if fmt == 'png' else fmt}"
-        Image.fromarray(pixels[source]).save(data / copy, format=fmt.upper() if fmt != "tiff" else "TIFF",
-                                             **({"compress_level": 1} if fmt == "png" else {}))
+        Image.fromarray(pixels[source]).save(
+            data / copy,
+            format=fmt.upper() if fmt != "tiff" else "TIFF",
+            **({"compress_level": 1} if fmt == "png" else {}),
+        )
         add(copy, by_name[source][1], by_name[source][2])
         planted.exact_pairs.append((source, copy))
     # near copies, same split
@@ -149,9 +152,13 @@ def build_planted(tmp: Path, *, seed: int = 0) -> Planted:
 def init_planted(tmp: Path, *, model: bool = True, seed: int = 0) -> tuple[Workspace, Planted]:
     """Build the planted dataset and a workspace over it (with the sample model when ``model``)."""
     planted = build_planted(tmp, seed=seed)
-    options = InitOptions(data=planted.root, labels=tmp / "labels.csv", progress=False,
-                          model=str(SAMPLE / "model.pt") if model else None,
-                          model_config=SAMPLE / "model.json" if model else None)
+    options = InitOptions(
+        data=planted.root,
+        labels=tmp / "labels.csv",
+        progress=False,
+        model=str(SAMPLE / "model.pt") if model else None,
+        model_config=SAMPLE / "model.json" if model else None,
+    )
     workspace, _ = init_workspace(tmp / "ws", options)
     return workspace, planted
 
@@ -254,9 +261,16 @@ def test_leakage_precision_recall(planted_run):
 
 def test_clean_sample_images_have_no_false_pairs(tmp_path):
     """The 2,000 sample images contain no duplicates: every pair reported would be false."""
-    workspace, _ = init_workspace(tmp_path / "ws", InitOptions(
-        data=SAMPLE, labels=SAMPLE / "labels.csv", model=str(SAMPLE / "model.pt"),
-        model_config=SAMPLE / "model.json", progress=False))
+    workspace, _ = init_workspace(
+        tmp_path / "ws",
+        InitOptions(
+            data=SAMPLE,
+            labels=SAMPLE / "labels.csv",
+            model=str(SAMPLE / "model.pt"),
+            model_config=SAMPLE / "model.json",
+            progress=False,
+        ),
+    )
     write_fingerprints(workspace)
     context = StageContext(workspace=workspace, progress=False)
     embeddings.run(context, embeddings.Config())
@@ -271,8 +285,7 @@ def test_outputs_schema_and_representatives(planted_run):
     workspace, planted, _ = planted_run
     table = pd.read_parquet(workspace.artifact_path("duplicates.parquet"))
     assert table["id"].tolist() == workspace.samples["id"].tolist()
-    assert list(table.columns) == ["id", "exact_group", "near_group", "group_size", "is_representative",
-                                   "cross_split"]
+    assert list(table.columns) == ["id", "exact_group", "near_group", "group_size", "is_representative", "cross_split"]
     grouped = table[table["near_group"] >= 0]
     # exactly one representative per cluster, and it is the first member in sample order
     assert (grouped.groupby("near_group")["is_representative"].sum() == 1).all()
@@ -310,8 +323,9 @@ def test_compare_thumbnails_aligns_shifted_copies():
     shifted = np.roll(base, (1, -2), axis=(1, 2))
     other = np.zeros_like(base)
     other[0, 6:26, 6:26] = rng.integers(100, 255, (20, 20))
-    ncc, difference, _, peak = duplicates.compare_thumbnails(np.concatenate([base, base]),
-                                                             np.concatenate([shifted, other]))
+    ncc, difference, _, peak = duplicates.compare_thumbnails(
+        np.concatenate([base, base]), np.concatenate([shifted, other])
+    )
     assert ncc[0] < 1e-3 and difference[0] < 2 / 255 and peak[0] > 0.9
     assert ncc[1] > 0.1 and peak[1] < 0.5
 
@@ -356,13 +370,15 @@ def test_shift_signature_ignores_translation_and_blank_images_compare_equal():
 def test_quantised_phase_peaks_match_full_computation():
     rng = np.random.default_rng(2)
     thumbnails = np.asarray(Image.open(SAMPLE / "images" / "test_00002.png").resize((32, 32)))[None]
-    thumbnails = np.concatenate([thumbnails, np.roll(thumbnails, 1, axis=2),
-                                 rng.integers(0, 256, (4, 32, 32)).astype(np.uint8)])
+    thumbnails = np.concatenate(
+        [thumbnails, np.roll(thumbnails, 1, axis=2), rng.integers(0, 256, (4, 32, 32)).astype(np.uint8)]
+    )
     pairs = np.array([[0, 1], [0, 2], [2, 3], [1, 4], [4, 5]])
     codes = duplicates.phase_codes(thumbnails)
     flat = np.zeros(len(thumbnails), dtype=bool)
-    quick = duplicates.phase_peaks(codes[pairs[:, 0]], codes[pairs[:, 1]], flat[pairs[:, 0]], flat[pairs[:, 1]],
-                                   height=32, width=32)
+    quick = duplicates.phase_peaks(
+        codes[pairs[:, 0]], codes[pairs[:, 1]], flat[pairs[:, 0]], flat[pairs[:, 1]], height=32, width=32
+    )
     *_, exact = duplicates.compare_thumbnails(thumbnails[pairs[:, 0]], thumbnails[pairs[:, 1]])
     np.testing.assert_allclose(quick, exact, atol=0.01)
     assert quick[0] > 0.9 and (quick[1:] < 0.5).all()

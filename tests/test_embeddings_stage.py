@@ -25,7 +25,7 @@ MEAN, STD = 0.286, 0.353
 
 def _dataset(tmp: Path, count: int, *, start: int = 0) -> tuple[Path, Path]:
     """Copy ``count`` sample images (from row ``start``) into ``tmp/data`` with a manifest."""
-    labels = pd.read_csv(SAMPLE / "labels.csv").iloc[start:start + count]
+    labels = pd.read_csv(SAMPLE / "labels.csv").iloc[start : start + count]
     data = tmp / "data"
     for path in labels["path"]:
         (data / path).parent.mkdir(parents=True, exist_ok=True)
@@ -37,12 +37,20 @@ def _dataset(tmp: Path, count: int, *, start: int = 0) -> tuple[Path, Path]:
     return data, manifest
 
 
-def _workspace(tmp: Path, *, model: bool = True, force: bool = False,
-               embeddings_file: Path | None = None) -> Workspace:
+def _workspace(tmp: Path, *, model: bool = True, force: bool = False, embeddings_file: Path | None = None) -> Workspace:
     data, manifest = tmp / "data", tmp / "labels.csv"
-    workspace, _ = init_workspace(tmp / "ws", InitOptions(
-        data=data, labels=manifest, progress=False, force=force, embeddings=embeddings_file,
-        model=str(SAMPLE / "model.pt") if model else None, model_config=SAMPLE / "model.json" if model else None))
+    workspace, _ = init_workspace(
+        tmp / "ws",
+        InitOptions(
+            data=data,
+            labels=manifest,
+            progress=False,
+            force=force,
+            embeddings=embeddings_file,
+            model=str(SAMPLE / "model.pt") if model else None,
+            model_config=SAMPLE / "model.json" if model else None,
+        ),
+    )
     return workspace
 
 
@@ -53,8 +61,9 @@ def _context(workspace: Workspace, random_state: int = 0) -> StageContext:
 def _reference_features(workspace: Workspace) -> np.ndarray:
     """``model.features(normalized)`` of every sample, computed here without robustlens."""
     network = torch.jit.load(str(SAMPLE / "model.pt")).eval()
-    pixels = np.stack([np.asarray(Image.open(workspace.image_path(p)), dtype=np.float32) / 255.0
-                       for p in workspace.samples["path"]])
+    pixels = np.stack(
+        [np.asarray(Image.open(workspace.image_path(p)), dtype=np.float32) / 255.0 for p in workspace.samples["path"]]
+    )
     with torch.no_grad():
         return network.features((torch.from_numpy(pixels)[:, None] - MEAN) / STD).numpy()
 
@@ -269,7 +278,7 @@ def test_approximate_search_matches_exact_search_and_is_deterministic(model_run)
     assert (approx_i != np.arange(len(vectors))[:, None]).all()
     assert (np.diff(approx_d, axis=1) >= -1e-6).all()
     exact_d, exact_i = NearestNeighbors(n_neighbors=k).fit(vectors).kneighbors(None)
-    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx_i, exact_i)])
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(approx_i, exact_i, strict=True)])
     print(f"HNSW recall@{k}: {recall:.4f}")
     assert recall >= 0.98
     np.testing.assert_allclose(approx_d[:, 0], exact_d[:, 0], atol=1e-5)  # nearest distance found

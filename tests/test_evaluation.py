@@ -13,8 +13,8 @@ from sklearn import metrics as skm
 from robustlens.analysis import storage
 from robustlens.analysis.stages import evaluation
 from robustlens.analysis.stages.base import StageContext
-from robustlens.query.summary import prediction_accuracy
 from robustlens.analysis.workspace import Workspace
+from robustlens.query.summary import prediction_accuracy
 
 
 def _synthetic(n: int = 3000, k: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +32,7 @@ def reference_ece(probabilities: np.ndarray, labels: np.ndarray, num_bins: int =
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     ece = 0.0
-    for lower, upper in zip(np.linspace(0, 1, num_bins + 1)[:-1], np.linspace(0, 1, num_bins + 1)[1:],
-                            strict=True):
+    for lower, upper in zip(np.linspace(0, 1, num_bins + 1)[:-1], np.linspace(0, 1, num_bins + 1)[1:], strict=True):
         members = (confidence > lower) & (confidence <= upper)
         if members.any():
             ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
@@ -102,12 +101,14 @@ def _planted_metrics(correct: np.ndarray, seed: int) -> pd.DataFrame:
     """Quality metrics of which only ``blur_level`` goes with the model's mistakes."""
     rng = np.random.default_rng(seed)
     n = len(correct)
-    return pd.DataFrame({
-        "noise_a": rng.normal(size=n),
-        "blur_level": np.where(correct, 0.0, 1.5) + rng.normal(size=n),
-        "noise_b": rng.uniform(size=n),
-        "constant": np.full(n, 3.0),
-    })
+    return pd.DataFrame(
+        {
+            "noise_a": rng.normal(size=n),
+            "blur_level": np.where(correct, 0.0, 1.5) + rng.normal(size=n),
+            "noise_b": rng.uniform(size=n),
+            "constant": np.full(n, 3.0),
+        }
+    )
 
 
 def test_metric_importance_ranks_the_planted_metric_first():

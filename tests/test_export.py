@@ -50,8 +50,9 @@ def test_manifest_export_reimports_with_the_same_ids_and_labels(workspace, table
     frame = export.export_frame(table, positions)
     assert list(frame.columns) == ["id", "path", "label", "split", "source_index"]
     written = export.write_frame(frame, tmp_path / "subset.csv")
-    reimported, _ = init_workspace(tmp_path / "reimported", InitOptions(data=SAMPLE_DATA, labels=written,
-                                                                       progress=False))
+    reimported, _ = init_workspace(
+        tmp_path / "reimported", InitOptions(data=SAMPLE_DATA, labels=written, progress=False)
+    )
     samples = reimported.samples
     assert samples["id"].tolist() == frame["id"].tolist() == filter_ids(table, spec)
     assert samples["label"].tolist() == frame["label"].tolist()
@@ -64,8 +65,11 @@ def test_every_table_format_holds_the_same_rows(table, tmp_path, fmt):
     positions = export.select_positions(table, None, spec=FilterSpec(labels=["bag"], sort_by="metric.brightness"))
     frame = export.export_frame(table, positions, columns="all")
     path = export.write_frame(frame, tmp_path / f"bags.{fmt}")
-    readers = {"csv": pd.read_csv, "parquet": pd.read_parquet,
-               "json": lambda p: pd.DataFrame(json.loads(p.read_text()))}
+    readers = {
+        "csv": pd.read_csv,
+        "parquet": pd.read_parquet,
+        "json": lambda p: pd.DataFrame(json.loads(p.read_text())),
+    }
     back = readers[fmt](path)
     assert back["id"].tolist() == frame["id"].tolist()
     assert back["metric.brightness"].is_monotonic_increasing
@@ -102,8 +106,15 @@ def test_decisions_become_a_relabel_file_and_can_be_applied(workspace, table):
     store.record_decision(ids[2], "ambiguous", user="ann")
     relabels = export.relabel_frame(table, store)
     assert relabels.to_dict("records")[0] | {"decided_at": None} == {
-        "id": ids[0], "path": table["path"][0], "old_label": str(table["label"][0]), "new_label": "bag",
-        "action": "relabel", "reviewer": "bob", "decided_at": None, "note": "clearly a bag"}
+        "id": ids[0],
+        "path": table["path"][0],
+        "old_label": str(table["label"][0]),
+        "new_label": "bag",
+        "action": "relabel",
+        "reviewer": "bob",
+        "decided_at": None,
+        "note": "clearly a bag",
+    }
     assert len(relabels) == 1 and relabels["decided_at"][0].endswith("Z")
     everything = export.relabel_frame(table, store, include_all=True)
     assert everything["action"].tolist() == ["relabel", "exclude", "ambiguous"]
@@ -132,8 +143,9 @@ def test_imagefolder_copy_is_atomic_and_reimports(workspace, table, tmp_path):
     assert sorted(p.name for p in destination.iterdir()) == [".robustlens-export", "bag", "manifest.csv", "sandal"]
     assert len(list(destination.glob("*/*.png"))) == len(frame)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    reimported, _ = init_workspace(tmp_path / "ws2", InitOptions(data=destination, labels=destination / "manifest.csv",
-                                                                progress=False))
+    reimported, _ = init_workspace(
+        tmp_path / "ws2", InitOptions(data=destination, labels=destination / "manifest.csv", progress=False)
+    )
     assert reimported.samples["id"].tolist() == frame["id"].tolist()
     assert reimported.samples["label"].tolist() == frame["label"].tolist()
     plain, _ = init_workspace(tmp_path / "ws3", InitOptions(data=destination, progress=False))  # plain ImageFolder
@@ -152,8 +164,9 @@ def test_a_failed_imagefolder_export_leaves_nothing(workspace, table, tmp_path):
 # -- the command line -----------------------------------------------------------------------------------------
 def test_cli_exports_a_dashboard_query(analysed_workspace, table, tmp_path, monkeypatch, capsys):
     spec = FilterSpec(labels=["coat"], issues=["label_issue"], sort_by="label_issue.label_quality")
-    url = "http://localhost:8501/explorer?" + "&".join(f"{k}={v}" for k, vs in to_query_params(spec).items()
-                                                        for v in ([vs] if isinstance(vs, str) else vs))
+    url = "http://localhost:8501/explorer?" + "&".join(
+        f"{k}={v}" for k, vs in to_query_params(spec).items() for v in ([vs] if isinstance(vs, str) else vs)
+    )
     out = tmp_path / "coats.parquet"
     assert run_cli(["export", str(analysed_workspace), "--query", url, "--out", str(out)], monkeypatch) == 0
     assert pd.read_parquet(out)["id"].tolist() == filter_ids(table, spec)
@@ -168,13 +181,29 @@ def test_cli_exports_collections_tags_relabels_and_imagefolders(analysed_workspa
     store.record_decision(ids[3], "relabel", user="ann", new_label="bag")
     store.close()
     base = ["export", str(analysed_workspace)]
-    assert run_cli([*base, "--collection", "keepers", "--tag", "odd", "--out", str(tmp_path / "both.json")],
-                   monkeypatch) == 0
+    assert (
+        run_cli([*base, "--collection", "keepers", "--tag", "odd", "--out", str(tmp_path / "both.json")], monkeypatch)
+        == 0
+    )
     assert [r["id"] for r in json.loads((tmp_path / "both.json").read_text())] == ids[2:4]
     assert run_cli([*base, "--relabels", "--out", str(tmp_path / "relabels.csv")], monkeypatch) == 0
     assert pd.read_csv(tmp_path / "relabels.csv")[["id", "new_label"]].values.tolist() == [[ids[3], "bag"]]
-    assert run_cli([*base, "--collection", "keepers", "--apply-decisions", "--format", "imagefolder",
-                    "--out", str(tmp_path / "folder")], monkeypatch) == 0
+    assert (
+        run_cli(
+            [
+                *base,
+                "--collection",
+                "keepers",
+                "--apply-decisions",
+                "--format",
+                "imagefolder",
+                "--out",
+                str(tmp_path / "folder"),
+            ],
+            monkeypatch,
+        )
+        == 0
+    )
     assert pd.read_csv(tmp_path / "folder" / "manifest.csv")["label"].tolist()[3] == "bag"
     filter_file = tmp_path / "filter.json"
     filter_file.write_text(FilterSpec(labels=["bag"]).to_json())

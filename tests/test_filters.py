@@ -41,9 +41,22 @@ def store(tmp_path):
 def test_sample_table_joins_every_artifact_by_id(table, analysed_template):
     workspace = Workspace(analysed_template)
     assert len(table) == 2000 and table["id"].tolist() == workspace.samples["id"].tolist()
-    assert {"metric.brightness", "metric.sharpness", "issue.dark", "issue_count", "max_severity",
-            "label_issue.suggested_label", "label_issue.label_quality", "dup.near_group", "map.x", "map.y",
-            "pred.cnn.label", "pred.cnn.confidence", "pred.cnn.correct", "pred.cnn.log_loss"} <= set(table.columns)
+    assert {
+        "metric.brightness",
+        "metric.sharpness",
+        "issue.dark",
+        "issue_count",
+        "max_severity",
+        "label_issue.suggested_label",
+        "label_issue.label_quality",
+        "dup.near_group",
+        "map.x",
+        "map.y",
+        "pred.cnn.label",
+        "pred.cnn.confidence",
+        "pred.cnn.correct",
+        "pred.cnn.log_loss",
+    } <= set(table.columns)
     assert prediction_sets(table) == ["cnn", "cnn_v2"]
     assert "label_issue" in issue_types(table) and "dark" in issue_types(table)
     metrics = pd.read_parquet(workspace.artifact_path("metrics.parquet")).set_index("id")
@@ -64,8 +77,10 @@ def test_artifacts_in_another_order_or_partial_join_by_id(sample_workspace, tmp_
     storage.write_parquet(workspace.artifact_path("metrics.parquet"), shuffled)
     partial = pd.DataFrame({"id": ids[:5].to_numpy(), "x": np.arange(5.0), "y": np.arange(5.0)})
     storage.write_parquet(workspace.artifact_path("projection.parquet"), partial)
-    storage.write_parquet(workspace.artifact_path("per_sample_robustness.parquet"),
-                          pd.DataFrame({"id": ids.to_numpy(), "flip_rate": np.linspace(0, 1, len(ids))}))
+    storage.write_parquet(
+        workspace.artifact_path("per_sample_robustness.parquet"),
+        pd.DataFrame({"id": ids.to_numpy(), "flip_rate": np.linspace(0, 1, len(ids))}),
+    )
     table = load_sample_table(workspace)
     assert table["metric.brightness"].tolist() == (np.arange(len(ids)) / 10).tolist()
     assert table["map.x"].iloc[:5].tolist() == [0, 1, 2, 3, 4] and table["map.x"].iloc[5:].isna().all()
@@ -96,21 +111,24 @@ def test_each_condition_matches_a_pandas_reference(table):
     cases = [
         (FilterSpec(labels=["coat", "shirt"]), table["label"].isin(["coat", "shirt"])),
         (FilterSpec(splits=["test"]), table["split"] == "test"),
-        (FilterSpec(ranges={"metric.brightness": [0.2, 0.4]}),
-         table["metric.brightness"].between(0.2, 0.4)),
+        (FilterSpec(ranges={"metric.brightness": [0.2, 0.4]}), table["metric.brightness"].between(0.2, 0.4)),
         (FilterSpec(ranges={"metric.brightness": [None, 0.1]}), table["metric.brightness"] <= 0.1),
         (FilterSpec(predicted=["shirt"]), table["pred.cnn.label"] == "shirt"),
         (FilterSpec(prediction_set="cnn_v2", predicted=["shirt"]), table["pred.cnn_v2.label"] == "shirt"),
         (FilterSpec(correctness="incorrect"), ~table["pred.cnn.correct"]),
         (FilterSpec(correctness="correct", prediction_set="cnn_v2"), table["pred.cnn_v2.correct"]),
         (FilterSpec(issues=["dark", "blurry"]), (table["issue.dark"] > 0) | (table["issue.blurry"] > 0)),
-        (FilterSpec(issues=["dark", "blurry"], issue_mode="all"),
-         (table["issue.dark"] > 0) & (table["issue.blurry"] > 0)),
+        (
+            FilterSpec(issues=["dark", "blurry"], issue_mode="all"),
+            (table["issue.dark"] > 0) & (table["issue.blurry"] > 0),
+        ),
         (FilterSpec(metadata={"source_index": ["2", "6"]}), table["meta.source_index"].isin([2, 6])),
         (FilterSpec(text="TEST_0001"), table["id"].str.lower().str.contains("test_0001")),
         (FilterSpec(ids=["images/test_00002.png", "nope"]), table["id"] == "images/test_00002.png"),
-        (FilterSpec(labels=["coat"], correctness="incorrect", ranges={"pred.cnn.confidence": [0.5, None]}),
-         (table["label"] == "coat") & ~table["pred.cnn.correct"] & (table["pred.cnn.confidence"] >= 0.5)),
+        (
+            FilterSpec(labels=["coat"], correctness="incorrect", ranges={"pred.cnn.confidence": [0.5, None]}),
+            (table["label"] == "coat") & ~table["pred.cnn.correct"] & (table["pred.cnn.confidence"] >= 0.5),
+        ),
     ]
     for spec, expected in cases:
         mask = apply_filter(table, spec)
@@ -155,8 +173,9 @@ def test_tags_collections_and_review_states_read_the_curation_store(table, store
     ids = table["id"].tolist()
     store.add_tag(ids[:10], "blurry-ok", user="ann")
     store.create_collection("static", user="ann", sample_ids=ids[5:15])
-    store.create_collection("dark coats", user="ann",
-                            filter_spec=FilterSpec(labels=["coat"], issues=["dark"]).to_dict())
+    store.create_collection(
+        "dark coats", user="ann", filter_spec=FilterSpec(labels=["coat"], issues=["dark"]).to_dict()
+    )
     store.create_collection("nested", user="ann", filter_spec=FilterSpec(collections=["dark coats"]).to_dict())
     store.record_decision(ids[0], "relabel", user="ann", new_label="shirt")
     store.record_decision(ids[1], "keep", user="bob")
@@ -202,12 +221,25 @@ def test_errors_name_the_problem(table):
 
 
 # -- serialisation ------------------------------------------------------------------------------------------------
-FULL = FilterSpec(ranges={"metric.brightness": [0.1, 0.35], "pred.cnn.confidence": [None, 0.5]},
-                  labels=["coat", "t shirt/top"], splits=["test"], prediction_set="cnn_v2", predicted=["shirt"],
-                  correctness="incorrect", metadata={"camera": ["a&b", "c"]}, issues=["dark", "blurry"],
-                  issue_mode="all", tags=["to check"], collections=["dark coats"], review=["unreviewed"],
-                  text="test_00", ids=["images/a.png"], region=[[0.5, 1.25], [2.0, 1.0], [1.0, -0.75]],
-                  sort_by="metric.brightness", descending=True)
+FULL = FilterSpec(
+    ranges={"metric.brightness": [0.1, 0.35], "pred.cnn.confidence": [None, 0.5]},
+    labels=["coat", "t shirt/top"],
+    splits=["test"],
+    prediction_set="cnn_v2",
+    predicted=["shirt"],
+    correctness="incorrect",
+    metadata={"camera": ["a&b", "c"]},
+    issues=["dark", "blurry"],
+    issue_mode="all",
+    tags=["to check"],
+    collections=["dark coats"],
+    review=["unreviewed"],
+    text="test_00",
+    ids=["images/a.png"],
+    region=[[0.5, 1.25], [2.0, 1.0], [1.0, -0.75]],
+    sort_by="metric.brightness",
+    descending=True,
+)
 
 
 def test_json_and_query_params_round_trip():
@@ -220,8 +252,11 @@ def test_json_and_query_params_round_trip():
 def test_query_params_are_readable_and_survive_url_encoding():
     from urllib.parse import parse_qs, urlencode
 
-    params = to_query_params(FilterSpec(labels=["coat", "shirt"], ranges={"metric.brightness": [0.1, None]},
-                                        issues=["dark"], correctness="correct"))
+    params = to_query_params(
+        FilterSpec(
+            labels=["coat", "shirt"], ranges={"metric.brightness": [0.1, None]}, issues=["dark"], correctness="correct"
+        )
+    )
     assert params == {"label": ["coat", "shirt"], "issue": ["dark"], "r.metric.brightness": "0.1:", "correct": "1"}
     query = urlencode(to_query_params(FULL), doseq=True)
     assert from_query_params(parse_qs(query)) == FULL
@@ -238,8 +273,12 @@ def test_malformed_query_params_are_refused_with_a_reason():
 
 
 def test_prune_drops_what_does_not_apply_to_this_workspace(table):
-    spec = FilterSpec(labels=["coat"], ranges={"metric.gone": [0, 1], "metric.brightness": [0, 0.5]},
-                      issues=["dark", "exploded"], sort_by="metric.gone")
+    spec = FilterSpec(
+        labels=["coat"],
+        ranges={"metric.gone": [0, 1], "metric.brightness": [0, 0.5]},
+        issues=["dark", "exploded"],
+        sort_by="metric.gone",
+    )
     pruned, problems = prune_spec(table, spec)
     assert pruned == FilterSpec(labels=["coat"], ranges={"metric.brightness": [0, 0.5]}, issues=["dark"])
     assert len(problems) == 3 and any("exploded" in p for p in problems)
@@ -248,9 +287,14 @@ def test_prune_drops_what_does_not_apply_to_this_workspace(table):
 def test_filter_is_fast_on_a_large_table(table):
     """Vectorized: 100k rows with several conditions and a sort in well under a second (1M: benchmark)."""
     big = pd.concat([table] * 50, ignore_index=True)
-    spec = FilterSpec(labels=["coat", "shirt", "pullover"], ranges={"metric.brightness": [0.1, 0.6]},
-                      issues=["dark", "blurry", "outlier"], correctness="incorrect", text="test_0",
-                      sort_by="pred.cnn.confidence")
+    spec = FilterSpec(
+        labels=["coat", "shirt", "pullover"],
+        ranges={"metric.brightness": [0.1, 0.6]},
+        issues=["dark", "blurry", "outlier"],
+        correctness="incorrect",
+        text="test_0",
+        sort_by="pred.cnn.confidence",
+    )
     start = time.perf_counter()
     positions = filter_positions(big, spec)
     assert time.perf_counter() - start < 1.0
@@ -271,36 +315,39 @@ def test_slice_field_validates_and_round_trips_through_the_url():
 
 
 # -- every field type-checked (issue 9: bad --filter JSON is a clear error, never a crash) -------------------------
-@pytest.mark.parametrize(("payload", "field", "expected"), [
-    ({"ranges": None}, "ranges", "must be an object"),
-    ({"ranges": []}, "ranges", "must be an object"),
-    ({"ranges": {"metric.x": 1}}, "ranges", r"\[low, high\]"),
-    ({"ranges": {"metric.x": [True, 2]}}, "ranges", "bounds must be numbers or null"),
-    ({"ranges": {"metric.x": [10 ** 400, None]}}, "ranges", "bounds must be numbers or null"),
-    ({"ranges": {"": [0, 1]}}, "ranges", "column names"),
-    ({"metadata": ["x"]}, "metadata", "must be an object"),
-    ({"metadata": {"camera": 1}}, "metadata", "values for 'camera' must be a list"),
-    ({"metadata": {"camera": [None]}}, "metadata", "values for 'camera' must be a list"),
-    ({"sort_by": []}, "sort_by", "must be a name"),
-    ({"sort_by": ""}, "sort_by", "must be a name"),
-    ({"prediction_set": 3}, "prediction_set", "must be a name"),
-    ({"text": [""]}, "text", "must be a string"),
-    ({"text": None}, "text", "must be a string"),
-    ({"region": [[]]}, "region", "at least 3"),
-    ({"region": [1, 2, 3]}, "region", r"\[x, y\]"),
-    ({"region": [[0, 0], [1, "a"], [2, 2]]}, "region", "finite numbers"),
-    ({"region": [[0, 0], [1, float("nan")], [2, 2]]}, "region", "finite numbers"),
-    ({"region": "0,0;1,1;1,0"}, "region", "list of"),
-    ({"descending": "yes"}, "descending", "true or false"),
-    ({"descending": 1}, "descending", "true or false"),
-    ({"labels": "coat"}, "labels", "list of strings"),
-    ({"ids": [1, 2]}, "ids", "list of strings"),
-    ({"review": [[]]}, "review", "review states"),
-    ({"review": ["later"]}, "review", "not among"),
-    ({"correctness": []}, "correctness", "must be one of"),
-    ({"issue_mode": None}, "issue_mode", "must be one of"),
-    ({"slice": 3}, "slice", "slice id"),
-])
+@pytest.mark.parametrize(
+    ("payload", "field", "expected"),
+    [
+        ({"ranges": None}, "ranges", "must be an object"),
+        ({"ranges": []}, "ranges", "must be an object"),
+        ({"ranges": {"metric.x": 1}}, "ranges", r"\[low, high\]"),
+        ({"ranges": {"metric.x": [True, 2]}}, "ranges", "bounds must be numbers or null"),
+        ({"ranges": {"metric.x": [10**400, None]}}, "ranges", "bounds must be numbers or null"),
+        ({"ranges": {"": [0, 1]}}, "ranges", "column names"),
+        ({"metadata": ["x"]}, "metadata", "must be an object"),
+        ({"metadata": {"camera": 1}}, "metadata", "values for 'camera' must be a list"),
+        ({"metadata": {"camera": [None]}}, "metadata", "values for 'camera' must be a list"),
+        ({"sort_by": []}, "sort_by", "must be a name"),
+        ({"sort_by": ""}, "sort_by", "must be a name"),
+        ({"prediction_set": 3}, "prediction_set", "must be a name"),
+        ({"text": [""]}, "text", "must be a string"),
+        ({"text": None}, "text", "must be a string"),
+        ({"region": [[]]}, "region", "at least 3"),
+        ({"region": [1, 2, 3]}, "region", r"\[x, y\]"),
+        ({"region": [[0, 0], [1, "a"], [2, 2]]}, "region", "finite numbers"),
+        ({"region": [[0, 0], [1, float("nan")], [2, 2]]}, "region", "finite numbers"),
+        ({"region": "0,0;1,1;1,0"}, "region", "list of"),
+        ({"descending": "yes"}, "descending", "true or false"),
+        ({"descending": 1}, "descending", "true or false"),
+        ({"labels": "coat"}, "labels", "list of strings"),
+        ({"ids": [1, 2]}, "ids", "list of strings"),
+        ({"review": [[]]}, "review", "review states"),
+        ({"review": ["later"]}, "review", "not among"),
+        ({"correctness": []}, "correctness", "must be one of"),
+        ({"issue_mode": None}, "issue_mode", "must be one of"),
+        ({"slice": 3}, "slice", "slice id"),
+    ],
+)
 def test_from_dict_names_the_field_and_what_was_expected(payload, field, expected):
     with pytest.raises(FilterError, match=expected) as caught:
         FilterSpec.from_dict(payload)
@@ -317,8 +364,14 @@ def test_from_json_refuses_non_objects_and_deep_nesting_with_a_filter_error():
 
 def test_lossless_conversions_are_kept():
     """Tuples become lists, integer bounds floats, metadata numbers text: the spec still means the same."""
-    spec = FilterSpec.from_dict({"ranges": {"metric.x": [0, 2]}, "metadata": {"camera": [3, "b", True]},
-                                 "labels": ("a",), "region": [(0, 0), (1, 0), (1, 1)]})
+    spec = FilterSpec.from_dict(
+        {
+            "ranges": {"metric.x": [0, 2]},
+            "metadata": {"camera": [3, "b", True]},
+            "labels": ("a",),
+            "region": [(0, 0), (1, 0), (1, 1)],
+        }
+    )
     assert spec.ranges == {"metric.x": [0.0, 2.0]} and all(isinstance(b, float) for b in spec.ranges["metric.x"])
     assert spec.metadata == {"camera": ["3", "b", "True"]} and spec.labels == ["a"]
     assert spec.region == [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]
@@ -338,22 +391,38 @@ class _Curation:
         return [{"sample_id": "s2", "action": "keep"}]
 
 
-_SMALL = pd.DataFrame({"id": ["s0", "s1", "s2"], "path": ["a/0.png", "a/1.png", "b/2.png"],
-                       "label": ["a", "a", "b"], "split": ["train", "test", "test"],
-                       "metric.x": [0.1, np.nan, 3.0], "meta.camera": ["c1", "c2", None],
-                       "issue.dark": [1.0, 0.0, 0.5], "map.x": [0.0, 1.0, 2.0], "map.y": [0.0, 1.0, 0.5]})
-
+_SMALL = pd.DataFrame(
+    {
+        "id": ["s0", "s1", "s2"],
+        "path": ["a/0.png", "a/1.png", "b/2.png"],
+        "label": ["a", "a", "b"],
+        "split": ["train", "test", "test"],
+        "metric.x": [0.1, np.nan, 3.0],
+        "meta.camera": ["c1", "c2", None],
+        "issue.dark": [1.0, 0.0, 0.5],
+        "map.x": [0.0, 1.0, 2.0],
+        "map.y": [0.0, 1.0, 0.5],
+    }
+)
 
 
 def _json_values():
     from hypothesis import strategies as st
 
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=10 ** 300),
-                        st.floats(), st.text(max_size=6), st.sampled_from(["", " ", "a", "any", "all", "correct",
-                                                                            "keep", "metric.x", "id", "camera"]))
-    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                          st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                        max_leaves=10)
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=10**300),
+        st.floats(),
+        st.text(max_size=6),
+        st.sampled_from(["", " ", "a", "any", "all", "correct", "keep", "metric.x", "id", "camera"]),
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+        max_leaves=10,
+    )
 
 
 def _field_values(name):
@@ -362,10 +431,14 @@ def _field_values(name):
 
     values = _json_values()
     near = {
-        "ranges": st.dictionaries(st.sampled_from(["metric.x", "", "nope", "path"]),
-                                  st.one_of(st.lists(values, min_size=2, max_size=2), values), max_size=2),
-        "metadata": st.dictionaries(st.sampled_from(["camera", "", "x"]), st.one_of(st.lists(values, max_size=3),
-                                                                                   values), max_size=2),
+        "ranges": st.dictionaries(
+            st.sampled_from(["metric.x", "", "nope", "path"]),
+            st.one_of(st.lists(values, min_size=2, max_size=2), values),
+            max_size=2,
+        ),
+        "metadata": st.dictionaries(
+            st.sampled_from(["camera", "", "x"]), st.one_of(st.lists(values, max_size=3), values), max_size=2
+        ),
         "region": st.lists(st.one_of(st.lists(values, min_size=2, max_size=2), values), max_size=5),
     }
     return st.one_of(values, near[name]) if name in near else values
@@ -376,7 +449,8 @@ def _field_payloads():
 
     names = [f.name for f in __import__("dataclasses").fields(FilterSpec)]
     return st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True).flatmap(
-        lambda chosen: st.fixed_dictionaries({name: _field_values(name) for name in chosen}))
+        lambda chosen: st.fixed_dictionaries({name: _field_values(name) for name in chosen})
+    )
 
 
 def test_from_dict_is_total_over_arbitrary_json_in_every_field():
@@ -415,10 +489,32 @@ def test_from_query_params_is_total_over_arbitrary_parameters():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    keys = st.one_of(st.sampled_from(["label", "pset", "correct", "issue_mode", "q", "region", "slice", "sort", "desc",
-                                      "review", "r.metric.x", "r.", "m.camera", "m.", "page"]), st.text(max_size=5))
-    texts = st.one_of(st.text(max_size=8), st.sampled_from(["0:1", ":", "nan:1", "1e999:", "0,0;1,0;1,1", "0,0;x",
-                                                             "1", "0", "all", "keep", "1:0"]))
+    keys = st.one_of(
+        st.sampled_from(
+            [
+                "label",
+                "pset",
+                "correct",
+                "issue_mode",
+                "q",
+                "region",
+                "slice",
+                "sort",
+                "desc",
+                "review",
+                "r.metric.x",
+                "r.",
+                "m.camera",
+                "m.",
+                "page",
+            ]
+        ),
+        st.text(max_size=5),
+    )
+    texts = st.one_of(
+        st.text(max_size=8),
+        st.sampled_from(["0:1", ":", "nan:1", "1e999:", "0,0;1,0;1,1", "0,0;x", "1", "0", "all", "keep", "1:0"]),
+    )
     values = st.one_of(texts, st.lists(texts, max_size=3), st.none(), st.integers(), st.lists(st.integers()))
 
     @settings(max_examples=300, deadline=None, derandomize=True)

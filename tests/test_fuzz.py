@@ -21,8 +21,11 @@ from tests.conftest import tree_digest, write_image
 
 # Each init example costs ~0.4 s (atomic, fsynced writes and a new curation database), so the init properties
 # run 12 examples each and the cheaper export property 25: the file stays well under a minute.
-_COMMON = {"deadline": None, "derandomize": True,
-           "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
+_COMMON = {
+    "deadline": None,
+    "derandomize": True,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+}
 FUZZ = settings(max_examples=12, **_COMMON)
 FUZZ_CHEAP = settings(max_examples=25, **_COMMON)
 
@@ -38,8 +41,10 @@ def corpus(tmp_path_factory) -> Path:
     for i, rel in enumerate(IMAGES):
         write_image(base / "data" / rel, seed=i)
     (base / "labels.csv").write_text("path,label\n" + "".join(f"{p},{CLASSES[i % 2]}\n" for i, p in enumerate(IMAGES)))
-    assert main(["init", str(base / "ws"), "--quiet", "--data", str(base / "data"), "--labels",
-                 str(base / "labels.csv")]) == 0
+    assert (
+        main(["init", str(base / "ws"), "--quiet", "--data", str(base / "data"), "--labels", str(base / "labels.csv")])
+        == 0
+    )
     return base
 
 
@@ -67,14 +72,42 @@ def fresh(corpus: Path, name: str) -> Path:
 # -- strategies ---------------------------------------------------------------------------------------------------
 
 awkward_text = st.one_of(
-    st.sampled_from(["", " ", "NA", "None", "null", "nan", "inf", "-1", "0", "1e309", "..", "../x", "/etc/passwd",
-                     "imgs/../imgs/im0.png", "imgs//im1.png", "./imgs/im2.png", "C:\\x", "=1+1", "a;b", "a\tb",
-                     "\"quoted\"", "é", "<b>x</b>", "![x](http://e/x)", "\x00", "\n"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "NA",
+            "None",
+            "null",
+            "nan",
+            "inf",
+            "-1",
+            "0",
+            "1e309",
+            "..",
+            "../x",
+            "/etc/passwd",
+            "imgs/../imgs/im0.png",
+            "imgs//im1.png",
+            "./imgs/im2.png",
+            "C:\\x",
+            "=1+1",
+            "a;b",
+            "a\tb",
+            '"quoted"',
+            "é",
+            "<b>x</b>",
+            "![x](http://e/x)",
+            "\x00",
+            "\n",
+        ]
+    ),
     st.sampled_from(IMAGES + list(CLASSES)),
     st.text(max_size=12),
 )
-numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr),
-                    st.integers(-5, 5).map(str), awkward_text)
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32).map(repr), st.integers(-5, 5).map(str), awkward_text
+)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]], delimiter: str) -> None:
@@ -86,8 +119,9 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]], delimiter: 
 
 @st.composite
 def manifests(draw):
-    header = draw(st.lists(st.sampled_from(["path", "label", "split", "id", "camera", "path", ""]), min_size=1,
-                           max_size=5))
+    header = draw(
+        st.lists(st.sampled_from(["path", "label", "split", "id", "camera", "path", ""]), min_size=1, max_size=5)
+    )
     rows = draw(st.lists(st.lists(awkward_text, min_size=len(header), max_size=len(header)), max_size=6))
     # Often a mostly valid table, so the fuzzing reaches past the first check.
     if draw(st.booleans()):
@@ -101,16 +135,46 @@ def prediction_tables(draw):
     key = draw(st.sampled_from(["path", "id", "other"]))
     columns = draw(st.lists(st.sampled_from(["a", "b", "c", "path"]), min_size=1, max_size=4))
     count = draw(st.integers(0, 5))
-    rows = [[draw(st.sampled_from(IMAGES + ["imgs/none.png"])) if key != "other" else draw(awkward_text)]
-            + [draw(numbers) for _ in columns] for _ in range(count)]
+    rows = [
+        [draw(st.sampled_from(IMAGES + ["imgs/none.png"])) if key != "other" else draw(awkward_text)]
+        + [draw(numbers) for _ in columns]
+        for _ in range(count)
+    ]
     return [key, *columns], rows
 
 
-query_keys = st.sampled_from(["label", "split", "pred", "issue", "tag", "coll", "review", "id", "pset", "correct",
-                              "issue_mode", "q", "region", "slice", "sort", "desc", "r.width", "r.metric.x",
-                              "m.camera", "page", "r.", "m."])
-query_values = st.one_of(awkward_text, st.sampled_from(["0:1", ":", "1:", "a:b", "0,0;1,1;1,0", "0,0;x", "1", "0",
-                                                        "all", "any", "width", "-inf:inf", "nan:nan"]))
+query_keys = st.sampled_from(
+    [
+        "label",
+        "split",
+        "pred",
+        "issue",
+        "tag",
+        "coll",
+        "review",
+        "id",
+        "pset",
+        "correct",
+        "issue_mode",
+        "q",
+        "region",
+        "slice",
+        "sort",
+        "desc",
+        "r.width",
+        "r.metric.x",
+        "m.camera",
+        "page",
+        "r.",
+        "m.",
+    ]
+)
+query_values = st.one_of(
+    awkward_text,
+    st.sampled_from(
+        ["0:1", ":", "1:", "a:b", "0,0;1,1;1,0", "0,0;x", "1", "0", "all", "any", "width", "-inf:inf", "nan:nan"]
+    ),
+)
 
 
 @st.composite
@@ -122,6 +186,7 @@ def query_strings(draw):
 
 
 # -- properties ---------------------------------------------------------------------------------------------------
+
 
 @FUZZ
 @given(manifest=manifests())
@@ -148,8 +213,22 @@ def test_any_prediction_table_exits_0_or_2_and_is_not_modified(corpus, capsys, t
     _write_csv(path, header, rows, ",")
     before = path.read_bytes()
     workspace = fresh(corpus, "ws")
-    code, err = run_cli(capsys, ["init", workspace, "--quiet", "--data", corpus / "data", "--labels",
-                                 corpus / "labels.csv", "--predictions", f"p={path}", "--sum-tolerance", tolerance])
+    code, err = run_cli(
+        capsys,
+        [
+            "init",
+            workspace,
+            "--quiet",
+            "--data",
+            corpus / "data",
+            "--labels",
+            corpus / "labels.csv",
+            "--predictions",
+            f"p={path}",
+            "--sum-tolerance",
+            tolerance,
+        ],
+    )
     assert_clean_outcome(code, err)
     assert path.read_bytes() == before
     if code == 0:
@@ -171,8 +250,20 @@ def test_any_prediction_set_name_stays_inside_the_workspace(corpus, capsys, name
         predictions.write_text("path,a,b\n" + "".join(f"{p},0.7,0.3\n" for p in IMAGES))
     outside_before = sorted(p.name for p in corpus.iterdir())
     workspace = fresh(corpus, "ws")
-    code, err = run_cli(capsys, ["init", workspace, "--quiet", "--data", corpus / "data", "--labels",
-                                 corpus / "labels.csv", "--predictions", f"{name}={predictions}"])
+    code, err = run_cli(
+        capsys,
+        [
+            "init",
+            workspace,
+            "--quiet",
+            "--data",
+            corpus / "data",
+            "--labels",
+            corpus / "labels.csv",
+            "--predictions",
+            f"{name}={predictions}",
+        ],
+    )
     assert_clean_outcome(code, err)
     assert sorted(p.name for p in corpus.iterdir()) == outside_before  # nothing written next to the workspace
     if code == 0:
@@ -198,18 +289,46 @@ def export_reads_only(corpus, capsys, option, value):
     assert_clean_outcome(code, err)
     assert out.exists() == (code == 0)
     after = tree_digest(workspace)
-    assert {k: v for k, v in after.items() if not k.startswith("curation.db")} == \
-           {k: v for k, v in before.items() if not k.startswith("curation.db")}
+    assert {k: v for k, v in after.items() if not k.startswith("curation.db")} == {
+        k: v for k, v in before.items() if not k.startswith("curation.db")
+    }
 
 
 _json = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), awkward_text,
-              st.sampled_from(["a", "b", "any", "all", "correct", "incorrect", "keep", "width", "id", "p"])),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(),
+        awkward_text,
+        st.sampled_from(["a", "b", "any", "all", "correct", "incorrect", "keep", "width", "id", "p"]),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(awkward_text, inner, max_size=3)),
-    max_leaves=8)
-filter_fields = st.sampled_from(["ranges", "labels", "splits", "prediction_set", "predicted", "correctness", "metadata",
-                                 "issues", "issue_mode", "tags", "collections", "review", "text", "ids", "region",
-                                 "slice", "sort_by", "descending", "colour"])
+    max_leaves=8,
+)
+filter_fields = st.sampled_from(
+    [
+        "ranges",
+        "labels",
+        "splits",
+        "prediction_set",
+        "predicted",
+        "correctness",
+        "metadata",
+        "issues",
+        "issue_mode",
+        "tags",
+        "collections",
+        "review",
+        "text",
+        "ids",
+        "region",
+        "slice",
+        "sort_by",
+        "descending",
+        "colour",
+    ]
+)
 
 
 @st.composite
@@ -222,10 +341,13 @@ def filter_texts(draw):
         return json.dumps(draw(_json))
     payload = {}
     for name in draw(st.lists(filter_fields, min_size=1, max_size=3, unique=True)):
-        near = {"ranges": st.dictionaries(st.sampled_from(["width", "height", "", "label"]),
-                                          st.lists(_json, min_size=2, max_size=2), max_size=2),
-                "region": st.lists(st.lists(_json, min_size=2, max_size=2), max_size=4),
-                "labels": st.lists(st.sampled_from(CLASSES + ("",)), max_size=2)}.get(name, _json)
+        near = {
+            "ranges": st.dictionaries(
+                st.sampled_from(["width", "height", "", "label"]), st.lists(_json, min_size=2, max_size=2), max_size=2
+            ),
+            "region": st.lists(st.lists(_json, min_size=2, max_size=2), max_size=4),
+            "labels": st.lists(st.sampled_from(CLASSES + ("",)), max_size=2),
+        }.get(name, _json)
         payload[name] = draw(st.one_of(_json, near))
     return json.dumps(payload)
 
@@ -234,6 +356,7 @@ def filter_texts(draw):
 @given(spec=filter_texts())
 def test_any_filter_json_exits_0_or_2(corpus, capsys, spec):
     export_reads_only(corpus, capsys, "--filter", spec)
+
 
 @settings(max_examples=300, **_COMMON)
 @given(name=st.text(max_size=40))

@@ -10,8 +10,9 @@ from robustlens.analysis.images import ImageProblem, read_image
 from tests.conftest import write_image
 
 
-@pytest.mark.parametrize("suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP"), (".bmp", "BMP"),
-                                        (".tiff", "TIFF")])
+@pytest.mark.parametrize(
+    "suffix,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".webp", "WEBP"), (".bmp", "BMP"), (".tiff", "TIFF")]
+)
 def test_reads_every_supported_format(tmp_path, suffix, fmt):
     path = write_image(tmp_path / f"x{suffix}", mode="RGB", size=(20, 10), fmt=fmt)
     decoded = read_image(path)
@@ -22,8 +23,9 @@ def test_reads_every_supported_format(tmp_path, suffix, fmt):
     assert decoded.record.file_size == path.stat().st_size
 
 
-@pytest.mark.parametrize("mode,channels,bit_depth", [("L", 1, 8), ("RGB", 3, 8), ("RGBA", 3, 8), ("P", 3, 8),
-                                                     ("LA", 1, 8), ("I;16", 1, 16)])
+@pytest.mark.parametrize(
+    "mode,channels,bit_depth", [("L", 1, 8), ("RGB", 3, 8), ("RGBA", 3, 8), ("P", 3, 8), ("LA", 1, 8), ("I;16", 1, 16)]
+)
 def test_modes_become_one_or_three_channels(tmp_path, mode, channels, bit_depth):
     path = write_image(tmp_path / "x.png", mode=mode)
     decoded = read_image(path)

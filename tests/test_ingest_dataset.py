@@ -106,11 +106,14 @@ def _manifest(tmp_path, lines: list[str]):
     return path
 
 
-@pytest.mark.parametrize("bad_path,message", [
-    ("/etc/passwd", "is absolute"),
-    ("../outside.png", "contains '..'"),
-    ("imgs/../../outside.png", "contains '..'"),
-])
+@pytest.mark.parametrize(
+    "bad_path,message",
+    [
+        ("/etc/passwd", "is absolute"),
+        ("../outside.png", "contains '..'"),
+        ("imgs/../../outside.png", "contains '..'"),
+    ],
+)
 def test_manifest_rejects_paths_escaping_the_root(manifest_dataset, tmp_path, bad_path, message):
     root, _ = manifest_dataset
     manifest = _manifest(tmp_path, ["path,label", "imgs/im0.png,a", f"{bad_path},b"])
@@ -192,8 +195,25 @@ def test_scanning_never_modifies_the_dataset(manifest_dataset):
     assert tree_digest(root.parent) == before
 
 
-@pytest.mark.parametrize("raw", ["a/b.png", "a//b.png", "./a.png", "a/./b.png", "a/b/", "a/.", ".", "",
-                                 "a/../b.png", "x.png", "a/.hidden.png", "a/b./c.png", "..", "a/..b/c.png"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a/b.png",
+        "a//b.png",
+        "./a.png",
+        "a/./b.png",
+        "a/b/",
+        "a/.",
+        ".",
+        "",
+        "a/../b.png",
+        "x.png",
+        "a/.hidden.png",
+        "a/b./c.png",
+        "..",
+        "a/..b/c.png",
+    ],
+)
 def test_manifest_path_normalisation_matches_pathlib(raw):
     """The fast path for already-clean manifest paths normalises exactly as PurePosixPath does."""
     from pathlib import PurePosixPath

@@ -89,13 +89,16 @@ def test_config_input_size_that_the_model_rejects(tmp_path):
         load_model(path, _config(input_size=[4, 4]), ["a", "b", "c"])
 
 
-@pytest.mark.parametrize("payload,field", [
-    ({"channels": 1, "mean": [0.5], "std": [0.2]}, "input_size"),
-    ({"input_size": [8, 8], "channels": 2, "mean": [0.5, 0.5], "std": [1, 1]}, "channels"),
-    ({"input_size": [8, 8], "channels": 3, "mean": [0.5], "std": [1, 1, 1]}, "mean"),
-    ({"input_size": [8, -1], "channels": 1, "mean": [0.5], "std": [1]}, "input_size"),
-    ({"input_size": [8, 8], "channels": 1, "mean": [0.5], "std": [0]}, "std"),
-])
+@pytest.mark.parametrize(
+    "payload,field",
+    [
+        ({"channels": 1, "mean": [0.5], "std": [0.2]}, "input_size"),
+        ({"input_size": [8, 8], "channels": 2, "mean": [0.5, 0.5], "std": [1, 1]}, "channels"),
+        ({"input_size": [8, 8], "channels": 3, "mean": [0.5], "std": [1, 1, 1]}, "mean"),
+        ({"input_size": [8, -1], "channels": 1, "mean": [0.5], "std": [1]}, "input_size"),
+        ({"input_size": [8, 8], "channels": 1, "mean": [0.5], "std": [0]}, "std"),
+    ],
+)
 def test_config_validation_names_the_field(tmp_path, payload, field):
     path = tmp_path / "model.json"
     path.write_text(json.dumps(payload))

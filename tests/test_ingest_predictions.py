@@ -42,8 +42,9 @@ def test_parquet_by_path_in_other_row_and_column_order(tmp_path):
     order = [2, 0, 3, 1]
     frame_columns = ["c", "a", "b"]
     shuffled = PROBS[order][:, [2, 0, 1]]
-    path = _table(tmp_path, shuffled, key="path", keys=[PATHS[i] for i in order], columns=frame_columns,
-                  suffix=".parquet")
+    path = _table(
+        tmp_path, shuffled, key="path", keys=[PATHS[i] for i in order], columns=frame_columns, suffix=".parquet"
+    )
     np.testing.assert_allclose(_load(path).probabilities, PROBS, rtol=1e-6)
 
 

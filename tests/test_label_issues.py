@@ -38,9 +38,15 @@ def flipped(tmp_path_factory) -> dict:
     original = manifest["label"].copy()
     manifest["label"], rows = flip_labels(manifest["label"], FLIP_FRACTION, seed=7)
     manifest.to_csv(tmp / "labels.csv", index=False)
-    workspace, _ = init_workspace(tmp / "ws", InitOptions(
-        data=SAMPLE_DATA, labels=tmp / "labels.csv", predictions=[("cnn", SAMPLE_DATA / "predictions.csv")],
-        progress=False))
+    workspace, _ = init_workspace(
+        tmp / "ws",
+        InitOptions(
+            data=SAMPLE_DATA,
+            labels=tmp / "labels.csv",
+            predictions=[("cnn", SAMPLE_DATA / "predictions.csv")],
+            progress=False,
+        ),
+    )
     planted = set(manifest["path"].iloc[rows])
     original_by_id = dict(zip(manifest["path"], original, strict=True))
     return {"root": workspace.root, "planted": planted, "original": original_by_id}
@@ -54,8 +60,9 @@ def _rates(flagged: set[str], planted: set[str]) -> tuple[float, float]:
 @pytest.mark.parametrize("filter_by", ["low_self_confidence", "prune_by_noise_rate"])
 def test_planted_flips_are_found_with_given_probabilities(flipped, filter_by):
     workspace = Workspace(flipped["root"])
-    summary = label_issues.run(StageContext(workspace=workspace, progress=False),
-                               label_issues.Config(filter_by=filter_by))
+    summary = label_issues.run(
+        StageContext(workspace=workspace, progress=False), label_issues.Config(filter_by=filter_by)
+    )
     assert summary["probability_source"] == "given" and summary["prediction_set"] == "cnn"
 
     table = pd.read_parquet(workspace.artifact_path("label_issues.parquet"))
@@ -67,11 +74,14 @@ def test_planted_flips_are_found_with_given_probabilities(flipped, filter_by):
     # so precision is also measured on the samples the model got right before the flip.
     probabilities = workspace.predictions("cnn")
     predicted = np.asarray(workspace.classes)[probabilities.argmax(axis=1)]
-    originally_right = {i for i, p in zip(workspace.samples["id"], predicted, strict=True)
-                        if flipped["original"][i] == p}
+    originally_right = {
+        i for i, p in zip(workspace.samples["id"], predicted, strict=True) if flipped["original"][i] == p
+    }
     clean_precision, clean_recall = _rates(flagged & originally_right, flipped["planted"] & originally_right)
-    print(f"\nlabel issues (given probabilities, {filter_by}): {len(flagged)} flagged, recall {recall:.3f}, precision "
-          f"{precision:.3f}; on originally-correct samples precision {clean_precision:.3f}, recall {clean_recall:.3f}")
+    print(
+        f"\nlabel issues (given probabilities, {filter_by}): {len(flagged)} flagged, recall {recall:.3f}, precision "
+        f"{precision:.3f}; on originally-correct samples precision {clean_precision:.3f}, recall {clean_recall:.3f}"
+    )
     assert recall >= 0.9
     assert clean_precision >= 0.9
     assert precision >= 0.4
@@ -97,8 +107,10 @@ def test_label_issue_artifacts_follow_the_contracts(flipped):
     merged = flags.merge(table, on="id")
     assert np.allclose(merged["severity"], 1 - merged["label_quality"])
     row = merged.iloc[0]
-    assert row["explanation"].startswith(f"labelled '{row['given_label']}' but the model gives "
-                                         f"'{row['suggested_label']}' {row['suggested_label_probability']:.2f}")
+    assert row["explanation"].startswith(
+        f"labelled '{row['given_label']}' but the model gives "
+        f"'{row['suggested_label']}' {row['suggested_label_probability']:.2f}"
+    )
 
     per_class = pd.read_parquet(workspace.artifact_path("label_class_summary.parquet"))
     assert per_class["class"].tolist() == workspace.classes
@@ -144,8 +156,9 @@ def test_cross_validated_probabilities_are_out_of_fold():
     labels = np.repeat(np.arange(3), 20)
     # Pure noise features: a classifier that saw a sample's label in training would be confident on it;
     # out-of-fold probabilities stay near chance.
-    probabilities = label_issues.cross_validated_probabilities(rng.normal(size=(60, 50)), labels, 4, folds=5,
-                                                               random_state=0, c=100.0)
+    probabilities = label_issues.cross_validated_probabilities(
+        rng.normal(size=(60, 50)), labels, 4, folds=5, random_state=0, c=100.0
+    )
     assert probabilities.shape == (60, 4)
     assert np.allclose(probabilities[:, 3], 0) and np.allclose(probabilities.sum(axis=1), 1)
     assert probabilities[np.arange(60), labels].mean() < 0.5
@@ -158,8 +171,7 @@ def bare_workspace(tmp_path_factory) -> Path:
     """40 sample images, no predictions and no embeddings."""
     tmp = tmp_path_factory.mktemp("bare")
     pd.read_csv(SAMPLE_DATA / "labels.csv").head(40).to_csv(tmp / "labels.csv", index=False)
-    workspace, _ = init_workspace(tmp / "ws", InitOptions(data=SAMPLE_DATA, labels=tmp / "labels.csv",
-                                                          progress=False))
+    workspace, _ = init_workspace(tmp / "ws", InitOptions(data=SAMPLE_DATA, labels=tmp / "labels.csv", progress=False))
     return workspace.root
 
 

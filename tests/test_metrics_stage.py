@@ -28,9 +28,25 @@ from robustlens.analysis.stages import metrics as metrics_stage
 from robustlens.analysis.stages.base import StageContext, read_artifact
 from tests.metrics_planted import SAMPLE_DATA, copy_real_images, sample_images
 
-PIXEL_BUILTINS = ("brightness", "contrast", "sharpness", "high_frequency_ratio", "blur_score", "entropy",
-                  "shadow_level", "highlight_level", "colorfulness", "saturation", "mean_r", "mean_g", "mean_b",
-                  "dark_fraction", "bright_fraction", "noise", "grayscale_content")
+PIXEL_BUILTINS = (
+    "brightness",
+    "contrast",
+    "sharpness",
+    "high_frequency_ratio",
+    "blur_score",
+    "entropy",
+    "shadow_level",
+    "highlight_level",
+    "colorfulness",
+    "saturation",
+    "mean_r",
+    "mean_g",
+    "mean_b",
+    "dark_fraction",
+    "bright_fraction",
+    "noise",
+    "grayscale_content",
+)
 RECORD_BUILTINS = ("width", "height", "aspect_ratio", "area", "file_size", "channels")
 
 
@@ -67,8 +83,11 @@ def reference_metrics(pixels: np.ndarray) -> dict[str, float]:
     laplacian_variance = ndimage.laplace(lum).var()  # mode="reflect": edge pixel repeated
     if min(height, width) >= 3:
         mask = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=float)
-        noise = math.sqrt(math.pi / 2) / (6 * (width - 2) * (height - 2)) * np.abs(
-            signal.convolve2d(lum, mask, mode="valid")).sum()
+        noise = (
+            math.sqrt(math.pi / 2)
+            / (6 * (width - 2) * (height - 2))
+            * np.abs(signal.convolve2d(lum, mask, mode="valid")).sum()
+        )
     else:
         noise = 0.0
     hsv_s = np.array([colorsys.rgb_to_hsv(*pixel)[1] for pixel in rgb.reshape(-1, 3)])
@@ -83,7 +102,9 @@ def reference_metrics(pixels: np.ndarray) -> dict[str, float]:
         "highlight_level": np.percentile(levels, 99, method="inverted_cdf") / 255,
         "colorfulness": math.sqrt(rg.var() + yb.var()) + 0.3 * math.sqrt(rg.mean() ** 2 + yb.mean() ** 2),
         "saturation": hsv_s.mean(),
-        "mean_r": red.mean(), "mean_g": green.mean(), "mean_b": blue.mean(),
+        "mean_r": red.mean(),
+        "mean_g": green.mean(),
+        "mean_b": blue.mean(),
         "dark_fraction": (lum < 0.1).mean(),
         "bright_fraction": (lum > 0.9).mean(),
         "noise": noise,
@@ -183,15 +204,21 @@ def test_metric_values_do_not_depend_on_batch_composition(reference_workspace, t
 
     copy = Workspace(tmp_path / "ws")
     metrics_stage.run(StageContext(copy, progress=False), metrics_stage.Config(batch_size=2))
-    pd.testing.assert_frame_equal(read_artifact(copy, "metrics"), read_artifact(workspace, "metrics"),
-                                  check_exact=False, atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(
+        read_artifact(copy, "metrics"), read_artifact(workspace, "metrics"), check_exact=False, atol=1e-6, rtol=0
+    )
 
 
 def test_mixed_sizes_in_one_batch_are_grouped_and_kept_in_order(monkeypatch):
     rng = np.random.default_rng(3)
-    images = [rng.random((9, 7, 3), dtype=np.float32), rng.random((5, 5, 1), dtype=np.float32),
-              rng.random((9, 7, 3), dtype=np.float32), rng.random((9, 7, 1), dtype=np.float32),
-              rng.random((5, 5, 1), dtype=np.float32), rng.random((9, 7, 3), dtype=np.float32)]
+    images = [
+        rng.random((9, 7, 3), dtype=np.float32),
+        rng.random((5, 5, 1), dtype=np.float32),
+        rng.random((9, 7, 3), dtype=np.float32),
+        rng.random((9, 7, 1), dtype=np.float32),
+        rng.random((5, 5, 1), dtype=np.float32),
+        rng.random((9, 7, 3), dtype=np.float32),
+    ]
     chosen = [get_metric(name) for name in ("brightness", "sharpness", "blur_score", "colorfulness")]
     frame = metrics_stage.measure_batch(images, chosen, torch.device("cpu"))
     monkeypatch.setattr(metrics_stage, "MAX_STACK_ELEMENTS", 2 * 9 * 7 * 3)  # split same-shape groups in twos
@@ -253,8 +280,9 @@ def test_phash_equals_resize_then_dct_at_other_sizes(shape):
     from robustlens.analysis.builtin_metrics import luminance
 
     images = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
-    small = F.interpolate(luminance(images).unsqueeze(1).double(), size=(32, 32), mode="bilinear",
-                          align_corners=False, antialias=True)[:, 0]
+    small = F.interpolate(
+        luminance(images).unsqueeze(1).double(), size=(32, 32), mode="bilinear", align_corners=False, antialias=True
+    )[:, 0]
     dct = metrics_stage._dct_matrix(32, torch.float64, torch.device("cpu"))
     block = (dct @ small @ dct.T)[:, :8, :8].reshape(len(images), -1)
     bits = (block > block[:, 1:].median(dim=1, keepdim=True).values).numpy()
@@ -341,8 +369,9 @@ def test_a_metric_returning_the_wrong_shape_is_named():
 
     try:
         with pytest.raises(MetricRegistryError, match="'tmp_bad_shape'.*expected a tensor of shape \\(2,\\)"):
-            metrics_stage.measure_batch([np.zeros((4, 4, 1), np.float32)] * 2, [get_metric("tmp_bad_shape")],
-                                        torch.device("cpu"))
+            metrics_stage.measure_batch(
+                [np.zeros((4, 4, 1), np.float32)] * 2, [get_metric("tmp_bad_shape")], torch.device("cpu")
+            )
     finally:
         unregister_metric("tmp_bad_shape")
 
@@ -359,8 +388,9 @@ def test_plugin_metric_appears_in_metrics_parquet(tmp_path):
         pixels = load_pixels(workspace.image_path(path))
         assert table.loc[sample_id, "centre_brightness"] == pytest.approx(pixels[7:21, 7:21].mean(), abs=1e-6)
     samples = workspace.samples.set_index("id")
-    np.testing.assert_allclose(table.loc[ids, "pixels_per_byte"],
-                               784 / samples.loc[ids, "file_size"].to_numpy(dtype=float))
+    np.testing.assert_allclose(
+        table.loc[ids, "pixels_per_byte"], 784 / samples.loc[ids, "file_size"].to_numpy(dtype=float)
+    )
     assert set(PIXEL_BUILTINS + RECORD_BUILTINS) <= set(table.columns)
 
     # A run whose config names no plugin computes the built-ins only, whatever else was imported.
@@ -372,9 +402,10 @@ def test_plugin_metric_appears_in_metrics_parquet(tmp_path):
 def test_selected_metrics_subset(tmp_path):
     copy_real_images(tmp_path / "data", 5)
     workspace = make_workspace(tmp_path / "data", tmp_path / "ws")
-    summary = metrics_stage.run(StageContext(workspace, progress=False),
-                                metrics_stage.Config(metrics=("brightness", "width", "centre_brightness"),
-                                                     plugins=("tests.metrics_plugin",)))
+    summary = metrics_stage.run(
+        StageContext(workspace, progress=False),
+        metrics_stage.Config(metrics=("brightness", "width", "centre_brightness"), plugins=("tests.metrics_plugin",)),
+    )
     assert summary["metrics"] == ["brightness", "width", "centre_brightness"]
     assert list(read_artifact(workspace, "metrics").columns) == ["id", "brightness", "width", "centre_brightness"]
 
@@ -406,8 +437,9 @@ def test_adding_images_computes_only_the_new_ones(tmp_path):
     merged = table.set_index("id").loc[old.index]
     pd.testing.assert_frame_equal(merged, old)
     by_id = table.set_index("id")
-    pd.testing.assert_series_equal(by_id.loc[duplicate].drop("file_size"),
-                                   by_id.loc[new_ids[0]].drop("file_size"), check_names=False)
+    pd.testing.assert_series_equal(
+        by_id.loc[duplicate].drop("file_size"), by_id.loc[new_ids[0]].drop("file_size"), check_names=False
+    )
 
     before = metrics_plugin.CALLS["images"]
     third = metrics_stage.run(StageContext(workspace, progress=False), config)

@@ -25,8 +25,10 @@ def test_planted_outliers_precision_recall(outlier_run):
     table = pd.read_parquet(workspace.artifact_path("outliers.parquet"))
     flagged = set(table.loc[table["is_outlier"], "id"])
     precision, recall = precision_recall(flagged, planted.outliers)
-    print(f"outliers: precision {precision:.3f} recall {recall:.3f} ({len(planted.outliers)} planted, "
-          f"{len(flagged)} flagged)")
+    print(
+        f"outliers: precision {precision:.3f} recall {recall:.3f} ({len(planted.outliers)} planted, "
+        f"{len(flagged)} flagged)"
+    )
     assert precision >= 0.9 and recall >= 0.9
     assert summary["outliers"] == len(flagged)
     # the planted ones are the most atypical images, whatever the threshold

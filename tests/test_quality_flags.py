@@ -37,8 +37,7 @@ def precision_recall(flags: pd.DataFrame, issue: str, expected: set[str]) -> tup
     hits = len(got & expected)
     precision = hits / len(got) if got else 0.0
     recall = hits / len(expected)
-    line = (f"{issue}: precision {hits}/{len(got)} = {precision:.3f}, "
-            f"recall {hits}/{len(expected)} = {recall:.3f}")
+    line = f"{issue}: precision {hits}/{len(got)} = {precision:.3f}, recall {hits}/{len(expected)} = {recall:.3f}"
     return precision, recall, line
 
 
@@ -118,14 +117,22 @@ def test_grayscale_is_flagged_only_in_a_colour_dataset(tmp_path):
 # -- rules on synthetic metric tables ----------------------------------------------------------------------
 def metric_table(n: int, rng: np.random.Generator, **overrides) -> pd.DataFrame:
     """A plausible natural-photo metrics table of ``n`` rows; ``overrides`` replace whole columns."""
-    table = pd.DataFrame({
-        "id": [f"img{i:04d}" for i in range(n)],
-        "brightness": rng.uniform(0.3, 0.6, n), "contrast": rng.uniform(0.15, 0.3, n),
-        "high_frequency_ratio": 10 ** rng.normal(-1.5, 0.2, n), "blur_score": rng.uniform(0.2, 0.35, n),
-        "entropy": rng.uniform(6.5, 7.8, n), "shadow_level": rng.uniform(0.0, 0.1, n),
-        "highlight_level": rng.uniform(0.85, 1.0, n), "aspect_ratio": rng.choice([4 / 3, 3 / 2, 1.0], n),
-        "area": rng.integers(300, 500, n) * rng.integers(300, 500, n), "channels": np.full(n, 3),
-        "grayscale_content": rng.uniform(0.3, 0.9, n)})
+    table = pd.DataFrame(
+        {
+            "id": [f"img{i:04d}" for i in range(n)],
+            "brightness": rng.uniform(0.3, 0.6, n),
+            "contrast": rng.uniform(0.15, 0.3, n),
+            "high_frequency_ratio": 10 ** rng.normal(-1.5, 0.2, n),
+            "blur_score": rng.uniform(0.2, 0.35, n),
+            "entropy": rng.uniform(6.5, 7.8, n),
+            "shadow_level": rng.uniform(0.0, 0.1, n),
+            "highlight_level": rng.uniform(0.85, 1.0, n),
+            "aspect_ratio": rng.choice([4 / 3, 3 / 2, 1.0], n),
+            "area": rng.integers(300, 500, n) * rng.integers(300, 500, n),
+            "channels": np.full(n, 3),
+            "grayscale_content": rng.uniform(0.3, 0.9, n),
+        }
+    )
     for name, values in overrides.items():
         table[name] = values
     return table
@@ -133,8 +140,13 @@ def metric_table(n: int, rng: np.random.Generator, **overrides) -> pd.DataFrame:
 
 def test_thresholds_follow_the_dataset():
     rng = np.random.default_rng(0)
-    night = metric_table(300, rng, brightness=rng.uniform(0.04, 0.12, 300),
-                         highlight_level=rng.uniform(0.15, 0.3, 300), shadow_level=np.zeros(300))
+    night = metric_table(
+        300,
+        rng,
+        brightness=rng.uniform(0.04, 0.12, 300),
+        highlight_level=rng.uniform(0.15, 0.3, 300),
+        shadow_level=np.zeros(300),
+    )
     flags, details = quality_flags.flag_quality(night)
     assert (flags["issue"] == "dark").sum() <= 3  # a dim dataset is not dark wholesale
     darker = night.copy()

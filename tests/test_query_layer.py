@@ -26,11 +26,23 @@ def workspace(tmp_path) -> Workspace:
     """A bare 10-sample workspace (no images needed: the readers only read artifacts)."""
     root = tmp_path / "ws"
     root.mkdir()
-    manifest = {"format_version": 1, "classes": ["a", "b"], "dataset": {"root": str(tmp_path), "kind": "folder"},
-                "prediction_sets": {}}
+    manifest = {
+        "format_version": 1,
+        "classes": ["a", "b"],
+        "dataset": {"root": str(tmp_path), "kind": "folder"},
+        "prediction_sets": {},
+    }
     (root / "workspace.json").write_text(json.dumps(manifest), encoding="utf-8")
-    samples = pd.DataFrame({"id": IDS, "path": [f"{i}.png" for i in IDS], "content_hash": IDS,
-                            "label": ["a", "b"] * 5, "label_index": [0, 1] * 5, "split": ["train"] * 10})
+    samples = pd.DataFrame(
+        {
+            "id": IDS,
+            "path": [f"{i}.png" for i in IDS],
+            "content_hash": IDS,
+            "label": ["a", "b"] * 5,
+            "label_index": [0, 1] * 5,
+            "split": ["train"] * 10,
+        }
+    )
     storage.write_parquet(root / "samples.parquet", samples)
     return Workspace(root)
 
@@ -78,9 +90,14 @@ def test_the_stage_readers_are_the_one_embeddings_reader(workspace):
     assert label_issue_embeddings(workspace)[1] == "artifacts/embeddings.npy"
 
 
-@pytest.mark.parametrize("bad, problem", [(np.zeros((9, 3), np.float32), "shape"),
-                                          (np.zeros(10, np.float32), "shape"),
-                                          (np.full((10, 3), np.nan, np.float32), "NaN or infinite")])
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        (np.zeros((9, 3), np.float32), "shape"),
+        (np.zeros(10, np.float32), "shape"),
+        (np.full((10, 3), np.nan, np.float32), "NaN or infinite"),
+    ],
+)
 def test_embeddings_that_do_not_fit_the_samples_name_the_file_and_the_stage(workspace, bad, problem):
     storage.write_npy(workspace.artifact_path("embeddings.npy"), bad)
     with pytest.raises(artifacts.ArtifactError, match=problem) as caught:
@@ -111,8 +128,7 @@ def test_per_sample_artifacts_are_validated_and_aligned_by_id(workspace):
 
 # -- column names -----------------------------------------------------------------------------------------------
 def test_robustness_columns_join_as_rob_dot_and_the_artifact_keeps_its_names(workspace):
-    frame = pd.DataFrame({"id": IDS[::-1], "rob_clean_correct": [True] * 10,
-                          "rob_fragility": np.linspace(0, 0.9, 10)})
+    frame = pd.DataFrame({"id": IDS[::-1], "rob_clean_correct": [True] * 10, "rob_fragility": np.linspace(0, 0.9, 10)})
     storage.write_parquet(workspace.artifact_path("robustness_samples.parquet"), frame)
     table = load_sample_table(workspace)
     assert {"rob.clean_correct", "rob.fragility"} <= set(table.columns)
@@ -127,8 +143,10 @@ def test_robustness_columns_join_as_rob_dot_and_the_artifact_keeps_its_names(wor
 def test_saved_filters_and_links_with_old_column_names_still_load(workspace, tmp_path):
     assert COLUMN_ALIASES == {"rob_": "rob."}
     assert current_column_name("rob_min_l2") == "rob.min_l2" and current_column_name("metric.x") == "metric.x"
-    storage.write_parquet(workspace.artifact_path("robustness_samples.parquet"),
-                          pd.DataFrame({"id": IDS, "rob_fragility": np.arange(10) / 10}))
+    storage.write_parquet(
+        workspace.artifact_path("robustness_samples.parquet"),
+        pd.DataFrame({"id": IDS, "rob_fragility": np.arange(10) / 10}),
+    )
     table = load_sample_table(workspace)
     old = {"ranges": {"rob_fragility": [0.45, None]}, "sort_by": "rob_fragility", "descending": True}
     spec = FilterSpec.from_dict(old)
@@ -146,11 +164,19 @@ def test_saved_filters_and_links_with_old_column_names_still_load(workspace, tmp
 
 # -- slice membership -------------------------------------------------------------------------------------------
 def _write_slices(workspace: Workspace, masks: np.ndarray) -> None:
-    storage.write_npy(workspace.artifact_path("slice_predicate_masks.npy"),
-                      np.packbits(masks, axis=1, bitorder="little"))
-    storage.write_parquet(workspace.artifact_path("slices.parquet"), pd.DataFrame({
-        "slice_id": ["all", "p0", "p1", "p0p1"], "predicate_ids": [[], [0], [1], [0, 1]],
-        "size": [10, int(masks[0].sum()), int(masks[1].sum()), int((masks[0] & masks[1]).sum())]}))
+    storage.write_npy(
+        workspace.artifact_path("slice_predicate_masks.npy"), np.packbits(masks, axis=1, bitorder="little")
+    )
+    storage.write_parquet(
+        workspace.artifact_path("slices.parquet"),
+        pd.DataFrame(
+            {
+                "slice_id": ["all", "p0", "p1", "p0p1"],
+                "predicate_ids": [[], [0], [1], [0, 1]],
+                "size": [10, int(masks[0].sum()), int(masks[1].sum()), int((masks[0] & masks[1]).sum())],
+            }
+        ),
+    )
 
 
 def test_slice_membership_is_the_and_of_the_recorded_predicate_rows(workspace):
@@ -178,7 +204,7 @@ def test_slice_membership_is_the_and_of_the_recorded_predicate_rows(workspace):
 
 
 def test_stale_slice_masks_are_a_workspace_error_and_the_filter_never_reads_disk(workspace):
-    _write_slices(workspace, np.ones((2, 24), dtype=bool))   # written for 24 samples, the workspace has 10
+    _write_slices(workspace, np.ones((2, 24), dtype=bool))  # written for 24 samples, the workspace has 10
     with pytest.raises(artifacts.ArtifactError, match="the slices are stale") as caught:
         load_slice_membership(workspace)
     assert caught.value.stage == "slices"
@@ -204,11 +230,15 @@ def test_slice_table_rows_become_filters_matched_whole(workspace):
     membership = load_slice_membership(workspace)
     assert membership.known_ids == {"all", "p0", "p1", "p0p1"}
     assert membership.description("p0") == "p0" and membership.description("gone") == "gone"
-    rows = pd.DataFrame({"slice_id": ["all", "p0p1", "label=b", "label=b", "gone", None],
-                         "kind": ["all", "discovered", "class", "metadata", "class", "class"]})
+    rows = pd.DataFrame(
+        {
+            "slice_id": ["all", "p0p1", "label=b", "label=b", "gone", None],
+            "kind": ["all", "discovered", "class", "metadata", "class", "class"],
+        }
+    )
     specs = slice_row_filters(rows, membership, classes=["a", "b"])
     assert specs == [FilterSpec(), FilterSpec(slice="p0p1"), FilterSpec(labels=["b"]), None, None, None]
-    assert class_slice_id("a=b") == "label=a=b"     # a label holding '=' is still matched whole
+    assert class_slice_id("a=b") == "label=a=b"  # a label holding '=' is still matched whole
     row = {"slice_id": "label=a=b", "kind": "class"}
     assert slice_row_filter(row, membership, ["a=b"]) == FilterSpec(labels=["a=b"])
     # Without recorded masks only the all-samples slice resolves.
@@ -219,9 +249,19 @@ def test_column_summaries_and_nearest_samples():
     from robustlens.query.neighbours import nearest_samples
     from robustlens.query.sample_table import category_values, column_bounds
 
-    table = pd.DataFrame({"id": IDS, "split": ["train"] * 9 + [None], "label_index": range(10),
-                          "metric.x": np.linspace(0, 1, 10), "metric.flat": 1.0, "metric.none": np.nan,
-                          "count": np.arange(10), "ok": [True] * 10, "meta.site": ["a", "b"] * 5})
+    table = pd.DataFrame(
+        {
+            "id": IDS,
+            "split": ["train"] * 9 + [None],
+            "label_index": range(10),
+            "metric.x": np.linspace(0, 1, 10),
+            "metric.flat": 1.0,
+            "metric.none": np.nan,
+            "count": np.arange(10),
+            "ok": [True] * 10,
+            "meta.site": ["a", "b"] * 5,
+        }
+    )
     assert column_bounds(table) == {"metric.x": (0.0, 1.0, False), "count": (0.0, 9.0, True)}
     assert category_values(table) == {"split": ["train"], "meta.site": ["a", "b"]}
     assert category_values(table, max_values=1) == {"split": ["train"]}
@@ -245,9 +285,16 @@ def test_table_summaries_count_what_the_table_holds():
     classes = ["a", "b", "c"]
     given = pd.Categorical(["a", "a", "b", "b", "b", "c"], categories=classes)
     predicted = pd.Categorical(["a", "b", "b", "b", "a", "a"], categories=classes)
-    table = pd.DataFrame({"label": given, "pred.m.label": predicted, "pred.m.correct": given == predicted,
-                          "issue.dark": [0.0, 0.9, 0.0, 0.2, 0.9, 0.5], "issue.blurry": [0.0] * 5 + [1.0],
-                          "issue_count": [0, 1, 0, 1, 1, 2]})
+    table = pd.DataFrame(
+        {
+            "label": given,
+            "pred.m.label": predicted,
+            "pred.m.correct": given == predicted,
+            "issue.dark": [0.0, 0.9, 0.0, 0.2, 0.9, 0.5],
+            "issue.blurry": [0.0] * 5 + [1.0],
+            "issue_count": [0, 1, 0, 1, 1, 2],
+        }
+    )
     counts = confusion_counts(table, "m")
     assert counts.to_numpy().tolist() == [[1, 1, 0], [1, 2, 0], [1, 0, 0]]
     assert list(counts.index) == list(counts.columns) == classes

@@ -36,11 +36,19 @@ print(json.dumps(metrics.run(StageContext(Workspace(sys.argv[1]), progress=False
 
 
 def start_metrics(workspace_root: Path, log: Path, *, delay: float) -> subprocess.Popen:
-    env = {**os.environ, "ROBUSTLENS_TEST_METRIC_DELAY": str(delay),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "ROBUSTLENS_TEST_METRIC_DELAY": str(delay),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     with open(log, "wb") as handle:
-        return subprocess.Popen([sys.executable, "-c", RUN_METRICS, str(workspace_root), str(BATCH_SIZE),
-                                 ",".join(PLUGINS)], cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-c", RUN_METRICS, str(workspace_root), str(BATCH_SIZE), ",".join(PLUGINS)],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def cache_chunks(workspace_root: Path) -> list[Path]:
@@ -92,10 +100,13 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(workspaces, tm
     assert full["computed"] == reference.samples["content_hash"].nunique() and full["cached"] == 0
     assert "slow_peak" in resumed["metrics"]
 
-    pd.testing.assert_frame_equal(read_artifact(killed, "metrics"), read_artifact(reference, "metrics"),
-                                  check_exact=False, atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(
+        read_artifact(killed, "metrics"), read_artifact(reference, "metrics"), check_exact=False, atol=1e-6, rtol=0
+    )
     pd.testing.assert_frame_equal(read_artifact(killed, "fingerprints"), read_artifact(reference, "fingerprints"))
     resumed_table, reference_table = read_artifact(killed, "metrics"), read_artifact(reference, "metrics")
     difference = resumed_table.drop(columns="id") - reference_table.drop(columns="id")
-    print(f"killed after {done} of {IMAGES} images; the resumed run computed {resumed['computed']}; "
-          f"largest difference from the uninterrupted run: {difference.abs().to_numpy().max():.3g}")
+    print(
+        f"killed after {done} of {IMAGES} images; the resumed run computed {resumed['computed']}; "
+        f"largest difference from the uninterrupted run: {difference.abs().to_numpy().max():.3g}"
+    )

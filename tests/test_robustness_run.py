@@ -37,27 +37,70 @@ SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 
 #: AutoAttack with few iterations / queries: the tests check the wiring, not AutoAttack's strength.
 QUICK_AUTOATTACK = {"n_iter": 10, "n_target_classes": 3, "square_queries": 100}
-TINY = RobustnessConfig(max_samples=40, attack_samples=40, smoothing_samples=8, smoothing_n0=20, smoothing_n=100,
-                        corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
-                        attacks=("fgsm", "pgd_linf", "deepfool"), selfcheck_samples=16, masking_samples=16,
-                        num_examples=6, validity_budget="fast", verify_samples=12, verify_norms=("linf",),
-                        stability_samples=20,
-                        attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK,
-                                       "autoattack_l2": QUICK_AUTOATTACK})
+TINY = RobustnessConfig(
+    max_samples=40,
+    attack_samples=40,
+    smoothing_samples=8,
+    smoothing_n0=20,
+    smoothing_n=100,
+    corruptions=("gaussian_noise", "contrast"),
+    severities=(1, 5),
+    attacks=("fgsm", "pgd_linf", "deepfool"),
+    selfcheck_samples=16,
+    masking_samples=16,
+    num_examples=6,
+    validity_budget="fast",
+    verify_samples=12,
+    verify_norms=("linf",),
+    stability_samples=20,
+    attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK, "autoattack_l2": QUICK_AUTOATTACK},
+)
 
 COLUMNS = {
-    "robustness_corruptions": ["corruption", "family", "severity", "accuracy", "error", "relative_error", "flip_rate",
-                               "n_samples"],
-    "robustness_curves": ["norm", "attack", "eps", "robust_accuracy", "success_rate", "n_samples",
-                          "robust_accuracy_ci_low", "robust_accuracy_ci_high", "kind"],
+    "robustness_corruptions": [
+        "corruption",
+        "family",
+        "severity",
+        "accuracy",
+        "error",
+        "relative_error",
+        "flip_rate",
+        "n_samples",
+    ],
+    "robustness_curves": [
+        "norm",
+        "attack",
+        "eps",
+        "robust_accuracy",
+        "success_rate",
+        "n_samples",
+        "robust_accuracy_ci_low",
+        "robust_accuracy_ci_high",
+        "kind",
+    ],
     "robustness_certified": ["radius", "certified_accuracy", "n_samples", "sigma"],
     "robustness_slices": list(SLICE_COLUMNS),
-    "robustness_samples": ["id", "rob_clean_correct", "rob_corruption_accuracy", "rob_flip_severity_noise",
-                           "rob_flip_severity_digital", "rob_attacked", "rob_min_linf_eps", "rob_min_l2_eps",
-                           "rob_broken_by_linf", "rob_broken_by_l2", "rob_flip_probability", "rob_top5_distance",
-                           "rob_verified_linf_eps",
-                           "rob_min_l2", "rob_certified_radius", "rob_certified_correct", "rob_fragile",
-                           "rob_fragility", "rob_fragile_reason"],
+    "robustness_samples": [
+        "id",
+        "rob_clean_correct",
+        "rob_corruption_accuracy",
+        "rob_flip_severity_noise",
+        "rob_flip_severity_digital",
+        "rob_attacked",
+        "rob_min_linf_eps",
+        "rob_min_l2_eps",
+        "rob_broken_by_linf",
+        "rob_broken_by_l2",
+        "rob_flip_probability",
+        "rob_top5_distance",
+        "rob_verified_linf_eps",
+        "rob_min_l2",
+        "rob_certified_radius",
+        "rob_certified_correct",
+        "rob_fragile",
+        "rob_fragility",
+        "rob_fragile_reason",
+    ],
     "flags_robustness": ["id", "issue", "severity", "explanation"],
 }
 
@@ -110,8 +153,22 @@ def test_artifacts_exist_with_documented_columns(analysed):
     for name in [*COLUMNS, "robustness_summary", "robustness_examples"]:
         assert index[name]["stage"] == "robustness"
     stored = json.loads((root / "artifacts" / "robustness_summary.json").read_text())
-    for key in ("config", "clean_accuracy", "corruptions", "attacks", "certified", "self_check", "warnings",
-                "timings", "worst_slices", "fragile", "validity", "headline", "verification", "attack_settings"):
+    for key in (
+        "config",
+        "clean_accuracy",
+        "corruptions",
+        "attacks",
+        "certified",
+        "self_check",
+        "warnings",
+        "timings",
+        "worst_slices",
+        "fragile",
+        "validity",
+        "headline",
+        "verification",
+        "attack_settings",
+    ):
         assert key in stored, key
     assert stored["config"]["attacks"] == ["fgsm", "pgd_linf", "deepfool"]
     assert set(stored["timings"]) >= {"corruptions", "attacks", "self_checks", "smoothing", "total"}
@@ -126,7 +183,7 @@ def test_artifacts_exist_with_documented_columns(analysed):
         model = Workspace(root).load_model()
         with torch.no_grad():
             predicted = model(torch.from_numpy(examples["adversarial"].astype(np.float32))).argmax(1).numpy()
-        assert (predicted == examples["adversarial_pred"]).mean() >= 5 / 6   # float16 storage may flip a borderline one
+        assert (predicted == examples["adversarial_pred"]).mean() >= 5 / 6  # float16 storage may flip a borderline one
 
 
 @pytest.mark.slow
@@ -145,13 +202,13 @@ def test_worst_case_is_below_every_attack_and_curves_fall_with_eps(analysed):
         grid = rows.pivot(index="eps", columns="attack", values="robust_accuracy").sort_index()
         attacks = [c for c in grid.columns if c != "worst_case"]
         assert attacks, norm
-        others = grid[attacks].to_numpy()          # NaN where an attack did not run (AutoAttack: reference ε only)
+        others = grid[attacks].to_numpy()  # NaN where an attack did not run (AutoAttack: reference ε only)
         assert (np.isnan(others) | (grid["worst_case"].to_numpy()[:, None] <= others + 1e-12)).all()
         for column in grid.columns:
             values = grid[column].dropna().to_numpy()
             assert (np.diff(values) <= 1e-12).all(), f"{norm} {column} curve rises with eps"
     linf = curves[(curves["norm"] == "linf") & (curves["attack"] == "worst_case")].sort_values("eps")
-    assert linf["robust_accuracy"].iloc[-1] < linf["robust_accuracy"].iloc[0]     # 8/255 breaks more than 1/255
+    assert linf["robust_accuracy"].iloc[-1] < linf["robust_accuracy"].iloc[0]  # 8/255 breaks more than 1/255
 
 
 @pytest.mark.slow
@@ -189,7 +246,7 @@ def test_per_sample_rows_only_for_evaluated_samples(analysed):
     samples = Workspace(root).samples
     assert len(frame) == 40 and frame["id"].is_unique and set(frame["id"]) <= set(samples["id"])
     labels = samples.set_index("id").loc[frame["id"], "label"]
-    assert labels.value_counts().tolist() == [4] * 10          # stratified: 200 images per class → 4 each
+    assert labels.value_counts().tolist() == [4] * 10  # stratified: 200 images per class → 4 each
     assert frame["rob_attacked"].all()
     assert frame["rob_certified_radius"].notna().sum() == 8
     assert frame["rob_certified_correct"].notna().sum() == 8
@@ -225,9 +282,9 @@ def test_rerun_is_skipped_and_slices_are_refreshed(analysed, tmp_path):
     refreshed = run_robustness(Workspace(root), TINY, progress=False)
     assert refreshed["skipped"] == "slices"
     table = artifact(root, "robustness_slices")
-    assert {"all", "class", "issue"} <= set(table["kind"])   # 'flagged fragile' comes from the issue flags
+    assert {"all", "class", "issue"} <= set(table["kind"])  # 'flagged fragile' comes from the issue flags
     fragile = table[table["description"] == "flagged fragile"]
-    assert len(fragile) == 1 and fragile["worst_rank"].isna().all()     # never ranked: it is circular
+    assert len(fragile) == 1 and fragile["worst_rank"].isna().all()  # never ranked: it is circular
     overall = table[table["kind"] == "all"].iloc[0]
     assert overall["n_samples"] == 40 and overall["clean_accuracy_ci_low"] <= overall["clean_accuracy"]
 
@@ -235,9 +292,17 @@ def test_rerun_is_skipped_and_slices_are_refreshed(analysed, tmp_path):
 @pytest.mark.slow
 def test_a_weak_attack_fails_its_self_check_loudly(template, tmp_path):
     root = shutil.copytree(template, tmp_path / "ws")
-    weak = RobustnessConfig(max_samples=16, attack_samples=16, smoothing_samples=0, corruptions=(),
-                            attacks=("pgd_linf",), selfcheck_samples=16, masking_samples=8, num_examples=2,
-                            attack_params={"pgd_linf": {"steps": 1, "step_size": 1e-4}})
+    weak = RobustnessConfig(
+        max_samples=16,
+        attack_samples=16,
+        smoothing_samples=0,
+        corruptions=(),
+        attacks=("pgd_linf",),
+        selfcheck_samples=16,
+        masking_samples=8,
+        num_examples=2,
+        attack_params={"pgd_linf": {"steps": 1, "step_size": 1e-4}},
+    )
     summary = run_robustness(Workspace(root), weak, progress=False)
     assert not summary["self_check"]["attacks"]["pgd_linf"]["passed"] and not summary["self_check"]["passed"]
     assert any("self-check FAILED for pgd_linf" in w for w in summary["warnings"])
@@ -256,13 +321,16 @@ def test_selection_is_stratified_seeded_and_prefix_stratified():
     assert len(select_samples(labels, 5000, random_state=0)) == 1000
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"corruptions": ("fog", "snow")}, "unknown corruption"),
-    ({"attacks": ("pgd",)}, "unknown attack"),
-    ({"severities": (0, 2)}, "severities must be integers in 1..5"),
-    ({"reference_linf_eps": 3 / 255}, "must be one of the linf_eps grid"),
-    ({"smoothing_sigma": -1.0}, "smoothing_sigma must be"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"corruptions": ("fog", "snow")}, "unknown corruption"),
+        ({"attacks": ("pgd",)}, "unknown attack"),
+        ({"severities": (0, 2)}, "severities must be integers in 1..5"),
+        ({"reference_linf_eps": 3 / 255}, "must be one of the linf_eps grid"),
+        ({"smoothing_sigma": -1.0}, "smoothing_sigma must be"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_settings_are_named(template, change, message):
     with pytest.raises(ValidationError, match=message):
@@ -277,8 +345,16 @@ def test_cli_without_model_exits_2(tmp_path, monkeypatch, capsys):
     assert not (root / "artifacts" / "robustness_summary.json").exists()
 
 
-@pytest.mark.parametrize("argv", [["--attacks", "fgsm,bogus"], ["--corruptions", "snow"], ["--severities", "2-7"],
-                                  ["--eps", "0.01,-1"], ["--device", "tpu"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--attacks", "fgsm,bogus"],
+        ["--corruptions", "snow"],
+        ["--severities", "2-7"],
+        ["--eps", "0.01,-1"],
+        ["--device", "tpu"],
+    ],
+)
 @pytest.mark.slow
 def test_cli_rejects_bad_names_with_exit_2(template, monkeypatch, capsys, argv):
     assert run_cli(["robustness", str(template), "--quiet", *argv], monkeypatch) == 2
@@ -289,12 +365,37 @@ def test_cli_rejects_bad_names_with_exit_2(template, monkeypatch, capsys, argv):
 def test_cli_runs_and_prints_the_summary(template, tmp_path, monkeypatch, capsys):
     root = shutil.copytree(template, tmp_path / "ws")
     quick = tmp_path / "quick.toml"
-    quick.write_text("[attacks.autoattack_linf]\nsteps = 10\ntargets = 3\nqueries = 100\n"
-                     "[validity]\nenabled = false\n[verification]\nsamples = 4\nnorms = [\"linf\"]\n")
-    argv = ["robustness", str(root), "--quiet", "--max-samples", "20", "--attack-samples", "20",
-            "--smoothing-samples", "3", "--smoothing-n", "50", "--smoothing-n0", "10", "--corruptions",
-            "contrast", "--severities", "1,2", "--attacks", "fgsm", "--eps", "2/255,8/255", "--device", "cpu",
-            "--attack-config", str(quick)]
+    quick.write_text(
+        "[attacks.autoattack_linf]\nsteps = 10\ntargets = 3\nqueries = 100\n"
+        '[validity]\nenabled = false\n[verification]\nsamples = 4\nnorms = ["linf"]\n'
+    )
+    argv = [
+        "robustness",
+        str(root),
+        "--quiet",
+        "--max-samples",
+        "20",
+        "--attack-samples",
+        "20",
+        "--smoothing-samples",
+        "3",
+        "--smoothing-n",
+        "50",
+        "--smoothing-n0",
+        "10",
+        "--corruptions",
+        "contrast",
+        "--severities",
+        "1,2",
+        "--attacks",
+        "fgsm",
+        "--eps",
+        "2/255,8/255",
+        "--device",
+        "cpu",
+        "--attack-config",
+        str(quick),
+    ]
     assert run_cli(argv, monkeypatch) == 0
     out = capsys.readouterr().out
     assert "self-checks  PASSED" in out and "L∞ ε sweep" in out and "20 evaluated" in out
@@ -337,31 +438,34 @@ def test_attack_config_file_sets_grids_and_per_attack_settings(tmp_path):
     assert values["linf_eps"] == pytest.approx((0.00784, 0.0157, 8 / 255))
     assert values["l2_eps"] == (0.25, 0.5)
     assert values["attack_params"]["pgd_linf"] == {"steps": 50, "restarts": 5, "loss": "dlr", "random_start": True}
-    assert values["attack_params"]["square_linf"] == {"max_iter": 5000}          # queries → the function's max_iter
+    assert values["attack_params"]["square_linf"] == {"max_iter": 5000}  # queries → the function's max_iter
     assert values["attack_params"]["autoattack_linf"] == {"n_iter": 25, "square_queries": 1000}
     assert values["validity_budget"] == "fast" and values["verification"] == ("crown",)
     assert values["verify_samples"] == 12
     config = RobustnessConfig(**values)
     assert config.params_for("pgd_linf")["steps"] == 50 and config.params_for("pgd_l2")["steps"] == 50
-    assert config.params_for("autoattack_linf")["n_target_classes"] == 9       # defaults kept
+    assert config.params_for("autoattack_linf")["n_target_classes"] == 9  # defaults kept
     assert config.reference_eps("linf") == pytest.approx(0.0157)
 
 
-@pytest.mark.parametrize(("text", "names"), [
-    ("stepz = 3", ["stepz"]),
-    ("[attacks.pgd_inf]\nsteps = 3", ["pgd_inf"]),
-    ("[attacks.pgd_linf]\nstepz = 3", ["stepz", "pgd_linf"]),
-    ("[attacks.pgd_linf]\nsteps = 0", ["steps", "pgd_linf", ">= 1"]),
-    ("[attacks.pgd_linf]\nsteps = true", ["steps"]),
-    ("[attacks.pgd_linf]\nloss = \"hinge\"", ["loss", "hinge"]),
-    ("[attacks.square_linf]\nqueries = \"many\"", ["queries"]),
-    ("[attacks.fgsm]\nsteps = 3", ["steps", "fgsm"]),
-    ("linf_eps = [0.01, -2]", ["linf_eps"]),
-    ("linf_eps = \"8/255\"", ["linf_eps"]),
-    ("[validity]\nbudget = \"huge\"", ["budget"]),
-    ("[verification]\nmethods = [\"milp\"]", ["methods"]),
-    ("linf_eps = [0.01", ["not valid TOML"]),
-])
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("stepz = 3", ["stepz"]),
+        ("[attacks.pgd_inf]\nsteps = 3", ["pgd_inf"]),
+        ("[attacks.pgd_linf]\nstepz = 3", ["stepz", "pgd_linf"]),
+        ("[attacks.pgd_linf]\nsteps = 0", ["steps", "pgd_linf", ">= 1"]),
+        ("[attacks.pgd_linf]\nsteps = true", ["steps"]),
+        ('[attacks.pgd_linf]\nloss = "hinge"', ["loss", "hinge"]),
+        ('[attacks.square_linf]\nqueries = "many"', ["queries"]),
+        ("[attacks.fgsm]\nsteps = 3", ["steps", "fgsm"]),
+        ("linf_eps = [0.01, -2]", ["linf_eps"]),
+        ('linf_eps = "8/255"', ["linf_eps"]),
+        ('[validity]\nbudget = "huge"', ["budget"]),
+        ('[verification]\nmethods = ["milp"]', ["methods"]),
+        ("linf_eps = [0.01", ["not valid TOML"]),
+    ],
+)
 def test_attack_config_errors_name_the_file_and_key(tmp_path, text, names):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -380,8 +484,10 @@ def test_cli_attack_config_errors_exit_2(template, tmp_path, monkeypatch, capsys
     assert run_cli(["robustness", str(template), "--quiet", "--attack-config", str(path)], monkeypatch) == 2
     err = capsys.readouterr().err
     assert "bad.toml" in err and "restart" in err
-    assert run_cli(["robustness", str(template), "--quiet", "--attack-config", str(tmp_path / "nope.toml")],
-                   monkeypatch) == 2
+    assert (
+        run_cli(["robustness", str(template), "--quiet", "--attack-config", str(tmp_path / "nope.toml")], monkeypatch)
+        == 2
+    )
     assert "nope.toml" in capsys.readouterr().err
 
 
@@ -394,7 +500,7 @@ def test_cli_attack_config_reaches_the_config(tmp_path):
     config = command.config_from_args(args)
     assert config.attack_params["pgd_linf"]["loss"] == "dlr"
     assert config.linf_eps == pytest.approx((0.00784, 0.0157, 8 / 255))
-    assert config.l2_eps == (0.1, 1.0)                    # the command line wins over the file
+    assert config.l2_eps == (0.1, 1.0)  # the command line wins over the file
 
 
 def hand_wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -421,8 +527,9 @@ def test_every_robust_accuracy_has_its_wilson_interval(analysed):
         for name, result in entry["attacks"].items():
             for value, (low, high) in zip(result["robust_accuracy"], result["robust_accuracy_ci"], strict=True):
                 assert (low, high) == pytest.approx(hand_wilson(round(value * n), n)), name
-        for value, (low, high) in zip(entry["worst_case_robust_accuracy"], entry["worst_case_robust_accuracy_ci"],
-                                      strict=True):
+        for value, (low, high) in zip(
+            entry["worst_case_robust_accuracy"], entry["worst_case_robust_accuracy_ci"], strict=True
+        ):
             assert (low, high) == pytest.approx(hand_wilson(round(value * n), n))
     for norm, head in summary["headline"].items():
         expected = hand_wilson(round(head["robust_accuracy"] * head["n"]), head["n"])
@@ -439,7 +546,7 @@ def test_small_slices_say_too_few_samples_instead_of_being_ranked(analysed):
     root, summary = analysed
     table = artifact(root, "robustness_slices")
     classes = table[table["kind"] == "class"]
-    assert (classes["n_attacked"] == 4).all()                 # 40 attacked over 10 classes < min_slice_samples 10
+    assert (classes["n_attacked"] == 4).all()  # 40 attacked over 10 classes < min_slice_samples 10
     assert classes["worst_rank"].isna().all()
     assert classes["rank_note"].str.startswith("too few samples (4 < 10 attacked)").all()
     assert set(summary["slices_too_few"]) == set(classes["description"])
@@ -472,7 +579,7 @@ def test_autoattack_is_the_headline_and_previews_are_labelled(analysed):
     root, summary = analysed
     head = summary["headline"]["linf"]
     assert head["preview"] is False and head["label"].startswith("AutoAttack")
-    assert head["autoattack"]["robust_accuracy"] >= head["robust_accuracy"]     # the worst case includes it
+    assert head["autoattack"]["robust_accuracy"] >= head["robust_accuracy"]  # the worst case includes it
     attacks = summary["attacks"]["linf"]["attacks"]
     assert attacks["autoattack_linf"]["kind"] == "headline" and attacks["pgd_linf"]["kind"] == "preview"
     assert attacks["autoattack_linf"]["params"]["n_iter"] == 10
@@ -492,21 +599,26 @@ def test_verified_samples_are_never_broken(analysed):
     assert verification["supported"], verification
     assert set(verification["methods"]) == {"ibp", "crown"}
     verified = frame["rob_verified_linf_eps"].to_numpy()
-    broken_at = frame["rob_min_linf_eps"].to_numpy()       # NaN: never broken on the grid
+    broken_at = frame["rob_min_linf_eps"].to_numpy()  # NaN: never broken on the grid
     assert np.isfinite(verified).sum() == 12
     # verified at ε  ⇒  not broken at ε: the breaking budget (if any) lies above the largest verified ε
     claimed = verified > 0
     assert (np.isnan(broken_at[claimed]) | (broken_at[claimed] > verified[claimed])).all()
     for method, values in verification["methods"].items():
-        assert (np.array(values["verified_accuracy"]) <= np.array(verification["empirical_robust_accuracy"])
-                + 1e-12).all(), method
-    assert (np.array(verification["methods"]["crown"]["verified_accuracy"])
-            >= np.array(verification["methods"]["ibp"]["verified_accuracy"])).all()
+        assert (
+            np.array(values["verified_accuracy"]) <= np.array(verification["empirical_robust_accuracy"]) + 1e-12
+        ).all(), method
+    assert (
+        np.array(verification["methods"]["crown"]["verified_accuracy"])
+        >= np.array(verification["methods"]["ibp"]["verified_accuracy"])
+    ).all()
     check = [c for c in summary["validity"]["checks"] if c["name"] == "verified_not_broken"]
     assert check and all(c["status"] == "pass" for c in check)
     table = artifact(root, "robustness_verified")
-    assert set(table["method"]) == {"ibp", "crown"} and (table["verified_accuracy"]
-                                                         <= table["empirical_robust_accuracy"] + 1e-12).all()
+    assert (
+        set(table["method"]) == {"ibp", "crown"}
+        and (table["verified_accuracy"] <= table["empirical_robust_accuracy"] + 1e-12).all()
+    )
 
 
 # -- trap model: saturated softmax ------------------------------------------------------------------------------------
@@ -529,8 +641,13 @@ def trap_workspace(tmp_path_factory) -> Path:
     config = json.loads((SAMPLE_DATA / "model.json").read_text())
     config["file"] = "trap.pt"
     (folder / "trap.json").write_text(json.dumps(config))
-    options = InitOptions(data=SAMPLE_DATA, labels=SAMPLE_DATA / "labels.csv", model=str(folder / "trap.pt"),
-                          model_config=folder / "trap.json", progress=False)
+    options = InitOptions(
+        data=SAMPLE_DATA,
+        labels=SAMPLE_DATA / "labels.csv",
+        model=str(folder / "trap.pt"),
+        model_config=folder / "trap.json",
+        progress=False,
+    )
     init_workspace(folder / "ws", options)
     return folder / "ws"
 
@@ -544,8 +661,9 @@ def test_pgd_margin_loss_sees_through_a_saturated_softmax(trap_workspace):
     labels = workspace.samples["label_index"].to_numpy()[positions]
     params = {"steps": 20, "random_start": False}
     ce = run_preview_attack(model, images, labels, "pgd_linf", 8 / 255, params, random_state=0, batch_size=None)
-    margin = run_preview_attack(model, images, labels, "pgd_linf", 8 / 255, {**params, "loss": "margin"},
-                                random_state=0, batch_size=None)
+    margin = run_preview_attack(
+        model, images, labels, "pgd_linf", 8 / 255, {**params, "loss": "margin"}, random_state=0, batch_size=None
+    )
     assert margin.params["loss"] == "margin"
     assert margin.linf.max() <= 8 / 255 * (1 + 1e-5) and margin.adv_images.min() >= 0 and margin.adv_images.max() <= 1
     assert margin.robust_accuracy <= ce.robust_accuracy - 0.3, (ce.robust_accuracy, margin.robust_accuracy)
@@ -555,10 +673,20 @@ def test_pgd_margin_loss_sees_through_a_saturated_softmax(trap_workspace):
 def test_trap_model_headline_is_labelled_an_upper_bound(trap_workspace, tmp_path):
     pytest.importorskip("robustlens.analysis.robustness.validity")
     root = shutil.copytree(trap_workspace, tmp_path / "ws")
-    config = RobustnessConfig(max_samples=24, attack_samples=24, smoothing_samples=0, corruptions=(),
-                              attacks=("fgsm", "pgd_linf"), linf_eps=(2 / 255, 8 / 255), selfcheck_samples=8,
-                              masking_samples=8, num_examples=2, validity_budget="fast", verification=(),
-                              attack_params={"autoattack_linf": QUICK_AUTOATTACK})
+    config = RobustnessConfig(
+        max_samples=24,
+        attack_samples=24,
+        smoothing_samples=0,
+        corruptions=(),
+        attacks=("fgsm", "pgd_linf"),
+        linf_eps=(2 / 255, 8 / 255),
+        selfcheck_samples=8,
+        masking_samples=8,
+        num_examples=2,
+        validity_budget="fast",
+        verification=(),
+        attack_params={"autoattack_linf": QUICK_AUTOATTACK},
+    )
     summary = run_robustness(Workspace(root), config, progress=False, threads=1)
     assert summary["validity"]["status"] in ("warn", "fail")
     bad = [c for c in summary["validity"]["checks"] if c["status"] != "pass"]
@@ -588,4 +716,5 @@ def test_stability_per_sample_per_class_and_per_slice(analysed):
     assert everything["n_stability"] == 20 and everything["flip_probability"] == pytest.approx(flips.mean())
     assert summary["corruptions"]["mce"]["baseline"].startswith("none")
     assert summary["corruptions"]["mce"]["mce"] == pytest.approx(
-        artifact(root, "robustness_corruptions")["error"].mean())
+        artifact(root, "robustness_corruptions")["error"].mean()
+    )

@@ -81,14 +81,24 @@ def opened_paths(monkeypatch) -> list[str]:
 # -- 1. writes that cannot destroy: the CLI ---------------------------------------------------------------------
 def test_export_over_the_dataset_is_refused_and_data_is_unchanged(workspace, dataset, tmp_path, capsys):
     before = tree_digest(dataset)
-    code = cli.main(["export", str(workspace.root), "--format", "imagefolder", "--out", str(dataset), "--force",
-                     "--query", "label=coat"])
+    code = cli.main(
+        [
+            "export",
+            str(workspace.root),
+            "--format",
+            "imagefolder",
+            "--out",
+            str(dataset),
+            "--force",
+            "--query",
+            "label=coat",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--out" in err and str(dataset) in err and "dataset root" in err
     for out in (dataset / "coat", dataset / "new-folder", tmp_path):  # inside, below, and containing DATA
-        assert cli.main(["export", str(workspace.root), "--format", "imagefolder", "--out", str(out),
-                         "--force"]) == 2
+        assert cli.main(["export", str(workspace.root), "--format", "imagefolder", "--out", str(out), "--force"]) == 2
     assert cli.main(["export", str(workspace.root), "--out", str(dataset / "manifest.csv")]) == 2
     assert tree_digest(dataset) == before
     assert sorted(p.name for p in dataset.iterdir()) == ["README.md", "bag", "coat"]
@@ -112,8 +122,20 @@ def test_export_into_an_input_files_folder_is_refused(tmp_path, dataset, capsys)
 
 def test_init_refuses_outputs_in_the_dataset(tmp_path, dataset, capsys):
     before = tree_digest(dataset)
-    assert cli.main(["init", str(tmp_path / "ws"), "--data", str(dataset), "--db",
-                     f"sqlite:///{dataset}/curation.db", "--quiet"]) == 2
+    assert (
+        cli.main(
+            [
+                "init",
+                str(tmp_path / "ws"),
+                "--data",
+                str(dataset),
+                "--db",
+                f"sqlite:///{dataset}/curation.db",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--db" in err and str(dataset / "curation.db") in err and "dataset root" in err
     assert not (tmp_path / "ws").exists()  # refused before anything was written
@@ -122,14 +144,34 @@ def test_init_refuses_outputs_in_the_dataset(tmp_path, dataset, capsys):
     assert tree_digest(dataset) == before
     predictions = tmp_path / "preds"
     predictions.mkdir()
-    table = pd.DataFrame({"path": [f"{c}/{i}.png" for c in ("coat", "bag") for i in range(4)],
-                          "coat": [0.9] * 4 + [0.1] * 4, "bag": [0.1] * 4 + [0.9] * 4})
+    table = pd.DataFrame(
+        {
+            "path": [f"{c}/{i}.png" for c in ("coat", "bag") for i in range(4)],
+            "coat": [0.9] * 4 + [0.1] * 4,
+            "bag": [0.1] * 4 + [0.9] * 4,
+        }
+    )
     table.to_csv(predictions / "p.csv", index=False)
-    assert cli.main(["init", str(predictions), "--data", str(dataset), "--predictions",
-                     str(predictions / "p.csv"), "--quiet"]) == 2  # the workspace would be the input's folder
+    assert (
+        cli.main(
+            ["init", str(predictions), "--data", str(dataset), "--predictions", str(predictions / "p.csv"), "--quiet"]
+        )
+        == 2
+    )  # the workspace would be the input's folder
     assert "p.csv" in capsys.readouterr().err
-    ok = cli.main(["init", str(tmp_path / "ws"), "--data", str(dataset), "--predictions", str(predictions / "p.csv"),
-                   "--db", f"sqlite:///{tmp_path}/curation.db", "--quiet"])
+    ok = cli.main(
+        [
+            "init",
+            str(tmp_path / "ws"),
+            "--data",
+            str(dataset),
+            "--predictions",
+            str(predictions / "p.csv"),
+            "--db",
+            f"sqlite:///{tmp_path}/curation.db",
+            "--quiet",
+        ]
+    )
     assert ok == 0 and (tmp_path / "curation.db").exists()
 
 
@@ -182,8 +224,7 @@ def test_server_export_never_touches_an_existing_folder(workspace, tmp_path):
     second = export.save_table_on_server(frame.head(2), root, "relabels.csv", "csv")
     assert (first.name, second.name) == ("relabels.csv", "relabels-2.csv")
     assert len(pd.read_csv(first)) == len(frame) and len(pd.read_csv(second)) == 2
-    assert sorted(json.loads((root / ".robustlens-export").read_text())["files"]) == ["relabels-2.csv",
-                                                                                    "relabels.csv"]
+    assert sorted(json.loads((root / ".robustlens-export").read_text())["files"]) == ["relabels-2.csv", "relabels.csv"]
     assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -221,8 +262,10 @@ def test_export_page_saves_new_names_only(workspace, tmp_path, monkeypatch):
     assert not app.exception
     app.button(key="export.save").click().run()
     app.button(key="export.save").click().run()
-    assert sorted(p.name for p in (tmp_path / "exports").glob("*.csv")) == ["robustlens-filtered-2.csv",
-                                                                           "robustlens-filtered.csv"]
+    assert sorted(p.name for p in (tmp_path / "exports").glob("*.csv")) == [
+        "robustlens-filtered-2.csv",
+        "robustlens-filtered.csv",
+    ]
     app.text_input(key="export.dest").set_value("../../DATA").run()
     app.button(key="export.imagefolder").click().run()
     assert any("not a safe name" in e.value for e in app.error)
@@ -237,8 +280,11 @@ def test_loader_refuses_a_symlink_swapped_in_after_init(workspace, secret, monke
     with pytest.raises(loader.DatasetFileError, match="coat/1.png.*outside the dataset root"):
         list(loader.iter_decoded(workspace.dataset_root, paths, batch_size=3))
     refused = safety.RefusedFiles()
-    seen = [int(i) for batch, _ in loader.iter_decoded(workspace.dataset_root, paths, batch_size=3,
-                                                       refused=refused) for i in batch]
+    seen = [
+        int(i)
+        for batch, _ in loader.iter_decoded(workspace.dataset_root, paths, batch_size=3, refused=refused)
+        for i in batch
+    ]
     bad = paths.index("coat/1.png")
     assert seen == [i for i in range(len(paths)) if i != bad]
     assert [(e.path, e.kind) for e in refused.entries] == [("coat/1.png", "outside_root")]
@@ -265,13 +311,17 @@ def test_changed_content_is_reported_not_used(workspace):
     with pytest.raises(loader.DatasetFileError, match="changed since init"):
         list(loader.iter_decoded(workspace.dataset_root, paths, expected_hashes=hashes))
     refused = safety.RefusedFiles()
-    kept = [int(i) for batch, _ in loader.iter_decoded(workspace.dataset_root, paths, expected_hashes=hashes,
-                                                       refused=refused) for i in batch]
+    kept = [
+        int(i)
+        for batch, _ in loader.iter_decoded(workspace.dataset_root, paths, expected_hashes=hashes, refused=refused)
+        for i in batch
+    ]
     assert len(kept) == len(paths) - 1
     assert [(e.path, e.kind) for e in refused.entries] == [("coat/3.png", "changed_since_init")]
     table = load_sample_table(workspace)
-    result = export.export_imagefolder(workspace, export.export_frame(table, np.arange(len(table))),
-                                       workspace.root.parent / "copy")
+    result = export.export_imagefolder(
+        workspace, export.export_frame(table, np.arange(len(table))), workspace.root.parent / "copy"
+    )
     assert [(r["path"], r["kind"]) for r in result.refused] == [("coat/3.png", "changed_since_init")]
     assert not (result.path / "coat" / "3.png").exists() and result.copied == len(paths) - 1
     row = workspace.samples.set_index("path").loc["coat/3.png"]
@@ -290,8 +340,10 @@ def test_thumbnail_and_imagefolder_export_refuse_the_swapped_file(workspace, sec
     good = workspace.samples.set_index("path").loc["coat/2.png"]
     assert thumbnails.ensure_thumbnail(workspace, "coat/2.png", good["content_hash"]).exists()
     out = tmp_path / "coats"
-    assert cli.main(["export", str(workspace.root), "--format", "imagefolder", "--out", str(out),
-                     "--query", "label=coat"]) == 0
+    assert (
+        cli.main(["export", str(workspace.root), "--format", "imagefolder", "--out", str(out), "--query", "label=coat"])
+        == 0
+    )
     captured = capsys.readouterr()
     assert "coat/0.png" in captured.err and "outside the dataset root" in captured.err
     assert "wrote 3 sample(s)" in captured.out
@@ -322,20 +374,25 @@ def test_guard_resolves_folders_swapped_for_symlinks(tmp_path, secret):
 
 
 # -- 4. CSV formula cells -----------------------------------------------------------------------------------------
-HOSTILE = ["=HYPERLINK(\"http://evil/x\",\"click\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)", "\tx=1", "\rhi"]
+HOSTILE = ['=HYPERLINK("http://evil/x","click")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)", "\tx=1", "\rhi"]
 
 
 def test_csv_formula_cells_are_neutralised_and_numbers_kept():
-    frame = pd.DataFrame({"note": [*HOSTILE, "plain", "-3", "+1.5e3", None],
-                          "score": [-1.5, 2.0, -3.0, 0.0, 1.0, 2.0, -7.25, 8.0, 9.0, -10.0],
-                          "count": np.arange(-5, 5)})
+    frame = pd.DataFrame(
+        {
+            "note": [*HOSTILE, "plain", "-3", "+1.5e3", None],
+            "score": [-1.5, 2.0, -3.0, 0.0, 1.0, 2.0, -7.25, 8.0, 9.0, -10.0],
+            "count": np.arange(-5, 5),
+        }
+    )
     text = export.frame_bytes(frame, "csv").decode()
     back = pd.read_csv(pd.io.common.StringIO(text), keep_default_na=False)
     assert back["note"].tolist()[:6] == [f"'{v}" for v in HOSTILE]
     assert back["note"].tolist()[6:9] == ["plain", "-3", "+1.5e3"]  # numbers written as text stay numbers
     assert back["score"].tolist() == frame["score"].tolist() and back["count"].tolist() == list(range(-5, 5))
-    raw = pd.read_csv(pd.io.common.StringIO(export.frame_bytes(frame, "csv", raw_csv=True).decode()),
-                      keep_default_na=False)
+    raw = pd.read_csv(
+        pd.io.common.StringIO(export.frame_bytes(frame, "csv", raw_csv=True).decode()), keep_default_na=False
+    )
     assert raw["note"].tolist()[:6] == HOSTILE
     assert json.loads(export.frame_bytes(frame, "json"))[0]["note"] == HOSTILE[0]  # JSON is data: never changed
 

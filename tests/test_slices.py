@@ -49,20 +49,33 @@ def planted(tmp_path_factory) -> dict:
     predictions = _synthetic_predictions(manifest["label"].to_numpy(), wrong, classes, rng)
     predictions.insert(0, "path", manifest["path"])
     predictions.to_csv(tmp / "predictions.csv", index=False)
-    workspace, _ = init_workspace(tmp / "ws", InitOptions(data=SAMPLE_DATA, labels=tmp / "labels.csv",
-                                                          predictions=[("synthetic", tmp / "predictions.csv")],
-                                                          progress=False))
+    workspace, _ = init_workspace(
+        tmp / "ws",
+        InitOptions(
+            data=SAMPLE_DATA,
+            labels=tmp / "labels.csv",
+            predictions=[("synthetic", tmp / "predictions.csv")],
+            progress=False,
+        ),
+    )
     ids = workspace.samples["id"].to_numpy()
     brightness = rng.uniform(size=n)
     # brightness_copy repeats brightness under another name (as mean_r does for grayscale images).
-    storage.write_parquet(workspace.artifact_path("metrics.parquet"), pd.DataFrame(
-        {"id": ids, "brightness": brightness, "contrast": rng.normal(size=n), "brightness_copy": brightness}))
+    storage.write_parquet(
+        workspace.artifact_path("metrics.parquet"),
+        pd.DataFrame(
+            {"id": ids, "brightness": brightness, "contrast": rng.normal(size=n), "brightness_copy": brightness}
+        ),
+    )
     embeddings = rng.normal(size=(n, 16)).astype(np.float32)
-    storage.write_npy(workspace.artifact_path("embeddings.npy"),
-                      embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True))
+    storage.write_npy(
+        workspace.artifact_path("embeddings.npy"), embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    )
     dark = rng.random(n) < 0.05
-    storage.write_parquet(workspace.artifact_path("flags_quality_flags.parquet"), pd.DataFrame(
-        {"id": ids[dark], "issue": "dark", "severity": 0.5, "explanation": "synthetic"}))
+    storage.write_parquet(
+        workspace.artifact_path("flags_quality_flags.parquet"),
+        pd.DataFrame({"id": ids[dark], "issue": "dark", "severity": 0.5, "explanation": "synthetic"}),
+    )
     summary = slices.run(StageContext(workspace=workspace, progress=False, random_state=3), slices.Config())
     samples = workspace.samples
     mask = (samples["meta.camera"] == PLANTED_CAMERA).to_numpy() & (samples["label"] == PLANTED_CLASS).to_numpy()
@@ -161,12 +174,22 @@ def test_slice_statistics_agree_with_direct_computation(planted):
     assert {"class", "metadata", "metric", "cluster", "issue", "all"} <= kinds
     predicates = pd.read_parquet(workspace.artifact_path("slice_predicates.parquet"))
     assert (predicates["kind"] == "cluster").sum() == slices.default_cluster_count(len(samples), 30)
-    assert slices.run(StageContext(workspace=workspace, progress=False, random_state=3),
-                      slices.Config())["skipped"] is True
+    assert (
+        slices.run(StageContext(workspace=workspace, progress=False, random_state=3), slices.Config())["skipped"]
+        is True
+    )
 
 
-def brute_force_top(masks: np.ndarray, features: np.ndarray, errors: np.ndarray, *, min_support: int,
-                    max_conditions: int, alpha: float, top_k: int) -> list[float]:
+def brute_force_top(
+    masks: np.ndarray,
+    features: np.ndarray,
+    errors: np.ndarray,
+    *,
+    min_support: int,
+    max_conditions: int,
+    alpha: float,
+    top_k: int,
+) -> list[float]:
     """Scores of the ``top_k`` best non-redundant conjunctions, by enumerating all of them."""
     n, mean_error = masks.shape[1], errors.mean()
     sizes: dict[tuple[int, ...], int] = {}
@@ -193,9 +216,17 @@ def test_search_finds_the_same_top_slices_as_brute_force(seed):
     features = np.array([f for f, column in enumerate(columns) for _ in range(column.max() + 1)])
     weak = (columns[0] == 1) & (columns[1] == 2)
     errors = rng.random(n) < np.where(weak, 0.5, 0.1)
-    found = slices.search_slices(slices.pack_rows(masks), features, np.ones(len(masks), dtype=bool),
-                                 slices.pack_rows(errors[None, :])[0], num_samples=n, min_support=15,
-                                 max_conditions=3, alpha=0.95, top_k=8)
+    found = slices.search_slices(
+        slices.pack_rows(masks),
+        features,
+        np.ones(len(masks), dtype=bool),
+        slices.pack_rows(errors[None, :])[0],
+        num_samples=n,
+        min_support=15,
+        max_conditions=3,
+        alpha=0.95,
+        top_k=8,
+    )
     expected = brute_force_top(masks, features, errors, min_support=15, max_conditions=3, alpha=0.95, top_k=8)
     assert np.allclose(found["score"].head(8), expected)
     best = found["predicate_ids"].iloc[0]
@@ -221,8 +252,7 @@ def bare_workspace(tmp_path_factory) -> Path:
     manifest = pd.read_csv(SAMPLE_DATA / "labels.csv").head(40)
     manifest["split"] = np.where(np.arange(40) % 2, "train", "test")
     manifest.to_csv(tmp / "labels.csv", index=False)
-    workspace, _ = init_workspace(tmp / "ws", InitOptions(data=SAMPLE_DATA, labels=tmp / "labels.csv",
-                                                          progress=False))
+    workspace, _ = init_workspace(tmp / "ws", InitOptions(data=SAMPLE_DATA, labels=tmp / "labels.csv", progress=False))
     return workspace.root
 
 
@@ -241,6 +271,7 @@ def test_without_predictions_slices_degrade_and_say_so(bare_workspace):
 
 
 # -- a slice as a filter (the explorer opens a slice's members) ------------------------------------------------
+
 
 def _satisfies(table: pd.DataFrame, predicate: pd.Series, clusters: pd.Series) -> np.ndarray:
     """Whether each row of the sample table meets one base predicate, recomputed from the table's columns."""
@@ -282,8 +313,9 @@ def test_a_slice_filter_keeps_exactly_the_slice_members(planted):
     chosen = [all_slices[all_slices["kind"] == kind].iloc[0] for kind in ("class", "metadata", "metric", "cluster")]
     chosen += [all_slices[all_slices["n_conditions"] == n].iloc[0] for n in (2, 3)]
     chosen.append(all_slices[(all_slices["n_conditions"] > 1) & kinds_of.map(lambda k: "metric" in k)].iloc[0])
-    chosen.append(all_slices[(all_slices["n_conditions"] > 1)
-                             & kinds_of.map(lambda k: bool(k & {"metadata", "class"}))].iloc[0])
+    chosen.append(
+        all_slices[(all_slices["n_conditions"] > 1) & kinds_of.map(lambda k: bool(k & {"metadata", "class"}))].iloc[0]
+    )
     chosen += [worst.iloc[0], worst.iloc[-1]]
     for row in chosen:
         spec = FilterSpec(slice=row["slice_id"])
@@ -300,8 +332,9 @@ def test_a_slice_filter_keeps_exactly_the_slice_members(planted):
         narrowed = filter_ids(table, FilterSpec(slice=row["slice_id"], labels=["coat"]), slices=membership)
         assert set(narrowed) == set(table["id"][mask & (table["label"] == "coat").to_numpy()])
     planted_row = all_slices[all_slices["description"].map(_is_planted)].iloc[0]
-    assert np.array_equal(apply_filter(table, FilterSpec(slice=planted_row["slice_id"]), slices=membership),
-                          planted["planted_mask"])
+    assert np.array_equal(
+        apply_filter(table, FilterSpec(slice=planted_row["slice_id"]), slices=membership), planted["planted_mask"]
+    )
     assert "in slice" in " ".join(FilterSpec(slice=planted_row["slice_id"]).describe())
 
     # An unknown slice (an old link) is an explained error, and pruned from a link's filter.

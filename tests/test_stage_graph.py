@@ -38,9 +38,19 @@ from robustlens.errors import ConfigError, ValidationError, WorkspaceError
 from tests.metrics_planted import SAMPLE_DATA, copy_real_images
 
 #: Robustness with every expensive part off: one corruption at one severity on 20 images.
-CHEAP_ROBUSTNESS = RobustnessConfig(max_samples=20, attack_samples=0, smoothing_samples=0, corruptions=("contrast",),
-                                    severities=(1,), attacks=(), num_examples=0, verify_samples=0,
-                                    stability_samples=0, validity_budget="fast", headline="preview")
+CHEAP_ROBUSTNESS = RobustnessConfig(
+    max_samples=20,
+    attack_samples=0,
+    smoothing_samples=0,
+    corruptions=("contrast",),
+    severities=(1,),
+    attacks=(),
+    num_examples=0,
+    verify_samples=0,
+    stability_samples=0,
+    validity_budget="fast",
+    headline="preview",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -54,8 +64,15 @@ def fresh(tmp_path_factory) -> Path:
     minimum sample count, so the map is a PCA layout and no numba compilation is paid."""
     root = tmp_path_factory.mktemp("graph")
     copy_real_images(root / "data", 15)
-    init_workspace(root / "ws", InitOptions(data=root / "data", model=str(SAMPLE_DATA / "model.pt"),
-                                            model_config=SAMPLE_DATA / "model.json", progress=False))
+    init_workspace(
+        root / "ws",
+        InitOptions(
+            data=root / "data",
+            model=str(SAMPLE_DATA / "model.pt"),
+            model_config=SAMPLE_DATA / "model.json",
+            progress=False,
+        ),
+    )
     return root / "ws"
 
 
@@ -73,11 +90,15 @@ def copy(root: Path, tmp_path: Path) -> Workspace:
 def artifact_times(root: Path) -> dict[str, int]:
     """Modification time of every artifact file (the caches and the run log left out)."""
     folder = root / "artifacts"
-    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*")
-            if p.is_file() and "cache" not in p.parts and p.name != "stage_runs.json"}
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.is_file() and "cache" not in p.parts and p.name != "stage_runs.json"
+    }
 
 
 # -- the graph ---------------------------------------------------------------------------------------------------
+
 
 def test_graph_order_follows_reads_and_writes():
     specs = stage_specs()
@@ -98,13 +119,18 @@ def _spec(name: str, reads: tuple[str, ...], writes: tuple[str, ...], **extra) -
     class Config:
         pass
 
-    return StageSpec(name=name, config=Config, run=lambda context, config: StageResult(name, {}), reads=reads,
-                     writes=writes, **extra)
+    return StageSpec(
+        name=name, config=Config, run=lambda context, config: StageResult(name, {}), reads=reads, writes=writes, **extra
+    )
 
 
 def test_cycles_and_double_writers_are_refused_naming_the_stages():
-    specs = {"a": _spec("a", ("z",), ("x",)), "b": _spec("b", ("x",), ("y",)), "c": _spec("c", ("y",), ("z",)),
-             "d": _spec("d", ("x",), ("w",))}
+    specs = {
+        "a": _spec("a", ("z",), ("x",)),
+        "b": _spec("b", ("x",), ("y",)),
+        "c": _spec("c", ("y",), ("z",)),
+        "d": _spec("d", ("x",), ("w",)),
+    }
     with pytest.raises(StageGraphError, match=r"cycle: a -> b -> c -> a"):
         topological_order(specs)
     # A late read closes no cycle: the stage reconciles the change itself.
@@ -120,19 +146,33 @@ def test_cycles_and_double_writers_are_refused_naming_the_stages():
 
 # -- configs -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("config", "stage", "field", "expected", "got"), [
-    (lambda: duplicates.Config(n_neighbors=0), "duplicates", "n_neighbors", "an integer >= 1", 0),
-    (lambda: duplicates.Config(min_embedding_cosine=1.5), "duplicates", "min_embedding_cosine",
-     "a number in [-1.0, 1.0]", 1.5),
-    (lambda: outliers.Config(max_fraction=float("nan")), "outliers", "max_fraction", "a number in [0, 1]", None),
-    (lambda: embeddings.Config(source="pixels"), "embeddings", "source",
-     "one of ('auto', 'imported', 'model', 'fallback')", "pixels"),
-    (lambda: label_issues.Config(cv_folds=1), "label_issues", "cv_folds", "an integer >= 2", 1),
-    (lambda: slices.Config(alpha=0), "slices", "alpha", "a number in (0, 1]", 0),
-    (lambda: slices.Config(num_clusters=1), "slices", "num_clusters", "an integer >= 2 or None", 1),
-    (lambda: evaluation.Config(top_k=(1, 0)), "evaluation", "top_k", "a sequence of integers >= 1", (1, 0)),
-    (lambda: metrics.Config(batch_size=True), "metrics", "batch_size", "an integer >= 1 or None", True),
-])
+
+@pytest.mark.parametrize(
+    ("config", "stage", "field", "expected", "got"),
+    [
+        (lambda: duplicates.Config(n_neighbors=0), "duplicates", "n_neighbors", "an integer >= 1", 0),
+        (
+            lambda: duplicates.Config(min_embedding_cosine=1.5),
+            "duplicates",
+            "min_embedding_cosine",
+            "a number in [-1.0, 1.0]",
+            1.5,
+        ),
+        (lambda: outliers.Config(max_fraction=float("nan")), "outliers", "max_fraction", "a number in [0, 1]", None),
+        (
+            lambda: embeddings.Config(source="pixels"),
+            "embeddings",
+            "source",
+            "one of ('auto', 'imported', 'model', 'fallback')",
+            "pixels",
+        ),
+        (lambda: label_issues.Config(cv_folds=1), "label_issues", "cv_folds", "an integer >= 2", 1),
+        (lambda: slices.Config(alpha=0), "slices", "alpha", "a number in (0, 1]", 0),
+        (lambda: slices.Config(num_clusters=1), "slices", "num_clusters", "an integer >= 2 or None", 1),
+        (lambda: evaluation.Config(top_k=(1, 0)), "evaluation", "top_k", "a sequence of integers >= 1", (1, 0)),
+        (lambda: metrics.Config(batch_size=True), "metrics", "batch_size", "an integer >= 1 or None", True),
+    ],
+)
 def test_configs_are_validated_at_construction(config, stage, field, expected, got):
     with pytest.raises(ConfigError) as caught:
         config()
@@ -150,6 +190,7 @@ def test_a_config_of_the_wrong_stage_is_refused(fresh):
 
 
 # -- what runs ---------------------------------------------------------------------------------------------------
+
 
 def test_a_plain_run_runs_the_ten_analysis_stages_and_leaves_all_current(analysed):
     root, report = analysed
@@ -184,8 +225,11 @@ def test_a_requested_stage_pulls_in_what_it_needs_and_nothing_else(fresh, tmp_pa
 
 def test_only_runs_one_stage_and_fails_clearly_without_its_inputs(fresh, tmp_path):
     workspace = copy(fresh, tmp_path)
-    with pytest.raises(WorkspaceError, match=r"stage 'outliers' needs artifact '(embeddings|visual_features)', "
-                                             r"written by stage 'embeddings'"):
+    with pytest.raises(
+        WorkspaceError,
+        match=r"stage 'outliers' needs artifact '(embeddings|visual_features)', "
+        r"written by stage 'embeddings'",
+    ):
         analyze(workspace, stages=["outliers"], only=True, progress=False)
     assert not workspace.artifact_path("outliers.parquet").exists()
     analyze(workspace, stages=["embeddings"], only=True, progress=False)
@@ -207,9 +251,12 @@ def test_nothing_is_rewritten_when_current(analysed, tmp_path):
 def test_a_stage_that_writes_reruns_the_stages_reading_its_output(analysed, tmp_path):
     workspace = copy(analysed[0], tmp_path)
     before = pd.read_parquet(workspace.artifact_path("flags_outliers.parquet"))
-    report = analyze(workspace, stages=["outliers"], configs={"outliers": outliers.Config(threshold=1.0,
-                                                                                           max_fraction=0.5)},
-                     progress=False)
+    report = analyze(
+        workspace,
+        stages=["outliers"],
+        configs={"outliers": outliers.Config(threshold=1.0, max_fraction=0.5)},
+        progress=False,
+    )
     assert [r.stage for r in report.runs] == ["outliers", "issues", "slices"]
     assert report.reasons["issues"] == "reads what 'outliers' wrote"
     after = pd.read_parquet(workspace.artifact_path("flags_outliers.parquet"))
@@ -259,6 +306,7 @@ def test_robustness_is_skipped_with_a_warning_without_a_model(tmp_path):
 
 # -- --list-stages -----------------------------------------------------------------------------------------------
 
+
 def test_list_stages_shows_reads_writes_and_status(analysed, capsys):
     root, _ = analysed
     rows = {row["name"]: row for row in list_stages(Workspace(root))}
@@ -266,7 +314,7 @@ def test_list_stages_shows_reads_writes_and_status(analysed, capsys):
     assert rows["metrics"]["status"] == "current"
     assert cli.main(["analyze", str(root), "--list-stages"]) == 0
     out = capsys.readouterr().out
-    block = out[out.index("robustness  [never run]"):out.index("\nissues")]
+    block = out[out.index("robustness  [never run]") : out.index("\nissues")]
     assert "(on request)" in block and "reads:      samples, model" in block
     assert "reads late: slices, slice_predicate_masks" in block and "flags_robustness" in block
     assert "metrics  [current]" in out and "writes:     metrics, fingerprints" in out
@@ -286,15 +334,18 @@ def test_cli_only_and_stages_options(analysed, tmp_path, capsys):
 
 # -- per-sample purity -------------------------------------------------------------------------------------------
 
+
 def test_map_batch_is_per_sample(fresh):
     workspace = Workspace(fresh)
     samples = workspace.samples
-    (indices, pixels), = list(iter_decoded(workspace.dataset_root, samples["path"].tolist(), np.arange(6),
-                                           batch_size=6, workers=1, progress=False))
+    ((indices, pixels),) = list(
+        iter_decoded(
+            workspace.dataset_root, samples["path"].tolist(), np.arange(6), batch_size=6, workers=1, progress=False
+        )
+    )
     config = metrics.Config()
     whole = metrics.map_batch(pixels, config)
-    parts = pd.concat([metrics.map_batch(pixels[:2], config), metrics.map_batch(pixels[2:], config)],
-                      ignore_index=True)
+    parts = pd.concat([metrics.map_batch(pixels[:2], config), metrics.map_batch(pixels[2:], config)], ignore_index=True)
     pd.testing.assert_frame_equal(whole, parts)
     assert {"brightness", "pixel_hash", "phash"} <= set(whole.columns) and len(whole) == 6
     rows = embeddings.map_batch(pixels, embeddings.Config())

@@ -50,7 +50,7 @@ ANCHOR = '<a href="http://evil.invalid/a">click</a>'
 SCRIPT = "<script>fetch('http://evil.invalid/s')</script>"
 AUTOLINK = "www.evil.invalid"
 URL = "http://evil.invalid/plain"
-CLASSES = [IMAGE, LINK, HTML_IMG, ANCHOR]           # plus two real classes the fixture's slices need
+CLASSES = [IMAGE, LINK, HTML_IMG, ANCHOR]  # plus two real classes the fixture's slices need
 CAMERAS = ["cam [x](http://evil.invalid/m)", SCRIPT, AUTOLINK]
 FILE_NAMES = ["![f](https:evil.invalid) 0.png", "<img src=https:evil.invalid> 1.png"]
 TAGS = [IMAGE, f"{LINK} tag", "_em_ `tick` **b** :red[x] $x$", "a`b ![c](http://evil.invalid/c) d`e"]
@@ -58,9 +58,28 @@ COLLECTION = f"{HTML_IMG} coll"
 REVIEWER = f"{LINK} reviewer"
 NOTE = f"{IMAGE} {URL} note"
 #: Every payload, and markdown / HTML that would be harmless only if escaped.
-PAYLOADS = [IMAGE, LINK, HTML_IMG, ANCHOR, SCRIPT, AUTOLINK, URL, *CAMERAS, *FILE_NAMES, *TAGS, COLLECTION,
-            REVIEWER, NOTE, "# heading", "1. list", "> quote", "a@evil.invalid", "&lt;img&gt;", "line\n# break",
-            ":material/home: :smile:"]
+PAYLOADS = [
+    IMAGE,
+    LINK,
+    HTML_IMG,
+    ANCHOR,
+    SCRIPT,
+    AUTOLINK,
+    URL,
+    *CAMERAS,
+    *FILE_NAMES,
+    *TAGS,
+    COLLECTION,
+    REVIEWER,
+    NOTE,
+    "# heading",
+    "1. list",
+    "> quote",
+    "a@evil.invalid",
+    "&lt;img&gt;",
+    "line\n# break",
+    ":material/home: :smile:",
+]
 
 
 # -- a workspace made of payloads --------------------------------------------------------------------------
@@ -77,8 +96,13 @@ def build_hostile_workspace(base: Path) -> Path:
     from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
 
     source = pd.read_csv(SAMPLE_DATA / "labels.csv")
-    chosen = pd.concat([_darkest(source, "shirt", 10), _darkest(source, "pullover", 10),
-                        source[~source["label"].isin(["shirt", "pullover"])].head(40)]).reset_index(drop=True)
+    chosen = pd.concat(
+        [
+            _darkest(source, "shirt", 10),
+            _darkest(source, "pullover", 10),
+            source[~source["label"].isin(["shirt", "pullover"])].head(40),
+        ]
+    ).reset_index(drop=True)
     data = base / "data"
     (data / "imgs").mkdir(parents=True)
     rows = []
@@ -87,9 +111,14 @@ def build_hostile_workspace(base: Path) -> Path:
         # The last image is an exact copy of the first (a payload file name), so the duplicates page has a cluster.
         source_path = chosen.loc[0, "path"] if i == len(chosen) - 1 else row["path"]
         shutil.copy(SAMPLE_DATA / source_path, data / "imgs" / name)
-        rows.append({"path": f"imgs/{name}",
-                     "label": row["label"] if row["label"] in ("shirt", "pullover") else CLASSES[i % len(CLASSES)],
-                     "split": "test" if i % 4 == 0 else "train", "camera": CAMERAS[i % len(CAMERAS)]})
+        rows.append(
+            {
+                "path": f"imgs/{name}",
+                "label": row["label"] if row["label"] in ("shirt", "pullover") else CLASSES[i % len(CLASSES)],
+                "split": "test" if i % 4 == 0 else "train",
+                "camera": CAMERAS[i % len(CAMERAS)],
+            }
+        )
     pd.DataFrame(rows).to_csv(base / "labels.csv", index=False)
     classes = sorted({r["label"] for r in rows})
     probabilities = np.random.default_rng(0).dirichlet(np.full(len(classes), 0.3), size=len(rows))
@@ -97,8 +126,12 @@ def build_hostile_workspace(base: Path) -> Path:
     predictions.insert(0, "path", [r["path"] for r in rows])
     predictions.to_csv(base / "predictions.csv", index=False)
     root = base / "ws"
-    init_workspace(root, InitOptions(data=data, labels=base / "labels.csv",
-                                     predictions=[("cnn", base / "predictions.csv")], progress=False))
+    init_workspace(
+        root,
+        InitOptions(
+            data=data, labels=base / "labels.csv", predictions=[("cnn", base / "predictions.csv")], progress=False
+        ),
+    )
     workspace = write_analysis_artifacts(root)
     plant_curation(workspace)
     return root
@@ -116,23 +149,43 @@ def plant_curation(workspace: Workspace) -> None:
     now = datetime.now(UTC)
     with store.engine.begin() as conn:
         for number, tag in enumerate(TAGS):
-            tag_id = conn.execute(curation_db.tags.insert().values(name=tag, created_by=REVIEWER, created_at=now)) \
-                .inserted_primary_key[0]
-            conn.execute(curation_db.sample_tags.insert(), [
-                {"sample_id": sid, "tag_id": tag_id, "created_by": REVIEWER, "created_at": now}
-                for sid in ids[number::3]])
-        collection_id = conn.execute(curation_db.collections.insert().values(
-            name=COLLECTION, description=f"{ANCHOR} {IMAGE}", filter_json=None, created_by=REVIEWER,
-            created_at=now)).inserted_primary_key[0]
-        conn.execute(curation_db.collection_members.insert(), [
-            {"collection_id": collection_id, "sample_id": sid, "created_by": REVIEWER, "created_at": now}
-            for sid in ids[:10]])
-        conn.execute(curation_db.collections.insert().values(
-            name=f"{LINK} saved", description=SCRIPT, created_by=REVIEWER, created_at=now,
-            filter_json=json.dumps(FilterSpec(labels=[IMAGE], text=LINK).to_dict())))
+            tag_id = conn.execute(
+                curation_db.tags.insert().values(name=tag, created_by=REVIEWER, created_at=now)
+            ).inserted_primary_key[0]
+            conn.execute(
+                curation_db.sample_tags.insert(),
+                [
+                    {"sample_id": sid, "tag_id": tag_id, "created_by": REVIEWER, "created_at": now}
+                    for sid in ids[number::3]
+                ],
+            )
+        collection_id = conn.execute(
+            curation_db.collections.insert().values(
+                name=COLLECTION, description=f"{ANCHOR} {IMAGE}", filter_json=None, created_by=REVIEWER, created_at=now
+            )
+        ).inserted_primary_key[0]
+        conn.execute(
+            curation_db.collection_members.insert(),
+            [
+                {"collection_id": collection_id, "sample_id": sid, "created_by": REVIEWER, "created_at": now}
+                for sid in ids[:10]
+            ],
+        )
+        conn.execute(
+            curation_db.collections.insert().values(
+                name=f"{LINK} saved",
+                description=SCRIPT,
+                created_by=REVIEWER,
+                created_at=now,
+                filter_json=json.dumps(FilterSpec(labels=[IMAGE], text=LINK).to_dict()),
+            )
+        )
         for sid in ids[:6]:
-            conn.execute(curation_db.review_decisions.insert().values(
-                sample_id=sid, action="relabel", new_label=LINK, created_by=REVIEWER, note=NOTE, created_at=now))
+            conn.execute(
+                curation_db.review_decisions.insert().values(
+                    sample_id=sid, action="relabel", new_label=LINK, created_by=REVIEWER, note=NOTE, created_at=now
+                )
+            )
     store.close()
 
 
@@ -143,10 +196,13 @@ def hostile_workspace(tmp_path_factory) -> Path:
 
 def hostile_query() -> dict[str, str | list[str]]:
     """A link's filter made of payloads: search text (the issue's example), classes, tag, metadata, sort."""
-    params = to_query_params(FilterSpec(text=f"{IMAGE}{LINK}", labels=[IMAGE, HTML_IMG], tags=[TAGS[0]],
-                                        metadata={"camera": [CAMERAS[0], SCRIPT]}))
+    params = to_query_params(
+        FilterSpec(
+            text=f"{IMAGE}{LINK}", labels=[IMAGE, HTML_IMG], tags=[TAGS[0]], metadata={"camera": [CAMERAS[0], SCRIPT]}
+        )
+    )
     params["label"] = [*params["label"], ANCHOR + " not a class"]  # not a class: dropped with a notice
-    params["sort"] = LINK                                            # not a column: dropped with a notice
+    params["sort"] = LINK  # not a column: dropped with a notice
     return params
 
 
@@ -163,8 +219,12 @@ PLAIN_BODIES = {"Text", "Code", "Html", "Exception", "Json"}
 
 
 def _is_markdown(kind: str, name: str) -> bool:
-    return (name in MARKDOWN_FIELDS or (name == "body" and kind not in PLAIN_BODIES)
-            or (name == "text" and kind == "Progress") or (name == "options" and kind == "Radio"))
+    return (
+        name in MARKDOWN_FIELDS
+        or (name == "body" and kind not in PLAIN_BODIES)
+        or (name == "text" and kind == "Progress")
+        or (name == "options" and kind == "Radio")
+    )
 
 
 def _strings(message, found: list[tuple[str, str, str]]) -> None:
@@ -258,8 +318,14 @@ def test_the_checker_sees_unescaped_payloads():
 
 
 def test_text_keeps_ordinary_names_readable():
-    for name in ("tshirt_top", "needs-relabel", "images/test_00002.png", "Tagged 2 sample(s) 'look-again'",
-                 "Saved: a kept the label.", "label = coat AND brightness ≤ q25"):
+    for name in (
+        "tshirt_top",
+        "needs-relabel",
+        "images/test_00002.png",
+        "Tagged 2 sample(s) 'look-again'",
+        "Saved: a kept the label.",
+        "label = coat AND brightness ≤ q25",
+    ):
         assert markup.text(name) == name
 
 
@@ -397,8 +463,16 @@ def test_browser_loads_nothing_from_outside_and_shows_no_outside_link(served_hos
     query = urlencode(hostile_query(), doseq=True)
     titles = {route.name.replace("_", "-"): route.title for route in ROUTES} | {"": "Overview"}
     # Review and export add nothing here that AppTest does not check (a name form, export settings).
-    pages = [f"/explorer?{urlencode(sample_link(hostile_workspace))}", "/", "/embedding-map", "/duplicates",
-             "/performance", "/collections", f"/explorer?{query}", f"/explorer?q={IMAGE}{LINK}"]
+    pages = [
+        f"/explorer?{urlencode(sample_link(hostile_workspace))}",
+        "/",
+        "/embedding-map",
+        "/duplicates",
+        "/performance",
+        "/collections",
+        f"/explorer?{query}",
+        f"/explorer?q={IMAGE}{LINK}",
+    ]
     found: dict[str, list[str]] = {}
     shown: dict[str, bool] = {}
     must_show = {pages[0], "/", "/collections", "/duplicates"}
@@ -440,8 +514,14 @@ def http_status(port: int, host: str | None, *, path: str = "/", origin: str | N
 
 def websocket_status(port: int, host: str, origin: str | None) -> int:
     """Status of a WebSocket handshake to /_stcore/stream (101 = accepted)."""
-    lines = ["GET /_stcore/stream HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    lines = [
+        "GET /_stcore/stream HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
     lines += [f"Origin: {origin}"] if origin else []
     return _exchange(port, lines)
 
@@ -463,12 +543,26 @@ def _exchange(port: int, lines: list[str]) -> int:
 @pytest.mark.slow
 def test_http_requests_naming_a_foreign_host_are_refused(served_hostile):
     port = served_hostile
-    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", f"localhost.evil:{port}",
-                 f"dashboard.example.evil:{port}", "", "[::1", "a:b:c"):
+    for host in (
+        f"evil.example:{port}",
+        "evil.example",
+        f"127.0.0.1.evil.example:{port}",
+        f"localhost.evil:{port}",
+        f"dashboard.example.evil:{port}",
+        "",
+        "[::1",
+        "a:b:c",
+    ):
         assert http_status(port, host) == 403, host
     assert http_status(port, None) in (400, 403)  # no Host header at all: the HTTP server itself refuses it
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST.:{port}", "127.0.0.1",
-                 f"dashboard.example:{port}"):  # the last one: --allowed-host
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"[::1]:{port}",
+        f"LOCALHOST.:{port}",
+        "127.0.0.1",
+        f"dashboard.example:{port}",
+    ):  # the last one: --allowed-host
         assert http_status(port, host) == 200, host
     assert http_status(port, f"127.0.0.1:{port}", path="/_stcore/health") == 200
     assert http_status(port, f"evil.example:{port}", path="/_stcore/health") == 403
@@ -494,8 +588,15 @@ def test_websocket_handshakes_naming_a_foreign_host_or_origin_are_refused(served
 def test_host_policy_names():
     policy = HostPolicy("127.0.0.1", ["Dash.Example."])
     assert policy.names == {"127.0.0.1", "localhost", "::1", "dash.example"}
-    assert [host_of_header(h) for h in ("[::1]:8501", "LocalHost:1", "x.y", "[::1", "a:b", "h:port", "")] == \
-        ["::1", "localhost", "x.y", None, None, None, None]
+    assert [host_of_header(h) for h in ("[::1]:8501", "LocalHost:1", "x.y", "[::1", "a:b", "h:port", "")] == [
+        "::1",
+        "localhost",
+        "x.y",
+        None,
+        None,
+        None,
+        None,
+    ]
     assert host_of_origin("http://[::1]:8501") == "::1" and host_of_origin("null") is None
     assert not policy.allows("10.0.0.5") and not policy.allows("evil.example") and not policy.allows(None)
     wildcard = HostPolicy("0.0.0.0")  # noqa: S104 — the wildcard bind is what is being tested
@@ -527,8 +628,11 @@ def test_guard_passes_lifespan_and_refuses_duplicate_host_headers():
 
     guard = HostGuard(inner, HostPolicy())
     asyncio.run(guard({"type": "lifespan"}, None, send))
-    asyncio.run(guard({"type": "http", "path": "/", "headers": [(b"host", b"127.0.0.1"), (b"host", b"evil.example")]},
-                      None, send))
+    asyncio.run(
+        guard(
+            {"type": "http", "path": "/", "headers": [(b"host", b"127.0.0.1"), (b"host", b"evil.example")]}, None, send
+        )
+    )
     asyncio.run(guard({"type": "http", "path": "/", "headers": [(b"host", b"127.0.0.1:1")]}, None, send))
     assert calls == ["lifespan", "http"]
     assert sent[0]["status"] == 403

@@ -12,9 +12,13 @@ def build_sample_workspace(root: Path, *, model: bool = True) -> Path:
     and (unless ``model=False``) the sample CNN with its config. Returns ``root``."""
     from robustlens.analysis.ingest.pipeline import InitOptions, init_workspace
 
-    options = InitOptions(data=SAMPLE_DATA, labels=SAMPLE_DATA / "labels.csv",
-                          predictions=[("cnn", SAMPLE_DATA / "predictions.csv")],
-                          model=str(SAMPLE_DATA / "model.pt") if model else None,
-                          model_config=SAMPLE_DATA / "model.json" if model else None, progress=False)
+    options = InitOptions(
+        data=SAMPLE_DATA,
+        labels=SAMPLE_DATA / "labels.csv",
+        predictions=[("cnn", SAMPLE_DATA / "predictions.csv")],
+        model=str(SAMPLE_DATA / "model.pt") if model else None,
+        model_config=SAMPLE_DATA / "model.json" if model else None,
+        progress=False,
+    )
     init_workspace(root, options)
     return root

@@ -98,6 +98,7 @@ class AnalysisReport:
 
 # -- the registry ------------------------------------------------------------------------------------------------
 
+
 def stage_module(name: str) -> ModuleType:
     """The module of stage ``name`` (imported on first use)."""
     if name not in STAGES:
@@ -140,6 +141,7 @@ def resolve_stage_names(names: Iterable[str] | None, specs: Mapping[str, StageSp
 
 # -- the graph ---------------------------------------------------------------------------------------------------
 
+
 def writer_of(artifact: str, specs: Mapping[str, StageSpec]) -> str | None:
     """The stage that writes ``artifact`` (``writes`` or a ``may_write`` name / glob pattern), or ``None``."""
     for name, spec in specs.items():
@@ -157,8 +159,9 @@ def dependencies(specs: Mapping[str, StageSpec]) -> dict[str, list[str]]:
     for name, spec in specs.items():
         for artifact in spec.writes:
             if artifact in owners:
-                raise StageGraphError(f"artifact '{artifact}' is written by both stage '{owners[artifact]}' and "
-                                      f"stage '{name}'")
+                raise StageGraphError(
+                    f"artifact '{artifact}' is written by both stage '{owners[artifact]}' and stage '{name}'"
+                )
             owners[artifact] = name
     graph: dict[str, list[str]] = {}
     for name, spec in specs.items():
@@ -186,8 +189,10 @@ def topological_order(specs: Mapping[str, StageSpec]) -> list[str]:
     while waiting:
         ready = [name for name, before in waiting.items() if not before]
         if not ready:
-            raise StageGraphError(f"the stages form a cycle: {' -> '.join(_find_cycle(waiting))}; break it by "
-                                  "declaring one of those reads as 'reads_late' (the stage reconciles it itself)")
+            raise StageGraphError(
+                f"the stages form a cycle: {' -> '.join(_find_cycle(waiting))}; break it by "
+                "declaring one of those reads as 'reads_late' (the stage reconciles it itself)"
+            )
         chosen = min(ready, key=rank.__getitem__)
         order.append(chosen)
         del waiting[chosen]
@@ -205,10 +210,11 @@ def _find_cycle(waiting: Mapping[str, set[str]]) -> list[str]:
         path.append(node)
         node = min(waiting[node])
     # Walked along "needs"; reported along the data flow (each stage writes what the next one reads).
-    return [*path[path.index(node):], node][::-1]
+    return [*path[path.index(node) :], node][::-1]
 
 
 # -- status ------------------------------------------------------------------------------------------------------
+
 
 def _index(workspace: Workspace) -> dict[str, Any]:
     path = workspace.artifact_path("index.json")
@@ -269,17 +275,27 @@ def stage_status(workspace: Workspace, name: str, config: object | None = None) 
     return stage_status_detail(workspace, name, config)[0]
 
 
-def stage_status_detail(workspace: Workspace, name: str, config: object | None = None,
-                        specs: Mapping[str, StageSpec] | None = None) -> tuple[Status, str]:
+def stage_status_detail(
+    workspace: Workspace, name: str, config: object | None = None, specs: Mapping[str, StageSpec] | None = None
+) -> tuple[Status, str]:
     """:func:`stage_status` with the reason (e.g. ``"metrics was rewritten after it ran"``)."""
     specs = stage_specs() if specs is None else specs
-    return _status(workspace, name, specs, {} if config is None else {name: config}, _index(workspace),
-                   _runs(workspace), {})
+    return _status(
+        workspace, name, specs, {} if config is None else {name: config}, _index(workspace), _runs(workspace), {}
+    )
 
 
-def _status(workspace: Workspace, name: str, specs: Mapping[str, StageSpec], configs: Mapping[str, object],
-            index: dict[str, Any], runs: dict[str, Any], memo: dict[str, tuple[Status, str]], *,
-            check_config: bool = True) -> tuple[Status, str]:
+def _status(
+    workspace: Workspace,
+    name: str,
+    specs: Mapping[str, StageSpec],
+    configs: Mapping[str, object],
+    index: dict[str, Any],
+    runs: dict[str, Any],
+    memo: dict[str, tuple[Status, str]],
+    *,
+    check_config: bool = True,
+) -> tuple[Status, str]:
     """:func:`stage_status_detail` with the files read once. ``check_config=False`` (a stage upstream of the one
     asked about): whichever config it last ran with, the question is whether its inputs changed since."""
     key = name if check_config else f"{name}/upstream"
@@ -291,12 +307,20 @@ def _status(workspace: Workspace, name: str, specs: Mapping[str, StageSpec], con
     return status
 
 
-def _status_of(workspace: Workspace, name: str, specs: Mapping[str, StageSpec], configs: Mapping[str, object],
-               index: dict[str, Any], runs: dict[str, Any], memo: dict[str, tuple[Status, str]],
-               check_config: bool) -> tuple[Status, str]:
+def _status_of(
+    workspace: Workspace,
+    name: str,
+    specs: Mapping[str, StageSpec],
+    configs: Mapping[str, object],
+    index: dict[str, Any],
+    runs: dict[str, Any],
+    memo: dict[str, tuple[Status, str]],
+    check_config: bool,
+) -> tuple[Status, str]:
     spec = specs[name]
-    entries = {artifact: entry for artifact, entry in index.items()
-               if isinstance(entry, dict) and entry.get("stage") == name}
+    entries = {
+        artifact: entry for artifact, entry in index.items() if isinstance(entry, dict) and entry.get("stage") == name
+    }
     run = runs.get(name) or {}
     if not entries and not run:
         return ("never run", "")
@@ -305,8 +329,11 @@ def _status_of(workspace: Workspace, name: str, specs: Mapping[str, StageSpec], 
         return ("stale", f"{', '.join(missing)} missing")
     config = configs.get(name)
     wanted = config_hash(config if config is not None else spec.config())
-    recorded = {entries[a].get("config_hash") for a in spec.writes} if spec.writes else \
-        {entry.get("config_hash") for entry in entries.values()}
+    recorded = (
+        {entries[a].get("config_hash") for a in spec.writes}
+        if spec.writes
+        else {entry.get("config_hash") for entry in entries.values()}
+    )
     if run and not spec.writes:
         recorded = {run.get("config_hash")}
     if check_config and recorded != {wanted}:
@@ -341,17 +368,30 @@ def _status_of(workspace: Workspace, name: str, specs: Mapping[str, StageSpec], 
 def _record_run(workspace: Workspace, result: StageResult, config: object) -> None:
     path = workspace.artifact_path(RUNS_FILE)
     runs = _runs(workspace)
-    runs[result.stage] = {"finished_at": datetime.now(UTC).isoformat(timespec="microseconds"),
-                          "config_hash": config_hash(config), "current": result.current,
-                          "artifacts": list(result.artifacts)}
+    runs[result.stage] = {
+        "finished_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "config_hash": config_hash(config),
+        "current": result.current,
+        "artifacts": list(result.artifacts),
+    }
     storage.write_json(path, runs)
 
 
 # -- the orchestrator --------------------------------------------------------------------------------------------
 
-def analyze(workspace: Workspace, *, stages: list[str] | None = None, configs: Mapping[str, object] | None = None,
-            only: bool = False, progress: bool = True, device: str = "cpu", random_state: int = 0,
-            workers: int | None = None, threads: int | None = None) -> AnalysisReport:
+
+def analyze(
+    workspace: Workspace,
+    *,
+    stages: list[str] | None = None,
+    configs: Mapping[str, object] | None = None,
+    only: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    random_state: int = 0,
+    workers: int | None = None,
+    threads: int | None = None,
+) -> AnalysisReport:
     """Run ``stages`` on ``workspace`` in dependency order (see the module docstring).
 
     Parameters
@@ -378,13 +418,22 @@ def analyze(workspace: Workspace, *, stages: list[str] | None = None, configs: M
     configs = dict(configs or {})
     for name, config in configs.items():
         if name in specs and config is not None and not isinstance(config, specs[name].config):
-            raise StageInputError(f"the config of stage '{name}' must be a {specs[name].config.__qualname__}, "
-                                  f"got {type(config).__qualname__}")
-    context = StageContext(workspace=workspace, progress=progress, device=device, random_state=random_state,
-                           workers=workers, threads=threads)
+            raise StageInputError(
+                f"the config of stage '{name}' must be a {specs[name].config.__qualname__}, "
+                f"got {type(config).__qualname__}"
+            )
+    context = StageContext(
+        workspace=workspace,
+        progress=progress,
+        device=device,
+        random_state=random_state,
+        workers=workers,
+        threads=threads,
+    )
     report = AnalysisReport()
-    config_of = {name: configs.get(name) or spec.config() for name, spec in specs.items() if name in requested
-                 or not only}
+    config_of = {
+        name: configs.get(name) or spec.config() for name, spec in specs.items() if name in requested or not only
+    }
 
     planned: dict[str, str] = {name: "requested" for name in requested}
     if only:
@@ -411,14 +460,21 @@ def analyze(workspace: Workspace, *, stages: list[str] | None = None, configs: M
         _late_pass(context, specs, config_of, report, ran_at)
     if len(context.refused):
         ids = workspace.samples["id"].to_numpy()
-        report.refused = [{"index": e.index, "id": str(ids[e.index]), "path": e.path, "kind": e.kind,
-                           "reason": e.reason} for e in {e.index: e for e in context.refused.entries}.values()]
+        report.refused = [
+            {"index": e.index, "id": str(ids[e.index]), "path": e.path, "kind": e.kind, "reason": e.reason}
+            for e in {e.index: e for e in context.refused.entries}.values()
+        ]
         report.warnings.append(describe_refused(report.refused) + " (listed in artifacts/refused_files.json)")
     return report
 
 
-def _add_needed(workspace: Workspace, requested: list[str], specs: Mapping[str, StageSpec],
-                configs: Mapping[str, object], planned: dict[str, str]) -> None:
+def _add_needed(
+    workspace: Workspace,
+    requested: list[str],
+    specs: Mapping[str, StageSpec],
+    configs: Mapping[str, object],
+    planned: dict[str, str],
+) -> None:
     """Add to ``planned`` the writers of what the planned stages ``reads`` that are not current (transitively)."""
     index, runs = _index(workspace), _runs(workspace)
     memo: dict[str, tuple[Status, str]] = {}
@@ -435,8 +491,13 @@ def _add_needed(workspace: Workspace, requested: list[str], specs: Mapping[str, 
                 queue.append(writer)
 
 
-def _check_inputs(workspace: Workspace, names: list[str], specs: Mapping[str, StageSpec], context: StageContext,
-                  config_of: Mapping[str, object]) -> None:
+def _check_inputs(
+    workspace: Workspace,
+    names: list[str],
+    specs: Mapping[str, StageSpec],
+    context: StageContext,
+    config_of: Mapping[str, object],
+) -> None:
     """``only``: every required input of ``names`` exists (or its writer cannot run on this data)."""
     for name in names:
         for artifact in specs[name].reads:
@@ -444,19 +505,27 @@ def _check_inputs(workspace: Workspace, names: list[str], specs: Mapping[str, St
                 continue
             writer = writer_of(artifact, specs)
             if writer is None:
-                raise WorkspaceError(f"stage '{name}' needs the workspace's {artifact}, which {workspace.root} does "
-                                     "not have; add it with 'robustlens init'")
+                raise WorkspaceError(
+                    f"stage '{name}' needs the workspace's {artifact}, which {workspace.root} does "
+                    "not have; add it with 'robustlens init'"
+                )
             precondition = specs[writer].precondition
-            if writer not in names and precondition is not None and \
-                    precondition(context, config_of.get(writer) or specs[writer].config()) is not None:
+            if (
+                writer not in names
+                and precondition is not None
+                and precondition(context, config_of.get(writer) or specs[writer].config()) is not None
+            ):
                 continue  # its writer is skipped on this data: the stage does without it
-            raise WorkspaceError(f"stage '{name}' needs artifact '{artifact}', written by stage '{writer}', which "
-                                 f"{workspace.root} does not have yet; run 'robustlens analyze {workspace.root} "
-                                 f"--stages {name}' (it runs '{writer}' first) or '--only {writer}'")
+            raise WorkspaceError(
+                f"stage '{name}' needs artifact '{artifact}', written by stage '{writer}', which "
+                f"{workspace.root} does not have yet; run 'robustlens analyze {workspace.root} "
+                f"--stages {name}' (it runs '{writer}' first) or '--only {writer}'"
+            )
 
 
-def _run_stage(context: StageContext, spec: StageSpec, config: object, report: AnalysisReport,
-               reason: str) -> StageResult | None:
+def _run_stage(
+    context: StageContext, spec: StageSpec, config: object, report: AnalysisReport, reason: str
+) -> StageResult | None:
     """Run one stage (unless its precondition fails: then a warning); record the result."""
     why_not = spec.precondition(context, config) if spec.precondition is not None else None
     if why_not is not None:
@@ -475,8 +544,13 @@ def _run_stage(context: StageContext, spec: StageSpec, config: object, report: A
     return result
 
 
-def _late_pass(context: StageContext, specs: Mapping[str, StageSpec], config_of: Mapping[str, object],
-               report: AnalysisReport, ran_at: dict[str, int]) -> None:
+def _late_pass(
+    context: StageContext,
+    specs: Mapping[str, StageSpec],
+    config_of: Mapping[str, object],
+    report: AnalysisReport,
+    ran_at: dict[str, int],
+) -> None:
     """Run once more each stage of this run whose ``reads_late`` were rewritten after it (it reconciles them)."""
     for name, position in list(ran_at.items()):
         spec = specs[name]
@@ -487,8 +561,10 @@ def _late_pass(context: StageContext, specs: Mapping[str, StageSpec], config_of:
 
 # -- listing -----------------------------------------------------------------------------------------------------
 
-def list_stages(workspace: Workspace | None = None,
-                configs: Mapping[str, object] | None = None) -> list[dict[str, Any]]:
+
+def list_stages(
+    workspace: Workspace | None = None, configs: Mapping[str, object] | None = None
+) -> list[dict[str, Any]]:
     """Every stage in graph order: ``name``, ``reads``, ``uses``, ``reads_late``, ``writes``, ``may_write``,
     ``on_request``, ``description`` and, given a workspace, ``status`` and ``reason`` (:func:`stage_status`)."""
     specs = stage_specs()
@@ -497,10 +573,16 @@ def list_stages(workspace: Workspace | None = None,
     rows = []
     for name in topological_order(specs):
         spec = specs[name]
-        row: dict[str, Any] = {"name": name, "reads": list(spec.reads), "uses": list(spec.uses),
-                               "reads_late": list(spec.reads_late), "writes": list(spec.writes),
-                               "may_write": list(spec.may_write), "on_request": spec.on_request,
-                               "description": spec.description}
+        row: dict[str, Any] = {
+            "name": name,
+            "reads": list(spec.reads),
+            "uses": list(spec.uses),
+            "reads_late": list(spec.reads_late),
+            "writes": list(spec.writes),
+            "may_write": list(spec.may_write),
+            "on_request": spec.on_request,
+            "description": spec.description,
+        }
         if workspace is not None:
             row["status"], row["reason"] = _status(workspace, name, specs, configs or {}, index, runs, memo)
         rows.append(row)
@@ -518,8 +600,13 @@ def format_stage_list(rows: list[dict[str, Any]]) -> str:
             head += "  (on request)"
         lines.append(head)
         lines.append(f"    {row['description']}")
-        for label, key in (("reads", "reads"), ("uses", "uses"), ("reads late", "reads_late"),
-                           ("writes", "writes"), ("may write", "may_write")):
+        for label, key in (
+            ("reads", "reads"),
+            ("uses", "uses"),
+            ("reads late", "reads_late"),
+            ("writes", "writes"),
+            ("may write", "may_write"),
+        ):
             if row[key]:
                 lines.append(f"    {label + ':':<11} {', '.join(row[key])}")
     return "\n".join(lines)

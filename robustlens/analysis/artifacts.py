@@ -54,21 +54,36 @@ from robustlens.errors import WorkspaceError
 #: Artifact name (file stem under ``artifacts/``) → the stage that writes it. Names not listed are matched by
 #: :data:`STAGE_PREFIXES`.
 STAGE_OF: dict[str, str] = {
-    "embeddings": "embeddings", "visual_features": "embeddings", "thumbnails": "embeddings",
-    "metrics": "metrics", "fingerprints": "metrics",
+    "embeddings": "embeddings",
+    "visual_features": "embeddings",
+    "thumbnails": "embeddings",
+    "metrics": "metrics",
+    "fingerprints": "metrics",
     "flags_quality": "quality_flags",
     "projection": "projection",
-    "duplicates": "duplicates", "duplicate_pairs": "duplicates", "flags_duplicates": "duplicates",
-    "outliers": "outliers", "flags_outliers": "outliers",
-    "label_issues": "label_issues", "flags_label_issues": "label_issues",
-    "issues": "issues", "issue_matrix": "issues",
-    "slices": "slices", "worst_slices": "slices", "slice_predicates": "slices", "slice_clusters": "slices",
+    "duplicates": "duplicates",
+    "duplicate_pairs": "duplicates",
+    "flags_duplicates": "duplicates",
+    "outliers": "outliers",
+    "flags_outliers": "outliers",
+    "label_issues": "label_issues",
+    "flags_label_issues": "label_issues",
+    "issues": "issues",
+    "issue_matrix": "issues",
+    "slices": "slices",
+    "worst_slices": "slices",
+    "slice_predicates": "slices",
+    "slice_clusters": "slices",
     "slice_predicate_masks": "slices",
 }
 #: Artifact name prefix → the stage that writes those artifacts.
 STAGE_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("eval_samples_", "evaluation"), ("evaluation/", "evaluation"), ("metric_importance_", "evaluation"),
-    ("metric_curves_", "evaluation"), ("robustness", "robustness"), ("flags_robustness", "robustness"),
+    ("eval_samples_", "evaluation"),
+    ("evaluation/", "evaluation"),
+    ("metric_importance_", "evaluation"),
+    ("metric_curves_", "evaluation"),
+    ("robustness", "robustness"),
+    ("flags_robustness", "robustness"),
 )
 IMPORTED_ORIGIN = "imported"
 COMPUTED_ORIGIN = "artifacts/embeddings.npy"
@@ -105,8 +120,9 @@ def stage_of(name: str) -> str:
 
 def _missing(path: Path, stage: str) -> WorkspaceError:
     # Worded as the stages always said it ("run the 'metrics' stage first"): tests and users know it.
-    return WorkspaceError(f"{path} does not exist; run the '{stage}' stage first "
-                          f"('robustlens analyze WS --stages {stage}')")
+    return WorkspaceError(
+        f"{path} does not exist; run the '{stage}' stage first ('robustlens analyze WS --stages {stage}')"
+    )
 
 
 # -- tables ------------------------------------------------------------------------------------------------------
@@ -153,12 +169,14 @@ def read_per_sample(workspace: Workspace, name: str, *, required: bool = False) 
         return None
     path = workspace.artifact_path(f"{name}.parquet")
     if "id" not in frame.columns:
-        raise ArtifactError(path, f"artifact '{name}' has no 'id' column (columns: {list(frame.columns)})",
-                            stage=stage_of(name))
+        raise ArtifactError(
+            path, f"artifact '{name}' has no 'id' column (columns: {list(frame.columns)})", stage=stage_of(name)
+        )
     repeated = frame["id"].duplicated()
     if repeated.any():
-        raise ArtifactError(path, f"artifact '{name}' has repeated ids, e.g. '{frame['id'][repeated].iloc[0]}'",
-                            stage=stage_of(name))
+        raise ArtifactError(
+            path, f"artifact '{name}' has repeated ids, e.g. '{frame['id'][repeated].iloc[0]}'", stage=stage_of(name)
+        )
     return frame
 
 
@@ -202,8 +220,11 @@ def read_projection(workspace: Workspace, *, required: bool = False) -> pd.DataF
     if frame is not None:
         missing = [c for c in ("x", "y") if c not in frame.columns]
         if missing:
-            raise ArtifactError(workspace.artifact_path("projection.parquet"),
-                                f"has no column(s) {missing} (columns: {list(frame.columns)})", stage="projection")
+            raise ArtifactError(
+                workspace.artifact_path("projection.parquet"),
+                f"has no column(s) {missing} (columns: {list(frame.columns)})",
+                stage="projection",
+            )
     return frame
 
 
@@ -288,8 +309,9 @@ def read_embeddings(workspace: Workspace, *, imported: bool = True, required: bo
         raise ArtifactError(path, f"cannot be read as a .npy array ({exc})", stage=stage) from exc
     count = len(workspace.samples)
     if matrix.ndim != 2 or matrix.shape[0] != count:
-        raise ArtifactError(path, f"{origin} embeddings have shape {matrix.shape}, expected ({count}, D) in "
-                            "samples order", stage=stage)
+        raise ArtifactError(
+            path, f"{origin} embeddings have shape {matrix.shape}, expected ({count}, D) in samples order", stage=stage
+        )
     if not _all_finite(matrix):
         raise ArtifactError(path, f"{origin} embeddings contain NaN or infinite values", stage=stage)
     return Embeddings(matrix, origin, path)
@@ -299,8 +321,10 @@ def _all_finite(matrix: np.ndarray) -> bool:
     """Checked in row blocks: no ``(N, D)`` boolean temporary for a large matrix."""
     if not np.issubdtype(matrix.dtype, np.floating):
         return np.issubdtype(matrix.dtype, np.number)
-    return all(np.isfinite(matrix[start:start + _FINITE_CHECK_ROWS]).all()
-               for start in range(0, len(matrix), _FINITE_CHECK_ROWS))
+    return all(
+        np.isfinite(matrix[start : start + _FINITE_CHECK_ROWS]).all()
+        for start in range(0, len(matrix), _FINITE_CHECK_ROWS)
+    )
 
 
 def read_sample_array(workspace: Workspace, name: str, *, ndim: int, stage: str | None = None) -> np.ndarray:
@@ -323,8 +347,7 @@ def read_sample_array(workspace: Workspace, name: str, *, ndim: int, stage: str 
     array = np.load(path, allow_pickle=False)
     count = len(workspace.samples)
     if array.ndim != ndim or array.shape[0] != count:
-        raise ArtifactError(path, f"has shape {array.shape}, expected {ndim} dimensions with {count} rows",
-                            stage=stage)
+        raise ArtifactError(path, f"has shape {array.shape}, expected {ndim} dimensions with {count} rows", stage=stage)
     return array
 
 
@@ -344,9 +367,12 @@ def read_slice_masks(workspace: Workspace) -> np.ndarray:
     packed = np.load(path, mmap_mode="r")
     count = len(workspace.samples)
     if packed.ndim != 2 or packed.shape[1] != (count + 7) // 8:
-        raise ArtifactError(path, f"holds {packed.shape[1] if packed.ndim == 2 else '?'} bytes per predicate, a "
-                            f"workspace of {count} samples needs {(count + 7) // 8}: the slices are stale",
-                            stage="slices")
+        raise ArtifactError(
+            path,
+            f"holds {packed.shape[1] if packed.ndim == 2 else '?'} bytes per predicate, a "
+            f"workspace of {count} samples needs {(count + 7) // 8}: the slices are stale",
+            stage="slices",
+        )
     return packed
 
 

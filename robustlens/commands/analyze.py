@@ -22,22 +22,35 @@ from robustlens.errors import ValidationError
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``analyze`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
-        "analyze", help="run the analysis stages on a workspace",
+        "analyze",
+        help="run the analysis stages on a workspace",
         description="Compute quality metrics, embeddings and their 2-D map, duplicates and leakage, outliers, "
-                    "label issues, issue flags, model evaluation and slices. Incremental: a re-run computes only "
-                    "what changed, and a killed run resumes.")
-    parser.add_argument("workspace", type=Path, nargs="?",
-                        help="the workspace (optional with --list-stages: then no status is shown)")
-    parser.add_argument("--stages", metavar="LIST",
-                        help="comma-separated stages to run, with the stages they need that are not current "
-                             "(default: every analysis stage; 'all' adds the on-request robustness stage)")
-    parser.add_argument("--only", metavar="NAME",
-                        help="run just this stage (comma-separated for several): nothing it needs is run first, "
-                             "and it fails when an input is missing")
-    parser.add_argument("--list-stages", action="store_true",
-                        help="print every stage, what it reads and writes, and whether it is current for WORKSPACE")
-    parser.add_argument("--plugins", default="",
-                        help="comma-separated modules to import first (they register custom metrics)")
+        "label issues, issue flags, model evaluation and slices. Incremental: a re-run computes only "
+        "what changed, and a killed run resumes.",
+    )
+    parser.add_argument(
+        "workspace", type=Path, nargs="?", help="the workspace (optional with --list-stages: then no status is shown)"
+    )
+    parser.add_argument(
+        "--stages",
+        metavar="LIST",
+        help="comma-separated stages to run, with the stages they need that are not current "
+        "(default: every analysis stage; 'all' adds the on-request robustness stage)",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="NAME",
+        help="run just this stage (comma-separated for several): nothing it needs is run first, "
+        "and it fails when an input is missing",
+    )
+    parser.add_argument(
+        "--list-stages",
+        action="store_true",
+        help="print every stage, what it reads and writes, and whether it is current for WORKSPACE",
+    )
+    parser.add_argument(
+        "--plugins", default="", help="comma-separated modules to import first (they register custom metrics)"
+    )
     add_shared_options(parser, device=True)
     parser.add_argument("--seed", type=int, default=0, help="random_state of every stage (default 0)")
     add_shared_options(parser, workers=True, quiet=True)
@@ -64,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
     if args.workspace is None:
         raise ValidationError("analyze: the WORKSPACE argument is required (except with --list-stages)")
     if args.stages and args.only:
-        raise ValidationError("--stages and --only cannot be combined: --only NAME runs just NAME, --stages runs "
-                              "the stages and what they need")
+        raise ValidationError(
+            "--stages and --only cannot be combined: --only NAME runs just NAME, --stages runs "
+            "the stages and what they need"
+        )
     workspace = Workspace(args.workspace)
     stages = _names(args.only) if args.only else _names(args.stages)
     try:
@@ -86,8 +101,16 @@ def run(args: argparse.Namespace) -> int:
     if plugins and "plugins" in {f.name for f in dataclasses.fields(metrics_config)}:
         configs["metrics"] = metrics_config(plugins=plugins)
     device = resolve_device(args.device)
-    report = analyze(workspace, stages=stages, only=bool(args.only), configs=configs, progress=not args.quiet,
-                     device=device, random_state=args.seed, workers=args.workers)
+    report = analyze(
+        workspace,
+        stages=stages,
+        only=bool(args.only),
+        configs=configs,
+        progress=not args.quiet,
+        device=device,
+        random_state=args.seed,
+        workers=args.workers,
+    )
     for name, seconds in report.seconds.items():
         print(f"  {name:<14} {seconds:7.1f} s", file=sys.stderr)
     for warning in report.warnings:

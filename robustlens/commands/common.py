@@ -25,10 +25,10 @@ Handler = Callable[[argparse.Namespace], int]
 
 # -- shared options -------------------------------------------------------------------------------------------
 
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     """``--device`` (default ``auto``); resolve it with :func:`resolve_device` when the command runs."""
-    parser.add_argument("--device", default="auto",
-                        help="torch device: auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 def add_workers_option(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +41,9 @@ def add_quiet_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_shared_options(parser: argparse.ArgumentParser, *, device: bool = False, workers: bool = False,
-                       quiet: bool = False) -> None:
+def add_shared_options(
+    parser: argparse.ArgumentParser, *, device: bool = False, workers: bool = False, quiet: bool = False
+) -> None:
     """Add the chosen shared options to a subcommand's parser, in the order device, workers, quiet."""
     if device:
         add_device_option(parser)
@@ -79,20 +80,23 @@ def resolve_device(requested: str) -> str:
     if text == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValidationError(f"--device {requested}: the MPS (Apple Metal) backend is not available on this "
-                                  "machine")
+            raise ValidationError(
+                f"--device {requested}: the MPS (Apple Metal) backend is not available on this machine"
+            )
         return "mps"
     if not torch.cuda.is_available():
         raise ValidationError(f"--device {requested}: CUDA is not available on this machine")
     if ":" in text:
         index, count = int(text.split(":", 1)[1]), torch.cuda.device_count()
         if index >= count:
-            raise ValidationError(f"--device {requested}: this machine has {count} CUDA device(s) "
-                                  f"(cuda:0..cuda:{count - 1})")
+            raise ValidationError(
+                f"--device {requested}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
     return text
 
 
 # -- errors → exit status ----------------------------------------------------------------------------------------
+
 
 def exit_status(exc: BaseException) -> int:
     """The exit status of an error raised by a handler.
@@ -124,8 +128,10 @@ def error_message(exc: BaseException, args: argparse.Namespace) -> str:
     database_error = _database_error(exc) if isinstance(exc, Exception) else None
     if database_error is not None:
         return one_line(database_error)
-    return (f"unexpected {type(exc).__name__}: {exc}\n(this is a bug in robustlens; rerun with --debug for the "
-            "traceback and report it)")
+    return (
+        f"unexpected {type(exc).__name__}: {exc}\n(this is a bug in robustlens; rerun with --debug for the "
+        "traceback and report it)"
+    )
 
 
 def run_handler(args: argparse.Namespace) -> int:
@@ -170,9 +176,11 @@ def describe_os_error(exc: OSError, *, context: str = "") -> str:
     during = f" during {context}" if context else ""
     reason = exc.strerror or str(exc)
     if name in _STORAGE_ERRORS:
-        return (f"{_STORAGE_ERRORS[name]}{during}: {reason}{where}. Nothing already written was damaged (every "
-                "file is written atomically); free some space or fix the storage, then run the same command again "
-                "to resume.")
+        return (
+            f"{_STORAGE_ERRORS[name]}{during}: {reason}{where}. Nothing already written was damaged (every "
+            "file is written atomically); free some space or fix the storage, then run the same command again "
+            "to resume."
+        )
     return f"{reason}{where}{during}"
 
 
@@ -187,6 +195,8 @@ def _database_error(exc: Exception) -> str | None:
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     text = detail[0] if detail else type(exc).__name__
     if "disk is full" in text or "disk I/O error" in text:
-        return (f"the curation database could not be written: {text}. Free some space, then run the command "
-                "again; tags, collections and decisions already saved are kept.")
+        return (
+            f"the curation database could not be written: {text}. Free some space, then run the command "
+            "again; tags, collections and decisions already saved are kept."
+        )
     return f"curation database error: {text}"

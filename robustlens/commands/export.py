@@ -21,41 +21,73 @@ FORMATS = ("csv", "json", "parquet", "imagefolder")
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``export`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
-        "export", help="export samples (filter, collection, tag) or review decisions",
+        "export",
+        help="export samples (filter, collection, tag) or review decisions",
         description="Export a set of samples to CSV, JSON, Parquet or an ImageFolder copy, or the review "
-                    "decisions to a relabel file. Samples: all, or those matching --filter / --query AND any "
-                    "--collection / --tag. Files are written atomically. A manifest export (the default "
-                    "columns) re-imports with 'robustlens init --data DATASET --labels FILE'.")
+        "decisions to a relabel file. Samples: all, or those matching --filter / --query AND any "
+        "--collection / --tag. Files are written atomically. A manifest export (the default "
+        "columns) re-imports with 'robustlens init --data DATASET --labels FILE'.",
+    )
     parser.add_argument("workspace", type=Path)
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output file (.csv, .json, .parquet) or directory (--format imagefolder)")
-    parser.add_argument("--format", choices=FORMATS,
-                        help="output format (default: from the --out suffix)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output file (.csv, .json, .parquet) or directory (--format imagefolder)",
+    )
+    parser.add_argument("--format", choices=FORMATS, help="output format (default: from the --out suffix)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--filter", dest="filter_json", metavar="JSON",
-                        help="filter as JSON (the dashboard's 'copy filter as JSON'), or @FILE to read it from a file")
-    source.add_argument("--query", metavar="URL_OR_QUERY",
-                        help="a dashboard URL or its query string, e.g. 'label=coat&issue=dark'")
-    parser.add_argument("--collection", action="append", default=[], metavar="NAME",
-                        help="only samples in this collection (repeat: any of them)")
-    parser.add_argument("--tag", action="append", default=[], metavar="NAME",
-                        help="only samples with this tag (repeat: any of them)")
-    parser.add_argument("--columns", choices=("manifest", "all"), default="manifest",
-                        help="manifest: id, path, label, split, metadata (default; re-importable); "
-                             "all: every per-sample column and tags")
-    parser.add_argument("--apply-decisions", action="store_true",
-                        help="apply the latest review decisions (relabel changes the label, exclude drops the sample)")
-    parser.add_argument("--relabels", action="store_true",
-                        help="write the relabel file (id, path, old_label, new_label, reviewer, time) instead of "
-                             "samples")
-    parser.add_argument("--all-decisions", action="store_true",
-                        help="with --relabels: include keep / ambiguous / exclude decisions too")
-    parser.add_argument("--force", action="store_true",
-                        help="replace --out if it exists and robustlens wrote it (its .robustlens-export marker "
-                             "proves it; anything else is never replaced)")
-    parser.add_argument("--raw-csv", action="store_true",
-                        help="write CSV cells as they are; by default text starting with = + - @, tab or CR gets a "
-                             "leading ' so spreadsheets do not run it as a formula (OWASP)")
+    source.add_argument(
+        "--filter",
+        dest="filter_json",
+        metavar="JSON",
+        help="filter as JSON (the dashboard's 'copy filter as JSON'), or @FILE to read it from a file",
+    )
+    source.add_argument(
+        "--query", metavar="URL_OR_QUERY", help="a dashboard URL or its query string, e.g. 'label=coat&issue=dark'"
+    )
+    parser.add_argument(
+        "--collection",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only samples in this collection (repeat: any of them)",
+    )
+    parser.add_argument(
+        "--tag", action="append", default=[], metavar="NAME", help="only samples with this tag (repeat: any of them)"
+    )
+    parser.add_argument(
+        "--columns",
+        choices=("manifest", "all"),
+        default="manifest",
+        help="manifest: id, path, label, split, metadata (default; re-importable); "
+        "all: every per-sample column and tags",
+    )
+    parser.add_argument(
+        "--apply-decisions",
+        action="store_true",
+        help="apply the latest review decisions (relabel changes the label, exclude drops the sample)",
+    )
+    parser.add_argument(
+        "--relabels",
+        action="store_true",
+        help="write the relabel file (id, path, old_label, new_label, reviewer, time) instead of samples",
+    )
+    parser.add_argument(
+        "--all-decisions", action="store_true", help="with --relabels: include keep / ambiguous / exclude decisions too"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists and robustlens wrote it (its .robustlens-export marker "
+        "proves it; anything else is never replaced)",
+    )
+    parser.add_argument(
+        "--raw-csv",
+        action="store_true",
+        help="write CSV cells as they are; by default text starting with = + - @, tab or CR gets a "
+        "leading ' so spreadsheets do not run it as a formula (OWASP)",
+    )
     parser.set_defaults(handler=run)
     return parser
 
@@ -85,21 +117,28 @@ def run(args) -> int:
             return EXIT_OK
         spec = export.resolve_filter(_read_filter(args.filter_json), args.query)
         try:
-            positions = export.select_positions(table, store, spec=spec, collections=args.collection, tags=args.tag,
-                                                slices=load_slice_membership(workspace))
+            positions = export.select_positions(
+                table,
+                store,
+                spec=spec,
+                collections=args.collection,
+                tags=args.tag,
+                slices=load_slice_membership(workspace),
+            )
         except FilterError as exc:
             raise ValidationError(str(exc)) from exc
         if fmt == "imagefolder":
-            frame = export.export_frame(table, positions, columns="manifest", curation=store,
-                                        apply_decisions=args.apply_decisions)
-            result = export.export_imagefolder(workspace, frame, args.out, overwrite=args.force,
-                                               raw_csv=args.raw_csv)
+            frame = export.export_frame(
+                table, positions, columns="manifest", curation=store, apply_decisions=args.apply_decisions
+            )
+            result = export.export_imagefolder(workspace, frame, args.out, overwrite=args.force, raw_csv=args.raw_csv)
             if result.refused:
                 print(f"warning: {result.refused_summary()}", file=sys.stderr)
             count = result.copied
         else:
-            frame = export.export_frame(table, positions, columns=args.columns, curation=store,
-                                        apply_decisions=args.apply_decisions)
+            frame = export.export_frame(
+                table, positions, columns=args.columns, curation=store, apply_decisions=args.apply_decisions
+            )
             export.write_frame(frame, args.out, fmt, overwrite=args.force, raw_csv=args.raw_csv)
             count = len(frame)
     finally:

@@ -15,10 +15,13 @@ from robustlens.commands.common import EXIT_OK
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``info`` on the CLI's subparsers."""
-    parser = subparsers.add_parser("info", help="show what a workspace holds",
-                                   description="Print a summary of a workspace: samples, classes, splits, "
-                                               "prediction sets with accuracy, model, skipped images and curation "
-                                               "state.")
+    parser = subparsers.add_parser(
+        "info",
+        help="show what a workspace holds",
+        description="Print a summary of a workspace: samples, classes, splits, "
+        "prediction sets with accuracy, model, skipped images and curation "
+        "state.",
+    )
     parser.add_argument("workspace", type=Path)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=run)
@@ -66,12 +69,14 @@ def workspace_summary(root: Path) -> dict[str, Any]:
 
 def format_info(info: dict[str, Any]) -> str:
     """Lines of ``robustlens info`` from the dict :func:`robustlens.query.summary.summarize` returns."""
-    lines = [f"Workspace {info['workspace']}",
-             f"  dataset     {info['dataset_root']} ({info['dataset_kind']})",
-             f"  samples     {info['num_samples']:,} ingested, {info['num_skipped']:,} skipped",
-             f"  classes     {len(info['classes'])}: {', '.join(info['classes'][:12])}"
-             + (" …" if len(info['classes']) > 12 else ""),
-             "  splits      " + ", ".join(f"{k} {v:,}" for k, v in info["split_counts"].items())]
+    lines = [
+        f"Workspace {info['workspace']}",
+        f"  dataset     {info['dataset_root']} ({info['dataset_kind']})",
+        f"  samples     {info['num_samples']:,} ingested, {info['num_skipped']:,} skipped",
+        f"  classes     {len(info['classes'])}: {', '.join(info['classes'][:12])}"
+        + (" …" if len(info["classes"]) > 12 else ""),
+        "  splits      " + ", ".join(f"{k} {v:,}" for k, v in info["split_counts"].items()),
+    ]
     if info["metadata_columns"]:
         lines.append(f"  metadata    {', '.join(info['metadata_columns'])}")
     for name, entry in info["prediction_sets"].items():
@@ -81,6 +86,8 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(f"  model       {info['model'] or 'none'}")
     lines.append(f"  embeddings  {info['embeddings'] or 'none (computed by analyze)'}")
     curation = info["curation"]
-    lines.append(f"  curation    {curation['tags']} tags, {curation['collections']} collections, "
-                 f"{curation['review_decisions']} review decisions")
+    lines.append(
+        f"  curation    {curation['tags']} tags, {curation['collections']} collections, "
+        f"{curation['review_decisions']} review decisions"
+    )
     return "\n".join(lines)

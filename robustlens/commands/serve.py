@@ -17,18 +17,28 @@ from robustlens.commands.common import EXIT_OK
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``serve`` on the CLI's subparsers."""
-    parser = subparsers.add_parser("serve", help="start the dashboard on a workspace",
-                                   description="Start the Streamlit dashboard for a workspace.")
+    parser = subparsers.add_parser(
+        "serve", help="start the dashboard on a workspace", description="Start the Streamlit dashboard for a workspace."
+    )
     parser.add_argument("workspace", type=Path)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8501, help="port (default 8501)")
-    parser.add_argument("--export-root", type=Path, metavar="DIR",
-                        help="folder the Export page saves under (default: WORKSPACE/exports); the page only "
-                             "creates new files and folders there, never replaces one")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                        help="another host name the dashboard may be reached by (repeatable; e.g. this machine's "
-                             "DNS name). Requests naming any other host are refused (DNS-rebinding guard); "
-                             "127.0.0.1, localhost, ::1 and --host are always allowed")
+    parser.add_argument(
+        "--export-root",
+        type=Path,
+        metavar="DIR",
+        help="folder the Export page saves under (default: WORKSPACE/exports); the page only "
+        "creates new files and folders there, never replaces one",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name the dashboard may be reached by (repeatable; e.g. this machine's "
+        "DNS name). Requests naming any other host are refused (DNS-rebinding guard); "
+        "127.0.0.1, localhost, ::1 and --host are always allowed",
+    )
     parser.set_defaults(handler=run)
     return parser
 
@@ -50,10 +60,25 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ, ROBUSTLENS_WORKSPACE=str(args.workspace.resolve()), **policy.to_environ())
     if export_root is not None:
         env["ROBUSTLENS_EXPORT_ROOT"] = str(export_root)
-    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
-               "--server.port", str(args.port), "--server.headless", "true",
-               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-               "--server.fileWatcherType", "none"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        args.host,
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+        "--server.fileWatcherType",
+        "none",
+    ]
     print(f"robustlens dashboard on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     if os.name == "posix":
         # Become the server process, so a signal sent to `robustlens serve` (Ctrl+C, a supervisor's

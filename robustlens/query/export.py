@@ -62,9 +62,15 @@ MANIFEST_NAME = "manifest.csv"
 RELABEL_COLUMNS = ("id", "path", "old_label", "new_label", "action", "reviewer", "decided_at", "note")
 
 
-def select_positions(table: pd.DataFrame, curation: CurationReader | None, *, spec: FilterSpec | None = None,
-                     collections: Sequence[str] = (), tags: Sequence[str] = (),
-                     slices: SliceMembership | None = None) -> np.ndarray:
+def select_positions(
+    table: pd.DataFrame,
+    curation: CurationReader | None,
+    *,
+    spec: FilterSpec | None = None,
+    collections: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    slices: SliceMembership | None = None,
+) -> np.ndarray:
     """Row positions of the samples to export: ``spec`` AND (any of ``collections`` / ``tags``), in the spec's order.
 
     With neither a spec nor collections nor tags every sample is exported. ``slices``: the workspace's slice
@@ -79,8 +85,14 @@ def select_positions(table: pd.DataFrame, curation: CurationReader | None, *, sp
     return filter_positions(table, spec, curation, mask=mask)
 
 
-def export_frame(table: pd.DataFrame, positions: np.ndarray, *, columns: str = "manifest",
-                 curation: CurationStore | None = None, apply_decisions: bool = False) -> pd.DataFrame:
+def export_frame(
+    table: pd.DataFrame,
+    positions: np.ndarray,
+    *,
+    columns: str = "manifest",
+    curation: CurationStore | None = None,
+    apply_decisions: bool = False,
+) -> pd.DataFrame:
     """The rows at ``positions`` as an export table.
 
     Parameters
@@ -133,11 +145,18 @@ def relabel_frame(table: pd.DataFrame, curation: CurationStore, *, include_all: 
     old = decisions["sample_id"].map(lookup["label"].astype(str)).where(known, "")
     unchanged = old.where(decisions["action"] != "exclude", "")
     new = decisions["new_label"].where(decisions["action"] == "relabel", unchanged)
-    frame = pd.DataFrame({
-        "id": decisions["sample_id"], "path": path, "old_label": old, "new_label": new, "action": decisions["action"],
-        "reviewer": decisions["created_by"],  # the file's column keeps its published name
-        "decided_at": pd.to_datetime(decisions["created_at"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "note": decisions["note"]})
+    frame = pd.DataFrame(
+        {
+            "id": decisions["sample_id"],
+            "path": path,
+            "old_label": old,
+            "new_label": new,
+            "action": decisions["action"],
+            "reviewer": decisions["created_by"],  # the file's column keeps its published name
+            "decided_at": pd.to_datetime(decisions["created_at"], utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "note": decisions["note"],
+        }
+    )
     return frame.reset_index(drop=True)
 
 
@@ -152,8 +171,7 @@ def frame_bytes(frame: pd.DataFrame, fmt: str, *, raw_csv: bool = False) -> byte
         frame = frame if raw_csv else neutralise_formulas(frame)
         # The csv writer quotes a cell holding a line-terminator character, and only those: a CR inside a cell
         # would break the row in a "\n" file, so such a file is written with CRLF (RFC 4180) line ends.
-        return frame.to_csv(index=False, lineterminator="\r\n" if _has_carriage_return(frame) else "\n"
-                            ).encode("utf-8")
+        return frame.to_csv(index=False, lineterminator="\r\n" if _has_carriage_return(frame) else "\n").encode("utf-8")
     if fmt == "json":
         return frame.to_json(orient="records", indent=2, date_format="iso", force_ascii=False).encode("utf-8")
     if fmt == "parquet":
@@ -174,8 +192,14 @@ def _has_carriage_return(frame: pd.DataFrame) -> bool:
     return False
 
 
-def write_frame(frame: pd.DataFrame, destination: str | Path, fmt: str | None = None, *,
-                overwrite: bool = False, raw_csv: bool = False) -> Path:
+def write_frame(
+    frame: pd.DataFrame,
+    destination: str | Path,
+    fmt: str | None = None,
+    *,
+    overwrite: bool = False,
+    raw_csv: bool = False,
+) -> Path:
     """Write ``frame`` atomically and record it in its folder's marker; ``fmt`` defaults to the suffix.
 
     An existing ``destination`` is replaced only with ``overwrite`` and only if the marker proves robustlens
@@ -185,8 +209,9 @@ def write_frame(frame: pd.DataFrame, destination: str | Path, fmt: str | None = 
     fmt = fmt or format_from_suffix(destination)
     if os.path.lexists(destination):
         if not overwrite:
-            raise ValidationError("exists; pass --force to replace it (only a file robustlens wrote is replaced)",
-                                  file=destination)
+            raise ValidationError(
+                "exists; pass --force to replace it (only a file robustlens wrote is replaced)", file=destination
+            )
         check_replaceable_file(destination)
     data = frame_bytes(frame, fmt, raw_csv=raw_csv)
     storage.write_bytes(destination, data)
@@ -197,8 +222,10 @@ def write_frame(frame: pd.DataFrame, destination: str | Path, fmt: str | None = 
 def format_from_suffix(path: Path) -> str:
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in TABLE_FORMATS:
-        raise ValidationError(f"cannot tell the format from the suffix '{path.suffix}'; use .csv, .json or .parquet "
-                              "or say --format", file=path)
+        raise ValidationError(
+            f"cannot tell the format from the suffix '{path.suffix}'; use .csv, .json or .parquet or say --format",
+            file=path,
+        )
     return fmt
 
 
@@ -231,8 +258,14 @@ class ImageFolderExport:
         return f"{len(self.refused)} image(s) not copied: {shown}{more}"
 
 
-def export_imagefolder(workspace: Workspace, frame: pd.DataFrame, destination: str | Path, *,
-                       overwrite: bool = False, raw_csv: bool = False) -> ImageFolderExport:
+def export_imagefolder(
+    workspace: Workspace,
+    frame: pd.DataFrame,
+    destination: str | Path,
+    *,
+    overwrite: bool = False,
+    raw_csv: bool = False,
+) -> ImageFolderExport:
     """Copy the images of ``frame`` (an :func:`export_frame` ``manifest`` table) to ``DEST/<label>/<file>``.
 
     ``DEST/manifest.csv`` lists ``id, path, label, split`` + metadata, so
@@ -249,8 +282,9 @@ def export_imagefolder(workspace: Workspace, frame: pd.DataFrame, destination: s
     replacing = os.path.lexists(destination)
     if replacing:
         if not overwrite:
-            raise ValidationError("exists; pass --force to replace it (only a folder robustlens wrote is replaced)",
-                                  file=destination)
+            raise ValidationError(
+                "exists; pass --force to replace it (only a folder robustlens wrote is replaced)", file=destination
+            )
         check_replaceable_folder(destination)
     staging, copied, refused = _build_imagefolder(workspace, frame, destination.parent, raw_csv=raw_csv)
     try:
@@ -260,8 +294,9 @@ def export_imagefolder(workspace: Workspace, frame: pd.DataFrame, destination: s
             try:
                 _move_into_new_directory(staging, destination)
             except FileExistsError as exc:
-                raise ValidationError("appeared while the export was being written; nothing was replaced",
-                                      file=destination) from exc
+                raise ValidationError(
+                    "appeared while the export was being written; nothing was replaced", file=destination
+                ) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -280,8 +315,9 @@ def default_export_root(workspace: Workspace) -> Path:
     return workspace.root / EXPORT_DIR
 
 
-def save_table_on_server(frame: pd.DataFrame, export_root: str | Path, name: str, fmt: str, *,
-                         raw_csv: bool = False) -> Path:
+def save_table_on_server(
+    frame: pd.DataFrame, export_root: str | Path, name: str, fmt: str, *, raw_csv: bool = False
+) -> Path:
     """Write ``frame`` as a NEW file ``EXPORT_ROOT/NAME.FMT`` (or ``NAME-2.FMT`` … if taken); never replaces a file.
 
     ``name`` must be a safe name (:func:`robustlens.analysis.safety.validate_name`; a trailing ``.FMT`` is
@@ -302,12 +338,14 @@ def save_table_on_server(frame: pd.DataFrame, export_root: str | Path, name: str
         storage.write_bytes(target, data)  # replaces the empty file this call just created, atomically
         record_written(target)
         return target
-    raise ValidationError(f"export name '{stem}': {MAX_NAME_VARIANTS} numbered variants exist in {root}; "
-                          "choose another name")
+    raise ValidationError(
+        f"export name '{stem}': {MAX_NAME_VARIANTS} numbered variants exist in {root}; choose another name"
+    )
 
 
-def save_imagefolder_on_server(workspace: Workspace, frame: pd.DataFrame, export_root: str | Path, name: str, *,
-                               raw_csv: bool = False) -> ImageFolderExport:
+def save_imagefolder_on_server(
+    workspace: Workspace, frame: pd.DataFrame, export_root: str | Path, name: str, *, raw_csv: bool = False
+) -> ImageFolderExport:
     """:func:`export_imagefolder` into a NEW folder ``EXPORT_ROOT/NAME`` (or ``NAME-2`` … if taken).
 
     The folder is reserved with an exclusive ``mkdir`` (so it is one this call created) and the finished
@@ -328,8 +366,9 @@ def save_imagefolder_on_server(workspace: Workspace, frame: pd.DataFrame, export
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    raise ValidationError(f"export folder name '{stem}': {MAX_NAME_VARIANTS} numbered variants exist in {root}; "
-                          "choose another name")
+    raise ValidationError(
+        f"export folder name '{stem}': {MAX_NAME_VARIANTS} numbered variants exist in {root}; choose another name"
+    )
 
 
 def _export_root_dir(export_root: str | Path) -> Path:
@@ -394,8 +433,9 @@ def _safe_name(text: str) -> str:
     return cleaned or "_"
 
 
-def _build_imagefolder(workspace: Workspace, frame: pd.DataFrame, parent: Path, *, raw_csv: bool
-                       ) -> tuple[Path, int, list[dict]]:
+def _build_imagefolder(
+    workspace: Workspace, frame: pd.DataFrame, parent: Path, *, raw_csv: bool
+) -> tuple[Path, int, list[dict]]:
     """A finished ImageFolder tree (images, ``manifest.csv``, marker) in a new staging folder under ``parent``;
     returns the folder, the number of images copied and the refused rows (see :class:`ImageFolderExport`)."""
     for required in ("id", "path", "label"):
@@ -418,8 +458,9 @@ def _build_imagefolder(workspace: Workspace, frame: pd.DataFrame, parent: Path, 
     return staging, len(copied), refused
 
 
-def _copy_images(workspace: Workspace, frame: pd.DataFrame, staging: Path
-                 ) -> tuple[dict[int, tuple[str, str, int]], list[dict]]:
+def _copy_images(
+    workspace: Workspace, frame: pd.DataFrame, staging: Path
+) -> tuple[dict[int, tuple[str, str, int]], list[dict]]:
     """Copy every image into ``staging/<label>/`` (names kept unique).
 
     Returns ``{row position: (relative path, sha256, size)}`` of the copied images and the refused rows
@@ -431,17 +472,19 @@ def _copy_images(workspace: Workspace, frame: pd.DataFrame, staging: Path
     used: set[str] = set()
     copied: dict[int, tuple[str, str, int]] = {}
     refused: list[dict] = []
-    for position, (sample_id, path, label) in enumerate(zip(frame["id"], frame["path"], frame["label"],
-                                                            strict=True)):
+    for position, (sample_id, path, label) in enumerate(zip(frame["id"], frame["path"], frame["label"], strict=True)):
         try:
-            data = guard.read(path, functools.partial(read_verified_bytes, expected_hash=expected.get(sample_id),
-                                                      no_follow=True))
+            data = guard.read(
+                path, functools.partial(read_verified_bytes, expected_hash=expected.get(sample_id), no_follow=True)
+            )
         except FileRefused as problem:
             refused.append({"id": str(sample_id), "path": str(path), "kind": problem.kind, "reason": problem.reason})
             continue
         except ImageProblem as problem:
-            raise WorkspaceError(f"image of sample '{sample_id}' is missing or unreadable: "
-                                 f"{workspace.image_path(path)} ({problem.reason})") from problem
+            raise WorkspaceError(
+                f"image of sample '{sample_id}' is missing or unreadable: "
+                f"{workspace.image_path(path)} ({problem.reason})"
+            ) from problem
         name = _safe_name(Path(path).name)
         target = f"{_safe_name(label)}/{name}"
         if target in used:

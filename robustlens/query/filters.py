@@ -129,20 +129,25 @@ class FilterSpec:
         if isinstance(self.ranges, Mapping) and not isinstance(self.ranges, dict):
             self.ranges = dict(self.ranges)
         if isinstance(self.ranges, dict):
-            self.ranges = {column: ([_as_float(b) for b in bounds] if isinstance(bounds, list | tuple) else bounds)
-                           for column, bounds in self.ranges.items()}
+            self.ranges = {
+                column: ([_as_float(b) for b in bounds] if isinstance(bounds, list | tuple) else bounds)
+                for column, bounds in self.ranges.items()
+            }
         if isinstance(self.metadata, Mapping) and not isinstance(self.metadata, dict):
             self.metadata = dict(self.metadata)
         if isinstance(self.metadata, dict):
             # An empty value list is no condition (as an empty ``labels`` list is), not "keep nothing".
-            self.metadata = {key: ([_metadata_text(v) for v in values] if isinstance(values, list | tuple) else values)
-                             for key, values in self.metadata.items() if not (isinstance(values, list | tuple)
-                                                                              and not values)}
+            self.metadata = {
+                key: ([_metadata_text(v) for v in values] if isinstance(values, list | tuple) else values)
+                for key, values in self.metadata.items()
+                if not (isinstance(values, list | tuple) and not values)
+            }
         if isinstance(self.region, tuple):
             self.region = list(self.region)
         if isinstance(self.region, list):
-            self.region = [[_as_float(c) for c in point] if isinstance(point, list | tuple) else point
-                           for point in self.region]
+            self.region = [
+                [_as_float(c) for c in point] if isinstance(point, list | tuple) else point for point in self.region
+            ]
 
     def validate(self) -> FilterSpec:
         """Check every field's type and allowed values.
@@ -162,8 +167,9 @@ class FilterSpec:
                 raise FilterError(f"'ranges': range for '{column}' must be [low, high], got {_shown(bounds)}")
             for bound in bounds:
                 if bound is not None and not (_is_float(bound) and not math.isnan(bound)):
-                    raise FilterError(f"'ranges': range for '{column}': bounds must be numbers or null, "
-                                      f"got {_shown(bound)}")
+                    raise FilterError(
+                        f"'ranges': range for '{column}': bounds must be numbers or null, got {_shown(bound)}"
+                    )
             low, high = bounds
             if low is not None and high is not None and low > high:
                 raise FilterError(f"'ranges': range for '{column}': low {low:g} is above high {high:g}")
@@ -186,8 +192,9 @@ class FilterSpec:
             if not isinstance(key, str) or not key:
                 raise FilterError(f"'metadata': keys must be metadata names (non-empty text), got {key!r}")
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-                raise FilterError(f"'metadata': values for '{key}' must be a list of strings or numbers, "
-                                  f"got {_shown(values)}")
+                raise FilterError(
+                    f"'metadata': values for '{key}' must be a list of strings or numbers, got {_shown(values)}"
+                )
         for name in ("prediction_set", "sort_by"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -204,8 +211,11 @@ class FilterSpec:
             if len(self.region) < 3:
                 raise FilterError(f"'region' must be a polygon of at least 3 [x, y] points, got {len(self.region)}")
             for point in self.region:
-                if (not isinstance(point, list) or len(point) != 2
-                        or not all(_is_float(c) and math.isfinite(c) for c in point)):
+                if (
+                    not isinstance(point, list)
+                    or len(point) != 2
+                    or not all(_is_float(c) and math.isfinite(c) for c in point)
+                ):
                     raise FilterError(f"'region': every point must be [x, y] with finite numbers, got {_shown(point)}")
         return self
 
@@ -236,8 +246,9 @@ class FilterSpec:
             raise FilterError(f"unknown filter field(s) {[_shown(k) for k in unknown]}; fields: {sorted(names)}")
         values = dict(payload)
         if isinstance(values.get("ranges"), Mapping):
-            values["ranges"] = {current_column_name(c) if isinstance(c, str) else c: bounds
-                                for c, bounds in values["ranges"].items()}
+            values["ranges"] = {
+                current_column_name(c) if isinstance(c, str) else c: bounds for c, bounds in values["ranges"].items()
+            }
         if isinstance(values.get("sort_by"), str):
             values["sort_by"] = current_column_name(values["sort_by"])
         return cls(**values)
@@ -275,8 +286,14 @@ class FilterSpec:
             shown_low = "-∞" if low is None else f"{low:g}"
             shown_high = "∞" if high is None else f"{high:g}"
             lines.append(f"{column} in [{shown_low}, {shown_high}]")
-        for name, label in (("labels", "label"), ("splits", "split"), ("predicted", "predicted"),
-                            ("tags", "tag"), ("collections", "collection"), ("review", "review")):
+        for name, label in (
+            ("labels", "label"),
+            ("splits", "split"),
+            ("predicted", "predicted"),
+            ("tags", "tag"),
+            ("collections", "collection"),
+            ("review", "review"),
+        ):
             if getattr(self, name):
                 lines.append(f"{label} ∈ {{{', '.join(getattr(self, name))}}}")
         if self.correctness != "any":
@@ -297,8 +314,14 @@ class FilterSpec:
 
 
 # -- evaluation -----------------------------------------------------------------------------------
-def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader | None = None,
-                 *, slices: SliceMembership | None = None, _depth: int = 0) -> np.ndarray:
+def apply_filter(
+    table: pd.DataFrame,
+    spec: FilterSpec,
+    curation: CurationReader | None = None,
+    *,
+    slices: SliceMembership | None = None,
+    _depth: int = 0,
+) -> np.ndarray:
     """Boolean mask (``len(table)``) of the rows ``spec`` keeps.
 
     Parameters
@@ -363,8 +386,14 @@ def apply_filter(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader
     return mask
 
 
-def filter_positions(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader | None = None,
-                     *, mask: np.ndarray | None = None, slices: SliceMembership | None = None) -> np.ndarray:
+def filter_positions(
+    table: pd.DataFrame,
+    spec: FilterSpec,
+    curation: CurationReader | None = None,
+    *,
+    mask: np.ndarray | None = None,
+    slices: SliceMembership | None = None,
+) -> np.ndarray:
     """Row positions kept by ``spec``, in its sort order (table order when unsorted); arguments as
     :func:`apply_filter` (``mask``: its result, when already computed)."""
     if mask is None:
@@ -377,13 +406,21 @@ def filter_positions(table: pd.DataFrame, spec: FilterSpec, curation: CurationRe
     values = table[spec.sort_by].iloc[positions]
     if isinstance(values.dtype, pd.CategoricalDtype):
         values = values.cat.codes.where(values.notna(), other=np.nan)
-    order = (pd.Series(values.to_numpy())
-             .sort_values(ascending=not spec.descending, na_position="last", kind="stable").index.to_numpy())
+    order = (
+        pd.Series(values.to_numpy())
+        .sort_values(ascending=not spec.descending, na_position="last", kind="stable")
+        .index.to_numpy()
+    )
     return positions[order]
 
 
-def filter_ids(table: pd.DataFrame, spec: FilterSpec, curation: CurationReader | None = None,
-               *, slices: SliceMembership | None = None) -> list[str]:
+def filter_ids(
+    table: pd.DataFrame,
+    spec: FilterSpec,
+    curation: CurationReader | None = None,
+    *,
+    slices: SliceMembership | None = None,
+) -> list[str]:
     """Ids kept by ``spec``, in its order."""
     return table["id"].iloc[filter_positions(table, spec, curation, slices=slices)].tolist()
 
@@ -409,8 +446,12 @@ def region_mask(table: pd.DataFrame, polygon: Sequence[Sequence[float]]) -> np.n
     y = table["map.y"].to_numpy(dtype=float)
     vertices = np.asarray(polygon, dtype=float)
     inside = np.zeros(len(table), dtype=bool)
-    box = ((x >= vertices[:, 0].min()) & (x <= vertices[:, 0].max())
-           & (y >= vertices[:, 1].min()) & (y <= vertices[:, 1].max()))
+    box = (
+        (x >= vertices[:, 0].min())
+        & (x <= vertices[:, 0].max())
+        & (y >= vertices[:, 1].min())
+        & (y <= vertices[:, 1].max())
+    )
     candidates = np.flatnonzero(box)
     px, py = x[candidates], y[candidates]
     hit = np.zeros(candidates.size, dtype=bool)
@@ -439,15 +480,19 @@ def slice_mask(table: pd.DataFrame, slice_id: str, slices: SliceMembership | Non
         ``slices`` is ``None``, the slice is unknown, or the membership does not fit ``table``.
     """
     if slices is None:
-        raise FilterError("a slice filter needs the slice membership of the sample table of a workspace: pass "
-                          "slices=load_slice_membership(workspace) (robustlens.query.slices)")
+        raise FilterError(
+            "a slice filter needs the slice membership of the sample table of a workspace: pass "
+            "slices=load_slice_membership(workspace) (robustlens.query.slices)"
+        )
     try:
         mask = slices.mask(slice_id)
     except SliceError as exc:
         raise FilterError(exc.detail) from exc
     if len(mask) != len(table):
-        raise FilterError(f"slice '{slice_id}' covers {len(mask):,} samples, the table has {len(table):,}: "
-                          "the slices are stale, run `robustlens analyze` again")
+        raise FilterError(
+            f"slice '{slice_id}' covers {len(mask):,} samples, the table has {len(table):,}: "
+            "the slices are stale, run `robustlens analyze` again"
+        )
     return mask
 
 
@@ -482,8 +527,9 @@ def check_spec(table: pd.DataFrame, spec: FilterSpec, *, slices: SliceMembership
     return problems
 
 
-def prune_spec(table: pd.DataFrame, spec: FilterSpec, *,
-               slices: SliceMembership | None = None) -> tuple[FilterSpec, list[str]]:
+def prune_spec(
+    table: pd.DataFrame, spec: FilterSpec, *, slices: SliceMembership | None = None
+) -> tuple[FilterSpec, list[str]]:
     """Drop the parts of ``spec`` that do not apply to ``table`` (e.g. from an old link); returns them too."""
     problems = check_spec(table, spec, slices=slices)
     if not problems:
@@ -510,14 +556,23 @@ def prune_spec(table: pd.DataFrame, spec: FilterSpec, *,
         slice=spec.slice if slice_ok else None,
         prediction_set=prediction_set if spec.prediction_set else None,
         predicted=spec.predicted if predictions_ok else [],
-        correctness=spec.correctness if predictions_ok else "any")
+        correctness=spec.correctness if predictions_ok else "any",
+    )
     return pruned, problems
 
 
 # -- URL state ------------------------------------------------------------------------------------
 #: Query-string keys of a filter; ``r.<column>`` (range) and ``m.<name>`` (metadata) are families.
-LIST_KEYS = {"label": "labels", "split": "splits", "pred": "predicted", "issue": "issues", "tag": "tags",
-             "coll": "collections", "review": "review", "id": "ids"}
+LIST_KEYS = {
+    "label": "labels",
+    "split": "splits",
+    "pred": "predicted",
+    "issue": "issues",
+    "tag": "tags",
+    "coll": "collections",
+    "review": "review",
+    "id": "ids",
+}
 SCALAR_KEYS = ("pset", "correct", "issue_mode", "q", "region", "slice", "sort", "desc")
 RANGE_PREFIX, META_PREFIX = "r.", "m."
 
@@ -537,8 +592,9 @@ def to_query_params(spec: FilterSpec) -> dict[str, str | list[str]]:
         if getattr(spec, name):
             params[key] = list(getattr(spec, name))
     for column, (low, high) in spec.ranges.items():
-        params[RANGE_PREFIX + column] = f"{'' if low is None else repr(float(low))}:" \
-                                        f"{'' if high is None else repr(float(high))}"
+        params[RANGE_PREFIX + column] = (
+            f"{'' if low is None else repr(float(low))}:{'' if high is None else repr(float(high))}"
+        )
     for key, values in spec.metadata.items():
         params[META_PREFIX + key] = list(values)
     if spec.prediction_set:
@@ -661,12 +717,15 @@ def _shown(value: object, limit: int = 80) -> str:
     if len(text) > limit:
         text = text[:limit] + "…"
     return f"{text} ({type(value).__name__})"
+
+
 def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
     if column not in table.columns:
         raise FilterError(f"no column '{column}' to filter on (is its analysis stage run?)")
     series = table[column]
-    if isinstance(series.dtype, pd.CategoricalDtype) or not (pd.api.types.is_numeric_dtype(series)
-                                                               or pd.api.types.is_bool_dtype(series)):
+    if isinstance(series.dtype, pd.CategoricalDtype) or not (
+        pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)
+    ):
         raise FilterError(f"column '{column}' is not numeric; a range filter needs numbers")
     return series.to_numpy(dtype=float, na_value=np.nan)
 
@@ -709,11 +768,14 @@ def _text_mask(table: pd.DataFrame, text: str) -> np.ndarray:
     return mask
 
 
-def _collections_mask(table: pd.DataFrame, names: list[str], curation: CurationReader, depth: int,
-                      slices: SliceMembership | None) -> np.ndarray:
+def _collections_mask(
+    table: pd.DataFrame, names: list[str], curation: CurationReader, depth: int, slices: SliceMembership | None
+) -> np.ndarray:
     if depth >= MAX_COLLECTION_DEPTH:
-        raise FilterError(f"saved filters refer to each other more than {MAX_COLLECTION_DEPTH} levels deep "
-                          "(a collection that includes itself?)")
+        raise FilterError(
+            f"saved filters refer to each other more than {MAX_COLLECTION_DEPTH} levels deep "
+            "(a collection that includes itself?)"
+        )
     mask = np.zeros(len(table), dtype=bool)
     for name in names:
         entry = curation.collection(name)
@@ -722,8 +784,9 @@ def _collections_mask(table: pd.DataFrame, names: list[str], curation: CurationR
         if entry.get("members"):
             mask |= table["id"].isin(entry["members"]).to_numpy()
         if entry.get("filter") is not None:
-            mask |= apply_filter(table, FilterSpec.from_dict(entry["filter"]), curation, slices=slices,
-                                 _depth=depth + 1)
+            mask |= apply_filter(
+                table, FilterSpec.from_dict(entry["filter"]), curation, slices=slices, _depth=depth + 1
+            )
     return mask
 
 

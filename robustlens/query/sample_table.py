@@ -96,6 +96,8 @@ def current_column_name(column: str) -> str:
         if column.startswith(old):
             return new + column.removeprefix(old)
     return column
+
+
 #: Issue-matrix columns that summarise all issue types and keep their own names.
 ISSUE_SUMMARY_COLUMNS = ("issue_count", "max_severity")
 
@@ -126,7 +128,7 @@ def load_sample_table(workspace: Workspace, *, prediction_sets: Iterable[str] | 
         frame = artifacts.read_per_sample(workspace, join.artifact)
         if frame is not None:
             parts.append(_aligned(frame, ids, prefix=join.prefix, drop=join.drop, strip=join.strip))
-    for name in (workspace.prediction_names if prediction_sets is None else list(prediction_sets)):
+    for name in workspace.prediction_names if prediction_sets is None else list(prediction_sets):
         parts.append(prediction_columns(workspace, name))
     for name in artifacts.per_sample_names(workspace):
         frame = artifacts.read_per_sample(workspace, name)
@@ -138,8 +140,9 @@ def load_sample_table(workspace: Workspace, *, prediction_sets: Iterable[str] | 
         if prefixed in table.columns:
             table = table.rename(columns={prefixed: column})
     if "label_issue.suggested_label" in table.columns:
-        table["label_issue.suggested_label"] = pd.Categorical(table["label_issue.suggested_label"],
-                                                              categories=workspace.classes)
+        table["label_issue.suggested_label"] = pd.Categorical(
+            table["label_issue.suggested_label"], categories=workspace.classes
+        )
     return table
 
 
@@ -153,8 +156,10 @@ def prediction_columns(workspace: Workspace, name: str) -> pd.DataFrame:
     probabilities = workspace.predictions(name)
     samples = workspace.samples
     if probabilities.ndim != 2 or probabilities.shape[0] != len(samples):
-        raise WorkspaceError(f"prediction set '{name}' has shape {probabilities.shape}, samples.parquet has "
-                             f"{len(samples)} rows; re-run 'robustlens init --force'")
+        raise WorkspaceError(
+            f"prediction set '{name}' has shape {probabilities.shape}, samples.parquet has "
+            f"{len(samples)} rows; re-run 'robustlens init --force'"
+        )
     classes = workspace.classes
     predicted = probabilities.argmax(axis=1)
     rows = np.arange(len(samples))
@@ -165,13 +170,15 @@ def prediction_columns(workspace: Workspace, name: str) -> pd.DataFrame:
         second = np.zeros(len(samples), dtype=probabilities.dtype)
     given = samples["label_index"].to_numpy()
     prefix = f"pred.{name}."
-    frame = pd.DataFrame({
-        prefix + "label": pd.Categorical.from_codes(predicted, categories=classes),
-        prefix + "confidence": top.astype(np.float32),
-        prefix + "correct": predicted == given,
-        prefix + "margin": (top - second).astype(np.float32),
-        prefix + "given_prob": probabilities[rows, given].astype(np.float32),
-    })
+    frame = pd.DataFrame(
+        {
+            prefix + "label": pd.Categorical.from_codes(predicted, categories=classes),
+            prefix + "confidence": top.astype(np.float32),
+            prefix + "correct": predicted == given,
+            prefix + "margin": (top - second).astype(np.float32),
+            prefix + "given_prob": probabilities[rows, given].astype(np.float32),
+        }
+    )
     extra = artifacts.read_per_sample(workspace, f"eval_samples_{name}")
     if extra is not None:
         known = {"label", "predicted_label", "correct", "confidence", "margin"}  # computed above (label: given)
@@ -188,17 +195,24 @@ def issue_types(table: pd.DataFrame) -> list[str]:
 
 def prediction_sets(table: pd.DataFrame) -> list[str]:
     """Prediction sets with columns in ``table``, in column order."""
-    names = [c.removeprefix("pred.").removesuffix(".label") for c in table.columns
-             if c.startswith("pred.") and c.endswith(".label")]
+    names = [
+        c.removeprefix("pred.").removesuffix(".label")
+        for c in table.columns
+        if c.startswith("pred.") and c.endswith(".label")
+    ]
     return list(dict.fromkeys(names))
 
 
 def numeric_columns(table: pd.DataFrame) -> list[str]:
     """Columns a range filter or a sort can use: numbers and booleans, not identities."""
     skip = {"label_index", *IDENTITY_COLUMNS}
-    return [c for c in table.columns if c not in skip
-            and (pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c]))
-            and not isinstance(table[c].dtype, pd.CategoricalDtype)]
+    return [
+        c
+        for c in table.columns
+        if c not in skip
+        and (pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c]))
+        and not isinstance(table[c].dtype, pd.CategoricalDtype)
+    ]
 
 
 def column_bounds(table: pd.DataFrame) -> dict[str, tuple[float, float, bool]]:
@@ -264,8 +278,9 @@ def _category_order(workspace: Workspace, column: str, table: pd.DataFrame) -> l
     return values
 
 
-def _aligned(frame: pd.DataFrame, ids: pd.Series, *, prefix: str, drop: tuple[str, ...],
-             strip: str = "") -> pd.DataFrame:
+def _aligned(
+    frame: pd.DataFrame, ids: pd.Series, *, prefix: str, drop: tuple[str, ...], strip: str = ""
+) -> pd.DataFrame:
     """``frame``'s columns (minus ``id`` and ``drop``) in the row order of ``ids``, renamed ``prefix + name``
     (``name`` without ``strip``)."""
     values = artifacts.aligned(frame.drop(columns=[c for c in drop if c in frame.columns]), ids)

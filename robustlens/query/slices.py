@@ -81,16 +81,17 @@ class SliceMembership:
             No slice analysis, or no such slice (e.g. an old link after a new analysis).
         """
         if not self.analysed:
-            raise SliceError(f"no slice '{slice_id}': this workspace has no slice analysis "
-                             "(run `robustlens analyze`)")
+            raise SliceError(f"no slice '{slice_id}': this workspace has no slice analysis (run `robustlens analyze`)")
         if slice_id not in self.predicates:
             raise SliceError(f"no slice '{slice_id}' in this workspace's slice analysis (from an older analysis run?)")
         ids = self.predicates[slice_id]
         if not ids:
             return np.ones(self.num_samples, dtype=bool)
         if self.packed is None:
-            raise SliceError(f"slice '{slice_id}' cannot be resolved: the predicate masks are missing "
-                             "(run `robustlens analyze` again)")
+            raise SliceError(
+                f"slice '{slice_id}' cannot be resolved: the predicate masks are missing "
+                "(run `robustlens analyze` again)"
+            )
         try:
             return artifacts.slice_membership(self.packed, ids, self.num_samples)
         except IndexError as exc:
@@ -113,10 +114,15 @@ def load_slice_membership(workspace: Workspace) -> SliceMembership:
     table = artifacts.read_table(workspace, "slices")
     if table is None:
         return SliceMembership(count)
-    predicates = {str(slice_id): tuple(int(i) for i in ids)
-                  for slice_id, ids in zip(table["slice_id"], table["predicate_ids"], strict=True)}
-    descriptions = ({str(k): str(v) for k, v in zip(table["slice_id"], table["description"], strict=True)}
-                    if "description" in table.columns else {})
+    predicates = {
+        str(slice_id): tuple(int(i) for i in ids)
+        for slice_id, ids in zip(table["slice_id"], table["predicate_ids"], strict=True)
+    }
+    descriptions = (
+        {str(k): str(v) for k, v in zip(table["slice_id"], table["description"], strict=True)}
+        if "description" in table.columns
+        else {}
+    )
     needs_masks = any(predicates.values())
     packed = np.asarray(artifacts.read_slice_masks(workspace)) if needs_masks else None
     return SliceMembership(count, predicates, packed, descriptions)
@@ -152,8 +158,9 @@ def slice_row_filter(row: Mapping, membership: SliceMembership, classes: Sequenc
     return None
 
 
-def slice_row_filters(frame: pd.DataFrame, membership: SliceMembership,
-                      classes: Sequence[str] = ()) -> list[FilterSpec | None]:
+def slice_row_filters(
+    frame: pd.DataFrame, membership: SliceMembership, classes: Sequence[str] = ()
+) -> list[FilterSpec | None]:
     """:func:`slice_row_filter` of every row of ``frame`` (in row order)."""
     return [slice_row_filter(row, membership, classes) for row in frame.to_dict("records")]
 

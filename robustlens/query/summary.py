@@ -46,8 +46,10 @@ def summarize(workspace: Workspace) -> dict:
         store.close()
     summary = read_summary(workspace.root, curation=counts)
     if summary is None:
-        raise WorkspaceError(f"{workspace.root}: samples.parquet or workspace.json cannot be summarised; "
-                             "re-create the workspace with 'robustlens init --force'")
+        raise WorkspaceError(
+            f"{workspace.root}: samples.parquet or workspace.json cannot be summarised; "
+            "re-create the workspace with 'robustlens init --force'"
+        )
     return summary
 
 
@@ -94,8 +96,10 @@ def read_summary(root: Path, *, curation: dict[str, int] | None = None) -> dict[
     with_model = None
     if model is not None:
         config = model["config"]
-        with_model = (f"{model.get('file') or model.get('factory')} (input {config['input_size'][0]}×"
-                      f"{config['input_size'][1]}×{config['channels']})")
+        with_model = (
+            f"{model.get('file') or model.get('factory')} (input {config['input_size'][0]}×"
+            f"{config['input_size'][1]}×{config['channels']})"
+        )
     embeddings = manifest.get("embeddings")
     labels = _integers(samples.column("label_index"))
     if labels is None:
@@ -133,7 +137,8 @@ def read_summary(root: Path, *, curation: dict[str, int] | None = None) -> dict[
         "metadata_columns": [c.removeprefix("meta.") for c in manifest.get("metadata_columns", [])],
         "prediction_sets": {
             name: {"accuracy": accuracy(entry), "score_kind": entry["score_kind"], "source": entry["source"]}
-            for name, entry in manifest.get("prediction_sets", {}).items()},
+            for name, entry in manifest.get("prediction_sets", {}).items()
+        },
         "model": with_model,
         "embeddings": f"imported, {embeddings['dim']} dimensions" if embeddings else None,
         "curation": curation,
@@ -150,16 +155,22 @@ def _sqlite_counts(path: Path) -> dict[str, int] | None:
     zero = {"tags": 0, "tag_assignments": 0, "collections": 0, "review_decisions": 0}
     if not path.exists():
         return zero  # the store creates an empty database on first use: nothing curated yet
-    tables = {"tags": "tags", "tag_assignments": "sample_tags", "collections": "collections",
-              "review_decisions": "review_decisions"}
+    tables = {
+        "tags": "tags",
+        "tag_assignments": "sample_tags",
+        "collections": "collections",
+        "review_decisions": "review_decisions",
+    }
     try:
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
             row = connection.execute("SELECT value FROM schema_info WHERE key = 'schema_version'").fetchone()
             if row is None or not str(row[0]).isdigit() or int(row[0]) not in QUICK_SCHEMA_VERSIONS:
                 return None
-            return {key: int(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-                    for key, table in tables.items()}
+            return {
+                key: int(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                for key, table in tables.items()
+            }
         finally:
             connection.close()
     except sqlite3.Error:
@@ -185,11 +196,12 @@ def _integers(column: Any) -> Any:
 def _value_counts(counts: Any) -> dict[str, int]:
     """``{str(value): count}`` of a pyarrow ``value_counts`` result, most frequent first (ties: first seen) and
     without nulls — the order of pandas' ``Series.value_counts()``."""
-    pairs = [(value, int(count)) for value, count in zip(counts.field("values").to_pylist(),
-                                                          counts.field("counts").to_pylist(), strict=True)
-             if value is not None]
+    pairs = [
+        (value, int(count))
+        for value, count in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
+        if value is not None
+    ]
     return {str(value): count for value, count in sorted(pairs, key=lambda pair: -pair[1])}
-
 
 
 def analysis_overview(workspace: Workspace) -> dict:
@@ -228,8 +240,13 @@ def per_class_recall(counts: pd.DataFrame) -> pd.DataFrame:
     support = counts.sum(axis=1)
     import pandas as pd
 
-    return pd.DataFrame({"class": counts.index, "support": support.to_numpy(),
-                         "recall": np.diag(counts.to_numpy()) / np.maximum(support.to_numpy(), 1)})
+    return pd.DataFrame(
+        {
+            "class": counts.index,
+            "support": support.to_numpy(),
+            "recall": np.diag(counts.to_numpy()) / np.maximum(support.to_numpy(), 1),
+        }
+    )
 
 
 def table_accuracy(table: pd.DataFrame, prediction_set: str) -> float:

@@ -35,8 +35,9 @@ def load_sample_cnn(n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.from_numpy(x)[:, None], y
 
 
-def robust_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, eps: float,
-              norm: str) -> np.ndarray:
+def robust_of(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, eps: float, norm: str
+) -> np.ndarray:
     """Per-sample robustness of ``adv``, ``(n,)`` bool: clean-correct and (``adv`` not a valid image within ``eps``
     of ``x`` in ``norm`` ("linf" or "l2"), or still correct)."""
     with torch.no_grad():

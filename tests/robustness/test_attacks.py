@@ -22,17 +22,31 @@ from robustlens.analysis.robustness import (
     square_attack,
 )
 
-FAST = {"pgd_linf": {"steps": 10}, "pgd_l2": {"steps": 10}, "square_linf": {"max_iter": 200},
-        "cw_l2": {"binary_search_steps": 4, "max_iter": 50, "initial_const": 0.1, "learning_rate": 0.05},
-        "deepfool": {}, "fgsm": {}}
+FAST = {
+    "pgd_linf": {"steps": 10},
+    "pgd_l2": {"steps": 10},
+    "square_linf": {"max_iter": 200},
+    "cw_l2": {"binary_search_steps": 4, "max_iter": 50, "initial_const": 0.1, "learning_rate": 0.05},
+    "deepfool": {},
+    "fgsm": {},
+}
 # The AutoAttack entries (autoattack.py) at light settings: the tiny task has 4 classes, so 3 target classes.
 for _norm in ("", "_l2"):
-    FAST.update({f"apgd_ce{_norm}": {"n_iter": 20}, f"apgd_dlr{_norm}": {"n_iter": 20},
-                 f"apgd_t{_norm}": {"n_iter": 20, "n_target_classes": 3},
-                 f"fab_t{_norm}": {"n_iter": 20, "n_target_classes": 3}})
-FAST.update({"square_l2": {"n_queries": 200},
-             "autoattack_linf": {"n_iter": 20, "n_target_classes": 3, "square_queries": 200},
-             "autoattack_l2": {"n_iter": 20, "n_target_classes": 3, "square_queries": 200}})
+    FAST.update(
+        {
+            f"apgd_ce{_norm}": {"n_iter": 20},
+            f"apgd_dlr{_norm}": {"n_iter": 20},
+            f"apgd_t{_norm}": {"n_iter": 20, "n_target_classes": 3},
+            f"fab_t{_norm}": {"n_iter": 20, "n_target_classes": 3},
+        }
+    )
+FAST.update(
+    {
+        "square_l2": {"n_queries": 200},
+        "autoattack_linf": {"n_iter": 20, "n_target_classes": 3, "square_queries": 200},
+        "autoattack_l2": {"n_iter": 20, "n_target_classes": 3, "square_queries": 200},
+    }
+)
 EPS = {"linf": 0.1, "l2": 0.6}
 
 
@@ -112,8 +126,9 @@ def test_minimal_attack_with_budget_discards_larger_perturbations(data):
 def test_robust_accuracy_curve_worst_case(data):
     model, x, y = data
     eps_list = [0.0, 0.03, 0.06, 0.1]
-    curve = robust_accuracy_curve(model, x, y, ["fgsm", ("pgd_linf", {"steps": 10}), ("square_linf",
-                                                                                      {"max_iter": 100})], eps_list)
+    curve = robust_accuracy_curve(
+        model, x, y, ["fgsm", ("pgd_linf", {"steps": 10}), ("square_linf", {"max_iter": 100})], eps_list
+    )
     assert curve.norm == "linf"
     assert curve.robust_accuracy[0] == pytest.approx(curve.clean_accuracy)
     assert np.all(np.diff(curve.robust_accuracy) <= 1e-12)
@@ -123,15 +138,16 @@ def test_robust_accuracy_curve_worst_case(data):
     # robust at eps == clean-correct and survives all attacks; breaking eps is the first non-robust budget
     for i in range(x.shape[0]):
         col = curve.robust[:, i]
-        expected = np.nan if col.all() else curve.eps[np.argmin(col)]      # NaN: never broken (one convention)
+        expected = np.nan if col.all() else curve.eps[np.argmin(col)]  # NaN: never broken (one convention)
         np.testing.assert_equal(curve.breaking_eps[i], expected)
     assert np.isnan(curve.min_norm).all()  # no minimal-norm attack was run
 
 
 def test_robust_accuracy_curve_l2_with_minimal_attacks(data):
     model, x, y = data
-    curve = robust_accuracy_curve(model, x, y, ["deepfool", ("cw_l2", FAST["cw_l2"]),
-                                                ("pgd_l2", {"steps": 10})], [0.25, 0.5, 1.0])
+    curve = robust_accuracy_curve(
+        model, x, y, ["deepfool", ("cw_l2", FAST["cw_l2"]), ("pgd_l2", {"steps": 10})], [0.25, 0.5, 1.0]
+    )
     assert curve.norm == "l2"
     assert np.all(np.diff(curve.robust_accuracy) <= 1e-12)
     found = ~np.isnan(curve.min_norm)
@@ -183,7 +199,7 @@ def test_attacks_run_in_eval_mode_and_restore_modes(data):
     net.train()
     a = fgsm(net, x, y, 0.05)
     b = fgsm(net, x, y, 0.05)
-    assert torch.equal(a, b)               # dropout off during the attack
+    assert torch.equal(a, b)  # dropout off during the attack
     assert net.training and net.drop.training  # previous mode restored
     assert torch.equal(a, fgsm(model, x, y, 0.05))
 
@@ -208,8 +224,8 @@ def test_curve_from_breaks_on_planted_breaks():
     never broken), Wilson intervals and the per-attack rows where each attack ran, all against planted breaks."""
     eps = np.array([0.1, 0.2, 0.4])
     correct = np.array([True, True, True, True, False])
-    a = np.array([[0, 0, 0, 0, 1], [1, 0, 0, 0, 1], [1, 1, 0, 0, 1]], dtype=bool)     # closed upwards
-    b = np.array([[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0]], dtype=bool)     # ran only at 0.4
+    a = np.array([[0, 0, 0, 0, 1], [1, 0, 0, 0, 1], [1, 1, 0, 0, 1]], dtype=bool)  # closed upwards
+    b = np.array([[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0]], dtype=bool)  # ran only at 0.4
     curve = curve_from_breaks({"a": a, "b": b}, eps, correct, norm="linf", min_norm=np.full(5, np.nan))
     np.testing.assert_array_equal(curve.breaking_eps, [0.2, 0.4, 0.4, np.nan, 0.0])
     assert curve.broken_counts["a"].tolist() == [0, 1, 2] and curve.broken_counts["worst_case"].tolist() == [0, 1, 3]
@@ -221,8 +237,15 @@ def test_curve_from_breaks_on_planted_breaks():
     for e, k in enumerate([4, 3, 1]):
         assert (rate["ci_low"][e], rate["ci_high"][e]) == pytest.approx(hand_wilson(k, 5))
     rows = curve.records(ran={"a": np.ones(3, bool), "b": np.array([False, False, True])})
-    assert [(r["attack"], r["eps"]) for r in rows] == [("a", 0.1), ("a", 0.2), ("a", 0.4), ("b", 0.4),
-                                                       ("worst_case", 0.1), ("worst_case", 0.2), ("worst_case", 0.4)]
+    assert [(r["attack"], r["eps"]) for r in rows] == [
+        ("a", 0.1),
+        ("a", 0.2),
+        ("a", 0.4),
+        ("b", 0.4),
+        ("worst_case", 0.1),
+        ("worst_case", 0.2),
+        ("worst_case", 0.4),
+    ]
     assert rows[3]["robust_accuracy"] == pytest.approx(3 / 5) and rows[3]["n_samples"] == 5
     np.testing.assert_array_equal(breaking_budget(a | b, eps, correct), curve.breaking_eps)
     with pytest.raises(RobustnessInputError, match="shape"):
@@ -235,7 +258,8 @@ def test_robust_accuracy_curve_is_curve_from_breaks_of_its_runs(data):
     eps_list = [0.03, 0.1]
     curve = robust_accuracy_curve(model, x, y, ["fgsm"], eps_list)
     runs = [run_attack(model, x, y, "fgsm", e) for e in eps_list]
-    again = curve_from_breaks({"fgsm": np.stack([r.success for r in runs])}, eps_list, runs[0].clean_correct,
-                              norm="linf")
+    again = curve_from_breaks(
+        {"fgsm": np.stack([r.success for r in runs])}, eps_list, runs[0].clean_correct, norm="linf"
+    )
     np.testing.assert_array_equal(curve.breaking_eps, again.breaking_eps)
     pd_testing.assert_frame_equal(curve.per_attack_accuracy, again.per_attack_accuracy)

@@ -20,12 +20,23 @@ TOL = 1e-5
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, *,
-                         n_iter: int = 100, n_targets: int = 9, queries: int = 5000, seed: int = 0) -> torch.Tensor:
+def reference_autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str,
+    *,
+    n_iter: int = 100,
+    n_targets: int = 9,
+    queries: int = 5000,
+    seed: int = 0,
+) -> torch.Tensor:
     """pyautoattack's standard version with the given iterations / targets / queries; returns adv images."""
     pyautoattack = pytest.importorskip("pyautoattack", reason="pyautoattack (fra31/auto-attack) not installed")
-    ref = pyautoattack.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
-                                  seed=seed, device="cpu")
+    ref = pyautoattack.AutoAttack(
+        model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", seed=seed, device="cpu"
+    )
     ref.verbose = False
     for attack in (ref.apgd, ref.apgd_targeted):
         attack.n_iter = attack.n_iter_orig = n_iter
@@ -38,7 +49,7 @@ def reference_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     ref.square.n_queries = queries
     with torch.random.fork_rng(devices=[]):
         out = ref.run_standard_evaluation(x, y, batch_size=len(x))
-    return out[0] if isinstance(out, tuple) else out     # pyautoattack 0.2 returns (adv, adv_labels)
+    return out[0] if isinstance(out, tuple) else out  # pyautoattack 0.2 returns (adv, adv_labels)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +117,7 @@ def test_checkpoints_follow_reference_schedule(n_iter):
 
     ref = APGDAttack(nn.Identity(), eps=0.1, n_iter=n_iter)
     points, k, counter = [0], ref.n_iter_2, 0
-    for i in range(n_iter):   # the reference's own counter logic (attack_single_run)
+    for i in range(n_iter):  # the reference's own counter logic (attack_single_run)
         counter += 1
         if counter == k:
             points.append(i + 1)
@@ -127,7 +138,7 @@ def test_hyperplane_projection_minimal_and_feasible(norm):
     n, d = 200, 50
     t = torch.rand(n, d, generator=g)
     w = torch.randn(n, d, generator=g) * (torch.rand(n, d, generator=g) > 0.2)
-    b = (w * torch.rand(n, d, generator=g)).sum(1) * 1.5          # some out of reach inside the box
+    b = (w * torch.rand(n, d, generator=g)).sum(1) * 1.5  # some out of reach inside the box
     ours = aa._hyperplane_projection(t, w, b, norm).double()
     ref = (projection_linf if norm == "linf" else projection_l2)(t.clone(), w.clone(), b.clone()).double()
     # inside the box
@@ -163,8 +174,9 @@ def test_every_attack_stays_within_eps_and_box(tiny_task, norm, eps):
         "apgd-t": aa.apgd(model, x, y, eps, norm=norm, loss="dlr-targeted", n_iter=20, n_target_classes=3),
         "fab-t": aa.fab_targeted(model, x, y, eps, norm=norm, n_iter=20, n_target_classes=3, n_restarts=2),
         "square": aa.square(model, x, y, eps, norm=norm, n_queries=150),
-        "autoattack": aa.auto_attack(model, x, y, eps, norm=norm, n_iter=20, n_target_classes=3,
-                                     square_queries=150).adv,
+        "autoattack": aa.auto_attack(
+            model, x, y, eps, norm=norm, n_iter=20, n_target_classes=3, square_queries=150
+        ).adv,
     }
     broke_any = False
     for name, adv in runs.items():
@@ -197,7 +209,7 @@ def test_seeded_and_input_untouched(tiny_task):
 def test_result_fields_consistent(tiny_task):
     model = tiny_task.model
     x, y = tiny_task.x_test[:20], tiny_task.y_test[:20].clone()
-    y[:2] = (y[:2] + 1) % 4            # two clean errors
+    y[:2] = (y[:2] + 1) % 4  # two clean errors
     res = aa.auto_attack(model, x, y, 0.07, n_iter=15, n_target_classes=3, square_queries=60)
     assert list(res.robust_after) == list(aa.STANDARD_ATTACKS)
     assert not res.clean_correct[:2].any() and set(res.broken_by[:2]) == {"clean"}
@@ -205,7 +217,7 @@ def test_result_fields_consistent(tiny_task):
     assert np.array_equal(res.robust, robust_of(model, x, y, res.adv, 0.07, "linf"))
     masks = list(res.robust_after.values())
     for before, after in zip([res.clean_correct] + masks[:-1], masks, strict=True):
-        assert bool((after <= before).all())           # cumulative
+        assert bool((after <= before).all())  # cumulative
     assert np.array_equal(masks[-1], res.robust)
     for name, mask in res.robust_after.items():
         prev = [res.clean_correct] + masks
@@ -239,12 +251,12 @@ def test_registry_entries(tiny_task):
     x, y = tiny_task.x_test[:12], tiny_task.y_test[:12]
     for name in ("apgd_ce", "apgd_t", "fab_t", "square_l2", "autoattack_linf", "autoattack_l2"):
         assert name in ATTACKS
-    for name in ("fgsm", "pgd_linf", "pgd_l2", "deepfool", "cw_l2", "square_linf"):   # kept
+    for name in ("fgsm", "pgd_linf", "pgd_l2", "deepfool", "cw_l2", "square_linf"):  # kept
         assert name in ATTACKS
-    res = run_attack(tiny_task.model, x, y, "autoattack_linf", 0.06, n_iter=15, n_target_classes=3,
-                     square_queries=50)
-    direct = aa.auto_attack(tiny_task.model, x, y, 0.06, n_iter=15, n_target_classes=3, square_queries=50,
-                            seed=torch.Generator())  # any seed: the robust set must agree within a sample
+    res = run_attack(tiny_task.model, x, y, "autoattack_linf", 0.06, n_iter=15, n_target_classes=3, square_queries=50)
+    direct = aa.auto_attack(
+        tiny_task.model, x, y, 0.06, n_iter=15, n_target_classes=3, square_queries=50, seed=torch.Generator()
+    )  # any seed: the robust set must agree within a sample
     assert abs(res.robust_accuracy - direct.robust_accuracy) <= 1 / 12 + 1e-9
     assert res.within_budget.all()
     res_l2 = run_attack(tiny_task.model, x, y, "square_l2", 0.5, n_queries=50)
@@ -305,8 +317,9 @@ def test_tiny_not_weaker_than_torchattacks_full_settings(tiny_task, norm, eps):
     torchattacks = _torchattacks_or_skip()
     model, x, y = tiny_task.model, tiny_task.x_test[:24], tiny_task.y_test[:24]
     with torch.random.fork_rng(devices=[]):
-        ta = torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
-                                     n_classes=4, seed=0)
+        ta = torchattacks.AutoAttack(
+            model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", n_classes=4, seed=0
+        )
         ta._autoattack.attacks[-1].n_queries = 1000
         ta_adv = ta(x, y)
     ta_robust = robust_of(model, x, y, ta_adv, eps, norm)
@@ -325,8 +338,9 @@ def test_sample_cnn_not_weaker_than_torchattacks(sample_cnn, norm, eps):
     torchattacks = _torchattacks_or_skip()
     model, x, y = sample_cnn
     with torch.random.fork_rng(devices=[]):
-        ta = torchattacks.AutoAttack(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
-                                     n_classes=10, seed=0)
+        ta = torchattacks.AutoAttack(
+            model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard", n_classes=10, seed=0
+        )
         square_attack = ta._autoattack.attacks[-1]
         assert type(square_attack).__name__ == "Square" and square_attack.n_queries == 5000
         square_attack.n_queries = 300

@@ -42,9 +42,21 @@ def gray():
 
 def test_registry_has_the_fourteen_corruptions():
     assert set(CORRUPTIONS) == {
-        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "motion_blur", "zoom_blur",
-        "gaussian_blur", "brightness", "contrast", "saturate", "fog", "pixelate", "jpeg_compression",
-        "elastic_transform"}
+        "gaussian_noise",
+        "shot_noise",
+        "impulse_noise",
+        "defocus_blur",
+        "motion_blur",
+        "zoom_blur",
+        "gaussian_blur",
+        "brightness",
+        "contrast",
+        "saturate",
+        "fog",
+        "pixelate",
+        "jpeg_compression",
+        "elastic_transform",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
@@ -64,14 +76,16 @@ def test_shape_range_determinism(name, channels, rgb, gray):
 
 
 # saturate on grayscale is the identity (tested below), so that one pair is left out.
-@pytest.mark.parametrize("name,channels", [(n, c) for n in sorted(CORRUPTIONS) for c in (1, 3)
-                                           if not (n == "saturate" and c == 1)])
+@pytest.mark.parametrize(
+    "name,channels", [(n, c) for n in sorted(CORRUPTIONS) for c in (1, 3) if not (n == "saturate" and c == 1)]
+)
 def test_severity_monotone_on_average(name, channels, rgb, gray):
     x = rgb if channels == 3 else gray
     dev = [float((corrupt(x, name, s, torch.Generator().manual_seed(0)) - x).abs().mean()) for s in range(1, 6)]
     assert dev[0] > 0
-    assert all(a < b for a, b in zip(dev, dev[1:], strict=False)), \
+    assert all(a < b for a, b in zip(dev, dev[1:], strict=False)), (
         f"{name}: mean |corrupted - clean| per severity {dev}"
+    )
 
 
 def test_saturate_grayscale_is_identity(gray):
@@ -113,7 +127,13 @@ def test_corruption_benchmark(tiny_task):
     again = corruption_benchmark(model, x, y, names=names, severities=[1, 3, 5], batch_size=20, random_state=0)
     assert np.array_equal(res.predictions, again.predictions)
     assert res.table.shape[0] == 9 and list(res.table.columns) == [
-        "corruption", "severity", "accuracy", "error", "relative_error", "flip_rate"]
+        "corruption",
+        "severity",
+        "accuracy",
+        "error",
+        "relative_error",
+        "flip_rate",
+    ]
     with torch.no_grad():
         clean_pred = model(x).argmax(1).numpy()
     assert res.clean_accuracy == pytest.approx(np.mean(clean_pred == y.numpy()))
@@ -121,9 +141,10 @@ def test_corruption_benchmark(tiny_task):
     np.testing.assert_allclose(res.table["accuracy"] + res.table["error"], 1.0)
     # recompute one cell by hand: the noise of batch i is seeded by (random_state, name, severity, i)
     from robustlens.analysis.robustness._common import make_generator
+
     preds = []
     for bi, start in enumerate(range(0, 48, 20)):
-        cx = CORRUPTIONS["gaussian_noise"](x[start:start + 20], 3, make_generator(0, "gaussian_noise", 3, bi))
+        cx = CORRUPTIONS["gaussian_noise"](x[start : start + 20], 3, make_generator(0, "gaussian_noise", 3, bi))
         with torch.no_grad():
             preds.append(model(cx).argmax(1).numpy())
     preds = np.concatenate(preds)
@@ -193,7 +214,7 @@ def test_blurs_equal_padded_convolution(shape):
         expected = conv_reference(x, torch.outer(k, k), "replicate").clamp(0, 1)
         torch.testing.assert_close(C.gaussian_blur(x, s, g), expected, atol=1e-12, rtol=0)
         torch.testing.assert_close(C.gaussian_blur(x.float(), s, g), expected.float(), atol=1e-6, rtol=0)
-    for sigma in (0.3, 1.5, 4.0):                                 # elastic's smoothing (reflect, 3σ)
+    for sigma in (0.3, 1.5, 4.0):  # elastic's smoothing (reflect, 3σ)
         k = C._gaussian_1d(sigma, max(math.ceil(3 * sigma), 1))
         expected = conv_reference(x, torch.outer(k, k), "reflect")
         torch.testing.assert_close(C._gaussian_blur(x, sigma, 3.0, "reflect"), expected, atol=1e-12, rtol=0)
@@ -306,8 +327,9 @@ def test_elastic_equals_float64_convolution_version(shape):
     x = torch.rand(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for s in SEVERITIES:
         expected = elastic_reference(x, s, torch.Generator().manual_seed(s))
-        torch.testing.assert_close(C.elastic_transform(x, s, torch.Generator().manual_seed(s)), expected,
-                                   atol=1e-10, rtol=0)
+        torch.testing.assert_close(
+            C.elastic_transform(x, s, torch.Generator().manual_seed(s)), expected, atol=1e-10, rtol=0
+        )
         got32 = C.elastic_transform(x.float(), s, torch.Generator().manual_seed(s))
         torch.testing.assert_close(got32, expected.float(), atol=5e-5, rtol=0)
 
@@ -339,8 +361,8 @@ def test_bernoulli_positions_are_independent_bernoulli():
         assert bool((pos[1:] > pos[:-1]).all()) and (pos.numel() == 0 or (int(pos.min()) >= 0 and int(pos.max()) < n))
         hits[r, pos] = 1
     tol = 5 * math.sqrt(p * (1 - p) / reps)
-    assert float((hits.mean(0) - p).abs().max()) < tol                           # each position ~ p
-    pairs = (hits[:, :-1] * hits[:, 1:]).mean(0)                                  # neighbours independent
+    assert float((hits.mean(0) - p).abs().max()) < tol  # each position ~ p
+    pairs = (hits[:, :-1] * hits[:, 1:]).mean(0)  # neighbours independent
     assert float((pairs - p * p).abs().max()) < 5 * math.sqrt(p * p / reps)
     assert float((hits[:, 0] * hits[:, -1]).mean() - p * p) < 5 * math.sqrt(p * p / reps)
 
@@ -366,7 +388,7 @@ def reference_images(channels: int, size: int) -> torch.Tensor:
     return torch.cat([smooth, noise]).double()
 
 
-IMAGE_KINDS = [(3, 32), (1, 28)]    # (channels, side): CIFAR-like RGB and MNIST-like grayscale
+IMAGE_KINDS = [(3, 32), (1, 28)]  # (channels, side): CIFAR-like RGB and MNIST-like grayscale
 
 
 def per_plane(fn, x: torch.Tensor) -> torch.Tensor:
@@ -381,13 +403,17 @@ def test_gaussian_blur_equals_scipy_and_opencv(channels, size):
     x = reference_images(channels, size)
     for s in SEVERITIES:
         sigma = C.GAUSSIAN_BLUR_SIGMA[s - 1]
-        r = math.ceil(4 * sigma)          # "truncated at 4σ": radius ⌈4σ⌉; "edge pixels repeated" = nearest
+        r = math.ceil(4 * sigma)  # "truncated at 4σ": radius ⌈4σ⌉; "edge pixels repeated" = nearest
         ours = C.gaussian_blur(x, s, None)
         ref = torch.from_numpy(gaussian_filter(x.numpy(), (0, 0, sigma, sigma), mode="nearest", radius=r))
         # float64 on both sides, only the summation order differs
         torch.testing.assert_close(ours, ref.clamp(0, 1), atol=1e-12, rtol=0)
-        ref_cv = per_plane(lambda p, r=r, sigma=sigma: cv2.GaussianBlur(
-            p, (2 * r + 1, 2 * r + 1), sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE), x)
+        ref_cv = per_plane(
+            lambda p, r=r, sigma=sigma: cv2.GaussianBlur(
+                p, (2 * r + 1, 2 * r + 1), sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE
+            ),
+            x,
+        )
         torch.testing.assert_close(ours, ref_cv.clamp(0, 1), atol=1e-12, rtol=0)
         # float32 images: float32 rounding of ~20 products per pixel
         torch.testing.assert_close(C.gaussian_blur(x.float(), s, None), ref.float().clamp(0, 1), atol=1e-6, rtol=0)
@@ -403,7 +429,7 @@ def cifar_c_disk(radius: float, alias_blur: float = 0.1, dtype=np.float32) -> np
     else:
         grid, ksize = np.arange(-radius, radius + 1), (5, 5)
     xx, yy = np.meshgrid(grid, grid)
-    aliased_disk = np.array((xx ** 2 + yy ** 2) <= radius ** 2, dtype=dtype)
+    aliased_disk = np.array((xx**2 + yy**2) <= radius**2, dtype=dtype)
     aliased_disk /= np.sum(aliased_disk)
     return cv2.GaussianBlur(aliased_disk, ksize=ksize, sigmaX=alias_blur)
 
@@ -432,21 +458,28 @@ def test_motion_blur_equals_opencv_filter2d_with_one_sided_gaussian_line_kernels
     for s in SEVERITIES:
         radius, sigma = C.MOTION_PARAMS[s - 1]
         kernels = C._motion_kernels(b, radius, sigma, torch.Generator().manual_seed(s)).numpy()
-        ref = torch.from_numpy(np.stack([[cv2.filter2D(p, -1, kernels[i], borderType=cv2.BORDER_REPLICATE)
-                                          for p in img] for i, img in enumerate(x.numpy())]))
+        ref = torch.from_numpy(
+            np.stack(
+                [
+                    [cv2.filter2D(p, -1, kernels[i], borderType=cv2.BORDER_REPLICATE) for p in img]
+                    for i, img in enumerate(x.numpy())
+                ]
+            )
+        )
         # float64 both sides (OpenCV may take its DFT path for the larger kernels: ~1e-15 rounding)
-        torch.testing.assert_close(C.motion_blur(x, s, torch.Generator().manual_seed(s)), ref.clamp(0, 1),
-                                   atol=1e-10, rtol=0)
+        torch.testing.assert_close(
+            C.motion_blur(x, s, torch.Generator().manual_seed(s)), ref.clamp(0, 1), atol=1e-10, rtol=0
+        )
         # the kernels: ImageMagick-style one-sided Gaussian line, angle U(-45°, 45°) from the first draw,
         # cut at min(radius, ⌈3σ⌉). Bilinear splatting keeps the total weight and the centroid exactly,
         # so the centroid must be (Σ w_d d / Σ w_d) · (cos θ, -sin θ) (rows grow downwards).
         angles = torch.rand(b, generator=torch.Generator().manual_seed(s), dtype=torch.float64).numpy() * 90 - 45
         reach = min(radius, math.ceil(3 * sigma))
         d = np.arange(reach + 1)
-        wts = np.exp(-d ** 2 / (2 * sigma ** 2))
+        wts = np.exp(-(d**2) / (2 * sigma**2))
         arm = (wts * d).sum() / wts.sum()
         assert kernels.shape == (b, 2 * reach + 1, 2 * reach + 1)
-        rows, cols = np.mgrid[:2 * reach + 1, :2 * reach + 1] - reach
+        rows, cols = np.mgrid[: 2 * reach + 1, : 2 * reach + 1] - reach
         for kern, theta in zip(kernels, np.deg2rad(angles), strict=True):
             assert kern.min() >= 0 and kern.sum() == pytest.approx(1.0, abs=1e-12)
             assert (kern * cols).sum() == pytest.approx(arm * math.cos(theta), abs=1e-12)
@@ -466,11 +499,12 @@ def test_zoom_blur_equals_scipy_affine_transform_centre_zooms(channels, size):
     a, c = x.numpy(), (size - 1) / 2
     for s in SEVERITIES:
         zooms = np.arange(1.0, C.ZOOM_MAX[s - 1] + 1e-9, 0.01)
-        assert len(zooms) == round((C.ZOOM_MAX[s - 1] - 1) / 0.01) + 1          # 1.00 .. ZOOM_MAX
-        acc = a.copy()                       # CIFAR-10-C's (x + Σ_z zoom_z(x)) / (len(zooms) + 1)
+        assert len(zooms) == round((C.ZOOM_MAX[s - 1] - 1) / 0.01) + 1  # 1.00 .. ZOOM_MAX
+        acc = a.copy()  # CIFAR-10-C's (x + Σ_z zoom_z(x)) / (len(zooms) + 1)
         for z in zooms:
-            acc += affine_transform(a, np.diag([1, 1, 1 / z, 1 / z]), offset=[0, 0, c - c / z, c - c / z],
-                                    order=1, mode="nearest")
+            acc += affine_transform(
+                a, np.diag([1, 1, 1 / z, 1 / z]), offset=[0, 0, c - c / z, c - c / z], order=1, mode="nearest"
+            )
         ref = torch.from_numpy(acc / (len(zooms) + 1)).clamp(0, 1)
         torch.testing.assert_close(C.zoom_blur(x, s, None), ref, atol=1e-10, rtol=0)
         # float32: the sampling grid itself is float32 (coordinate error ~1e-6 px)
@@ -488,14 +522,14 @@ def test_elastic_transform_equals_scipy_pipeline_on_the_same_draws(channels, siz
     for s in SEVERITIES:
         rms_f, sigma_f, affine_f = C.ELASTIC_PARAMS[s - 1]
         rms, sigma, jitter = rms_f * size, max(sigma_f * size, 0.5), affine_f * size
-        g = torch.Generator().manual_seed(s)                       # the same draws, in the same order
+        g = torch.Generator().manual_seed(s)  # the same draws, in the same order
         u_affine = torch.rand((b, 3, 2), generator=g, dtype=torch.float64).numpy()
         u_field = torch.rand((b, 2, h, w), generator=g, dtype=torch.float32).numpy().astype(np.float64)
         # displacement: uniform noise, Gaussian-smoothed (3σ cut, reflect-101 = scipy "mirror"), zero
         # mean per component, scaled to the RMS (per image, over both components)
         field = gaussian_filter(u_field * 2 - 1, (0, 0, sigma, sigma), mode="mirror", radius=math.ceil(3 * sigma))
         field -= field.mean(axis=(2, 3), keepdims=True)
-        field *= (rms / math.sqrt(2)) / np.sqrt((field ** 2).mean(axis=(1, 2, 3), keepdims=True))
+        field *= (rms / math.sqrt(2)) / np.sqrt((field**2).mean(axis=(1, 2, 3), keepdims=True))
         cy, cx, sq = h / 2, w / 2, max(size // 3, 1)
         pts = np.array([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy + sq]])
         expected = np.empty_like(a)
@@ -504,12 +538,13 @@ def test_elastic_transform_equals_scipy_pipeline_on_the_same_draws(channels, siz
             # the affine map taking the jittered control points back to the originals, as
             # cv2.getAffineTransform (float32-only, so checked to 1e-4) and in float64 by a 3×3 solve
             m = np.linalg.solve(np.c_[moved, np.ones(3)], pts).T
-            np.testing.assert_allclose(cv2.getAffineTransform(moved.astype(np.float32), pts.astype(np.float32)),
-                                       m, atol=1e-4)
+            np.testing.assert_allclose(
+                cv2.getAffineTransform(moved.astype(np.float32), pts.astype(np.float32)), m, atol=1e-4
+            )
             qx, qy = xx + field[i, 0], yy + field[i, 1]
             src_x = m[0, 0] * qx + m[0, 1] * qy + m[0, 2]
             src_y = m[1, 0] * qx + m[1, 1] * qy + m[1, 2]
-            for ch in range(channels):     # bilinear, reflected about the edge pixel centres
+            for ch in range(channels):  # bilinear, reflected about the edge pixel centres
                 expected[i, ch] = map_coordinates(a[i, ch], [src_y, src_x], order=1, mode="mirror")
         got = C.elastic_transform(x, s, torch.Generator().manual_seed(s))
         torch.testing.assert_close(got, torch.from_numpy(expected).clamp(0, 1), atol=1e-10, rtol=0)
@@ -517,7 +552,7 @@ def test_elastic_transform_equals_scipy_pipeline_on_the_same_draws(channels, siz
 
 def cifar_c_plasma_fractal(mapsize: int = 256, wibbledecay: float = 3, uniform=np.random.uniform) -> np.ndarray:
     """``plasma_fractal`` of CIFAR-10-C / imagecorruptions (their code, the random source made a parameter)."""
-    assert (mapsize & (mapsize - 1) == 0)
+    assert mapsize & (mapsize - 1) == 0
     maparray = np.empty((mapsize, mapsize), dtype=np.float32)
     maparray[0, 0] = 0
     stepsize = mapsize
@@ -530,15 +565,15 @@ def cifar_c_plasma_fractal(mapsize: int = 256, wibbledecay: float = 3, uniform=n
         cornerref = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
         squareaccum = cornerref + np.roll(cornerref, shift=-1, axis=0)
         squareaccum += np.roll(squareaccum, shift=-1, axis=1)
-        maparray[stepsize // 2:mapsize:stepsize, stepsize // 2:mapsize:stepsize] = wibbledmean(squareaccum)
+        maparray[stepsize // 2 : mapsize : stepsize, stepsize // 2 : mapsize : stepsize] = wibbledmean(squareaccum)
 
     def filldiamonds():
-        drgrid = maparray[stepsize // 2:mapsize:stepsize, stepsize // 2:mapsize:stepsize]
+        drgrid = maparray[stepsize // 2 : mapsize : stepsize, stepsize // 2 : mapsize : stepsize]
         ulgrid = maparray[0:mapsize:stepsize, 0:mapsize:stepsize]
         ltsum = (drgrid + np.roll(drgrid, 1, axis=0)) + (ulgrid + np.roll(ulgrid, -1, axis=1))
-        maparray[0:mapsize:stepsize, stepsize // 2:mapsize:stepsize] = wibbledmean(ltsum)
+        maparray[0:mapsize:stepsize, stepsize // 2 : mapsize : stepsize] = wibbledmean(ltsum)
         ttsum = (drgrid + np.roll(drgrid, 1, axis=1)) + (ulgrid + np.roll(ulgrid, -1, axis=0))
-        maparray[stepsize // 2:mapsize:stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
+        maparray[stepsize // 2 : mapsize : stepsize, 0:mapsize:stepsize] = wibbledmean(ttsum)
 
     while stepsize >= 2:
         fillsquares()
@@ -564,8 +599,9 @@ def test_cifar_c_plasma_fractal_copy_is_imagecorruptions():
 
 def fractal_stats(maps: np.ndarray) -> np.ndarray:
     """Mean, std, mean |horizontal neighbour difference| and mean |difference 8 px apart| of fractal crops."""
-    return np.array([maps.mean(), maps.std(), np.abs(np.diff(maps, axis=-1)).mean(),
-                     np.abs(maps[..., 8:] - maps[..., :-8]).mean()])
+    return np.array(
+        [maps.mean(), maps.std(), np.abs(np.diff(maps, axis=-1)).mean(), np.abs(maps[..., 8:] - maps[..., :-8]).mean()]
+    )
 
 
 @pytest.mark.parametrize("decay", sorted({d for _, d in C.FOG_PARAMS}))
@@ -586,10 +622,11 @@ def test_fog_equals_cifar_c_formula_on_the_same_fractal(channels, size):
         strength, decay = C.FOG_PARAMS[s - 1]
         frac = plasma_fractal(a.shape[0], torch.Generator().manual_seed(s), C._fog_mapsize(size, size), decay)
         frac = frac.numpy().astype(np.float64)[:, None, :size, :size]
-        max_val = a.max(axis=(1, 2, 3), keepdims=True)            # CIFAR-10-C: x.max() of the one image
+        max_val = a.max(axis=(1, 2, 3), keepdims=True)  # CIFAR-10-C: x.max() of the one image
         ref = np.clip((a + strength * frac) * max_val / (max_val + strength), 0, 1)
-        torch.testing.assert_close(C.fog(x, s, torch.Generator().manual_seed(s)), torch.from_numpy(ref),
-                                   atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            C.fog(x, s, torch.Generator().manual_seed(s)), torch.from_numpy(ref), atol=1e-12, rtol=0
+        )
 
 
 @pytest.mark.parametrize("channels,size", IMAGE_KINDS)
@@ -598,7 +635,7 @@ def test_contrast_equals_cifar_c_formula(channels, size):
     a = x.numpy()
     for s in SEVERITIES:
         c = C.CONTRAST_FACTOR[s - 1]
-        means = a.mean(axis=(2, 3), keepdims=True)         # CIFAR-10-C: np.mean(x, axis=(0, 1)) of H×W×C
+        means = a.mean(axis=(2, 3), keepdims=True)  # CIFAR-10-C: np.mean(x, axis=(0, 1)) of H×W×C
         ref = torch.from_numpy(np.clip((a - means) * c + means, 0, 1))
         torch.testing.assert_close(C.contrast(x, s, None), ref, atol=1e-12, rtol=0)
         torch.testing.assert_close(C.contrast(x.float(), s, None), ref.float(), atol=1e-6, rtol=0)
@@ -635,8 +672,12 @@ def test_jpeg_equals_opencv_codec_round_trip(rgb, gray):
     for x in (rgb, gray):
         arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for s in SEVERITIES:
-            params = [cv2.IMWRITE_JPEG_QUALITY, C.JPEG_QUALITY[s - 1],
-                      cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]   # documented 4:2:0
+            params = [
+                cv2.IMWRITE_JPEG_QUALITY,
+                C.JPEG_QUALITY[s - 1],
+                cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+            ]  # documented 4:2:0
             ref = []
             for img in arr:
                 plane = np.ascontiguousarray(img[..., ::-1] if img.shape[-1] == 3 else img[..., 0])  # cv2: BGR
@@ -660,7 +701,7 @@ def test_gaussian_noise_is_the_drawn_normal_noise_and_has_the_documented_std(rgb
         std = C.GAUSSIAN_NOISE_STD[s - 1]
         z = torch.randn(rgb.shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32)
         assert torch.equal(C.gaussian_noise(rgb, s, torch.Generator().manual_seed(s)), (rgb + std * z).clamp(0, 1))
-    x = torch.full((32, 3, 32, 32), 0.5, dtype=torch.float64)    # mid-gray: clipping needs |z| > 5
+    x = torch.full((32, 3, 32, 32), 0.5, dtype=torch.float64)  # mid-gray: clipping needs |z| > 5
     n = x.numel()
     for s in SEVERITIES:
         std = C.GAUSSIAN_NOISE_STD[s - 1]
@@ -674,25 +715,25 @@ def test_gaussian_noise_is_the_drawn_normal_noise_and_has_the_documented_std(rgb
 def test_shot_noise_matches_clipped_poisson_moments():
     from scipy.stats import poisson
 
-    levels = (0.02, 0.3, 0.9)                                       # 0.9: clipped at 1 at the low photon counts
+    levels = (0.02, 0.3, 0.9)  # 0.9: clipped at 1 at the low photon counts
     x = torch.tensor(levels, dtype=torch.float32).view(1, 3, 1, 1).expand(16, 3, 32, 32).contiguous()
     for s in SEVERITIES:
         photons = C.SHOT_NOISE_PHOTONS[s - 1]
         out = C.shot_noise(x, s, torch.Generator().manual_seed(s)).double().numpy()
-        counts = out[out < 1] * photons                             # below the clip, out = k / photons
+        counts = out[out < 1] * photons  # below the clip, out = k / photons
         assert np.abs(counts - np.round(counts)).max() < 1e-3
         for ch, level in enumerate(levels):
             vals = out[:, ch].ravel()
             lam = level * photons
             k = np.arange(int(lam + 20 * math.sqrt(lam) + 20))
             pmf = poisson.pmf(k, lam)
-            y = np.minimum(k / photons, 1.0)                        # E and Var of min(Poisson(x·s)/s, 1)
+            y = np.minimum(k / photons, 1.0)  # E and Var of min(Poisson(x·s)/s, 1)
             mean = (pmf * y).sum()
             var = (pmf * (y - mean) ** 2).sum()
             m4 = (pmf * (y - mean) ** 4).sum()
             # 5 standard errors of the sample mean and variance (16384 values per level)
             assert abs(vals.mean() - mean) < 5 * math.sqrt(var / vals.size), (s, level)
-            assert abs(vals.var() - var) < 5 * math.sqrt((m4 - var ** 2) / vals.size), (s, level)
+            assert abs(vals.var() - var) < 5 * math.sqrt((m4 - var**2) / vals.size), (s, level)
 
 
 @pytest.mark.parametrize("channels,size", IMAGE_KINDS)
@@ -706,8 +747,12 @@ def test_pixelate_equals_opencv_inter_area_both_ways(channels, size):
     x = reference_images(channels, size)
     for s in SEVERITIES:
         cells = int(size * C.PIXELATE_FACTOR[s - 1])
-        ref = per_plane(lambda p, n=cells: cv2.resize(cv2.resize(p, (n, n), interpolation=cv2.INTER_AREA),
-                                                      (size, size), interpolation=cv2.INTER_AREA), x)
+        ref = per_plane(
+            lambda p, n=cells: cv2.resize(
+                cv2.resize(p, (n, n), interpolation=cv2.INTER_AREA), (size, size), interpolation=cv2.INTER_AREA
+            ),
+            x,
+        )
         # OpenCV computes its area weights in float32
         torch.testing.assert_close(C.pixelate(x, s, None), ref.clamp(0, 1), atol=1e-6, rtol=0)
 
@@ -718,5 +763,10 @@ def test_cuda_matches_cpu_for_a_cpu_generator(rgb):
         cpu = corrupt(rgb, name, 3, torch.Generator().manual_seed(5))
         gpu = corrupt(rgb.cuda(), name, 3, torch.Generator().manual_seed(5))
         assert gpu.device.type == "cuda" and gpu.shape == rgb.shape, name
-        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4 if name != "jpeg_compression" else 0, rtol=0,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            gpu.cpu(),
+            cpu,
+            atol=1e-4 if name != "jpeg_compression" else 0,
+            rtol=0,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )

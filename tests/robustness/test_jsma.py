@@ -51,7 +51,7 @@ def test_pair_search_equals_the_full_saliency_map(increasing):
         n = 40 + trial
         t = torch.randn(6, n, generator=g)
         o = torch.randn(6, n, generator=g)
-        t[:, :5] = 0.0                      # ties, as on constant background pixels
+        t[:, :5] = 0.0  # ties, as on constant background pixels
         domain = torch.rand(6, n, generator=g) > 0.3
         p, q, found = _pair_choice(t, o, domain, increasing)
         for k, (rp, rq, rfound) in enumerate(full_map_choice(t, o, domain, increasing)):
@@ -80,7 +80,7 @@ def test_l0_budget_and_two_features_per_step(sample_cnn):
     for gamma, theta in ((0.05, 1.0), (0.1, -1.0)):
         res = jsma(model, x, y, gamma=gamma, theta=theta, target="second")
         assert (res.l0 <= gamma * n).all()
-        np.testing.assert_array_equal(res.l0, 2 * res.steps)       # exactly two new features each step
+        np.testing.assert_array_equal(res.l0, 2 * res.steps)  # exactly two new features each step
         diff = (res.adv - x).flatten(1)
         assert ((diff >= 0) if theta > 0 else (diff <= 0)).all()
         assert float(res.adv.min()) >= 0 and float(res.adv.max()) <= 1

@@ -19,10 +19,14 @@ from robustlens.analysis.robustness import (
 )
 from robustlens.analysis.robustness.attacks import _ce_grad
 
-PARAMS = {"pgd_linf": {"steps": 20}, "pgd_l2": {"steps": 20}, "square_linf": {"max_iter": 300},
-          "cw_l2": {"binary_search_steps": 4, "max_iter": 50, "initial_const": 0.1, "learning_rate": 0.05},
-          # Untargeted APGD-DLR (not in the standard cascade) finds 30 of 32 planted L2 examples with one restart.
-          "apgd_dlr_l2": {"n_restarts": 2}}
+PARAMS = {
+    "pgd_linf": {"steps": 20},
+    "pgd_l2": {"steps": 20},
+    "square_linf": {"max_iter": 300},
+    "cw_l2": {"binary_search_steps": 4, "max_iter": 50, "initial_const": 0.1, "learning_rate": 0.05},
+    # Untargeted APGD-DLR (not in the standard cascade) finds 30 of 32 planted L2 examples with one restart.
+    "apgd_dlr_l2": {"n_restarts": 2},
+}
 EPS = {"linf": 0.05, "l2": 0.4}
 
 
@@ -37,13 +41,13 @@ def test_active_model_keeps_clean_predictions_and_has_known_adversarials(data):
         active, labels, evaluable = build_active_test_model(model, x, eps, norm=norm)
         assert evaluable.all()
         with torch.no_grad():
-            assert torch.allclose(active(x), model(x), atol=1e-5)        # boost is exactly 0 at the clean points
+            assert torch.allclose(active(x), model(x), atol=1e-5)  # boost is exactly 0 at the clean points
             assert torch.equal(labels, model(x).argmax(1))
             x_star = x + active.deltas
             assert float(x_star.min()) >= 0 and float(x_star.max()) <= 1
             size = active.deltas.flatten(1).abs().amax(1) if norm == "linf" else active.deltas.flatten(1).norm(dim=1)
-            assert (size <= 0.9 * eps + 1e-6).all()                     # strictly inside the ball
-            assert (active(x_star).argmax(1) != labels).all()           # ... and adversarial
+            assert (size <= 0.9 * eps + 1e-6).all()  # strictly inside the ball
+            assert (active(x_star).argmax(1) != labels).all()  # ... and adversarial
             # the original model is mostly NOT fooled there: the adversarial comes from the construction
             assert (model(x_star).argmax(1) == labels).float().mean() > 0.5
 
@@ -89,7 +93,7 @@ def test_broken_attacks_fail(data, broken):
 def test_out_of_budget_attack_gets_no_credit(data):
     model, x, _ = data
 
-    def cheat(m, images, labels, eps):         # uses 3·eps: finds adversarials but outside the ball
+    def cheat(m, images, labels, eps):  # uses 3·eps: finds adversarials but outside the ball
         return pgd(m, images, labels, 3 * eps, steps=10)
 
     res = attack_self_check(model, x, cheat, EPS["linf"], norm="linf")
@@ -158,9 +162,11 @@ def test_combined_report(data):
     assert set(rep.attack_checks) == {"fgsm", "pgd_linf", "square_linf"}
     assert rep.all_attacks_passed and not rep.masking.suspicious
     d = rep.to_dict()
-    assert d["masking"]["flags"] == {"zero_gradients": False, "nondeterministic": False,
-                                     "blackbox_beats_whitebox": False}
-
+    assert d["masking"]["flags"] == {
+        "zero_gradients": False,
+        "nondeterministic": False,
+        "blackbox_beats_whitebox": False,
+    }
 
 
 def test_confident_model_float64_cross_entropy_keeps_pgd_strong(data):
@@ -183,5 +189,5 @@ def test_confident_model_float64_cross_entropy_keeps_pgd_strong(data):
     reference = grad(copy.deepcopy(confident).double(), x.double())
     agree = lambda g: (g.sign() == reference.sign()).flatten(1).float().mean(dim=1)[saturated]  # noqa: E731
     assert agree(_ce_grad(confident, x, y)).min() >= 0.99
-    assert agree(grad(confident, x)).min() < 0.9          # the float32 problem being avoided
+    assert agree(grad(confident, x)).min() < 0.9  # the float32 problem being avoided
     assert attack_self_check(confident, x, "pgd_linf", EPS["linf"], attack_params={"steps": 20}).passed

@@ -82,7 +82,7 @@ def test_certify_constant_model_gets_closed_form_radius():
 
 
 def test_certify_abstains_on_the_decision_boundary():
-    x = torch.full((2, 1, 4, 4), 0.5)        # the threshold classifier is a coin flip under noise
+    x = torch.full((2, 1, 4, 4), 0.5)  # the threshold classifier is a coin flip under noise
     res = certify(MeanThreshold(), x, 0.25, n0=20, n=100, alpha=0.01, batch_size=50)
     assert res.abstain.all() and (res.prediction == -1).all() and (res.radius == 0).all()
     assert (res.p_lower < 0.5).all()

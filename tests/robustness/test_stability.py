@@ -16,6 +16,7 @@ from robustlens.analysis.robustness._common import RobustnessInputError
 
 # -- the published evaluation (ImageNet-P/cifar-p-eval.py), transcribed loop by loop as the reference ------------
 
+
 def reference_flip_prob(predictions, noise, difficulty):
     result = 0.0
     step = 1 if noise else difficulty
@@ -33,6 +34,7 @@ def reference_flip_prob(predictions, noise, difficulty):
 
 def reference_top5(scores, noise, difficulty):
     from scipy.stats import rankdata
+
     k = scores.shape[-1]
     cum = np.cumsum(np.asarray([0] + [1] * 5 + [0] * (k - 1 - 5)))
 
@@ -82,11 +84,11 @@ def test_constant_and_alternating_predictions():
 
 
 def test_top5_distance_known_swaps():
-    base = np.arange(10, 0, -1, dtype=float)          # class 0 ranked first, …, class 9 last
+    base = np.arange(10, 0, -1, dtype=float)  # class 0 ranked first, …, class 9 last
     swap12 = base.copy()
-    swap12[[0, 1]] = swap12[[1, 0]]                     # ranks 1 and 2 exchanged
+    swap12[[0, 1]] = swap12[[1, 0]]  # ranks 1 and 2 exchanged
     out_of_top = base.copy()
-    out_of_top[[0, 9]] = out_of_top[[9, 0]]             # the leader falls to rank 10
+    out_of_top[[0, 9]] = out_of_top[[9, 0]]  # the leader falls to rank 10
     seq = np.stack([base, base, swap12, out_of_top])[None]
     # comparisons (d = 1): base→base 0; base→swap12: |0-1| + |1-0| = 2; swap12→out_of_top: swap12's leaders
     # (1, 0, 2, 3, 4) have ranks (2, 10, 3, 4, 5) there: |0-1| + |1-min(9, 5)| = 5
@@ -104,19 +106,28 @@ def test_bad_inputs_are_named():
 
 # -- sequences against independent resampling -------------------------------------------------------------------
 
+
 def test_geometric_frames_match_opencv():
     rng = np.random.default_rng(0)
     img = rng.random((1, 1, 16, 16)).astype(np.float32)
     x = torch.from_numpy(img)
     h = w = 16
-    for name, make in (("tilt", lambda i: st._tilt(h, w, 0.75 * (i - 15))),
-                       ("rotate", lambda i: st._centered(h, w, st._rotation(i - 15))),
-                       ("scale", lambda i: st._centered(h, w, np.eye(2) * ((i * 2 + 70) / 100)))):
+    for name, make in (
+        ("tilt", lambda i: st._tilt(h, w, 0.75 * (i - 15))),
+        ("rotate", lambda i: st._centered(h, w, st._rotation(i - 15))),
+        ("scale", lambda i: st._centered(h, w, np.eye(2) * ((i * 2 + 70) / 100))),
+    ):
         frames = st.perturbation_sequence(x, name)[0, :, 0].numpy()
         for i in (0, 7, 30):
             dst_to_src = make(i)
-            ref = cv2.warpPerspective(img[0, 0], np.linalg.inv(dst_to_src), (w, h), flags=cv2.INTER_LINEAR,
-                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            ref = cv2.warpPerspective(
+                img[0, 0],
+                np.linalg.inv(dst_to_src),
+                (w, h),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
             # OpenCV's bilinear weights are fixed-point (1/32 steps): compare to that precision
             assert np.abs(frames[i] - ref).max() < 0.04, (name, i)
 
@@ -126,7 +137,7 @@ def test_frames_are_exact_where_the_transform_is_known():
     trans = st.perturbation_sequence(x, "translate")
     assert trans.shape == (3, 16, 2, 12, 12)
     shift = torch.zeros_like(x)
-    shift[..., 3:] = x[..., :-3]                                       # frame 10: 3 px to the right, zero fill
+    shift[..., 3:] = x[..., :-3]  # frame 10: 3 px to the right, zero fill
     torch.testing.assert_close(trans[:, 10], shift, atol=1e-5, rtol=0)
     for name in ("rotate", "scale", "shear", "brightness"):
         torch.testing.assert_close(st.perturbation_sequence(x, name)[:, 15], x, atol=1e-5, rtol=0)
@@ -144,8 +155,8 @@ def test_frames_are_exact_where_the_transform_is_known():
     for name in st.NOISE_PERTURBATIONS:
         frames = st.perturbation_sequence(x, name, random_state=3)
         assert frames.shape[1] == 31
-        torch.testing.assert_close(frames[:, 0], x)                   # frame 0 is the clean image
-        assert not torch.equal(frames[:, 1], frames[:, 2])           # independent draws
+        torch.testing.assert_close(frames[:, 0], x)  # frame 0 is the clean image
+        assert not torch.equal(frames[:, 1], frames[:, 2])  # independent draws
         torch.testing.assert_close(frames, st.perturbation_sequence(x, name, random_state=3))  # seeded
     zoom = st.perturbation_sequence(x, "zoom_blur")
     torch.testing.assert_close(zoom[:, 0], x)
@@ -153,6 +164,7 @@ def test_frames_are_exact_where_the_transform_is_known():
 
 
 # -- end to end ------------------------------------------------------------------------------------------------
+
 
 class Constant(nn.Module):
     def forward(self, x):
@@ -183,8 +195,9 @@ def test_brightness_flips_are_found_per_sample_and_per_class():
     assert fp[0] == pytest.approx(1 / 30) and fp[1] == 0.0
     grouped = res.grouped(res.per_sample["label"], "class")
     assert grouped.set_index("class").loc[0, "fp_brightness"] == pytest.approx(1 / 30)
-    rates = st.perturbation_stability(Brightest(), x, np.array([0, 1]), perturbations=("brightness",),
-                                      baseline={"brightness": 1 / 30}).summary
+    rates = st.perturbation_stability(
+        Brightest(), x, np.array([0, 1]), perturbations=("brightness",), baseline={"brightness": 1 / 30}
+    ).summary
     assert rates["mean_flip_rate"] == pytest.approx(0.5)
 
 

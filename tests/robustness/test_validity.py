@@ -23,9 +23,9 @@ from robustlens.analysis.robustness.validity import (
 )
 from tests.robustness.traps import make_traps, quantize_straight_through
 
-EPS = 0.05          # L∞ budget on the tiny 8×8 task: the plain model keeps ~60 % robust accuracy
+EPS = 0.05  # L∞ budget on the tiny 8×8 task: the plain model keeps ~60 % robust accuracy
 N = 64
-TOLERANCE = 0.05    # "within 5 points"
+TOLERANCE = 0.05  # "within 5 points"
 
 
 # ---------------------------------------------------------------------------- reference attacks
@@ -63,6 +63,7 @@ def deterministic_correct(model, y):
     def correct(images):
         with torch.no_grad():
             return model(images).argmax(1) == y
+
     return correct
 
 
@@ -71,6 +72,7 @@ def majority_correct(model, y, draws=51):
         with torch.no_grad():
             votes = sum((model(images).argmax(1) == y).int() for _ in range(draws))
         return votes * 2 > draws
+
     return correct
 
 
@@ -90,7 +92,7 @@ def reference_robust(name, trap, base, x, y):
         broken |= reference_broken(base, correct, x, y, EPS, kind=kind)
         if name in ("quantization", "quantization_leak"):
             broken |= reference_broken(lambda z: base(quantize_straight_through(z)), correct, x, y, EPS, kind=kind)
-        else:   # plain model, saturated softmax: white-box on the model itself
+        else:  # plain model, saturated softmax: white-box on the model itself
             broken |= reference_broken(trap, correct, x, y, EPS, kind=kind)
     return ~broken
 
@@ -110,8 +112,15 @@ def reports(tiny_task, models):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for name, model in models.items():
-            out[name] = validity_diagnostics(model, tiny_task.x_test[:N], tiny_task.y_test[:N], EPS,
-                                             train_images=tiny_task.x_train, budget="fast", seed=0)
+            out[name] = validity_diagnostics(
+                model,
+                tiny_task.x_test[:N],
+                tiny_task.y_test[:N],
+                EPS,
+                train_images=tiny_task.x_train,
+                budget="fast",
+                seed=0,
+            )
     return out
 
 
@@ -132,7 +141,8 @@ def test_worst_case_matches_independent_reference(tiny_task, models, reports, na
     assert report.worst_case_robust.shape == (N,) and report.worst_case_robust.dtype == bool
     assert report.worst_case_accuracy == pytest.approx(report.worst_case_robust.mean())
     assert abs(report.worst_case_accuracy - ref.mean()) <= TOLERANCE, (
-        f"{name}: worst case {report.worst_case_accuracy:.3f} vs reference {ref.mean():.3f}")
+        f"{name}: worst case {report.worst_case_accuracy:.3f} vs reference {ref.mean():.3f}"
+    )
     assert report.worst_case_accuracy <= report.headline_accuracy
     # the worst case is the per-sample minimum over every attack run
     combined = np.logical_and.reduce(list(report.diagnostic_adv.values()))
@@ -146,21 +156,41 @@ def test_plain_model_passes(reports):
     assert report.upper_bound_gap <= 1.5 / N
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("saturated_softmax", ["gradient_zero_nan_ce"]),
-    ("quantization", ["gradient_zero_nan_ce", "gradient_zero_nan_dlr", "non_differentiable_ops", "active_test",
-                      "unbounded_attack", "worst_case_gap"]),
-    ("quantization_leak", ["gradient_informative_ce", "gradient_informative_dlr", "non_differentiable_ops",
-                           "active_test", "worst_case_gap"]),
-    ("random_noise", ["randomized"]),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("saturated_softmax", ["gradient_zero_nan_ce"]),
+        (
+            "quantization",
+            [
+                "gradient_zero_nan_ce",
+                "gradient_zero_nan_dlr",
+                "non_differentiable_ops",
+                "active_test",
+                "unbounded_attack",
+                "worst_case_gap",
+            ],
+        ),
+        (
+            "quantization_leak",
+            [
+                "gradient_informative_ce",
+                "gradient_informative_dlr",
+                "non_differentiable_ops",
+                "active_test",
+                "worst_case_gap",
+            ],
+        ),
+        ("random_noise", ["randomized"]),
+    ],
+)
 @pytest.mark.slow
 def test_each_trap_is_flagged_by_the_right_checks(reports, name, expected):
     report = reports[name]
     assert report.status != "pass"
     flagged = {c["name"] for c in report.checks if c["status"] != "pass"}
     assert set(expected) <= flagged, f"{name}: flagged {sorted(flagged)}"
-    if name == "quantization_leak":     # the leak makes gradients nonzero: a zero-test alone would miss it
+    if name == "quantization_leak":  # the leak makes gradients nonzero: a zero-test alone would miss it
         assert _check(report, "gradient_zero_nan_ce")["value"] == 0
         assert set(_check(report, "non_differentiable_ops")["value"]) == {"round"}
 
@@ -169,7 +199,7 @@ def test_each_trap_is_flagged_by_the_right_checks(reports, name, expected):
 def test_quantization_headline_is_an_upper_bound(reports):
     report = reports["quantization"]
     assert report.status == "fail"
-    assert report.upper_bound_gap >= 0.2        # white-box PGD sees a zero gradient and breaks almost nothing
+    assert report.upper_bound_gap >= 0.2  # white-box PGD sees a zero gradient and breaks almost nothing
     d = json.loads(json.dumps(report.to_dict()))
     assert d["status"] == "fail" and d["headline_is_upper_bound"] is True
     assert {"name", "status", "value", "threshold", "message"} <= set(d["checks"][0])
@@ -204,7 +234,7 @@ def test_straight_through_model_keeps_outputs_and_passes_gradients(tiny_task, mo
     assert st.found == {"round"}
     xq = x.clone().requires_grad_(True)
     (g_plain,) = torch.autograd.grad(trap(xq)[:, 0].sum(), xq)
-    assert g_plain.abs().sum() == 0          # without BPDA the gradient is exactly zero
+    assert g_plain.abs().sum() == 0  # without BPDA the gradient is exactly zero
 
 
 def test_active_test_plants_a_reachable_adversarial_in_the_input_path(tiny_task, models):
@@ -213,11 +243,11 @@ def test_active_test_plants_a_reachable_adversarial_in_the_input_path(tiny_task,
         active, labels, evaluable = build_input_path_active_model(models[name], x, EPS)
         assert evaluable.sum() >= 12
         with torch.no_grad():
-            assert torch.equal(active(x).argmax(1), labels)                       # clean predictions kept
+            assert torch.equal(active(x).argmax(1), labels)  # clean predictions kept
             star = x + active.deltas
             assert float((star - x).abs().amax()) <= EPS + 1e-7 and 0 <= float(star.min()) <= float(star.max()) <= 1
-            assert (active(star).argmax(1) != labels)[evaluable].all()           # planted adversarial
-            assert torch.allclose(active.transform(x), x, atol=1e-6)             # T is the identity at x
+            assert (active(star).argmax(1) != labels)[evaluable].all()  # planted adversarial
+            assert torch.allclose(active.transform(x), x, atol=1e-6)  # T is the identity at x
     plain = next(c for c in _active_only(tiny_task, models["plain"]) if c["name"] == "active_test")
     assert plain["success"]["strong_ce"] >= 0.9
     assert plain["success"]["weak_fgsm"] <= 0.5 and plain["success"]["weak_square100"] <= 0.5
@@ -225,6 +255,7 @@ def test_active_test_plants_a_reachable_adversarial_in_the_input_path(tiny_task,
 
 def _active_only(tiny_task, model):
     from robustlens.analysis.robustness.validity import BUDGETS, _active_check
+
     return [_active_check(model, tiny_task.x_test[:N], EPS, "linf", BUDGETS["fast"], 0, False)]
 
 
@@ -251,9 +282,10 @@ def test_l2_threat_model(tiny_task, models):
     """L2: the plain model passes; the quantizer is caught and its worst case falls to the plain model's level."""
     x, y = tiny_task.x_test[:32], tiny_task.y_test[:32]
     plain = validity_diagnostics(models["plain"], x, y, 0.4, norm="l2", train_images=tiny_task.x_train, budget="fast")
-    trap = validity_diagnostics(models["quantization"], x, y, 0.4, norm="l2", train_images=tiny_task.x_train,
-                                budget="fast")
+    trap = validity_diagnostics(
+        models["quantization"], x, y, 0.4, norm="l2", train_images=tiny_task.x_train, budget="fast"
+    )
     assert plain.status == "pass", [c for c in plain.checks if c["status"] != "pass"]
     assert trap.status == "fail" and trap.headline_accuracy - trap.worst_case_accuracy >= 0.3
     assert abs(trap.worst_case_accuracy - plain.worst_case_accuracy) <= TOLERANCE + 1.5 / 32
-    assert "square" in trap.diagnostic_adv and "nes" in trap.diagnostic_adv     # the L2 black boxes ran
+    assert "square" in trap.diagnostic_adv and "nes" in trap.diagnostic_adv  # the L2 black boxes ran

@@ -108,9 +108,9 @@ def _exact_min_margins(layers, x0: torch.Tensor, y: int, eps: float) -> np.ndarr
         w, b = pending
         for k in range(n):
             rows.append(({z[k]: -1.0, **{c: w[k, j] for j, c in enumerate(cur) if w[k, j] != 0}}, -b[k], -b[k]))
-            rows.append(({a[k]: 1.0, z[k]: -1.0}, 0.0, np.inf))                       # a >= z
+            rows.append(({a[k]: 1.0, z[k]: -1.0}, 0.0, np.inf))  # a >= z
             rows.append(({a[k]: 1.0, z[k]: -1.0, d[k]: -pre_lo[k]}, -np.inf, -pre_lo[k]))  # a <= z - l(1-d)
-            rows.append(({a[k]: 1.0, d[k]: -max(pre_hi[k], 0.0)}, -np.inf, 0.0))      # a <= u d
+            rows.append(({a[k]: 1.0, d[k]: -max(pre_hi[k], 0.0)}, -np.inf, 0.0))  # a <= u d
         cur = list(a)
         pending = (np.eye(n), np.zeros(n))
     w, b = pending
@@ -125,8 +125,9 @@ def _exact_min_margins(layers, x0: torch.Tensor, y: int, eps: float) -> np.ndarr
             continue
         obj = np.zeros(n_vars)
         obj[cur] = w[y] - w[j]
-        res = milp(obj, constraints=cons, integrality=np.array(integ), bounds=(var_lo, var_hi),
-                   options={"mip_rel_gap": 1e-9})
+        res = milp(
+            obj, constraints=cons, integrality=np.array(integ), bounds=(var_lo, var_hi), options={"mip_rel_gap": 1e-9}
+        )
         assert res.success, res.message
         out[j] = res.fun + b[y] - b[j]
     return out
@@ -156,17 +157,27 @@ def _random_ball_points(x: torch.Tensor, eps: float, n: int, norm: str, seed: in
 @pytest.fixture(scope="module")
 def tiny_verified(tiny_task):
     """The tiny task's network behind an explicit normalization wrapper (same function as TinyMLP)."""
-    wrapped = NormalizedModel(tiny_task.model.net, ModelConfig(input_size=(8, 8), channels=1, mean=[0.5],
-                                                               std=[0.25], classes=None, extra={}))
+    wrapped = NormalizedModel(
+        tiny_task.model.net, ModelConfig(input_size=(8, 8), channels=1, mean=[0.5], std=[0.25], classes=None, extra={})
+    )
     return wrapped, tiny_task.x_test[:24], tiny_task.y_test[:24]
 
 
 def _small_convnet(seed: int, pool: str = "max") -> nn.Module:
     def build():
         pool_layer = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)
-        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), pool_layer,
-                             nn.Conv2d(4, 6, 3, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 12),
-                             nn.ReLU(), nn.Linear(12, 3))
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            pool_layer,
+            nn.Conv2d(4, 6, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 2 * 2, 12),
+            nn.ReLU(),
+            nn.Linear(12, 3),
+        )
 
     model = _seeded(seed, build)
     bn = model[1]
@@ -342,8 +353,12 @@ def test_unsupported_layers_are_named(tiny_task):
     with pytest.raises(UnsupportedModelError, match=r"layer 'rnn' \(LSTM\)"):
         extract_layers(_WithLSTM(), (1, 6, 6))
     with pytest.raises(UnsupportedModelError, match=r"layer '1' \(Sigmoid\)"):
-        verify(torch.jit.script(nn.Sequential(nn.Flatten(), nn.Sigmoid(), nn.Linear(36, 3))),
-               torch.rand(2, 1, 6, 6), [0, 1], [0.01])
+        verify(
+            torch.jit.script(nn.Sequential(nn.Flatten(), nn.Sigmoid(), nn.Linear(36, 3))),
+            torch.rand(2, 1, 6, 6),
+            [0, 1],
+            [0.01],
+        )
     assert issubclass(UnsupportedModelError, ValidationError)
     # normalization computed inside forward is invisible to a module walk: detected, and for
     # TorchScript the operations are named
@@ -363,8 +378,12 @@ def test_sample_cnn_supported_and_verified_accuracy_consistent():
     from PIL import Image
 
     table = pd.read_csv(SAMPLE / "labels.csv").iloc[:8]
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(SAMPLE / p).convert("L"), dtype=np.float32)
-                                           / 255.0)[None] for p in table["path"]])
+    images = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(SAMPLE / p).convert("L"), dtype=np.float32) / 255.0)[None]
+            for p in table["path"]
+        ]
+    )
     labels = torch.tensor([config.classes.index(c) for c in table["label"]])
     with torch.no_grad():
         logits = model(images)

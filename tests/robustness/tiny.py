@@ -14,8 +14,14 @@ class TinyMLP(nn.Module):
 
     def __init__(self, num_classes: int = 4, hidden: int = 32):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - 0.5) / 0.25)
@@ -41,8 +47,14 @@ def _sample(protos: torch.Tensor, n: int, g: torch.Generator, noise: float = 0.1
     return x.clamp(0, 1), y
 
 
-def make_tiny_task(num_classes: int = 4, n_train: int = 256, n_test: int = 64, steps: int = 100,
-                   max_margin: float = 12.0, seed: int = 0) -> TinyTask:
+def make_tiny_task(
+    num_classes: int = 4,
+    n_train: int = 256,
+    n_test: int = 64,
+    steps: int = 100,
+    max_margin: float = 12.0,
+    seed: int = 0,
+) -> TinyTask:
     """Train :class:`TinyMLP` full-batch with Adam on prototype+noise data; everything seeded.
 
     Afterwards the last layer is scaled down (a temperature, argmax unchanged) so that no test

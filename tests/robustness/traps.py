@@ -64,8 +64,12 @@ def quantize_straight_through(x: torch.Tensor, levels: int = 16) -> torch.Tensor
 
 def make_traps(base: nn.Module) -> dict[str, nn.Module]:
     """The four trap models around ``base`` (all in eval mode, no trainable parameters)."""
-    traps = {"saturated_softmax": SaturatedSoftmax(base), "quantization": InputQuantization(base),
-             "quantization_leak": QuantizationLeak(base), "random_noise": RandomNoise(base)}
+    traps = {
+        "saturated_softmax": SaturatedSoftmax(base),
+        "quantization": InputQuantization(base),
+        "quantization_leak": QuantizationLeak(base),
+        "random_noise": RandomNoise(base),
+    }
     for m in traps.values():
         m.eval()
     return traps

@@ -73,8 +73,9 @@ def load_embeddings(path: str | Path, *, sample_ids: list[str], order: list[str]
                 table,
                 columns,
                 file=path,
-                refuse=lambda cell: f"non-numeric value {str(cell)[:40]!r} (embedding columns must hold numbers; "
-                "only 'id' may be text)",
+                refuse=lambda cell: (
+                    f"non-numeric value {str(cell)[:40]!r} (embedding columns must hold numbers; only 'id' may be text)"
+                ),
             )
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[1] == 0:

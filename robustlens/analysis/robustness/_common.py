@@ -69,8 +69,9 @@ def check_images(images: object, *, name: str = "images") -> torch.Tensor:
     return images
 
 
-def check_labels(labels: object, n: int, device: torch.device, *, name: str = "labels",
-                 num_classes: int | None = None) -> torch.Tensor:
+def check_labels(
+    labels: object, n: int, device: torch.device, *, name: str = "labels", num_classes: int | None = None
+) -> torch.Tensor:
     """Validate class labels and return them as an ``int64`` tensor on ``device``.
 
     Parameters
@@ -207,8 +208,9 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     """
     if batch_size is None or batch_size >= images.shape[0]:
         return logits_of(model, images).detach()
-    return torch.cat([logits_of(model, images[i:i + batch_size]).detach()
-                      for i in range(0, images.shape[0], batch_size)])
+    return torch.cat(
+        [logits_of(model, images[i : i + batch_size]).detach() for i in range(0, images.shape[0], batch_size)]
+    )
 
 
 def predict_labels(model: torch.nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -269,8 +271,13 @@ def make_generator(random_state: int | torch.Generator | None, *keys: int | str)
     return g
 
 
-def rand_like_on(shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
-                 kind: str = "rand", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rand_like_on(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device,
+    kind: str = "rand",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Random tensor of ``shape`` drawn on the generator's device, returned on ``device``.
 
     ``kind``: ``"rand"`` (uniform [0, 1)) or ``"randn"`` (standard normal). Drawing on the generator's

@@ -134,8 +134,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Gener
 # ---------------------------------------------------------------------------------------- attacks
 
 
-def fgsm(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
-         eps: float) -> torch.Tensor:
+def fgsm(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float) -> torch.Tensor:
     """Fast gradient sign method (L∞).
 
     Parameters
@@ -162,9 +161,19 @@ def fgsm(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np
     return x + _project(adv - x, eps, "linf")
 
 
-def pgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
-        norm: str = "linf", step_size: float | None = None, steps: int = 10, random_start: bool = False,
-        restarts: int = 1, random_state: int | torch.Generator | None = 0) -> torch.Tensor:
+def pgd(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    step_size: float | None = None,
+    steps: int = 10,
+    random_start: bool = False,
+    restarts: int = 1,
+    random_state: int | torch.Generator | None = 0,
+) -> torch.Tensor:
     """Projected gradient descent on the cross-entropy (L∞ or L2), ART's update order.
 
     Parameters
@@ -233,7 +242,7 @@ def _class_grads(model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor)
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = logits_of(model, x)
-        picked = logits.gather(1, classes)                                   # (B, M)
+        picked = logits.gather(1, classes)  # (B, M)
         grads = []
         for m in range(classes.shape[1]):
             if picked.requires_grad:
@@ -244,8 +253,15 @@ def _class_grads(model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor)
     return logits.detach(), torch.stack(grads, dim=1).detach()
 
 
-def deepfool(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, *,
-             overshoot: float = 0.02, max_iter: int = 50, candidates: int | None = 10) -> torch.Tensor:
+def deepfool(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    *,
+    overshoot: float = 0.02,
+    max_iter: int = 50,
+    candidates: int | None = 10,
+) -> torch.Tensor:
     """DeepFool, minimal L2 (Moosavi-Dezfooli et al. 2016).
 
     Each iteration linearizes the logits at the current point and takes the smallest step that
@@ -285,11 +301,11 @@ def deepfool(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor 
         m = k if candidates is None else min(check_int(candidates, "candidates", minimum=2), k)
         ranking = clean_logits.clone()
         ranking.scatter_(1, y[:, None], float("inf"))
-        classes = ranking.topk(m, dim=1).indices                               # (B, m); column 0 = label
+        classes = ranking.topk(m, dim=1).indices  # (B, m); column 0 = label
         r_tot = torch.zeros_like(x)
         adv = x.clone()
         active = torch.ones(b, dtype=torch.bool, device=x.device)
-        for it in range(max_iter + 1):   # the last pass only checks the final iterate
+        for it in range(max_iter + 1):  # the last pass only checks the final iterate
             idx = active.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
@@ -301,8 +317,8 @@ def deepfool(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor 
             idx, logits, grads = idx[still], logits[still], grads[still]
             if idx.numel() == 0 or it == max_iter:
                 break
-            f_all = logits.gather(1, classes[idx])                              # (n, m)
-            f = f_all[:, 1:] - f_all[:, :1]                                     # (n, m-1)
+            f_all = logits.gather(1, classes[idx])  # (n, m)
+            f = f_all[:, 1:] - f_all[:, :1]  # (n, m-1)
             w = (grads[:, 1:] - grads[:, :1]).reshape(idx.numel(), m - 1, flat_dim)
             w_norm = w.norm(dim=2) + 1e-8
             dist = f.abs() / w_norm
@@ -315,9 +331,18 @@ def deepfool(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor 
     return adv.detach()
 
 
-def carlini_wagner_l2(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, *,
-                      confidence: float = 0.0, initial_const: float = 1e-2, binary_search_steps: int = 9,
-                      max_iter: int = 100, learning_rate: float = 1e-2, abort_early: bool = True) -> torch.Tensor:
+def carlini_wagner_l2(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    *,
+    confidence: float = 0.0,
+    initial_const: float = 1e-2,
+    binary_search_steps: int = 9,
+    max_iter: int = 100,
+    learning_rate: float = 1e-2,
+    abort_early: bool = True,
+) -> torch.Tensor:
     """Carlini–Wagner L2 attack (untargeted), Adam in tanh space with a binary search over ``c``.
 
     Minimizes ``‖x' - x‖₂² + c·max(Z_y - max_{j≠y} Z_j + κ, 0)`` over ``x' = (tanh(w) + 1)/2``; per
@@ -403,8 +428,18 @@ def carlini_wagner_l2(model: torch.nn.Module, images: torch.Tensor, labels: torc
 def _p_selection(p_init: float, it: int, n_iters: int) -> float:
     """Square attack's schedule of the fraction of pixels changed (original code, rescaled to ``n_iters``)."""
     i = int(it / n_iters * 10000)
-    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
-                       (6000, 128), (8000, 256), (10000, 512)):
+    for bound, div in (
+        (10, 1),
+        (50, 2),
+        (200, 4),
+        (500, 8),
+        (1000, 16),
+        (2000, 32),
+        (4000, 64),
+        (6000, 128),
+        (8000, 256),
+        (10000, 512),
+    ):
         if i <= bound:
             return p_init / div
     return p_init / 512
@@ -417,9 +452,17 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return real - other
 
 
-def square_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
-                  norm: str = "linf", max_iter: int = 1000, p_init: float = 0.8,
-                  random_state: int | torch.Generator | None = 0) -> torch.Tensor:
+def square_attack(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    max_iter: int = 1000,
+    p_init: float = 0.8,
+    random_state: int | torch.Generator | None = 0,
+) -> torch.Tensor:
     """Square attack (L∞), score-based black box: random search over square windows, margin loss.
 
     Only logits are queried (no gradients). Start: vertical stripes of ``±eps``; each iteration
@@ -476,13 +519,14 @@ def square_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
             s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w))
             top = torch.randint(0, h - s + 1, (n,), generator=gen, device=gen.device).to(dev)
             left = torch.randint(0, w - s + 1, (n,), generator=gen, device=gen.device).to(dev)
-            win = (((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + s))[:, :, None]
-                   & ((cols[None] >= left[:, None]) & (cols[None] < left[:, None] + s))[:, None, :])
+            win = ((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + s))[:, :, None] & (
+                (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + s)
+            )[:, None, :]
             win = win[:, None].expand(n, c, h, w)
             delta = xb - x0
             new_vals = eps * signs((n, c, 1, 1))
             cand = (x0 + torch.where(win, new_vals.expand(n, c, h, w), delta)).clamp(0, 1)
-            for _ in range(10):   # resample a window that would not change the image (as the original)
+            for _ in range(10):  # resample a window that would not change the image (as the original)
                 same = ((cand - xb).abs() < 1e-7).reshape(n, -1).all(dim=1)
                 if not bool(same.any()):
                     break
@@ -521,13 +565,13 @@ class AttackSpec:
     randomized: bool = False
 
 
-def _pgd_linf(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
-             **kw: Any) -> torch.Tensor:
+def _pgd_linf(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, **kw: Any
+) -> torch.Tensor:
     return pgd(model, images, labels, eps, norm="linf", **kw)
 
 
-def _pgd_l2(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
-             **kw: Any) -> torch.Tensor:
+def _pgd_l2(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, **kw: Any) -> torch.Tensor:
     return pgd(model, images, labels, eps, norm="l2", **kw)
 
 
@@ -605,10 +649,19 @@ def _check_attack_name(name: object) -> AttackSpec:
     return ATTACKS[str(name)]
 
 
-def evaluate_adversarial(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                         adv: torch.Tensor, norm: str, eps: float | None, *, name: str = "custom",
-                         reset_outside: bool = False, batch_size: int | None = None,
-                         params: dict[str, Any] | None = None) -> AttackResult:
+def evaluate_adversarial(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    adv: torch.Tensor,
+    norm: str,
+    eps: float | None,
+    *,
+    name: str = "custom",
+    reset_outside: bool = False,
+    batch_size: int | None = None,
+    params: dict[str, Any] | None = None,
+) -> AttackResult:
     """Score adversarial images ``adv`` against clean ``images`` (both ``(N, C, H, W)``) -> :class:`AttackResult`.
 
     ``reset_outside``: replace adversarials beyond ``eps`` by the clean image (minimal-norm attacks).
@@ -635,18 +688,35 @@ def evaluate_adversarial(model: torch.nn.Module, images: torch.Tensor, labels: t
     success = correct & within & (advp != clean)
     n_correct = int(correct.sum())
     return AttackResult(
-        name=name, norm=norm, eps=eps, adv_images=adv, labels=labels.cpu().numpy(),
-        clean_preds=clean.cpu().numpy(), adv_preds=advp.cpu().numpy(), l2=l2.cpu().numpy(),
-        linf=linf.cpu().numpy(), clean_correct=correct.cpu().numpy(), within_budget=within.cpu().numpy(),
+        name=name,
+        norm=norm,
+        eps=eps,
+        adv_images=adv,
+        labels=labels.cpu().numpy(),
+        clean_preds=clean.cpu().numpy(),
+        adv_preds=advp.cpu().numpy(),
+        l2=l2.cpu().numpy(),
+        linf=linf.cpu().numpy(),
+        clean_correct=correct.cpu().numpy(),
+        within_budget=within.cpu().numpy(),
         success=success.cpu().numpy(),
         success_rate=float(success.sum()) / n_correct if n_correct else float("nan"),
-        robust_accuracy=float((correct & ~success).float().mean()), params=dict(params or {}),
+        robust_accuracy=float((correct & ~success).float().mean()),
+        params=dict(params or {}),
     )
 
 
-def run_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, name: str,
-               eps: float | None = None, *, random_state: int = 0, batch_size: int | None = None,
-               **params: Any) -> AttackResult:
+def run_attack(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    name: str,
+    eps: float | None = None,
+    *,
+    random_state: int = 0,
+    batch_size: int | None = None,
+    **params: Any,
+) -> AttackResult:
     """Run a registered attack by name and score it.
 
     Parameters
@@ -694,7 +764,7 @@ def run_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     advs = []
     with eval_mode(model):
         for ci, start in enumerate(range(0, n, chunk)):
-            xb, yb = x[start:start + chunk], y[start:start + chunk]
+            xb, yb = x[start : start + chunk], y[start : start + chunk]
             kwargs = dict(params)
             if spec.randomized:
                 kwargs["random_state"] = make_generator(int(random_state), name, ci)
@@ -704,8 +774,18 @@ def run_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
                 advs.append(xb.clone())
             else:
                 advs.append(spec.fn(model, xb, yb, eps, **kwargs))
-        result = evaluate_adversarial(model, x, y, torch.cat(advs), spec.norm, eps, name=name,
-                                      reset_outside=spec.minimal, batch_size=batch_size, params=params)
+        result = evaluate_adversarial(
+            model,
+            x,
+            y,
+            torch.cat(advs),
+            spec.norm,
+            eps,
+            name=name,
+            reset_outside=spec.minimal,
+            batch_size=batch_size,
+            params=params,
+        )
     result.adv_images = result.adv_images.to(images.device)
     return result
 
@@ -746,8 +826,16 @@ def breaking_budget(broken: np.ndarray, eps: np.ndarray, clean_correct: np.ndarr
 
 
 #: Columns of :meth:`RobustAccuracyCurve.records` (the run's ``robustness_curves`` adds ``kind``).
-CURVE_RECORD_COLUMNS = ["norm", "attack", "eps", "robust_accuracy", "success_rate", "n_samples",
-                        "robust_accuracy_ci_low", "robust_accuracy_ci_high"]
+CURVE_RECORD_COLUMNS = [
+    "norm",
+    "attack",
+    "eps",
+    "robust_accuracy",
+    "success_rate",
+    "n_samples",
+    "robust_accuracy_ci_low",
+    "robust_accuracy_ci_high",
+]
 
 
 @dataclass
@@ -812,8 +900,11 @@ class RobustAccuracyCurve:
         with np.errstate(divide="ignore", invalid="ignore"):
             robust = (correct - broken) / n if n else np.full(broken.shape, np.nan)
             success = broken / correct if correct else np.full(broken.shape, np.nan)
-        low, high = (wilson_interval(correct - broken, np.full(broken.shape, n)) if n else
-                     (np.full(broken.shape, np.nan), np.full(broken.shape, np.nan)))
+        low, high = (
+            wilson_interval(correct - broken, np.full(broken.shape, n))
+            if n
+            else (np.full(broken.shape, np.nan), np.full(broken.shape, np.nan))
+        )
         return {"broken": broken, "robust_accuracy": robust, "success_rate": success, "ci_low": low, "ci_high": high}
 
     def records(self, ran: Mapping[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
@@ -826,17 +917,29 @@ class RobustAccuracyCurve:
             for e, eps in enumerate(self.eps):
                 if at is not None and not at[e]:
                     continue
-                rows.append({"norm": self.norm, "attack": attack, "eps": float(eps),
-                             "robust_accuracy": float(rate["robust_accuracy"][e]),
-                             "success_rate": float(rate["success_rate"][e]), "n_samples": self.n_samples,
-                             "robust_accuracy_ci_low": float(rate["ci_low"][e]),
-                             "robust_accuracy_ci_high": float(rate["ci_high"][e])})
+                rows.append(
+                    {
+                        "norm": self.norm,
+                        "attack": attack,
+                        "eps": float(eps),
+                        "robust_accuracy": float(rate["robust_accuracy"][e]),
+                        "success_rate": float(rate["success_rate"][e]),
+                        "n_samples": self.n_samples,
+                        "robust_accuracy_ci_low": float(rate["ci_low"][e]),
+                        "robust_accuracy_ci_high": float(rate["ci_high"][e]),
+                    }
+                )
         return rows
 
 
-def curve_from_breaks(broken: Mapping[str, np.ndarray], eps: Sequence[float] | np.ndarray,
-                      clean_correct: np.ndarray, *, norm: str,
-                      min_norm: np.ndarray | None = None) -> RobustAccuracyCurve:
+def curve_from_breaks(
+    broken: Mapping[str, np.ndarray],
+    eps: Sequence[float] | np.ndarray,
+    clean_correct: np.ndarray,
+    *,
+    norm: str,
+    min_norm: np.ndarray | None = None,
+) -> RobustAccuracyCurve:
     """The robust-accuracy curve of attacks already run: the one computation behind :func:`robust_accuracy_curve`
     and the workspace robustness run.
 
@@ -871,18 +974,28 @@ def curve_from_breaks(broken: Mapping[str, np.ndarray], eps: Sequence[float] | n
         if h.shape != (grid.size, n):
             raise RobustnessInputError(f"broken[{name!r}] must have shape {(grid.size, n)}; got {h.shape}")
     any_hit = np.logical_or.reduce(list(hits.values())) if hits else np.zeros((grid.size, n), dtype=bool)
-    robust = correct[None, :] & ~any_hit                                           # (E, N)
+    robust = correct[None, :] & ~any_hit  # (E, N)
     index = pd.Index(grid, name="eps")
-    counts = pd.DataFrame({**{name: h.sum(axis=1) for name, h in hits.items()}, "worst_case": any_hit.sum(axis=1)},
-                          index=index)
-    per_attack = pd.DataFrame({**{name: (correct[None, :] & ~h).mean(axis=1) for name, h in hits.items()},
-                               "worst_case": robust.mean(axis=1)}, index=index)
+    counts = pd.DataFrame(
+        {**{name: h.sum(axis=1) for name, h in hits.items()}, "worst_case": any_hit.sum(axis=1)}, index=index
+    )
+    per_attack = pd.DataFrame(
+        {**{name: (correct[None, :] & ~h).mean(axis=1) for name, h in hits.items()}, "worst_case": robust.mean(axis=1)},
+        index=index,
+    )
     sizes = np.full(n, np.nan) if min_norm is None else np.array(min_norm, dtype=float)
     sizes[~correct] = 0.0
     return RobustAccuracyCurve(
-        norm=norm, eps=grid, attacks=names, robust_accuracy=robust.mean(axis=1), per_attack_accuracy=per_attack,
-        robust=robust, breaking_eps=breaking_budget(any_hit, grid, correct), min_norm=sizes,
-        clean_accuracy=float(correct.mean()) if n else float("nan"), broken_counts=counts,
+        norm=norm,
+        eps=grid,
+        attacks=names,
+        robust_accuracy=robust.mean(axis=1),
+        per_attack_accuracy=per_attack,
+        robust=robust,
+        breaking_eps=breaking_budget(any_hit, grid, correct),
+        min_norm=sizes,
+        clean_accuracy=float(correct.mean()) if n else float("nan"),
+        broken_counts=counts,
         n_correct=int(correct.sum()),
     )
 
@@ -890,9 +1003,16 @@ def curve_from_breaks(broken: Mapping[str, np.ndarray], eps: Sequence[float] | n
 AttackRequest = str | tuple[str, Mapping[str, Any]]
 
 
-def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
-                          attacks: Sequence[AttackRequest], eps_list: Sequence[float], *,
-                          random_state: int = 0, batch_size: int | None = None) -> RobustAccuracyCurve:
+def robust_accuracy_curve(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    attacks: Sequence[AttackRequest],
+    eps_list: Sequence[float],
+    *,
+    random_state: int = 0,
+    batch_size: int | None = None,
+) -> RobustAccuracyCurve:
     """Worst-case robust accuracy over several attacks on a grid of budgets.
 
     Parameters
@@ -947,8 +1067,9 @@ def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: 
     clean_correct: np.ndarray | None = None
     for a_i, ((nm, params), spec) in enumerate(zip(requests, specs, strict=True)):
         if spec.minimal:
-            res = run_attack(model, images, labels_np, nm, None, random_state=random_state,
-                             batch_size=batch_size, **params)
+            res = run_attack(
+                model, images, labels_np, nm, None, random_state=random_state, batch_size=batch_size, **params
+            )
             size = res.l2 if norm == "l2" else res.linf
             for e_i, e in enumerate(eps_arr):
                 broken[a_i, e_i] = res.success & within_budget(size, e)
@@ -957,10 +1078,12 @@ def robust_accuracy_curve(model: torch.nn.Module, images: torch.Tensor, labels: 
             clean_correct = res.clean_correct
         else:
             for e_i, e in enumerate(eps_arr):
-                res = run_attack(model, images, labels_np, nm, float(e), random_state=random_state,
-                                 batch_size=batch_size, **params)
+                res = run_attack(
+                    model, images, labels_np, nm, float(e), random_state=random_state, batch_size=batch_size, **params
+                )
                 broken[a_i, e_i] = res.success
                 clean_correct = res.clean_correct
     assert clean_correct is not None
-    return curve_from_breaks(dict(zip(labels_used, broken, strict=True)), eps_arr, clean_correct, norm=norm,
-                             min_norm=min_norm)
+    return curve_from_breaks(
+        dict(zip(labels_used, broken, strict=True)), eps_arr, clean_correct, norm=norm, min_norm=min_norm
+    )

@@ -123,8 +123,9 @@ def _check_counter(counter: object, n: int) -> PassCounter | None:
     if counter is None:
         return None
     if not isinstance(counter, PassCounter) or counter.forward.shape != (n,) or counter.backward.shape != (n,):
-        raise RobustnessInputError(f"counter must be a PassCounter of {n} samples (PassCounter.zeros({n})); "
-                                   f"got {counter!r}")
+        raise RobustnessInputError(
+            f"counter must be a PassCounter of {n} samples (PassCounter.zeros({n})); got {counter!r}"
+        )
     return counter
 
 
@@ -182,7 +183,8 @@ def dlr_loss_targeted(logits: torch.Tensor, labels: torch.Tensor, targets: torch
     """
     if logits.ndim != 2 or logits.shape[1] < 4:
         raise RobustnessInputError(
-            f"dlr_loss_targeted needs logits (B, K) with K >= 4; got shape {tuple(logits.shape)}")
+            f"dlr_loss_targeted needs logits (B, K) with K >= 4; got shape {tuple(logits.shape)}"
+        )
     top = logits.topk(4, dim=1).values
     z_y = logits.gather(1, labels[:, None]).squeeze(1)
     z_t = logits.gather(1, targets[:, None]).squeeze(1)
@@ -200,8 +202,9 @@ def _loss_values(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, 
     return dlr_loss_targeted(logits, y, t)
 
 
-def _loss_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
-               loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _loss_grad(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, loss: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits ``(n, K)``, per-sample loss ``(n,)`` (float32) and its gradient ``(n, C, H, W)`` at ``x``."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -260,9 +263,20 @@ def apgd_checkpoints(n_iter: int) -> list[int]:
     return points
 
 
-def _apgd_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, eps: float,
-              norm: str, loss: str, n_iter: int, rho: float, gen: torch.Generator, tally: _Tally,
-              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _apgd_run(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor | None,
+    eps: float,
+    norm: str,
+    loss: str,
+    n_iter: int,
+    rho: float,
+    gen: torch.Generator,
+    tally: _Tally,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run from a random start on ``n`` clean-correct samples.
 
     Returns ``(adv (n, C, H, W), fooled (n,) bool)``; ``adv`` is the first misclassified iterate where
@@ -363,10 +377,22 @@ def _check_targets(n_target_classes: int, k: int, what: str) -> int:
     return min(n_target_classes, k - 1)
 
 
-def _apgd_multi(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor,
-                eps: float, norm: str, loss: str, n_iter: int, n_restarts: int, n_target_classes: int,
-                rho: float, gen: torch.Generator, tally: _Tally, rows: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _apgd_multi(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    clean_logits: torch.Tensor,
+    eps: float,
+    norm: str,
+    loss: str,
+    n_iter: int,
+    n_restarts: int,
+    n_target_classes: int,
+    rho: float,
+    gen: torch.Generator,
+    tally: _Tally,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """APGD with restarts (and, for ``dlr-targeted``, one series of runs per target) on clean-correct samples."""
     n = x0.shape[0]
     adv = x0.clone()
@@ -386,9 +412,17 @@ def _apgd_multi(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, clean
     return adv, fooled
 
 
-def _prepare(model: object, images: object, labels: object, eps: object, norm: object, seed: object,
-             batch_size: object, counter: object, what: str
-             ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float, str, int, PassCounter | None]:
+def _prepare(
+    model: object,
+    images: object,
+    labels: object,
+    eps: object,
+    norm: object,
+    seed: object,
+    batch_size: object,
+    counter: object,
+    what: str,
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float, str, int, PassCounter | None]:
     check_model(model)
     check_images(images)
     assert isinstance(images, torch.Tensor) and isinstance(model, torch.nn.Module)
@@ -408,13 +442,21 @@ def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, n)) for s in range(0, n, max(chunk, 1))]
 
 
-AttackBody = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, _Tally, torch.Tensor],
-                      tuple[torch.Tensor, torch.Tensor]]
+AttackBody = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, _Tally, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
 
 
-def _on_clean_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, chunk: int,
-                      counter: PassCounter | None, attack: AttackBody,
-                      check_classes: Callable[[int], object] | None = None) -> torch.Tensor:
+def _on_clean_correct(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    chunk: int,
+    counter: PassCounter | None,
+    attack: AttackBody,
+    check_classes: Callable[[int], object] | None = None,
+) -> torch.Tensor:
     """The frame shared by :func:`apgd`, :func:`fab_targeted` and :func:`square`: per chunk of ``chunk`` samples of
     ``x`` ``(B, C, H, W)``, one counted clean forward, ``check_classes(K)`` on the number of classes, then
     ``attack(x0, y0, clean_logits0, tally, rows0) -> (adv, found)`` on the clean-correct rows only (skipped for
@@ -441,10 +483,22 @@ def _on_clean_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return adv
 
 
-def apgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
-         norm: str = "linf", loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9,
-         rho: float = 0.75, seed: int | torch.Generator = 0, batch_size: int | None = None,
-         counter: PassCounter | None = None) -> torch.Tensor:
+def apgd(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    loss: str = "ce",
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    n_target_classes: int = 9,
+    rho: float = 0.75,
+    seed: int | torch.Generator = 0,
+    batch_size: int | None = None,
+    counter: PassCounter | None = None,
+) -> torch.Tensor:
     """Auto-PGD (Croce & Hein 2020): PGD with momentum and an adaptive step size, L∞ or L2.
 
     Parameters
@@ -485,8 +539,9 @@ def apgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np
         ``(B, C, H, W)`` on the images' device: the first misclassified iterate where one was found, else
         the clean image (also for samples misclassified to begin with). ``‖adv - x‖ <= eps``, values in ``[0, 1]``.
     """
-    model, x, y, eps, norm, chunk, counter = _prepare(model, images, labels, eps, norm, seed, batch_size,
-                                                      counter, "apgd")
+    model, x, y, eps, norm, chunk, counter = _prepare(
+        model, images, labels, eps, norm, seed, batch_size, counter, "apgd"
+    )
     if loss not in _LOSSES:
         raise RobustnessInputError(f"loss must be one of {list(_LOSSES)}; got {loss!r}")
     n_iter = check_int(n_iter, "n_iter")
@@ -494,13 +549,15 @@ def apgd(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np
     rho = check_positive(rho, "rho")
     gen = make_generator(seed, "apgd", loss)
 
-    def attack(x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally,
-               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attack(
+        x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         nt = _check_targets(n_target_classes, clean.shape[1], "apgd") if loss == "dlr-targeted" else 1
         return _apgd_multi(model, x0, y0, clean, eps, norm, loss, n_iter, n_restarts, nt, rho, gen, tally, rows)
 
-    adv = _on_clean_correct(model, x, y, eps, chunk, counter, attack,
-                            check_classes=lambda k: _check_loss_classes(loss, k))
+    adv = _on_clean_correct(
+        model, x, y, eps, chunk, counter, attack, check_classes=lambda k: _check_loss_classes(loss, k)
+    )
     return adv.to(images.device)
 
 
@@ -524,7 +581,7 @@ def _hyperplane_projection(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, no
     """
     t64, w64, b64 = t.double(), w.double(), b.double()
     need = b64 - (w64 * t64).sum(dim=1)
-    wp = w64 * torch.where(need >= 0, 1.0, -1.0)[:, None]   # orient: the progress wp·d must be |need|
+    wp = w64 * torch.where(need >= 0, 1.0, -1.0)[:, None]  # orient: the progress wp·d must be |need|
     need = need.abs()
     room = torch.where(wp > 0, 1.0 - t64, t64).clamp_min(0.0)
     aw = wp.abs()
@@ -540,8 +597,8 @@ def _hyperplane_projection(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, no
     sat_cum = sat_sorted.cumsum(dim=1)
     slope_total = slope_sorted.sum(dim=1, keepdim=True)
     slope_tail = slope_total - slope_sorted.cumsum(dim=1)
-    progress = sat_cum + brk_sorted * slope_tail            # reachable progress at λ = brk_sorted[:, k]
-    k = (progress < need[:, None]).sum(dim=1)                # first segment reaching `need`
+    progress = sat_cum + brk_sorted * slope_tail  # reachable progress at λ = brk_sorted[:, k]
+    k = (progress < need[:, None]).sum(dim=1)  # first segment reaching `need`
     dims = t.shape[1]
     prev = (k - 1).clamp(min=0)[:, None]
     sat_before = torch.where(k > 0, sat_cum.gather(1, prev).squeeze(1), torch.zeros_like(need))
@@ -552,9 +609,22 @@ def _hyperplane_projection(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, no
     return torch.where(used, d, torch.zeros_like(d)).to(t.dtype)
 
 
-def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor, eps: float,
-             norm: str, n_iter: int, random_start: bool, gen: torch.Generator, tally: _Tally, rows: torch.Tensor,
-             alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+def _fab_run(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+    norm: str,
+    n_iter: int,
+    random_start: bool,
+    gen: torch.Generator,
+    tally: _Tally,
+    rows: torch.Tensor,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One targeted FAB run (Croce & Hein 2020b) on clean-correct samples; stops per sample once it finds an
     adversarial example within ``eps``. Returns ``(adv (n, ...), fooled (n,) bool)``.
 
@@ -571,15 +641,19 @@ def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: 
     x1 = x0.clone()
     if random_start:
         shape = tuple(x0.shape)
-        r = (2 * torch.rand(shape, generator=gen, device=gen.device) - 1 if norm == "linf"
-             else torch.randn(shape, generator=gen, device=gen.device))
+        r = (
+            2 * torch.rand(shape, generator=gen, device=gen.device) - 1
+            if norm == "linf"
+            else torch.randn(shape, generator=gen, device=gen.device)
+        )
         x1 = (x0 + 0.5 * eps * _normalize(r.to(device=device, dtype=x0.dtype), norm)).clamp(0.0, 1.0)
     pos = torch.arange(n, device=device)
     x0w, yw, tw = x0, y, target
-    near_boundary = torch.zeros(n, dtype=torch.bool, device=device)   # has been adversarial in this run
+    near_boundary = torch.zeros(n, dtype=torch.bool, device=device)  # has been adversarial in this run
 
-    def logits_diff(xs: torch.Tensor, ys: torch.Tensor, ts: torch.Tensor, need_grad: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def logits_diff(
+        xs: torch.Tensor, ys: torch.Tensor, ts: torch.Tensor, need_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         xs = xs.detach().requires_grad_(need_grad)
         with torch.enable_grad() if need_grad else torch.no_grad():
             logits = logits_of(model, xs)
@@ -601,7 +675,7 @@ def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: 
         if pos.numel() == 0:
             break
         check = it > 0 or random_start
-        if it == n_iter:                                       # final check of the last step
+        if it == n_iter:  # final check of the last step
             logits, _, _ = logits_diff(x1, yw, tw, False)
             tally.forward(rows[pos])
             settle(logits.argmax(dim=1) != yw)
@@ -615,8 +689,14 @@ def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: 
             keep = settle(wrong)
             far = wrong & keep
             x1 = torch.where(_view(far, x1), x0w + beta * (x1 - x0w), x1)
-            pos, x0w, yw, tw, x1, near_boundary = (pos[keep], x0w[keep], yw[keep], tw[keep], x1[keep],
-                                                    near_boundary[keep])
+            pos, x0w, yw, tw, x1, near_boundary = (
+                pos[keep],
+                x0w[keep],
+                yw[keep],
+                tw[keep],
+                x1[keep],
+                near_boundary[keep],
+            )
             if pos.numel() == 0:
                 break
         logits, df, dg = logits_diff(x1, yw, tw, True)
@@ -633,16 +713,23 @@ def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: 
                 x1 = torch.where(_view(first_far, x1), back, x1)
                 near_boundary = near_boundary | first_far
             if not bool(keep.all()):
-                pos, x0w, yw, tw, x1, near_boundary = (pos[keep], x0w[keep], yw[keep], tw[keep], x1[keep],
-                                                        near_boundary[keep])
+                pos, x0w, yw, tw, x1, near_boundary = (
+                    pos[keep],
+                    x0w[keep],
+                    yw[keep],
+                    tw[keep],
+                    x1[keep],
+                    near_boundary[keep],
+                )
                 df, dg = df[keep], dg[keep]
                 if pos.numel() == 0:
                     break
         m = x1.shape[0]
         w = dg.reshape(m, -1)
-        b = (w * x1.reshape(m, -1)).sum(dim=1) - df          # linearized boundary f_t - f_y = 0
-        d = _hyperplane_projection(torch.cat((x1.reshape(m, -1), x0w.reshape(m, -1))), torch.cat((w, w)),
-                                   torch.cat((b, b)), norm)
+        b = (w * x1.reshape(m, -1)).sum(dim=1) - df  # linearized boundary f_t - f_y = 0
+        d = _hyperplane_projection(
+            torch.cat((x1.reshape(m, -1), x0w.reshape(m, -1))), torch.cat((w, w)), torch.cat((b, b)), norm
+        )
         d1, d2 = d[:m].reshape(x1.shape), d[m:].reshape(x1.shape)
         a1 = _norms(d1, norm).clamp_min(1e-8)
         a2 = _norms(d2, norm).clamp_min(1e-8)
@@ -651,9 +738,20 @@ def _fab_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, target: 
     return adv, fooled
 
 
-def _fab_multi(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, clean_logits: torch.Tensor, eps: float,
-               norm: str, n_iter: int, n_restarts: int, n_target_classes: int, gen: torch.Generator,
-               tally: _Tally, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fab_multi(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    clean_logits: torch.Tensor,
+    eps: float,
+    norm: str,
+    n_iter: int,
+    n_restarts: int,
+    n_target_classes: int,
+    gen: torch.Generator,
+    tally: _Tally,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     n = x0.shape[0]
     adv = x0.clone()
     fooled = torch.zeros(n, dtype=torch.bool, device=x0.device)
@@ -663,17 +761,28 @@ def _fab_multi(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, clean_
             todo = (~fooled).nonzero().squeeze(1)
             if todo.numel() == 0:
                 return adv, fooled
-            a, f = _fab_run(model, x0[todo], y[todo], targets[todo, j], eps, norm, n_iter, r > 0, gen, tally,
-                            rows[todo])
+            a, f = _fab_run(
+                model, x0[todo], y[todo], targets[todo, j], eps, norm, n_iter, r > 0, gen, tally, rows[todo]
+            )
             hit = todo[f]
             adv[hit] = a[f]
             fooled[hit] = True
     return adv, fooled
 
 
-def fab_targeted(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
-                 norm: str = "linf", n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9,
-                 seed: int | torch.Generator = 0, counter: PassCounter | None = None) -> torch.Tensor:
+def fab_targeted(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    n_target_classes: int = 9,
+    seed: int | torch.Generator = 0,
+    counter: PassCounter | None = None,
+) -> torch.Tensor:
     """Targeted FAB (Fast Adaptive Boundary, Croce & Hein 2020b), L∞ or L2, as used by AutoAttack ("fab-t").
 
     Each step linearizes ``z_t - z_y`` at the current point, projects both the current point and the clean
@@ -703,13 +812,22 @@ def fab_targeted(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     n_restarts = check_int(n_restarts, "n_restarts")
     gen = make_generator(seed, "fab-t")
 
-    def attack(x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally,
-               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attack(
+        x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         nt = _check_targets(n_target_classes, clean.shape[1], "fab_targeted")
         return _fab_multi(model, x0, y0, clean, eps, norm, n_iter, n_restarts, nt, gen, tally, rows)
 
-    adv = _on_clean_correct(model, x, y, eps, x.shape[0], counter, attack,
-                            check_classes=lambda k: _check_targets(n_target_classes, k, "fab_targeted"))
+    adv = _on_clean_correct(
+        model,
+        x,
+        y,
+        eps,
+        x.shape[0],
+        counter,
+        attack,
+        check_classes=lambda k: _check_targets(n_target_classes, k, "fab_targeted"),
+    )
     return adv.to(images.device)
 
 
@@ -718,8 +836,17 @@ def fab_targeted(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
 
 def _square_p(p_init: float, it: int) -> float:
     """Fraction of pixels per window at query ``it`` (Square attack schedule, not rescaled: AutoAttack's)."""
-    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
-                       (6000, 128), (8000, 256)):
+    for bound, div in (
+        (10, 1),
+        (50, 2),
+        (200, 4),
+        (500, 8),
+        (1000, 16),
+        (2000, 32),
+        (4000, 64),
+        (6000, 128),
+        (8000, 256),
+    ):
         if it <= bound:
             return p_init / div
     return p_init / 512
@@ -730,7 +857,7 @@ def _rectangles(a: int, b: int) -> torch.Tensor:
     out = torch.zeros(a, b, dtype=torch.float64)
     r, c = a // 2, b // 2
     for k in range(max(a // 2 + 1, b // 2 + 1)):
-        out[max(r, 0):min(r + 2 * k + 1, a), max(c, 0):min(c + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
+        out[max(r, 0) : min(r + 2 * k + 1, a), max(c, 0) : min(c + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
         r -= 1
         c -= 1
     return out / out.norm().clamp_min(1e-30)
@@ -742,19 +869,27 @@ def _square_l2_window(s: int) -> torch.Tensor:
     return (w / w.norm().clamp_min(1e-30)).float()
 
 
-def _square_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, norm: str, n_queries: int,
-                p_init: float, gen: torch.Generator, tally: _Tally, rows: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _square_run(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str,
+    n_queries: int,
+    p_init: float,
+    gen: torch.Generator,
+    tally: _Tally,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x0.shape
     device = x0.device
     n_features = c * h * w
 
-    def rint(high: int) -> int:        # uniform integer in [0, high]
+    def rint(high: int) -> int:  # uniform integer in [0, high]
         return int(torch.randint(0, high + 1, (1,), generator=gen, device=gen.device))
 
     def signs(shape: tuple[int, ...]) -> torch.Tensor:
-        return (torch.randint(0, 2, shape, generator=gen, device=gen.device) * 2 - 1).to(device=device,
-                                                                                     dtype=x0.dtype)
+        return (torch.randint(0, 2, shape, generator=gen, device=gen.device) * 2 - 1).to(device=device, dtype=x0.dtype)
 
     def margin_of(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -782,7 +917,7 @@ def _square_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: 
                 vh, vw = start + i * s0, start + j * s0
                 if vh + s0 > h or vw + s0 > w or vh < 0 or vw < 0:
                     continue
-                delta[:, :, vh:vh + s0, vw:vw + s0] += l2_window(s0)[None, None] * signs((n, c, 1, 1))
+                delta[:, :, vh : vh + s0, vw : vw + s0] += l2_window(s0)[None, None] * signs((n, c, 1, 1))
         x_best = (x0 + eps * _normalize(delta, "l2")).clamp(0.0, 1.0)
     margin = margin_of(x_best, y)
     tally.forward(rows)
@@ -801,26 +936,27 @@ def _square_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: 
             s = min(max(int(round(math.sqrt(p * n_features / c))), 1), h, w)
             vh, vw = rint(h - s), rint(w - s)
             x_new = x_best.clone()
-            x_new[:, :, vh:vh + s, vw:vw + s] = (x0w[:, :, vh:vh + s, vw:vw + s]
-                                                 + eps * signs((m, c, 1, 1))).clamp(0.0, 1.0)
+            x_new[:, :, vh : vh + s, vw : vw + s] = (
+                x0w[:, :, vh : vh + s, vw : vw + s] + eps * signs((m, c, 1, 1))
+            ).clamp(0.0, 1.0)
         else:
             s = max(int(round(math.sqrt(p * n_features / c))), 3)
             s = min(s + 1 if s % 2 == 0 else s, h, w)
             vh, vw, vh2, vw2 = rint(h - s), rint(w - s), rint(h - s), rint(w - s)
             delta = x_best - x0w
-            win1 = delta[:, :, vh:vh + s, vw:vw + s]
+            win1 = delta[:, :, vh : vh + s, vw : vw + s]
             norm_win1 = win1.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
             norm_img = _view(_norms(delta, "l2"), delta)
             union = torch.zeros((1, 1, h, w), dtype=x0.dtype, device=device)
-            union[:, :, vh:vh + s, vw:vw + s] = 1.0
-            union[:, :, vh2:vh2 + s, vw2:vw2 + s] = 1.0
+            union[:, :, vh : vh + s, vw : vw + s] = 1.0
+            union[:, :, vh2 : vh2 + s, vw2 : vw2 + s] = 1.0
             norm_union = (delta * union).pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
             new = l2_window(s)[None, None] * signs((m, c, 1, 1)) + win1 / (1e-12 + norm_win1)
-            budget = ((eps ** 2 - norm_img ** 2).clamp_min(0.0) / c + norm_union ** 2).sqrt()
+            budget = ((eps**2 - norm_img**2).clamp_min(0.0) / c + norm_union**2).sqrt()
             new = new / (1e-12 + new.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()) * budget
             delta = delta.clone()
-            delta[:, :, vh2:vh2 + s, vw2:vw2 + s] = 0.0
-            delta[:, :, vh:vh + s, vw:vw + s] = new
+            delta[:, :, vh2 : vh2 + s, vw2 : vw2 + s] = 0.0
+            delta[:, :, vh : vh + s, vw : vw + s] = new
             x_new = (x0w + eps * _normalize(delta, "l2")).clamp(0.0, 1.0)
         new_margin = margin_of(x_new, yw)
         tally.forward(rows[pos])
@@ -837,9 +973,18 @@ def _square_run(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: 
     return adv, fooled
 
 
-def square(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
-           norm: str = "linf", n_queries: int = 5000, p_init: float = 0.8, seed: int | torch.Generator = 0,
-           counter: PassCounter | None = None) -> torch.Tensor:
+def square(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    n_queries: int = 5000,
+    p_init: float = 0.8,
+    seed: int | torch.Generator = 0,
+    counter: PassCounter | None = None,
+) -> torch.Tensor:
     """Square attack (Andriushchenko et al. 2020), score-based black box on the margin loss, L∞ or L2.
 
     L∞: start from vertical ±ε stripes, then each query re-draws a random ``s×s`` window to ``x ± ε`` (one
@@ -870,8 +1015,9 @@ def square(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | 
     p_init = check_positive(p_init, "p_init")
     gen = make_generator(seed, "square")
 
-    def attack(x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally,
-               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attack(
+        x0: torch.Tensor, y0: torch.Tensor, clean: torch.Tensor, tally: _Tally, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _square_run(model, x0, y0, eps, norm, n_queries, p_init, gen, tally, rows)
 
     adv = _on_clean_correct(model, x, y, eps, x.shape[0], counter, attack)
@@ -928,11 +1074,23 @@ class AutoAttackResult:
         return float(self.clean_correct.mean()) if self.clean_correct.size else float("nan")
 
 
-def auto_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
-                norm: str = "linf", version: str = "standard", attacks: Sequence[str] | None = None,
-                n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9, square_queries: int = 5000,
-                seed: int | torch.Generator = 0, batch_size: int | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> AutoAttackResult:
+def auto_attack(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    version: str = "standard",
+    attacks: Sequence[str] | None = None,
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    n_target_classes: int = 9,
+    square_queries: int = 5000,
+    seed: int | torch.Generator = 0,
+    batch_size: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AutoAttackResult:
     """AutoAttack (Croce & Hein 2020): the cascade APGD-CE -> APGD-T -> FAB-T -> Square on unbroken samples.
 
     Parameters
@@ -973,17 +1131,16 @@ def auto_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     -------
     AutoAttackResult
     """
-    model, x, y, eps, norm, chunk, _ = _prepare(model, images, labels, eps, norm, seed, batch_size, None,
-                                                "auto_attack")
+    model, x, y, eps, norm, chunk, _ = _prepare(model, images, labels, eps, norm, seed, batch_size, None, "auto_attack")
     if attacks is None:
         if version != "standard":
-            raise RobustnessInputError(
-                f"version must be 'standard' (or 'custom' with attacks=[...]); got {version!r}")
+            raise RobustnessInputError(f"version must be 'standard' (or 'custom' with attacks=[...]); got {version!r}")
         cascade = list(STANDARD_ATTACKS)
     else:
         if isinstance(attacks, str) or not all(isinstance(a, str) for a in attacks) or not len(attacks):
-            raise RobustnessInputError(f"attacks must be a non-empty list of names from {list(CASCADE_ATTACKS)}; "
-                                       f"got {attacks!r}")
+            raise RobustnessInputError(
+                f"attacks must be a non-empty list of names from {list(CASCADE_ATTACKS)}; got {attacks!r}"
+            )
         bad = [a for a in attacks if a not in CASCADE_ATTACKS]
         if bad:
             raise RobustnessInputError(f"unknown attack(s) {bad}; expected names from {list(CASCADE_ATTACKS)}")
@@ -1032,14 +1189,17 @@ def auto_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
                     todo = todo_all[s:e]
                     xs, ys, cs = x[todo], y[todo], clean[todo]
                     if name == "apgd-ce":
-                        a, f = _apgd_multi(model, xs, ys, cs, eps, norm, "ce", n_iter, n_restarts, 1, 0.75, gen,
-                                           tally, todo)
+                        a, f = _apgd_multi(
+                            model, xs, ys, cs, eps, norm, "ce", n_iter, n_restarts, 1, 0.75, gen, tally, todo
+                        )
                     elif name == "apgd-dlr":
-                        a, f = _apgd_multi(model, xs, ys, cs, eps, norm, "dlr", n_iter, n_restarts, 1, 0.75, gen,
-                                           tally, todo)
+                        a, f = _apgd_multi(
+                            model, xs, ys, cs, eps, norm, "dlr", n_iter, n_restarts, 1, 0.75, gen, tally, todo
+                        )
                     elif name == "apgd-t":
-                        a, f = _apgd_multi(model, xs, ys, cs, eps, norm, "dlr-targeted", n_iter, n_restarts, nt,
-                                           0.75, gen, tally, todo)
+                        a, f = _apgd_multi(
+                            model, xs, ys, cs, eps, norm, "dlr-targeted", n_iter, n_restarts, nt, 0.75, gen, tally, todo
+                        )
                     elif name == "fab-t":
                         a, f = _fab_multi(model, xs, ys, cs, eps, norm, n_iter, n_restarts, nt, gen, tally, todo)
                     else:
@@ -1059,12 +1219,13 @@ def auto_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
         if broken.numel():
             adv[broken] = _project_ball(adv[broken], x[broken], eps, norm)
             with torch.no_grad():
-                pred = torch.cat([logits_of(model, adv[broken[s:e]]).argmax(dim=1)
-                                  for s, e in _chunks(broken.numel(), chunk)])
+                pred = torch.cat(
+                    [logits_of(model, adv[broken[s:e]]).argmax(dim=1) for s, e in _chunks(broken.numel(), chunk)]
+                )
             tally.forward(broken)
             size = _norms(adv[broken] - x[broken], norm)
             invalid = (pred == y[broken]) | (size > eps * (1 + 1e-5) + 1e-6)
-            if bool(invalid.any()):   # float flakiness at the decision boundary: the sample stays robust
+            if bool(invalid.any()):  # float flakiness at the decision boundary: the sample stays robust
                 undo = broken[invalid]
                 robust[undo] = True
                 adv[undo] = x[undo]
@@ -1076,16 +1237,31 @@ def auto_attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     counts = PassCounter.zeros(n)
     tally.into(counts)
     settings = {
-        "norm": norm, "eps": eps, "version": version, "attacks": cascade, "n_iter": n_iter,
-        "n_restarts": n_restarts, "n_target_classes": nt, "square_queries": square_queries,
-        "square_p_init": 0.8, "apgd_rho": 0.75, "fab": {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9},
-        "seed": seed if not isinstance(seed, torch.Generator) else "generator", "batch_size": batch_size,
+        "norm": norm,
+        "eps": eps,
+        "version": version,
+        "attacks": cascade,
+        "n_iter": n_iter,
+        "n_restarts": n_restarts,
+        "n_target_classes": nt,
+        "square_queries": square_queries,
+        "square_p_init": 0.8,
+        "apgd_rho": 0.75,
+        "fab": {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9},
+        "seed": seed if not isinstance(seed, torch.Generator) else "generator",
+        "batch_size": batch_size,
         "n_samples": n,
     }
     return AutoAttackResult(
-        adv=adv.to(images.device), clean_correct=clean_correct, robust=robust.cpu().numpy(), broken_by=broken_by,
-        robust_after=robust_after, forward_passes=counts.forward, backward_passes=counts.backward,
-        seconds=seconds, settings=settings,
+        adv=adv.to(images.device),
+        clean_correct=clean_correct,
+        robust=robust.cpu().numpy(),
+        broken_by=broken_by,
+        robust_after=robust_after,
+        forward_passes=counts.forward,
+        backward_passes=counts.backward,
+        seconds=seconds,
+        settings=settings,
     )
 
 
@@ -1102,8 +1278,15 @@ def registry_adapter(attack: str, norm: str) -> Callable[..., torch.Tensor]:
         raise RobustnessInputError(f"unknown AutoAttack attack {attack!r}")
     norm = check_norm(norm)
 
-    def run(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *,
-            random_state: int | torch.Generator = 0, **params: Any) -> torch.Tensor:
+    def run(
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        eps: float,
+        *,
+        random_state: int | torch.Generator = 0,
+        **params: Any,
+    ) -> torch.Tensor:
         if attack == "autoattack":
             return auto_attack(model, images, labels, eps, norm=norm, seed=random_state, **params).adv
         if attack == "fab-t":

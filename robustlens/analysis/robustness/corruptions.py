@@ -114,8 +114,7 @@ FOG_PARAMS = ((0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75))
 PIXELATE_FACTOR = (0.90, 0.80, 0.70, 0.60, 0.45)
 JPEG_QUALITY = (80, 65, 58, 50, 40)
 #: (displacement RMS, displacement smoothness σ, affine control-point jitter), fractions of min(H, W).
-ELASTIC_PARAMS = ((0.01, 0.06, 0.02), (0.02, 0.05, 0.035), (0.03, 0.04, 0.05),
-                  (0.04, 0.035, 0.065), (0.05, 0.03, 0.08))
+ELASTIC_PARAMS = ((0.01, 0.06, 0.02), (0.02, 0.05, 0.035), (0.03, 0.04, 0.05), (0.04, 0.035, 0.065), (0.05, 0.03, 0.08))
 
 CorruptionFn = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 
@@ -153,8 +152,9 @@ def _axis_filter_matrix(taps: torch.Tensor, n: int, pad_mode: str) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=256)
-def _filter_terms(kernel: tuple[tuple[float, ...], ...], h: int, w: int, pad_mode: str,
-                  device: torch.device, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+def _filter_terms(
+    kernel: tuple[tuple[float, ...], ...], h: int, w: int, pad_mode: str, device: torch.device, dtype: torch.dtype
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """``((A_r, B_r), ...)``: padded 2-D cross-correlation with ``kernel`` (odd ``k × k``) = ``Σ A_r X B_r^T``.
 
     The kernel is split into rank-one terms by SVD (terms below 1e-10 of the largest dropped), so a
@@ -211,7 +211,7 @@ def _conv_per_image(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 def _gaussian_1d(sigma: float, radius: int) -> torch.Tensor:
     """Normalized 1-D Gaussian of ``sigma`` on ``[-radius, radius]`` (float64)."""
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    k = torch.exp(-(t**2) / (2 * sigma**2))
     return k / k.sum()
 
 
@@ -261,7 +261,7 @@ def gaussian_noise(images: torch.Tensor, severity: int, generator: torch.Generat
     """Additive Gaussian noise, std :data:`GAUSSIAN_NOISE_STD` [severity-1]; ``(B, C, H, W)`` -> same."""
     std = GAUSSIAN_NOISE_STD[severity - 1]
     noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    noise = noise.to(images)          # a fresh tensor either way (it is ours to overwrite)
+    noise = noise.to(images)  # a fresh tensor either way (it is ours to overwrite)
     return noise.mul_(std).add_(images).clamp_(0, 1)
 
 
@@ -321,7 +321,7 @@ def _defocus_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     r = max(int(math.ceil(radius)), 1)
     t = torch.arange(-r, r + 1, dtype=torch.float64)
     yy, xx = torch.meshgrid(t, t, indexing="ij")
-    disk = ((xx ** 2 + yy ** 2) <= radius ** 2).double()
+    disk = ((xx**2 + yy**2) <= radius**2).double()
     disk = disk / disk.sum()
     g = _gaussian_1d(alias_blur, 1)
     g2 = torch.outer(g, g)
@@ -339,12 +339,12 @@ def _motion_kernels(n: int, radius: int, sigma: float, generator: torch.Generato
     """``n`` one-sided Gaussian line kernels ``(n, k, k)``, random angles in ``[-45°, 45°)``, bilinear splat."""
     reach = max(1, min(int(radius), int(math.ceil(3 * sigma))))
     k = 2 * reach + 1
-    angles = (torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).cpu() * 90 - 45)
+    angles = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).cpu() * 90 - 45
     angles = angles * math.pi / 180
     d = torch.arange(reach + 1, dtype=torch.float64)
-    wts = torch.exp(-(d ** 2) / (2 * sigma ** 2))
-    px = reach + d[None, :] * torch.cos(angles)[:, None]   # (n, reach+1) column
-    py = reach - d[None, :] * torch.sin(angles)[:, None]   # row (image y grows downwards)
+    wts = torch.exp(-(d**2) / (2 * sigma**2))
+    px = reach + d[None, :] * torch.cos(angles)[:, None]  # (n, reach+1) column
+    py = reach - d[None, :] * torch.sin(angles)[:, None]  # row (image y grows downwards)
     x0, y0 = px.floor(), py.floor()
     fx, fy = px - x0, py - y0
     kern = torch.zeros(n, k * k, dtype=torch.float64)
@@ -437,7 +437,7 @@ def saturate(images: torch.Tensor, severity: int, generator: torch.Generator) ->
     # s'/s = s'·v/delta; (v - rgb) <= delta keeps the product bounded by s'·v
     ratio = torch.where(colored, s_new * maxc / delta.clamp_min(tiny), 0.0)
     out = torch.addcmul(maxc, ratio, maxc - images, value=-1.0)
-    if b > 0:   # gray pixels: (r, g, b) = v · (1, 1 - s', 1 - s')
+    if b > 0:  # gray pixels: (r, g, b) = v · (1, 1 - s', 1 - s')
         out[:, 1:] -= torch.where(colored, 0.0, s_new * maxc)
     return out.clamp_(0, 1)
 
@@ -494,8 +494,10 @@ def _area_matrix(n_in: int, n_out: int) -> torch.Tensor:
     ``[i·n_in/n_out, (i+1)·n_in/n_out)``, input samples being unit-width constant intervals."""
     out_edges = torch.arange(n_out + 1, dtype=torch.float64) * n_in / n_out
     in_edges = torch.arange(n_in + 1, dtype=torch.float64)
-    overlap = (torch.minimum(out_edges[1:, None], in_edges[None, 1:])
-               - torch.maximum(out_edges[:-1, None], in_edges[None, :-1])).clamp_min_(0)
+    overlap = (
+        torch.minimum(out_edges[1:, None], in_edges[None, 1:])
+        - torch.maximum(out_edges[:-1, None], in_edges[None, :-1])
+    ).clamp_min_(0)
     return overlap / overlap.sum(dim=1, keepdim=True)
 
 
@@ -527,7 +529,7 @@ def jpeg_compression(images: torch.Tensor, severity: int, generator: torch.Gener
     b, c, h, w = images.shape
     mode = "L" if c == 1 else "RGB"
     pixels = (images.detach().to(device="cpu", dtype=torch.float32).clamp(0, 1) * 255).round_().to(torch.uint8)
-    arr = pixels.permute(0, 2, 3, 1).contiguous().numpy()                  # (B, H, W, C) uint8
+    arr = pixels.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, C) uint8
     out = np.empty(arr.shape, dtype=np.uint8)
     buf = io.BytesIO()
     for i in range(b):
@@ -557,15 +559,17 @@ def elastic_transform(images: torch.Tensor, severity: int, generator: torch.Gene
     # affine (float64, tiny): solve N with N·[q, 1] = p for the three jittered control points q of the points p
     cy, cx, sq = h / 2.0, w / 2.0, max(size // 3, 1)
     pts = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy + sq]], dtype=dt)
-    moved = pts[None] + (torch.rand((b, 3, 2), generator=generator, device=generator.device,
-                                    dtype=dt).cpu() * 2 - 1) * jitter
-    lhs = torch.cat([moved, torch.ones(b, 3, 1, dtype=dt)], dim=2)          # (b, 3, 3)
-    n_t = torch.linalg.solve(lhs, pts[None].expand(b, 3, 2))                  # (b, 3, 2): [x y 1] @ n_t = src
+    moved = (
+        pts[None]
+        + (torch.rand((b, 3, 2), generator=generator, device=generator.device, dtype=dt).cpu() * 2 - 1) * jitter
+    )
+    lhs = torch.cat([moved, torch.ones(b, 3, 1, dtype=dt)], dim=2)  # (b, 3, 3)
+    n_t = torch.linalg.solve(lhs, pts[None].expand(b, 3, 2))  # (b, 3, 2): [x y 1] @ n_t = src
     # fold the pixel -> [-1, 1] grid normalization (align_corners=True) into the affine map
     n_t = n_t * torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], dtype=dt)
     n_t[:, 2] -= 1
     work = torch.promote_types(images.dtype, torch.float32)
-    coef = n_t.to(device=images.device, dtype=work)[:, :, None, None, :]      # (b, 3, 1, 1, 2)
+    coef = n_t.to(device=images.device, dtype=work)[:, :, None, None, :]  # (b, 3, 1, 1, 2)
     # smooth displacement field with unit RMS, then scaled
     field = torch.rand((b, 2, h, w), generator=generator, device=generator.device, dtype=torch.float32)
     field = field.to(device=images.device, dtype=work).mul_(2).sub_(1)
@@ -574,11 +578,10 @@ def elastic_transform(images: torch.Tensor, severity: int, generator: torch.Gene
     field = field.mul_((rms / math.sqrt(2)) / field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12))
     xs = torch.arange(w, dtype=work, device=images.device)
     ys = torch.arange(h, dtype=work, device=images.device)[:, None]
-    px = field[:, 0].add_(xs)[..., None]                                      # (b, h, w, 1)
+    px = field[:, 0].add_(xs)[..., None]  # (b, h, w, 1)
     py = field[:, 1].add_(ys)[..., None]
-    grid = (px * coef[:, 0] + py * coef[:, 1]).add_(coef[:, 2])               # (b, h, w, 2)
-    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection",
-                        align_corners=True)
+    grid = (px * coef[:, 0] + py * coef[:, 1]).add_(coef[:, 2])  # (b, h, w, 2)
+    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="reflection", align_corners=True)
     return out.clamp_(0, 1)
 
 
@@ -613,8 +616,9 @@ def _check_name(name: object) -> str:
     return str(name)
 
 
-def corrupt(images: torch.Tensor, name: str, severity: int,
-            generator: torch.Generator | int | None = None) -> torch.Tensor:
+def corrupt(
+    images: torch.Tensor, name: str, severity: int, generator: torch.Generator | int | None = None
+) -> torch.Tensor:
     """Apply one corruption to a batch.
 
     Parameters
@@ -686,9 +690,15 @@ class CorruptionBenchmark:
     severities: list[int] = field(default_factory=list)
 
 
-def corruption_benchmark(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
-                         names: Sequence[str] | None = None, severities: Sequence[int] = SEVERITIES,
-                         batch_size: int = 128, random_state: int = 0) -> CorruptionBenchmark:
+def corruption_benchmark(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    names: Sequence[str] | None = None,
+    severities: Sequence[int] = SEVERITIES,
+    batch_size: int = 128,
+    random_state: int = 0,
+) -> CorruptionBenchmark:
     """Accuracy, error, relative error and prediction flips of ``model`` under corruptions.
 
     Parameters
@@ -728,15 +738,16 @@ def corruption_benchmark(model: torch.nn.Module, images: torch.Tensor, labels: t
     device = model_device(model, images.device)
     preds = np.empty((len(names), len(sevs), n), dtype=np.int64)
     with eval_mode(model), torch.no_grad():
-        clean_pred = torch.cat([predict_labels(model, images[i:i + batch_size].to(device)).cpu()
-                                for i in range(0, n, batch_size)]).numpy()
+        clean_pred = torch.cat(
+            [predict_labels(model, images[i : i + batch_size].to(device)).cpu() for i in range(0, n, batch_size)]
+        ).numpy()
         for a, name in enumerate(names):
             for s_i, sev in enumerate(sevs):
                 for bi, start in enumerate(range(0, n, batch_size)):
-                    batch = images[start:start + batch_size].to(device)
+                    batch = images[start : start + batch_size].to(device)
                     gen = make_generator(int(random_state), name, sev, bi)
                     corrupted = CORRUPTIONS[name](batch, sev, gen)
-                    preds[a, s_i, start:start + batch_size] = predict_labels(model, corrupted).cpu().numpy()
+                    preds[a, s_i, start : start + batch_size] = predict_labels(model, corrupted).cpu().numpy()
 
     y = labels_t.numpy()
     clean_err = float(np.mean(clean_pred != y))
@@ -744,19 +755,32 @@ def corruption_benchmark(model: torch.nn.Module, images: torch.Tensor, labels: t
     for a, name in enumerate(names):
         for s_i, sev in enumerate(sevs):
             err = float(np.mean(preds[a, s_i] != y))
-            rows.append({"corruption": name, "severity": sev, "accuracy": 1.0 - err, "error": err,
-                         "relative_error": err - clean_err,
-                         "flip_rate": float(np.mean(preds[a, s_i] != clean_pred))})
+            rows.append(
+                {
+                    "corruption": name,
+                    "severity": sev,
+                    "accuracy": 1.0 - err,
+                    "error": err,
+                    "relative_error": err - clean_err,
+                    "flip_rate": float(np.mean(preds[a, s_i] != clean_pred)),
+                }
+            )
     table = pd.DataFrame(rows)
-    summary = (table.drop(columns="severity").groupby("corruption", sort=False).mean().reset_index())
-    flips = preds != clean_pred[None, None, :]                           # (names, sevs, N)
+    summary = table.drop(columns="severity").groupby("corruption", sort=False).mean().reset_index()
+    flips = preds != clean_pred[None, None, :]  # (names, sevs, N)
     first = np.full((n, len(names)), np.nan)
     for a in range(len(names)):
         any_flip = flips[a].any(axis=0)
         first_idx = flips[a].argmax(axis=0)
         first[any_flip, a] = np.asarray(sevs, dtype=float)[first_idx[any_flip]]
     return CorruptionBenchmark(
-        clean_accuracy=1.0 - clean_err, clean_error=clean_err, table=table, summary=summary,
-        first_flip_severity=pd.DataFrame(first, columns=names), clean_predictions=clean_pred,
-        predictions=preds, names=names, severities=sevs,
+        clean_accuracy=1.0 - clean_err,
+        clean_error=clean_err,
+        table=table,
+        summary=summary,
+        first_flip_severity=pd.DataFrame(first, columns=names),
+        clean_predictions=clean_pred,
+        predictions=preds,
+        names=names,
+        severities=sevs,
     )

@@ -25,7 +25,7 @@ import torch
 from ._common import RobustnessInputError, check_images, check_labels, check_model, eval_mode, logits_of
 
 #: Largest number of pair-saliency entries (batch × features²) held at once (float32: 4 bytes each).
-PAIR_BUDGET = 2 ** 25
+PAIR_BUDGET = 2**25
 
 
 @dataclass
@@ -53,8 +53,9 @@ class JSMAResult:
     steps: np.ndarray
 
 
-def choose_targets(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, target: str | object,
-                   num_classes: int) -> torch.Tensor:
+def choose_targets(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, target: str | object, num_classes: int
+) -> torch.Tensor:
     """Target class per sample: ``"next"`` = ``(label + 1) mod K`` (torchattacks' default), ``"second"`` = the
     most likely class other than the label, or an explicit ``(B,)`` integer tensor/array."""
     if isinstance(target, str):
@@ -68,8 +69,9 @@ def choose_targets(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     raise RobustnessInputError(f"target must be 'next', 'second' or a (B,) array of classes; got {target!r}")
 
 
-def _pair_choice(target_grad: torch.Tensor, others_grad: torch.Tensor, domain: torch.Tensor,
-                 increasing: bool, layers: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair_choice(
+    target_grad: torch.Tensor, others_grad: torch.Tensor, domain: torch.Tensor, increasing: bool, layers: int = 3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Most salient admissible feature pair per sample, without materialising all ``n²`` pairs.
 
     ``target_grad``, ``others_grad``: ``(b, n)``; ``domain``: ``(b, n)`` bool (features still allowed).
@@ -133,8 +135,10 @@ def _pareto_layers(a: torch.Tensor, c: torch.Tensor, domain: torch.Tensor, layer
         by_a = aa.gather(1, by_c).argsort(dim=1, descending=True, stable=True)
         order = by_c.gather(1, by_a)
         c_sorted = cc.gather(1, order)
-        best_before = torch.cat([torch.full((b, 1), -torch.inf, dtype=a.dtype, device=a.device),
-                                 c_sorted.cummax(dim=1).values[:, :-1]], dim=1)
+        best_before = torch.cat(
+            [torch.full((b, 1), -torch.inf, dtype=a.dtype, device=a.device), c_sorted.cummax(dim=1).values[:, :-1]],
+            dim=1,
+        )
         front_sorted = (c_sorted >= best_before) & torch.isfinite(c_sorted)
         front = torch.zeros_like(domain).scatter_(1, order, front_sorted) & live
         chosen |= front
@@ -156,8 +160,16 @@ def _gradients(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -
     return g_target, g_total.reshape(b, -1) - g_target
 
 
-def jsma(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, *, theta: float = 1.0,
-         gamma: float = 0.1, target: str | object = "second", batch_size: int | None = None) -> JSMAResult:
+def jsma(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    *,
+    theta: float = 1.0,
+    gamma: float = 0.1,
+    target: str | object = "second",
+    batch_size: int | None = None,
+) -> JSMAResult:
     """Targeted JSMA on a batch.
 
     Parameters
@@ -200,8 +212,12 @@ def jsma(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np
         with torch.no_grad():
             num_classes = logits_of(model, x0[:1]).shape[1]
         if isinstance(target, str):
-            targets = torch.cat([choose_targets(model, x0[s:s + batch_size], y[s:s + batch_size], target, num_classes)
-                                 for s in range(0, b_all, batch_size)])
+            targets = torch.cat(
+                [
+                    choose_targets(model, x0[s : s + batch_size], y[s : s + batch_size], target, num_classes)
+                    for s in range(0, b_all, batch_size)
+                ]
+            )
         else:
             targets = check_labels(target, b_all, x0.device, name="target", num_classes=num_classes)
         adv = x0.clone()
@@ -210,14 +226,20 @@ def jsma(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np
             sl = slice(start, start + batch_size)
             steps[sl] = _attack_chunk(model, adv[sl], targets[sl], theta, max_steps, increasing)
         with torch.no_grad():
-            pred = torch.cat([logits_of(model, adv[s:s + batch_size]).argmax(1) for s in range(0, b_all, batch_size)])
+            pred = torch.cat([logits_of(model, adv[s : s + batch_size]).argmax(1) for s in range(0, b_all, batch_size)])
     l0 = (adv != x0).reshape(b_all, -1).sum(1)
-    return JSMAResult(adv=adv, targets=targets.cpu().numpy(), success=(pred == targets).cpu().numpy(),
-                      l0=l0.cpu().numpy(), steps=steps.cpu().numpy())
+    return JSMAResult(
+        adv=adv,
+        targets=targets.cpu().numpy(),
+        success=(pred == targets).cpu().numpy(),
+        l0=l0.cpu().numpy(),
+        steps=steps.cpu().numpy(),
+    )
 
 
-def _attack_chunk(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, theta: float, max_steps: int,
-                  increasing: bool) -> torch.Tensor:
+def _attack_chunk(
+    model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, theta: float, max_steps: int, increasing: bool
+) -> torch.Tensor:
     """Run JSMA in place on ``x`` (a slice of the result tensor); returns the steps taken per sample."""
     b = x.shape[0]
     flat = x.view(b, -1)

@@ -147,8 +147,15 @@ from .tables import (
 STAGE = "robustness"
 SUMMARY = "robustness_summary"
 EXAMPLES = "robustness_examples"
-PARQUET_ARTIFACTS = ("robustness_corruptions", "robustness_curves", "robustness_certified", "robustness_verified",
-                     "robustness_slices", "robustness_samples", "flags_robustness")
+PARQUET_ARTIFACTS = (
+    "robustness_corruptions",
+    "robustness_curves",
+    "robustness_certified",
+    "robustness_verified",
+    "robustness_slices",
+    "robustness_samples",
+    "flags_robustness",
+)
 
 #: Settings of the preview attacks (fast, labelled "preview"; the headline is AutoAttack). PGD runs 50 steps from
 #: a random start (Madry et al.), Square 1,000 queries; override per attack with ``attack_params`` / the TOML file.
@@ -163,8 +170,13 @@ DEFAULT_ATTACK_PARAMS: dict[str, dict[str, Any]] = {
 #: The headline attack of each norm: AutoAttack's standard cascade (APGD-CE, APGD-T, FAB-T, Square), published
 #: settings (Croce & Hein 2020).
 HEADLINE_ATTACKS: dict[str, str] = {"linf": "autoattack_linf", "l2": "autoattack_l2"}
-DEFAULT_AUTOATTACK_PARAMS: dict[str, Any] = {"version": "standard", "n_iter": 100, "n_restarts": 1,
-                                             "n_target_classes": 9, "square_queries": 5000}
+DEFAULT_AUTOATTACK_PARAMS: dict[str, Any] = {
+    "version": "standard",
+    "n_iter": 100,
+    "n_restarts": 1,
+    "n_target_classes": 9,
+    "square_queries": 5000,
+}
 #: Losses the PGD previews can ascend: cross-entropy, the logit margin ``max_{j≠y} z_j - z_y`` (C&W), or DLR.
 PGD_LOSSES = ("ce", "margin", "dlr")
 VALIDITY_BUDGETS = ("fast", "standard")
@@ -314,8 +326,12 @@ def _positive(value: Any, name: str, *, integer: bool = False, allow_zero: bool 
     ``> 0`` (``>= 0`` with ``allow_zero``)."""
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int | np.integer) if integer else isinstance(value, int | float | np.number)
-    if isinstance(value, bool) or not ok_type or not math.isfinite(float(value)) or \
-            (float(value) < 0 if allow_zero else float(value) <= 0):
+    if (
+        isinstance(value, bool)
+        or not ok_type
+        or not math.isfinite(float(value))
+        or (float(value) < 0 if allow_zero else float(value) <= 0)
+    ):
         raise ConfigError(owner, name, f"{kind} {'>= 0' if allow_zero else '> 0'}", value)
 
 
@@ -330,8 +346,11 @@ def validate_config(config: RobustnessConfig) -> None:
     came); :class:`RobustnessConfig` calls it at construction."""
     if any(c not in CORRUPTIONS for c in config.corruptions):
         raise _unknown("corruptions", config.corruptions, list(CORRUPTIONS), "corruption")
-    bad = [s for s in config.severities
-           if isinstance(s, bool) or not isinstance(s, int | np.integer) or s not in SEVERITIES]
+    bad = [
+        s
+        for s in config.severities
+        if isinstance(s, bool) or not isinstance(s, int | np.integer) or s not in SEVERITIES
+    ]
     if bad:
         raise ConfigError(OWNER, "severities", "integers in 1..5", list(config.severities))
     if config.corruptions and not config.severities:
@@ -344,10 +363,17 @@ def validate_config(config: RobustnessConfig) -> None:
     for name, params in config.attack_params.items():
         loss = params.get("loss", "ce")
         if "loss" in params and (name not in ("pgd_linf", "pgd_l2") or loss not in PGD_LOSSES):
-            raise ConfigError(OWNER, f"attack_params[{name!r}]['loss']",
-                              f"one of {list(PGD_LOSSES)} (only pgd_linf / pgd_l2 take a loss)", loss)
-    for name, allowed in (("headline", ("autoattack", "preview")), ("autoattack_eps", ("reference", "grid")),
-                          ("validity_budget", VALIDITY_BUDGETS)):
+            raise ConfigError(
+                OWNER,
+                f"attack_params[{name!r}]['loss']",
+                f"one of {list(PGD_LOSSES)} (only pgd_linf / pgd_l2 take a loss)",
+                loss,
+            )
+    for name, allowed in (
+        ("headline", ("autoattack", "preview")),
+        ("autoattack_eps", ("reference", "grid")),
+        ("validity_budget", VALIDITY_BUDGETS),
+    ):
         if getattr(config, name) not in allowed:
             raise ConfigError(OWNER, name, f"one of {list(allowed)}", getattr(config, name))
     if any(n not in ("linf", "l2") for n in config.verify_norms):
@@ -358,8 +384,12 @@ def validate_config(config: RobustnessConfig) -> None:
         if not config.attacks_of(norm):
             continue
         if not grid:
-            raise ConfigError(OWNER, f"{norm}_eps", f"a non-empty grid (the {norm} attacks "
-                              f"{config.attacks_of(norm)} are requested)", list(grid))
+            raise ConfigError(
+                OWNER,
+                f"{norm}_eps",
+                f"a non-empty grid (the {norm} attacks {config.attacks_of(norm)} are requested)",
+                list(grid),
+            )
         for eps in grid:
             _positive(eps, f"{norm}_eps values")
         if norm == "linf" and max(grid) >= 0.5:
@@ -374,23 +404,51 @@ def validate_config(config: RobustnessConfig) -> None:
     if config.selfcheck_threshold > 1:
         raise ConfigError(OWNER, "selfcheck_threshold", "in (0, 1]", config.selfcheck_threshold)
     _positive(config.radius(), "reference_radius", allow_zero=True)
-    for name in ("smoothing_n0", "smoothing_n", "max_samples", "selfcheck_samples", "masking_samples",
-                 "corruption_batch_size", "attack_batch_size", "smoothing_batch_size", "fragile_min_families",
-                 "min_slice_samples", "worst_slices"):
+    for name in (
+        "smoothing_n0",
+        "smoothing_n",
+        "max_samples",
+        "selfcheck_samples",
+        "masking_samples",
+        "corruption_batch_size",
+        "attack_batch_size",
+        "smoothing_batch_size",
+        "fragile_min_families",
+        "min_slice_samples",
+        "worst_slices",
+    ):
         _positive(getattr(config, name), name, integer=True)
-    for name in ("attack_samples", "smoothing_samples", "num_examples", "random_state", "verify_samples",
-                 "stability_samples"):
+    for name in (
+        "attack_samples",
+        "smoothing_samples",
+        "num_examples",
+        "random_state",
+        "verify_samples",
+        "stability_samples",
+    ):
         _positive(getattr(config, name), name, integer=True, allow_zero=True)
 
 
 # -- the attack-config file (TOML) ------------------------------------------------------------------------------
 
-_PGD_KEYS = {"steps": ("steps", "int"), "restarts": ("restarts", "int"), "step_size": ("step_size", "number"),
-             "random_start": ("random_start", "bool"), "loss": ("loss", PGD_LOSSES)}
-_AUTOATTACK_KEYS = {"version": ("version", ("standard",)), "steps": ("n_iter", "int"),
-                    "n_iter": ("n_iter", "int"), "restarts": ("n_restarts", "int"), "n_restarts": ("n_restarts", "int"),
-                    "targets": ("n_target_classes", "int"), "n_target_classes": ("n_target_classes", "int"),
-                    "queries": ("square_queries", "int"), "square_queries": ("square_queries", "int")}
+_PGD_KEYS = {
+    "steps": ("steps", "int"),
+    "restarts": ("restarts", "int"),
+    "step_size": ("step_size", "number"),
+    "random_start": ("random_start", "bool"),
+    "loss": ("loss", PGD_LOSSES),
+}
+_AUTOATTACK_KEYS = {
+    "version": ("version", ("standard",)),
+    "steps": ("n_iter", "int"),
+    "n_iter": ("n_iter", "int"),
+    "restarts": ("n_restarts", "int"),
+    "n_restarts": ("n_restarts", "int"),
+    "targets": ("n_target_classes", "int"),
+    "n_target_classes": ("n_target_classes", "int"),
+    "queries": ("square_queries", "int"),
+    "square_queries": ("square_queries", "int"),
+}
 #: Per attack: TOML key → (keyword argument of the attack, kind). A kind is ``"int"`` (>= 1), ``"number"`` (> 0),
 #: ``"fraction"`` (in (0, 1)), ``"bool"`` or a tuple of allowed strings. ``steps`` / ``restarts`` / ``queries`` are
 #: the common names; each attack's own argument names are accepted too. Attacks registered elsewhere (e.g.
@@ -399,19 +457,39 @@ ATTACK_CONFIG_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
     "fgsm": {},
     "pgd_linf": _PGD_KEYS,
     "pgd_l2": _PGD_KEYS,
-    "deepfool": {"steps": ("max_iter", "int"), "max_iter": ("max_iter", "int"), "candidates": ("candidates", "int"),
-                 "overshoot": ("overshoot", "number")},
-    "cw_l2": {"steps": ("max_iter", "int"), "max_iter": ("max_iter", "int"),
-              "binary_search_steps": ("binary_search_steps", "int"), "initial_const": ("initial_const", "number"),
-              "learning_rate": ("learning_rate", "number")},
+    "deepfool": {
+        "steps": ("max_iter", "int"),
+        "max_iter": ("max_iter", "int"),
+        "candidates": ("candidates", "int"),
+        "overshoot": ("overshoot", "number"),
+    },
+    "cw_l2": {
+        "steps": ("max_iter", "int"),
+        "max_iter": ("max_iter", "int"),
+        "binary_search_steps": ("binary_search_steps", "int"),
+        "initial_const": ("initial_const", "number"),
+        "learning_rate": ("learning_rate", "number"),
+    },
     "square_linf": {"queries": ("max_iter", "int"), "max_iter": ("max_iter", "int"), "p_init": ("p_init", "fraction")},
     "autoattack_linf": _AUTOATTACK_KEYS,
     "autoattack_l2": _AUTOATTACK_KEYS,
 }
-_COMMON_ALIASES = {"steps": ("n_iter", "steps", "max_iter"), "restarts": ("n_restarts", "restarts"),
-                   "queries": ("n_queries", "queries", "square_queries", "max_iter")}
-_TOP_LEVEL_KEYS = ("linf_eps", "l2_eps", "reference_linf_eps", "reference_l2_eps", "attacks", "headline",
-                   "autoattack_eps", "validity", "verification")
+_COMMON_ALIASES = {
+    "steps": ("n_iter", "steps", "max_iter"),
+    "restarts": ("n_restarts", "restarts"),
+    "queries": ("n_queries", "queries", "square_queries", "max_iter"),
+}
+_TOP_LEVEL_KEYS = (
+    "linf_eps",
+    "l2_eps",
+    "reference_linf_eps",
+    "reference_l2_eps",
+    "attacks",
+    "headline",
+    "autoattack_eps",
+    "validity",
+    "verification",
+)
 
 
 def _config_keys(attack: str) -> dict[str, tuple[str, Any]]:
@@ -420,17 +498,37 @@ def _config_keys(attack: str) -> dict[str, tuple[str, Any]]:
 
     if attack in ATTACK_CONFIG_KEYS:
         return ATTACK_CONFIG_KEYS[attack]
-    skip = {"model", "images", "labels", "eps", "random_state", "seed", "progress", "batch_size", "norm", "loss",
-            "counter"}
+    skip = {
+        "model",
+        "images",
+        "labels",
+        "eps",
+        "random_state",
+        "seed",
+        "progress",
+        "batch_size",
+        "norm",
+        "loss",
+        "counter",
+    }
     fn = ATTACKS[attack].fn
     module, _ = _optional_module("autoattack")
     if module is not None and (fn.__doc__ or "").startswith("Registry adapter"):
         # AutoAttack's cascade attacks: the adapter forwards its settings to the attack function
-        fn = module.apgd if attack.startswith("apgd") else module.fab_targeted if attack.startswith("fab") \
+        fn = (
+            module.apgd
+            if attack.startswith("apgd")
+            else module.fab_targeted
+            if attack.startswith("fab")
             else module.square
-    params = {name: p.default for name, p in inspect.signature(fn).parameters.items()
-              if name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-              and p.default is not inspect.Parameter.empty}
+        )
+    params = {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if name not in skip
+        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is not inspect.Parameter.empty
+    }
 
     def kind(default: Any) -> Any:
         if isinstance(default, bool):
@@ -481,8 +579,13 @@ def _toml_value(value: Any, kind: Any, owner: str, where: str) -> Any:
             raise ConfigError(owner, where, "an integer >= 1", value)
         return value
     if kind in ("number", "fraction"):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0 \
-                or (kind == "fraction" and value >= 1):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+            or (kind == "fraction" and value >= 1)
+        ):
             raise ConfigError(owner, where, f"a number {'in (0, 1)' if kind == 'fraction' else '> 0'}", value)
         return float(value)
     return value
@@ -544,7 +647,7 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
         if key in document:
             out[key] = _toml_value(document[key], choices, owner, key)
     attacks = document.get("attacks", {})
-    if isinstance(attacks, list):      # a list of preview attack names
+    if isinstance(attacks, list):  # a list of preview attack names
         bad = [a for a in attacks if a not in ATTACKS]
         if bad or not all(isinstance(a, str) for a in attacks):
             raise ConfigError(owner, "attacks", f"names from {list(ATTACKS)} (unknown attack(s) {bad})", attacks)
@@ -585,8 +688,9 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
         if "methods" in table:
             methods = table["methods"]
             if not isinstance(methods, list) or any(m not in VERIFY_METHODS for m in methods):
-                raise ConfigError(owner, "[verification] methods", f"a list of {list(VERIFY_METHODS)} (empty to skip)",
-                                  methods)
+                raise ConfigError(
+                    owner, "[verification] methods", f"a list of {list(VERIFY_METHODS)} (empty to skip)", methods
+                )
             out["verification"] = tuple(dict.fromkeys(methods))
         if "norms" in table:
             norms = table["norms"]
@@ -603,12 +707,15 @@ def load_attack_config(path: str | Path) -> dict[str, Any]:
 
 # -- inputs --------------------------------------------------------------------------------------------------
 
+
 def model_digest(workspace: Workspace) -> str:
     """Fingerprint of the workspace model: its config plus the model file's bytes (or the factory name)."""
     entry = workspace.manifest.get("model")
     if entry is None:
-        raise ValidationError(f"{workspace.root} has no model; robustness analysis needs one: pass --model (and "
-                              "--model-config) to 'robustlens init'")
+        raise ValidationError(
+            f"{workspace.root} has no model; robustness analysis needs one: pass --model (and "
+            "--model-config) to 'robustlens init'"
+        )
     parts: list[Any] = [entry.get("kind"), entry.get("config")]
     if entry.get("kind") == "torchscript":
         digest = hashlib.sha256((workspace.root / entry["file"]).read_bytes()).hexdigest()
@@ -618,14 +725,27 @@ def model_digest(workspace: Workspace) -> str:
     return fingerprint(*parts)
 
 
-def load_images(workspace: Workspace, positions: np.ndarray, model_config: Any, *, workers: int | None = None,
-                progress: bool = False) -> torch.Tensor:
+def load_images(
+    workspace: Workspace,
+    positions: np.ndarray,
+    model_config: Any,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Decode the samples at ``positions`` ``(M,)`` into the model's layout: ``(M, C, H, W)`` float32 in [0, 1]."""
     paths = workspace.samples["path"].tolist()
     pixels: list[np.ndarray] = []
     # Content hashes of init: a file changed since is refused (DatasetFileError naming it), never used.
-    for _, batch in iter_decoded(workspace.dataset_root, paths, positions.tolist(), workers=workers, progress=progress,
-                                 desc="Decoding", expected_hashes=workspace.samples["content_hash"].tolist()):
+    for _, batch in iter_decoded(
+        workspace.dataset_root,
+        paths,
+        positions.tolist(),
+        workers=workers,
+        progress=progress,
+        desc="Decoding",
+        expected_hashes=workspace.samples["content_hash"].tolist(),
+    ):
         pixels.extend(batch)
     return prepare_images(pixels, model_config)
 
@@ -640,18 +760,31 @@ def _slice_specs(workspace: Workspace, positions: np.ndarray) -> tuple[list[dict
     table = read_artifact(workspace, "slices")
     if table is None:
         return class_slices(labels, workspace.classes), "classes-only"
-    specs = [{"slice_id": "all", "description": "all evaluated samples", "kind": "all",
-              "members": np.ones(positions.shape[0], dtype=bool)}]
+    specs = [
+        {
+            "slice_id": "all",
+            "description": "all evaluated samples",
+            "kind": "all",
+            "members": np.ones(positions.shape[0], dtype=bool),
+        }
+    ]
     for _, row in table.iterrows():
         if row["kind"] == "all":
             continue
-        specs.append({"slice_id": row["slice_id"], "description": row["description"], "kind": row["kind"],
-                      "members": slice_mask(workspace, row)[positions]})
+        specs.append(
+            {
+                "slice_id": row["slice_id"],
+                "description": row["description"],
+                "kind": row["kind"],
+                "members": slice_mask(workspace, row)[positions],
+            }
+        )
     digest_column = table["members_digest"] if "members_digest" in table else table["slice_id"]
     return specs, fingerprint(table["slice_id"], digest_column, len(workspace.samples))
 
 
 # -- the analyses ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class AttackFamily:
@@ -708,8 +841,17 @@ class AttackFamily:
         clean-correct mask: per attack and worst case, breaking budgets (NaN: never broken), Wilson intervals."""
         return curve_from_breaks(self.broken, self.eps, clean_correct, norm=self.norm, min_norm=self.min_norm)
 
-    def add(self, name: str, broken_at: np.ndarray, ran: np.ndarray, *, kind: str, params: dict[str, Any],
-            cost: dict[str, float], adversarial: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        broken_at: np.ndarray,
+        ran: np.ndarray,
+        *,
+        kind: str,
+        params: dict[str, Any],
+        cost: dict[str, float],
+        adversarial: torch.Tensor | None = None,
+    ) -> None:
         """Record an attack run outside :func:`run_attack_family`: ``broken_at`` ``(E, A)`` bool where it ran
         (other rows ignored), closed upwards in ε (an adversarial within ε lies within every larger budget)."""
         hits = np.logical_or.accumulate(broken_at & ran[:, None], axis=0)
@@ -741,9 +883,11 @@ class PassCounter(torch.nn.Module):
         rows = int(images.shape[0])
         self.forward_rows += rows
         if isinstance(out, torch.Tensor) and out.requires_grad:
+
             def count(grad: torch.Tensor) -> torch.Tensor:
                 self.backward_rows += rows
                 return grad
+
             out.register_hook(count)
         return out
 
@@ -785,9 +929,17 @@ class LossObjective(torch.nn.Module):
         return torch.stack([torch.zeros_like(value), value], dim=1)
 
 
-def run_preview_attack(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, name: str,
-                       eps: float | None, params: dict[str, Any], *, random_state: int,
-                       batch_size: int | None) -> AttackResult:
+def run_preview_attack(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    name: str,
+    eps: float | None,
+    params: dict[str, Any],
+    *,
+    random_state: int,
+    batch_size: int | None,
+) -> AttackResult:
     """:func:`~.attacks.run_attack`, plus the ``loss`` setting of the PGD attacks (``"ce"``, ``"margin"``, ``"dlr"``).
 
     With a loss other than cross-entropy, PGD runs on :class:`LossObjective` of ``model`` (chunk by chunk, seeds as
@@ -808,18 +960,43 @@ def run_preview_attack(model: torch.nn.Module, images: torch.Tensor, labels: np.
     advs = []
     with eval_mode(model):
         for ci, start in enumerate(range(0, x.shape[0], chunk)):
-            xb, yb = x[start:start + chunk], y[start:start + chunk]
+            xb, yb = x[start : start + chunk], y[start : start + chunk]
             objective = LossObjective(model, yb, loss)
-            advs.append(pgd(objective, xb, torch.zeros_like(yb), eps, norm=ATTACKS[name].norm,
-                            random_state=make_generator(int(random_state), name, ci), **params))
-        result = evaluate_adversarial(model, x, y, torch.cat(advs), ATTACKS[name].norm, eps, name=name,
-                                      batch_size=batch_size, params={**params, "loss": loss})
+            advs.append(
+                pgd(
+                    objective,
+                    xb,
+                    torch.zeros_like(yb),
+                    eps,
+                    norm=ATTACKS[name].norm,
+                    random_state=make_generator(int(random_state), name, ci),
+                    **params,
+                )
+            )
+        result = evaluate_adversarial(
+            model,
+            x,
+            y,
+            torch.cat(advs),
+            ATTACKS[name].norm,
+            eps,
+            name=name,
+            batch_size=batch_size,
+            params={**params, "loss": loss},
+        )
     result.adv_images = result.adv_images.to(images.device)
     return result
 
 
-def run_attack_family(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, clean_correct: np.ndarray,
-                      norm: str, config: RobustnessConfig, bar: tqdm) -> AttackFamily:
+def run_attack_family(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    clean_correct: np.ndarray,
+    norm: str,
+    config: RobustnessConfig,
+    bar: tqdm,
+) -> AttackFamily:
     """Run the configured preview attacks of ``norm`` on ``images`` ``(A, C, H, W)`` with true ``labels`` ``(A,)``."""
     grid = np.array(sorted(config.linf_eps if norm == "linf" else config.l2_eps), dtype=float)
     family = AttackFamily(norm=norm, eps=grid, broken={}, min_norm=np.full(images.shape[0], np.nan), params={})
@@ -833,8 +1010,16 @@ def run_attack_family(model: torch.nn.Module, images: torch.Tensor, labels: np.n
         if spec.minimal:
             todo = np.flatnonzero(clean_correct)
             if todo.size:
-                result = run_preview_attack(counter, images[todo], labels[todo], name, None, params,
-                                            random_state=config.random_state, batch_size=config.attack_batch_size)
+                result = run_preview_attack(
+                    counter,
+                    images[todo],
+                    labels[todo],
+                    name,
+                    None,
+                    params,
+                    random_state=config.random_state,
+                    batch_size=config.attack_batch_size,
+                )
                 size = result.l2 if norm == "l2" else result.linf
                 for e, eps in enumerate(grid):
                     hits[e, todo] = result.success & within_budget(size, eps)
@@ -845,9 +1030,16 @@ def run_attack_family(model: torch.nn.Module, images: torch.Tensor, labels: np.n
             for e, eps in enumerate(grid):
                 todo = np.flatnonzero(clean_correct & ~already)
                 if todo.size:
-                    result = run_preview_attack(counter, images[todo], labels[todo], name, float(eps), params,
-                                                random_state=derive_seed(config.random_state, name, e) & 0x7FFFFFFF,
-                                                batch_size=config.attack_batch_size)
+                    result = run_preview_attack(
+                        counter,
+                        images[todo],
+                        labels[todo],
+                        name,
+                        float(eps),
+                        params,
+                        random_state=derive_seed(config.random_state, name, e) & 0x7FFFFFFF,
+                        batch_size=config.attack_batch_size,
+                    )
                     already[todo[result.success]] = True
                 hits[e] = already
                 bar.update(1)
@@ -855,15 +1047,19 @@ def run_attack_family(model: torch.nn.Module, images: torch.Tensor, labels: np.n
         family.params[name] = params
         family.ran[name] = np.ones(grid.size, dtype=bool)
         family.kind[name] = "preview"
-        family.cost[name] = _cost(time.perf_counter() - clock, counter.forward_rows, counter.backward_rows,
-                                  images.shape[0])
+        family.cost[name] = _cost(
+            time.perf_counter() - clock, counter.forward_rows, counter.backward_rows, images.shape[0]
+        )
     return family
 
 
 def _cost(seconds: float, forward_rows: float, backward_rows: float, samples: int) -> dict[str, float]:
     per = max(samples, 1)
-    return {"seconds": round(float(seconds), 3), "forward_passes_per_sample": round(float(forward_rows) / per, 2),
-            "backward_passes_per_sample": round(float(backward_rows) / per, 2)}
+    return {
+        "seconds": round(float(seconds), 3),
+        "forward_passes_per_sample": round(float(forward_rows) / per, 2),
+        "backward_passes_per_sample": round(float(backward_rows) / per, 2),
+    }
 
 
 def robust_rate(robust: np.ndarray) -> dict[str, float | int | None]:
@@ -880,15 +1076,23 @@ def curve_rows(family: AttackFamily, clean_correct: np.ndarray) -> list[dict]:
     :meth:`AttackFamily.curve`, with each attack's ``kind``): every attack at the budgets it ran at, and the worst
     case (over every attack, closed upwards in ε) at every ε; robust accuracy with its Wilson 95 % interval."""
     kinds = {**family.kind, "worst_case": "worst_case"}
-    return [{**row, "kind": kinds.get(row["attack"], "preview")}
-            for row in family.curve(clean_correct).records(ran=family.ran)]
+    return [
+        {**row, "kind": kinds.get(row["attack"], "preview")}
+        for row in family.curve(clean_correct).records(ran=family.ran)
+    ]
 
 
 CURVE_COLUMNS = [*CURVE_RECORD_COLUMNS, "kind"]
 
 
-def run_self_checks(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
-                    norms: list[str], bar: tqdm) -> dict[str, Any]:
+def run_self_checks(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    config: RobustnessConfig,
+    norms: list[str],
+    bar: tqdm,
+) -> dict[str, Any]:
     """:func:`~.selfcheck.robustness_self_check` of every norm at its reference ε: the active test of every
     preview attack (on the first ``selfcheck_samples``) and the gradient-masking checks (first ``masking_samples``).
 
@@ -909,22 +1113,35 @@ def run_self_checks(model: torch.nn.Module, images: torch.Tensor, labels: np.nda
             else:
                 attacks[name] = _loss_attack(name, params, config)
         report = robustness_self_check(
-            model, images, labels, eps, norm=norm, attacks=attacks, attack_params=attack_params,
-            threshold=config.selfcheck_threshold, random_state=config.random_state,
-            batch_size=config.attack_batch_size, attack_samples=config.selfcheck_samples,
+            model,
+            images,
+            labels,
+            eps,
+            norm=norm,
+            attacks=attacks,
+            attack_params=attack_params,
+            threshold=config.selfcheck_threshold,
+            random_state=config.random_state,
+            batch_size=config.attack_batch_size,
+            attack_samples=config.selfcheck_samples,
             masking_samples=config.masking_samples,
-            masking_params={"pgd_steps": 2 * config.params_for(f"pgd_{norm}").get("steps", 10),
-                            "square_iters": config.params_for("square_linf").get("max_iter", 100)},
-            on_check=lambda: bar.update(1))
+            masking_params={
+                "pgd_steps": 2 * config.params_for(f"pgd_{norm}").get("steps", 10),
+                "square_iters": config.params_for("square_linf").get("max_iter", 100),
+            },
+            on_check=lambda: bar.update(1),
+        )
         for name, result in report.attack_checks.items():
             entry = result.to_dict()
             entry.pop("success")
             checks[name] = entry
             if not result.passed:
-                warnings.append(f"attack self-check FAILED for {name} at {norm} eps={eps:.4g}: it found only "
-                                f"{result.success_rate:.0%} of the adversarial examples known to exist (needs "
-                                f"{result.threshold:.0%}); its robust accuracy overestimates robustness — "
-                                "strengthen its parameters")
+                warnings.append(
+                    f"attack self-check FAILED for {name} at {norm} eps={eps:.4g}: it found only "
+                    f"{result.success_rate:.0%} of the adversarial examples known to exist (needs "
+                    f"{result.threshold:.0%}); its robust accuracy overestimates robustness — "
+                    "strengthen its parameters"
+                )
         masking[norm] = report.masking.to_dict()
         warnings += [f"gradient masking suspected ({norm}): {message}" for message in report.masking.messages]
     passed = all(c["passed"] for c in checks.values()) and not any(m["suspicious"] for m in masking.values())
@@ -933,32 +1150,54 @@ def run_self_checks(model: torch.nn.Module, images: torch.Tensor, labels: np.nda
 
 def _loss_attack(name: str, params: dict[str, Any], config: RobustnessConfig) -> Callable[..., torch.Tensor]:
     """``attack(model, images, labels, eps) -> adv`` running :func:`run_preview_attack` (PGD with a non-CE loss)."""
-    def attack(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
-               eps: float) -> torch.Tensor:
+
+    def attack(
+        model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float
+    ) -> torch.Tensor:
         labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        return run_preview_attack(model, images, labels, name, eps, params, random_state=config.random_state,
-                                  batch_size=config.attack_batch_size).adv_images
+        return run_preview_attack(
+            model,
+            images,
+            labels,
+            name,
+            eps,
+            params,
+            random_state=config.random_state,
+            batch_size=config.attack_batch_size,
+        ).adv_images
 
     attack.__name__ = name
     return attack
 
 
-def run_smoothing(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
-                  bar: tqdm) -> dict[str, np.ndarray]:
+def run_smoothing(
+    model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig, bar: tqdm
+) -> dict[str, np.ndarray]:
     """CERTIFY on ``images`` ``(S, C, H, W)`` one by one (seed per position), returning ``(S,)`` arrays:
     ``prediction`` (-1 = abstain), ``radius`` (0 when abstained), ``abstain``, ``correct`` (certified true class)."""
     predictions, radii = [], []
     for i in range(images.shape[0]):
-        result = certify(model, images[i:i + 1], config.smoothing_sigma, n0=config.smoothing_n0, n=config.smoothing_n,
-                         alpha=config.smoothing_alpha, batch_size=config.smoothing_batch_size,
-                         random_state=derive_seed(config.random_state, "certify", i) & 0x7FFFFFFF)
+        result = certify(
+            model,
+            images[i : i + 1],
+            config.smoothing_sigma,
+            n0=config.smoothing_n0,
+            n=config.smoothing_n,
+            alpha=config.smoothing_alpha,
+            batch_size=config.smoothing_batch_size,
+            random_state=derive_seed(config.random_state, "certify", i) & 0x7FFFFFFF,
+        )
         predictions.append(int(result.prediction[0]))
         radii.append(float(result.radius[0]))
         bar.update(1)
     prediction = np.array(predictions, dtype=np.int64)
     abstain = prediction < 0
-    return {"prediction": prediction, "radius": np.array(radii), "abstain": abstain,
-            "correct": ~abstain & (prediction == labels)}
+    return {
+        "prediction": prediction,
+        "radius": np.array(radii),
+        "abstain": abstain,
+        "correct": ~abstain & (prediction == labels),
+    }
 
 
 def certified_curve(radius: np.ndarray, correct: np.ndarray, config: RobustnessConfig) -> pd.DataFrame:
@@ -966,11 +1205,18 @@ def certified_curve(radius: np.ndarray, correct: np.ndarray, config: RobustnessC
     certified-correct flags on :func:`~.smoothing.radius_grid` (step σ/10 up to the largest radius CERTIFY can give
     with ``n`` samples)."""
     grid = radius_grid(config.smoothing_sigma, config.smoothing_n, config.smoothing_alpha)
-    return pd.DataFrame({"radius": grid, "certified_accuracy": certified_accuracy_curve(radius, correct, grid),
-                         "n_samples": radius.size, "sigma": config.smoothing_sigma})
+    return pd.DataFrame(
+        {
+            "radius": grid,
+            "certified_accuracy": certified_accuracy_curve(radius, correct, grid),
+            "n_samples": radius.size,
+            "sigma": config.smoothing_sigma,
+        }
+    )
 
 
 # -- per-sample table and examples --------------------------------------------------------------------------
+
 
 def verified_table(verification: dict[str, dict]) -> pd.DataFrame:
     """``robustness_verified.parquet``: per norm, method and ε the verified accuracy (Wilson 95 % interval) beside
@@ -981,21 +1227,44 @@ def verified_table(verification: dict[str, dict]) -> pd.DataFrame:
             continue
         for method, values in entry["methods"].items():
             for e, eps in enumerate(entry["eps"]):
-                rows.append({"norm": norm, "method": method, "eps": float(eps),
-                             "verified_accuracy": values["verified_accuracy"][e], "ci_low": values["ci_low"][e],
-                             "ci_high": values["ci_high"][e],
-                             "empirical_robust_accuracy": entry["empirical_robust_accuracy"][e],
-                             "n_samples": entry["n_samples"]})
+                rows.append(
+                    {
+                        "norm": norm,
+                        "method": method,
+                        "eps": float(eps),
+                        "verified_accuracy": values["verified_accuracy"][e],
+                        "ci_low": values["ci_low"][e],
+                        "ci_high": values["ci_high"][e],
+                        "empirical_robust_accuracy": entry["empirical_robust_accuracy"][e],
+                        "n_samples": entry["n_samples"],
+                    }
+                )
     return pd.DataFrame(rows, columns=VERIFIED_COLUMNS)
 
 
-VERIFIED_COLUMNS = ["norm", "method", "eps", "verified_accuracy", "ci_low", "ci_high", "empirical_robust_accuracy",
-                    "n_samples"]
+VERIFIED_COLUMNS = [
+    "norm",
+    "method",
+    "eps",
+    "verified_accuracy",
+    "ci_low",
+    "ci_high",
+    "empirical_robust_accuracy",
+    "n_samples",
+]
 
 
-def samples_frame(ids: np.ndarray, clean_correct: np.ndarray, corruption: dict | None, attacked: int,
-                  families: dict[str, AttackFamily], attack_correct: np.ndarray, smoothing: dict | None,
-                  config: RobustnessConfig, outcome: dict | None = None) -> pd.DataFrame:
+def samples_frame(
+    ids: np.ndarray,
+    clean_correct: np.ndarray,
+    corruption: dict | None,
+    attacked: int,
+    families: dict[str, AttackFamily],
+    attack_correct: np.ndarray,
+    smoothing: dict | None,
+    config: RobustnessConfig,
+    outcome: dict | None = None,
+) -> pd.DataFrame:
     """The ``robustness_samples`` table (see the module docstring), one row per evaluated sample ``(M,)``."""
     m = ids.shape[0]
     frame = pd.DataFrame({"id": ids.astype(str), "rob_clean_correct": clean_correct})
@@ -1013,7 +1282,7 @@ def samples_frame(ids: np.ndarray, clean_correct: np.ndarray, corruption: dict |
         e = family.reference_index(config.reference_eps(norm))
         by = pd.array([pd.NA] * m, dtype="string")
         names = np.full(attacked, "", dtype=object)
-        for name in reversed(list(family.broken)):      # the first attack (run order) that broke it wins
+        for name in reversed(list(family.broken)):  # the first attack (run order) that broke it wins
             names[family.broken[name][e]] = name
         names[~attack_correct] = "clean error"
         by[:attacked] = names.astype(str)
@@ -1023,16 +1292,16 @@ def samples_frame(ids: np.ndarray, clean_correct: np.ndarray, corruption: dict |
         per_sample = stability["result"].per_sample
         for source, column in (("fp_mean", "rob_flip_probability"), ("t5d_mean", "rob_top5_distance")):
             values = np.full(m, np.nan)
-            values[:len(per_sample)] = per_sample[source].to_numpy(dtype=float)
+            values[: len(per_sample)] = per_sample[source].to_numpy(dtype=float)
             frame[column] = values
     for norm, entry in ((outcome or {}).get("verification") or {}).items():
         if not entry.get("supported"):
             continue
-        verified = entry["verified"]                        # (E, V) any method
+        verified = entry["verified"]  # (E, V) any method
         grid = np.asarray(entry["eps"], dtype=float)
         largest = np.where(verified.any(axis=0), grid[::-1][np.argmax(verified[::-1], axis=0)], 0.0)
         values = np.full(m, np.nan)
-        values[:verified.shape[1]] = largest
+        values[: verified.shape[1]] = largest
         frame[f"rob_verified_{norm}_eps"] = values
     if "l2" in families and any(ATTACKS[a].minimal for a in families["l2"].broken):
         values = np.full(m, np.nan)
@@ -1063,14 +1332,21 @@ def choose_examples(frame: pd.DataFrame, count: int) -> np.ndarray:
     eligible = frame.index[frame["rob_attacked"]] if frame["rob_attacked"].any() else frame.index
     fragile = frame.loc[eligible]
     fragile = fragile[fragile["rob_fragile"]].sort_values("rob_fragility", ascending=False, kind="stable")
-    chosen = list(fragile.index[:count // 2])
-    chosen += [i for i in eligible if i not in set(chosen)][:count - len(chosen)]
+    chosen = list(fragile.index[: count // 2])
+    chosen += [i for i in eligible if i not in set(chosen)][: count - len(chosen)]
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def example_images(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, rows: np.ndarray,
-                   frame: pd.DataFrame, corruption: dict | None, families: dict[str, AttackFamily],
-                   config: RobustnessConfig) -> dict[str, np.ndarray]:
+def example_images(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    rows: np.ndarray,
+    frame: pd.DataFrame,
+    corruption: dict | None,
+    families: dict[str, AttackFamily],
+    config: RobustnessConfig,
+) -> dict[str, np.ndarray]:
     """Arrays of ``robustness_examples.npz`` for the evaluated rows ``rows`` ``(X,)``.
 
     Keys: ``ids`` (X,) str; ``labels``; ``clean`` / ``corrupted`` / ``adversarial`` ``(X, C, H, W)`` float16
@@ -1096,7 +1372,7 @@ def example_images(model: torch.nn.Module, images: torch.Tensor, labels: np.ndar
         # Regenerate each benchmark batch once, with its own seed: the stored image is exactly the one evaluated.
         for (name, severity, batch_index), members in cells.items():
             start = batch_index * config.corruption_batch_size
-            batch = images[start:start + config.corruption_batch_size].to(device)
+            batch = images[start : start + config.corruption_batch_size].to(device)
             generator = make_generator(int(config.random_state), name, severity, batch_index)
             with torch.no_grad():
                 out = CORRUPTIONS[name](batch, severity, generator).cpu()
@@ -1111,21 +1387,37 @@ def example_images(model: torch.nn.Module, images: torch.Tensor, labels: np.ndar
             runs.setdefault((attacks[k], float(budgets[k])), []).append(k)
         for (attack, eps), members in runs.items():
             chosen = torch.as_tensor(members)
-            if attack in family.adversarial:        # AutoAttack / diagnostics: their own adversarials
+            if attack in family.adversarial:  # AutoAttack / diagnostics: their own adversarials
                 adversarial[chosen] = family.adversarial[attack][torch.as_tensor(rows[members])].to(adversarial)
                 continue
-            result = run_preview_attack(model, x[chosen], labels[rows[members]], attack,
-                                        None if ATTACKS[attack].minimal else eps, family.params[attack],
-                                        random_state=config.random_state, batch_size=config.attack_batch_size)
+            result = run_preview_attack(
+                model,
+                x[chosen],
+                labels[rows[members]],
+                attack,
+                None if ATTACKS[attack].minimal else eps,
+                family.params[attack],
+                random_state=config.random_state,
+                batch_size=config.attack_batch_size,
+            )
             adversarial[chosen] = result.adv_images.cpu()
     with eval_mode(model):
         preds = [predict_labels(model, t.to(device), 256).cpu().numpy() for t in (x, corrupted, adversarial)]
-    return {"ids": frame["id"].to_numpy()[rows].astype(str), "labels": labels[rows].astype(np.int64),
-            "clean": x.numpy().astype(np.float16), "corrupted": corrupted.numpy().astype(np.float16),
-            "adversarial": adversarial.numpy().astype(np.float16),
-            "perturbation": (adversarial - x).numpy().astype(np.float16), "clean_pred": preds[0],
-            "corrupted_pred": preds[1], "adversarial_pred": preds[2], "corruption": names.astype(str),
-            "severity": severities, "attack": attacks.astype(str), "eps": budgets}
+    return {
+        "ids": frame["id"].to_numpy()[rows].astype(str),
+        "labels": labels[rows].astype(np.int64),
+        "clean": x.numpy().astype(np.float16),
+        "corrupted": corrupted.numpy().astype(np.float16),
+        "adversarial": adversarial.numpy().astype(np.float16),
+        "perturbation": (adversarial - x).numpy().astype(np.float16),
+        "clean_pred": preds[0],
+        "corrupted_pred": preds[1],
+        "adversarial_pred": preds[2],
+        "corruption": names.astype(str),
+        "severity": severities,
+        "attack": attacks.astype(str),
+        "eps": budgets,
+    }
 
 
 def _example_corruption(corruption: dict, row: int) -> tuple[str, int]:
@@ -1135,8 +1427,10 @@ def _example_corruption(corruption: dict, row: int) -> tuple[str, int]:
         severity = float(first.min())
         candidates = [c for c in first.index if first[c] == severity]
         table = corruption["table"]
-        accuracy = {c: float(table[(table["corruption"] == c) & (table["severity"] == severity)]["accuracy"].iloc[0])
-                    for c in candidates}
+        accuracy = {
+            c: float(table[(table["corruption"] == c) & (table["severity"] == severity)]["accuracy"].iloc[0])
+            for c in candidates
+        }
         return min(candidates, key=lambda c: accuracy[c]), int(severity)
     worst = corruption["table"].sort_values(["severity", "accuracy"], ascending=[False, True]).iloc[0]
     return str(worst["corruption"]), int(worst["severity"])
@@ -1147,8 +1441,9 @@ def _example_attack(family: AttackFamily, row: int) -> tuple[str, float]:
     worst = family.worst()[:, row]
     if worst.any():
         e = int(worst.argmax())
-        attack = next((a for a, hits in family.broken.items() if hits[e, row]
-                       and (a in ATTACKS or a in family.adversarial)), None)
+        attack = next(
+            (a for a, hits in family.broken.items() if hits[e, row] and (a in ATTACKS or a in family.adversarial)), None
+        )
         if attack is not None:
             return attack, float(family.eps[e])
     bounded = [a for a in family.broken if a in ATTACKS and not ATTACKS[a].minimal]
@@ -1158,8 +1453,16 @@ def _example_attack(family: AttackFamily, row: int) -> tuple[str, float]:
 
 # -- the run ------------------------------------------------------------------------------------------------------
 
-def run_robustness(workspace: Workspace, config: RobustnessConfig | None = None, *, progress: bool = True,
-                   device: str = "cpu", workers: int | None = None, threads: int | None = None) -> dict:
+
+def run_robustness(
+    workspace: Workspace,
+    config: RobustnessConfig | None = None,
+    *,
+    progress: bool = True,
+    device: str = "cpu",
+    workers: int | None = None,
+    threads: int | None = None,
+) -> dict:
     """Run the robustness analysis of ``workspace``'s model and write its artifacts (see the module docstring).
 
     Parameters
@@ -1201,13 +1504,15 @@ def run_robustness(workspace: Workspace, config: RobustnessConfig | None = None,
 def _run(workspace: Workspace, config: RobustnessConfig, *, progress: bool, device: str, workers: int | None) -> dict:
     """:func:`run_robustness` once the config is valid and torch's threads are set."""
     digest = model_digest(workspace)
-    context = StageContext(workspace=workspace, progress=progress, device=device, random_state=config.random_state,
-                           workers=workers)
+    context = StageContext(
+        workspace=workspace, progress=progress, device=device, random_state=config.random_state, workers=workers
+    )
     samples = workspace.samples
     labels_all = samples["label_index"].to_numpy().astype(np.int64)
     positions = select_samples(labels_all, config.max_samples, config.random_state)
-    inputs = fingerprint(samples.iloc[positions][["id", "content_hash", "label_index"]].astype(str), digest,
-                         workspace.classes)
+    inputs = fingerprint(
+        samples.iloc[positions][["id", "content_hash", "label_index"]].astype(str), digest, workspace.classes
+    )
     slices, slice_inputs = _slice_specs(workspace, positions)
     if _current(context, config, inputs):
         return _refresh_slices(context, config, inputs, slices, slice_inputs)
@@ -1226,16 +1531,18 @@ def _run(workspace: Workspace, config: RobustnessConfig, *, progress: bool, devi
     corruption, corruption_rows = _corruptions(model, images, labels, config, progress, timings)
     attacked = min(config.attack_samples, positions.shape[0]) if config.attacks else 0
     train = (images[attacked:], labels[attacked:]) if positions.shape[0] - attacked >= 10 else None
-    families, curves, self_check, outcome = _attacks(model, images[:attacked], labels[:attacked],
-                                                     clean_correct[:attacked], config, progress, timings, train)
+    families, curves, self_check, outcome = _attacks(
+        model, images[:attacked], labels[:attacked], clean_correct[:attacked], config, progress, timings, train
+    )
     smoothing = _smoothing(model, images, labels, config, progress, timings)
     stability = _stability(model, images, labels, config, timings, outcome["warnings"])
 
     clock = time.perf_counter()
     ids = samples["id"].to_numpy()[positions]
     outcome["stability"] = stability
-    frame = samples_frame(ids, clean_correct, corruption, attacked, families, clean_correct[:attacked], smoothing,
-                          config, outcome)
+    frame = samples_frame(
+        ids, clean_correct, corruption, attacked, families, clean_correct[:attacked], smoothing, config, outcome
+    )
     flags = fragile_flags(frame)
     slice_table = _slice_table(frame, slices, config)
     timings["tables"] = time.perf_counter() - clock
@@ -1245,17 +1552,34 @@ def _run(workspace: Workspace, config: RobustnessConfig, *, progress: bool, devi
     examples = example_images(model, images, labels, rows, frame, corruption, families, config) if rows.size else None
     timings["examples"] = time.perf_counter() - clock
 
-    summary.update(_summary_body(workspace, config, ids, clean_correct, attacked, corruption, families,
-                                 clean_correct[:attacked], smoothing, self_check, frame, slice_table, outcome))
+    summary.update(
+        _summary_body(
+            workspace,
+            config,
+            ids,
+            clean_correct,
+            attacked,
+            corruption,
+            families,
+            clean_correct[:attacked],
+            smoothing,
+            self_check,
+            frame,
+            slice_table,
+            outcome,
+        )
+    )
     summary["timings"] = {k: round(v, 2) for k, v in timings.items()}
     summary["timings"]["total"] = round(sum(timings.values()), 2)
     summary["slice_inputs"] = slice_inputs
     artifacts = {
         "robustness_corruptions": corruption_rows,
         "robustness_curves": pd.DataFrame(curves, columns=CURVE_COLUMNS),
-        "robustness_certified": (certified_curve(smoothing["radius"], smoothing["correct"], config)
-                                 if smoothing is not None else
-                                 pd.DataFrame(columns=["radius", "certified_accuracy", "n_samples", "sigma"])),
+        "robustness_certified": (
+            certified_curve(smoothing["radius"], smoothing["correct"], config)
+            if smoothing is not None
+            else pd.DataFrame(columns=["radius", "certified_accuracy", "n_samples", "sigma"])
+        ),
         "robustness_verified": verified_table(outcome.get("verification", {})),
         "robustness_slices": slice_table,
         "robustness_samples": frame,
@@ -1265,19 +1589,33 @@ def _run(workspace: Workspace, config: RobustnessConfig, *, progress: bool, devi
     return {**summary, "skipped": False}
 
 
-def _corruptions(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
-                 progress: bool, timings: dict[str, float]) -> tuple[dict | None, pd.DataFrame]:
+def _corruptions(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    config: RobustnessConfig,
+    progress: bool,
+    timings: dict[str, float],
+) -> tuple[dict | None, pd.DataFrame]:
     """Corruption benchmark, one corruption at a time (for progress); ``None`` and an empty table when none."""
     columns = ["corruption", "family", "severity", "accuracy", "error", "relative_error", "flip_rate", "n_samples"]
     if not config.corruptions:
         return None, pd.DataFrame(columns=columns)
     clock = time.perf_counter()
     tables, first_flip, correct_cells = [], [], np.zeros(images.shape[0])
-    with tqdm(total=len(config.corruptions) * len(config.severities), desc="Corruptions", unit="cell",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(config.corruptions) * len(config.severities), desc="Corruptions", unit="cell", disable=not progress
+    ) as bar:
         for name in config.corruptions:
-            bench = corruption_benchmark(model, images, labels, names=[name], severities=config.severities,
-                                         batch_size=config.corruption_batch_size, random_state=config.random_state)
+            bench = corruption_benchmark(
+                model,
+                images,
+                labels,
+                names=[name],
+                severities=config.severities,
+                batch_size=config.corruption_batch_size,
+                random_state=config.random_state,
+            )
             tables.append(bench.table)
             first_flip.append(bench.first_flip_severity)
             correct_cells += (bench.predictions[0] == labels[None, :]).sum(axis=0)
@@ -1288,15 +1626,25 @@ def _corruptions(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarra
     first = pd.concat(first_flip, axis=1)
     timings["corruptions"] = time.perf_counter() - clock
     flips = family_flip_severity(first)
-    result = {"table": table, "first_flip": first, "flip": {f: flips[f].to_numpy() for f in flips.columns},
-              "accuracy": correct_cells / (len(config.corruptions) * len(config.severities))}
+    result = {
+        "table": table,
+        "first_flip": first,
+        "flip": {f: flips[f].to_numpy() for f in flips.columns},
+        "accuracy": correct_cells / (len(config.corruptions) * len(config.severities)),
+    }
     return result, table[columns]
 
 
-def _attacks(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, clean_correct: np.ndarray,
-             config: RobustnessConfig, progress: bool, timings: dict[str, float],
-             train: tuple[torch.Tensor, np.ndarray] | None = None
-             ) -> tuple[dict[str, AttackFamily], list[dict], dict[str, Any], dict[str, Any]]:
+def _attacks(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    clean_correct: np.ndarray,
+    config: RobustnessConfig,
+    progress: bool,
+    timings: dict[str, float],
+    train: tuple[torch.Tensor, np.ndarray] | None = None,
+) -> tuple[dict[str, AttackFamily], list[dict], dict[str, Any], dict[str, Any]]:
     """Everything run on the attack subset ``(A, C, H, W)``: preview attacks, the AutoAttack headline, the previews'
     self-checks, the validity diagnostics and formal verification.
 
@@ -1321,8 +1669,9 @@ def _attacks(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, c
     aa_runs: dict[str, dict | None] = {}
     if config.headline == "autoattack":
         for norm in tqdm(norms, desc="AutoAttack", unit="norm", disable=not progress):
-            aa_runs[norm] = run_headline_attack(model, images, labels, clean_correct, families[norm], config,
-                                                outcome["warnings"])
+            aa_runs[norm] = run_headline_attack(
+                model, images, labels, clean_correct, families[norm], config, outcome["warnings"]
+            )
         timings["autoattack"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with tqdm(total=len(config.attacks) + len(norms), desc="Self-checks", unit="check", disable=not progress) as bar:
@@ -1340,8 +1689,9 @@ def _attacks(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, c
         timings["verification"] = time.perf_counter() - clock
     for norm in norms:
         curves += curve_rows(families[norm], clean_correct)
-        outcome["headline"][norm] = headline_entry(families[norm], clean_correct, config, aa_runs.get(norm),
-                                                   validity_reports.get(norm))
+        outcome["headline"][norm] = headline_entry(
+            families[norm], clean_correct, config, aa_runs.get(norm), validity_reports.get(norm)
+        )
     outcome["validity"] = validity_section(config, validity_reports, self_check, outcome)
     for entry in outcome["headline"].values():
         entry["upper_bound"] = outcome["validity"]["status"] != "pass"
@@ -1358,8 +1708,15 @@ def _optional_module(name: str) -> tuple[Any, str | None]:
         return None, f"robustlens.analysis.robustness.{name} is not available ({exc})"
 
 
-def run_headline_attack(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, clean_correct: np.ndarray,
-                        family: AttackFamily, config: RobustnessConfig, warnings: list[str]) -> dict | None:
+def run_headline_attack(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    clean_correct: np.ndarray,
+    family: AttackFamily,
+    config: RobustnessConfig,
+    warnings: list[str],
+) -> dict | None:
     """AutoAttack (standard) of ``family.norm`` at the reference ε (or on the grid), added to ``family``.
 
     Runs on the clean-correct samples (on the grid: those it has not broken at a smaller ε). Returns
@@ -1368,8 +1725,10 @@ def run_headline_attack(model: torch.nn.Module, images: torch.Tensor, labels: np
     """
     module, why = _optional_module("autoattack")
     if module is None:
-        warnings.append(f"AutoAttack is not available, so the headline is the preview attacks' worst case and is "
-                        f"not AutoAttack-grade: {why}")
+        warnings.append(
+            f"AutoAttack is not available, so the headline is the preview attacks' worst case and is "
+            f"not AutoAttack-grade: {why}"
+        )
         return None
     norm = family.norm
     name = HEADLINE_ATTACKS[norm]
@@ -1391,14 +1750,23 @@ def run_headline_attack(model: torch.nn.Module, images: torch.Tensor, labels: np
         todo = np.flatnonzero(clean_correct & ~already)
         if todo.size:
             try:
-                result = module.auto_attack(model, images[todo], labels[todo], float(family.eps[e]), norm=norm,
-                                            seed=derive_seed(config.random_state, name, e) & 0x7FFFFFFF,
-                                            batch_size=config.attack_batch_size, **params)
+                result = module.auto_attack(
+                    model,
+                    images[todo],
+                    labels[todo],
+                    float(family.eps[e]),
+                    norm=norm,
+                    seed=derive_seed(config.random_state, name, e) & 0x7FFFFFFF,
+                    batch_size=config.attack_batch_size,
+                    **params,
+                )
             except ValidationError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported: the headline falls back to the previews
-                warnings.append(f"AutoAttack is not available, so the headline is the preview attacks' worst case "
-                                f"and is not AutoAttack-grade: it failed ({type(exc).__name__}: {exc})")
+                warnings.append(
+                    f"AutoAttack is not available, so the headline is the preview attacks' worst case "
+                    f"and is not AutoAttack-grade: it failed ({type(exc).__name__}: {exc})"
+                )
                 return None
             robust = np.asarray(result.robust, dtype=bool)
             broken = ~robust
@@ -1411,15 +1779,28 @@ def run_headline_attack(model: torch.nn.Module, images: torch.Tensor, labels: np
                 seconds[stage] = seconds.get(stage, 0.0) + float(value)
             settings = {**dict(result.settings), **params}
         broken_at[e] = already
-    cost: dict[str, Any] = {**_cost(time.perf_counter() - clock, forward, backward, n),
-                            "seconds_by_attack": {k: round(v, 3) for k, v in seconds.items()}}
+    cost: dict[str, Any] = {
+        **_cost(time.perf_counter() - clock, forward, backward, n),
+        "seconds_by_attack": {k: round(v, 3) for k, v in seconds.items()},
+    }
     family.add(name, broken_at, ran, kind="headline", params=settings, cost=cost, adversarial=adversarial)
-    return {"name": name, "robust": clean_correct & ~family.broken[name][reference], "broken_by": broken_by,
-            "settings": settings}
+    return {
+        "name": name,
+        "robust": clean_correct & ~family.broken[name][reference],
+        "broken_by": broken_by,
+        "settings": settings,
+    }
 
 
-def run_validity(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, clean_correct: np.ndarray,
-                 family: AttackFamily, config: RobustnessConfig, train: tuple | None) -> dict:
+def run_validity(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    clean_correct: np.ndarray,
+    family: AttackFamily,
+    config: RobustnessConfig,
+    train: tuple | None,
+) -> dict:
     """Validity diagnostics of ``family.norm`` at the reference ε; their breaks are added to ``family``.
 
     Returns ``{"status", "checks", "report" (the module's dict), "before", "after"}``: robust accuracy at the
@@ -1432,26 +1813,41 @@ def run_validity(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarra
     robust_before = clean_correct & ~family.worst()[reference]
     module, why = _optional_module("validity")
     if module is None:
-        check = {"name": "validity_diagnostics", "norm": norm, "status": "warn",
-                 "message": f"the validity diagnostics did not run: {why}; the robust accuracy is an unchecked "
-                            "upper bound"}
-        return {"status": "warn", "checks": [check], "report": None, "before": robust_before,
-                "after": robust_before}
+        check = {
+            "name": "validity_diagnostics",
+            "norm": norm,
+            "status": "warn",
+            "message": f"the validity diagnostics did not run: {why}; the robust accuracy is an unchecked upper bound",
+        }
+        return {"status": "warn", "checks": [check], "report": None, "before": robust_before, "after": robust_before}
     counter = PassCounter(model)
     clock = time.perf_counter()
     train_images, train_labels = train if train is not None else (None, None)
     try:
-        report = module.validity_diagnostics(counter, images, labels, eps, norm=norm, robust_mask=robust_before,
-                                             surrogate=None, train_images=train_images, train_labels=train_labels,
-                                             budget=config.validity_budget, seed=config.random_state)
+        report = module.validity_diagnostics(
+            counter,
+            images,
+            labels,
+            eps,
+            norm=norm,
+            robust_mask=robust_before,
+            surrogate=None,
+            train_images=train_images,
+            train_labels=train_labels,
+            budget=config.validity_budget,
+            seed=config.random_state,
+        )
     except ValidationError:
         raise
     except Exception as exc:  # noqa: BLE001 - a crashing diagnostic is a failed check, not a lost run
-        check = {"name": "validity_diagnostics", "norm": norm, "status": "fail",
-                 "message": f"the validity diagnostics crashed ({type(exc).__name__}: {exc}); the robust accuracy "
-                            "is unchecked"}
-        return {"status": "fail", "checks": [check], "report": None, "before": robust_before,
-                "after": robust_before}
+        check = {
+            "name": "validity_diagnostics",
+            "norm": norm,
+            "status": "fail",
+            "message": f"the validity diagnostics crashed ({type(exc).__name__}: {exc}); the robust accuracy "
+            "is unchecked",
+        }
+        return {"status": "fail", "checks": [check], "report": None, "before": robust_before, "after": robust_before}
     after = robust_before & np.asarray(report.worst_case_robust, dtype=bool)
     broken_at = np.zeros((family.eps.size, images.shape[0]), dtype=bool)
     broken_at[reference] = robust_before & ~after
@@ -1460,24 +1856,45 @@ def run_validity(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarra
     adversarial = getattr(report, "diagnostic_adv", None)
     if not (isinstance(adversarial, torch.Tensor) and adversarial.shape == images.shape):
         adversarial = None
-    family.add("validity_diagnostics", broken_at, ran, kind="diagnostic", params={"budget": config.validity_budget},
-               cost=_cost(time.perf_counter() - clock, counter.forward_rows, counter.backward_rows, images.shape[0]),
-               adversarial=None if adversarial is None else adversarial.detach().cpu())
+    family.add(
+        "validity_diagnostics",
+        broken_at,
+        ran,
+        kind="diagnostic",
+        params={"budget": config.validity_budget},
+        cost=_cost(time.perf_counter() - clock, counter.forward_rows, counter.backward_rows, images.shape[0]),
+        adversarial=None if adversarial is None else adversarial.detach().cpu(),
+    )
     checks = [{"norm": norm, **dict(c)} for c in report.checks]
-    return {"status": str(report.status), "checks": checks, "report": json_safe(_report_dict(report)),
-            "before": robust_before, "after": after}
+    return {
+        "status": str(report.status),
+        "checks": checks,
+        "report": json_safe(_report_dict(report)),
+        "before": robust_before,
+        "after": after,
+    }
 
 
 def _report_dict(report: Any) -> dict:
     """``report.to_dict()`` without per-sample arrays or tensors (they are in the per-sample table)."""
     out = report.to_dict() if hasattr(report, "to_dict") else {}
-    return {k: v for k, v in out.items() if k not in ("checks", "diagnostic_adv", "worst_case_robust")
-            and not isinstance(v, torch.Tensor | np.ndarray)
-            and not (isinstance(v, list) and len(v) > 64)}
+    return {
+        k: v
+        for k, v in out.items()
+        if k not in ("checks", "diagnostic_adv", "worst_case_robust")
+        and not isinstance(v, torch.Tensor | np.ndarray)
+        and not (isinstance(v, list) and len(v) > 64)
+    }
 
 
-def run_verification(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, clean_correct: np.ndarray,
-                     families: dict[str, AttackFamily], config: RobustnessConfig) -> dict[str, dict]:
+def run_verification(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    clean_correct: np.ndarray,
+    families: dict[str, AttackFamily],
+    config: RobustnessConfig,
+) -> dict[str, dict]:
     """Formal verification (IBP / CROWN) of the first ``verify_samples`` attacked samples on each norm's ε grid.
 
     Returns per norm either ``{"supported": False, "message"}`` or ``{"supported": True, "eps", "n_samples",
@@ -1499,14 +1916,18 @@ def run_verification(model: torch.nn.Module, images: torch.Tensor, labels: np.nd
         method = "both" if set(config.verification) == {"ibp", "crown"} else config.verification[0]
         clock = time.perf_counter()
         try:
-            result = module.verify(model, images[:count], labels[:count], family.eps.tolist(), method=method,
-                                   norm=norm, batch_size=64)
+            result = module.verify(
+                model, images[:count], labels[:count], family.eps.tolist(), method=method, norm=norm, batch_size=64
+            )
         except ValidationError as exc:
             out[norm] = {"supported": False, "message": f"not supported: {exc}"}
             continue
         except Exception as exc:  # noqa: BLE001 - a crashing verifier is reported (validity warns), the run goes on
-            out[norm] = {"supported": False, "error": True,
-                         "message": f"verification failed ({type(exc).__name__}: {exc})"}
+            out[norm] = {
+                "supported": False,
+                "error": True,
+                "message": f"verification failed ({type(exc).__name__}: {exc})",
+            }
             continue
         seconds = time.perf_counter() - clock
         empirical = clean_correct[:count][None, :] & ~family.worst()[:, :count]
@@ -1517,10 +1938,18 @@ def run_verification(model: torch.nn.Module, images: torch.Tensor, labels: np.nd
             accuracy, low, high = _accuracy_per_budget(verified)
             methods[name] = {"verified_accuracy": accuracy, "ci_low": low, "ci_high": high}
         accuracy, low, high = _accuracy_per_budget(empirical)
-        out[norm] = {"supported": True, "eps": family.eps.tolist(), "n_samples": count, "methods": methods,
-                     "empirical_robust_accuracy": accuracy, "empirical_ci_low": low, "empirical_ci_high": high,
-                     "violations": int((any_verified & ~empirical).any(0).sum()), "seconds": round(seconds, 3),
-                     "verified": any_verified}
+        out[norm] = {
+            "supported": True,
+            "eps": family.eps.tolist(),
+            "n_samples": count,
+            "methods": methods,
+            "empirical_robust_accuracy": accuracy,
+            "empirical_ci_low": low,
+            "empirical_ci_high": high,
+            "violations": int((any_verified & ~empirical).any(0).sum()),
+            "seconds": round(seconds, 3),
+            "verified": any_verified,
+        }
     return out
 
 
@@ -1532,8 +1961,13 @@ def _accuracy_per_budget(hits: np.ndarray) -> tuple[list[float], list[float], li
     return (k / count).tolist(), low.tolist(), high.tolist()
 
 
-def headline_entry(family: AttackFamily, clean_correct: np.ndarray, config: RobustnessConfig, aa_run: dict | None,
-                   validity: dict | None) -> dict[str, Any]:
+def headline_entry(
+    family: AttackFamily,
+    clean_correct: np.ndarray,
+    config: RobustnessConfig,
+    aa_run: dict | None,
+    validity: dict | None,
+) -> dict[str, Any]:
     """The headline of one norm at its reference ε (``summary["headline"][norm]``).
 
     ``robust_accuracy`` (with ``ci_low`` / ``ci_high``, Wilson 95 %, over ``n`` attacked samples) is the per-sample
@@ -1545,14 +1979,20 @@ def headline_entry(family: AttackFamily, clean_correct: np.ndarray, config: Robu
     e = family.reference_index(eps)
     worst = clean_correct & ~family.worst()[e]
     before = clean_correct & ~family.worst(("preview", "headline"))[e]
-    entry: dict[str, Any] = {"norm": family.norm, "eps": eps, **robust_rate(worst),
-                             "preview": aa_run is None,
-                             "attack": aa_run["name"] if aa_run else "preview attacks",
-                             "label": (f"AutoAttack ({family.params[aa_run['name']].get('version', 'standard')})"
-                                       if aa_run else "preview attacks only (" + ", ".join(
-                                           a for a, k in family.kind.items() if k == "preview") + ")"),
-                             "attacks": list(family.broken),
-                             "before_diagnostics": robust_rate(before)}
+    entry: dict[str, Any] = {
+        "norm": family.norm,
+        "eps": eps,
+        **robust_rate(worst),
+        "preview": aa_run is None,
+        "attack": aa_run["name"] if aa_run else "preview attacks",
+        "label": (
+            f"AutoAttack ({family.params[aa_run['name']].get('version', 'standard')})"
+            if aa_run
+            else "preview attacks only (" + ", ".join(a for a, k in family.kind.items() if k == "preview") + ")"
+        ),
+        "attacks": list(family.broken),
+        "before_diagnostics": robust_rate(before),
+    }
     if aa_run is not None:
         entry["autoattack"] = robust_rate(aa_run["robust"])
         names, counts = np.unique(aa_run["broken_by"][aa_run["broken_by"] != ""].astype(str), return_counts=True)
@@ -1565,8 +2005,9 @@ def headline_entry(family: AttackFamily, clean_correct: np.ndarray, config: Robu
 _STATUS_ORDER = {"pass": 0, "warn": 1, "fail": 2}
 
 
-def validity_section(config: RobustnessConfig, reports: dict[str, dict], self_check: dict,
-                     outcome: dict) -> dict[str, Any]:
+def validity_section(
+    config: RobustnessConfig, reports: dict[str, dict], self_check: dict, outcome: dict
+) -> dict[str, Any]:
     """``summary["validity"]``: ``{"status": "pass" | "warn" | "fail", "checks": [...]}``, one entry per check.
 
     Checks: every check of the validity diagnostics (per norm), the previews' self-checks, the headline's
@@ -1577,40 +2018,87 @@ def validity_section(config: RobustnessConfig, reports: dict[str, dict], self_ch
     for report in reports.values():
         checks += report["checks"]
     if not config.validity:
-        checks.append({"name": "validity_diagnostics", "norm": None, "status": "warn",
-                       "message": "the validity diagnostics were switched off; the robust accuracy is unchecked"})
+        checks.append(
+            {
+                "name": "validity_diagnostics",
+                "norm": None,
+                "status": "warn",
+                "message": "the validity diagnostics were switched off; the robust accuracy is unchecked",
+            }
+        )
     if config.headline == "autoattack" and any("AutoAttack is not available" in w for w in outcome["warnings"]):
-        checks.append({"name": "headline_attack", "norm": None, "status": "warn",
-                       "message": "AutoAttack did not run: the headline comes from the preview attacks"})
+        checks.append(
+            {
+                "name": "headline_attack",
+                "norm": None,
+                "status": "warn",
+                "message": "AutoAttack did not run: the headline comes from the preview attacks",
+            }
+        )
     elif config.headline == "preview":
-        checks.append({"name": "headline_attack", "norm": None, "status": "warn",
-                       "message": "headline = 'preview': the robust accuracy comes from fast preview attacks only"})
+        checks.append(
+            {
+                "name": "headline_attack",
+                "norm": None,
+                "status": "warn",
+                "message": "headline = 'preview': the robust accuracy comes from fast preview attacks only",
+            }
+        )
     failed = [name for name, c in self_check.get("attacks", {}).items() if not c["passed"]]
     suspicious = [norm for norm, m in self_check.get("masking", {}).items() if m.get("suspicious")]
-    checks.append({"name": "preview_attack_self_checks", "norm": None,
-                   "status": "warn" if failed or suspicious else "pass",
-                   "message": ("active test failed for " + ", ".join(failed) if failed else
-                               "every preview attack found the planted adversarial examples")
-                   + ("; gradient-masking symptoms (" + ", ".join(suspicious) + ")" if suspicious else "")})
+    checks.append(
+        {
+            "name": "preview_attack_self_checks",
+            "norm": None,
+            "status": "warn" if failed or suspicious else "pass",
+            "message": (
+                "active test failed for " + ", ".join(failed)
+                if failed
+                else "every preview attack found the planted adversarial examples"
+            )
+            + ("; gradient-masking symptoms (" + ", ".join(suspicious) + ")" if suspicious else ""),
+        }
+    )
     for norm, entry in outcome.get("verification", {}).items():
         if entry.get("error"):
             checks.append({"name": "verified_not_broken", "norm": norm, "status": "warn", "message": entry["message"]})
         if not entry.get("supported"):
             continue
         bad = entry["violations"]
-        checks.append({"name": "verified_not_broken", "norm": norm, "status": "fail" if bad else "pass",
-                       "message": (f"{bad} sample(s) verified robust yet broken by an attack (a verifier or attack "
-                                   "bug)" if bad else f"no verified sample was broken by any attack "
-                                   f"({entry['n_samples']} samples, {len(entry['eps'])} budgets)")})
+        checks.append(
+            {
+                "name": "verified_not_broken",
+                "norm": norm,
+                "status": "fail" if bad else "pass",
+                "message": (
+                    f"{bad} sample(s) verified robust yet broken by an attack (a verifier or attack bug)"
+                    if bad
+                    else f"no verified sample was broken by any attack "
+                    f"({entry['n_samples']} samples, {len(entry['eps'])} budgets)"
+                ),
+            }
+        )
     status = max((c.get("status", "pass") for c in checks), key=lambda s: _STATUS_ORDER.get(s, 1), default="pass")
-    norms = {norm: {"status": r["status"], "robust_accuracy_before": float(r["before"].mean()),
-                    "robust_accuracy_after": float(r["after"].mean()), "report": r["report"]}
-             for norm, r in reports.items()}
+    norms = {
+        norm: {
+            "status": r["status"],
+            "robust_accuracy_before": float(r["before"].mean()),
+            "robust_accuracy_after": float(r["after"].mean()),
+            "report": r["report"],
+        }
+        for norm, r in reports.items()
+    }
     return {"status": status, "checks": checks, "norms": norms}
 
 
-def _stability(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
-               timings: dict[str, float], warnings: list[str]) -> dict | None:
+def _stability(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    config: RobustnessConfig,
+    timings: dict[str, float],
+    warnings: list[str],
+) -> dict | None:
     """Perturbation stability (ImageNet-P sequences, :mod:`.stability`) of the first ``stability_samples``:
     ``{"result": StabilityResult, "n_samples"}`` or ``None`` (skipped, or the module is unavailable)."""
     count = min(config.stability_samples, images.shape[0])
@@ -1626,8 +2114,14 @@ def _stability(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray,
     return {"result": result, "n_samples": count}
 
 
-def _smoothing(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, config: RobustnessConfig,
-               progress: bool, timings: dict[str, float]) -> dict | None:
+def _smoothing(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    config: RobustnessConfig,
+    progress: bool,
+    timings: dict[str, float],
+) -> dict | None:
     """Certification of the smoothing subset, or ``None`` when ``smoothing_samples`` is 0."""
     count = min(config.smoothing_samples, images.shape[0])
     if count == 0:
@@ -1642,16 +2136,31 @@ def _smoothing(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray,
 def _slice_table(frame: pd.DataFrame, slices: list[dict], config: RobustnessConfig) -> pd.DataFrame:
     """The per-slice robustness table of the per-sample table ``frame``, at the reference budgets of the norms that
     were attacked (their ``rob_min_*_eps`` columns) and the reference radius when certification ran."""
-    reference = SliceReference(linf_eps=config.reference_eps("linf") if "rob_min_linf_eps" in frame else None,
-                               l2_eps=config.reference_eps("l2") if "rob_min_l2_eps" in frame else None,
-                               radius=config.radius() if "rob_certified_radius" in frame else None)
+    reference = SliceReference(
+        linf_eps=config.reference_eps("linf") if "rob_min_linf_eps" in frame else None,
+        l2_eps=config.reference_eps("l2") if "rob_min_l2_eps" in frame else None,
+        radius=config.radius() if "rob_certified_radius" in frame else None,
+    )
     return slice_robustness(frame, slices, reference, min_samples=config.min_slice_samples, top_k=config.worst_slices)
 
 
-WORST_COLUMNS = ("worst_rank", "slice_id", "description", "kind", "n_samples", "n_attacked", "clean_accuracy",
-                 "corruption_accuracy", "robust_accuracy_linf", "robust_accuracy_l2", "certified_accuracy",
-                 "robust_accuracy_linf_ci_low", "robust_accuracy_linf_ci_high", "robust_accuracy_l2_ci_low",
-                 "robust_accuracy_l2_ci_high")
+WORST_COLUMNS = (
+    "worst_rank",
+    "slice_id",
+    "description",
+    "kind",
+    "n_samples",
+    "n_attacked",
+    "clean_accuracy",
+    "corruption_accuracy",
+    "robust_accuracy_linf",
+    "robust_accuracy_l2",
+    "certified_accuracy",
+    "robust_accuracy_linf_ci_low",
+    "robust_accuracy_linf_ci_high",
+    "robust_accuracy_l2_ci_low",
+    "robust_accuracy_l2_ci_high",
+)
 
 
 def _too_few(slice_table: pd.DataFrame) -> list[str]:
@@ -1664,14 +2173,29 @@ def _worst_list(slice_table: pd.DataFrame) -> list[dict]:
     return records(worst, WORST_COLUMNS)
 
 
-def _summary_body(workspace: Workspace, config: RobustnessConfig, ids: np.ndarray, clean_correct: np.ndarray,
-                  attacked: int, corruption: dict | None, families: dict[str, AttackFamily], attack_correct: np.ndarray,
-                  smoothing: dict | None, self_check: dict[str, Any], frame: pd.DataFrame, slice_table: pd.DataFrame,
-                  outcome: dict | None = None) -> dict:
+def _summary_body(
+    workspace: Workspace,
+    config: RobustnessConfig,
+    ids: np.ndarray,
+    clean_correct: np.ndarray,
+    attacked: int,
+    corruption: dict | None,
+    families: dict[str, AttackFamily],
+    attack_correct: np.ndarray,
+    smoothing: dict | None,
+    self_check: dict[str, Any],
+    frame: pd.DataFrame,
+    slice_table: pd.DataFrame,
+    outcome: dict | None = None,
+) -> dict:
     """Everything of ``robustness_summary.json`` except config, timings and fingerprints."""
     body: dict[str, Any] = {
-        "num_samples": {"workspace": len(workspace.samples), "evaluated": int(ids.shape[0]), "attacked": attacked,
-                        "certified": 0 if smoothing is None else int(smoothing["radius"].shape[0])},
+        "num_samples": {
+            "workspace": len(workspace.samples),
+            "evaluated": int(ids.shape[0]),
+            "attacked": attacked,
+            "certified": 0 if smoothing is None else int(smoothing["radius"].shape[0]),
+        },
         "clean_accuracy": float(clean_correct.mean()) if clean_correct.size else None,
         "classes": workspace.classes,
     }
@@ -1698,18 +2222,26 @@ def _summary_body(workspace: Workspace, config: RobustnessConfig, ids: np.ndarra
     for norm, family in families.items():
         curve = family.curve(attack_correct)
         correct = curve.n_correct
-        entry = {"eps": family.eps.tolist(), "reference_eps": config.reference_eps(norm),
-                 "clean_accuracy": curve.clean_accuracy, "clean_accuracy_ci": _interval(robust_rate(attack_correct)),
-                 "n_samples": n, "attacks": {}}
+        entry = {
+            "eps": family.eps.tolist(),
+            "reference_eps": config.reference_eps(norm),
+            "clean_accuracy": curve.clean_accuracy,
+            "clean_accuracy_ci": _interval(robust_rate(attack_correct)),
+            "n_samples": n,
+            "attacks": {},
+        }
         for name in family.broken:
             rate = curve.rates(name)
             ran = family.ran.get(name, np.ones(family.eps.size, dtype=bool))
             entry["attacks"][name] = {
-                "kind": family.kind.get(name, "preview"), "params": family.params[name],
+                "kind": family.kind.get(name, "preview"),
+                "params": family.params[name],
                 "success_rate": rate["success_rate"].tolist() if correct else None,
                 "robust_accuracy": rate["robust_accuracy"].tolist(),
                 "robust_accuracy_ci": _intervals(rate),
-                "ran_at_eps": ran.tolist(), **family.cost.get(name, {})}
+                "ran_at_eps": ran.tolist(),
+                **family.cost.get(name, {}),
+            }
         rate = curve.rates("worst_case")
         entry["worst_case_robust_accuracy"] = rate["robust_accuracy"].tolist()
         entry["worst_case_robust_accuracy_ci"] = _intervals(rate)
@@ -1722,22 +2254,33 @@ def _summary_body(workspace: Workspace, config: RobustnessConfig, ids: np.ndarra
         result = stability["result"]
         by_class = result.grouped(np.asarray(workspace.classes)[result.per_sample["label"].to_numpy()], "class")
         by_class = by_class[["class", "samples", "fp_mean", "t5d_mean"]]
-        body["stability"] = {"n_samples": stability["n_samples"], **result.summary,
-                             "by_class": by_class.to_dict(orient="records"),
-                             "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}
+        body["stability"] = {
+            "n_samples": stability["n_samples"],
+            **result.summary,
+            "by_class": by_class.to_dict(orient="records"),
+            "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        }
     body["attack_settings"] = {name: params for family in families.values() for name, params in family.params.items()}
-    body["verification"] = {norm: {k: v for k, v in entry.items() if k != "verified"}
-                            for norm, entry in outcome.get("verification", {}).items()}
+    body["verification"] = {
+        norm: {k: v for k, v in entry.items() if k != "verified"}
+        for norm, entry in outcome.get("verification", {}).items()
+    }
     if smoothing is not None:
         curve = certified_curve(smoothing["radius"], smoothing["correct"], config)
         radius = config.radius()
         body["certified"] = {
-            "sigma": config.smoothing_sigma, "n0": config.smoothing_n0, "n": config.smoothing_n,
-            "alpha": config.smoothing_alpha, "abstention_rate": float(smoothing["abstain"].mean()),
-            "smoothed_accuracy": float(smoothing["correct"].mean()), "reference_radius": radius,
-            "certified_accuracy_at_reference": float(certified_accuracy_curve(smoothing["radius"], smoothing["correct"],
-                                                                              np.array([radius]))[0]),
-            "radius": curve["radius"].tolist(), "certified_accuracy": curve["certified_accuracy"].tolist(),
+            "sigma": config.smoothing_sigma,
+            "n0": config.smoothing_n0,
+            "n": config.smoothing_n,
+            "alpha": config.smoothing_alpha,
+            "abstention_rate": float(smoothing["abstain"].mean()),
+            "smoothed_accuracy": float(smoothing["correct"].mean()),
+            "reference_radius": radius,
+            "certified_accuracy_at_reference": float(
+                certified_accuracy_curve(smoothing["radius"], smoothing["correct"], np.array([radius]))[0]
+            ),
+            "radius": curve["radius"].tolist(),
+            "certified_accuracy": curve["certified_accuracy"].tolist(),
         }
     body["self_check"] = {k: self_check[k] for k in ("attacks", "masking", "passed")}
     body["warnings"] = list(self_check["warnings"]) + list(outcome.get("warnings", []))
@@ -1748,10 +2291,17 @@ def _summary_body(workspace: Workspace, config: RobustnessConfig, ids: np.ndarra
                 f"validity {validity['status']}: the {norm} robust accuracy "
                 f"{100 * (entry['robust_accuracy'] or 0):.1f} % "
                 f"at eps={entry['eps']:.4g} is an UPPER BOUND (the diagnostic attacks lowered it by "
-                f"{100 * entry['lowered_by']:.1f} points)")
-    body["fragile"] = {"count": int(frame["rob_fragile"].sum()), "rate": float(frame["rob_fragile"].mean()),
-                       "rule": {"linf_eps": config.fragile_linf_eps, "l2": config.fragile_l2,
-                                "min_families": config.fragile_min_families}}
+                f"{100 * entry['lowered_by']:.1f} points)"
+            )
+    body["fragile"] = {
+        "count": int(frame["rob_fragile"].sum()),
+        "rate": float(frame["rob_fragile"].mean()),
+        "rule": {
+            "linf_eps": config.fragile_linf_eps,
+            "l2": config.fragile_l2,
+            "min_families": config.fragile_min_families,
+        },
+    }
     body["worst_slices"] = _worst_list(slice_table)
     body["slices_too_few"] = _too_few(slice_table)
     return json_safe(body)
@@ -1784,29 +2334,40 @@ def _min_perturbation(family: AttackFamily, clean_correct: np.ndarray) -> dict[s
     if minimal:
         found = family.min_norm[clean_correct]
         found = found[np.isfinite(found)]
-        return {"source": "minimal-norm attacks (" + ", ".join(minimal) + ")", "median": float(np.median(found))
-                if found.size else None, "found": int(found.size), "of": correct,
-                "success_rate": found.size / correct if correct else None}
+        return {
+            "source": "minimal-norm attacks (" + ", ".join(minimal) + ")",
+            "median": float(np.median(found)) if found.size else None,
+            "found": int(found.size),
+            "of": correct,
+            "success_rate": found.size / correct if correct else None,
+        }
     budget = family.curve(clean_correct).breaking_eps[clean_correct]
     broken = budget[np.isfinite(budget)]
     # Unbroken samples need more than the largest ε: the median is only known when at least half were broken.
     ranked = np.sort(np.concatenate([broken, np.full(budget.size - broken.size, np.inf)]))
     median = float(ranked[(budget.size - 1) // 2]) if budget.size else None
-    return {"source": "smallest grid budget that broke the sample (upper bound)",
-            "median": median if median is not None and math.isfinite(median) else None, "found": int(broken.size),
-            "of": correct, "success_rate": broken.size / correct if correct else None}
+    return {
+        "source": "smallest grid budget that broke the sample (upper bound)",
+        "median": median if median is not None and math.isfinite(median) else None,
+        "found": int(broken.size),
+        "of": correct,
+        "success_rate": broken.size / correct if correct else None,
+    }
 
 
 # -- artifacts and skipping ---------------------------------------------------------------------------------------
 
+
 def _current(context: StageContext, config: RobustnessConfig, inputs: str) -> bool:
     workspace = context.workspace
-    return (is_current(context, SUMMARY, config=config, inputs=inputs)
-            and all(workspace.artifact_path(f"{name}.parquet").exists() for name in PARQUET_ARTIFACTS))
+    return is_current(context, SUMMARY, config=config, inputs=inputs) and all(
+        workspace.artifact_path(f"{name}.parquet").exists() for name in PARQUET_ARTIFACTS
+    )
 
 
-def _refresh_slices(context: StageContext, config: RobustnessConfig, inputs: str, slices: list[dict],
-                    slice_inputs: str) -> dict:
+def _refresh_slices(
+    context: StageContext, config: RobustnessConfig, inputs: str, slices: list[dict], slice_inputs: str
+) -> dict:
     """A skipped run: rebuild only the slice table (from ``robustness_samples``) when the slices changed."""
     import json
 
@@ -1816,15 +2377,23 @@ def _refresh_slices(context: StageContext, config: RobustnessConfig, inputs: str
         return {**summary, "skipped": True}
     table = _slice_table(read_artifact(workspace, "robustness_samples"), slices, config)
     write_artifact(context, "robustness_slices", table, stage=STAGE, config=config, inputs=inputs)
-    summary.update(worst_slices=json_safe(_worst_list(table)), slices_too_few=_too_few(table),
-                   slice_inputs=slice_inputs)
+    summary.update(
+        worst_slices=json_safe(_worst_list(table)), slices_too_few=_too_few(table), slice_inputs=slice_inputs
+    )
     storage.write_json(workspace.artifact_path(f"{SUMMARY}.json"), summary)
     record_artifact(context, SUMMARY, stage=STAGE, config=config, inputs=inputs)
     return {**summary, "skipped": "slices"}
 
 
-def _write(context: StageContext, config: RobustnessConfig, inputs: str, artifacts: dict[str, pd.DataFrame],
-           examples: dict | None, classes: list[str], summary: dict) -> None:
+def _write(
+    context: StageContext,
+    config: RobustnessConfig,
+    inputs: str,
+    artifacts: dict[str, pd.DataFrame],
+    examples: dict | None,
+    classes: list[str],
+    summary: dict,
+) -> None:
     """Write every artifact atomically; the summary last, so an interrupted run is never taken as current."""
     workspace = context.workspace
     for name, frame in artifacts.items():
@@ -1838,10 +2407,10 @@ def _write(context: StageContext, config: RobustnessConfig, inputs: str, artifac
                 np.savez_compressed(handle, **payload)
 
         storage.atomic_write(path, save)
-        record_artifact(context, EXAMPLES, stage=STAGE, config=config, inputs=inputs,
-                        extra={"count": int(examples["ids"].shape[0])})
+        record_artifact(
+            context, EXAMPLES, stage=STAGE, config=config, inputs=inputs, extra={"count": int(examples["ids"].shape[0])}
+        )
     elif path.exists():
         path.unlink()
     storage.write_json(workspace.artifact_path(f"{SUMMARY}.json"), summary)
     record_artifact(context, SUMMARY, stage=STAGE, config=config, inputs=inputs)
-

@@ -101,8 +101,17 @@ class ActiveTestModel(torch.nn.Module):
     target: torch.Tensor
     boost: torch.Tensor
 
-    def __init__(self, base: torch.nn.Module, anchors: torch.Tensor, deltas: torch.Tensor, source: torch.Tensor,
-                 target: torch.Tensor, boost: torch.Tensor, eps: float, norm: str):
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        anchors: torch.Tensor,
+        deltas: torch.Tensor,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        boost: torch.Tensor,
+        eps: float,
+        norm: str,
+    ):
         super().__init__()
         self.base = base
         self.register_buffer("anchors", anchors.detach().clone())
@@ -144,16 +153,27 @@ def _anchor_directions(x: torch.Tensor, eps: float, norm: str, generator: torch.
             f"i.e. eps <= {limit:.4g} for norm={norm}; got eps={eps}"
         )
     block = max(1, min(h, w) // 4)
-    coarse = torch.randint(0, 2, (n, c, -(-h // block), -(-w // block)), generator=generator,
-                           device=generator.device).to(device=x.device, dtype=x.dtype) * 2 - 1
+    coarse = (
+        torch.randint(0, 2, (n, c, -(-h // block), -(-w // block)), generator=generator, device=generator.device).to(
+            device=x.device, dtype=x.dtype
+        )
+        * 2
+        - 1
+    )
     s = coarse.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3)[:, :, :h, :w]
     s = torch.where(x < amp, torch.ones_like(s), torch.where(x > 1 - amp, -torch.ones_like(s), s))
     return amp * s
 
 
-def build_active_test_model(model: torch.nn.Module, images: torch.Tensor, eps: float, *, norm: str = "linf",
-                            strength: float = 2.0, random_state: int = 0
-                            ) -> tuple[ActiveTestModel, torch.Tensor, torch.Tensor]:
+def build_active_test_model(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    eps: float,
+    *,
+    norm: str = "linf",
+    strength: float = 2.0,
+    random_state: int = 0,
+) -> tuple[ActiveTestModel, torch.Tensor, torch.Tensor]:
     """Build the active-test model around ``images``.
 
     Parameters
@@ -195,9 +215,12 @@ def build_active_test_model(model: torch.nn.Module, images: torch.Tensor, eps: f
     f_t = star_logits.gather(1, target[:, None]).squeeze(1)
     f_y = star_logits.gather(1, y[:, None]).squeeze(1)
     others = masked.scatter(1, target[:, None], float("-inf")).amax(dim=1)
-    others = torch.where(torch.isfinite(others), others, f_t)      # K == 2: no third class
-    size = deltas.reshape(x.shape[0], -1).abs().amax(dim=1) if norm == "linf" \
+    others = torch.where(torch.isfinite(others), others, f_t)  # K == 2: no third class
+    size = (
+        deltas.reshape(x.shape[0], -1).abs().amax(dim=1)
+        if norm == "linf"
         else deltas.reshape(x.shape[0], -1).norm(dim=1)
+    )
     env = torch.sigmoid((ENVELOPE_RADIUS - size / eps) / ENVELOPE_WIDTH)
     need = torch.maximum((others - f_t + ANCHOR_MARGIN), (f_y - f_t + ANCHOR_MARGIN) / 2).clamp_min(0) / env
     boost = strength * need + 1e-3
@@ -248,10 +271,19 @@ class SelfCheckResult:
 AttackFn = Callable[..., torch.Tensor]
 
 
-def attack_self_check(model: torch.nn.Module, images: torch.Tensor, attack: str | AttackFn, eps: float, *,
-                      norm: str | None = None, threshold: float = 0.95, strength: float = 2.0,
-                      attack_params: Mapping[str, Any] | None = None, random_state: int = 0,
-                      batch_size: int | None = None) -> SelfCheckResult:
+def attack_self_check(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    attack: str | AttackFn,
+    eps: float,
+    *,
+    norm: str | None = None,
+    threshold: float = 0.95,
+    strength: float = 2.0,
+    attack_params: Mapping[str, Any] | None = None,
+    random_state: int = 0,
+    batch_size: int | None = None,
+) -> SelfCheckResult:
     """Active test of an attack: it must find the adversarial examples known to exist.
 
     Parameters
@@ -300,11 +332,13 @@ def attack_self_check(model: torch.nn.Module, images: torch.Tensor, attack: str 
         raise RobustnessInputError(f"attack must be a registered name or a callable; got {type(attack).__name__}")
     device = model_device(model, images.device)
     x = images.detach().to(device)
-    active, y, evaluable = build_active_test_model(model, x, eps, norm=norm_used, strength=strength,
-                                                   random_state=random_state)
+    active, y, evaluable = build_active_test_model(
+        model, x, eps, norm=norm_used, strength=strength, random_state=random_state
+    )
     if isinstance(attack, str):
-        result: AttackResult = run_attack(active, x, y, attack, eps, random_state=random_state,
-                                          batch_size=batch_size, **params)
+        result: AttackResult = run_attack(
+            active, x, y, attack, eps, random_state=random_state, batch_size=batch_size, **params
+        )
     else:
         with eval_mode(active):
             adv = attack(active, x, y, eps, **params)
@@ -315,9 +349,17 @@ def attack_self_check(model: torch.nn.Module, images: torch.Tensor, attack: str 
     success = result.success & ev
     n_eval = int(ev.sum())
     rate = float(success.sum()) / n_eval if n_eval else float("nan")
-    return SelfCheckResult(attack=label, norm=norm_used, eps=eps, passed=bool(n_eval and rate >= threshold),
-                           success_rate=rate, threshold=threshold, n_evaluated=n_eval,
-                           n_excluded=int((~ev).sum()), success=success)
+    return SelfCheckResult(
+        attack=label,
+        norm=norm_used,
+        eps=eps,
+        passed=bool(n_eval and rate >= threshold),
+        success_rate=rate,
+        threshold=threshold,
+        n_evaluated=n_eval,
+        n_excluded=int((~ev).sum()),
+        success=success,
+    )
 
 
 # ------------------------------------------------------------------------- gradient masking checks
@@ -382,11 +424,21 @@ def _input_grad_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return g_margin.reshape(x.shape[0], -1).norm(dim=1), g_ce.reshape(x.shape[0], -1).norm(dim=1)
 
 
-def gradient_masking_checks(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
-                            eps: float, *, norm: str = "linf", pgd_steps: int = 20, square_iters: int = 500,
-                            zero_grad_tol: float = 1e-12, zero_grad_max_fraction: float = 0.1,
-                            nondeterminism_tol: float = 1e-5, blackbox_margin: float = 0.05,
-                            random_state: int = 0) -> GradientMaskingReport:
+def gradient_masking_checks(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    pgd_steps: int = 20,
+    square_iters: int = 500,
+    zero_grad_tol: float = 1e-12,
+    zero_grad_max_fraction: float = 0.1,
+    nondeterminism_tol: float = 1e-5,
+    blackbox_margin: float = 0.05,
+    random_state: int = 0,
+) -> GradientMaskingReport:
     """Symptoms of gradient masking / obfuscation on a batch.
 
     Parameters
@@ -443,8 +495,11 @@ def gradient_masking_checks(model: torch.nn.Module, images: torch.Tensor, labels
         white["pgd_linf"] = run_attack(model, x, y, "pgd_linf", eps, steps=pgd_steps, random_state=random_state)
     else:
         white["pgd_l2"] = run_attack(model, x, y, "pgd_l2", eps, steps=pgd_steps, random_state=random_state)
-    black = run_attack(model, x, y, "square_linf", eps, max_iter=square_iters,
-                       random_state=random_state) if norm == "linf" else None
+    black = (
+        run_attack(model, x, y, "square_linf", eps, max_iter=square_iters, random_state=random_state)
+        if norm == "linf"
+        else None
+    )
 
     def rate(r: AttackResult) -> float:
         return 0.0 if math.isnan(r.success_rate) else r.success_rate
@@ -467,19 +522,31 @@ def gradient_masking_checks(model: torch.nn.Module, images: torch.Tensor, labels
         flags["blackbox_beats_whitebox"] = black_rate > best_white + blackbox_margin or black_only > blackbox_margin
     messages = []
     if flags["zero_gradients"]:
-        messages.append(f"{zero_frac:.0%} of samples have a zero input gradient of the logit margin "
-                        "(quantization, thresholding or non-differentiable preprocessing?)")
+        messages.append(
+            f"{zero_frac:.0%} of samples have a zero input gradient of the logit margin "
+            "(quantization, thresholding or non-differentiable preprocessing?)"
+        )
     if flags["nondeterministic"]:
-        messages.append(f"two forwards of the same input differ by up to {max_diff:.3g} in eval mode "
-                        "(randomness active at inference, e.g. dropout or random transforms)")
+        messages.append(
+            f"two forwards of the same input differ by up to {max_diff:.3g} in eval mode "
+            "(randomness active at inference, e.g. dropout or random transforms)"
+        )
     if flags["blackbox_beats_whitebox"]:
-        messages.append(f"black-box Square succeeds on {black_rate:.0%} vs {best_white:.0%} for the best white-box "
-                        f"attack at eps={eps} ({black_only:.0%} of samples only broken by Square): "
-                        "gradients are likely misleading")
+        messages.append(
+            f"black-box Square succeeds on {black_rate:.0%} vs {best_white:.0%} for the best white-box "
+            f"attack at eps={eps} ({black_only:.0%} of samples only broken by Square): "
+            "gradients are likely misleading"
+        )
     return GradientMaskingReport(
-        zero_grad_fraction=zero_frac, zero_grad_fraction_ce=zero_frac_ce, nondeterministic_max_diff=max_diff,
-        whitebox_success=white_rates, blackbox_success=black_rate, blackbox_only_fraction=black_only,
-        flags=flags, suspicious=any(flags.values()), messages=messages,
+        zero_grad_fraction=zero_frac,
+        zero_grad_fraction_ce=zero_frac_ce,
+        nondeterministic_max_diff=max_diff,
+        whitebox_success=white_rates,
+        blackbox_success=black_rate,
+        blackbox_only_fraction=black_only,
+        flags=flags,
+        suspicious=any(flags.values()),
+        messages=messages,
     )
 
 
@@ -498,9 +565,13 @@ class RobustnessSelfCheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
-        return {"norm": self.norm, "eps": self.eps, "all_attacks_passed": self.all_attacks_passed,
-                "attack_checks": {k: v.to_dict() for k, v in self.attack_checks.items()},
-                "masking": self.masking.to_dict()}
+        return {
+            "norm": self.norm,
+            "eps": self.eps,
+            "all_attacks_passed": self.all_attacks_passed,
+            "attack_checks": {k: v.to_dict() for k, v in self.attack_checks.items()},
+            "masking": self.masking.to_dict(),
+        }
 
 
 #: The attacks checked by default: the fast previews. The AutoAttack cascade is judged by the validity
@@ -508,14 +579,23 @@ class RobustnessSelfCheckReport:
 PREVIEW_ATTACKS = ("fgsm", "pgd_linf", "pgd_l2", "deepfool", "cw_l2", "square_linf")
 
 
-def robustness_self_check(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
-                          eps: float, *, norm: str = "linf",
-                          attacks: Sequence[str] | Mapping[str, str | AttackFn] | None = None,
-                          attack_params: Mapping[str, Mapping[str, Any]] | None = None,
-                          threshold: float = 0.95, random_state: int = 0, batch_size: int | None = None,
-                          attack_samples: int | None = None, masking_samples: int | None = None,
-                          masking_params: Mapping[str, Any] | None = None,
-                          on_check: Callable[[], None] | None = None) -> RobustnessSelfCheckReport:
+def robustness_self_check(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    attacks: Sequence[str] | Mapping[str, str | AttackFn] | None = None,
+    attack_params: Mapping[str, Mapping[str, Any]] | None = None,
+    threshold: float = 0.95,
+    random_state: int = 0,
+    batch_size: int | None = None,
+    attack_samples: int | None = None,
+    masking_samples: int | None = None,
+    masking_params: Mapping[str, Any] | None = None,
+    on_check: Callable[[], None] | None = None,
+) -> RobustnessSelfCheckReport:
     """Run :func:`attack_self_check` for every preview attack of ``norm`` (or ``attacks``) and
     :func:`gradient_masking_checks`, all at budget ``eps``.
 
@@ -549,14 +629,34 @@ def robustness_self_check(model: torch.nn.Module, images: torch.Tensor, labels: 
     checked = images[:attack_samples]
     checks = {}
     for name, attack in chosen.items():
-        checks[name] = attack_self_check(model, checked, attack, eps, norm=None if isinstance(attack, str) else norm,
-                                         threshold=threshold, random_state=random_state,
-                                         attack_params=params.get(name), batch_size=batch_size)
+        checks[name] = attack_self_check(
+            model,
+            checked,
+            attack,
+            eps,
+            norm=None if isinstance(attack, str) else norm,
+            threshold=threshold,
+            random_state=random_state,
+            attack_params=params.get(name),
+            batch_size=batch_size,
+        )
         if on_check is not None:
             on_check()
-    masking = gradient_masking_checks(model, images[:masking_samples], labels[:masking_samples], eps, norm=norm,
-                                      random_state=random_state, **dict(masking_params or {}))
+    masking = gradient_masking_checks(
+        model,
+        images[:masking_samples],
+        labels[:masking_samples],
+        eps,
+        norm=norm,
+        random_state=random_state,
+        **dict(masking_params or {}),
+    )
     if on_check is not None:
         on_check()
-    return RobustnessSelfCheckReport(norm=norm, eps=float(eps), attack_checks=checks, masking=masking,
-                                     all_attacks_passed=all(c.passed for c in checks.values()))
+    return RobustnessSelfCheckReport(
+        norm=norm,
+        eps=float(eps),
+        attack_checks=checks,
+        masking=masking,
+        all_attacks_passed=all(c.passed for c in checks.values()),
+    )

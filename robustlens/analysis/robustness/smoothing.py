@@ -128,24 +128,40 @@ class CertifyResult:
         return certified_accuracy_curve(self.radius, (self.prediction == y) & ~self.abstain, radius_grid)
 
 
-def _class_counts(model: torch.nn.Module, image: torch.Tensor, num: int, sigma: float, batch_size: int,
-                  num_classes: int, generator: torch.Generator) -> np.ndarray:
+def _class_counts(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    num: int,
+    sigma: float,
+    batch_size: int,
+    num_classes: int,
+    generator: torch.Generator,
+) -> np.ndarray:
     """Counts ``(num_classes,)`` of the predictions on ``num`` Gaussian-noised copies of ``image`` ``(C, H, W)``."""
     counts = torch.zeros(num_classes, dtype=torch.int64)
     remaining = num
     while remaining > 0:
         b = min(batch_size, remaining)
-        noise = torch.randn((b,) + tuple(image.shape), generator=generator, device=generator.device,
-                            dtype=torch.float32).to(image)
+        noise = torch.randn(
+            (b,) + tuple(image.shape), generator=generator, device=generator.device, dtype=torch.float32
+        ).to(image)
         preds = logits_of(model, image[None] + sigma * noise).argmax(dim=1).cpu()
         counts += torch.bincount(preds, minlength=num_classes)[:num_classes]
         remaining -= b
     return counts.numpy()
 
 
-def certify(model: torch.nn.Module, images: torch.Tensor, sigma: float, *, n0: int = DEFAULT_N0,
-            n: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA, batch_size: int = DEFAULT_BATCH_SIZE,
-            random_state: int = 0) -> CertifyResult:
+def certify(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    sigma: float,
+    *,
+    n0: int = DEFAULT_N0,
+    n: int = DEFAULT_N,
+    alpha: float = DEFAULT_ALPHA,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    random_state: int = 0,
+) -> CertifyResult:
     """CERTIFY of Cohen et al. (2019) for every image.
 
     Parameters
@@ -195,9 +211,18 @@ def certify(model: torch.nn.Module, images: torch.Tensor, sigma: float, *, n0: i
     p_lower = clopper_pearson_lower(k, n, alpha)
     abstain = p_lower < 0.5
     radius = certified_radius(p_lower, sigma)
-    return CertifyResult(prediction=np.where(abstain, -1, top), radius=np.where(abstain, 0.0, radius),
-                         abstain=abstain, p_lower=p_lower, top_class=top, counts=k, sigma=sigma,
-                         n0=n0, n=n, alpha=alpha)
+    return CertifyResult(
+        prediction=np.where(abstain, -1, top),
+        radius=np.where(abstain, 0.0, radius),
+        abstain=abstain,
+        p_lower=p_lower,
+        top_class=top,
+        counts=k,
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+    )
 
 
 def certified_accuracy_curve(radii: np.ndarray, correct: np.ndarray, radius_grid: np.ndarray) -> np.ndarray:
@@ -250,7 +275,7 @@ def radius_grid(sigma: float, n: int, alpha: float, *, step: float | None = None
     sigma = check_positive(sigma, "sigma")
     n = check_int(n, "n")
     alpha = check_positive(alpha, "alpha")
-    largest = sigma * float(norm.ppf(alpha ** (1.0 / n)))        # Clopper–Pearson lower bound at k = n
+    largest = sigma * float(norm.ppf(alpha ** (1.0 / n)))  # Clopper–Pearson lower bound at k = n
     step = sigma / 10 if step is None else check_positive(step, "step")
     return np.round(np.arange(0.0, largest + step, step), 10)
 

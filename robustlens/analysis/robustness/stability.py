@@ -124,7 +124,7 @@ def top5_distance(scores: np.ndarray, *, noise: bool, difficulty: int = 1) -> np
     k = s.shape[2]
     top = min(5, k)
     leaders = np.argsort(ranks[:, first], axis=-1, kind="stable")[..., :top]  # classes ranked 1..5 in `first`
-    sigma = np.take_along_axis(ranks[:, second], leaders, axis=-1)          # their ranks in `second`
+    sigma = np.take_along_axis(ranks[:, second], leaders, axis=-1)  # their ranks in `second`
     cum = np.minimum(np.arange(k), 5)
     dist = np.abs(cum[:top] - cum[sigma - 1]).sum(axis=-1)
     return dist.mean(axis=1)
@@ -137,16 +137,17 @@ def _affine_frames(x: torch.Tensor, matrices: np.ndarray) -> torch.Tensor:
     """Resample ``x`` ``(N, C, H, W)`` through each 3×3 pixel-coordinate map ``dst -> src`` in ``matrices``
     ``(T, 3, 3)``: bilinear, zero outside; returns ``(N, T, C, H, W)``. Homogeneous (perspective) maps allowed."""
     n, c, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
     dst = torch.stack([xs.reshape(-1), ys.reshape(-1), torch.ones(h * w, dtype=torch.float64)])  # (3, HW)
     m = torch.from_numpy(np.asarray(matrices, dtype=np.float64))
     src = m @ dst  # (T, 3, HW)
     sx, sy = src[:, 0] / src[:, 2], src[:, 1] / src[:, 2]
     grid = torch.stack([(2 * sx + 1) / w - 1, (2 * sy + 1) / h - 1], dim=-1).reshape(len(m), h, w, 2)
     grid = grid.to(device=x.device, dtype=x.dtype)
-    frames = [F.grid_sample(x, grid[t].expand(n, h, w, 2), mode="bilinear", padding_mode="zeros",
-                            align_corners=False) for t in range(len(m))]
+    frames = [
+        F.grid_sample(x, grid[t].expand(n, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
+        for t in range(len(m))
+    ]
     return torch.stack(frames, dim=1)
 
 
@@ -172,12 +173,19 @@ def _shear(deg: float) -> np.ndarray:
 def _tilt(h: int, w: int, deg: float) -> np.ndarray:
     """``dst -> src`` of the published tilt: rotate about x and y by ``deg``, project at focal ``√(w² + h²)``."""
     phi = theta = math.radians(deg)
-    f = math.sqrt(w ** 2 + h ** 2)
+    f = math.sqrt(w**2 + h**2)
     p1 = np.array([[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1], [0, 0, 1]], dtype=np.float64)
-    rx = np.array([[1, 0, 0, 0], [0, math.cos(theta), -math.sin(theta), 0],
-                   [0, math.sin(theta), math.cos(theta), 0], [0, 0, 0, 1]])
-    ry = np.array([[math.cos(phi), 0, -math.sin(phi), 0], [0, 1, 0, 0],
-                   [math.sin(phi), 0, math.cos(phi), 0], [0, 0, 0, 1]])
+    rx = np.array(
+        [
+            [1, 0, 0, 0],
+            [0, math.cos(theta), -math.sin(theta), 0],
+            [0, math.sin(theta), math.cos(theta), 0],
+            [0, 0, 0, 1],
+        ]
+    )
+    ry = np.array(
+        [[math.cos(phi), 0, -math.sin(phi), 0], [0, 1, 0, 0], [math.sin(phi), 0, math.cos(phi), 0], [0, 0, 0, 1]]
+    )
     t = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, f], [0, 0, 0, 1]], dtype=np.float64)
     p2 = np.array([[f, 0, w / 2, 0], [0, f, h / 2, 0], [0, 0, 1, 0]], dtype=np.float64)
     return np.linalg.inv(p2 @ t @ rx @ ry @ p1)
@@ -205,8 +213,9 @@ def _brightness(x: torch.Tensor, delta: float) -> torch.Tensor:
     return torch.where(v > 0, scaled, new_v.expand_as(x)).clamp(0, 1)
 
 
-def perturbation_sequence(images: torch.Tensor, name: str, *, random_state: int | torch.Generator | None = 0
-                          ) -> torch.Tensor:
+def perturbation_sequence(
+    images: torch.Tensor, name: str, *, random_state: int | torch.Generator | None = 0
+) -> torch.Tensor:
     """Frames ``(N, T, C, H, W)`` in ``[0, 1]`` of perturbation ``name`` applied to ``images`` ``(N, C, H, W)``.
 
     Names: keys of :data:`PERTURBATIONS`. Noise sequences start with the clean image (frame 0).
@@ -291,8 +300,18 @@ PERTURBATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 }
 #: The ten sequences of the published test set (CIFAR-P / ImageNet-P; motion blur, snow and spatter need
 #: ImageMagick/video tooling and are replaced by speckle noise, shear and Gaussian blur from its validation set).
-DEFAULT_PERTURBATIONS = ("gaussian_noise", "shot_noise", "zoom_blur", "brightness", "translate", "rotate",
-                         "tilt", "scale", "speckle_noise", "shear")
+DEFAULT_PERTURBATIONS = (
+    "gaussian_noise",
+    "shot_noise",
+    "zoom_blur",
+    "brightness",
+    "translate",
+    "rotate",
+    "tilt",
+    "scale",
+    "speckle_noise",
+    "shear",
+)
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -328,11 +347,18 @@ class StabilityResult:
         return out.reset_index()
 
 
-def perturbation_stability(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, *,
-                           perturbations: Sequence[str] = DEFAULT_PERTURBATIONS, difficulty: int = 1,
-                           batch_size: int = 64, random_state: int = 0,
-                           baseline: Mapping[str, float] | None = None,
-                           progress: Callable[[str], None] | None = None) -> StabilityResult:
+def perturbation_stability(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    *,
+    perturbations: Sequence[str] = DEFAULT_PERTURBATIONS,
+    difficulty: int = 1,
+    batch_size: int = 64,
+    random_state: int = 0,
+    baseline: Mapping[str, float] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> StabilityResult:
     """Flip probability and top-5 distance of ``model`` over perturbation sequences of ``images``.
 
     Parameters
@@ -376,8 +402,9 @@ def perturbation_stability(model: torch.nn.Module, images: torch.Tensor, labels:
             noise = name in NOISE_PERTURBATIONS
             fps, t5ds = [], []
             for s in range(0, n, batch_size):
-                frames = perturbation_sequence(images[s:s + batch_size], name,
-                                               random_state=make_generator(random_state, "stability", name, s))
+                frames = perturbation_sequence(
+                    images[s : s + batch_size], name, random_state=make_generator(random_state, "stability", name, s)
+                )
                 b, t = frames.shape[:2]
                 logits = logits_of(model, frames.reshape(b * t, *frames.shape[2:])).reshape(b, t, -1)
                 scores = logits.double().cpu().numpy()
@@ -385,9 +412,12 @@ def perturbation_stability(model: torch.nn.Module, images: torch.Tensor, labels:
                 t5ds.append(top5_distance(scores, noise=noise, difficulty=difficulty))
             columns[f"fp_{name}"] = np.concatenate(fps) if fps else np.zeros(0)
             columns[f"t5d_{name}"] = np.concatenate(t5ds) if t5ds else np.zeros(0)
-            summary[name] = {"flip_probability": float(columns[f"fp_{name}"].mean()) if n else math.nan,
-                             "top5_distance": float(columns[f"t5d_{name}"].mean()) if n else math.nan,
-                             "frames": 16 if name == "translate" else 31, "noise": noise}
+            summary[name] = {
+                "flip_probability": float(columns[f"fp_{name}"].mean()) if n else math.nan,
+                "top5_distance": float(columns[f"t5d_{name}"].mean()) if n else math.nan,
+                "frames": 16 if name == "translate" else 31,
+                "noise": noise,
+            }
             seconds[name] = time.perf_counter() - start
     frame = pd.DataFrame(columns)
     fp_cols = [f"fp_{p}" for p in perturbations]
@@ -410,9 +440,14 @@ def perturbation_stability(model: torch.nn.Module, images: torch.Tensor, labels:
     return StabilityResult(per_sample=frame, summary=summary, difficulty=difficulty, seconds=seconds)
 
 
-def mean_corruption_error(errors: pd.DataFrame, baseline: pd.DataFrame | None = None, *,
-                          clean_error: float | None = None, baseline_clean_error: float | None = None,
-                          baseline_name: str = "none") -> dict[str, Any]:
+def mean_corruption_error(
+    errors: pd.DataFrame,
+    baseline: pd.DataFrame | None = None,
+    *,
+    clean_error: float | None = None,
+    baseline_clean_error: float | None = None,
+    baseline_name: str = "none",
+) -> dict[str, Any]:
     """mCE (and relative mCE) of ImageNet-C.
 
     Parameters

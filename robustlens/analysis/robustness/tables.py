@@ -31,14 +31,31 @@ FAMILY_OF: dict[str, str] = {name: family for family, names in FAMILIES.items() 
 
 #: Columns of ``robustness_slices.parquet``.
 SLICE_COLUMNS = (
-    "slice_id", "description", "kind", "n_samples",
-    "clean_accuracy", "clean_accuracy_ci_low", "clean_accuracy_ci_high",
-    "corruption_accuracy", "corruption_accuracy_ci_low", "corruption_accuracy_ci_high",
-    "n_attacked", "robust_accuracy_linf", "robust_accuracy_linf_ci_low", "robust_accuracy_linf_ci_high",
-    "robust_accuracy_l2", "robust_accuracy_l2_ci_low", "robust_accuracy_l2_ci_high",
-    "n_certified", "certified_accuracy", "certified_accuracy_ci_low", "certified_accuracy_ci_high",
-    "n_stability", "flip_probability",
-    "worst_rank", "rank_note",
+    "slice_id",
+    "description",
+    "kind",
+    "n_samples",
+    "clean_accuracy",
+    "clean_accuracy_ci_low",
+    "clean_accuracy_ci_high",
+    "corruption_accuracy",
+    "corruption_accuracy_ci_low",
+    "corruption_accuracy_ci_high",
+    "n_attacked",
+    "robust_accuracy_linf",
+    "robust_accuracy_linf_ci_low",
+    "robust_accuracy_linf_ci_high",
+    "robust_accuracy_l2",
+    "robust_accuracy_l2_ci_low",
+    "robust_accuracy_l2_ci_high",
+    "n_certified",
+    "certified_accuracy",
+    "certified_accuracy_ci_low",
+    "certified_accuracy_ci_high",
+    "n_stability",
+    "flip_probability",
+    "worst_rank",
+    "rank_note",
 )
 #: ``rank_note`` of a slice with fewer attacked (or, without attacks, evaluated) samples than ``min_samples``.
 TOO_FEW = "too few samples"
@@ -51,6 +68,7 @@ def family_of(corruption: str) -> str:
 
 
 # -- sample selection -------------------------------------------------------------------------------------
+
 
 def select_samples(labels: np.ndarray, max_samples: int, random_state: int) -> np.ndarray:
     """Choose up to ``max_samples`` sample positions, stratified by class, in a stratified order.
@@ -73,8 +91,9 @@ def select_samples(labels: np.ndarray, max_samples: int, random_state: int) -> n
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise RobustnessInputError(f"labels must be a 1-D integer array; got shape {labels.shape}, "
-                                   f"dtype {labels.dtype}")
+        raise RobustnessInputError(
+            f"labels must be a 1-D integer array; got shape {labels.shape}, dtype {labels.dtype}"
+        )
     if isinstance(max_samples, bool) or not isinstance(max_samples, int | np.integer) or max_samples < 1:
         raise RobustnessInputError(f"max_samples must be an integer >= 1; got {max_samples!r}")
     n = labels.shape[0]
@@ -85,7 +104,7 @@ def select_samples(labels: np.ndarray, max_samples: int, random_state: int) -> n
     exact = counts * total / n
     quota = np.floor(exact).astype(np.int64)
     remainder_order = np.argsort(-(exact - quota), kind="stable")
-    quota[remainder_order[:total - int(quota.sum())]] += 1
+    quota[remainder_order[: total - int(quota.sum())]] += 1
     rank = np.empty(n, dtype=np.int64)
     quota_of = np.zeros(n, dtype=np.int64)
     for cls, share in zip(classes, quota, strict=True):
@@ -99,6 +118,7 @@ def select_samples(labels: np.ndarray, max_samples: int, random_state: int) -> n
 
 
 # -- per-sample scores ------------------------------------------------------------------------------------
+
 
 def family_flip_severity(first_flip: pd.DataFrame) -> pd.DataFrame:
     """Lowest flip severity per family.
@@ -181,8 +201,10 @@ def fragility(samples: pd.DataFrame, rule: FragilityRule, lowest_severity: int |
         score = np.where(hit, np.maximum(score, 0.5 + 0.5 * count / len(family_columns)), score)
         names = np.array([c.removeprefix("rob_flip_severity_") for c in family_columns])
         for i in np.flatnonzero(hit):
-            reasons[i].append(f"the mildest {', '.join(names[flips[i]])} corruptions (severity {lowest_severity}) "
-                              "change its prediction")
+            reasons[i].append(
+                f"the mildest {', '.join(names[flips[i]])} corruptions (severity {lowest_severity}) "
+                "change its prediction"
+            )
     explanations = ["; ".join(r) for r in reasons]
     return np.clip(score, 0.0, 1.0), explanations
 
@@ -190,15 +212,18 @@ def fragility(samples: pd.DataFrame, rule: FragilityRule, lowest_severity: int |
 def fragile_flags(samples: pd.DataFrame) -> pd.DataFrame:
     """The ``flags_robustness`` table: ``id``, ``issue`` (= ``fragile``), ``severity``, ``explanation``."""
     fragile = samples[samples["rob_fragile"]]
-    return pd.DataFrame({
-        "id": fragile["id"].astype(str).to_numpy(),
-        "issue": FLAG_ISSUE,
-        "severity": fragile["rob_fragility"].to_numpy(dtype=float),
-        "explanation": ["correctly classified, but " + text for text in fragile["rob_fragile_reason"]],
-    })
+    return pd.DataFrame(
+        {
+            "id": fragile["id"].astype(str).to_numpy(),
+            "issue": FLAG_ISSUE,
+            "severity": fragile["rob_fragility"].to_numpy(dtype=float),
+            "explanation": ["correctly classified, but " + text for text in fragile["rob_fragile_reason"]],
+        }
+    )
 
 
 # -- per-slice robustness ---------------------------------------------------------------------------------
+
 
 @dataclass
 class SliceReference:
@@ -235,16 +260,20 @@ def sample_outcomes(samples: pd.DataFrame, reference: SliceReference) -> dict[st
         out[f"has_{norm}"] = np.full(m, eps is not None and name in samples)
     radius = column("rob_certified_radius")
     out["certified_in"] = ~np.isnan(radius)
-    certified_correct = (samples["rob_certified_correct"].to_numpy(dtype=bool, na_value=False)
-                         if "rob_certified_correct" in samples else np.zeros(m, bool))
+    certified_correct = (
+        samples["rob_certified_correct"].to_numpy(dtype=bool, na_value=False)
+        if "rob_certified_correct" in samples
+        else np.zeros(m, bool)
+    )
     ref = reference.radius if reference.radius is not None else np.inf
     out["certified"] = out["certified_in"] & certified_correct & (np.nan_to_num(radius, nan=-1.0) >= ref)
     out["flip_probability"] = column("rob_flip_probability")
     return out
 
 
-def rate_with_interval(values: np.ndarray,
-                       members: np.ndarray | slice = slice(None)) -> tuple[int, float, float, float]:
+def rate_with_interval(
+    values: np.ndarray, members: np.ndarray | slice = slice(None)
+) -> tuple[int, float, float, float]:
     """Count, mean and Wilson 95 % interval of ``values`` ``(M,)`` (bool or [0, 1] floats; NaN floats left out) over
     ``members`` (a ``(M,)`` bool mask; default all): ``(n, mean, ci_low, ci_high)``, NaNs when ``n = 0``."""
     chosen = values[members]
@@ -257,8 +286,9 @@ def rate_with_interval(values: np.ndarray,
     return n, successes / n, float(low[0]), float(high[0])
 
 
-def slice_robustness(samples: pd.DataFrame, slices: Sequence[Mapping], reference: SliceReference, *,
-                     min_samples: int, top_k: int) -> pd.DataFrame:
+def slice_robustness(
+    samples: pd.DataFrame, slices: Sequence[Mapping], reference: SliceReference, *, min_samples: int, top_k: int
+) -> pd.DataFrame:
     """Robustness of every slice, over the evaluated samples it holds.
 
     Parameters
@@ -288,8 +318,11 @@ def slice_robustness(samples: pd.DataFrame, slices: Sequence[Mapping], reference
     rows = []
     for spec in slices:
         members = np.asarray(spec["members"], dtype=bool)
-        row: dict[str, Any] = {"slice_id": str(spec["slice_id"]), "description": str(spec["description"]),
-                               "kind": str(spec["kind"])}
+        row: dict[str, Any] = {
+            "slice_id": str(spec["slice_id"]),
+            "description": str(spec["description"]),
+            "kind": str(spec["kind"]),
+        }
         row["n_samples"], *clean = rate_with_interval(outcome["clean"].astype(float), members)
         row["clean_accuracy"], row["clean_accuracy_ci_low"], row["clean_accuracy_ci_high"] = clean
         _, *corr = rate_with_interval(outcome["corruption"], members)
@@ -298,8 +331,9 @@ def slice_robustness(samples: pd.DataFrame, slices: Sequence[Mapping], reference
         row["n_attacked"] = int(attacked.sum())
         for norm in ("linf", "l2"):
             robust = outcome[f"robust_{norm}"].astype(float)
-            values = (rate_with_interval(robust, attacked)[1:] if outcome[f"has_{norm}"].any()
-                      else (np.nan, np.nan, np.nan))
+            values = (
+                rate_with_interval(robust, attacked)[1:] if outcome[f"has_{norm}"].any() else (np.nan, np.nan, np.nan)
+            )
             name = f"robust_accuracy_{norm}"
             row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = values
         certified_members = members & outcome["certified_in"]
@@ -319,8 +353,14 @@ def slice_robustness(samples: pd.DataFrame, slices: Sequence[Mapping], reference
 
 def _rank_key(table: pd.DataFrame) -> str | None:
     """The column slices are ranked by: robust L∞ accuracy, else robust L2, else corruption accuracy."""
-    return next((c for c in ("robust_accuracy_linf", "robust_accuracy_l2", "corruption_accuracy")
-                 if c in table and table[c].notna().any()), None)
+    return next(
+        (
+            c
+            for c in ("robust_accuracy_linf", "robust_accuracy_l2", "corruption_accuracy")
+            if c in table and table[c].notna().any()
+        ),
+        None,
+    )
 
 
 def _rank_notes(table: pd.DataFrame, *, min_samples: int) -> list[str]:
@@ -353,8 +393,12 @@ def _worst_ranks(table: pd.DataFrame, *, min_samples: int, top_k: int) -> np.nda
     if key is None:
         return ranks
     size = table["n_attacked"] if key.startswith("robust") else table["n_samples"]
-    eligible = (size >= min_samples) & (table["kind"] != "all") & table[key].notna() \
+    eligible = (
+        (size >= min_samples)
+        & (table["kind"] != "all")
+        & table[key].notna()
         & ~table["description"].str.contains(f"flagged {FLAG_ISSUE}", regex=False)
+    )
     candidates = table[eligible].sort_values([key, "n_samples"], ascending=[True, False], kind="stable")
     candidates = candidates.drop_duplicates("_digest").head(top_k)
     ranks[candidates.index.to_numpy()] = np.arange(1, len(candidates) + 1)
@@ -363,12 +407,19 @@ def _worst_ranks(table: pd.DataFrame, *, min_samples: int, top_k: int) -> np.nda
 
 def class_slices(labels: np.ndarray, classes: Sequence[str]) -> list[dict]:
     """One slice per class present in ``labels`` ``(M,)`` (class indices), plus the ``all`` slice."""
-    slices = [{"slice_id": "all", "description": "all evaluated samples", "kind": "all",
-               "members": np.ones(labels.shape[0], dtype=bool)}]
+    slices = [
+        {
+            "slice_id": "all",
+            "description": "all evaluated samples",
+            "kind": "all",
+            "members": np.ones(labels.shape[0], dtype=bool),
+        }
+    ]
     for index in np.unique(labels):
         name = classes[int(index)]
-        slices.append({"slice_id": f"label={name}", "description": f"label = {name}", "kind": "class",
-                       "members": labels == index})
+        slices.append(
+            {"slice_id": f"label={name}", "description": f"label = {name}", "kind": "class", "members": labels == index}
+        )
     return slices
 
 

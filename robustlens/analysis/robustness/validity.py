@@ -95,13 +95,40 @@ except ImportError:  # pragma: no cover - depends on the checkout
 #: ``nes_steps``/``nes_samples``: gradient-free attack; ``eot``: draws averaged per EOT gradient;
 #: ``draws``: draws per evaluation of a randomized model; ``distill_epochs``: surrogate training.
 BUDGETS: dict[str, dict[str, Any]] = {
-    "fast": {"n_iter": 20, "restarts": 1, "more_factor": 3, "more_restarts": 1, "square": 1000,
-             "nes_steps": 30, "nes_samples": 16, "eot": 8, "draws": 51, "distill_epochs": 30, "probes": 8,
-             "unbounded_iter": 30, "grid": (0.5, 1.0, 2.0, 4.0), "active_iter": 40, "apgd": False},
-    "standard": {"n_iter": 100, "restarts": 1, "more_factor": 3, "more_restarts": 3, "square": 5000,
-                 "nes_steps": 100, "nes_samples": 48, "eot": 16, "draws": 51, "distill_epochs": 60, "probes": 16,
-                 "unbounded_iter": 100, "grid": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "active_iter": 100,
-                 "apgd": True},
+    "fast": {
+        "n_iter": 20,
+        "restarts": 1,
+        "more_factor": 3,
+        "more_restarts": 1,
+        "square": 1000,
+        "nes_steps": 30,
+        "nes_samples": 16,
+        "eot": 8,
+        "draws": 51,
+        "distill_epochs": 30,
+        "probes": 8,
+        "unbounded_iter": 30,
+        "grid": (0.5, 1.0, 2.0, 4.0),
+        "active_iter": 40,
+        "apgd": False,
+    },
+    "standard": {
+        "n_iter": 100,
+        "restarts": 1,
+        "more_factor": 3,
+        "more_restarts": 3,
+        "square": 5000,
+        "nes_steps": 100,
+        "nes_samples": 48,
+        "eot": 16,
+        "draws": 51,
+        "distill_epochs": 60,
+        "probes": 16,
+        "unbounded_iter": 100,
+        "grid": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+        "active_iter": 100,
+        "apgd": True,
+    },
 }
 #: Fraction of samples above which a per-sample symptom warns / fails.
 WARN_FRACTION = 0.1
@@ -121,8 +148,19 @@ ACTIVE_SLOPE = 20.0
 #: Partner images of other classes tried per sample by the active test.
 PARTNER_CANDIDATES = 8
 
-STRAIGHT_THROUGH_NAMES = ("round", "floor", "ceil", "trunc", "fix", "sign", "clamp", "clip", "clamp_min",
-                          "clamp_max", "floor_divide")
+STRAIGHT_THROUGH_NAMES = (
+    "round",
+    "floor",
+    "ceil",
+    "trunc",
+    "fix",
+    "sign",
+    "clamp",
+    "clip",
+    "clamp_min",
+    "clamp_max",
+    "floor_divide",
+)
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -184,11 +222,18 @@ class _StraightThroughMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in self._targets and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad \
-                and isinstance(out, torch.Tensor) and out.is_floating_point() and out.shape == args[0].shape:
+        if (
+            func in self._targets
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].requires_grad
+            and isinstance(out, torch.Tensor)
+            and out.is_floating_point()
+            and out.shape == args[0].shape
+        ):
             x = args[0]
             name = getattr(func, "__name__", str(func))
-            if not name.startswith(("clamp", "clip")) or bool((out != x).any()):   # a no-op clamp is harmless
+            if not name.startswith(("clamp", "clip")) or bool((out != x).any()):  # a no-op clamp is harmless
                 self.found.add(name)
             if func in (torch.Tensor.__floordiv__, torch.floor_divide, torch.Tensor.floor_divide):
                 other = args[1] if len(args) > 1 else kwargs.get("other")
@@ -252,8 +297,9 @@ class _Evaluator:
         y = self.y if idx is None else self.y[idx]
         votes = torch.zeros(x.shape[0], device=x.device)
         for _ in range(self.draws):
-            preds = torch.cat([logits_of(self.model, x[i:i + self.batch]).argmax(1)
-                               for i in range(0, x.shape[0], self.batch)])
+            preds = torch.cat(
+                [logits_of(self.model, x[i : i + self.batch]).argmax(1) for i in range(0, x.shape[0], self.batch)]
+            )
             votes += (preds == y).float()
             self.forwards += x.shape[0]
         return votes * 2 > self.draws
@@ -262,8 +308,11 @@ class _Evaluator:
 def _within(adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     d = (adv - x).reshape(x.shape[0], -1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
-    return (size <= eps * (1 + 1e-5) + 1e-6) & (adv.reshape(x.shape[0], -1).amin(1) >= -1e-6) \
+    return (
+        (size <= eps * (1 + 1e-5) + 1e-6)
+        & (adv.reshape(x.shape[0], -1).amin(1) >= -1e-6)
         & (adv.reshape(x.shape[0], -1).amax(1) <= 1 + 1e-6)
+    )
 
 
 # ------------------------------------------------------------------------------------ attacks
@@ -296,11 +345,22 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
     return _project(x + g * r * eps, x, eps, norm)
 
 
-def gradient_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *, norm: str,
-                    loss: str = "ce", steps: int = 50, restarts: int = 1, random_start: bool = True,
-                    stop_on_success: bool = True, final: bool = False, seed: int = 0,
-                    grad_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-                    ) -> torch.Tensor:
+def gradient_attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    *,
+    norm: str,
+    loss: str = "ce",
+    steps: int = 50,
+    restarts: int = 1,
+    random_start: bool = True,
+    stop_on_success: bool = True,
+    final: bool = False,
+    seed: int = 0,
+    grad_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
     """PGD with a cosine-decayed step (``ε/2 -> ε/50``), best-loss tracking and restarts.
 
     Parameters
@@ -363,8 +423,17 @@ def gradient_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return adv.detach() if final else best.detach()
 
 
-def nes_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *, norm: str,
-               steps: int = 50, samples: int = 24, seed: int = 0) -> torch.Tensor:
+def nes_attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    *,
+    norm: str,
+    steps: int = 50,
+    samples: int = 24,
+    seed: int = 0,
+) -> torch.Tensor:
     """Gradient-free PGD on the margin loss with NES gradient estimates (Ilyas et al. 2018), logits only.
 
     ``samples`` antithetic Gaussian probes of scale ``σ = ε/2`` (per pixel, L∞) or ``ε/(2√D)`` (L2) per
@@ -388,12 +457,24 @@ def nes_attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps
         g = (diff * u).mean(0) / (2 * sigma)
         return g, _loss(logits_of(model, adv), y, "margin")
 
-    return gradient_attack(model, x, labels, eps, norm=norm, loss="margin", steps=steps, restarts=1,
-                           random_start=False, seed=seed, grad_fn=estimate)
+    return gradient_attack(
+        model,
+        x,
+        labels,
+        eps,
+        norm=norm,
+        loss="margin",
+        steps=steps,
+        restarts=1,
+        random_start=False,
+        seed=seed,
+        grad_fn=estimate,
+    )
 
 
-def _square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, queries: int,
-            seed: int) -> torch.Tensor:
+def _square(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, queries: int, seed: int
+) -> torch.Tensor:
     """Square attack, L∞ or L2 (:func:`.autoattack.square`; L∞ falls back to :func:`.attacks.square_attack`)."""
     square: Callable[..., torch.Tensor] | None
     try:
@@ -413,8 +494,9 @@ def _square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm
 class _SurrogateMLP(nn.Module):
     def __init__(self, c: int, h: int, w: int, k: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                                 nn.Linear(128, k))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, k)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - 0.5) / 0.25)
@@ -423,16 +505,23 @@ class _SurrogateMLP(nn.Module):
 class _SurrogateCNN(nn.Module):
     def __init__(self, c: int, h: int, w: int, k: int):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 64), nn.ReLU(), nn.Linear(64, k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features((x - 0.5) / 0.25))
 
 
-def distill_surrogate(model: nn.Module, images: torch.Tensor, *, eps: float, norm: str, epochs: int = 40,
-                      draws: int = 1, seed: int = 0) -> nn.Module:
+def distill_surrogate(
+    model: nn.Module, images: torch.Tensor, *, eps: float, norm: str, epochs: int = 40, draws: int = 1, seed: int = 0
+) -> nn.Module:
     """Train a small network to imitate ``model``'s predicted labels (a transfer-attack surrogate).
 
     Training set: ``images`` ``(N, C, H, W)`` plus two copies with uniform noise of size ``ε`` and ``2ε``
@@ -449,8 +538,12 @@ def distill_surrogate(model: nn.Module, images: torch.Tensor, *, eps: float, nor
         noisy.append((x + (2 * u - 1) * per_pixel * scale).clamp(0, 1))
     data = torch.cat(noisy)
     with torch.no_grad(), eval_mode(model):
-        logits = torch.stack([torch.cat([logits_of(model, data[i:i + 512]) for i in range(0, data.shape[0], 512)])
-                              for _ in range(draws)])
+        logits = torch.stack(
+            [
+                torch.cat([logits_of(model, data[i : i + 512]) for i in range(0, data.shape[0], 512)])
+                for _ in range(draws)
+            ]
+        )
     k = logits.shape[-1]
     targets = F.one_hot(logits.argmax(-1), k).sum(0).argmax(1)
     with torch.random.fork_rng(devices=[]):
@@ -461,7 +554,7 @@ def distill_surrogate(model: nn.Module, images: torch.Tensor, *, eps: float, nor
         for _ in range(epochs):
             order = torch.randperm(n, device=x.device)
             for i in range(0, n, 128):
-                idx = order[i:i + 128]
+                idx = order[i : i + 128]
                 opt.zero_grad()
                 F.cross_entropy(net(data[idx]), targets[idx]).backward()
                 opt.step()
@@ -491,8 +584,9 @@ class InputPathActiveModel(nn.Module):
     (Square) gains nothing from half-aligned windows of per-pixel random signs.
     """
 
-    def __init__(self, base: nn.Module, anchors: torch.Tensor, deltas: torch.Tensor, half: torch.Tensor,
-                 partners: torch.Tensor):
+    def __init__(
+        self, base: nn.Module, anchors: torch.Tensor, deltas: torch.Tensor, half: torch.Tensor, partners: torch.Tensor
+    ):
         super().__init__()
         self.base = base
         self.anchors, self.deltas, self.half_mask, self.partners = anchors, deltas, half, partners
@@ -519,8 +613,9 @@ class InputPathActiveModel(nn.Module):
         return self.base(self.transform(z))
 
 
-def build_input_path_active_model(model: nn.Module, images: torch.Tensor, eps: float, *, norm: str = "linf",
-                                  seed: int = 0) -> tuple[InputPathActiveModel, torch.Tensor, torch.Tensor]:
+def build_input_path_active_model(
+    model: nn.Module, images: torch.Tensor, eps: float, *, norm: str = "linf", seed: int = 0
+) -> tuple[InputPathActiveModel, torch.Tensor, torch.Tensor]:
     """Build :class:`InputPathActiveModel` around ``images`` ``(N, C, H, W)`` (on the model's device).
 
     Returns ``(active, labels, evaluable)``: ``labels`` ``(N,)`` are ``f``'s clean predictions;
@@ -558,7 +653,7 @@ def build_input_path_active_model(model: nn.Module, images: torch.Tensor, eps: f
                 continue
             a = x[cand]
             path = (x[None] + steps.reshape(-1, 1, 1, 1, 1) * (a - x)[None]).reshape(-1, c, h, w)
-            z = torch.cat([logits_of(model, path[i:i + 512]) for i in range(0, path.shape[0], 512)])
+            z = torch.cat([logits_of(model, path[i : i + 512]) for i in range(0, path.shape[0], 512)])
             margins = -_loss(z, y.repeat(len(steps)), "margin").reshape(len(steps), n)
             tol = 1e-6 * (1 + margins.abs().amax(0))
             monotone = ((margins[1:] - margins[:-1]) <= tol).all(0) & (margins[-1] < 0)
@@ -655,18 +750,26 @@ def _fraction_status(frac: float) -> str:
 # ------------------------------------------------------------------------------ gradient checks
 
 
-def _gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, probes: int,
-                     seed: int, kind: str) -> list[dict]:
+def _gradient_checks(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, probes: int, seed: int, kind: str
+) -> list[dict]:
     """``gradient_zero_nan_<kind>`` and ``gradient_informative_<kind>`` on clean-correct samples ``x``, ``y``."""
     b = x.shape[0]
     g, base = _grad(model, x, y, kind)
     flat = g.reshape(b, -1)
     bad = ~torch.isfinite(flat).all(1) | (flat.abs().amax(1) == 0)
     zero_frac = float(bad.float().mean())
-    checks = [_check(f"gradient_zero_nan_{kind}", _fraction_status(zero_frac), zero_frac, WARN_FRACTION,
-                     f"{zero_frac:.0%} of samples have a zero or non-finite input gradient of the "
-                     f"{kind.upper()} loss" + (" (saturated softmax, quantization or detached pre-processing)"
-                                               if zero_frac > WARN_FRACTION else ""))]
+    checks = [
+        _check(
+            f"gradient_zero_nan_{kind}",
+            _fraction_status(zero_frac),
+            zero_frac,
+            WARN_FRACTION,
+            f"{zero_frac:.0%} of samples have a zero or non-finite input gradient of the "
+            f"{kind.upper()} loss"
+            + (" (saturated softmax, quantization or detached pre-processing)" if zero_frac > WARN_FRACTION else ""),
+        )
+    ]
     h = eps / 4
     gen = make_generator(seed, "validity-probes", kind)
     flat = torch.nan_to_num(flat)
@@ -687,22 +790,38 @@ def _gradient_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     uninformative = moves & ((predicted < random_change) | (along < best_random))
     frac = float(uninformative.float().mean())
     ratio = predicted / random_change.clamp_min(1e-30)
-    checks.append(_check(
-        f"gradient_informative_{kind}", _fraction_status(frac), frac, WARN_FRACTION,
-        f"{frac:.0%} of samples: the {kind.upper()} gradient does not describe the loss at step ε/4 (first-order "
-        "bound below the change under random steps, or the gradient step no better than a random one)",
-        median_first_order_over_random=float(ratio.median()) if b else None))
+    checks.append(
+        _check(
+            f"gradient_informative_{kind}",
+            _fraction_status(frac),
+            frac,
+            WARN_FRACTION,
+            f"{frac:.0%} of samples: the {kind.upper()} gradient does not describe the loss at step ε/4 (first-order "
+            "bound below the change under random steps, or the gradient step no better than a random one)",
+            median_first_order_over_random=float(ratio.median()) if b else None,
+        )
+    )
     return checks
 
 
 # ------------------------------------------------------------------------------------ main entry
 
 
-def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | np.ndarray, eps: float, *,
-                         norm: str = "linf", robust_mask: np.ndarray | torch.Tensor | None = None,
-                         surrogate: nn.Module | None = None, train_images: torch.Tensor | None = None,
-                         train_labels: torch.Tensor | np.ndarray | None = None, budget: str = "standard",
-                         seed: int = 0, progress: Callable[[str], None] | None = None) -> ValidityReport:
+def validity_diagnostics(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray,
+    eps: float,
+    *,
+    norm: str = "linf",
+    robust_mask: np.ndarray | torch.Tensor | None = None,
+    surrogate: nn.Module | None = None,
+    train_images: torch.Tensor | None = None,
+    train_labels: torch.Tensor | np.ndarray | None = None,
+    budget: str = "standard",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> ValidityReport:
     """Check a robust-accuracy evaluation for gradient masking and compute the worst case over all attacks.
 
     Parameters
@@ -751,8 +870,7 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
     if robust_mask is not None:
         rm = robust_mask.detach().cpu().numpy() if isinstance(robust_mask, torch.Tensor) else np.asarray(robust_mask)
         if rm.shape != (n,) or rm.dtype != bool:
-            raise RobustnessInputError(f"robust_mask must be a bool array of shape ({n},); got "
-                                       f"{rm.dtype} {rm.shape}")
+            raise RobustnessInputError(f"robust_mask must be a bool array of shape ({n},); got {rm.dtype} {rm.shape}")
     if train_images is not None:
         check_images(train_images, name="train_images")
         if train_labels is not None:
@@ -777,10 +895,19 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         noisy: dict[str, Any] = {"stop_on_success": False, "final": True} if randomized else {}
         clean = evaluator.correct(x).cpu()
         settings["eval_draws"] = draws
-        checks.append(_check("randomized", "warn" if randomized else "pass", diff, 1e-6,
-                             f"two forwards differ by up to {diff:.3g}: scored by majority over {draws} draws, "
-                             f"attacked with EOT over {cfg['eot']} draws" if randomized
-                             else "the model is deterministic in eval mode", randomized=randomized))
+        checks.append(
+            _check(
+                "randomized",
+                "warn" if randomized else "pass",
+                diff,
+                1e-6,
+                f"two forwards differ by up to {diff:.3g}: scored by majority over {draws} draws, "
+                f"attacked with EOT over {cfg['eot']} draws"
+                if randomized
+                else "the model is deterministic in eval mode",
+                randomized=randomized,
+            )
+        )
 
         def score(name: str, adv: torch.Tensor, idx: torch.Tensor, cascade: bool = False) -> np.ndarray:
             """Per-sample robust (B,) for adversarials ``adv`` of the samples ``idx``.
@@ -812,8 +939,18 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         white_names = []
         for kind in ("ce", "dlr"):
             name = f"pgd_{kind}"
-            adv = gradient_attack(model, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"],
-                                  restarts=cfg["restarts"], seed=seed, **noisy)
+            adv = gradient_attack(
+                model,
+                xc,
+                yc,
+                eps,
+                norm=norm,
+                loss=kind,
+                steps=cfg["n_iter"],
+                restarts=cfg["restarts"],
+                seed=seed,
+                **noisy,
+            )
             score(name, adv, cc_idx)
             white_names.append(name)
             if cfg["apgd"] and _apgd is not None and not randomized:
@@ -828,46 +965,79 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         more = []
         for kind in ("ce", "dlr"):
             name = f"pgd_{kind}_x{cfg['more_factor']}"
-            adv = gradient_attack(model, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"] * cfg["more_factor"],
-                                  restarts=cfg["more_restarts"], seed=seed + 1, **noisy)
+            adv = gradient_attack(
+                model,
+                xc,
+                yc,
+                eps,
+                norm=norm,
+                loss=kind,
+                steps=cfg["n_iter"] * cfg["more_factor"],
+                restarts=cfg["more_restarts"],
+                seed=seed + 1,
+                **noisy,
+            )
             more.append(score(name, adv, cc_idx))
         # "More iterations must not change the result": the result is the figure being checked (the headline's
         # per-sample robustness when given, with the white-box baseline), not the baseline alone.
         base = white & rm if robust_mask is not None else white
         more_all = np.logical_and.reduce(more) & base
         drop = float(base.mean() - more_all.mean())
-        checks.append(_check("more_iterations", "warn" if drop > max(GAP_WARN, 1.5 / n) else "pass", drop, GAP_WARN,
-                             f"{cfg['more_factor']}× iterations and {cfg['more_restarts']} restarts lowered the "
-                             f"{'checked' if robust_mask is not None else 'white-box'} accuracy by {drop:.1%}"))
+        checks.append(
+            _check(
+                "more_iterations",
+                "warn" if drop > max(GAP_WARN, 1.5 / n) else "pass",
+                drop,
+                GAP_WARN,
+                f"{cfg['more_factor']}× iterations and {cfg['more_restarts']} restarts lowered the "
+                f"{'checked' if robust_mask is not None else 'white-box'} accuracy by {drop:.1%}",
+            )
+        )
 
         # --- BPDA (straight-through) or, for TorchScript, a gradient-free attack
         scripted = contains_torchscript(model)
         found: list[str] = []
         st_model = StraightThroughModel(model)
-        say("validity: BPDA")   # Python-level ops around a TorchScript core are still intercepted
+        say("validity: BPDA")  # Python-level ops around a TorchScript core are still intercepted
         _grad(st_model, xc[:1] if cc_idx.numel() else x[:1], (yc if cc_idx.numel() else y)[:1], "ce")
         found = sorted(st_model.found)
         if found:
             view: nn.Module = EOTModel(st_model, cfg["eot"]) if randomized else st_model
             for kind in ("ce", "dlr"):
-                adv = gradient_attack(view, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 2,
-                                      **noisy)
+                adv = gradient_attack(
+                    view, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 2, **noisy
+                )
                 score(f"bpda_{kind}", adv, cc_idx)
-        checks.append(_check(
-            "non_differentiable_ops", "warn" if found else "pass", found, [],
-            (f"non-differentiable ops on the input path: {', '.join(found)}; attacked with BPDA (straight-through)"
-             if found else "no rounding / sign / clamp ops on the input path")
-            + ("; the model contains TorchScript, whose ops cannot be intercepted: a gradient-free NES attack is run"
-               if scripted else ""),
-            torchscript=scripted))
+        checks.append(
+            _check(
+                "non_differentiable_ops",
+                "warn" if found else "pass",
+                found,
+                [],
+                (
+                    f"non-differentiable ops on the input path: {', '.join(found)}; "
+                    "attacked with BPDA (straight-through)"
+                    if found
+                    else "no rounding / sign / clamp ops on the input path"
+                )
+                + (
+                    "; the model contains TorchScript, whose ops cannot be intercepted: "
+                    "a gradient-free NES attack is run"
+                    if scripted
+                    else ""
+                ),
+                torchscript=scripted,
+            )
+        )
 
         # --- EOT
         if randomized:
             say("validity: EOT")
             eot = EOTModel(model, cfg["eot"])
             for kind in ("ce", "dlr"):
-                adv = gradient_attack(eot, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 3,
-                                      **noisy)
+                adv = gradient_attack(
+                    eot, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], seed=seed + 3, **noisy
+                )
                 score(f"eot_{kind}", adv, cc_idx)
 
         # --- black box (score-based) on the samples every white-box attack left robust
@@ -877,55 +1047,98 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         if still.numel():
             adv = _square(model, x[still], y[still], eps, norm, cfg["square"], seed)
             score("square", adv, still, cascade=True)
-            if scripted or norm == "l2":   # gradient-free stand-in for BPDA / the L2 black box
-                adv = nes_attack(model, x[still], y[still], eps, norm=norm, steps=cfg["nes_steps"],
-                                 samples=cfg["nes_samples"], seed=seed)
+            if scripted or norm == "l2":  # gradient-free stand-in for BPDA / the L2 black box
+                adv = nes_attack(
+                    model,
+                    x[still],
+                    y[still],
+                    eps,
+                    norm=norm,
+                    steps=cfg["nes_steps"],
+                    samples=cfg["nes_samples"],
+                    seed=seed,
+                )
                 score("nes", adv, still, cascade=True)
         else:
             robust["square"] = np.logical_and.reduce(list(robust.values()))
         black = np.logical_and.reduce([robust[k] for k in ("square", "nes") if k in robust])
         black_only = float((~black & before_black).sum() / max(1, int(clean.sum())))
-        checks.append(_check(
-            "blackbox_vs_whitebox", _gap_status(black_only, n), black_only, GAP_WARN,
-            f"{black_only:.1%} of clean-correct samples were broken by a black-box attack (Square "
-            f"{cfg['square']} queries{', NES' if 'nes' in robust else ''}) but by no gradient attack"))
+        checks.append(
+            _check(
+                "blackbox_vs_whitebox",
+                _gap_status(black_only, n),
+                black_only,
+                GAP_WARN,
+                f"{black_only:.1%} of clean-correct samples were broken by a black-box attack (Square "
+                f"{cfg['square']} queries{', NES' if 'nes' in robust else ''}) but by no gradient attack",
+            )
+        )
 
         # --- transfer
         say("validity: transfer")
         sur = surrogate
         if sur is None:
-            sur = distill_surrogate(model, train_images.to(device) if train_images is not None else x, eps=eps,
-                                    norm=norm, epochs=cfg["distill_epochs"], draws=draws, seed=seed)
+            sur = distill_surrogate(
+                model,
+                train_images.to(device) if train_images is not None else x,
+                eps=eps,
+                norm=norm,
+                epochs=cfg["distill_epochs"],
+                draws=draws,
+                seed=seed,
+            )
             settings["surrogate"] = "distilled " + type(sur).__name__.strip("_")
         else:
             settings["surrogate"] = "given " + type(sur).__name__
         with eval_mode(sur):
             tr = []
             for kind in ("ce", "dlr"):
-                adv = gradient_attack(sur, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"],
-                                      stop_on_success=False, seed=seed + 4)
+                adv = gradient_attack(
+                    sur, xc, yc, eps, norm=norm, loss=kind, steps=cfg["n_iter"], stop_on_success=False, seed=seed + 4
+                )
                 tr.append(score(f"transfer_{kind}", adv, cc_idx))
         transfer_only = float((~np.logical_and.reduce(tr) & white).sum() / max(1, int(clean.sum())))
-        checks.append(_check(
-            "transfer_vs_whitebox", _gap_status(transfer_only, n), transfer_only, GAP_WARN,
-            f"{transfer_only:.1%} of clean-correct samples were broken by adversarials transferred from the "
-            f"surrogate but by no white-box gradient attack"))
+        checks.append(
+            _check(
+                "transfer_vs_whitebox",
+                _gap_status(transfer_only, n),
+                transfer_only,
+                GAP_WARN,
+                f"{transfer_only:.1%} of clean-correct samples were broken by adversarials transferred from the "
+                f"surrogate but by no white-box gradient attack",
+            )
+        )
 
         # --- unbounded
         say("validity: unbounded attack")
         big = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
         ub = []
         for kind in ("ce", "dlr"):
-            adv = gradient_attack(model, xc, yc, big, norm=norm, loss=kind, steps=cfg["unbounded_iter"],
-                                  random_start=False, seed=seed + 5, **noisy)
+            adv = gradient_attack(
+                model,
+                xc,
+                yc,
+                big,
+                norm=norm,
+                loss=kind,
+                steps=cfg["unbounded_iter"],
+                random_start=False,
+                seed=seed + 5,
+                **noisy,
+            )
             with torch.no_grad():
                 ub.append(~evaluator.correct(adv, cc_idx).cpu().numpy())
         ub_success = float(np.logical_or.reduce(ub).mean()) if cc_idx.numel() else 1.0
-        checks.append(_check(
-            "unbounded_attack", "pass" if ub_success >= UNBOUNDED_PASS else
-            ("warn" if ub_success >= UNBOUNDED_WARN else "fail"), ub_success, UNBOUNDED_PASS,
-            f"a gradient attack with an unbounded budget ({norm} ε = {big:.3g}) broke {ub_success:.1%} of the "
-            "clean-correct samples (should be ~100%)"))
+        checks.append(
+            _check(
+                "unbounded_attack",
+                "pass" if ub_success >= UNBOUNDED_PASS else ("warn" if ub_success >= UNBOUNDED_WARN else "fail"),
+                ub_success,
+                UNBOUNDED_PASS,
+                f"a gradient attack with an unbounded budget ({norm} ε = {big:.3g}) broke {ub_success:.1%} of the "
+                "clean-correct samples (should be ~100%)",
+            )
+        )
 
         # --- monotone in eps
         say("validity: ε sweep")
@@ -934,18 +1147,27 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
         for e in grid:
             name = f"sweep_{e:.4g}"
             eps_used[name] = e
-            adv = gradient_attack(model, xc, yc, e, norm=norm, loss="dlr", steps=cfg["n_iter"] // 2, seed=seed + 6,
-                                  **noisy)
+            adv = gradient_attack(
+                model, xc, yc, e, norm=norm, loss="dlr", steps=cfg["n_iter"] // 2, seed=seed + 6, **noisy
+            )
             r = score(name, adv, cc_idx)
-            del robust[name]   # other budgets do not enter the worst case at eps
+            del robust[name]  # other budgets do not enter the worst case at eps
             accs.append(float(r.mean()))
         rises = [accs[i + 1] - accs[i] for i in range(len(accs) - 1)]
         worst_rise = max(rises) if rises else 0.0
-        checks.append(_check(
-            "monotone_in_eps", "warn" if worst_rise > max(GAP_WARN, 1.5 / n) else "pass", worst_rise, 0.0,
-            "robust accuracy " + ", ".join(f"{a:.0%}@{e:.3g}" for a, e in zip(accs, grid, strict=True))
-            + ("; it rises with ε" if worst_rise > max(GAP_WARN, 1.5 / n) else ""),
-            eps_grid=grid, accuracy=accs))
+        checks.append(
+            _check(
+                "monotone_in_eps",
+                "warn" if worst_rise > max(GAP_WARN, 1.5 / n) else "pass",
+                worst_rise,
+                0.0,
+                "robust accuracy "
+                + ", ".join(f"{a:.0%}@{e:.3g}" for a, e in zip(accs, grid, strict=True))
+                + ("; it rises with ε" if worst_rise > max(GAP_WARN, 1.5 / n) else ""),
+                eps_grid=grid,
+                accuracy=accs,
+            )
+        )
 
         # --- active test in the input path
         say("validity: active test")
@@ -957,19 +1179,34 @@ def validity_diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.T
     for v in robust.values():
         worst &= v
     headline = float(rm.mean()) if robust_mask is not None else float(white.mean())
-    settings["headline_source"] = "robust_mask" if robust_mask is not None else "white-box baseline " + \
-        "+".join(white_names)
+    settings["headline_source"] = (
+        "robust_mask" if robust_mask is not None else "white-box baseline " + "+".join(white_names)
+    )
     worst_acc = float(worst.mean())
     gap = headline - worst_acc
-    checks.append(_check(
-        "worst_case_gap", _gap_status(gap, n), gap, GAP_WARN,
-        f"the diagnostic attacks lowered the robust accuracy from {headline:.1%} to {worst_acc:.1%}"
-        if gap > 0 else "no diagnostic attack broke a sample the headline evaluation counted as robust"))
+    checks.append(
+        _check(
+            "worst_case_gap",
+            _gap_status(gap, n),
+            gap,
+            GAP_WARN,
+            f"the diagnostic attacks lowered the robust accuracy from {headline:.1%} to {worst_acc:.1%}"
+            if gap > 0
+            else "no diagnostic attack broke a sample the headline evaluation counted as robust",
+        )
+    )
     order = {"pass": 0, "warn": 1, "fail": 2}
     status = max((c["status"] for c in checks), key=order.__getitem__)
-    return ValidityReport(status=status, checks=checks, worst_case_robust=worst, worst_case_accuracy=worst_acc,
-                          headline_accuracy=headline, upper_bound_gap=gap, diagnostic_adv=robust,
-                          settings=settings)
+    return ValidityReport(
+        status=status,
+        checks=checks,
+        worst_case_robust=worst,
+        worst_case_accuracy=worst_acc,
+        headline_accuracy=headline,
+        upper_bound_gap=gap,
+        diagnostic_adv=robust,
+        settings=settings,
+    )
 
 
 def _gap_status(frac: float, n: int) -> str:
@@ -979,22 +1216,40 @@ def _gap_status(frac: float, n: int) -> str:
     return "warn" if frac <= max(GAP_FAIL, 3.5 / n) else "fail"
 
 
-def _active_check(model: nn.Module, x: torch.Tensor, eps: float, norm: str, cfg: dict, seed: int,
-                  randomized: bool) -> dict:
+def _active_check(
+    model: nn.Module, x: torch.Tensor, eps: float, norm: str, cfg: dict, seed: int, randomized: bool
+) -> dict:
     """Active test: strong white-box (CE / DLR) must find the planted adversarial, FGSM and Square-100 must not."""
     active, ya, ev = build_input_path_active_model(model, x, eps, norm=norm, seed=seed)
     n_eval = int(ev.sum())
     if n_eval == 0:
-        return _check("active_test", "warn", None, ACTIVE_STRONG, "no sample could carry a planted adversarial "
-                      "(all images predicted as one class?)", n_evaluated=0)
+        return _check(
+            "active_test",
+            "warn",
+            None,
+            ACTIVE_STRONG,
+            "no sample could carry a planted adversarial (all images predicted as one class?)",
+            n_evaluated=0,
+        )
     idx = ev.nonzero().squeeze(1)
     xa, yl = x[idx], ya[idx]
     view: nn.Module = EOTModel(active, cfg["eot"]) if randomized else active
     ev_active = _Evaluator(active, yl, cfg["draws"] if randomized else 1)
     rates = {}
     for kind in ("ce", "dlr", "margin"):
-        adv = gradient_attack(view, xa, yl, eps, norm=norm, loss=kind, steps=cfg["active_iter"], random_start=False,
-                              seed=seed + 7, stop_on_success=not randomized, final=randomized)
+        adv = gradient_attack(
+            view,
+            xa,
+            yl,
+            eps,
+            norm=norm,
+            loss=kind,
+            steps=cfg["active_iter"],
+            random_start=False,
+            seed=seed + 7,
+            stop_on_success=not randomized,
+            final=randomized,
+        )
         rates[f"strong_{kind}"] = float((~ev_active.correct(adv) & _within(adv, xa, eps, norm)).float().mean())
     g, _ = _grad(view, xa, yl, "ce")
     fgsm_adv = _project(xa + eps * _direction(g, norm), xa, eps, norm)
@@ -1006,14 +1261,25 @@ def _active_check(model: nn.Module, x: torch.Tensor, eps: float, norm: str, cfg:
     weak = max(v for k, v in rates.items() if k.startswith("weak"))
     if strong < ACTIVE_STRONG:
         status = "fail"
-        msg = (f"the white-box attack found only {strong:.0%} of the adversarial examples planted inside the model's "
-               "input path (masking inside the model hides them)")
+        msg = (
+            f"the white-box attack found only {strong:.0%} of the adversarial examples planted inside the model's "
+            "input path (masking inside the model hides them)"
+        )
     elif weak > ACTIVE_WEAK:
         status = "warn"
         msg = f"inconclusive: a weak attack also found {weak:.0%} of the planted adversarials"
     else:
         status = "pass"
-        msg = (f"strong attack found {strong:.0%} of the planted adversarials, weak attacks (FGSM, Square-100) "
-               f"{weak:.0%}")
-    return _check("active_test", status, strong, ACTIVE_STRONG, msg, n_evaluated=n_eval,
-                  n_excluded=int(x.shape[0] - n_eval), success=rates)
+        msg = (
+            f"strong attack found {strong:.0%} of the planted adversarials, weak attacks (FGSM, Square-100) {weak:.0%}"
+        )
+    return _check(
+        "active_test",
+        status,
+        strong,
+        ACTIVE_STRONG,
+        msg,
+        n_evaluated=n_eval,
+        n_excluded=int(x.shape[0] - n_eval),
+        success=rates,
+    )

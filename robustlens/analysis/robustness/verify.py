@@ -110,8 +110,9 @@ class Layer:
         new = object.__new__(type(self))
         for k, v in self.__dict__.items():
             floating = isinstance(v, torch.Tensor) and v.is_floating_point()
-            new.__dict__[k] = v.to(device=device, dtype=dtype) if floating \
-                else (v.to(device) if isinstance(v, torch.Tensor) else v)
+            new.__dict__[k] = (
+                v.to(device=device, dtype=dtype) if floating else (v.to(device) if isinstance(v, torch.Tensor) else v)
+            )
         return new
 
     def describe(self) -> str:
@@ -178,8 +179,11 @@ class LinearLayer(AffineLayer):
     def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(name)
         self.weight = weight.detach().clone()
-        self.bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None \
+        self.bias = (
+            torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            if bias is None
             else bias.detach().clone()
+        )
 
     def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         return self.bias.clone()
@@ -200,12 +204,23 @@ class LinearLayer(AffineLayer):
 class Conv2dLayer(AffineLayer):
     """2-D convolution with zero padding; input ``(B, C, H, W)``."""
 
-    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any,
-                 dilation: Any, groups: int):
+    def __init__(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+    ):
         super().__init__(name)
         self.weight = weight.detach().clone()
-        self.bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None \
+        self.bias = (
+            torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            if bias is None
             else bias.detach().clone()
+        )
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), groups
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -225,8 +240,9 @@ class Conv2dLayer(AffineLayer):
         return self._conv(x, self.weight.square())
 
     def backward(self, a: torch.Tensor) -> torch.Tensor:
-        return nn_grad.conv2d_input((a.shape[0], *self.in_shape), self.weight, a, self.stride, self.padding,
-                                          self.dilation, self.groups)
+        return nn_grad.conv2d_input(
+            (a.shape[0], *self.in_shape), self.weight, a, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 class ChannelAffineLayer(AffineLayer):
@@ -244,8 +260,9 @@ class ChannelAffineLayer(AffineLayer):
 
     def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         if self.scale.numel() not in (1, self.in_shape[0]):
-            raise UnsupportedModelError(f"layer '{self.name}' has {self.scale.numel()} channels but its input has "
-                                        f"shape {self.in_shape}")
+            raise UnsupportedModelError(
+                f"layer '{self.name}' has {self.scale.numel()} channels but its input has shape {self.in_shape}"
+            )
         return (zero[0] + self._view(self.shift)).expand(self.in_shape).clone()
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,7 +343,7 @@ class MaxPool2dLayer(Layer):
         self.padding, self.dilation, self.ceil_mode = tuple(padding), tuple(dilation), bool(ceil_mode)
 
     def _pool(self, x: torch.Tensor, return_indices: bool = False) -> Any:
-        pool: Any = F.max_pool2d          # torch's stubs do not cover tuple sizes with return_indices
+        pool: Any = F.max_pool2d  # torch's stubs do not cover tuple sizes with return_indices
         return pool(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -407,21 +424,23 @@ def _convert(name: str, module: Any, in_shape: tuple[int, ...], previous: list[L
         return []
     handler = _LEAVES.get(tname)
     if handler is None:
-        hint = ("a layer whose forward is not a chain of supported layers" if list(module.named_children())
-                else "an unsupported layer")
+        hint = (
+            "a layer whose forward is not a chain of supported layers"
+            if list(module.named_children())
+            else "an unsupported layer"
+        )
         raise UnsupportedModelError(
             f"layer '{name}' ({tname}) is not supported by formal verification ({hint}); supported: "
-            f"{', '.join(sorted(_LEAVES))}, Dropout, Identity, input normalization")
+            f"{', '.join(sorted(_LEAVES))}, Dropout, Identity, input normalization"
+        )
     return handler(name, module, in_shape, previous)
 
 
-def _linear_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                    previous: list[Layer]) -> list[Layer]:
+def _linear_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     return [LinearLayer(name, module.weight.float(), _tensor_attr(module, "bias"))]
 
 
-def _conv_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                  previous: list[Layer]) -> list[Layer]:
+def _conv_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     mode = getattr(module, "padding_mode", "zeros")
     if mode != "zeros":
         raise UnsupportedModelError(f"layer '{name}' (Conv2d) uses padding_mode='{mode}'; only 'zeros' is supported")
@@ -435,16 +454,26 @@ def _conv_handler(name: str, module: Any, in_shape: tuple[int, ...],
             padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
         else:
             raise UnsupportedModelError(f"layer '{name}' (Conv2d) uses asymmetric padding='{padding}'")
-    return [Conv2dLayer(name, module.weight.float(), _tensor_attr(module, "bias"), _pair(module.stride),
-                        _pair(padding), _pair(module.dilation), int(module.groups))]
+    return [
+        Conv2dLayer(
+            name,
+            module.weight.float(),
+            _tensor_attr(module, "bias"),
+            _pair(module.stride),
+            _pair(padding),
+            _pair(module.dilation),
+            int(module.groups),
+        )
+    ]
 
 
-def _batchnorm_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                       previous: list[Layer]) -> list[Layer]:
+def _batchnorm_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     mean, var = _tensor_attr(module, "running_mean"), _tensor_attr(module, "running_var")
     if mean is None or var is None:
-        raise UnsupportedModelError(f"layer '{name}' ({_type_name(module)}) has no running statistics "
-                                    "(track_running_stats=False uses batch statistics, which is not a fixed function)")
+        raise UnsupportedModelError(
+            f"layer '{name}' ({_type_name(module)}) has no running statistics "
+            "(track_running_stats=False uses batch statistics, which is not a fixed function)"
+        )
     gamma = _tensor_attr(module, "weight")
     beta = _tensor_attr(module, "bias")
     scale = 1.0 / torch.sqrt(var.float() + float(module.eps))
@@ -466,34 +495,36 @@ def fold_batchnorm(layer: Conv2dLayer | LinearLayer, scale: torch.Tensor, shift:
     layer.bias = layer.bias * scale.to(layer.bias) + shift.to(layer.bias)
 
 
-def _flatten_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                     previous: list[Layer]) -> list[Layer]:
+def _flatten_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     start, end = int(getattr(module, "start_dim", 1)), int(getattr(module, "end_dim", -1))
     full = (1, *in_shape)
     out = torch.empty(full, device="meta").flatten(start, end).shape[1:]
     return [ReshapeLayer(name, tuple(out))]
 
 
-def _relu_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                  previous: list[Layer]) -> list[Layer]:
+def _relu_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     return [ReLULayer(name)]
 
 
-def _maxpool_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                     previous: list[Layer]) -> list[Layer]:
+def _maxpool_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     if bool(getattr(module, "return_indices", False)):
         raise UnsupportedModelError(f"layer '{name}' (MaxPool2d) returns indices")
     k = _pair(module.kernel_size)
-    s = k if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0) \
+    s = (
+        k
+        if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0)
         else _pair(module.stride)
+    )
     return [MaxPool2dLayer(name, k, s, _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))]
 
 
-def _avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                     previous: list[Layer]) -> list[Layer]:
+def _avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     k = _pair(module.kernel_size)
-    s = k if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0) \
+    s = (
+        k
+        if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0)
         else _pair(module.stride)
+    )
     p, ceil, include = _pair(module.padding), bool(module.ceil_mode), bool(module.count_include_pad)
     div = getattr(module, "divisor_override", None)
 
@@ -503,8 +534,7 @@ def _avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...],
     return [PoolLinearLayer(name, fn)]
 
 
-def _adaptive_avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...],
-                              previous: list[Layer]) -> list[Layer]:
+def _adaptive_avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     size = module.output_size
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -547,8 +577,9 @@ def _graph_ops(module: nn.Module) -> list[str]:
     return found
 
 
-def extract_layers(model: nn.Module, input_shape: tuple[int, ...] | torch.Size, *, random_state: int = 0,
-                   atol: float = 1e-4) -> list[Layer]:
+def extract_layers(
+    model: nn.Module, input_shape: tuple[int, ...] | torch.Size, *, random_state: int = 0, atol: float = 1e-4
+) -> list[Layer]:
     """Turn ``model`` into a chain of :class:`Layer` objects that the bound computations understand.
 
     Parameters
@@ -597,7 +628,8 @@ def extract_layers(model: nn.Module, input_shape: tuple[int, ...] | torch.Size, 
                         raise UnsupportedModelError(
                             f"layer '{name}' ({_type_name(module)}) does not accept the output of the previous "
                             f"layers, shape {current}: {str(exc).splitlines()[0]}; the model's forward probably "
-                            "does more than call its layers in order") from exc
+                            "does more than call its layers in order"
+                        ) from exc
                 else:
                     layer.in_shape = current
                     try:
@@ -605,7 +637,8 @@ def extract_layers(model: nn.Module, input_shape: tuple[int, ...] | torch.Size, 
                     except RuntimeError as exc:
                         raise UnsupportedModelError(
                             f"layer '{name}' ({_type_name(module)}) does not accept shape {current}: "
-                            f"{str(exc).splitlines()[0]}") from exc
+                            f"{str(exc).splitlines()[0]}"
+                        ) from exc
                 layers.append(layer)
                 current = layer.out_shape
             # a folded batch norm changes the previous layer's offset
@@ -623,12 +656,16 @@ def extract_layers(model: nn.Module, input_shape: tuple[int, ...] | torch.Size, 
         diff = float((got - expected.float()).abs().max()) if got.shape == expected.shape else math.inf
     if not diff <= atol * scale:
         ops = _graph_ops(model)
-        detail = (f"its forward performs operations outside its layers: {', '.join(ops[:6])}" if ops else
-                  "its forward does more than call its layers in registration order (e.g. arithmetic, "
-                  "residual connections or reordered calls)")
+        detail = (
+            f"its forward performs operations outside its layers: {', '.join(ops[:6])}"
+            if ops
+            else "its forward does more than call its layers in registration order (e.g. arithmetic, "
+            "residual connections or reordered calls)"
+        )
         raise UnsupportedModelError(
             f"the model cannot be verified as a chain of layers: {detail}; the reconstructed chain "
-            f"[{', '.join(layer.name for layer in layers)}] differs from the model's logits by {diff:.3g}")
+            f"[{', '.join(layer.name for layer in layers)}] differs from the model's logits by {diff:.3g}"
+        )
     return layers
 
 
@@ -680,8 +717,9 @@ def _l2_first_affine(layers: list[Layer], x: torch.Tensor, eps: float) -> tuple[
     return None
 
 
-def _interval_bounds(layers: list[Layer], x: torch.Tensor, eps: float, norm: str,
-                     upto: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _interval_bounds(
+    layers: list[Layer], x: torch.Tensor, eps: float, norm: str, upto: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """IBP bounds of the input of every layer (entry ``i``) and of the output (entry ``len(layers)``)."""
     upto = len(layers) if upto is None else upto
     lo, hi = _input_box(x, eps, norm)
@@ -706,18 +744,30 @@ def _relu_relaxation(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, 
     return low_slope, up_slope, up_icpt
 
 
-def _backward_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int,
-                    a: torch.Tensor, x: torch.Tensor, eps: float, norm: str,
-                    alphas: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def _backward_lower(
+    layers: list[Layer],
+    bounds: list[tuple[torch.Tensor, torch.Tensor]],
+    end: int,
+    a: torch.Tensor,
+    x: torch.Tensor,
+    eps: float,
+    norm: str,
+    alphas: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Lower bound ``(B, S)`` of ``a · h_end(x')`` over the threat set, ``h_end`` the output of ``layers[:end]``:
     :func:`_backward_pass` down to the input, concretized over the threat set."""
     coefficients, bias = _backward_pass(layers, bounds, end, a, 0, alphas)
     return _concretize(coefficients, x, eps, norm) + bias
 
 
-def _backward_pass(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int,
-                   a: torch.Tensor, start: int, alphas: dict[int, torch.Tensor] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_pass(
+    layers: list[Layer],
+    bounds: list[tuple[torch.Tensor, torch.Tensor]],
+    end: int,
+    a: torch.Tensor,
+    start: int,
+    alphas: dict[int, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward linear bound of ``a · h_end`` (``h_end`` the output of ``layers[:end]``) in terms of the input of
     layer ``start``: ``(coefficients, bias)`` with ``a · h_end >= coefficients · h_start + bias``.
 
@@ -762,20 +812,37 @@ def _max_width(layers: list[Layer], end: int) -> int:
     return max([math.prod(layer.in_shape) for layer in layers[:end]] + [math.prod(layers[end - 1].out_shape)])
 
 
-def _chunked_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int, a: torch.Tensor,
-                   x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def _chunked_lower(
+    layers: list[Layer],
+    bounds: list[tuple[torch.Tensor, torch.Tensor]],
+    end: int,
+    a: torch.Tensor,
+    x: torch.Tensor,
+    eps: float,
+    norm: str,
+) -> torch.Tensor:
     """:func:`_backward_lower` over chunks of the specification dimension (memory cap)."""
     batch, spec = a.shape[:2]
     per = max(1, _MAX_COEFF_FLOATS // max(1, batch * _max_width(layers, end)))
     if spec <= per:
         return _backward_lower(layers, bounds, end, a, x, eps, norm)
-    return torch.cat([_backward_lower(layers, bounds, end, a[:, s:s + per], x, eps, norm)
-                      for s in range(0, spec, per)], dim=1)
+    return torch.cat(
+        [_backward_lower(layers, bounds, end, a[:, s : s + per], x, eps, norm) for s in range(0, spec, per)], dim=1
+    )
 
 
-def _alpha_crown_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], c: torch.Tensor,
-                       x: torch.Tensor, eps: float, norm: str, start_lower: torch.Tensor, *, steps: int = 20,
-                       lr: float = 0.1) -> torch.Tensor:
+def _alpha_crown_lower(
+    layers: list[Layer],
+    bounds: list[tuple[torch.Tensor, torch.Tensor]],
+    c: torch.Tensor,
+    x: torch.Tensor,
+    eps: float,
+    norm: str,
+    start_lower: torch.Tensor,
+    *,
+    steps: int = 20,
+    lr: float = 0.1,
+) -> torch.Tensor:
     """α-CROWN on the final specification: optimize the lower ReLU slopes (one per neuron and spec row) by Adam.
 
     Intermediate bounds stay those of CROWN. Every iterate is a sound bound, so the elementwise best over
@@ -813,8 +880,8 @@ def _alpha_crown_lower(layers: list[Layer], bounds: list[tuple[torch.Tensor, tor
                 for t, g, a1, a2 in zip(params, grads, m1, m2, strict=True):
                     a1.mul_(beta1).add_(g, alpha=1 - beta1)
                     a2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    denom = (a2 / (1 - beta2 ** step)).sqrt_().add_(1e-8)
-                    t.addcdiv_(a1, denom, value=lr / (1 - beta1 ** step))  # ascent on the bound
+                    denom = (a2 / (1 - beta2**step)).sqrt_().add_(1e-8)
+                    t.addcdiv_(a1, denom, value=lr / (1 - beta1**step))  # ascent on the bound
                     t.clamp_(0, 1)
         with torch.no_grad():
             low = _backward_lower(layers, sub_bounds, len(layers), sub_c, sub_x, eps, norm, alphas=alphas)
@@ -829,8 +896,15 @@ def _exact_by_ibp(layers: list[Layer], end: int) -> bool:
     return sum(not layer.diagonal for layer in layers[:end]) <= 1
 
 
-def _crown_refine(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Tensor]], end: int, x: torch.Tensor,
-                  eps: float, norm: str, budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _crown_refine(
+    layers: list[Layer],
+    bounds: list[tuple[torch.Tensor, torch.Tensor]],
+    end: int,
+    x: torch.Tensor,
+    eps: float,
+    norm: str,
+    budget: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tighten ``bounds[end]`` (input of a ReLU) with backward CROWN on the neurons IBP leaves unstable.
 
     With ``budget`` (coefficient floats per sample), a layer whose refinement would move more than that
@@ -855,22 +929,23 @@ def _crown_refine(layers: list[Layer], bounds: list[tuple[torch.Tensor, torch.Te
     per = max(1, _MAX_COEFF_FLOATS // max(1, 2 * batch * _max_width(layers, end)))
     new_lo, new_hi = flat_lo.clone(), flat_hi.clone()
     for c0 in range(0, s, per):
-        idx = order[:, c0:c0 + per]
+        idx = order[:, c0 : c0 + per]
         k = idx.shape[1]
         a = torch.zeros((batch, k, n), dtype=lo.dtype, device=lo.device)
-        a.scatter_(2, idx.unsqueeze(2), valid[:, c0:c0 + per].unsqueeze(2).to(lo.dtype))
+        a.scatter_(2, idx.unsqueeze(2), valid[:, c0 : c0 + per].unsqueeze(2).to(lo.dtype))
         a = torch.cat([a, -a], dim=1).view(batch, 2 * k, *shape)
         res = _backward_lower(layers, bounds, end, a, x, eps, norm)
         low, up = res[:, :k], -res[:, k:]
-        ok = valid[:, c0:c0 + per]
+        ok = valid[:, c0 : c0 + per]
         cur_lo, cur_hi = new_lo.gather(1, idx), new_hi.gather(1, idx)
         new_lo.scatter_(1, idx, torch.where(ok, torch.maximum(cur_lo, low), cur_lo))
         new_hi.scatter_(1, idx, torch.where(ok, torch.minimum(cur_hi, up), cur_hi))
     return new_lo.view_as(lo), new_hi.view_as(hi)
 
 
-def _crown_intermediate(layers: list[Layer], x: torch.Tensor, eps: float, norm: str,
-                        budget: float | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _crown_intermediate(
+    layers: list[Layer], x: torch.Tensor, eps: float, norm: str, budget: float | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Bounds of every layer's input: IBP, tightened by CROWN at every ReLU input."""
     lo, hi = _input_box(x, eps, norm)
     bounds = [(lo, hi)]
@@ -897,16 +972,24 @@ def _as_input(layers: list[Layer], x: torch.Tensor, eps: float, norm: str) -> tu
 
 
 def _cast(layers: list[Layer], x: torch.Tensor) -> list[Layer]:
-    probe = next((v for layer in layers for v in layer.__dict__.values() if isinstance(v, torch.Tensor)
-                  and v.is_floating_point()), None)
+    probe = next(
+        (
+            v
+            for layer in layers
+            for v in layer.__dict__.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        ),
+        None,
+    )
     if probe is not None and probe.dtype == x.dtype and probe.device == x.device:
         return layers
     return [layer.to(x.device, x.dtype) for layer in layers]
 
 
 @torch.no_grad()
-def ibp_bounds(layers: list[Layer], x: torch.Tensor, eps: float, *, norm: str = "linf"
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def ibp_bounds(
+    layers: list[Layer], x: torch.Tensor, eps: float, *, norm: str = "linf"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval bound propagation: lower and upper bounds ``(B, K)`` of the logits over the threat set.
 
     Parameters
@@ -943,8 +1026,14 @@ def _spec(c: torch.Tensor | None, batch: int, k: int, like: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def crown_bounds(layers: list[Layer], x: torch.Tensor, eps: float, *, norm: str = "linf",
-                 C: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: N803 - the matrix C of CROWN
+def crown_bounds(
+    layers: list[Layer],
+    x: torch.Tensor,
+    eps: float,
+    *,
+    norm: str = "linf",
+    C: torch.Tensor | None = None,  # noqa: N803 - the matrix C of CROWN
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN: lower and upper bounds ``(B, S)`` of ``C @ logits`` over the threat set.
 
     Parameters
@@ -996,10 +1085,19 @@ def _check_method(method: object, allowed: tuple[str, ...]) -> str:
 
 
 @torch.no_grad()
-def margin_lower_bounds(model_or_layers: nn.Module | list[Layer], images: torch.Tensor, labels: Any,
-                        eps: float, *, method: str = "crown", norm: str = "linf", batch_size: int = 64,
-                        dtype: torch.dtype | None = None, alpha_steps: int = 20,
-                        refine_budget: float | None = None) -> np.ndarray:
+def margin_lower_bounds(
+    model_or_layers: nn.Module | list[Layer],
+    images: torch.Tensor,
+    labels: Any,
+    eps: float,
+    *,
+    method: str = "crown",
+    norm: str = "linf",
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    alpha_steps: int = 20,
+    refine_budget: float | None = None,
+) -> np.ndarray:
     """Certified lower bounds of the margins ``logit_y(x') - logit_j(x')`` over the threat set.
 
     Parameters
@@ -1048,7 +1146,7 @@ def margin_lower_bounds(model_or_layers: nn.Module | list[Layer], images: torch.
     layers = _cast(layers, x_all)
     out = []
     for s in range(0, x_all.shape[0], batch_size):
-        x, yb = x_all[s:s + batch_size], y[s:s + batch_size]
+        x, yb = x_all[s : s + batch_size], y[s : s + batch_size]
         c = margin_specification(yb, k, dtype)
         low = _ibp_spec_lower(layers, x, eps, norm, c)
         if method in ("crown", "alpha-crown"):
@@ -1108,20 +1206,37 @@ class VerificationResult:
         for method, ver in self.verified.items():
             per_eps = self.seconds_per_eps.get(method, np.full(len(self.eps), np.nan))
             for e, eps in enumerate(self.eps):
-                rows.append({"method": method, "norm": self.norm, "eps": float(eps),
-                             "verified_accuracy": float(self.verified_accuracy[method][e]),
-                             "n_verified": int(ver[e].sum()), "n": n,
-                             "clean_accuracy": float(self.clean_correct.mean()) if n else float("nan"),
-                             "seconds": float(per_eps[e])})
-        return pd.DataFrame(rows, columns=["method", "norm", "eps", "verified_accuracy", "n_verified", "n",
-                                           "clean_accuracy", "seconds"])
+                rows.append(
+                    {
+                        "method": method,
+                        "norm": self.norm,
+                        "eps": float(eps),
+                        "verified_accuracy": float(self.verified_accuracy[method][e]),
+                        "n_verified": int(ver[e].sum()),
+                        "n": n,
+                        "clean_accuracy": float(self.clean_correct.mean()) if n else float("nan"),
+                        "seconds": float(per_eps[e]),
+                    }
+                )
+        return pd.DataFrame(
+            rows, columns=["method", "norm", "eps", "verified_accuracy", "n_verified", "n", "clean_accuracy", "seconds"]
+        )
 
     seconds_per_eps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def verify(model: nn.Module, images: torch.Tensor, labels: Any, eps_grid: Any, *, method: str = "crown",
-           norm: str = "linf", batch_size: int = 64, dtype: torch.dtype | None = None,
-           refine_budget: float | None = DEFAULT_REFINE_BUDGET) -> VerificationResult:
+def verify(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: Any,
+    eps_grid: Any,
+    *,
+    method: str = "crown",
+    norm: str = "linf",
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    refine_budget: float | None = DEFAULT_REFINE_BUDGET,
+) -> VerificationResult:
     """Verified robustness of every sample at every ε of ``eps_grid`` (IBP and/or CROWN).
 
     Parameters
@@ -1161,9 +1276,10 @@ def verify(model: nn.Module, images: torch.Tensor, labels: Any, eps_grid: Any, *
     methods = {"both": ["ibp", "crown"], "all": list(METHODS)}.get(method, [method])
     images = check_images(images)
     norm = check_norm(norm)
-    eps_arr = np.asarray([check_positive(e, "eps", allow_zero=True) for e in np.atleast_1d(np.asarray(eps_grid,
-                                                                                                        dtype=object))],
-                         dtype=np.float64)
+    eps_arr = np.asarray(
+        [check_positive(e, "eps", allow_zero=True) for e in np.atleast_1d(np.asarray(eps_grid, dtype=object))],
+        dtype=np.float64,
+    )
     if eps_arr.size == 0:
         raise ValidationError("eps_grid must hold at least one radius")
     dtype = dtype or torch.float32
@@ -1172,8 +1288,9 @@ def verify(model: nn.Module, images: torch.Tensor, labels: Any, eps_grid: Any, *
     k = layers[-1].out_shape[0]
     y = check_labels(labels, images.shape[0], device, num_classes=k)
     with eval_mode(model), torch.no_grad():
-        clean = torch.cat([model(images[s:s + batch_size].to(device)).argmax(1)
-                           for s in range(0, images.shape[0], batch_size)])
+        clean = torch.cat(
+            [model(images[s : s + batch_size].to(device)).argmax(1) for s in range(0, images.shape[0], batch_size)]
+        )
     correct = (clean == y).cpu().numpy()
     verified: dict[str, Any] = {}
     accuracy: dict[str, Any] = {}
@@ -1198,9 +1315,16 @@ def verify(model: nn.Module, images: torch.Tensor, labels: Any, eps_grid: Any, *
             todo = np.nonzero(candidates & ~known)[0]
             if todo.size:
                 sel = torch.from_numpy(todo).to(x_all.device)
-                low = margin_lower_bounds(layers, x_all.index_select(0, sel), y.index_select(0, sel.to(y.device)),
-                                          float(eps), method=m, norm=norm, batch_size=batch_size,
-                                          refine_budget=refine_budget)
+                low = margin_lower_bounds(
+                    layers,
+                    x_all.index_select(0, sel),
+                    y.index_select(0, sel.to(y.device)),
+                    float(eps),
+                    method=m,
+                    norm=norm,
+                    batch_size=batch_size,
+                    refine_budget=refine_budget,
+                )
                 mar[e, todo] = low.min(axis=1)
             ver[e] = candidates & (known | (np.nan_to_num(mar[e], nan=-np.inf) > 0))
             candidates = ver[e].copy()  # a sample not certified at ε is not tried at larger radii
@@ -1208,5 +1332,13 @@ def verify(model: nn.Module, images: torch.Tensor, labels: Any, eps_grid: Any, *
         verified[m], margins[m], per_eps[m] = ver, mar, times
         accuracy[m] = ver.mean(axis=1) if images.shape[0] else np.zeros(eps_arr.size)
         seconds[m] = float(times.sum())
-    return VerificationResult(eps=eps_arr, verified=verified, clean_correct=correct, verified_accuracy=accuracy,
-                              seconds=seconds, margin_lower=margins, norm=norm, seconds_per_eps=per_eps)
+    return VerificationResult(
+        eps=eps_arr,
+        verified=verified,
+        clean_correct=correct,
+        verified_accuracy=accuracy,
+        seconds=seconds,
+        margin_lower=margins,
+        norm=norm,
+        seconds_per_eps=per_eps,
+    )

@@ -137,9 +137,12 @@ class HashCache:
         chunks = self._chunks()
         if column is not None and not all(column in pq.read_schema(c).names for c in chunks):
             return np.array([], dtype=object)
-        parts = [self._written[c.name] if c.name in self._written
-                 else pq.read_table(c, columns=["content_hash"]).column("content_hash").to_numpy(zero_copy_only=False)
-                 for c in chunks]
+        parts = [
+            self._written[c.name]
+            if c.name in self._written
+            else pq.read_table(c, columns=["content_hash"]).column("content_hash").to_numpy(zero_copy_only=False)
+            for c in chunks
+        ]
         return np.concatenate(parts) if parts else np.array([], dtype=object)
 
     def add(self, frame: pd.DataFrame) -> str | None:
@@ -184,22 +187,35 @@ def cache_for(context: StageContext, stage: str, config: Any) -> HashCache:
     return HashCache(context.workspace.artifact_path(f"cache/{stage}-{config_hash(config)}"))
 
 
-def write_artifact(context: StageContext, name: str, frame: pd.DataFrame, *, stage: str, config: Any, inputs: str,
-                   extra: dict | None = None) -> Path:
+def write_artifact(
+    context: StageContext,
+    name: str,
+    frame: pd.DataFrame,
+    *,
+    stage: str,
+    config: Any,
+    inputs: str,
+    extra: dict | None = None,
+) -> Path:
     """Write ``artifacts/<name>.parquet`` atomically and record it in ``artifacts/index.json``."""
     path = storage.write_parquet(context.workspace.artifact_path(f"{name}.parquet"), frame)
     record_artifact(context, name, stage=stage, config=config, inputs=inputs, extra=extra)
     return path
 
 
-def record_artifact(context: StageContext, name: str, *, stage: str, config: Any, inputs: str,
-                    extra: dict | None = None) -> None:
+def record_artifact(
+    context: StageContext, name: str, *, stage: str, config: Any, inputs: str, extra: dict | None = None
+) -> None:
     index_path = context.workspace.artifact_path("index.json")
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    index[name] = {"stage": stage,
-                   "config": asdict(config) if is_dataclass(config) and not isinstance(config, type) else config,
-                   "config_hash": config_hash(config), "inputs": inputs,
-                   "written_at": datetime.now(UTC).isoformat(timespec="seconds"), **(extra or {})}
+    index[name] = {
+        "stage": stage,
+        "config": asdict(config) if is_dataclass(config) and not isinstance(config, type) else config,
+        "config_hash": config_hash(config),
+        "inputs": inputs,
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
     storage.write_json(index_path, index)
 
 
@@ -214,9 +230,11 @@ def artifact_entry(workspace: Workspace, name: str) -> dict:
 def is_current(context: StageContext, name: str, *, config: Any, inputs: str) -> bool:
     """Whether artifact ``name`` exists and was made from the same config and inputs."""
     entry = artifact_entry(context.workspace, name)
-    return (entry.get("config_hash") == config_hash(config) and entry.get("inputs") == inputs
-            and any(context.workspace.artifact_path(name + suffix).exists()
-                    for suffix in (".parquet", ".npy", ".json")))
+    return (
+        entry.get("config_hash") == config_hash(config)
+        and entry.get("inputs") == inputs
+        and any(context.workspace.artifact_path(name + suffix).exists() for suffix in (".parquet", ".npy", ".json"))
+    )
 
 
 def load_sample_array(context: StageContext, name: str, *, ndim: int, producer: str) -> np.ndarray:
@@ -238,8 +256,9 @@ def read_artifact(workspace: Workspace, name: str) -> pd.DataFrame | None:
 REFUSED_ARTIFACT = "refused_files.json"
 
 
-def decode_distinct(context: StageContext, rows: np.ndarray, *, batch_size: int, workers: int,
-                    desc: str) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+def decode_distinct(
+    context: StageContext, rows: np.ndarray, *, batch_size: int, workers: int, desc: str
+) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
     """Decode the samples ``rows`` (one per content hash still to compute), skipping refused files.
 
     Every file is read through :func:`~robustlens.analysis.loader.iter_decoded` with the content hashes of
@@ -280,10 +299,18 @@ def decode_distinct(context: StageContext, rows: np.ndarray, *, batch_size: int,
         if not len(pending):
             return
         before = {entry.index for entry in context.refused.entries}
-        for indices, pixels in iter_decoded(context.workspace.dataset_root, paths, cast("Sequence[int]", pending),
-                                            batch_size=batch_size,
-                                            workers=workers, progress=context.progress, memo=context.pixels,
-                                            desc=desc, expected_hashes=hashes, refused=context.refused):
+        for indices, pixels in iter_decoded(
+            context.workspace.dataset_root,
+            paths,
+            cast("Sequence[int]", pending),
+            batch_size=batch_size,
+            workers=workers,
+            progress=context.progress,
+            memo=context.pixels,
+            desc=desc,
+            expected_hashes=hashes,
+            refused=context.refused,
+        ):
             if len(indices):
                 yield indices, pixels
         stand_in_for = sorted({entry.index for entry in context.refused.entries} - before)
@@ -311,8 +338,15 @@ def record_refused(context: StageContext, stage: str, rows: np.ndarray | None = 
         if entry.index in seen or (rows is not None and not rows[entry.index]):
             continue
         seen.add(entry.index)
-        entries.append({"index": int(entry.index), "id": str(ids[entry.index]), "path": entry.path,
-                        "kind": entry.kind, "reason": entry.reason})
+        entries.append(
+            {
+                "index": int(entry.index),
+                "id": str(ids[entry.index]),
+                "path": entry.path,
+                "kind": entry.kind,
+                "reason": entry.reason,
+            }
+        )
     path = context.workspace.artifact_path(REFUSED_ARTIFACT)
     report = read_refused(context.workspace)
     report.setdefault("stages", {})[stage] = entries
@@ -340,8 +374,10 @@ def describe_refused(entries: list[dict], *, limit: int = 10) -> str:
     words = {"changed_since_init": "changed since init", "outside_root": "resolves outside the dataset root"}
     shown = "; ".join(f"{e['path']} ({words.get(e['kind'], e['kind'])})" for e in entries[:limit])
     more = f"; … {len(entries) - limit} more" if len(entries) > limit else ""
-    return f"{len(entries)} dataset file(s) refused, their samples skipped (no metrics, left out of " \
-           f"the embedding-based stages): {shown}{more}"
+    return (
+        f"{len(entries)} dataset file(s) refused, their samples skipped (no metrics, left out of "
+        f"the embedding-based stages): {shown}{more}"
+    )
 
 
 def excluded_rows(workspace: Workspace) -> np.ndarray:
@@ -380,9 +416,19 @@ def config_error(stage: str, field_name: str, expected: str, got: object) -> Con
     return ConfigError(f"stage '{stage}'", field_name, expected, got)
 
 
-def check_number(stage: str, config: object, name: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False,
-                 optional: bool = False, expected: str | None = None) -> None:
+def check_number(
+    stage: str,
+    config: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+    expected: str | None = None,
+) -> None:
     """Raise :func:`config_error` unless ``config.<name>`` is a (finite) number in the given range.
 
     ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``integer`` requires an int (a bool is
@@ -440,8 +486,7 @@ class StageResult(dict[str, Any]):
         The summary as a plain ``dict``.
     """
 
-    def __init__(self, stage: str, summary: dict[str, Any], *, artifacts: Iterable[str] = (),
-                 current: bool = False):
+    def __init__(self, stage: str, summary: dict[str, Any], *, artifacts: Iterable[str] = (), current: bool = False):
         super().__init__(summary)
         self.stage = stage
         self.artifacts: tuple[str, ...] = tuple(artifacts)
@@ -452,8 +497,10 @@ class StageResult(dict[str, Any]):
         return dict(self)
 
     def __repr__(self) -> str:
-        return (f"StageResult(stage={self.stage!r}, artifacts={self.artifacts!r}, current={self.current!r}, "
-                f"summary={dict(self)!r})")
+        return (
+            f"StageResult(stage={self.stage!r}, artifacts={self.artifacts!r}, current={self.current!r}, "
+            f"summary={dict(self)!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -506,8 +553,9 @@ class StageSpec:
     precondition: Callable[[StageContext, Any], str | None] | None = None
     description: str = ""
 
-    def result(self, summary: dict[str, Any], *, current: bool | None = None,
-               artifacts: Iterable[str] | None = None) -> StageResult:
+    def result(
+        self, summary: dict[str, Any], *, current: bool | None = None, artifacts: Iterable[str] | None = None
+    ) -> StageResult:
         """Wrap ``summary`` as this stage's :class:`StageResult`.
 
         ``current`` defaults to ``summary.get("skipped") is True``; ``artifacts`` to nothing when current and

@@ -152,10 +152,19 @@ def _run(context: StageContext, config: Config) -> dict:
     # Samples without an image (their file was refused: no pixel_hash, or excluded by the embeddings stage) are
     # nobody's duplicate.
     missing = prints["pixel_hash"].isna().to_numpy() | excluded_rows(workspace)
-    inputs = fingerprint(samples["id"], samples["split"], prints, embeddings_fp, fingerprint(thumbnails),
-                         context.random_state, *([np.flatnonzero(missing)] if missing.any() else []))
-    if all(is_current(context, name, config=config, inputs=inputs)
-           for name in ("duplicates", "duplicate_pairs", "flags_duplicates")):
+    inputs = fingerprint(
+        samples["id"],
+        samples["split"],
+        prints,
+        embeddings_fp,
+        fingerprint(thumbnails),
+        context.random_state,
+        *([np.flatnonzero(missing)] if missing.any() else []),
+    )
+    if all(
+        is_current(context, name, config=config, inputs=inputs)
+        for name in ("duplicates", "duplicate_pairs", "flags_duplicates")
+    ):
         return {"skipped": True, **_counts(read_artifact(workspace, "duplicates"))}
 
     n = len(samples)
@@ -174,8 +183,15 @@ def _run(context: StageContext, config: Config) -> dict:
     cluster = clusters(n, all_pairs)
     splits = samples["split"].astype(str).to_numpy()
     table = duplicate_table(samples["id"].to_numpy(), exact, cluster, splits)
-    pairs = pair_table(samples["id"].to_numpy(), splits, embeddings, phash, exact_pairs, near_pairs,
-                       {"ncc_distance": ncc, "pixel_difference": difference, "phase_peak": peak})
+    pairs = pair_table(
+        samples["id"].to_numpy(),
+        splits,
+        embeddings,
+        phash,
+        exact_pairs,
+        near_pairs,
+        {"ncc_distance": ncc, "pixel_difference": difference, "phase_peak": peak},
+    )
     flags = flag_table(samples["id"].to_numpy(), splits, table, exact, near_pairs, ncc, difference, config)
     for name, frame in (("duplicates", table), ("duplicate_pairs", pairs), ("flags_duplicates", flags)):
         write_artifact(context, name, frame, stage=STAGE, config=config, inputs=inputs)
@@ -195,16 +211,20 @@ def load_fingerprints(context: StageContext) -> pd.DataFrame:
     samples = context.workspace.samples
     prints = read_artifact(context.workspace, "fingerprints")
     if prints is None:
-        raise WorkspaceError(f"{context.workspace.artifact_path('fingerprints.parquet')} does not exist; run the "
-                             "'metrics' stage first ('robustlens analyze WS --stages metrics')")
+        raise WorkspaceError(
+            f"{context.workspace.artifact_path('fingerprints.parquet')} does not exist; run the "
+            "'metrics' stage first ('robustlens analyze WS --stages metrics')"
+        )
     if "pixel_hash" not in prints.columns or "id" not in prints.columns:
         raise WorkspaceError(f"fingerprints.parquet lacks 'id' / 'pixel_hash' columns (has {list(prints.columns)})")
     aligned = prints.drop_duplicates("id").set_index("id").reindex(samples["id"])
     absent = ~samples["id"].isin(prints["id"]).to_numpy()
     if absent.any():
         missing = samples["id"].iloc[np.flatnonzero(absent)[:3]].tolist()
-        raise WorkspaceError(f"fingerprints.parquet has no row for {int(absent.sum())} "
-                             f"samples (e.g. {missing}); re-run the 'metrics' stage")
+        raise WorkspaceError(
+            f"fingerprints.parquet has no row for {int(absent.sum())} "
+            f"samples (e.g. {missing}); re-run the 'metrics' stage"
+        )
     return aligned.reset_index()
 
 
@@ -260,24 +280,27 @@ def shift_signature(thumbnails: np.ndarray) -> np.ndarray:
     """
     signature = np.empty((len(thumbnails), SIGNATURE_BLOCK**2), dtype=np.float32)
     for start in range(0, len(thumbnails), SIGNATURE_CHUNK):  # bounded temporaries
-        images = torch.from_numpy(thumbnails[start:start + SIGNATURE_CHUNK]).float().div_(255.0)
+        images = torch.from_numpy(thumbnails[start : start + SIGNATURE_CHUNK]).float().div_(255.0)
         images = images - images.mean(dim=(1, 2), keepdim=True)
         # The real FFT's first columns are the full FFT's (a real image's spectrum is Hermitian).
         spectrum = torch.fft.rfft2(images)[:, :SIGNATURE_BLOCK, :SIGNATURE_BLOCK].abs().flatten(1)
         norms = spectrum.norm(dim=1, keepdim=True)
         # Flat images (no variation at 1/255 resolution) get an all-zero signature.
-        signature[start:start + SIGNATURE_CHUNK] = torch.where(
-            norms > 1e-3, spectrum / norms.clamp_min(1e-12), torch.zeros_like(spectrum)).numpy()
+        signature[start : start + SIGNATURE_CHUNK] = torch.where(
+            norms > 1e-3, spectrum / norms.clamp_min(1e-12), torch.zeros_like(spectrum)
+        ).numpy()
     return signature
 
 
-def candidate_pairs(context: StageContext, embeddings: np.ndarray, thumbnails: np.ndarray,
-                    config: Config) -> np.ndarray:
+def candidate_pairs(
+    context: StageContext, embeddings: np.ndarray, thumbnails: np.ndarray, config: Config
+) -> np.ndarray:
     """``(P, 2)`` unique candidate pairs ``i < j`` from the embedding and signature neighbour graphs."""
     n = embeddings.shape[0]
     k = min(config.n_neighbors, n - 1)
     if k < 1:
         return np.zeros((0, 2), dtype=np.int64)
+
     def signature_graph() -> tuple[np.ndarray, np.ndarray]:
         signature = shift_signature(thumbnails)
         return signature, knn_search(signature, k, random_state=context.random_state)[0]
@@ -289,8 +312,12 @@ def candidate_pairs(context: StageContext, embeddings: np.ndarray, thumbnails: n
         pending = pool.submit(signature_graph)
         indices, distances = neighbor_graph(context, k)
         signature, sig_indices = pending.result()
-    pairs = np.concatenate([_graph_pairs(indices, 1.0 - distances >= config.min_embedding_cosine),
-                            _graph_pairs(sig_indices, np.ones(sig_indices.shape, dtype=bool))])
+    pairs = np.concatenate(
+        [
+            _graph_pairs(indices, 1.0 - distances >= config.min_embedding_cosine),
+            _graph_pairs(sig_indices, np.ones(sig_indices.shape, dtype=bool)),
+        ]
+    )
     low, high = np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1])
     # Unique pairs i < j through one int64 key per pair, sorted (np.unique on rows, or its hash-based
     # path on keys, took 10x longer on the ~1M candidates of 70,000 images).
@@ -310,8 +337,9 @@ def _graph_pairs(indices: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.stack([rows[keep], indices[keep]], axis=1).astype(np.int64)
 
 
-def confirm_pairs(thumbnails: np.ndarray, pairs: np.ndarray, config: Config, *,
-                  phash: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def confirm_pairs(
+    thumbnails: np.ndarray, pairs: np.ndarray, config: Config, *, phash: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Which candidate pairs are near duplicates.
 
     Two passes: the phase-correlation peak of every pair from precomputed, quantised Fourier phases
@@ -334,25 +362,40 @@ def confirm_pairs(thumbnails: np.ndarray, pairs: np.ndarray, config: Config, *,
     # skip the phase step (same means as compare_thumbnails; the margin covers summation order).
     means = torch.from_numpy(thumbnails).float().div_(255.0).mean(dim=(1, 2)).numpy()
     possible = np.flatnonzero(np.abs(means[pairs[:, 0]] - means[pairs[:, 1]]) <= config.max_mean_difference + 1e-5)
+
     def peaks_of(rows: np.ndarray) -> None:
         chunk = pairs[rows]
-        peak[rows] = phase_peaks(codes[chunk[:, 0]], codes[chunk[:, 1]], flat[chunk[:, 0]], flat[chunk[:, 1]],
-                                 height=height, width=width)
+        peak[rows] = phase_peaks(
+            codes[chunk[:, 0]], codes[chunk[:, 1]], flat[chunk[:, 0]], flat[chunk[:, 1]], height=height, width=width
+        )
 
     def compare(rows: np.ndarray) -> None:
         ncc[rows], difference[rows], mean_gap[rows], _ = compare_thumbnails(
-            thumbnails[pairs[rows, 0]], thumbnails[pairs[rows, 1]], max_shift=config.max_shift)
+            thumbnails[pairs[rows, 0]], thumbnails[pairs[rows, 1]], max_shift=config.max_shift
+        )
 
     # Chunks are independent: one per core, each on one intra-op thread (torch releases the GIL).
-    with torch_threads(1), \
-            ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="robustlens-pairs") as pool:
-        list(pool.map(peaks_of, [possible[start:start + COMPARE_CHUNK]
-                                 for start in range(0, len(possible), COMPARE_CHUNK)]))
+    with (
+        torch_threads(1),
+        ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="robustlens-pairs") as pool,
+    ):
+        list(
+            pool.map(
+                peaks_of, [possible[start : start + COMPARE_CHUNK] for start in range(0, len(possible), COMPARE_CHUNK)]
+            )
+        )
         survivors = np.flatnonzero(peak >= config.min_phase_peak)
-        list(pool.map(compare, [survivors[start:start + COMPARE_CHUNK]
-                                for start in range(0, len(survivors), COMPARE_CHUNK)]))
-    near = ((peak >= config.min_phase_peak) & (ncc <= config.max_ncc_distance)
-            & (difference <= config.max_pixel_difference) & (mean_gap <= config.max_mean_difference))
+        list(
+            pool.map(
+                compare, [survivors[start : start + COMPARE_CHUNK] for start in range(0, len(survivors), COMPARE_CHUNK)]
+            )
+        )
+    near = (
+        (peak >= config.min_phase_peak)
+        & (ncc <= config.max_ncc_distance)
+        & (difference <= config.max_pixel_difference)
+        & (mean_gap <= config.max_mean_difference)
+    )
     if config.phash_max_distance is not None and phash is not None:
         near &= phash_distance(phash[pairs[:, 0]], phash[pairs[:, 1]]) <= config.phash_max_distance
     return near, ncc, difference, peak
@@ -367,15 +410,16 @@ def phase_codes(thumbnails: np.ndarray, *, chunk: int = 8192) -> np.ndarray:
     count, height, width = thumbnails.shape
     codes = np.empty((count, height, width // 2 + 1), dtype=np.uint8)
     for start in range(0, count, chunk):
-        images = torch.from_numpy(thumbnails[start:start + chunk]).float()
+        images = torch.from_numpy(thumbnails[start : start + chunk]).float()
         spectrum = torch.fft.rfft2(images - images.mean(dim=(1, 2), keepdim=True))
         turns = torch.angle(spectrum) * (PHASE_LEVELS / (2.0 * torch.pi))
-        codes[start:start + chunk] = torch.remainder(torch.round(turns), PHASE_LEVELS).to(torch.uint8).numpy()
+        codes[start : start + chunk] = torch.remainder(torch.round(turns), PHASE_LEVELS).to(torch.uint8).numpy()
     return codes
 
 
-def phase_peaks(codes_a: np.ndarray, codes_b: np.ndarray, flat_a: np.ndarray, flat_b: np.ndarray, *,
-                height: int, width: int) -> np.ndarray:
+def phase_peaks(
+    codes_a: np.ndarray, codes_b: np.ndarray, flat_a: np.ndarray, flat_b: np.ndarray, *, height: int, width: int
+) -> np.ndarray:
     """``(P,)`` phase-correlation peaks from :func:`phase_codes` of pair members (see :func:`compare_thumbnails`).
 
     ``flat_a`` / ``flat_b``: ``(P,)`` bool, images without any variation (two flat images: 1; one: 0).
@@ -387,8 +431,13 @@ def phase_peaks(codes_a: np.ndarray, codes_b: np.ndarray, flat_a: np.ndarray, fl
     return np.where(flat_a & flat_b, 1.0, peak).astype(np.float32)
 
 
-def compare_thumbnails(a: np.ndarray, b: np.ndarray, *, max_shift: float = 3.0, border: int = COMPARE_BORDER,
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def compare_thumbnails(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    max_shift: float = 3.0,
+    border: int = COMPARE_BORDER,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Compare thumbnail pairs after aligning ``b`` onto ``a`` by sub-pixel phase correlation.
 
     Parameters
@@ -434,15 +483,27 @@ def compare_thumbnails(a: np.ndarray, b: np.ndarray, *, max_shift: float = 3.0, 
     peak = correlation.flatten(1).amax(1)
     peak = torch.where(flat_a & flat_b, torch.ones_like(peak), peak)
     peak = torch.where(flat_a ^ flat_b, torch.zeros_like(peak), peak)
-    ncc, difference = _aligned_difference(first, spectrum_b, correlation, flat_a, flat_b, max_shift=max_shift,
-                                          border=border)
-    return (ncc.astype(np.float32), difference.astype(np.float32), mean_difference.astype(np.float32),
-            peak.numpy().astype(np.float32))
+    ncc, difference = _aligned_difference(
+        first, spectrum_b, correlation, flat_a, flat_b, max_shift=max_shift, border=border
+    )
+    return (
+        ncc.astype(np.float32),
+        difference.astype(np.float32),
+        mean_difference.astype(np.float32),
+        peak.numpy().astype(np.float32),
+    )
 
 
-def _aligned_difference(first: torch.Tensor, spectrum_b: torch.Tensor, correlation: torch.Tensor,
-                        flat_a: torch.Tensor, flat_b: torch.Tensor, *, max_shift: float,
-                        border: int) -> tuple[np.ndarray, np.ndarray]:
+def _aligned_difference(
+    first: torch.Tensor,
+    spectrum_b: torch.Tensor,
+    correlation: torch.Tensor,
+    flat_a: torch.Tensor,
+    flat_b: torch.Tensor,
+    *,
+    max_shift: float,
+    border: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """``1 - NCC`` and mean absolute difference of ``first`` and the second image shifted onto it.
 
     ``first``: ``(P, H, W)`` mean-centred images; ``spectrum_b``: ``rfft2`` of the mean-centred second
@@ -455,14 +516,13 @@ def _aligned_difference(first: torch.Tensor, spectrum_b: torch.Tensor, correlati
     freq_x = torch.fft.rfftfreq(width).view(1, 1, -1)
     phase = -2.0 * torch.pi * (freq_y * shift_y.view(-1, 1, 1) + freq_x * shift_x.view(-1, 1, 1))
     aligned = torch.fft.irfft2(spectrum_b * torch.polar(torch.ones_like(phase), phase), s=(height, width))
-    inner_a = first[:, border:height - border, border:width - border].reshape(count, -1)
-    inner_b = aligned[:, border:height - border, border:width - border].reshape(count, -1)
+    inner_a = first[:, border : height - border, border : width - border].reshape(count, -1)
+    inner_b = aligned[:, border : height - border, border : width - border].reshape(count, -1)
     inner_a = inner_a - inner_a.mean(1, keepdim=True)
     inner_b = inner_b - inner_b.mean(1, keepdim=True)
     energy_a, energy_b = inner_a.square().sum(1), inner_b.square().sum(1)
     ncc = 1.0 - (inner_a * inner_b).sum(1) / torch.sqrt(energy_a * energy_b).clamp_min(1e-12)
-    ncc = torch.where(flat_a & flat_b, torch.zeros_like(ncc),
-                      torch.where(flat_a | flat_b, torch.ones_like(ncc), ncc))
+    ncc = torch.where(flat_a & flat_b, torch.zeros_like(ncc), torch.where(flat_a | flat_b, torch.ones_like(ncc), ncc))
     difference = (inner_a - inner_b).abs().mean(1)
     return ncc.clamp(0.0, 2.0).numpy(), difference.numpy()
 
@@ -504,13 +564,27 @@ def duplicate_table(ids: np.ndarray, exact: np.ndarray, cluster: np.ndarray, spl
     known = frame[frame["split"] != UNSPECIFIED_SPLIT]
     split_count = known.groupby("cluster")["split"].nunique()
     cross = pd.Series(cluster).map(split_count).fillna(0).to_numpy() >= 2
-    return pd.DataFrame({"id": ids, "exact_group": exact.astype(np.int64), "near_group": near_group,
-                         "group_size": sizes.astype(np.int64), "is_representative": first == np.arange(n),
-                         "cross_split": cross})
+    return pd.DataFrame(
+        {
+            "id": ids,
+            "exact_group": exact.astype(np.int64),
+            "near_group": near_group,
+            "group_size": sizes.astype(np.int64),
+            "is_representative": first == np.arange(n),
+            "cross_split": cross,
+        }
+    )
 
 
-def pair_table(ids: np.ndarray, splits: np.ndarray, embeddings: np.ndarray, phash: np.ndarray | None,
-               exact_pairs: np.ndarray, near_pairs: np.ndarray, measures: dict[str, np.ndarray]) -> pd.DataFrame:
+def pair_table(
+    ids: np.ndarray,
+    splits: np.ndarray,
+    embeddings: np.ndarray,
+    phash: np.ndarray | None,
+    exact_pairs: np.ndarray,
+    near_pairs: np.ndarray,
+    measures: dict[str, np.ndarray],
+) -> pd.DataFrame:
     """``duplicate_pairs.parquet``: exact pairs (representative → copy) then near pairs.
 
     ``measures`` maps ``ncc_distance``, ``pixel_difference`` and ``phase_peak`` to their ``(P_near,)``
@@ -521,20 +595,33 @@ def pair_table(ids: np.ndarray, splits: np.ndarray, embeddings: np.ndarray, phas
     cosine = np.einsum("ij,ij->i", embeddings[left], embeddings[right]) if len(pairs) else np.zeros(0)
     hamming = phash_distance(phash[left], phash[right]) if phash is not None else np.full(len(pairs), -1)
     exact_values = {"ncc_distance": 0.0, "pixel_difference": 0.0, "phase_peak": 1.0}
-    frame = pd.DataFrame({
-        "id_a": ids[left], "id_b": ids[right],
-        "kind": ["exact"] * len(exact_pairs) + ["near"] * len(near_pairs),
-        "cosine": cosine.astype(np.float32), "phash_distance": hamming.astype(np.int64)})
+    frame = pd.DataFrame(
+        {
+            "id_a": ids[left],
+            "id_b": ids[right],
+            "kind": ["exact"] * len(exact_pairs) + ["near"] * len(near_pairs),
+            "cosine": cosine.astype(np.float32),
+            "phash_distance": hamming.astype(np.int64),
+        }
+    )
     for name, value in exact_values.items():
-        frame[name] = np.concatenate([np.full(len(exact_pairs), value, np.float32),
-                                      measures[name].astype(np.float32)])
-    frame["cross_split"] = ((splits[left] != splits[right]) & (splits[left] != UNSPECIFIED_SPLIT)
-                            & (splits[right] != UNSPECIFIED_SPLIT))
+        frame[name] = np.concatenate([np.full(len(exact_pairs), value, np.float32), measures[name].astype(np.float32)])
+    frame["cross_split"] = (
+        (splits[left] != splits[right]) & (splits[left] != UNSPECIFIED_SPLIT) & (splits[right] != UNSPECIFIED_SPLIT)
+    )
     return frame
 
 
-def flag_table(ids: np.ndarray, splits: np.ndarray, table: pd.DataFrame, exact: np.ndarray,
-               near_pairs: np.ndarray, ncc: np.ndarray, difference: np.ndarray, config: Config) -> pd.DataFrame:
+def flag_table(
+    ids: np.ndarray,
+    splits: np.ndarray,
+    table: pd.DataFrame,
+    exact: np.ndarray,
+    near_pairs: np.ndarray,
+    ncc: np.ndarray,
+    difference: np.ndarray,
+    config: Config,
+) -> pd.DataFrame:
     """Long flags table: ``exact_duplicate``, ``near_duplicate`` and ``leakage`` rows."""
     rows: list[tuple[str, str, float, str]] = []
     representative = table["is_representative"].to_numpy()
@@ -544,23 +631,36 @@ def flag_table(ids: np.ndarray, splits: np.ndarray, table: pd.DataFrame, exact: 
         keep = members[0]
         for member in members:
             advice = " (this is the copy to keep)" if member == keep else f"; keep '{ids[keep]}'"
-            rows.append((ids[member], "exact_duplicate", 0.5 if member == keep else 0.8,
-                         f"pixels identical to {_name(ids, splits, members, exclude=member)}{advice}"))
+            rows.append(
+                (
+                    ids[member],
+                    "exact_duplicate",
+                    0.5 if member == keep else 0.8,
+                    f"pixels identical to {_name(ids, splits, members, exclude=member)}{advice}",
+                )
+            )
     # near: every sample with a confirmed near pair, most similar partner first.
     if len(near_pairs):
         both = np.concatenate([near_pairs, near_pairs[:, ::-1]])
         scores = np.concatenate([ncc, ncc])
         diffs = np.concatenate([difference, difference])
         order = np.lexsort((scores, both[:, 0]))
-        frame = pd.DataFrame({"sample": both[order, 0], "partner": both[order, 1], "ncc": scores[order],
-                              "diff": diffs[order]})
+        frame = pd.DataFrame(
+            {"sample": both[order, 0], "partner": both[order, 1], "ncc": scores[order], "diff": diffs[order]}
+        )
         for sample, group in frame.groupby("sample", sort=True):
             best = group.iloc[0]
             closeness = 1.0 - float(best["ncc"]) / max(config.max_ncc_distance, 1e-9)
-            rows.append((ids[sample], "near_duplicate", round(0.45 + 0.35 * closeness, 4),
-                         f"near-identical to {_name(ids, splits, group['partner'].tolist())} (aligned correlation "
-                         f"{1.0 - float(best['ncc']):.4f}, mean pixel difference {float(best['diff']) * 255:.1f}/255)"
-                         + ("" if representative[sample] else "; another copy of its cluster is kept")))
+            rows.append(
+                (
+                    ids[sample],
+                    "near_duplicate",
+                    round(0.45 + 0.35 * closeness, 4),
+                    f"near-identical to {_name(ids, splits, group['partner'].tolist())} (aligned correlation "
+                    f"{1.0 - float(best['ncc']):.4f}, mean pixel difference {float(best['diff']) * 255:.1f}/255)"
+                    + ("" if representative[sample] else "; another copy of its cluster is kept"),
+                )
+            )
     # leakage: every sample of a cluster spanning splits, naming its copies in the other splits.
     cross = table["cross_split"].to_numpy()
     cluster = table["near_group"].to_numpy()
@@ -569,19 +669,30 @@ def flag_table(ids: np.ndarray, splits: np.ndarray, table: pd.DataFrame, exact: 
         for split in pd.unique(splits[members]):
             elsewhere = members[(splits[members] != split) & (splits[members] != UNSPECIFIED_SPLIT)]
             for member in members[splits[members] == split]:
-                rows.append((ids[member], "leakage", 1.0,
-                             f"duplicate across splits: this '{split}' sample matches "
-                             f"{_name(ids, splits, elsewhere)}"))
+                rows.append(
+                    (
+                        ids[member],
+                        "leakage",
+                        1.0,
+                        f"duplicate across splits: this '{split}' sample matches {_name(ids, splits, elsewhere)}",
+                    )
+                )
     if not rows:
-        return pd.DataFrame({"id": pd.Series(dtype=str), "issue": pd.Series(dtype=str),
-                             "severity": pd.Series(dtype=float), "explanation": pd.Series(dtype=str)})
+        return pd.DataFrame(
+            {
+                "id": pd.Series(dtype=str),
+                "issue": pd.Series(dtype=str),
+                "severity": pd.Series(dtype=float),
+                "explanation": pd.Series(dtype=str),
+            }
+        )
     return pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
 
 
 def _name(ids: np.ndarray, splits: np.ndarray, positions: np.ndarray | list[int], exclude: int = -1) -> str:
-    """"'a' (train), 'b' (test) and 3 more" for sample positions (``exclude`` left out)."""
+    """ "'a' (train), 'b' (test) and 3 more" for sample positions (``exclude`` left out)."""
     positions = np.asarray(positions)
-    shown = [p for p in positions[:NAMED_PARTNERS + 1] if p != exclude][:NAMED_PARTNERS]
+    shown = [p for p in positions[: NAMED_PARTNERS + 1] if p != exclude][:NAMED_PARTNERS]
     total = len(positions) - int((positions == exclude).any())
     named = [f"'{ids[p]}' ({splits[p]})" for p in shown]
     extra = total - len(shown)
@@ -591,14 +702,21 @@ def _name(ids: np.ndarray, splits: np.ndarray, positions: np.ndarray | list[int]
 def _counts(table: pd.DataFrame) -> dict:
     in_exact = table["exact_group"] >= 0
     in_near = table["near_group"] >= 0
-    return {"exact_groups": int(table.loc[in_exact, "exact_group"].nunique()),
-            "samples_in_exact_groups": int(in_exact.sum()),
-            "clusters": int(table.loc[in_near, "near_group"].nunique()),
-            "samples_in_clusters": int(in_near.sum()),
-            "removable": int((in_near & ~table["is_representative"]).sum()),
-            "leakage_samples": int(table["cross_split"].sum())}
+    return {
+        "exact_groups": int(table.loc[in_exact, "exact_group"].nunique()),
+        "samples_in_exact_groups": int(in_exact.sum()),
+        "clusters": int(table.loc[in_near, "near_group"].nunique()),
+        "samples_in_clusters": int(in_near.sum()),
+        "removable": int((in_near & ~table["is_representative"]).sum()),
+        "leakage_samples": int(table["cross_split"].sum()),
+    }
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("fingerprints", "embeddings", "thumbnails"),
-                 writes=("duplicates", "duplicate_pairs", "flags_duplicates"),
-                 description="exact and near duplicates, their clusters, train/test leakage")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=("fingerprints", "embeddings", "thumbnails"),
+    writes=("duplicates", "duplicate_pairs", "flags_duplicates"),
+    description="exact and near duplicates, their clusters, train/test leakage",
+)

@@ -95,12 +95,18 @@ MODEL_BATCH = 256
 #: similarities recompute them on the full vectors).
 SEARCH_MAX_DIM = 64
 
-MODEL_DESCRIPTION = ("Penultimate-layer activations of the workspace model ({layer}): similarity as the model "
-                     "sees it. Good for near duplicates, semantic clusters, outliers and label issues.")
-LOGITS_DESCRIPTION = ("Logits of the workspace model (no penultimate layer could be reached: TorchScript model "
-                      "without a 'features' submodule, or no nn.Linear): coarse, class-level similarity only.")
-IMPORTED_DESCRIPTION = ("Embeddings imported with 'robustlens init --embeddings' (from {source}); what they are "
-                        "good for depends on the model that produced them.")
+MODEL_DESCRIPTION = (
+    "Penultimate-layer activations of the workspace model ({layer}): similarity as the model "
+    "sees it. Good for near duplicates, semantic clusters, outliers and label issues."
+)
+LOGITS_DESCRIPTION = (
+    "Logits of the workspace model (no penultimate layer could be reached: TorchScript model "
+    "without a 'features' submodule, or no nn.Linear): coarse, class-level similarity only."
+)
+IMPORTED_DESCRIPTION = (
+    "Embeddings imported with 'robustlens init --embeddings' (from {source}); what they are "
+    "good for depends on the model that produced them."
+)
 
 
 @dataclass
@@ -138,8 +144,13 @@ def run(context: StageContext, config: Config) -> StageResult:
     return SPEC.result(_run(context, config))
 
 
-def map_batch(pixels: list[np.ndarray], config: Config, *, device: str = "cpu",
-              extract: Callable[[list[np.ndarray]], torch.Tensor] | None = None) -> pd.DataFrame:
+def map_batch(
+    pixels: list[np.ndarray],
+    config: Config,
+    *,
+    device: str = "cpu",
+    extract: Callable[[list[np.ndarray]], torch.Tensor] | None = None,
+) -> pd.DataFrame:
     """The per-sample part of the stage: one row per decoded image (``(H, W, C)`` float32 in ``[0, 1]``).
 
     Columns ``raw`` (float32 bytes of the :data:`~robustlens.analysis.fallback_features.RAW_DIM` raw pixel
@@ -159,8 +170,10 @@ def map_batch(pixels: list[np.ndarray], config: Config, *, device: str = "cpu",
 def _describe_rows(pixels: list[np.ndarray], device: str | torch.device) -> dict[str, list[bytes]]:
     """``raw`` and ``thumbnail`` byte blobs of each image (see :func:`map_batch`)."""
     raw, thumbs = fallback_features.describe(pixels, device)
-    return {"raw": [row.tobytes() for row in raw.cpu().numpy().astype(np.float32, copy=False)],
-            "thumbnail": [row.tobytes() for row in thumbs.cpu().numpy()]}
+    return {
+        "raw": [row.tobytes() for row in raw.cpu().numpy().astype(np.float32, copy=False)],
+        "thumbnail": [row.tobytes() for row in thumbs.cpu().numpy()],
+    }
 
 
 def _run(context: StageContext, config: Config) -> dict:
@@ -170,11 +183,19 @@ def _run(context: StageContext, config: Config) -> dict:
     identity, model = _source_identity(workspace, source, device=context.device)
     inputs = fingerprint(samples["id"], samples["content_hash"], identity, fallback_features.FEATURE_VERSION)
     # A run that left samples out (their files refused) is not current: the files are tried again.
-    if all(is_current(context, name, config=config, inputs=inputs) for name in OUTPUTS) and \
-            not excluded_rows(workspace).any():
+    if (
+        all(is_current(context, name, config=config, inputs=inputs) for name in OUTPUTS)
+        and not excluded_rows(workspace).any()
+    ):
         entry = artifact_entry(context.workspace, ARTIFACT)
-        return {"skipped": True, "source": entry.get("source"), "layer": entry.get("layer"),
-                "dim": entry.get("dim"), "computed": 0, "samples": len(samples)}
+        return {
+            "skipped": True,
+            "source": entry.get("source"),
+            "layer": entry.get("layer"),
+            "dim": entry.get("dim"),
+            "computed": 0,
+            "samples": len(samples),
+        }
 
     extract, layer = None, source
     if source == "model":
@@ -183,13 +204,15 @@ def _run(context: StageContext, config: Config) -> dict:
 
         def extract(pixels: list[np.ndarray]) -> torch.Tensor:
             images = prepare_images(pixels, model.config).to(context.device)
-            return torch.cat([features(images[start:start + MODEL_BATCH])
-                              for start in range(0, len(images), MODEL_BATCH)])
+            return torch.cat(
+                [features(images[start : start + MODEL_BATCH]) for start in range(0, len(images), MODEL_BATCH)]
+            )
 
     pixel_cache = cache_for(context, "embeddings_pixels", {"version": fallback_features.FEATURE_VERSION})
     model_cache = cache_for(context, ARTIFACT, identity) if source == "model" else None
-    computed = _fill_caches(context, pixel_cache, model_cache, extract=extract,
-                            batch_size=config.batch_size or auto_batch_size(samples))
+    computed = _fill_caches(
+        context, pixel_cache, model_cache, extract=extract, batch_size=config.batch_size or auto_batch_size(samples)
+    )
     hashes = samples["content_hash"].to_numpy(dtype=str)
     pixel_rows, pixel_found = _stack_found(pixel_cache, {"raw": np.float32, "thumbnail": np.uint8}, hashes)
     found = pixel_found
@@ -202,8 +225,10 @@ def _run(context: StageContext, config: Config) -> dict:
     excluded = ~found | refused
     unexplained = excluded & ~refused & ~pd.Series(hashes).isin(set(hashes[refused])).to_numpy()
     if unexplained.any():
-        raise RuntimeError(f"cache {pixel_cache.directory} lacks {int(unexplained.sum())} images after computing "
-                           "them; delete that folder and re-run")
+        raise RuntimeError(
+            f"cache {pixel_cache.directory} lacks {int(unexplained.sum())} images after computing "
+            "them; delete that folder and re-run"
+        )
     kept = ~excluded
     raw = pixel_rows["raw"]
     size = fallback_features.WORK_SIZE
@@ -232,15 +257,29 @@ def _run(context: StageContext, config: Config) -> dict:
     storage.write_npy(workspace.artifact_path(f"{ARTIFACT}.npy"), matrix)
     refused_entries = record_refused(context, ARTIFACT, excluded)
     excluded_list = np.flatnonzero(excluded).tolist()
-    extras: dict[str, dict[str, Any]] = {"embeddings": {"source": source, "layer": layer, "description": description,
-                             "dim": int(matrix.shape[1]), "excluded_rows": excluded_list},
-              "visual_features": {"description": fallback_features.DESCRIPTION, "dim": int(visual.shape[1])},
-              "thumbnails": {"description": "32x32 uint8 luminance thumbnails for duplicate verification"}}
+    extras: dict[str, dict[str, Any]] = {
+        "embeddings": {
+            "source": source,
+            "layer": layer,
+            "description": description,
+            "dim": int(matrix.shape[1]),
+            "excluded_rows": excluded_list,
+        },
+        "visual_features": {"description": fallback_features.DESCRIPTION, "dim": int(visual.shape[1])},
+        "thumbnails": {"description": "32x32 uint8 luminance thumbnails for duplicate verification"},
+    }
     for name in OUTPUTS:
         record_artifact(context, name, stage=ARTIFACT, config=config, inputs=inputs, extra=extras[name])
-    return {"skipped": False, "source": source, "layer": layer, "dim": int(matrix.shape[1]),
-            "computed": computed, "samples": len(samples), "samples_skipped": len(excluded_list),
-            "refused": refused_entries}
+    return {
+        "skipped": False,
+        "source": source,
+        "layer": layer,
+        "dim": int(matrix.shape[1]),
+        "computed": computed,
+        "samples": len(samples),
+        "samples_skipped": len(excluded_list),
+        "refused": refused_entries,
+    }
 
 
 def _embedding_matrix(workspace: Workspace, source: str, layer: str, computed: np.ndarray) -> tuple[np.ndarray, str]:
@@ -256,8 +295,10 @@ def _embedding_matrix(workspace: Workspace, source: str, layer: str, computed: n
             raise WorkspaceError(f"{workspace.root} has no imported embeddings; pass --embeddings to 'robustlens init'")
         matrix = imported.astype(np.float32)
         if matrix.shape[0] != len(samples):
-            raise WorkspaceError(f"imported embeddings have {matrix.shape[0]} rows but the workspace has "
-                                 f"{len(samples)} samples; re-run 'robustlens init --force'")
+            raise WorkspaceError(
+                f"imported embeddings have {matrix.shape[0]} rows but the workspace has "
+                f"{len(samples)} samples; re-run 'robustlens init --force'"
+            )
         description = IMPORTED_DESCRIPTION.format(source=workspace.manifest["embeddings"].get("source", "?"))
     elif source == "model":
         matrix = computed
@@ -267,8 +308,10 @@ def _embedding_matrix(workspace: Workspace, source: str, layer: str, computed: n
         description = fallback_features.DESCRIPTION
     matrix = l2_normalize(matrix)
     if not np.isfinite(matrix).all():
-        raise WorkspaceError(f"the {source} embeddings contain NaN or infinite values "
-                             f"({int((~np.isfinite(matrix)).any(1).sum())} samples)")
+        raise WorkspaceError(
+            f"the {source} embeddings contain NaN or infinite values "
+            f"({int((~np.isfinite(matrix)).any(1).sum())} samples)"
+        )
     return matrix, description
 
 
@@ -304,15 +347,28 @@ def _source_identity(workspace: Workspace, source: str, *, device: str) -> tuple
         # Factory models have no file of their own: their weights identify them.
         model = workspace.load_model(device)
         state = model.model.state_dict()
-        weights = fingerprint([f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in state.items()],
-                              *[t.detach().cpu().float().numpy() for t in state.values()])
-    return ({"source": source, "kind": entry["kind"], "spec": entry.get("factory"), "weights": weights,
-             "config": entry.get("config")}, model)
+        weights = fingerprint(
+            [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in state.items()],
+            *[t.detach().cpu().float().numpy() for t in state.values()],
+        )
+    return (
+        {
+            "source": source,
+            "kind": entry["kind"],
+            "spec": entry.get("factory"),
+            "weights": weights,
+            "config": entry.get("config"),
+        },
+        model,
+    )
 
 
 # -- model penultimate layer ---------------------------------------------------------------------------
-def penultimate_extractor(model: NormalizedModel, *, device: str | torch.device = "cpu",
-                          ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def penultimate_extractor(
+    model: NormalizedModel,
+    *,
+    device: str | torch.device = "cpu",
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """A function ``(B, C, H, W)`` images in ``[0, 1]`` → ``(B, D)`` float32 features, and its layer name.
 
     Eager modules: the input of the last ``nn.Linear`` executed in the forward pass. TorchScript modules
@@ -368,8 +424,10 @@ def _last_linear_input(model: NormalizedModel, linears: dict[str, nn.Linear]) ->
             raise RuntimeError("no nn.Linear ran during the forward pass; cannot read the penultimate layer")
         features = captured[0]
         if features.shape[0] != images.shape[0]:
-            raise RuntimeError(f"the last nn.Linear received shape {tuple(features.shape)}, whose first "
-                               f"dimension is not the batch size {images.shape[0]}")
+            raise RuntimeError(
+                f"the last nn.Linear received shape {tuple(features.shape)}, whose first "
+                f"dimension is not the batch size {images.shape[0]}"
+            )
         return features.flatten(1).float()
 
     return extract
@@ -380,8 +438,14 @@ def _flattened(function: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
 
 
 # -- per-image caches ----------------------------------------------------------------------------------
-def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: HashCache | None, *,
-                 batch_size: int, extract: Callable[[list[np.ndarray]], torch.Tensor] | None) -> int:
+def _fill_caches(
+    context: StageContext,
+    pixel_cache: HashCache,
+    model_cache: HashCache | None,
+    *,
+    batch_size: int,
+    extract: Callable[[list[np.ndarray]], torch.Tensor] | None,
+) -> int:
     """Decode the images whose content hash is missing from a cache and add their results.
 
     Each image is decoded at most once per run; a chunk is written after every batch, so an interrupted
@@ -409,6 +473,7 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
         return 0
     pixel_missing = set(first.index[need_pixels])
     vector_missing = set(first.index[need_vectors])
+
     def vectors_of(chosen: list[np.ndarray]) -> np.ndarray:
         assert extract is not None  # only submitted with a model
         with torch.no_grad():  # grad mode is per thread
@@ -416,10 +481,14 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
 
     # The model runs on a second thread while this one computes the pixel descriptors: torch releases
     # the GIL, and with one intra-op thread each the two use both cores without OpenMP spinning.
-    with torch.no_grad(), torch_threads(compute_threads()), \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustlens-model") as model_pool:
-        batches = decode_distinct(context, todo, batch_size=batch_size,
-                                  workers=context.workers or decode_workers(samples), desc="Embeddings")
+    with (
+        torch.no_grad(),
+        torch_threads(compute_threads()),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="robustlens-model") as model_pool,
+    ):
+        batches = decode_distinct(
+            context, todo, batch_size=batch_size, workers=context.workers or decode_workers(samples), desc="Embeddings"
+        )
         decoded = 0
         for indices, pixels in batches:
             decoded += len(indices)
@@ -432,11 +501,13 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
             wanted = np.fromiter((h in pixel_missing for h in batch_hashes), dtype=bool, count=len(batch_hashes))
             if wanted.any():
                 chosen = [pixels[i] for i in np.flatnonzero(wanted)]
-                pixel_cache.add(pd.DataFrame({"content_hash": batch_hashes[wanted],
-                                              **_describe_rows(chosen, context.device)}))
+                pixel_cache.add(
+                    pd.DataFrame({"content_hash": batch_hashes[wanted], **_describe_rows(chosen, context.device)})
+                )
             if vectors is not None and model_cache is not None:
-                model_cache.add(pd.DataFrame({"content_hash": vector_hashes,
-                                              "vector": [row.tobytes() for row in vectors.result()]}))
+                model_cache.add(
+                    pd.DataFrame({"content_hash": vector_hashes, "vector": [row.tobytes() for row in vectors.result()]})
+                )
     keep = set(hashes)
     pixel_cache.compact(keep_hashes=keep)
     if model_cache is not None:
@@ -444,14 +515,22 @@ def _fill_caches(context: StageContext, pixel_cache: HashCache, model_cache: Has
     return int(decoded)
 
 
-def _stack_found(cache: HashCache, columns: dict[str, type], hashes: np.ndarray,
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _stack_found(
+    cache: HashCache,
+    columns: dict[str, type],
+    hashes: np.ndarray,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """:func:`_stack_blobs` with ``allow_missing``: ``(arrays, found)``."""
     return cast(tuple[dict[str, np.ndarray], np.ndarray], _stack_blobs(cache, columns, hashes, allow_missing=True))
 
 
-def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray, *, allow_missing: bool = False,
-                 ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], np.ndarray]:
+def _stack_blobs(
+    cache: HashCache,
+    columns: dict[str, type],
+    hashes: np.ndarray,
+    *,
+    allow_missing: bool = False,
+) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], np.ndarray]:
     """Cached fixed-width byte blobs of each column (name → dtype) for ``hashes`` (samples order), as
     ``(N, width)`` arrays.
 
@@ -466,8 +545,10 @@ def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray,
         return (empty, np.zeros(0, dtype=bool)) if allow_missing else empty
     table = cache.load_table(["content_hash", *columns])
     if table is None and allow_missing and not cache.hashes().size:
-        raise WorkspaceError("no image could be used: every dataset file was refused (see "
-                             "artifacts/refused_files.json); re-run 'robustlens init --force' on the dataset")
+        raise WorkspaceError(
+            "no image could be used: every dataset file was refused (see "
+            "artifacts/refused_files.json); re-run 'robustlens init --force' on the dataset"
+        )
     if table is None:
         raise RuntimeError(f"cache {cache.directory} lacks column(s) {list(columns)}; delete that folder and re-run")
     keys = table.column("content_hash").to_numpy(zero_copy_only=False)
@@ -476,18 +557,21 @@ def _stack_blobs(cache: HashCache, columns: dict[str, type], hashes: np.ndarray,
     positions = latest.reindex(hashes)
     found = positions.notna().to_numpy()
     if not found.all() and not allow_missing:
-        raise RuntimeError(f"cache {cache.directory} lacks {int((~found).sum())} images after computing "
-                           "them; delete that folder and re-run")
+        raise RuntimeError(
+            f"cache {cache.directory} lacks {int((~found).sum())} images after computing "
+            "them; delete that folder and re-run"
+        )
     rows = positions.fillna(0).to_numpy(dtype=np.int64)
     stacked = {}
     for column, dtype in columns.items():
         blobs = table.column(column).combine_chunks()
-        offsets = np.frombuffer(blobs.buffers()[1], dtype=np.int32)[blobs.offset:blobs.offset + len(blobs) + 1]
+        offsets = np.frombuffer(blobs.buffers()[1], dtype=np.int32)[blobs.offset : blobs.offset + len(blobs) + 1]
         widths = np.diff(offsets)
         if len(widths) and (widths != widths[0]).any():
-            raise RuntimeError(f"cache {cache.directory}: '{column}' entries differ in size; delete that folder "
-                               "and re-run")
-        data = np.frombuffer(blobs.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+            raise RuntimeError(
+                f"cache {cache.directory}: '{column}' entries differ in size; delete that folder and re-run"
+            )
+        data = np.frombuffer(blobs.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
         stacked[column] = data.view(dtype).reshape(len(blobs), -1)[rows]
         if not found.all():
             stacked[column][~found] = 0
@@ -550,13 +634,22 @@ def neighbor_graph(context: StageContext, n_neighbors: int) -> tuple[np.ndarray,
     excluded = excluded_rows(context.workspace)
     kept_rows = np.flatnonzero(~excluded)
     want = min(n_neighbors, max(len(kept_rows) - 1, 0))
-    parts = [embeddings_fp, context.random_state, EXACT_SEARCH_MAX_SAMPLES, SEARCH_MAX_DIM, "hnsw",
-             HNSW_LINKS, HNSW_BUILD_CANDIDATES, HNSW_SEARCH_CANDIDATES]
+    parts = [
+        embeddings_fp,
+        context.random_state,
+        EXACT_SEARCH_MAX_SAMPLES,
+        SEARCH_MAX_DIM,
+        "hnsw",
+        HNSW_LINKS,
+        HNSW_BUILD_CANDIDATES,
+        HNSW_SEARCH_CANDIDATES,
+    ]
     inputs = fingerprint(*parts, *([kept_rows] if excluded.any() else []))
     search_config = {"kind": "neighbor_graph"}
     workspace = context.workspace
-    if (is_current(context, "knn_indices", config=search_config, inputs=inputs)
-            and is_current(context, "knn_distances", config=search_config, inputs=inputs)):
+    if is_current(context, "knn_indices", config=search_config, inputs=inputs) and is_current(
+        context, "knn_distances", config=search_config, inputs=inputs
+    ):
         indices = np.load(workspace.artifact_path("knn_indices.npy"), allow_pickle=False)
         if indices.shape[1] >= want:
             distances = np.load(workspace.artifact_path("knn_distances.npy"), allow_pickle=False)
@@ -664,8 +757,9 @@ def hnsw_search(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return indices, distances
 
 
-def _drop_self_rows(indices: np.ndarray, distances: np.ndarray, rows: np.ndarray,
-                    k: int) -> tuple[np.ndarray, np.ndarray]:
+def _drop_self_rows(
+    indices: np.ndarray, distances: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_drop_self` for query rows ``rows`` of a larger graph."""
     is_self = indices == rows[:, None]
     is_self[~is_self.any(1), -1] = True
@@ -689,6 +783,13 @@ def _drop_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.n
     return _drop_self_rows(indices, distances, np.arange(indices.shape[0]), k)
 
 
-SPEC = StageSpec(name=ARTIFACT, config=Config, run=run, reads=("samples",), uses=("model",), writes=OUTPUTS,
-                 may_write=("knn_indices", "knn_distances"),
-                 description="one vector per sample (imported, model or built-in), pixel descriptors, thumbnails")
+SPEC = StageSpec(
+    name=ARTIFACT,
+    config=Config,
+    run=run,
+    reads=("samples",),
+    uses=("model",),
+    writes=OUTPUTS,
+    may_write=("knn_indices", "knn_distances"),
+    description="one vector per sample (imported, model or built-in), pixel descriptors, thumbnails",
+)

@@ -60,12 +60,40 @@ from robustlens.analysis.workspace import Workspace
 STAGE = "evaluation"
 # A probability of exactly 0 for the given label would make its log-loss infinite.
 LOG_LOSS_EPSILON = 1e-15
-SAMPLE_COLUMNS = ("id", "label", "predicted_label", "correct", "confidence", "margin", "log_loss",
-                  "true_probability", "true_rank")
-IMPORTANCE_COLUMNS = ("metric", "n", "mutual_information", "spearman", "spearman_p", "point_biserial",
-                      "point_biserial_p", "accuracy_spread", "rank")
-CURVE_COLUMNS = ("metric", "bin", "lower", "upper", "count", "mean_value", "accuracy", "ci_low", "ci_high",
-                 "mean_confidence")
+SAMPLE_COLUMNS = (
+    "id",
+    "label",
+    "predicted_label",
+    "correct",
+    "confidence",
+    "margin",
+    "log_loss",
+    "true_probability",
+    "true_rank",
+)
+IMPORTANCE_COLUMNS = (
+    "metric",
+    "n",
+    "mutual_information",
+    "spearman",
+    "spearman_p",
+    "point_biserial",
+    "point_biserial_p",
+    "accuracy_spread",
+    "rank",
+)
+CURVE_COLUMNS = (
+    "metric",
+    "bin",
+    "lower",
+    "upper",
+    "count",
+    "mean_value",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "mean_confidence",
+)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -101,12 +129,15 @@ class Config:
     confidence_z: float = 1.96
 
     def __post_init__(self) -> None:
-        if self.prediction_sets is not None and (isinstance(self.prediction_sets, str) or not all(
-                isinstance(name, str) for name in self.prediction_sets)):
-            raise config_error(STAGE, "prediction_sets", "a sequence of prediction-set names or None",
-                               self.prediction_sets)
+        if self.prediction_sets is not None and (
+            isinstance(self.prediction_sets, str) or not all(isinstance(name, str) for name in self.prediction_sets)
+        ):
+            raise config_error(
+                STAGE, "prediction_sets", "a sequence of prediction-set names or None", self.prediction_sets
+            )
         if isinstance(self.top_k, str | bytes) or not all(
-                isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.top_k):
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.top_k
+        ):
             raise config_error(STAGE, "top_k", "a sequence of integers >= 1", self.top_k)
         for name in ("calibration_bins", "curve_bins", "mi_neighbors", "mi_max_samples"):
             check_number(STAGE, self, name, low=1, integer=True)
@@ -114,6 +145,7 @@ class Config:
 
 
 # -- statistics shared with other stages ---------------------------------------------------------------
+
 
 def wilson_interval(successes: ArrayLike, totals: ArrayLike, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval of a binomial proportion, vectorised.
@@ -163,8 +195,11 @@ def aligned_metrics(workspace: Workspace) -> pd.DataFrame | None:
         return None
     if "id" not in metrics.columns:
         raise StageInputError(f"{workspace.artifact_path('metrics.parquet')} has no 'id' column")
-    numeric = [c for c in metrics.columns if c != "id" and pd.api.types.is_numeric_dtype(metrics[c])
-               and not pd.api.types.is_bool_dtype(metrics[c])]
+    numeric = [
+        c
+        for c in metrics.columns
+        if c != "id" and pd.api.types.is_numeric_dtype(metrics[c]) and not pd.api.types.is_bool_dtype(metrics[c])
+    ]
     table = metrics.drop_duplicates("id").set_index("id")[numeric].astype(float)
     return table.reindex(workspace.samples["id"]).reset_index(drop=True)
 
@@ -185,6 +220,7 @@ def json_safe(value: Any) -> Any:
 
 
 # -- per-sample outcomes ---------------------------------------------------------------------------------
+
 
 def check_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> None:
     """Validate an ``(N, K)`` probability matrix against ``(N,)`` integer labels in ``[0, K)``."""
@@ -218,18 +254,23 @@ def sample_outcomes(probabilities: np.ndarray, labels: np.ndarray) -> pd.DataFra
     probabilities = probabilities.astype(np.float64, copy=False)
     rows = np.arange(len(labels))
     predicted = probabilities.argmax(axis=1)
-    top_two = -np.partition(-probabilities, 1, axis=1)[:, :2] if probabilities.shape[1] > 1 else \
-        np.column_stack([probabilities[:, 0], np.zeros(len(labels))])
+    top_two = (
+        -np.partition(-probabilities, 1, axis=1)[:, :2]
+        if probabilities.shape[1] > 1
+        else np.column_stack([probabilities[:, 0], np.zeros(len(labels))])
+    )
     true_probability = probabilities[rows, labels]
-    return pd.DataFrame({
-        "predicted": predicted,
-        "correct": predicted == labels,
-        "confidence": top_two[:, 0],
-        "margin": top_two[:, 0] - top_two[:, 1],
-        "log_loss": -np.log(np.clip(true_probability, LOG_LOSS_EPSILON, 1.0)),
-        "true_probability": true_probability,
-        "true_rank": (probabilities > true_probability[:, None]).sum(axis=1) + 1,
-    })
+    return pd.DataFrame(
+        {
+            "predicted": predicted,
+            "correct": predicted == labels,
+            "confidence": top_two[:, 0],
+            "margin": top_two[:, 0] - top_two[:, 1],
+            "log_loss": -np.log(np.clip(true_probability, LOG_LOSS_EPSILON, 1.0)),
+            "true_probability": true_probability,
+            "true_rank": (probabilities > true_probability[:, None]).sum(axis=1) + 1,
+        }
+    )
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -241,9 +282,11 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
 def per_class_table(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """Per class (workspace order): ``class``, ``precision``, ``recall``, ``f1``, ``support``."""
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=np.arange(len(classes)), zero_division=0)
-    return pd.DataFrame({"class": classes, "precision": precision, "recall": recall, "f1": f1,
-                         "support": support.astype(int)})
+        labels, predicted, labels=np.arange(len(classes)), zero_division=0
+    )
+    return pd.DataFrame(
+        {"class": classes, "precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
+    )
 
 
 def calibration_table(confidence: np.ndarray, correct: np.ndarray, num_bins: int = 15) -> pd.DataFrame:
@@ -266,8 +309,9 @@ def calibration_table(confidence: np.ndarray, correct: np.ndarray, num_bins: int
         accuracy = np.where(count > 0, hits / count, np.nan)
         mean_confidence = np.where(count > 0, total_confidence / count, np.nan)
     edges = np.linspace(0.0, 1.0, num_bins + 1)
-    return pd.DataFrame({"lower": edges[:-1], "upper": edges[1:], "count": count, "accuracy": accuracy,
-                         "confidence": mean_confidence})
+    return pd.DataFrame(
+        {"lower": edges[:-1], "upper": edges[1:], "count": count, "accuracy": accuracy, "confidence": mean_confidence}
+    )
 
 
 def calibration_errors(table: pd.DataFrame) -> tuple[float, float]:
@@ -280,6 +324,7 @@ def calibration_errors(table: pd.DataFrame) -> tuple[float, float]:
 
 
 # -- metric importance -------------------------------------------------------------------------------
+
 
 def quantile_bins(values: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Assign finite ``values`` to up to ``num_bins`` quantile bins.
@@ -302,8 +347,15 @@ def quantile_bins(values: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.nda
     return bins, edges
 
 
-def metric_importance(metrics: pd.DataFrame, correct: np.ndarray, *, random_state: int, n_neighbors: int = 3,
-                      max_samples: int = 30_000, curve_bins: int = 10) -> pd.DataFrame:
+def metric_importance(
+    metrics: pd.DataFrame,
+    correct: np.ndarray,
+    *,
+    random_state: int,
+    n_neighbors: int = 3,
+    max_samples: int = 30_000,
+    curve_bins: int = 10,
+) -> pd.DataFrame:
     """How much each quality metric tells about whether the model is right.
 
     Parameters
@@ -327,16 +379,24 @@ def metric_importance(metrics: pd.DataFrame, correct: np.ndarray, *, random_stat
         values = metrics[name].to_numpy(dtype=float)
         finite = np.isfinite(values)
         x, y = values[finite], correct[finite]
-        row = {"metric": name, "n": int(finite.sum()), "mutual_information": np.nan, "spearman": np.nan,
-               "spearman_p": np.nan, "point_biserial": np.nan, "point_biserial_p": np.nan,
-               "accuracy_spread": np.nan}
+        row = {
+            "metric": name,
+            "n": int(finite.sum()),
+            "mutual_information": np.nan,
+            "spearman": np.nan,
+            "spearman_p": np.nan,
+            "point_biserial": np.nan,
+            "point_biserial_p": np.nan,
+            "accuracy_spread": np.nan,
+        }
         # Correlations and MI are undefined for a constant metric or constant correctness.
         if len(x) >= max(n_neighbors + 2, 3) and np.ptp(x) > 0 and 0 < y.sum() < len(y):
             row["mutual_information"] = _mutual_information(x, y, rng, n_neighbors, max_samples)
             rho, rho_p = stats.spearmanr(x, y)
             r, r_p = stats.pointbiserialr(y, x)
-            row.update(spearman=float(rho), spearman_p=float(rho_p), point_biserial=float(r),
-                       point_biserial_p=float(r_p))
+            row.update(
+                spearman=float(rho), spearman_p=float(rho_p), point_biserial=float(r), point_biserial_p=float(r_p)
+            )
             bins, _ = quantile_bins(x, curve_bins)
             accuracy = pd.Series(y).groupby(bins).mean()
             row["accuracy_spread"] = float(accuracy.max() - accuracy.min())
@@ -347,18 +407,21 @@ def metric_importance(metrics: pd.DataFrame, correct: np.ndarray, *, random_stat
     return table.reset_index(drop=True)
 
 
-def _mutual_information(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_neighbors: int,
-                        max_samples: int) -> float:
+def _mutual_information(
+    x: np.ndarray, y: np.ndarray, rng: np.random.Generator, n_neighbors: int, max_samples: int
+) -> float:
     if len(x) > max_samples:
         keep = rng.choice(len(x), size=max_samples, replace=False)
         x, y = x[keep], y[keep]
     seed = int(rng.integers(0, 2**31 - 1))
-    return float(mutual_info_classif(x[:, None], y, discrete_features=False, n_neighbors=n_neighbors,
-                                     random_state=seed)[0])
+    return float(
+        mutual_info_classif(x[:, None], y, discrete_features=False, n_neighbors=n_neighbors, random_state=seed)[0]
+    )
 
 
-def metric_curves(metrics: pd.DataFrame, correct: np.ndarray, confidence: np.ndarray, *, num_bins: int = 10,
-                  z: float = 1.96) -> pd.DataFrame:
+def metric_curves(
+    metrics: pd.DataFrame, correct: np.ndarray, confidence: np.ndarray, *, num_bins: int = 10, z: float = 1.96
+) -> pd.DataFrame:
     """Accuracy over quantile bins of every metric (see the module docstring for the columns)."""
     frames = []
     for name in metrics.columns:
@@ -374,10 +437,22 @@ def metric_curves(metrics: pd.DataFrame, correct: np.ndarray, confidence: np.nda
         confidence_sum = np.bincount(b, weights=confidence[inside], minlength=len(edges) - 1)
         low, high = wilson_interval(hits, count, z)
         with np.errstate(divide="ignore", invalid="ignore"):
-            frames.append(pd.DataFrame({
-                "metric": name, "bin": np.arange(len(count)), "lower": edges[:-1], "upper": edges[1:],
-                "count": count, "mean_value": value_sum / count, "accuracy": hits / count,
-                "ci_low": low, "ci_high": high, "mean_confidence": confidence_sum / count}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "metric": name,
+                        "bin": np.arange(len(count)),
+                        "lower": edges[:-1],
+                        "upper": edges[1:],
+                        "count": count,
+                        "mean_value": value_sum / count,
+                        "accuracy": hits / count,
+                        "ci_low": low,
+                        "ci_high": high,
+                        "mean_confidence": confidence_sum / count,
+                    }
+                )
+            )
     if not frames:
         return _empty(CURVE_COLUMNS)
     return pd.concat(frames, ignore_index=True)
@@ -389,8 +464,15 @@ def _empty(columns: Iterable[str]) -> pd.DataFrame:
 
 # -- one prediction set -----------------------------------------------------------------------------------
 
-def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], *, top_k: Iterable[int] = (1, 3, 5),
-             calibration_bins: int = 15) -> tuple[dict, pd.DataFrame]:
+
+def evaluate(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    *,
+    top_k: Iterable[int] = (1, 3, 5),
+    calibration_bins: int = 15,
+) -> tuple[dict, pd.DataFrame]:
     """Aggregate evaluation of one prediction set.
 
     Parameters
@@ -449,36 +531,55 @@ def _evaluate_set(context: StageContext, config: Config, name: str, metrics: pd.
         return {**(stored_summary(context, names[0]) or {}), "skipped": True}
 
     classes = workspace.classes
-    report, outcomes = evaluate(probabilities, labels, classes, top_k=config.top_k,
-                                calibration_bins=config.calibration_bins)
+    report, outcomes = evaluate(
+        probabilities, labels, classes, top_k=config.top_k, calibration_bins=config.calibration_bins
+    )
     correct = outcomes["correct"].to_numpy()
     report["prediction_set"] = name
     report["classes"] = classes
-    report["by_split"] = {str(split): {"num_samples": int(len(group)), "accuracy": float(group.mean())}
-                          for split, group in pd.Series(correct).groupby(samples["split"].to_numpy())}
+    report["by_split"] = {
+        str(split): {"num_samples": int(len(group)), "accuracy": float(group.mean())}
+        for split, group in pd.Series(correct).groupby(samples["split"].to_numpy())
+    }
 
     if metrics is None or metrics.shape[1] == 0:
         importance, curves = _empty(IMPORTANCE_COLUMNS), _empty(CURVE_COLUMNS)
-        report["metric_importance"] = {"available": False,
-                                       "reason": "no quality metrics (run the metrics stage first)"}
+        report["metric_importance"] = {"available": False, "reason": "no quality metrics (run the metrics stage first)"}
     else:
-        importance = metric_importance(metrics, correct, random_state=context.random_state,
-                                       n_neighbors=config.mi_neighbors, max_samples=config.mi_max_samples,
-                                       curve_bins=config.curve_bins)
-        curves = metric_curves(metrics, correct, outcomes["confidence"].to_numpy(), num_bins=config.curve_bins,
-                               z=config.confidence_z)
+        importance = metric_importance(
+            metrics,
+            correct,
+            random_state=context.random_state,
+            n_neighbors=config.mi_neighbors,
+            max_samples=config.mi_max_samples,
+            curve_bins=config.curve_bins,
+        )
+        curves = metric_curves(
+            metrics, correct, outcomes["confidence"].to_numpy(), num_bins=config.curve_bins, z=config.confidence_z
+        )
         ranked = importance.dropna(subset=["mutual_information"])
-        report["metric_importance"] = {"available": True, "num_metrics": int(len(importance)),
-                                       "top_metrics": ranked["metric"].head(3).tolist()}
+        report["metric_importance"] = {
+            "available": True,
+            "num_metrics": int(len(importance)),
+            "top_metrics": ranked["metric"].head(3).tolist(),
+        }
 
     class_names = np.asarray(classes, dtype=object)
-    sample_table = pd.DataFrame({
-        "id": samples["id"].to_numpy(), "label": samples["label"].to_numpy(),
-        "predicted_label": class_names[outcomes["predicted"].to_numpy()],
-        **{c: outcomes[c].to_numpy() for c in SAMPLE_COLUMNS[3:]}})
-    summary = {"accuracy": report["accuracy"], "top_k_accuracy": report["top_k_accuracy"],
-               "macro_f1": report["macro_f1"], "ece": report["ece"],
-               "metric_importance": report["metric_importance"]}
+    sample_table = pd.DataFrame(
+        {
+            "id": samples["id"].to_numpy(),
+            "label": samples["label"].to_numpy(),
+            "predicted_label": class_names[outcomes["predicted"].to_numpy()],
+            **{c: outcomes[c].to_numpy() for c in SAMPLE_COLUMNS[3:]},
+        }
+    )
+    summary = {
+        "accuracy": report["accuracy"],
+        "top_k_accuracy": report["top_k_accuracy"],
+        "macro_f1": report["macro_f1"],
+        "ece": report["ece"],
+        "metric_importance": report["metric_importance"],
+    }
     summary = json_safe(summary)
     write_artifact(context, names[1], sample_table, stage=STAGE, config=config, inputs=inputs)
     write_artifact(context, names[2], importance, stage=STAGE, config=config, inputs=inputs)
@@ -497,11 +598,18 @@ def run(context: StageContext, config: Config) -> StageResult:
     """
     summary = _run(context, config)
     sets = summary.get("prediction_sets") or {}
-    written = [name for set_name, entry in sets.items() if entry.get("skipped") is not True
-               for name in (f"evaluation/{set_name}", f"eval_samples_{set_name}", f"metric_importance_{set_name}",
-                            f"metric_curves_{set_name}")]
-    return SPEC.result(summary, current=all(entry.get("skipped") is True for entry in sets.values()),
-                       artifacts=written)
+    written = [
+        name
+        for set_name, entry in sets.items()
+        if entry.get("skipped") is not True
+        for name in (
+            f"evaluation/{set_name}",
+            f"eval_samples_{set_name}",
+            f"metric_importance_{set_name}",
+            f"metric_curves_{set_name}",
+        )
+    ]
+    return SPEC.result(summary, current=all(entry.get("skipped") is True for entry in sets.values()), artifacts=written)
 
 
 def _run(context: StageContext, config: Config) -> dict:
@@ -512,15 +620,24 @@ def _run(context: StageContext, config: Config) -> dict:
         raise StageInputError(f"unknown prediction set(s) {unknown}; the workspace has {available}")
     bad = [name for name in selected if not _SAFE_NAME.match(name)]
     if bad:
-        raise StageInputError(f"prediction-set names {bad} cannot be used in artifact file names "
-                         "(letters, digits, '_', '-', '.' only)")
+        raise StageInputError(
+            f"prediction-set names {bad} cannot be used in artifact file names (letters, digits, '_', '-', '.' only)"
+        )
     if not selected:
         return {"skipped": True, "reason": "the workspace has no prediction sets", "prediction_sets": {}}
     metrics = aligned_metrics(context.workspace)
-    return {"prediction_sets": {name: _evaluate_set(context, config, name, metrics) for name in selected},
-            "metrics_available": metrics is not None}
+    return {
+        "prediction_sets": {name: _evaluate_set(context, config, name, metrics) for name in selected},
+        "metrics_available": metrics is not None,
+    }
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples",), uses=("predictions", "metrics"),
-                 may_write=("evaluation/*", "eval_samples_*", "metric_importance_*", "metric_curves_*"),
-                 description="accuracy, calibration and metric importance of each prediction set")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=("samples",),
+    uses=("predictions", "metrics"),
+    may_write=("evaluation/*", "eval_samples_*", "metric_importance_*", "metric_curves_*"),
+    description="accuracy, calibration and metric importance of each prediction set",
+)

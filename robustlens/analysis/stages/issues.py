@@ -76,8 +76,7 @@ def _run(context: StageContext, config: Config) -> dict:
     inputs = fingerprint(samples["id"], flags)
     if is_current(context, "issue_matrix", config=config, inputs=inputs):
         return {"skipped": True, "counts": _counts(flags)}
-    flags = flags.assign(_order=flags["id"].map(position)).sort_values(["_order", "severity"],
-                                                                       ascending=[True, False])
+    flags = flags.assign(_order=flags["id"].map(position)).sort_values(["_order", "severity"], ascending=[True, False])
     flags = flags.drop(columns="_order").reset_index(drop=True)
     write_artifact(context, "issues", flags, stage="issues", config=config, inputs=inputs)
     matrix = pd.DataFrame({"id": samples["id"]})
@@ -90,14 +89,19 @@ def _run(context: StageContext, config: Config) -> dict:
     matrix["issue_count"] = (matrix[issue_columns] > 0).sum(axis=1) if issue_columns else 0
     matrix["max_severity"] = matrix[issue_columns].max(axis=1) if issue_columns else 0.0
     write_artifact(context, "issue_matrix", matrix, stage="issues", config=config, inputs=inputs)
-    return {"skipped": False, "counts": _counts(flags),
-            "samples_with_issues": int((matrix["issue_count"] > 0).sum())}
+    return {"skipped": False, "counts": _counts(flags), "samples_with_issues": int((matrix["issue_count"] > 0).sum())}
 
 
 def _counts(flags: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in flags.groupby("issue")["id"].nunique().sort_index().items()}
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=ANALYSIS_FLAGS, uses=("flags_robustness",),
-                 writes=("issues", "issue_matrix"),
-                 description="every stage's flags in one long table and one row per sample")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=ANALYSIS_FLAGS,
+    uses=("flags_robustness",),
+    writes=("issues", "issue_matrix"),
+    description="every stage's flags in one long table and one row per sample",
+)

@@ -59,8 +59,15 @@ from robustlens.analysis.workspace import Workspace
 STAGE = "label_issues"
 ISSUE = "label_issue"
 PROBABILITY_MODES = ("auto", "given", "cross_validated")
-FILTER_METHODS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
-                  "low_normalized_margin", "low_self_confidence")
+FILTER_METHODS = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+)
 QUALITY_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 
 
@@ -136,14 +143,22 @@ def effective_folds(labels: np.ndarray, folds: int) -> int:
         raise StageInputError("cross-validated probabilities need at least two classes with samples")
     if counts.min() < 2:
         smallest = int(present[counts.argmin()])
-        raise StageInputError(f"cross-validation needs at least 2 samples per class; class index {smallest} has "
-                         f"{int(counts.min())}")
+        raise StageInputError(
+            f"cross-validation needs at least 2 samples per class; class index {smallest} has {int(counts.min())}"
+        )
     return min(folds, int(counts.min()))
 
 
-def cross_validated_probabilities(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, *,
-                                  folds: int = 5, random_state: int = 0, c: float = 1.0,
-                                  max_iter: int = 300) -> np.ndarray:
+def cross_validated_probabilities(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    folds: int = 5,
+    random_state: int = 0,
+    c: float = 1.0,
+    max_iter: int = 300,
+) -> np.ndarray:
     """Out-of-sample probabilities of a logistic regression on ``embeddings``.
 
     Parameters
@@ -183,8 +198,9 @@ def choose_source(context: StageContext, config: Config) -> tuple[str, np.ndarra
     name = config.prediction_set if config.prediction_set is not None else (names[0] if names else None)
     if name is not None and name not in names:
         raise StageInputError(f"unknown prediction set '{name}'; the workspace has {names}")
-    in_sample = name is not None and (config.predictions_in_sample or
-                                      bool(workspace.manifest["prediction_sets"][name].get("in_sample", False)))
+    in_sample = name is not None and (
+        config.predictions_in_sample or bool(workspace.manifest["prediction_sets"][name].get("in_sample", False))
+    )
     mode = config.probabilities
     embeddings, origin = (None, None) if mode == "given" else load_embeddings(workspace)
     if mode == "auto":
@@ -195,25 +211,38 @@ def choose_source(context: StageContext, config: Config) -> tuple[str, np.ndarra
         elif name is not None:
             mode = "given"  # in-sample predictions are all there is; the summary warns
         else:
-            raise StageInputError("label issues need out-of-sample predictions or embeddings; the workspace has "
-                             "neither (pass --predictions to 'robustlens init' or run the embeddings stage)")
+            raise StageInputError(
+                "label issues need out-of-sample predictions or embeddings; the workspace has "
+                "neither (pass --predictions to 'robustlens init' or run the embeddings stage)"
+            )
     if mode == "given":
         if name is None:
             raise StageInputError("probabilities='given' but the workspace has no prediction sets")
         details = {"prediction_set": name, "predictions_in_sample": in_sample}
         if in_sample:
-            details["warning"] = ("in-sample predictions overfit the given labels, so label errors the model "
-                                  "memorised are missed")
+            details["warning"] = (
+                "in-sample predictions overfit the given labels, so label errors the model memorised are missed"
+            )
         return "given", workspace.predictions(name).astype(np.float64), details
     if embeddings is None:
-        raise StageInputError("probabilities='cross_validated' needs embeddings; run the embeddings stage or "
-                         "pass --embeddings to 'robustlens init'")
-    return "cross_validated", embeddings, {"embeddings": origin, "prediction_set": name,
-                                           "predictions_in_sample": in_sample if name else None}
+        raise StageInputError(
+            "probabilities='cross_validated' needs embeddings; run the embeddings stage or "
+            "pass --embeddings to 'robustlens init'"
+        )
+    return (
+        "cross_validated",
+        embeddings,
+        {"embeddings": origin, "prediction_set": name, "predictions_in_sample": in_sample if name else None},
+    )
 
 
-def find_issues(labels: np.ndarray, probabilities: np.ndarray, *, filter_by: str = "low_self_confidence",
-                quality_method: str = "self_confidence") -> tuple[pd.DataFrame, np.ndarray]:
+def find_issues(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    *,
+    filter_by: str = "low_self_confidence",
+    quality_method: str = "self_confidence",
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Confident-learning label issues.
 
     Parameters
@@ -233,29 +262,44 @@ def find_issues(labels: np.ndarray, probabilities: np.ndarray, *, filter_by: str
     if probabilities.ndim != 2 or probabilities.shape[0] != len(labels):
         raise StageInputError(f"probabilities must have shape ({len(labels)}, K), got {probabilities.shape}")
     confident_joint = compute_confident_joint(labels, probabilities)
-    issues = find_label_issues(labels, probabilities, filter_by=filter_by, confident_joint=confident_joint,
-                               n_jobs=1)  # worker processes cost more than they save at these sizes
+    issues = find_label_issues(
+        labels, probabilities, filter_by=filter_by, confident_joint=confident_joint, n_jobs=1
+    )  # worker processes cost more than they save at these sizes
     quality = get_label_quality_scores(labels, probabilities, method=quality_method)
     suggested = probabilities.argmax(axis=1)
     rows = np.arange(len(labels))
     order = np.lexsort((rows, quality))  # lowest quality first, ties by sample order
     rank = np.empty(len(labels), dtype=np.int64)
     rank[order] = np.arange(1, len(labels) + 1)
-    table = pd.DataFrame({"given": labels, "suggested": suggested,
-                          "given_label_probability": probabilities[rows, labels],
-                          "suggested_label_probability": probabilities[rows, suggested],
-                          "label_quality": np.clip(quality, 0.0, 1.0), "is_label_issue": issues, "rank": rank})
+    table = pd.DataFrame(
+        {
+            "given": labels,
+            "suggested": suggested,
+            "given_label_probability": probabilities[rows, labels],
+            "suggested_label_probability": probabilities[rows, suggested],
+            "label_quality": np.clip(quality, 0.0, 1.0),
+            "is_label_issue": issues,
+            "rank": rank,
+        }
+    )
     return table, confident_joint
 
 
-def class_summary(labels: np.ndarray, probabilities: np.ndarray, confident_joint: np.ndarray,
-                  issues: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+def class_summary(
+    labels: np.ndarray, probabilities: np.ndarray, confident_joint: np.ndarray, issues: pd.DataFrame, classes: list[str]
+) -> pd.DataFrame:
     """Per-class noise estimates (see the module docstring), workspace class order."""
     ranked = rank_classes_by_label_quality(labels, probabilities, confident_joint=confident_joint)
-    ranked = ranked.rename(columns={"Class Index": "class_index", "Label Issues": "label_issues",
-                                    "Inverse Label Issues": "inverse_label_issues", "Label Noise": "label_noise",
-                                    "Inverse Label Noise": "inverse_label_noise",
-                                    "Label Quality Score": "label_quality_score"})
+    ranked = ranked.rename(
+        columns={
+            "Class Index": "class_index",
+            "Label Issues": "label_issues",
+            "Inverse Label Issues": "inverse_label_issues",
+            "Label Noise": "label_noise",
+            "Inverse Label Noise": "inverse_label_noise",
+            "Label Quality Score": "label_quality_score",
+        }
+    )
     base = pd.DataFrame({"class": classes, "class_index": np.arange(len(classes))})
     grouped = issues.groupby("given")
     base["num_samples"] = base["class_index"].map(grouped.size()).fillna(0).astype(int)
@@ -264,18 +308,25 @@ def class_summary(labels: np.ndarray, probabilities: np.ndarray, confident_joint
     return base.merge(ranked, on="class_index", how="left")
 
 
-def overlapping_classes(labels: np.ndarray, probabilities: np.ndarray, confident_joint: np.ndarray,
-                        classes: list[str]) -> pd.DataFrame:
+def overlapping_classes(
+    labels: np.ndarray, probabilities: np.ndarray, confident_joint: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
     """Class pairs ranked by their estimated joint probability of being confused (symmetric)."""
     overlap = find_overlapping_classes(labels, probabilities, confident_joint=confident_joint)
-    overlap = overlap.rename(columns={"Class Index A": "class_index_a", "Class Index B": "class_index_b",
-                                      "Num Overlapping Examples": "num_overlapping",
-                                      "Joint Probability": "joint_probability"})
+    overlap = overlap.rename(
+        columns={
+            "Class Index A": "class_index_a",
+            "Class Index B": "class_index_b",
+            "Num Overlapping Examples": "num_overlapping",
+            "Joint Probability": "joint_probability",
+        }
+    )
     names = np.asarray(classes, dtype=object)
     overlap.insert(0, "class_b", names[overlap["class_index_b"].to_numpy(dtype=int)])
     overlap.insert(0, "class_a", names[overlap["class_index_a"].to_numpy(dtype=int)])
-    return overlap[["class_a", "class_b", "class_index_a", "class_index_b", "num_overlapping",
-                    "joint_probability"]].reset_index(drop=True)
+    return overlap[
+        ["class_a", "class_b", "class_index_a", "class_index_b", "num_overlapping", "joint_probability"]
+    ].reset_index(drop=True)
 
 
 def issue_flags(ids: np.ndarray, table: pd.DataFrame, classes: list[str], source: str) -> pd.DataFrame:
@@ -285,15 +336,27 @@ def issue_flags(ids: np.ndarray, table: pd.DataFrame, classes: list[str], source
     who = "the model gives" if source == "given" else "a classifier cross-validated on embeddings gives"
     explanation = [
         f"labelled '{names[g]}' but {who} '{names[s]}' {p:.2f} (label quality {q:.2f})"
-        for g, s, p, q in zip(flagged["given"], flagged["suggested"], flagged["suggested_label_probability"],
-                              flagged["label_quality"], strict=True)]
-    return pd.DataFrame({"id": ids[flagged.index.to_numpy()].astype(str), "issue": ISSUE,
-                         "severity": (1.0 - flagged["label_quality"].to_numpy()).clip(0.0, 1.0),
-                         "explanation": pd.Series(explanation, dtype=str)})
+        for g, s, p, q in zip(
+            flagged["given"],
+            flagged["suggested"],
+            flagged["suggested_label_probability"],
+            flagged["label_quality"],
+            strict=True,
+        )
+    ]
+    return pd.DataFrame(
+        {
+            "id": ids[flagged.index.to_numpy()].astype(str),
+            "issue": ISSUE,
+            "severity": (1.0 - flagged["label_quality"].to_numpy()).clip(0.0, 1.0),
+            "explanation": pd.Series(explanation, dtype=str),
+        }
+    )
 
 
-def _with_excluded(per_sample: pd.DataFrame, ids: np.ndarray, labels: np.ndarray, kept: np.ndarray,
-                   names: np.ndarray) -> pd.DataFrame:
+def _with_excluded(
+    per_sample: pd.DataFrame, ids: np.ndarray, labels: np.ndarray, kept: np.ndarray, names: np.ndarray
+) -> pd.DataFrame:
     """``per_sample`` (rows of the kept samples) extended to every sample, in samples order: an excluded sample
     keeps its given label as suggestion, has NaN probabilities and quality, no flag, and ranks after the rest."""
     full = per_sample.set_axis(np.flatnonzero(kept)).reindex(np.arange(len(ids)))
@@ -328,8 +391,14 @@ def _run(context: StageContext, config: Config) -> dict:
     # Cross-validated on embeddings: samples the embeddings stage had no image for (their file was refused) are
     # left out, with no label quality and no flag. Given predictions do not depend on the image files.
     kept = ~excluded_rows(workspace) if source == "cross_validated" else np.ones(len(samples), dtype=bool)
-    inputs = fingerprint(samples["id"], labels, source, source_array, context.random_state,
-                         *([np.flatnonzero(~kept)] if not kept.all() else []))
+    inputs = fingerprint(
+        samples["id"],
+        labels,
+        source,
+        source_array,
+        context.random_state,
+        *([np.flatnonzero(~kept)] if not kept.all() else []),
+    )
     artifacts = ("label_class_summary", "overlapping_classes", "flags_label_issues", "label_issues")
     if all(is_current(context, name, config=config, inputs=inputs) for name in artifacts):
         return {**(stored_summary(context, "label_issues") or {}), "skipped": True}
@@ -340,38 +409,71 @@ def _run(context: StageContext, config: Config) -> dict:
         probabilities = source_array
     else:
         probabilities = cross_validated_probabilities(
-            source_array[kept], labels, len(classes), folds=config.cv_folds, random_state=context.random_state,
-            c=config.logistic_c, max_iter=config.logistic_max_iter)
+            source_array[kept],
+            labels,
+            len(classes),
+            folds=config.cv_folds,
+            random_state=context.random_state,
+            c=config.logistic_c,
+            max_iter=config.logistic_max_iter,
+        )
         details["cv_folds"] = effective_folds(labels, config.cv_folds)
-    table, confident_joint = find_issues(labels, probabilities, filter_by=config.filter_by,
-                                         quality_method=config.quality_method)
+    table, confident_joint = find_issues(
+        labels, probabilities, filter_by=config.filter_by, quality_method=config.quality_method
+    )
     ids = all_ids[kept]
     names = np.asarray(classes, dtype=object)
-    per_sample = pd.DataFrame({"id": ids, "given_label": names[table["given"].to_numpy()],
-                               "suggested_label": names[table["suggested"].to_numpy()],
-                               **{c: table[c].to_numpy() for c in ("given_label_probability",
-                                                                  "suggested_label_probability", "label_quality",
-                                                                  "is_label_issue", "rank")}})
+    per_sample = pd.DataFrame(
+        {
+            "id": ids,
+            "given_label": names[table["given"].to_numpy()],
+            "suggested_label": names[table["suggested"].to_numpy()],
+            **{
+                c: table[c].to_numpy()
+                for c in (
+                    "given_label_probability",
+                    "suggested_label_probability",
+                    "label_quality",
+                    "is_label_issue",
+                    "rank",
+                )
+            },
+        }
+    )
     if not kept.all():
         per_sample = _with_excluded(per_sample, all_ids, all_labels, kept, names)
         details["samples_skipped"] = int((~kept).sum())
     per_class = class_summary(labels, probabilities, confident_joint, table, classes)
     overlap = overlapping_classes(labels, probabilities, confident_joint, classes)
     flags = issue_flags(ids, table, classes, source)
-    summary = json_safe({
-        "probability_source": source, **details, "num_samples": int(len(labels)),
-        "num_label_issues": int(table["is_label_issue"].sum()),
-        # No confident_joint here: cleanlab recomputes it for this score and warns when given one.
-        "label_health_score": overall_label_health_score(labels, probabilities, verbose=False),
-        "most_overlapping": overlap[["class_a", "class_b"]].head(3).values.tolist(),
-    })
+    summary = json_safe(
+        {
+            "probability_source": source,
+            **details,
+            "num_samples": int(len(labels)),
+            "num_label_issues": int(table["is_label_issue"].sum()),
+            # No confident_joint here: cleanlab recomputes it for this score and warns when given one.
+            "label_health_score": overall_label_health_score(labels, probabilities, verbose=False),
+            "most_overlapping": overlap[["class_a", "class_b"]].head(3).values.tolist(),
+        }
+    )
     extra = {"probability_source": source}
-    for name, frame in (("label_class_summary", per_class), ("overlapping_classes", overlap),
-                        ("flags_label_issues", flags)):
+    for name, frame in (
+        ("label_class_summary", per_class),
+        ("overlapping_classes", overlap),
+        ("flags_label_issues", flags),
+    ):
         write_artifact(context, name, frame, stage=STAGE, config=config, inputs=inputs, extra=extra)
     # Written last: its index entry carries the summary that a skipped re-run reports.
-    write_artifact(context, "label_issues", per_sample, stage=STAGE, config=config, inputs=inputs,
-                   extra={**extra, "summary": summary})
+    write_artifact(
+        context,
+        "label_issues",
+        per_sample,
+        stage=STAGE,
+        config=config,
+        inputs=inputs,
+        extra={**extra, "summary": summary},
+    )
     return {**summary, "skipped": False}
 
 
@@ -393,16 +495,26 @@ def precondition(context: StageContext, config: Config) -> str | None:
     # Samples whose file was refused are left out of the cross-validation.
     labels = context.workspace.samples["label_index"].to_numpy(dtype=np.int64)[~excluded_rows(context.workspace)]
     counts = np.bincount(labels, minlength=len(classes))
-    thin = [f"'{classes[i]}' ({int(counts[i])} image{'s' if counts[i] != 1 else ''})"
-            for i in np.flatnonzero((counts > 0) & (counts < 2))]
+    thin = [
+        f"'{classes[i]}' ({int(counts[i])} image{'s' if counts[i] != 1 else ''})"
+        for i in np.flatnonzero((counts > 0) & (counts < 2))
+    ]
     if thin:
-        return (f"without out-of-sample predictions, label issues come from cross-validation on the embeddings, "
-                f"which needs at least 2 samples per class; class {', '.join(thin)} has fewer (add images or "
-                "pass --predictions to 'robustlens init')")
+        return (
+            f"without out-of-sample predictions, label issues come from cross-validation on the embeddings, "
+            f"which needs at least 2 samples per class; class {', '.join(thin)} has fewer (add images or "
+            "pass --predictions to 'robustlens init')"
+        )
     return None
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples",), uses=("predictions", "embeddings"),
-                 writes=("label_class_summary", "overlapping_classes", "flags_label_issues", "label_issues"),
-                 precondition=precondition,
-                 description="samples whose given label is probably wrong (confident learning)")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=("samples",),
+    uses=("predictions", "embeddings"),
+    writes=("label_class_summary", "overlapping_classes", "flags_label_issues", "label_issues"),
+    precondition=precondition,
+    description="samples whose given label is probably wrong (confident learning)",
+)

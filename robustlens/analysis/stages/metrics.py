@@ -111,8 +111,9 @@ def selected_metrics(config: Config) -> list[Metric]:
     for field_name in ("metrics", "plugins"):
         value = getattr(config, field_name)
         if isinstance(value, str):
-            raise MetricRegistryError(f"Config.{field_name} must be a sequence of names, got the string {value!r} "
-                                      f"(write ({value!r},))")
+            raise MetricRegistryError(
+                f"Config.{field_name} must be a sequence of names, got the string {value!r} (write ({value!r},))"
+            )
     import_plugins(tuple(config.plugins))
     if config.metrics is None:
         names = available_metrics(modules=(BUILTIN_MODULE, *config.plugins))
@@ -167,8 +168,7 @@ def _run(context: StageContext, config: Config) -> dict:
     with torch_threads(compute_threads()):
         batch_size = config.batch_size or auto_batch_size(samples)
         workers = context.workers or decode_workers(samples)
-        for indices, pixels in decode_distinct(context, todo, batch_size=batch_size, workers=workers,
-                                               desc="Metrics"):
+        for indices, pixels in decode_distinct(context, todo, batch_size=batch_size, workers=workers, desc="Metrics"):
             frame = measure_batch(pixels, pixel_metrics, device)
             frame.insert(0, "content_hash", hashes[indices])
             cache.add(frame)
@@ -187,8 +187,10 @@ def _run(context: StageContext, config: Config) -> dict:
     missing = results["pixel_hash"].isna().to_numpy()
     unexplained = missing & ~refused & ~pd.Series(hashes).isin(set(hashes[refused])).to_numpy()
     if unexplained.any():
-        raise RuntimeError(f"metrics cache lacks {int(unexplained.sum())} images after computing them "
-                           f"(first: {paths[int(np.flatnonzero(unexplained)[0])]})")
+        raise RuntimeError(
+            f"metrics cache lacks {int(unexplained.sum())} images after computing them "
+            f"(first: {paths[int(np.flatnonzero(unexplained)[0])]})"
+        )
     skipped = missing | refused
     table = pd.DataFrame({"id": samples["id"].to_numpy()})
     for metric in metrics:
@@ -210,13 +212,26 @@ def _run(context: StageContext, config: Config) -> dict:
     refused_entries = record_refused(context, "metrics", skipped)
     extra = {"metrics": [m.name for m in metrics], "skipped_rows": np.flatnonzero(skipped).tolist()}
     write_artifact(context, "metrics", table, stage=STAGE, config=config, inputs=inputs, extra=extra)
-    write_artifact(context, "fingerprints", fingerprints, stage=STAGE, config=config, inputs=inputs,
-                   extra={"skipped_rows": extra["skipped_rows"]})
+    write_artifact(
+        context,
+        "fingerprints",
+        fingerprints,
+        stage=STAGE,
+        config=config,
+        inputs=inputs,
+        extra={"skipped_rows": extra["skipped_rows"]},
+    )
     cache.compact(keep_hashes=set(hashes.tolist()))
     computed = int(decoded)
-    summary = {"computed": computed, "cached": int(len(first_rows)) - int(len(todo)), "samples": int(len(samples)),
-               "seconds": round(time.perf_counter() - start, 3), "metrics": [m.name for m in metrics],
-               "samples_skipped": int(skipped.sum()), "refused": refused_entries}
+    summary = {
+        "computed": computed,
+        "cached": int(len(first_rows)) - int(len(todo)),
+        "samples": int(len(samples)),
+        "seconds": round(time.perf_counter() - start, 3),
+        "metrics": [m.name for m in metrics],
+        "samples_skipped": int(skipped.sum()),
+        "refused": refused_entries,
+    }
     skipped_note = f", {summary['samples_skipped']} skipped (file refused)" if summary["samples_skipped"] else ""
     context.log.append(f"metrics: computed {computed} images, {summary['cached']} from cache{skipped_note}")
     return summary
@@ -225,8 +240,9 @@ def _run(context: StageContext, config: Config) -> dict:
 def _record_values(metric: Metric, samples: pd.DataFrame) -> np.ndarray:
     values = np.asarray(metric.function(samples))
     if values.shape != (len(samples),):
-        raise MetricRegistryError(f"record metric {metric.name!r} ({metric.origin}) returned shape "
-                                  f"{values.shape}; expected ({len(samples)},)")
+        raise MetricRegistryError(
+            f"record metric {metric.name!r} ({metric.origin}) returned shape {values.shape}; expected ({len(samples)},)"
+        )
     return values if np.issubdtype(values.dtype, np.integer) else values.astype(np.float64)
 
 
@@ -250,7 +266,8 @@ def measure_batch(pixels: list[np.ndarray], metrics: list[Metric], device: torch
                     got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
                     raise MetricRegistryError(
                         f"metric {metric.name!r} ({metric.origin}) returned {got} for a batch of "
-                        f"{len(rows)} images; expected a tensor of shape ({len(rows)},)")
+                        f"{len(rows)} images; expected a tensor of shape ({len(rows)},)"
+                    )
                 values[metric.name][rows] = result.detach().to("cpu", torch.float64).numpy()
             phashes[rows] = perceptual_hash(images)
     frame = pd.DataFrame(values)
@@ -283,14 +300,17 @@ def _phash_projections(height: int, width: int, device: torch.device) -> tuple[t
     resizing the identity (as 1-row images: torch's resize treats a 1-pixel-wide axis specially), and
     folding in the DCT gives ``M = (D @ R)[:8]``, so the 8×8 block costs two small products per image.
     """
+
     def resize_matrix(size: int) -> torch.Tensor:
         eye = torch.eye(size, dtype=torch.float64).view(size, 1, 1, size)
         rows = F.interpolate(eye, size=(1, PHASH_SIZE), mode="bilinear", align_corners=False, antialias=True)
         return rows[:, 0, 0, :].T  # (32, size)
 
     dct = _dct_matrix(PHASH_SIZE, torch.float64, torch.device("cpu"))
-    return ((dct @ resize_matrix(height))[:PHASH_BLOCK].to(device),
-            (dct @ resize_matrix(width))[:PHASH_BLOCK].to(device))
+    return (
+        (dct @ resize_matrix(height))[:PHASH_BLOCK].to(device),
+        (dct @ resize_matrix(width))[:PHASH_BLOCK].to(device),
+    )
 
 
 def perceptual_hash(images: torch.Tensor) -> np.ndarray:
@@ -303,5 +323,11 @@ def perceptual_hash(images: torch.Tensor) -> np.ndarray:
     return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples",), writes=("metrics", "fingerprints"),
-                 description="per-image quality metrics and fingerprints (pixel hash, perceptual hash)")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=("samples",),
+    writes=("metrics", "fingerprints"),
+    description="per-image quality metrics and fingerprints (pixel hash, perceptual hash)",
+)

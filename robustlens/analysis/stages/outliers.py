@@ -100,10 +100,16 @@ def _run(context: StageContext, config: Config) -> dict:
     embeddings, embeddings_fp = load_embeddings(context)
     visual = load_sample_array(context, "visual_features", ndim=2, producer="embeddings")
     kept = ~excluded_rows(workspace)
-    inputs = fingerprint(samples["id"], embeddings_fp, fingerprint(visual), context.random_state,
-                         *([np.flatnonzero(~kept)] if not kept.all() else []))
-    if is_current(context, "outliers", config=config, inputs=inputs) and \
-            is_current(context, "flags_outliers", config=config, inputs=inputs):
+    inputs = fingerprint(
+        samples["id"],
+        embeddings_fp,
+        fingerprint(visual),
+        context.random_state,
+        *([np.flatnonzero(~kept)] if not kept.all() else []),
+    )
+    if is_current(context, "outliers", config=config, inputs=inputs) and is_current(
+        context, "flags_outliers", config=config, inputs=inputs
+    ):
         table = read_artifact(workspace, "outliers")
         if table is not None:
             return {"skipped": True, "outliers": int(table["is_outlier"].sum()), "samples": len(samples)}
@@ -118,29 +124,46 @@ def _run(context: StageContext, config: Config) -> dict:
         indices, distances = neighbor_graph(context, k)
         if n < len(samples):
             indices, distances = kept_graph(indices, distances, kept)
-        visual_distances = reference_distances(visual[kept], k, max_reference=config.max_reference,
-                                               random_state=context.random_state)
-        scores = {"knn": distances.mean(1), "visual": visual_distances,
-                  "ood": 1.0 - cleanlab_ood_scores(embeddings[kept], indices, distances)}
+        visual_distances = reference_distances(
+            visual[kept], k, max_reference=config.max_reference, random_state=context.random_state
+        )
+        scores = {
+            "knn": distances.mean(1),
+            "visual": visual_distances,
+            "ood": 1.0 - cleanlab_ood_scores(embeddings[kept], indices, distances),
+        }
         z_semantic, z_visual = robust_log_z(scores["knn"]), robust_log_z(scores["visual"])
     outlier_score = np.maximum(z_semantic, z_visual)
     flagged = select_outliers(outlier_score, threshold=config.threshold, max_fraction=config.max_fraction)
     if n < len(samples):
         scores = {name: _scatter(values, kept) for name, values in scores.items()}
-        z_semantic, z_visual, outlier_score = (_scatter(z_semantic, kept), _scatter(z_visual, kept),
-                                               _scatter(outlier_score, kept))
+        z_semantic, z_visual, outlier_score = (
+            _scatter(z_semantic, kept),
+            _scatter(z_visual, kept),
+            _scatter(outlier_score, kept),
+        )
         flagged = _scatter(flagged, kept, fill=False).astype(bool)
         n = len(samples)
-    table = pd.DataFrame({"id": samples["id"].to_numpy(), "knn_distance": scores["knn"].astype(np.float32),
-                          "visual_distance": scores["visual"].astype(np.float32),
-                          "ood_score": scores["ood"].astype(np.float32),
-                          "outlier_score": outlier_score.astype(np.float32), "is_outlier": flagged})
+    table = pd.DataFrame(
+        {
+            "id": samples["id"].to_numpy(),
+            "knn_distance": scores["knn"].astype(np.float32),
+            "visual_distance": scores["visual"].astype(np.float32),
+            "ood_score": scores["ood"].astype(np.float32),
+            "outlier_score": outlier_score.astype(np.float32),
+            "is_outlier": flagged,
+        }
+    )
     flags = flag_table(table, z_semantic, z_visual, config)
     write_artifact(context, "outliers", table, stage=STAGE, config=config, inputs=inputs)
     write_artifact(context, "flags_outliers", flags, stage=STAGE, config=config, inputs=inputs)
-    return {"skipped": False, "outliers": int(flagged.sum()), "samples": n,
-            "semantic": int((flagged & (z_semantic >= z_visual)).sum()),
-            "visual": int((flagged & (z_visual > z_semantic)).sum())}
+    return {
+        "skipped": False,
+        "outliers": int(flagged.sum()),
+        "samples": n,
+        "semantic": int((flagged & (z_semantic >= z_visual)).sum()),
+        "visual": int((flagged & (z_visual > z_semantic)).sum()),
+    }
 
 
 def _scatter(values: np.ndarray, kept: np.ndarray, *, fill: float = np.nan) -> np.ndarray:
@@ -192,8 +215,12 @@ class PrecomputedNeighbors:
         self.distances = distances
         self.n_neighbors = indices.shape[1]
 
-    def kneighbors(self, X: np.ndarray | None = None, n_neighbors: int | None = None,  # noqa: N803 (sklearn's name)
-                   return_distance: bool = True) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+    def kneighbors(
+        self,
+        X: np.ndarray | None = None,  # noqa: N803 (sklearn's name)
+        n_neighbors: int | None = None,
+        return_distance: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
         if X is not None and len(X) != len(self.indices):
             raise StageInputError(f"the precomputed graph covers {len(self.indices)} samples, got {len(X)} queries")
         k = self.n_neighbors if n_neighbors is None else n_neighbors
@@ -239,19 +266,34 @@ def flag_table(table: pd.DataFrame, z_semantic: np.ndarray, z_visual: np.ndarray
         severity = float(np.clip(0.5 + 0.5 * (score - config.threshold) / max(config.threshold, 1e-9), 0.5, 1.0))
         reasons = []
         if z_visual[position] >= config.threshold:
-            reasons.append(f"looks unlike the other images (pixel statistics {z_visual[position]:.1f} robust SDs "
-                           f"farther from its {config.n_neighbors} nearest neighbours than typical)")
+            reasons.append(
+                f"looks unlike the other images (pixel statistics {z_visual[position]:.1f} robust SDs "
+                f"farther from its {config.n_neighbors} nearest neighbours than typical)"
+            )
         if z_semantic[position] >= config.threshold:
-            reasons.append(f"unlike the other images in embedding space ({z_semantic[position]:.1f} robust SDs "
-                           f"farther from its nearest neighbours than typical, OOD score "
-                           f"{float(table['ood_score'].iat[position]):.2f})")
+            reasons.append(
+                f"unlike the other images in embedding space ({z_semantic[position]:.1f} robust SDs "
+                f"farther from its nearest neighbours than typical, OOD score "
+                f"{float(table['ood_score'].iat[position]):.2f})"
+            )
         rows.append((table["id"].iat[position], "outlier", round(severity, 4), "; ".join(reasons)))
     if not rows:
-        return pd.DataFrame({"id": pd.Series(dtype=str), "issue": pd.Series(dtype=str),
-                             "severity": pd.Series(dtype=float), "explanation": pd.Series(dtype=str)})
+        return pd.DataFrame(
+            {
+                "id": pd.Series(dtype=str),
+                "issue": pd.Series(dtype=str),
+                "severity": pd.Series(dtype=float),
+                "explanation": pd.Series(dtype=str),
+            }
+        )
     return pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("embeddings", "visual_features"),
-                 writes=("outliers", "flags_outliers"),
-                 description="images unlike the rest (embedding and pixel-descriptor neighbour distances)")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=("embeddings", "visual_features"),
+    writes=("outliers", "flags_outliers"),
+    description="images unlike the rest (embedding and pixel-descriptor neighbour distances)",
+)

@@ -93,8 +93,9 @@ def _run(context: StageContext, config: Config) -> dict:
     samples = context.workspace.samples
     embeddings, embeddings_fp = load_embeddings(context)
     kept = ~excluded_rows(context.workspace)
-    inputs = fingerprint(samples["id"], embeddings_fp, context.random_state,
-                         *([np.flatnonzero(~kept)] if not kept.all() else []))
+    inputs = fingerprint(
+        samples["id"], embeddings_fp, context.random_state, *([np.flatnonzero(~kept)] if not kept.all() else [])
+    )
     if is_current(context, ARTIFACT, config=config, inputs=inputs):
         return {"skipped": True, "samples": len(samples)}
     # Samples without an image (their file was refused, see artifacts/refused_files.json) get no position (NaN).
@@ -108,15 +109,29 @@ def _run(context: StageContext, config: Config) -> dict:
         if not kept.all():
             indices, distances = kept_graph(indices, distances, kept)
         init = config.init if config.init != "auto" else "spectral" if n <= config.large_dataset else "pca"
-        layout = umap_layout(reduced, indices, distances, n_neighbors=config.n_neighbors,
-                             min_dist=config.min_dist, n_epochs=epochs, init=init,
-                             random_state=context.random_state)
+        layout = umap_layout(
+            reduced,
+            indices,
+            distances,
+            n_neighbors=config.n_neighbors,
+            min_dist=config.min_dist,
+            n_epochs=epochs,
+            init=init,
+            random_state=context.random_state,
+        )
         method = "umap"
     full = np.full((len(samples), 2), np.nan, dtype=np.float32)
     full[kept] = layout
     frame = pd.DataFrame({"id": samples["id"].to_numpy(), "x": full[:, 0], "y": full[:, 1]})
-    write_artifact(context, ARTIFACT, frame, stage=ARTIFACT, config=config, inputs=inputs,
-                   extra={"method": method, "n_epochs": int(epochs)})
+    write_artifact(
+        context,
+        ARTIFACT,
+        frame,
+        stage=ARTIFACT,
+        config=config,
+        inputs=inputs,
+        extra={"method": method, "n_epochs": int(epochs)},
+    )
     return {"skipped": False, "samples": n, "method": method, "n_epochs": int(epochs)}
 
 
@@ -140,8 +155,17 @@ def pca_reduce(embeddings: np.ndarray, dims: int, *, random_state: int) -> np.nd
     return PCA(n_components=keep, random_state=random_state).fit_transform(embeddings).astype(np.float32)
 
 
-def umap_layout(data: np.ndarray, indices: np.ndarray, distances: np.ndarray, *, n_neighbors: int,
-                min_dist: float, n_epochs: int, init: str, random_state: int) -> np.ndarray:
+def umap_layout(
+    data: np.ndarray,
+    indices: np.ndarray,
+    distances: np.ndarray,
+    *,
+    n_neighbors: int,
+    min_dist: float,
+    n_epochs: int,
+    init: str,
+    random_state: int,
+) -> np.ndarray:
     """2-D UMAP layout of ``data`` from a precomputed neighbour graph.
 
     Parameters
@@ -162,9 +186,16 @@ def umap_layout(data: np.ndarray, indices: np.ndarray, distances: np.ndarray, *,
     knn_indices = np.ascontiguousarray(np.hstack([rows, indices]), dtype=np.int32)
     knn_distances = np.ascontiguousarray(np.hstack([np.zeros((n, 1), np.float32), distances]), dtype=np.float32)
     neighbours = min(n_neighbors, knn_indices.shape[1])
-    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, min_dist=min_dist, metric="euclidean",
-                        n_epochs=n_epochs, init=init, random_state=random_state,
-                        precomputed_knn=(knn_indices[:, :neighbours], knn_distances[:, :neighbours]))
+    reducer = umap.UMAP(
+        n_components=2,
+        n_neighbors=neighbours,
+        min_dist=min_dist,
+        metric="euclidean",
+        n_epochs=n_epochs,
+        init=init,
+        random_state=random_state,
+        precomputed_knn=(knn_indices[:, :neighbours], knn_distances[:, :neighbours]),
+    )
     with warnings.catch_warnings():
         # Expected with a seed and a precomputed graph: single-threaded run, no transform() of new data.
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
@@ -181,9 +212,15 @@ def _pca_layout(data: np.ndarray) -> np.ndarray:
     centred = data - data.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     scores = centred @ vt[:2].T
-    layout[:, :scores.shape[1]] = scores
+    layout[:, : scores.shape[1]] = scores
     return layout
 
 
-SPEC = StageSpec(name=ARTIFACT, config=Config, run=run, reads=("embeddings",), writes=(ARTIFACT,),
-                 description="2-D map of the embeddings (UMAP on the shared neighbour graph)")
+SPEC = StageSpec(
+    name=ARTIFACT,
+    config=Config,
+    run=run,
+    reads=("embeddings",),
+    writes=(ARTIFACT,),
+    description="2-D map of the embeddings (UMAP on the shared neighbour graph)",
+)

@@ -176,8 +176,15 @@ def flag_quality(metrics: pd.DataFrame, config: Config | None = None) -> tuple[p
         metric columns).
     """
     config = config or Config()
-    rules = {"dark": _dark, "light": _light, "blurry": _blurry, "low_information": _low_information,
-             "odd_aspect_ratio": _odd_aspect_ratio, "odd_size": _odd_size, "grayscale": _grayscale}
+    rules = {
+        "dark": _dark,
+        "light": _light,
+        "blurry": _blurry,
+        "low_information": _low_information,
+        "odd_aspect_ratio": _odd_aspect_ratio,
+        "odd_size": _odd_size,
+        "grayscale": _grayscale,
+    }
     frames, thresholds, skipped = [], {}, {}
     ids = metrics["id"].to_numpy()
     for issue in ISSUES:
@@ -190,11 +197,23 @@ def flag_quality(metrics: pd.DataFrame, config: Config | None = None) -> tuple[p
         result = rules[issue](metrics, config)
         thresholds[issue] = result.thresholds
         rows = np.flatnonzero(result.flagged)
-        frames.append(pd.DataFrame({"row": rows, "id": ids[rows], "issue": issue,
-                                    "severity": np.clip(result.severity[rows], 0.0, 1.0).astype(np.float64),
-                                    "explanation": result.explanation}))
-    columns = {"id": pd.Series(dtype=str), "issue": pd.Series(dtype=str), "severity": pd.Series(dtype=np.float64),
-               "explanation": pd.Series(dtype=str)}
+        frames.append(
+            pd.DataFrame(
+                {
+                    "row": rows,
+                    "id": ids[rows],
+                    "issue": issue,
+                    "severity": np.clip(result.severity[rows], 0.0, 1.0).astype(np.float64),
+                    "explanation": result.explanation,
+                }
+            )
+        )
+    columns = {
+        "id": pd.Series(dtype=str),
+        "issue": pd.Series(dtype=str),
+        "severity": pd.Series(dtype=np.float64),
+        "explanation": pd.Series(dtype=str),
+    }
     flags = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"row": [], **columns})
     if len(flags):
         flags["issue_order"] = flags["issue"].map({issue: i for i, issue in enumerate(ISSUES)})
@@ -216,16 +235,29 @@ def _run(context: StageContext, config: Config) -> dict:
     start = time.perf_counter()
     metrics = read_artifact(context.workspace, "metrics")
     if metrics is None:
-        raise WorkspaceError(f"{context.workspace.root} has no metrics yet; run the 'metrics' stage first "
-                             "('robustlens analyze --stages metrics')")
+        raise WorkspaceError(
+            f"{context.workspace.root} has no metrics yet; run the 'metrics' stage first "
+            "('robustlens analyze --stages metrics')"
+        )
     flags, details = flag_quality(metrics, config)
-    write_artifact(context, "flags_quality", flags, stage=STAGE, config=config,
-                   inputs=fingerprint(metrics), extra={"thresholds": details["thresholds"]})
+    write_artifact(
+        context,
+        "flags_quality",
+        flags,
+        stage=STAGE,
+        config=config,
+        inputs=fingerprint(metrics),
+        extra={"thresholds": details["thresholds"]},
+    )
     counts = flags["issue"].value_counts()
-    summary = {"flagged": {issue: int(counts.get(issue, 0)) for issue in ISSUES if issue not in details["skipped"]},
-               "images_flagged": int(flags["id"].nunique()), "samples": int(len(metrics)),
-               "skipped": details["skipped"], "thresholds": details["thresholds"],
-               "seconds": round(time.perf_counter() - start, 3)}
+    summary = {
+        "flagged": {issue: int(counts.get(issue, 0)) for issue in ISSUES if issue not in details["skipped"]},
+        "images_flagged": int(flags["id"].nunique()),
+        "samples": int(len(metrics)),
+        "skipped": details["skipped"],
+        "thresholds": details["thresholds"],
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     context.log.append(f"quality_flags: {summary['images_flagged']} images flagged")
     return summary
 
@@ -240,14 +272,21 @@ def _dark(metrics: pd.DataFrame, config: Config) -> RuleResult:
     stats = RobustScale.of(highlight, config.level_scale_floor)
     z = stats.z(highlight)
     limit = min(stats.value_at(config.dark_z), config.dark_max_highlight)
-    flagged = ((z <= config.dark_z) & (highlight <= config.dark_max_highlight)
-               & (brightness <= config.dark_max_brightness))
-    explanation = [f"highlights (99th pct luminance) {h:.3f} are {-zz:.1f} robust SD below the dataset median "
-                   f"{stats.median:.3f} (flagged at <= {limit:.3f}) and brightness {b:.3f} <= "
-                   f"{config.dark_max_brightness}"
-                   for h, zz, b in zip(highlight[flagged], z[flagged], brightness[flagged], strict=True)]
-    return RuleResult(flagged, z_severity(z, config.dark_z), explanation,
-                      {"highlight_level_max": limit, "brightness_max": config.dark_max_brightness})
+    flagged = (
+        (z <= config.dark_z) & (highlight <= config.dark_max_highlight) & (brightness <= config.dark_max_brightness)
+    )
+    explanation = [
+        f"highlights (99th pct luminance) {h:.3f} are {-zz:.1f} robust SD below the dataset median "
+        f"{stats.median:.3f} (flagged at <= {limit:.3f}) and brightness {b:.3f} <= "
+        f"{config.dark_max_brightness}"
+        for h, zz, b in zip(highlight[flagged], z[flagged], brightness[flagged], strict=True)
+    ]
+    return RuleResult(
+        flagged,
+        z_severity(z, config.dark_z),
+        explanation,
+        {"highlight_level_max": limit, "brightness_max": config.dark_max_brightness},
+    )
 
 
 def _light(metrics: pd.DataFrame, config: Config) -> RuleResult:
@@ -255,14 +294,19 @@ def _light(metrics: pd.DataFrame, config: Config) -> RuleResult:
     stats = RobustScale.of(shadow, config.level_scale_floor)
     z = stats.z(shadow)
     limit = max(stats.value_at(config.light_z), config.light_min_shadow)
-    flagged = ((z >= config.light_z) & (shadow >= config.light_min_shadow)
-               & (brightness >= config.light_min_brightness))
-    explanation = [f"shadows (1st pct luminance) {s:.3f} are {zz:.1f} robust SD above the dataset median "
-                   f"{stats.median:.3f} (flagged at >= {limit:.3f}) and brightness {b:.3f} >= "
-                   f"{config.light_min_brightness}"
-                   for s, zz, b in zip(shadow[flagged], z[flagged], brightness[flagged], strict=True)]
-    return RuleResult(flagged, z_severity(z, config.light_z), explanation,
-                      {"shadow_level_min": limit, "brightness_min": config.light_min_brightness})
+    flagged = (z >= config.light_z) & (shadow >= config.light_min_shadow) & (brightness >= config.light_min_brightness)
+    explanation = [
+        f"shadows (1st pct luminance) {s:.3f} are {zz:.1f} robust SD above the dataset median "
+        f"{stats.median:.3f} (flagged at >= {limit:.3f}) and brightness {b:.3f} >= "
+        f"{config.light_min_brightness}"
+        for s, zz, b in zip(shadow[flagged], z[flagged], brightness[flagged], strict=True)
+    ]
+    return RuleResult(
+        flagged,
+        z_severity(z, config.light_z),
+        explanation,
+        {"shadow_level_min": limit, "brightness_min": config.light_min_brightness},
+    )
 
 
 def _blurry(metrics: pd.DataFrame, config: Config) -> RuleResult:
@@ -271,16 +315,24 @@ def _blurry(metrics: pd.DataFrame, config: Config) -> RuleResult:
     log_ratio = np.log10(np.maximum(ratio, 1e-12))
     stats = RobustScale.of(log_ratio, config.high_frequency_scale_floor)
     z = stats.z(log_ratio)
-    flagged = ((z <= config.blurry_z) & (blur >= config.blurry_min_blur_score)
-               & (contrast > config.blank_max_contrast))
+    flagged = (z <= config.blurry_z) & (blur >= config.blurry_min_blur_score) & (contrast > config.blank_max_contrast)
     limit = 10.0 ** stats.value_at(config.blurry_z)
-    explanation = [f"high-frequency ratio {r:.2e} is {-zz:.1f} robust SD (log scale) below the dataset median "
-                   f"{10.0 ** stats.median:.2e} (limit {limit:.2e}) and blur score {b:.2f} >= "
-                   f"{config.blurry_min_blur_score}"
-                   for r, zz, b in zip(ratio[flagged], z[flagged], blur[flagged], strict=True)]
-    return RuleResult(flagged, z_severity(z, config.blurry_z), explanation,
-                      {"high_frequency_ratio_max": limit, "blur_score_min": config.blurry_min_blur_score,
-                       "contrast_above": config.blank_max_contrast})
+    explanation = [
+        f"high-frequency ratio {r:.2e} is {-zz:.1f} robust SD (log scale) below the dataset median "
+        f"{10.0**stats.median:.2e} (limit {limit:.2e}) and blur score {b:.2f} >= "
+        f"{config.blurry_min_blur_score}"
+        for r, zz, b in zip(ratio[flagged], z[flagged], blur[flagged], strict=True)
+    ]
+    return RuleResult(
+        flagged,
+        z_severity(z, config.blurry_z),
+        explanation,
+        {
+            "high_frequency_ratio_max": limit,
+            "blur_score_min": config.blurry_min_blur_score,
+            "contrast_above": config.blank_max_contrast,
+        },
+    )
 
 
 def _low_information(metrics: pd.DataFrame, config: Config) -> RuleResult:
@@ -290,27 +342,35 @@ def _low_information(metrics: pd.DataFrame, config: Config) -> RuleResult:
     z = stats.z(entropy)
     sparse = (z <= config.low_information_z) & (entropy <= config.low_information_max_entropy)
     blank_severity = np.tanh(0.5 * config.blank_max_contrast / np.maximum(contrast, 1e-12))
-    severity = np.maximum(np.where(blank, blank_severity, 0.0),
-                          np.where(sparse, z_severity(z, config.low_information_z), 0.0))
+    severity = np.maximum(
+        np.where(blank, blank_severity, 0.0), np.where(sparse, z_severity(z, config.low_information_z), 0.0)
+    )
     flagged = blank | sparse
     limit = stats.value_at(config.low_information_z)
     explanation = []
-    for c, e, zz, is_blank, is_sparse in zip(contrast[flagged], entropy[flagged], z[flagged], blank[flagged],
-                                             sparse[flagged], strict=True):
+    for c, e, zz, is_blank, is_sparse in zip(
+        contrast[flagged], entropy[flagged], z[flagged], blank[flagged], sparse[flagged], strict=True
+    ):
         parts = []
         if is_blank:
             parts.append(f"near-constant: luminance SD {c:.4f} <= {config.blank_max_contrast}")
         if is_sparse:
-            parts.append(f"entropy {e:.2f} bits is {-zz:.1f} robust SD below the dataset median {stats.median:.2f} "
-                         f"(limit {limit:.2f}) and <= {config.low_information_max_entropy} bits")
+            parts.append(
+                f"entropy {e:.2f} bits is {-zz:.1f} robust SD below the dataset median {stats.median:.2f} "
+                f"(limit {limit:.2f}) and <= {config.low_information_max_entropy} bits"
+            )
         explanation.append("; ".join(parts))
-    return RuleResult(flagged, severity, explanation,
-                      {"contrast_max": config.blank_max_contrast,
-                       "entropy_max": min(limit, config.low_information_max_entropy)})
+    return RuleResult(
+        flagged,
+        severity,
+        explanation,
+        {"contrast_max": config.blank_max_contrast, "entropy_max": min(limit, config.low_information_max_entropy)},
+    )
 
 
-def _odd_ratio_rule(values: np.ndarray, *, z_threshold: float, min_factor: float, floor: float, what: str,
-                    unit: str) -> RuleResult:
+def _odd_ratio_rule(
+    values: np.ndarray, *, z_threshold: float, min_factor: float, floor: float, what: str, unit: str
+) -> RuleResult:
     """Shared by the size rules: ``values`` > 0, judged on a log scale in both directions."""
     logs = np.log(values)
     stats = RobustScale.of(logs, floor)
@@ -318,35 +378,60 @@ def _odd_ratio_rule(values: np.ndarray, *, z_threshold: float, min_factor: float
     factor = np.exp(np.abs(logs - stats.median))
     flagged = (np.abs(z) >= abs(z_threshold)) & (factor >= min_factor)
     typical = float(np.exp(stats.median))
-    explanation = [f"{what} {v:.3g}{unit} is {f:.2f}x {'above' if zz > 0 else 'below'} the dataset's typical "
-                   f"{typical:.3g}{unit} ({abs(zz):.1f} robust SD on a log scale; flagged from {min_factor}x)"
-                   for v, f, zz in zip(values[flagged], factor[flagged], z[flagged], strict=True)]
+    explanation = [
+        f"{what} {v:.3g}{unit} is {f:.2f}x {'above' if zz > 0 else 'below'} the dataset's typical "
+        f"{typical:.3g}{unit} ({abs(zz):.1f} robust SD on a log scale; flagged from {min_factor}x)"
+        for v, f, zz in zip(values[flagged], factor[flagged], z[flagged], strict=True)
+    ]
     low = float(np.exp(min(stats.value_at(-abs(z_threshold)), stats.median - np.log(min_factor))))
     high = float(np.exp(max(stats.value_at(abs(z_threshold)), stats.median + np.log(min_factor))))
     return RuleResult(flagged, z_severity(z, z_threshold), explanation, {"below": low, "above": high})
 
 
 def _odd_aspect_ratio(metrics: pd.DataFrame, config: Config) -> RuleResult:
-    return _odd_ratio_rule(_column(metrics, "aspect_ratio"), z_threshold=config.odd_aspect_z,
-                           min_factor=config.odd_aspect_min_factor, floor=config.log_scale_floor,
-                           what="aspect ratio (width/height)", unit="")
+    return _odd_ratio_rule(
+        _column(metrics, "aspect_ratio"),
+        z_threshold=config.odd_aspect_z,
+        min_factor=config.odd_aspect_min_factor,
+        floor=config.log_scale_floor,
+        what="aspect ratio (width/height)",
+        unit="",
+    )
 
 
 def _odd_size(metrics: pd.DataFrame, config: Config) -> RuleResult:
     side = np.sqrt(_column(metrics, "area"))
-    return _odd_ratio_rule(side, z_threshold=config.odd_size_z, min_factor=config.odd_size_min_factor,
-                           floor=config.log_scale_floor, what="side length sqrt(width*height)", unit=" px")
+    return _odd_ratio_rule(
+        side,
+        z_threshold=config.odd_size_z,
+        min_factor=config.odd_size_min_factor,
+        floor=config.log_scale_floor,
+        what="side length sqrt(width*height)",
+        unit=" px",
+    )
 
 
 def _grayscale(metrics: pd.DataFrame, config: Config) -> RuleResult:
     gray = (_column(metrics, "channels") == 1) | (_column(metrics, "grayscale_content") <= config.grayscale_tolerance)
     colour_share = float(1.0 - gray.mean())
     flagged = gray & (colour_share >= config.grayscale_min_colour_share)
-    explanation = [f"grayscale content (channels equal within {config.grayscale_tolerance}) in a dataset where "
-                   f"{colour_share:.0%} of the images have colour"] * int(flagged.sum())
-    return RuleResult(flagged, np.full(len(gray), colour_share), explanation,
-                      {"colour_share": colour_share, "min_colour_share": config.grayscale_min_colour_share})
+    explanation = [
+        f"grayscale content (channels equal within {config.grayscale_tolerance}) in a dataset where "
+        f"{colour_share:.0%} of the images have colour"
+    ] * int(flagged.sum())
+    return RuleResult(
+        flagged,
+        np.full(len(gray), colour_share),
+        explanation,
+        {"colour_share": colour_share, "min_colour_share": config.grayscale_min_colour_share},
+    )
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("metrics",), writes=("flags_quality",),
-                 description="dark, light, blurry, low-information, odd-size and grayscale images (rules on metrics)")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=("metrics",),
+    writes=("flags_quality",),
+    description="dark, light, blurry, low-information, odd-size and grayscale images (rules on metrics)",
+)

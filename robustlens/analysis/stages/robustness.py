@@ -46,8 +46,14 @@ def run(context: StageContext, config: RobustnessConfig) -> StageResult:
     Summary: the content of ``robustness_summary.json`` plus ``skipped`` (``True`` when config, samples and model
     were unchanged, ``"slices"`` when only the slice table was rebuilt), as ``robustlens robustness`` prints it.
     """
-    summary = run_robustness(context.workspace, config, progress=context.progress, device=context.device,
-                             workers=context.workers, threads=context.threads)
+    summary = run_robustness(
+        context.workspace,
+        config,
+        progress=context.progress,
+        device=context.device,
+        workers=context.workers,
+        threads=context.threads,
+    )
     skipped = summary.get("skipped")
     if skipped is True:
         return SPEC.result(summary, current=True, artifacts=())
@@ -60,12 +66,22 @@ def run(context: StageContext, config: RobustnessConfig) -> StageResult:
 def precondition(context: StageContext, config: RobustnessConfig) -> str | None:
     """Why the stage cannot run on this workspace (it has no model), or ``None``."""
     if not context.workspace.has_model:
-        return ("robustness needs a model to attack and certify; create the workspace with one: robustlens init WS "
-                "--data DIR --model model.pt --model-config model.json")
+        return (
+            "robustness needs a model to attack and certify; create the workspace with one: robustlens init WS "
+            "--data DIR --model model.pt --model-config model.json"
+        )
     return None
 
 
-SPEC = StageSpec(name=STAGE, config=RobustnessConfig, run=run, reads=("samples", "model"),
-                 reads_late=("slices", MASKS_NAME), writes=(*PARQUET_ARTIFACTS, SUMMARY), may_write=(EXAMPLES,),
-                 on_request=True, precondition=precondition,
-                 description="corruptions, attacks, verification and certification of the model")
+SPEC = StageSpec(
+    name=STAGE,
+    config=RobustnessConfig,
+    run=run,
+    reads=("samples", "model"),
+    reads_late=("slices", MASKS_NAME),
+    writes=(*PARQUET_ARTIFACTS, SUMMARY),
+    may_write=(EXAMPLES,),
+    on_request=True,
+    precondition=precondition,
+    description="corruptions, attacks, verification and certification of the model",
+)

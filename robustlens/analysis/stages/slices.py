@@ -151,8 +151,15 @@ class Config:
     def __post_init__(self) -> None:
         check_number(STAGE, self, "max_conditions", low=1, high=4, integer=True)
         check_number(STAGE, self, "alpha", low=0, high=1, low_open=True)
-        for name in ("top_k", "metric_bins", "metadata_bins", "max_levels", "max_clusters",
-                     "max_categorical_unique", "min_support_floor"):
+        for name in (
+            "top_k",
+            "metric_bins",
+            "metadata_bins",
+            "max_levels",
+            "max_clusters",
+            "max_categorical_unique",
+            "min_support_floor",
+        ):
             check_number(STAGE, self, name, low=1, integer=True)
         check_number(STAGE, self, "min_support", low=1, integer=True, optional=True)
         check_number(STAGE, self, "min_support_fraction", low=0, high=1)
@@ -161,33 +168,49 @@ class Config:
         if self.prediction_set is not None and not isinstance(self.prediction_set, str):
             raise config_error(STAGE, "prediction_set", "a prediction-set name or None", self.prediction_set)
         if isinstance(self.exclude_from_search, str) or not all(
-                isinstance(name, str) for name in self.exclude_from_search):
-            raise config_error(STAGE, "exclude_from_search", "a sequence of feature names",
-                               self.exclude_from_search)
+            isinstance(name, str) for name in self.exclude_from_search
+        ):
+            raise config_error(STAGE, "exclude_from_search", "a sequence of feature names", self.exclude_from_search)
 
 
 # -- base predicates -------------------------------------------------------------------------------------
 
-def _predicate(feature: str, kind: str, description: str, mask: np.ndarray, *, value: Any = None,
-               lower: float = np.nan, upper: float = np.nan) -> tuple[dict, np.ndarray]:
-    row = {"feature": feature, "kind": kind, "value": None if value is None else str(value),
-           "lower": float(lower), "upper": float(upper), "description": description}
+
+def _predicate(
+    feature: str,
+    kind: str,
+    description: str,
+    mask: np.ndarray,
+    *,
+    value: Any = None,
+    lower: float = np.nan,
+    upper: float = np.nan,
+) -> tuple[dict, np.ndarray]:
+    row = {
+        "feature": feature,
+        "kind": kind,
+        "value": None if value is None else str(value),
+        "lower": float(lower),
+        "upper": float(upper),
+        "description": description,
+    }
     return row, mask
 
 
-def categorical_predicates(values: pd.Series, feature: str, kind: str, label: str,
-                           max_levels: int | None = None) -> list[tuple[dict, np.ndarray]]:
+def categorical_predicates(
+    values: pd.Series, feature: str, kind: str, label: str, max_levels: int | None = None
+) -> list[tuple[dict, np.ndarray]]:
     """``label = v`` for the (most frequent ``max_levels``) values ``v`` of ``values`` (N,), NaN excluded."""
     counts = values.value_counts(dropna=True)
     if max_levels is not None:
         counts = counts.head(max_levels)
     array = values.to_numpy()
-    return [_predicate(feature, kind, f"{label} = {level}", array == level, value=level)
-            for level in counts.index]
+    return [_predicate(feature, kind, f"{label} = {level}", array == level, value=level) for level in counts.index]
 
 
-def binned_predicates(values: np.ndarray, feature: str, kind: str, label: str,
-                      num_bins: int) -> list[tuple[dict, np.ndarray]]:
+def binned_predicates(
+    values: np.ndarray, feature: str, kind: str, label: str, num_bins: int
+) -> list[tuple[dict, np.ndarray]]:
     """One predicate per quantile bin of ``values`` (N,) floats; NaN in no bin."""
     bins, edges = quantile_bins(values, num_bins)
     count = len(edges) - 1
@@ -196,8 +219,9 @@ def binned_predicates(values: np.ndarray, feature: str, kind: str, label: str,
         # "Q1" only when the bins really are quartiles; ties can merge quantiles into fewer bins.
         name = f"Q{b + 1}" if count == num_bins == 4 else f"bin {b + 1}/{count}"
         description = f"{label} in {name} [{edges[b]:.4g}, {edges[b + 1]:.4g}]"
-        predicates.append(_predicate(feature, kind, description, bins == b, value=name, lower=edges[b],
-                                     upper=edges[b + 1]))
+        predicates.append(
+            _predicate(feature, kind, description, bins == b, value=name, lower=edges[b], upper=edges[b + 1])
+        )
     return predicates
 
 
@@ -211,12 +235,16 @@ def metadata_predicates(samples: pd.DataFrame, config: Config) -> tuple[list, li
         numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
         if unique == 0:
             notes.append(f"{column}: no values")
-        elif (pd.api.types.is_integer_dtype(series) and unique == series.notna().sum()
-              and unique > config.max_categorical_unique):
+        elif (
+            pd.api.types.is_integer_dtype(series)
+            and unique == series.notna().sum()
+            and unique > config.max_categorical_unique
+        ):
             notes.append(f"{column}: distinct integers (an identifier), not sliced")
         elif numeric and unique > config.max_categorical_unique:
-            predicates += binned_predicates(series.to_numpy(dtype=float), column, "metadata", label,
-                                            config.metadata_bins)
+            predicates += binned_predicates(
+                series.to_numpy(dtype=float), column, "metadata", label, config.metadata_bins
+            )
         elif unique == series.notna().sum() and unique > config.max_levels:
             notes.append(f"{column}: every value is unique (an identifier), not sliced")
         else:
@@ -261,8 +289,9 @@ def build_predicates(context: StageContext, config: Config) -> tuple[pd.DataFram
         notes.append("no metric slices: artifacts/metrics.parquet is missing (run the metrics stage)")
     else:
         for column in metrics.columns:
-            predicates += binned_predicates(metrics[column].to_numpy(dtype=float), column, "metric", column,
-                                            config.metric_bins)
+            predicates += binned_predicates(
+                metrics[column].to_numpy(dtype=float), column, "metric", column, config.metric_bins
+            )
 
     clusters = None
     embeddings, _ = load_embeddings(workspace)
@@ -275,12 +304,15 @@ def build_predicates(context: StageContext, config: Config) -> tuple[pd.DataFram
         k = config.num_clusters or default_cluster_count(m, config.max_clusters)
         clusters = np.full(n, -1, dtype=np.int64)
         clusters[kept] = cluster_embeddings(embeddings[kept], min(k, m), context.random_state)
-        predicates += [_predicate("cluster", "cluster", f"embedding cluster = {c}", clusters == c, value=c)
-                       for c in range(int(clusters.max()) + 1)]
+        predicates += [
+            _predicate("cluster", "cluster", f"embedding cluster = {c}", clusters == c, value=c)
+            for c in range(int(clusters.max()) + 1)
+        ]
 
     issues = issue_masks(context)
-    predicates += [_predicate(f"issue.{name}", "issue", f"flagged {name}", mask, value=name)
-                   for name, mask in issues.items()]
+    predicates += [
+        _predicate(f"issue.{name}", "issue", f"flagged {name}", mask, value=name) for name, mask in issues.items()
+    ]
 
     # A predicate that selects nothing or everything is no slice.
     chosen = [(row, mask) for row, mask in predicates if 0 < mask.sum() < n]
@@ -307,6 +339,7 @@ def issue_masks(context: StageContext) -> dict[str, np.ndarray]:
 
 
 # -- bit-packed membership ---------------------------------------------------------------------------------
+
 
 def pack_rows(masks: np.ndarray) -> np.ndarray:
     """``(P, N)`` bool → ``(P, ceil(N / 64))`` uint64, bit ``i`` of a row = sample ``i``; padding bits 0."""
@@ -345,20 +378,22 @@ def count_conjunctions(bits: np.ndarray, candidates: np.ndarray, targets: np.nda
     hits = np.empty((c, len(targets)), dtype=np.int64)
     block = max(1, _BLOCK_WORDS // max(bits.shape[1], 1))
     for start in range(0, c, block):
-        chunk = candidates[start:start + block]
+        chunk = candidates[start : start + block]
         members = bits[chunk[:, 0]]
         for j in range(1, length):
             np.bitwise_and(members, bits[chunk[:, j]], out=members)
-        sizes[start:start + len(chunk)] = popcount(members)
+        sizes[start : start + len(chunk)] = popcount(members)
         for t, target in enumerate(targets):
-            hits[start:start + len(chunk), t] = popcount(members & target)
+            hits[start : start + len(chunk), t] = popcount(members & target)
     return sizes, hits
 
 
 # -- SliceLine -----------------------------------------------------------------------------------------------
 
-def sliceline_score(sizes: ArrayLike, errors: ArrayLike, num_samples: int, mean_error: float,
-                    alpha: float) -> np.ndarray:
+
+def sliceline_score(
+    sizes: ArrayLike, errors: ArrayLike, num_samples: int, mean_error: float, alpha: float
+) -> np.ndarray:
     """SliceLine score of slices with ``sizes`` members and ``errors`` errors (arrays); -inf for empty."""
     sizes = np.asarray(sizes, dtype=float)
     errors = np.asarray(errors, dtype=float)
@@ -367,8 +402,9 @@ def sliceline_score(sizes: ArrayLike, errors: ArrayLike, num_samples: int, mean_
     return np.where(sizes > 0, score, -np.inf)
 
 
-def score_upper_bound(size_bound: ArrayLike, error_bound: ArrayLike, num_samples: int, mean_error: float,
-                      min_support: int, alpha: float) -> np.ndarray:
+def score_upper_bound(
+    size_bound: ArrayLike, error_bound: ArrayLike, num_samples: int, mean_error: float, min_support: int, alpha: float
+) -> np.ndarray:
     """Highest score any slice with at most ``size_bound`` members and ``error_bound`` errors can reach.
 
     With 0/1 errors a slice of size ``s`` has at most ``min(s, error_bound)`` errors; the score is
@@ -378,9 +414,13 @@ def score_upper_bound(size_bound: ArrayLike, error_bound: ArrayLike, num_samples
     size_bound = np.asarray(size_bound, dtype=float)
     error_bound = np.asarray(error_bound, dtype=float)
     feasible = size_bound >= min_support
-    probes = np.stack([np.full_like(size_bound, float(min_support)),
-                       np.clip(error_bound, min_support, np.maximum(size_bound, min_support)),
-                       np.maximum(size_bound, min_support)])
+    probes = np.stack(
+        [
+            np.full_like(size_bound, float(min_support)),
+            np.clip(error_bound, min_support, np.maximum(size_bound, min_support)),
+            np.maximum(size_bound, min_support),
+        ]
+    )
     scores = sliceline_score(probes, np.minimum(probes, error_bound), num_samples, mean_error, alpha)
     return np.where(feasible, scores.max(axis=0), -np.inf)
 
@@ -393,8 +433,9 @@ def _encode(rows: np.ndarray, base: int) -> np.ndarray:
     return key
 
 
-def extend_candidates(parents: np.ndarray, extensions: np.ndarray, features: np.ndarray,
-                      num_predicates: int) -> tuple[np.ndarray, np.ndarray]:
+def extend_candidates(
+    parents: np.ndarray, extensions: np.ndarray, features: np.ndarray, num_predicates: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidates of the next level whose every subset one condition smaller is a parent (apriori).
 
     Parameters
@@ -417,7 +458,7 @@ def extend_candidates(parents: np.ndarray, extensions: np.ndarray, features: np.
     block = max(1, _GRID_CELLS // max(len(extensions), 1))
     grown = []
     for start in range(0, len(parents), block):
-        chunk = parents[start:start + block]
+        chunk = parents[start : start + block]
         parent_index, ext_index = np.nonzero(extensions[None, :] > chunk[:, -1:])
         added = extensions[ext_index]
         distinct = np.ones(len(added), dtype=bool)
@@ -445,9 +486,18 @@ def _top_threshold(scores: list[np.ndarray], top_k: int) -> float:
     return float(np.partition(pooled, -top_k)[-top_k]) if len(pooled) >= top_k else 0.0
 
 
-def search_slices(bits: np.ndarray, features: np.ndarray, searchable: np.ndarray, error_bits: np.ndarray, *,
-                  num_samples: int, min_support: int, max_conditions: int = 3, alpha: float = 0.95,
-                  top_k: int = 20) -> pd.DataFrame:
+def search_slices(
+    bits: np.ndarray,
+    features: np.ndarray,
+    searchable: np.ndarray,
+    error_bits: np.ndarray,
+    *,
+    num_samples: int,
+    min_support: int,
+    max_conditions: int = 3,
+    alpha: float = 0.95,
+    top_k: int = 20,
+) -> pd.DataFrame:
     """SliceLine search for the conjunctions of predicates with the highest score.
 
     Parameters
@@ -486,8 +536,12 @@ def search_slices(bits: np.ndarray, features: np.ndarray, searchable: np.ndarray
     sizes, hits = count_conjunctions(bits, np.arange(num_predicates)[:, None], error_bits[None, :])
     errors = hits[:, 0]
     valid = searchable & (sizes >= min_support) & (errors > 0)
-    found_ids, found_sizes, found_errors, found_scores = [np.flatnonzero(valid)[:, None]], [sizes[valid]], \
-        [errors[valid]], [score(sizes[valid], errors[valid])]
+    found_ids, found_sizes, found_errors, found_scores = (
+        [np.flatnonzero(valid)[:, None]],
+        [sizes[valid]],
+        [errors[valid]],
+        [score(sizes[valid], errors[valid])],
+    )
     threshold = _top_threshold(found_scores, top_k)
     alive = valid & (bound(sizes, errors) > threshold)
     parents, parent_sizes, parent_errors = np.flatnonzero(alive)[:, None], sizes[alive], errors[alive]
@@ -514,14 +568,19 @@ def search_slices(bits: np.ndarray, features: np.ndarray, searchable: np.ndarray
         alive = valid & (bound(sizes, errors) > threshold)
         parents, parent_sizes, parent_errors = candidates[alive], sizes[alive], errors[alive]
 
-    result = pd.DataFrame({
-        "predicate_ids": [tuple(int(i) for i in row) for ids in found_ids for row in ids],
-        "size": np.concatenate(found_sizes), "errors": np.concatenate(found_errors),
-        "score": np.concatenate(found_scores)})
+    result = pd.DataFrame(
+        {
+            "predicate_ids": [tuple(int(i) for i in row) for ids in found_ids for row in ids],
+            "size": np.concatenate(found_sizes),
+            "errors": np.concatenate(found_errors),
+            "score": np.concatenate(found_scores),
+        }
+    )
     return result.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
 # -- slice table -----------------------------------------------------------------------------------------------
+
 
 def _slice_id(predicate_ids: tuple[int, ...], descriptions: list[str]) -> str:
     if not predicate_ids:
@@ -535,10 +594,21 @@ def members_digest(row: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=8).hexdigest()
 
 
-def slice_table(slices: list[tuple[int, ...]], kinds: list[str], predicates: pd.DataFrame, bits: np.ndarray,
-                error_rows: dict[str, np.ndarray], issue_rows: dict[str, np.ndarray], primary: str | None, *,
-                num_samples: int, min_support: int, searchable: np.ndarray, alpha: float,
-                z: float = 1.96) -> pd.DataFrame:
+def slice_table(
+    slices: list[tuple[int, ...]],
+    kinds: list[str],
+    predicates: pd.DataFrame,
+    bits: np.ndarray,
+    error_rows: dict[str, np.ndarray],
+    issue_rows: dict[str, np.ndarray],
+    primary: str | None,
+    *,
+    num_samples: int,
+    min_support: int,
+    searchable: np.ndarray,
+    alpha: float,
+    z: float = 1.96,
+) -> pd.DataFrame:
     """Statistics of each slice (see the module docstring for the columns).
 
     Parameters
@@ -559,16 +629,22 @@ def slice_table(slices: list[tuple[int, ...]], kinds: list[str], predicates: pd.
     # Shorter slices are padded with the all-samples row (index P), which leaves the AND unchanged.
     candidates = np.full((len(slices), width), len(bits), dtype=np.int64)
     for row, ids in enumerate(slices):
-        candidates[row, :len(ids)] = ids
+        candidates[row, : len(ids)] = ids
     targets = list(error_rows.values()) + list(issue_rows.values())
     stacked = np.array(targets, dtype=np.uint64).reshape(len(targets), padded_bits.shape[1])
     sizes, hits = count_conjunctions(padded_bits, candidates, stacked)
-    table = pd.DataFrame({
-        "slice_id": [_slice_id(ids, descriptions) for ids in slices],
-        "description": [" AND ".join(descriptions[i] for i in ids) if ids else "all samples" for ids in slices],
-        "kind": kinds, "n_conditions": [len(ids) for ids in slices],
-        "predicate_ids": [list(ids) for ids in slices], "size": sizes, "support": sizes / num_samples,
-        "members_digest": [members_digest(np.bitwise_and.reduce(padded_bits[row], axis=0)) for row in candidates]})
+    table = pd.DataFrame(
+        {
+            "slice_id": [_slice_id(ids, descriptions) for ids in slices],
+            "description": [" AND ".join(descriptions[i] for i in ids) if ids else "all samples" for ids in slices],
+            "kind": kinds,
+            "n_conditions": [len(ids) for ids in slices],
+            "predicate_ids": [list(ids) for ids in slices],
+            "size": sizes,
+            "support": sizes / num_samples,
+            "members_digest": [members_digest(np.bitwise_and.reduce(padded_bits[row], axis=0)) for row in candidates],
+        }
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         if primary is None:
             for column in ("errors", "accuracy", "error_rate", "gap", "ci_low", "ci_high", "score"):
@@ -601,9 +677,13 @@ def worst_slices(table: pd.DataFrame, top_k: int) -> pd.DataFrame:
     """
     candidates = table[table["searched"] & (table["score"] > 0)]
     score_of = {tuple(ids): score for ids, score in zip(table["predicate_ids"], table["score"], strict=True)}
-    dominated = np.array([_dominated(tuple(ids), score, score_of)
-                          for ids, score in zip(candidates["predicate_ids"], candidates["score"], strict=True)],
-                         dtype=bool)
+    dominated = np.array(
+        [
+            _dominated(tuple(ids), score, score_of)
+            for ids, score in zip(candidates["predicate_ids"], candidates["score"], strict=True)
+        ],
+        dtype=bool,
+    )
     candidates = candidates[~dominated]
     # Equal member sets under different names (e.g. brightness and mean_r of grayscale images): keep the
     # simplest description.
@@ -621,6 +701,7 @@ def _dominated(ids: tuple[int, ...], score: float, score_of: dict[tuple[int, ...
 
 
 # -- membership for the dashboard ---------------------------------------------------------------------------
+
 
 def slice_mask(workspace: Workspace, slice_row: str | Mapping | pd.Series) -> np.ndarray:
     """Boolean ``(N,)`` membership of a slice, in ``workspace.samples`` order.
@@ -661,6 +742,7 @@ def slice_members(workspace: Workspace, slice_row: str | Mapping | pd.Series) ->
 
 # -- the stage ---------------------------------------------------------------------------------------------------
 
+
 def resolve_min_support(config: Config, num_samples: int) -> int:
     """``config.min_support`` or ``max(floor, ceil(fraction · N))``, at least 1."""
     if config.min_support is not None:
@@ -688,8 +770,11 @@ def run(context: StageContext, config: Config) -> StageResult:
     ``notes``, ``skipped``.
     """
     summary = _run(context, config)
-    clusters = ("slice_clusters",) if summary.get("skipped") is not True and \
-        context.workspace.artifact_path("slice_clusters.parquet").exists() else ()
+    clusters = (
+        ("slice_clusters",)
+        if summary.get("skipped") is not True and context.workspace.artifact_path("slice_clusters.parquet").exists()
+        else ()
+    )
     return SPEC.result(summary, artifacts=None if summary.get("skipped") is True else SPEC.writes + clusters)
 
 
@@ -707,11 +792,15 @@ def _run(context: StageContext, config: Config) -> dict:
     metrics = aligned_metrics(workspace)
     embeddings, _ = load_embeddings(workspace)
     flags = collect_flags(context)
-    inputs = _inputs(context, {"metrics": "none" if metrics is None else metrics,
-                               "embeddings": "none" if embeddings is None else embeddings,
-                               "flags": flags[["id", "issue"]],
-                               **({"excluded": np.flatnonzero(excluded)} if (excluded := excluded_rows(workspace)).any()
-                                  else {})})
+    inputs = _inputs(
+        context,
+        {
+            "metrics": "none" if metrics is None else metrics,
+            "embeddings": "none" if embeddings is None else embeddings,
+            "flags": flags[["id", "issue"]],
+            **({"excluded": np.flatnonzero(excluded)} if (excluded := excluded_rows(workspace)).any() else {}),
+        },
+    )
     artifacts = ("slice_predicates", MASKS_NAME, "worst_slices", "slices")
     if all(is_current(context, name, config=config, inputs=inputs) for name in artifacts):
         return {**(stored_summary(context, "slices") or {}), "skipped": True}
@@ -724,8 +813,7 @@ def _run(context: StageContext, config: Config) -> dict:
     digests = pd.Series([members_digest(row) for row in bits], dtype=object)
     searchable = ~predicates["feature"].isin(config.exclude_from_search).to_numpy() & ~digests.duplicated().to_numpy()
     labels = samples["label_index"].to_numpy()
-    error_rows = {name: pack_rows((workspace.predictions(name).argmax(axis=1) != labels)[None, :])[0]
-                  for name in names}
+    error_rows = {name: pack_rows((workspace.predictions(name).argmax(axis=1) != labels)[None, :])[0] for name in names}
     issue_rows = {name: pack_rows(mask[None, :])[0] for name, mask in extras["issues"].items()}
 
     notes = list(extras["notes"])
@@ -734,32 +822,65 @@ def _run(context: StageContext, config: Config) -> dict:
         found = pd.DataFrame({"predicate_ids": [], "score": []})
         notes.append("no accuracy or worst slices: the workspace has no predictions")
     else:
-        found = search_slices(bits, feature_codes, searchable, error_rows[primary], num_samples=n,
-                              min_support=min_support, max_conditions=config.max_conditions, alpha=config.alpha,
-                              top_k=config.top_k)
+        found = search_slices(
+            bits,
+            feature_codes,
+            searchable,
+            error_rows[primary],
+            num_samples=n,
+            min_support=min_support,
+            max_conditions=config.max_conditions,
+            alpha=config.alpha,
+            top_k=config.top_k,
+        )
     search_seconds = time.perf_counter() - search_started
-    conjunctions = [ids for ids in found["predicate_ids"] if len(ids) > 1][:config.max_reported]
+    conjunctions = [ids for ids in found["predicate_ids"] if len(ids) > 1][: config.max_reported]
     slices = [()] + [(i,) for i in range(len(predicates))] + conjunctions
     kinds = ["all"] + predicates["kind"].tolist() + ["discovered"] * len(conjunctions)
-    table = slice_table(slices, kinds, predicates, bits, error_rows, issue_rows, primary, num_samples=n,
-                        min_support=min_support, searchable=searchable, alpha=config.alpha)
+    table = slice_table(
+        slices,
+        kinds,
+        predicates,
+        bits,
+        error_rows,
+        issue_rows,
+        primary,
+        num_samples=n,
+        min_support=min_support,
+        searchable=searchable,
+        alpha=config.alpha,
+    )
     worst = worst_slices(table, config.top_k)
 
-    summary = json_safe({
-        "prediction_set": primary, "num_predicates": int(len(predicates)),
-        "predicates_by_kind": predicates["kind"].value_counts().sort_index().to_dict(),
-        "min_support": min_support, "num_candidates_found": int(len(found)),
-        "num_slices": int(len(table)), "overall_error_rate": float(table["error_rate"].iloc[0]),
-        "worst": worst[["description", "size", "error_rate", "score"]].head(3).to_dict(orient="records"),
-        "search_seconds": round(search_seconds, 3), "seconds": round(time.perf_counter() - started, 3),
-        "notes": notes})
+    summary = json_safe(
+        {
+            "prediction_set": primary,
+            "num_predicates": int(len(predicates)),
+            "predicates_by_kind": predicates["kind"].value_counts().sort_index().to_dict(),
+            "min_support": min_support,
+            "num_candidates_found": int(len(found)),
+            "num_slices": int(len(table)),
+            "overall_error_rate": float(table["error_rate"].iloc[0]),
+            "worst": worst[["description", "size", "error_rate", "score"]].head(3).to_dict(orient="records"),
+            "search_seconds": round(search_seconds, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+            "notes": notes,
+        }
+    )
     if extras["clusters"] is not None:
-        write_artifact(context, "slice_clusters", pd.DataFrame({"id": samples["id"], "cluster": extras["clusters"]}),
-                       stage=STAGE, config=config, inputs=inputs)
+        write_artifact(
+            context,
+            "slice_clusters",
+            pd.DataFrame({"id": samples["id"], "cluster": extras["clusters"]}),
+            stage=STAGE,
+            config=config,
+            inputs=inputs,
+        )
     write_artifact(context, "slice_predicates", predicates, stage=STAGE, config=config, inputs=inputs)
-    storage.write_npy(workspace.artifact_path(f"{MASKS_NAME}.npy"),
-                      np.packbits(masks, axis=1, bitorder="little") if len(masks)
-                      else np.zeros((0, (n + 7) // 8), dtype=np.uint8))
+    storage.write_npy(
+        workspace.artifact_path(f"{MASKS_NAME}.npy"),
+        np.packbits(masks, axis=1, bitorder="little") if len(masks) else np.zeros((0, (n + 7) // 8), dtype=np.uint8),
+    )
     record_artifact(context, MASKS_NAME, stage=STAGE, config=config, inputs=inputs)
     write_artifact(context, "worst_slices", worst, stage=STAGE, config=config, inputs=inputs)
     # Written last: its index entry carries the summary that a skipped re-run reports.
@@ -767,7 +888,13 @@ def _run(context: StageContext, config: Config) -> dict:
     return {**summary, "skipped": False}
 
 
-SPEC = StageSpec(name=STAGE, config=Config, run=run, reads=("samples", "metrics", "embeddings", *ANALYSIS_FLAGS),
-                 uses=("predictions", "flags_robustness"),
-                 writes=("slice_predicates", MASKS_NAME, "worst_slices", "slices"), may_write=("slice_clusters",),
-                 description="accuracy and issue rates per data slice; worst slices found with SliceLine")
+SPEC = StageSpec(
+    name=STAGE,
+    config=Config,
+    run=run,
+    reads=("samples", "metrics", "embeddings", *ANALYSIS_FLAGS),
+    uses=("predictions", "flags_robustness"),
+    writes=("slice_predicates", MASKS_NAME, "worst_slices", "slices"),
+    may_write=("slice_clusters",),
+    description="accuracy and issue rates per data slice; worst slices found with SliceLine",
+)
