@@ -280,89 +280,77 @@ def stage_status_detail(
 ) -> tuple[Status, str]:
     """:func:`stage_status` with the reason (e.g. ``"metrics was rewritten after it ran"``)."""
     specs = stage_specs() if specs is None else specs
-    return _status(
-        workspace, name, specs, {} if config is None else {name: config}, _index(workspace), _runs(workspace), {}
-    )
+    return _Statuses(workspace, specs, {} if config is None else {name: config}).of(name)
 
 
-def _status(
-    workspace: Workspace,
-    name: str,
-    specs: Mapping[str, StageSpec],
-    configs: Mapping[str, object],
-    index: dict[str, Any],
-    runs: dict[str, Any],
-    memo: dict[str, tuple[Status, str]],
-    *,
-    check_config: bool = True,
-) -> tuple[Status, str]:
-    """:func:`stage_status_detail` with the files read once. ``check_config=False`` (a stage upstream of the one
-    asked about): whichever config it last ran with, the question is whether its inputs changed since."""
-    key = name if check_config else f"{name}/upstream"
-    if key in memo:
-        return memo[key]
-    memo[key] = ("current", "")  # a guard; the graph is acyclic
-    status = _status_of(workspace, name, specs, configs, index, runs, memo, check_config)
-    memo[key] = status
-    return status
+class _Statuses:
+    """Stage statuses of one workspace, with its ``index.json`` and runs file read once and each answer kept (one
+    instance per question asked: a stage's status does not change while it is asked)."""
 
+    def __init__(self, workspace: Workspace, specs: Mapping[str, StageSpec], configs: Mapping[str, object]) -> None:
+        self.workspace, self.specs, self.configs = workspace, specs, configs
+        self.index, self.runs = _index(workspace), _runs(workspace)
+        self.memo: dict[str, tuple[Status, str]] = {}
 
-def _status_of(
-    workspace: Workspace,
-    name: str,
-    specs: Mapping[str, StageSpec],
-    configs: Mapping[str, object],
-    index: dict[str, Any],
-    runs: dict[str, Any],
-    memo: dict[str, tuple[Status, str]],
-    check_config: bool,
-) -> tuple[Status, str]:
-    spec = specs[name]
-    entries = {
-        artifact: entry for artifact, entry in index.items() if isinstance(entry, dict) and entry.get("stage") == name
-    }
-    run = runs.get(name) or {}
-    if not entries and not run:
-        return ("never run", "")
-    missing = [a for a in spec.writes if a not in entries or not _artifact_exists(workspace, a)]
-    if missing:
-        return ("stale", f"{', '.join(missing)} missing")
-    config = configs.get(name)
-    wanted = config_hash(config if config is not None else spec.config())
-    recorded = (
-        {entries[a].get("config_hash") for a in spec.writes}
-        if spec.writes
-        else {entry.get("config_hash") for entry in entries.values()}
-    )
-    if run and not spec.writes:
-        recorded = {run.get("config_hash")}
-    if check_config and recorded != {wanted}:
-        return ("stale", "config changed")
-    times = [t for t in (_timestamp(entries[a].get("written_at")) for a in spec.writes) if t is not None]
-    finished = _timestamp(run.get("finished_at"))
-    ran_at = max([*times, *([finished] if finished is not None else [])], default=None)
-    if ran_at is None:
-        return ("stale", "no time recorded")
-    for read in spec.inputs:
-        if read in WORKSPACE_INPUTS:
-            changed = _input_time(workspace, read)
-            if changed is not None and changed > ran_at:
-                return ("stale", f"workspace {read} changed after it ran")
-            continue
-        entry = index.get(read)
-        if not isinstance(entry, dict):
-            continue  # never written (its writer could not run on this data, or is on request)
-        written = _timestamp(entry.get("written_at"))
-        # index.json keeps whole seconds: rewritten "after" means in a later second.
-        if written is not None and written > int(ran_at):
-            return ("stale", f"{read} was rewritten after it ran")
-    for read in spec.reads + spec.uses:
-        writer = writer_of(read, specs)
-        if writer is not None and writer != name:
-            upstream, _ = _status(workspace, writer, specs, configs, index, runs, memo, check_config=False)
-            if upstream == "stale":
-                return ("stale", f"upstream stage '{writer}' is stale")
-    return ("current", "")
+    def of(self, name: str, *, check_config: bool = True) -> tuple[Status, str]:
+        """:func:`stage_status_detail` of ``name``. ``check_config=False`` (a stage upstream of the one asked
+        about): whichever config it last ran with, the question is whether its inputs changed since."""
+        key = name if check_config else f"{name}/upstream"
+        if key not in self.memo:
+            self.memo[key] = ("current", "")  # a guard; the graph is acyclic
+            self.memo[key] = self._compute(name, check_config)
+        return self.memo[key]
+
+    def _compute(self, name: str, check_config: bool) -> tuple[Status, str]:
+        workspace, specs, configs, index, runs = self.workspace, self.specs, self.configs, self.index, self.runs
+        spec = specs[name]
+        entries = {
+            artifact: entry
+            for artifact, entry in index.items()
+            if isinstance(entry, dict) and entry.get("stage") == name
+        }
+        run = runs.get(name) or {}
+        if not entries and not run:
+            return ("never run", "")
+        missing = [a for a in spec.writes if a not in entries or not _artifact_exists(workspace, a)]
+        if missing:
+            return ("stale", f"{', '.join(missing)} missing")
+        config = configs.get(name)
+        wanted = config_hash(config if config is not None else spec.config())
+        recorded = (
+            {entries[a].get("config_hash") for a in spec.writes}
+            if spec.writes
+            else {entry.get("config_hash") for entry in entries.values()}
+        )
+        if run and not spec.writes:
+            recorded = {run.get("config_hash")}
+        if check_config and recorded != {wanted}:
+            return ("stale", "config changed")
+        times = [t for t in (_timestamp(entries[a].get("written_at")) for a in spec.writes) if t is not None]
+        finished = _timestamp(run.get("finished_at"))
+        ran_at = max([*times, *([finished] if finished is not None else [])], default=None)
+        if ran_at is None:
+            return ("stale", "no time recorded")
+        for read in spec.inputs:
+            if read in WORKSPACE_INPUTS:
+                changed = _input_time(workspace, read)
+                if changed is not None and changed > ran_at:
+                    return ("stale", f"workspace {read} changed after it ran")
+                continue
+            entry = index.get(read)
+            if not isinstance(entry, dict):
+                continue  # never written (its writer could not run on this data, or is on request)
+            written = _timestamp(entry.get("written_at"))
+            # index.json keeps whole seconds: rewritten "after" means in a later second.
+            if written is not None and written > int(ran_at):
+                return ("stale", f"{read} was rewritten after it ran")
+        for read in spec.reads + spec.uses:
+            writer = writer_of(read, specs)
+            if writer is not None and writer != name:
+                upstream, _ = self.of(writer, check_config=False)
+                if upstream == "stale":
+                    return ("stale", f"upstream stage '{writer}' is stale")
+        return ("current", "")
 
 
 def _record_run(workspace: Workspace, result: StageResult, config: object) -> None:
@@ -476,8 +464,7 @@ def _add_needed(
     planned: dict[str, str],
 ) -> None:
     """Add to ``planned`` the writers of what the planned stages ``reads`` that are not current (transitively)."""
-    index, runs = _index(workspace), _runs(workspace)
-    memo: dict[str, tuple[Status, str]] = {}
+    statuses = _Statuses(workspace, specs, configs)
     queue = list(requested)
     while queue:
         name = queue.pop()
@@ -485,7 +472,7 @@ def _add_needed(
             writer = writer_of(artifact, specs)
             if writer is None or writer in planned:
                 continue
-            status, _ = _status(workspace, writer, specs, configs, index, runs, memo)
+            status, _ = statuses.of(writer)
             if status != "current":
                 planned[writer] = f"needed by '{name}' ({status})"
                 queue.append(writer)
@@ -568,8 +555,7 @@ def list_stages(
     """Every stage in graph order: ``name``, ``reads``, ``uses``, ``reads_late``, ``writes``, ``may_write``,
     ``on_request``, ``description`` and, given a workspace, ``status`` and ``reason`` (:func:`stage_status`)."""
     specs = stage_specs()
-    index, runs = (_index(workspace), _runs(workspace)) if workspace is not None else ({}, {})
-    memo: dict[str, tuple[Status, str]] = {}
+    statuses = _Statuses(workspace, specs, configs or {}) if workspace is not None else None
     rows = []
     for name in topological_order(specs):
         spec = specs[name]
@@ -583,8 +569,8 @@ def list_stages(
             "on_request": spec.on_request,
             "description": spec.description,
         }
-        if workspace is not None:
-            row["status"], row["reason"] = _status(workspace, name, specs, configs or {}, index, runs, memo)
+        if statuses is not None:
+            row["status"], row["reason"] = statuses.of(name)
         rows.append(row)
     return rows
 
