@@ -224,6 +224,29 @@ def flat_norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.norm(p=2, dim=1), flat.abs().amax(dim=1)
 
 
+def square_p(p_init: float, it: int) -> float:
+    """Square attack's fraction of pixels per window at query ``it`` (schedule of the original code, 10000 queries).
+
+    ``p_init`` halves at queries 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 (``p_init / 512`` after 8000).
+    AutoAttack's Square uses it as is; :func:`~robustlens.analysis.robustness.attacks.square_attack` rescales its
+    iteration to 10000 queries first.
+    """
+    for bound, div in (
+        (10, 1),
+        (50, 2),
+        (200, 4),
+        (500, 8),
+        (1000, 16),
+        (2000, 32),
+        (4000, 64),
+        (6000, 128),
+        (8000, 256),
+    ):
+        if it <= bound:
+            return p_init / div
+    return p_init / 512
+
+
 # ---------------------------------------------------------------------------------------- seeding
 
 

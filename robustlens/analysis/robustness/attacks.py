@@ -61,6 +61,7 @@ from ._common import (
     make_generator,
     model_device,
     predict_labels,
+    square_p,
 )
 from .autoattack import registry_adapter as _aa_adapter
 
@@ -427,22 +428,7 @@ def carlini_wagner_l2(
 
 def _p_selection(p_init: float, it: int, n_iters: int) -> float:
     """Square attack's schedule of the fraction of pixels changed (original code, rescaled to ``n_iters``)."""
-    i = int(it / n_iters * 10000)
-    for bound, div in (
-        (10, 1),
-        (50, 2),
-        (200, 4),
-        (500, 8),
-        (1000, 16),
-        (2000, 32),
-        (4000, 64),
-        (6000, 128),
-        (8000, 256),
-        (10000, 512),
-    ):
-        if i <= bound:
-            return p_init / div
-    return p_init / 512
+    return square_p(p_init, int(it / n_iters * 10000))
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

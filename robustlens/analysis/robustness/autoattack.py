@@ -60,6 +60,7 @@ from ._common import (
     logits_of,
     make_generator,
     model_device,
+    square_p,
 )
 
 #: Names of the attacks of the cascade, in the order of the "standard" version.
@@ -834,24 +835,6 @@ def fab_targeted(
 # ---------------------------------------------------------------------------------------- Square
 
 
-def _square_p(p_init: float, it: int) -> float:
-    """Fraction of pixels per window at query ``it`` (Square attack schedule, not rescaled: AutoAttack's)."""
-    for bound, div in (
-        (10, 1),
-        (50, 2),
-        (200, 4),
-        (500, 8),
-        (1000, 16),
-        (2000, 32),
-        (4000, 64),
-        (6000, 128),
-        (8000, 256),
-    ):
-        if it <= bound:
-            return p_init / div
-    return p_init / 512
-
-
 def _rectangles(a: int, b: int) -> torch.Tensor:
     """``(a, b)`` bump of nested rectangles with weights ``1/(k+1)²`` around the centre, unit L2 norm."""
     out = torch.zeros(a, b, dtype=torch.float64)
@@ -930,7 +913,7 @@ def _square_run(
     for it in range(n_queries):
         if pos.numel() == 0:
             break
-        p = _square_p(p_init, it)
+        p = square_p(p_init, it)
         m = pos.numel()
         if norm == "linf":
             s = min(max(int(round(math.sqrt(p * n_features / c))), 1), h, w)
