@@ -16,24 +16,24 @@ from robustlens.cli import main
 from tests.conftest import SAMPLE_DATA, tree_digest, write_image
 
 
+def _init(workspace, data, *options) -> int:
+    """``robustlens init WORKSPACE --quiet --data DATA OPTIONS…`` through :func:`main` (paths as strings)."""
+    return main(["init", str(workspace), "--quiet", "--data", str(data), *(str(option) for option in options)])
+
+
 def _init_sample(workspace, *extra):
-    return main(
-        [
-            "init",
-            str(workspace),
-            "--quiet",
-            "--data",
-            str(SAMPLE_DATA),
-            "--labels",
-            str(SAMPLE_DATA / "labels.csv"),
-            "--predictions",
-            f"cnn={SAMPLE_DATA / 'predictions.csv'}",
-            "--model",
-            str(SAMPLE_DATA / "model.pt"),
-            "--model-config",
-            str(SAMPLE_DATA / "model.json"),
-            *extra,
-        ]
+    return _init(
+        workspace,
+        SAMPLE_DATA,
+        "--labels",
+        SAMPLE_DATA / "labels.csv",
+        "--predictions",
+        f"cnn={SAMPLE_DATA / 'predictions.csv'}",
+        "--model",
+        SAMPLE_DATA / "model.pt",
+        "--model-config",
+        SAMPLE_DATA / "model.json",
+        *extra,
     )
 
 
@@ -71,7 +71,7 @@ def test_round_trip_on_the_sample_data(tmp_path, capsys):
 
 
 def test_round_trip_on_an_imagefolder(image_folder, tmp_path, capsys):
-    assert main(["init", str(tmp_path / "ws"), "--data", str(image_folder), "--quiet"]) == 0
+    assert _init(tmp_path / "ws", image_folder) == 0
     out = capsys.readouterr().out
     assert "12 ingested, 0 skipped" in out and "cat, dog, fox" in out
     assert main(["info", str(tmp_path / "ws")]) == 0
@@ -85,20 +85,15 @@ def test_manifest_with_metadata_and_two_prediction_sets(manifest_dataset, tmp_pa
     logits = pd.DataFrame({"path": ids, "a": [3.0, -1.0] * 3, "b": [-3.0, 2.0] * 3})
     good.to_csv(tmp_path / "m1.csv", index=False)
     logits.to_parquet(tmp_path / "m2.parquet")
-    code = main(
-        [
-            "init",
-            str(tmp_path / "ws"),
-            "--quiet",
-            "--data",
-            str(root),
-            "--labels",
-            str(manifest),
-            "--predictions",
-            str(tmp_path / "m1.csv"),
-            "--predictions",
-            f"second={tmp_path / 'm2.parquet'}",
-        ]
+    code = _init(
+        tmp_path / "ws",
+        root,
+        "--labels",
+        manifest,
+        "--predictions",
+        tmp_path / "m1.csv",
+        "--predictions",
+        f"second={tmp_path / 'm2.parquet'}",
     )
     assert code == 0
     workspace = Workspace(tmp_path / "ws")
@@ -113,19 +108,7 @@ def test_validation_error_exits_2_and_writes_nothing(manifest_dataset, tmp_path,
     bad = tmp_path / "bad.csv"
     bad.write_text("path,a,b\nimgs/im0.png,0.5,nan\n")
     before = tree_digest(tmp_path)
-    code = main(
-        [
-            "init",
-            str(tmp_path / "ws"),
-            "--quiet",
-            "--data",
-            str(root),
-            "--labels",
-            str(manifest),
-            "--predictions",
-            str(bad),
-        ]
-    )
+    code = _init(tmp_path / "ws", root, "--labels", manifest, "--predictions", bad)
     assert code == 2
     assert f"{bad}, row 1, column 'b'" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
@@ -134,12 +117,12 @@ def test_validation_error_exits_2_and_writes_nothing(manifest_dataset, tmp_path,
 
 def test_existing_workspace_needs_force_and_keeps_curation(image_folder, tmp_path, capsys):
     ws = tmp_path / "ws"
-    assert main(["init", str(ws), "--data", str(image_folder), "--quiet"]) == 0
+    assert _init(ws, image_folder) == 0
     Workspace(ws).curation().add_tag(["cat/0.png"], "keep-me", user="ana")
-    assert main(["init", str(ws), "--data", str(image_folder), "--quiet"]) == 2
+    assert _init(ws, image_folder) == 2
     assert "pass --force" in capsys.readouterr().err
     write_image(image_folder / "cat" / "new.png", seed=99)
-    assert main(["init", str(ws), "--data", str(image_folder), "--quiet", "--force"]) == 0
+    assert _init(ws, image_folder, "--force") == 0
     workspace = Workspace(ws)
     assert len(workspace.samples) == 13
     assert workspace.curation().samples_with_tag("keep-me") == ["cat/0.png"]
@@ -149,9 +132,9 @@ def test_refuses_a_non_empty_directory_and_the_dataset_itself(image_folder, tmp_
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "thesis.tex").write_text("precious")
-    assert main(["init", str(occupied), "--data", str(image_folder), "--quiet"]) == 2
+    assert _init(occupied, image_folder) == 2
     assert (occupied / "thesis.tex").read_text() == "precious"
-    assert main(["init", str(image_folder / "ws"), "--data", str(image_folder), "--quiet"]) == 2
+    assert _init(image_folder / "ws", image_folder) == 2
     assert "inside the dataset folder" in capsys.readouterr().err
     assert not (image_folder / "ws").exists()
 
@@ -161,20 +144,15 @@ def test_npy_predictions_and_embeddings_through_the_cli(image_folder, tmp_path):
     probs = rng.dirichlet(np.ones(3), size=12)
     np.save(tmp_path / "p.npy", probs)
     np.save(tmp_path / "e.npy", rng.normal(size=(12, 5)))
-    code = main(
-        [
-            "init",
-            str(tmp_path / "ws"),
-            "--quiet",
-            "--data",
-            str(image_folder),
-            "--predictions",
-            str(tmp_path / "p.npy"),
-            "--classes",
-            "cat,dog,fox",
-            "--embeddings",
-            str(tmp_path / "e.npy"),
-        ]
+    code = _init(
+        tmp_path / "ws",
+        image_folder,
+        "--predictions",
+        tmp_path / "p.npy",
+        "--classes",
+        "cat,dog,fox",
+        "--embeddings",
+        tmp_path / "e.npy",
     )
     assert code == 0
     workspace = Workspace(tmp_path / "ws")
@@ -185,7 +163,7 @@ def test_npy_predictions_and_embeddings_through_the_cli(image_folder, tmp_path):
 def test_model_without_config_is_a_usage_error(image_folder, tmp_path, capsys):
     model = tmp_path / "m.pt"
     model.write_bytes(b"x")
-    assert main(["init", str(tmp_path / "ws"), "--quiet", "--data", str(image_folder), "--model", str(model)]) == 2
+    assert _init(tmp_path / "ws", image_folder, "--model", model) == 2
     assert "--model-config" in capsys.readouterr().err
 
 
@@ -215,19 +193,10 @@ def test_in_sample_prediction_sets_are_marked(manifest_dataset, tmp_path, capsys
     root, manifest = manifest_dataset
     ids = pd.read_csv(manifest)["path"]
     pd.DataFrame({"path": ids, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3}).to_csv(tmp_path / "m1.csv", index=False)
-    base = [
-        "init",
-        "--quiet",
-        "--data",
-        str(root),
-        "--labels",
-        str(manifest),
-        "--predictions",
-        str(tmp_path / "m1.csv"),
-    ]
-    assert main([base[0], str(tmp_path / "bad"), *base[1:], "--in-sample", "nope"]) == 2
+    base = ("--labels", manifest, "--predictions", tmp_path / "m1.csv")
+    assert _init(tmp_path / "bad", root, *base, "--in-sample", "nope") == 2
     assert "--in-sample names ['nope']" in capsys.readouterr().err
-    assert main([base[0], str(tmp_path / "ws"), *base[1:], "--in-sample", "m1"]) == 0
+    assert _init(tmp_path / "ws", root, *base, "--in-sample", "m1") == 0
     assert Workspace(tmp_path / "ws").manifest["prediction_sets"]["m1"]["in_sample"] is True
 
 
@@ -242,19 +211,7 @@ def test_torch_export_model_is_copied_and_reloaded(image_folder, tmp_path):
     torch.export.save(torch.export.export(network, (torch.zeros(2, 3, 8, 8),)), str(archive))
     config = tmp_path / "model.json"
     config.write_text(json.dumps({"input_size": [8, 8], "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}))
-    code = main(
-        [
-            "init",
-            str(tmp_path / "ws"),
-            "--quiet",
-            "--data",
-            str(image_folder),
-            "--model",
-            str(archive),
-            "--model-config",
-            str(config),
-        ]
-    )
+    code = _init(tmp_path / "ws", image_folder, "--model", archive, "--model-config", config)
     assert code == 0
     workspace = Workspace(tmp_path / "ws")
     assert workspace.manifest["model"]["file"] == "model/model.pt2"
@@ -348,7 +305,7 @@ def test_resolve_device():
 
 
 def test_analyze_refuses_an_unknown_device_before_any_stage(image_folder, tmp_path, capsys):
-    assert main(["init", str(tmp_path / "ws"), "--data", str(image_folder), "--quiet"]) == 0
+    assert _init(tmp_path / "ws", image_folder) == 0
     before = tree_digest(tmp_path / "ws")
     capsys.readouterr()
     assert main(["analyze", str(tmp_path / "ws"), "--device", "tpu", "--quiet"]) == 2
@@ -398,7 +355,7 @@ def test_errors_map_to_exit_statuses_with_one_line(capsys):
 
 
 def test_damaged_workspace_json_is_a_failure_with_one_line(image_folder, tmp_path, capsys):
-    assert main(["init", str(tmp_path / "ws"), "--data", str(image_folder), "--quiet"]) == 0
+    assert _init(tmp_path / "ws", image_folder) == 0
     (tmp_path / "ws" / "workspace.json").write_text("{")
     capsys.readouterr()
     assert main(["info", str(tmp_path / "ws")]) == 1
@@ -465,20 +422,15 @@ def test_quick_info_matches_the_engine_summary(sample_workspace, manifest_datase
     pd.DataFrame({"path": ids6, "a": [0.9, 0.2] * 3, "b": [0.1, 0.8] * 3}).to_csv(tmp_path / "m1.csv", index=False)
     pd.DataFrame({"path": ids6, "a": [3.0, 1.0] * 3, "b": [-3.0, 2.0] * 3}).to_csv(tmp_path / "m2.csv", index=False)
     assert (
-        main(
-            [
-                "init",
-                str(tmp_path / "manifest"),
-                "--quiet",
-                "--data",
-                str(root),
-                "--labels",
-                str(manifest),
-                "--predictions",
-                str(tmp_path / "m1.csv"),
-                "--predictions",
-                str(tmp_path / "m2.csv"),
-            ]
+        _init(
+            tmp_path / "manifest",
+            root,
+            "--labels",
+            manifest,
+            "--predictions",
+            tmp_path / "m1.csv",
+            "--predictions",
+            tmp_path / "m2.csv",
         )
         == 0
     )
@@ -487,18 +439,13 @@ def test_quick_info_matches_the_engine_summary(sample_workspace, manifest_datase
         write_image(pictures / ("cat" if i < 3 else "dog") / f"{i}.png", seed=i)
     np.save(tmp_path / "e.npy", np.random.default_rng(0).normal(size=(5, 4)))
     assert (
-        main(
-            [
-                "init",
-                str(tmp_path / "folder"),
-                "--quiet",
-                "--data",
-                str(pictures),
-                "--embeddings",
-                str(tmp_path / "e.npy"),
-                "--db",
-                f"sqlite:///{tmp_path / 'elsewhere.db'}",
-            ]
+        _init(
+            tmp_path / "folder",
+            pictures,
+            "--embeddings",
+            tmp_path / "e.npy",
+            "--db",
+            f"sqlite:///{tmp_path / 'elsewhere.db'}",
         )
         == 0
     )
