@@ -12,6 +12,8 @@ from robustlens.analysis import storage
 from robustlens.analysis.curation import CurationStore
 from robustlens.analysis.workspace import Workspace
 from robustlens.query.filters import (
+    LIST_KEYS,
+    SCALAR_KEYS,
     FilterError,
     FilterSpec,
     apply_filter,
@@ -490,25 +492,7 @@ def test_from_query_params_is_total_over_arbitrary_parameters():
     from hypothesis import strategies as st
 
     keys = st.one_of(
-        st.sampled_from(
-            [
-                "label",
-                "pset",
-                "correct",
-                "issue_mode",
-                "q",
-                "region",
-                "slice",
-                "sort",
-                "desc",
-                "review",
-                "r.metric.x",
-                "r.",
-                "m.camera",
-                "m.",
-                "page",
-            ]
-        ),
+        st.sampled_from([*LIST_KEYS, *SCALAR_KEYS, "r.metric.x", "r.", "m.camera", "m.", "page"]),
         st.text(max_size=5),
     )
     texts = st.one_of(

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from robustlens.analysis.names import validate_name
 from robustlens.cli import main
+from robustlens.query.filters import LIST_KEYS, SCALAR_KEYS
 from tests.conftest import tree_digest, write_image
 
 # Each init example costs ~0.4 s (atomic, fsynced writes and a new curation database), so the init properties
@@ -143,32 +144,9 @@ def prediction_tables(draw):
     return [key, *columns], rows
 
 
-query_keys = st.sampled_from(
-    [
-        "label",
-        "split",
-        "pred",
-        "issue",
-        "tag",
-        "coll",
-        "review",
-        "id",
-        "pset",
-        "correct",
-        "issue_mode",
-        "q",
-        "region",
-        "slice",
-        "sort",
-        "desc",
-        "r.width",
-        "r.metric.x",
-        "m.camera",
-        "page",
-        "r.",
-        "m.",
-    ]
-)
+#: Every filter key of the explorer's URL (from the filter module), members of the r./m. families, their bare
+#: prefixes, and a page-state key.
+query_keys = st.sampled_from([*LIST_KEYS, *SCALAR_KEYS, "r.width", "r.metric.x", "m.camera", "page", "r.", "m."])
 query_values = st.one_of(
     awkward_text,
     st.sampled_from(
