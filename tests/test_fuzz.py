@@ -58,6 +58,11 @@ def run_cli(capsys, argv: list[str]) -> tuple[int, str]:
     return code, captured.err
 
 
+def init_cli(capsys, corpus: Path, workspace: Path, *options) -> tuple[int, str]:
+    """:func:`run_cli` of ``init WORKSPACE --quiet --data CORPUS/data OPTIONS…``."""
+    return run_cli(capsys, ["init", workspace, "--quiet", "--data", corpus / "data", *options])
+
+
 def assert_clean_outcome(code: int, err: str) -> None:
     assert "Traceback" not in err, err
     assert code in (0, 2), f"exit {code}: {err}"
@@ -175,7 +180,7 @@ def test_any_manifest_exits_0_or_2_and_is_not_modified(corpus, capsys, manifest)
     _write_csv(path, header, rows, delimiter)
     before, data_before = path.read_bytes(), tree_digest(corpus / "data")
     workspace = fresh(corpus, "ws")
-    code, err = run_cli(capsys, ["init", workspace, "--quiet", "--data", corpus / "data", "--labels", path])
+    code, err = init_cli(capsys, corpus, workspace, "--labels", path)
     assert_clean_outcome(code, err)
     assert path.read_bytes() == before and tree_digest(corpus / "data") == data_before
     assert workspace.exists() == (code == 0)  # a refused init leaves nothing behind
@@ -191,21 +196,16 @@ def test_any_prediction_table_exits_0_or_2_and_is_not_modified(corpus, capsys, t
     _write_csv(path, header, rows, ",")
     before = path.read_bytes()
     workspace = fresh(corpus, "ws")
-    code, err = run_cli(
+    code, err = init_cli(
         capsys,
-        [
-            "init",
-            workspace,
-            "--quiet",
-            "--data",
-            corpus / "data",
-            "--labels",
-            corpus / "labels.csv",
-            "--predictions",
-            f"p={path}",
-            "--sum-tolerance",
-            tolerance,
-        ],
+        corpus,
+        workspace,
+        "--labels",
+        corpus / "labels.csv",
+        "--predictions",
+        f"p={path}",
+        "--sum-tolerance",
+        tolerance,
     )
     assert_clean_outcome(code, err)
     assert path.read_bytes() == before
@@ -228,19 +228,8 @@ def test_any_prediction_set_name_stays_inside_the_workspace(corpus, capsys, name
         predictions.write_text("path,a,b\n" + "".join(f"{p},0.7,0.3\n" for p in IMAGES))
     outside_before = sorted(p.name for p in corpus.iterdir())
     workspace = fresh(corpus, "ws")
-    code, err = run_cli(
-        capsys,
-        [
-            "init",
-            workspace,
-            "--quiet",
-            "--data",
-            corpus / "data",
-            "--labels",
-            corpus / "labels.csv",
-            "--predictions",
-            f"{name}={predictions}",
-        ],
+    code, err = init_cli(
+        capsys, corpus, workspace, "--labels", corpus / "labels.csv", "--predictions", f"{name}={predictions}"
     )
     assert_clean_outcome(code, err)
     assert sorted(p.name for p in corpus.iterdir()) == outside_before  # nothing written next to the workspace
