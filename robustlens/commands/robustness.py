@@ -90,42 +90,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=("fast", "standard"),
         help="budget of the validity diagnostics (default: standard, or the attack-config file's)",
     )
-    parser.add_argument(
-        "--smoothing-sigma",
-        type=float,
-        default=defaults.SMOOTHING_SIGMA,
-        help=f"randomized-smoothing noise σ in pixel units (default {defaults.SMOOTHING_SIGMA})",
-    )
-    parser.add_argument(
-        "--smoothing-n",
-        type=int,
-        default=defaults.SMOOTHING_N,
-        help=f"CERTIFY estimation samples per image (default {defaults.SMOOTHING_N})",
-    )
-    parser.add_argument(
-        "--smoothing-n0",
-        type=int,
-        default=defaults.SMOOTHING_N0,
-        help=f"CERTIFY selection samples per image (default {defaults.SMOOTHING_N0})",
-    )
-    parser.add_argument(
-        "--smoothing-samples",
-        type=int,
-        default=defaults.SMOOTHING_SAMPLES,
-        help=f"images certified, 0 to skip (default {defaults.SMOOTHING_SAMPLES})",
-    )
-    parser.add_argument(
-        "--attack-samples",
-        type=int,
-        default=defaults.ATTACK_SAMPLES,
-        help=f"images attacked, 0 to skip (default {defaults.ATTACK_SAMPLES})",
-    )
-    parser.add_argument(
-        "--max-samples",
-        type=int,
-        default=defaults.MAX_SAMPLES,
-        help=f"images evaluated, stratified by class (default {defaults.MAX_SAMPLES})",
-    )
+    for flag, kind, default, what in (
+        ("--smoothing-sigma", float, defaults.SMOOTHING_SIGMA, "randomized-smoothing noise σ in pixel units"),
+        ("--smoothing-n", int, defaults.SMOOTHING_N, "CERTIFY estimation samples per image"),
+        ("--smoothing-n0", int, defaults.SMOOTHING_N0, "CERTIFY selection samples per image"),
+        ("--smoothing-samples", int, defaults.SMOOTHING_SAMPLES, "images certified, 0 to skip"),
+        ("--attack-samples", int, defaults.ATTACK_SAMPLES, "images attacked, 0 to skip"),
+        ("--max-samples", int, defaults.MAX_SAMPLES, "images evaluated, stratified by class"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
     add_device_option(parser)
     parser.add_argument("--seed", type=int, default=0, help="random_state of the whole run (default 0)")
     add_workers_option(parser)
