@@ -267,45 +267,62 @@ def _column(metrics: pd.DataFrame, name: str) -> np.ndarray:
     return metrics[name].to_numpy(dtype=np.float64)
 
 
-def _dark(metrics: pd.DataFrame, config: Config) -> RuleResult:
-    highlight, brightness = _column(metrics, "highlight_level"), _column(metrics, "brightness")
-    stats = RobustScale.of(highlight, config.level_scale_floor)
-    z = stats.z(highlight)
-    limit = min(stats.value_at(config.dark_z), config.dark_max_highlight)
-    flagged = (
-        (z <= config.dark_z) & (highlight <= config.dark_max_highlight) & (brightness <= config.dark_max_brightness)
+def _level_rule(
+    level: np.ndarray,
+    brightness: np.ndarray,
+    config: Config,
+    *,
+    dark: bool,
+    z_threshold: float,
+    level_bound: float,
+    brightness_bound: float,
+    describe: str,
+    keys: tuple[str, str],
+) -> RuleResult:
+    """Shared by ``dark`` (``dark=True``: a luminance level far below the dataset's, at or under its bound, and
+    brightness at or under its bound) and its mirror ``light`` (far above, at or over the bounds). ``describe``
+    names the level in the explanation; ``keys`` name the two thresholds reported (level, brightness)."""
+    compare, extreme, direction, operator, sign = (
+        (np.less_equal, min, "below", "<=", -1.0) if dark else (np.greater_equal, max, "above", ">=", 1.0)
     )
+    stats = RobustScale.of(level, config.level_scale_floor)
+    z = stats.z(level)
+    limit = extreme(stats.value_at(z_threshold), level_bound)
+    flagged = compare(z, z_threshold) & compare(level, level_bound) & compare(brightness, brightness_bound)
     explanation = [
-        f"highlights (99th pct luminance) {h:.3f} are {-zz:.1f} robust SD below the dataset median "
-        f"{stats.median:.3f} (flagged at <= {limit:.3f}) and brightness {b:.3f} <= "
-        f"{config.dark_max_brightness}"
-        for h, zz, b in zip(highlight[flagged], z[flagged], brightness[flagged], strict=True)
+        f"{describe} {v:.3f} are {sign * zz:.1f} robust SD {direction} the dataset median "
+        f"{stats.median:.3f} (flagged at {operator} {limit:.3f}) and brightness {b:.3f} {operator} "
+        f"{brightness_bound}"
+        for v, zz, b in zip(level[flagged], z[flagged], brightness[flagged], strict=True)
     ]
-    return RuleResult(
-        flagged,
-        z_severity(z, config.dark_z),
-        explanation,
-        {"highlight_level_max": limit, "brightness_max": config.dark_max_brightness},
+    return RuleResult(flagged, z_severity(z, z_threshold), explanation, {keys[0]: limit, keys[1]: brightness_bound})
+
+
+def _dark(metrics: pd.DataFrame, config: Config) -> RuleResult:
+    return _level_rule(
+        _column(metrics, "highlight_level"),
+        _column(metrics, "brightness"),
+        config,
+        dark=True,
+        z_threshold=config.dark_z,
+        level_bound=config.dark_max_highlight,
+        brightness_bound=config.dark_max_brightness,
+        describe="highlights (99th pct luminance)",
+        keys=("highlight_level_max", "brightness_max"),
     )
 
 
 def _light(metrics: pd.DataFrame, config: Config) -> RuleResult:
-    shadow, brightness = _column(metrics, "shadow_level"), _column(metrics, "brightness")
-    stats = RobustScale.of(shadow, config.level_scale_floor)
-    z = stats.z(shadow)
-    limit = max(stats.value_at(config.light_z), config.light_min_shadow)
-    flagged = (z >= config.light_z) & (shadow >= config.light_min_shadow) & (brightness >= config.light_min_brightness)
-    explanation = [
-        f"shadows (1st pct luminance) {s:.3f} are {zz:.1f} robust SD above the dataset median "
-        f"{stats.median:.3f} (flagged at >= {limit:.3f}) and brightness {b:.3f} >= "
-        f"{config.light_min_brightness}"
-        for s, zz, b in zip(shadow[flagged], z[flagged], brightness[flagged], strict=True)
-    ]
-    return RuleResult(
-        flagged,
-        z_severity(z, config.light_z),
-        explanation,
-        {"shadow_level_min": limit, "brightness_min": config.light_min_brightness},
+    return _level_rule(
+        _column(metrics, "shadow_level"),
+        _column(metrics, "brightness"),
+        config,
+        dark=False,
+        z_threshold=config.light_z,
+        level_bound=config.light_min_shadow,
+        brightness_bound=config.light_min_brightness,
+        describe="shadows (1st pct luminance)",
+        keys=("shadow_level_min", "brightness_min"),
     )
 
 
