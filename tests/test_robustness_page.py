@@ -167,3 +167,25 @@ def test_without_results_the_page_says_what_to_run(template, monkeypatch):
     assert_clean(app)
     assert any("robustlens robustness" in i.value for i in app.info)
     assert not app.get("plotly_chart")
+
+
+def test_percent_columns_are_the_accuracies_of_the_slice_artifact():
+    """The slice table's percent columns come from the artifact's columns (SLICE_COLUMNS), in its order."""
+    import pandas as pd
+
+    from robustlens.analysis.robustness.tables import SLICE_COLUMNS
+    from robustlens.dashboard.views.robustness import _percent_columns
+
+    assert _percent_columns(pd.Index(SLICE_COLUMNS)) == [
+        "clean_accuracy",
+        "corruption_accuracy",
+        "robust_accuracy_linf",
+        "robust_accuracy_linf_ci_low",
+        "robust_accuracy_linf_ci_high",
+        "robust_accuracy_l2",
+        "robust_accuracy_l2_ci_low",
+        "robust_accuracy_l2_ci_high",
+        "certified_accuracy",
+        "flip_probability",
+    ]
+    assert _percent_columns(pd.Index(["worst_rank", "n_samples", "clean_accuracy_ci_low"])) == []

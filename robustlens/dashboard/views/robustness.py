@@ -469,18 +469,16 @@ def _certified(report: dict) -> None:
     st.plotly_chart(figure, width="stretch", key="rob.certified")
 
 
-PERCENT_COLUMNS = (
-    "clean_accuracy",
-    "corruption_accuracy",
-    "robust_accuracy_linf",
-    "robust_accuracy_linf_ci_low",
-    "robust_accuracy_linf_ci_high",
-    "robust_accuracy_l2",
-    "robust_accuracy_l2_ci_low",
-    "robust_accuracy_l2_ci_high",
-    "certified_accuracy",
-    "flip_probability",
-)
+def _percent_columns(columns: pd.Index) -> list[str]:
+    """Columns of ``robustness_slices`` shown as percentages, in the artifact's order.
+
+    Accuracies, the flip probability and the robust accuracies' Wilson intervals of the artifact's columns
+    (:data:`robustlens.analysis.robustness.tables.SLICE_COLUMNS`, read from the table: importing that module
+    would load torch into the dashboard).
+    """
+    return [
+        str(c) for c in columns if str(c).endswith(("accuracy", "probability")) or str(c).startswith("robust_accuracy")
+    ]
 
 
 def _slices() -> None:
@@ -503,6 +501,7 @@ def _slices() -> None:
         st.caption(
             f"{len(few)} slice(s) have too few attacked samples to be ranked (see the rank note in the full table)."
         )
+    percent = _percent_columns(table.columns)
     columns = [
         "worst_rank",
         "rank_note",
@@ -511,9 +510,9 @@ def _slices() -> None:
         "n_samples",
         "n_attacked",
         "n_certified",
-        *PERCENT_COLUMNS,
+        *percent,
     ]
-    config = {name: st.column_config.NumberColumn(name.replace("_", " "), format="percent") for name in PERCENT_COLUMNS}
+    config = {name: st.column_config.NumberColumn(name.replace("_", " "), format="percent") for name in percent}
     config["worst_rank"] = st.column_config.NumberColumn("rank", format="%d")
     slice_table(shown, [c for c in columns if c in shown.columns], key="rob.slices", column_config=config)
     st.caption(
