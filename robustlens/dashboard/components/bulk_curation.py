@@ -64,12 +64,19 @@ def bulk_actions(table: pd.DataFrame, positions: np.ndarray, spec: FilterSpec, *
         new_collection_form(spec, ids=ids, count=count, scope=scope, key=f"{key}.new")
 
 
-def tag_samples(ids: list[str], tag: str, *, remove: bool) -> None:
+def _writer(name: str, missing: str) -> str | None:
+    """The user's name for a write that names a tag or collection ``name``; ``None`` (nothing to write) when no
+    user is set (:func:`require_user` asks for one) or ``name`` is blank (the warning ``missing`` says so)."""
     user = require_user()
+    if user and not name.strip():
+        st.warning(missing)
+        return None
+    return user or None
+
+
+def tag_samples(ids: list[str], tag: str, *, remove: bool) -> None:
+    user = _writer(tag, "Type a tag name first.")
     if not user:
-        return
-    if not tag.strip():
-        st.warning("Type a tag name first.")
         return
     store = data.curation()
     try:
@@ -109,11 +116,8 @@ def create_collection(
 ) -> None:
     """Create a collection of ``kind`` :data:`~robustlens.analysis.curation.SAVED_FILTER` (``spec``) or
     :data:`~robustlens.analysis.curation.STATIC` (``ids()``) under the user's name, then rerun."""
-    user = require_user()
+    user = _writer(name, "Give the collection a name.")
     if not user:
-        return
-    if not name.strip():
-        st.warning("Give the collection a name.")
         return
     store = data.curation()
     try:
