@@ -250,6 +250,17 @@ def square_p(p_init: float, it: int) -> float:
 # ---------------------------------------------------------------------------------------- seeding
 
 
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{j≠y} z_j`` per sample ``(B,)`` of logits ``(B, K)`` and true classes ``(B,)``.
+
+    Positive = still correctly classified. The Square attacks' margin loss, DLR's numerator (negated) and the
+    run's margin objective (negated).
+    """
+    real = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    return real - other
+
+
 def nearest_anchor(
     z: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

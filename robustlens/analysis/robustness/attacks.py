@@ -57,6 +57,7 @@ from ._common import (
     check_positive,
     eval_mode,
     flat_norms,
+    logit_margin,
     logits_of,
     make_generator,
     model_device,
@@ -313,7 +314,7 @@ def deepfool(
             logits, grads = _class_grads(model, adv[idx], classes[idx])
             # Stop only once the label trails by more than float rounding: with box clipping the last step can
             # land *on* the boundary, where the predicted class flips with the batch the point is evaluated in.
-            still = _margin(logits, y[idx]) > -FLIP_TOL * (1 + logits.abs().amax(dim=1))
+            still = logit_margin(logits, y[idx]) > -FLIP_TOL * (1 + logits.abs().amax(dim=1))
             active[idx[~still]] = False
             idx, logits, grads = idx[still], logits[still], grads[still]
             if idx.numel() == 0 or it == max_iter:
@@ -431,13 +432,6 @@ def _p_selection(p_init: float, it: int, n_iters: int) -> float:
     return square_p(p_init, int(it / n_iters * 10000))
 
 
-def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``Z_y - max_{j≠y} Z_j`` per sample ``(B,)``: positive = still correctly classified."""
-    real = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-    return real - other
-
-
 def square_attack(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -492,7 +486,7 @@ def square_attack(
 
     with eval_mode(model), torch.no_grad():
         best = (x + eps * signs((b, c, 1, w))).clamp(0, 1)
-        margin = _margin(logits_of(model, best), y)
+        margin = logit_margin(logits_of(model, best), y)
         rows = torch.arange(h, device=dev)
         cols = torch.arange(w, device=dev)
         for i in range(max_iter):
@@ -518,7 +512,7 @@ def square_attack(
                     break
                 new_vals = torch.where(same[:, None, None, None], eps * signs((n, c, 1, 1)), new_vals)
                 cand = (x0 + torch.where(win, new_vals.expand(n, c, h, w), delta)).clamp(0, 1)
-            new_margin = _margin(logits_of(model, cand), y[idx])
+            new_margin = logit_margin(logits_of(model, cand), y[idx])
             improved = new_margin < margin[idx]
             best[idx[improved]] = cand[improved]
             margin[idx] = torch.where(improved, new_margin, margin[idx])

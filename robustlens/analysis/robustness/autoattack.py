@@ -57,6 +57,7 @@ from ._common import (
     check_norm,
     check_positive,
     eval_mode,
+    logit_margin,
     logits_of,
     make_generator,
     model_device,
@@ -133,11 +134,6 @@ def _check_counter(counter: object, n: int) -> PassCounter | None:
 # -------------------------------------------------------------------------------------------- losses
 
 
-def _other_max(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``max_{j != y} z_j`` per sample ``(B,)``."""
-    return logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
-
-
 def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Untargeted Difference of Logits Ratio loss (Croce & Hein 2020, eq. 6).
 
@@ -159,8 +155,7 @@ def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.ndim != 2 or logits.shape[1] < 3:
         raise RobustnessInputError(f"dlr_loss needs logits (B, K) with K >= 3; got shape {tuple(logits.shape)}")
     top = logits.topk(3, dim=1).values
-    z_y = logits.gather(1, labels[:, None]).squeeze(1)
-    return -(z_y - _other_max(logits, labels)) / (top[:, 0] - top[:, 2] + 1e-12)
+    return -logit_margin(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
 def dlr_loss_targeted(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -877,8 +872,7 @@ def _square_run(
     def margin_of(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = logits_of(model, xs)
-        z_y = logits.gather(1, ys[:, None]).squeeze(1)
-        return (z_y - _other_max(logits, ys)).float()
+        return logit_margin(logits, ys).float()
 
     windows: dict[tuple[int, bool], torch.Tensor] = {}
 

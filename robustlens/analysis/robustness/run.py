@@ -116,7 +116,7 @@ from robustlens.analysis.stages.slices import slice_mask
 from robustlens.analysis.workspace import Workspace
 from robustlens.errors import ConfigError, ValidationError
 
-from ._common import derive_seed, eval_mode, make_generator, model_device, predict_labels
+from ._common import derive_seed, eval_mode, logit_margin, make_generator, model_device, predict_labels
 from .attacks import (
     ATTACKS,
     CURVE_RECORD_COLUMNS,
@@ -919,9 +919,7 @@ class LossObjective(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         z = self.model(images)
         y = self.labels
-        true = z.gather(1, y[:, None]).squeeze(1)
-        other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-        value = other - true
+        value = -logit_margin(z, y)
         if self.loss == "dlr":
             top = z.sort(dim=1, descending=True).values
             value = value / (top[:, 0] - top[:, 2] + 1e-12)
