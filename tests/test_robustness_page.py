@@ -5,6 +5,7 @@ the headline an upper bound, and a workspace without results says what to run.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,28 +15,21 @@ from streamlit.testing.v1 import AppTest
 
 from robustlens.analysis.robustness.run import RobustnessConfig, run_robustness
 from robustlens.analysis.workspace import Workspace
-from tests.test_robustness_run import QUICK_AUTOATTACK
+from tests.test_robustness_run import TINY as RUN_TINY
 from tests.workspaces import build_sample_workspace
 
 pytestmark = pytest.mark.slow  # every test runs the robustness pipeline on a workspace
 
-TINY = RobustnessConfig(
+#: The run tests' tiny configuration on fewer samples (the page only needs some of each).
+TINY = dataclasses.replace(
+    RUN_TINY,
     max_samples=30,
     attack_samples=30,
     smoothing_samples=6,
-    smoothing_n0=20,
-    smoothing_n=100,
-    corruptions=("gaussian_noise", "contrast"),
-    severities=(1, 5),
-    attacks=("fgsm", "pgd_linf", "deepfool"),
     selfcheck_samples=12,
     masking_samples=12,
-    num_examples=6,
-    validity_budget="fast",
     verify_samples=8,
-    verify_norms=("linf",),
     stability_samples=10,
-    attack_params={"pgd_linf": {"steps": 20}, "autoattack_linf": QUICK_AUTOATTACK, "autoattack_l2": QUICK_AUTOATTACK},
 )
 
 
