@@ -373,6 +373,32 @@ def _check_targets(n_target_classes: int, k: int, what: str) -> int:
     return min(n_target_classes, k - 1)
 
 
+def _series_of_runs(
+    x0: torch.Tensor,
+    n_series: int,
+    n_restarts: int,
+    one_run: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_series`` series (one per target) of ``n_restarts`` runs, each on the samples no earlier run broke.
+
+    ``x0`` ``(n, C, H, W)``; ``one_run(todo, series, restart) -> (adv, found)`` attacks the rows ``todo`` ``(m,)``
+    of ``x0``. Returns ``adv`` ``(n, C, H, W)`` (the first run's adversarial that broke each sample, else ``x0``) and
+    ``fooled`` ``(n,)``; stops as soon as every sample is broken.
+    """
+    adv = x0.clone()
+    fooled = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
+    for j in range(n_series):
+        for r in range(n_restarts):
+            todo = (~fooled).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                return adv, fooled
+            a, f = one_run(todo, j, r)
+            hit = todo[f]
+            adv[hit] = a[f]
+            fooled[hit] = True
+    return adv, fooled
+
+
 def _apgd_multi(
     model: torch.nn.Module,
     x0: torch.Tensor,
@@ -390,22 +416,13 @@ def _apgd_multi(
     rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """APGD with restarts (and, for ``dlr-targeted``, one series of runs per target) on clean-correct samples."""
-    n = x0.shape[0]
-    adv = x0.clone()
-    fooled = torch.zeros(n, dtype=torch.bool, device=x0.device)
     targets = _ranked_targets(clean_logits, n_target_classes) if loss == "dlr-targeted" else None
-    n_series = targets.shape[1] if targets is not None else 1
-    for j in range(n_series):
-        for _ in range(n_restarts):
-            todo = (~fooled).nonzero().squeeze(1)
-            if todo.numel() == 0:
-                return adv, fooled
-            t = targets[todo, j] if targets is not None else None
-            a, f = _apgd_run(model, x0[todo], y[todo], t, eps, norm, loss, n_iter, rho, gen, tally, rows[todo])
-            hit = todo[f]
-            adv[hit] = a[f]
-            fooled[hit] = True
-    return adv, fooled
+
+    def one_run(todo: torch.Tensor, j: int, _restart: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = targets[todo, j] if targets is not None else None
+        return _apgd_run(model, x0[todo], y[todo], t, eps, norm, loss, n_iter, rho, gen, tally, rows[todo])
+
+    return _series_of_runs(x0, targets.shape[1] if targets is not None else 1, n_restarts, one_run)
 
 
 def _prepare(
@@ -685,14 +702,7 @@ def _fab_run(
             keep = settle(wrong)
             far = wrong & keep
             x1 = torch.where(_view(far, x1), x0w + beta * (x1 - x0w), x1)
-            pos, x0w, yw, tw, x1, near_boundary = (
-                pos[keep],
-                x0w[keep],
-                yw[keep],
-                tw[keep],
-                x1[keep],
-                near_boundary[keep],
-            )
+            pos, x0w, yw, tw, x1, near_boundary = (t[keep] for t in (pos, x0w, yw, tw, x1, near_boundary))
             if pos.numel() == 0:
                 break
         logits, df, dg = logits_diff(x1, yw, tw, True)
@@ -709,14 +719,7 @@ def _fab_run(
                 x1 = torch.where(_view(first_far, x1), back, x1)
                 near_boundary = near_boundary | first_far
             if not bool(keep.all()):
-                pos, x0w, yw, tw, x1, near_boundary = (
-                    pos[keep],
-                    x0w[keep],
-                    yw[keep],
-                    tw[keep],
-                    x1[keep],
-                    near_boundary[keep],
-                )
+                pos, x0w, yw, tw, x1, near_boundary = (t[keep] for t in (pos, x0w, yw, tw, x1, near_boundary))
                 df, dg = df[keep], dg[keep]
                 if pos.numel() == 0:
                     break
@@ -748,22 +751,15 @@ def _fab_multi(
     tally: _Tally,
     rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n = x0.shape[0]
-    adv = x0.clone()
-    fooled = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    """Targeted FAB with restarts, one series of runs per target, on clean-correct samples."""
     targets = _ranked_targets(clean_logits, n_target_classes)
-    for j in range(targets.shape[1]):
-        for r in range(n_restarts):
-            todo = (~fooled).nonzero().squeeze(1)
-            if todo.numel() == 0:
-                return adv, fooled
-            a, f = _fab_run(
-                model, x0[todo], y[todo], targets[todo, j], eps, norm, n_iter, r > 0, gen, tally, rows[todo]
-            )
-            hit = todo[f]
-            adv[hit] = a[f]
-            fooled[hit] = True
-    return adv, fooled
+
+    def one_run(todo: torch.Tensor, j: int, restart: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fab_run(
+            model, x0[todo], y[todo], targets[todo, j], eps, norm, n_iter, restart > 0, gen, tally, rows[todo]
+        )
+
+    return _series_of_runs(x0, targets.shape[1], n_restarts, one_run)
 
 
 def fab_targeted(
