@@ -738,31 +738,69 @@ def run_attack(
     if "random_state" in params:
         raise RobustnessInputError("pass random_state as run_attack's own argument, not inside params")
     device = model_device(model, images.device)
-    x = images.detach().to(device)
     y = check_labels(labels, n, device)
-    chunk = n if batch_size is None else batch_size
-    advs = []
+
+    def attack_chunk(xb: torch.Tensor, yb: torch.Tensor, ci: int) -> torch.Tensor:
+        kwargs = dict(params)
+        if spec.randomized:
+            kwargs["random_state"] = make_generator(int(random_state), name, ci)
+        if spec.minimal:
+            return spec.fn(model, xb, yb, **kwargs)
+        if eps == 0:
+            return xb.clone()
+        return spec.fn(model, xb, yb, eps, **kwargs)
+
+    return attack_in_chunks(
+        model,
+        images,
+        y,
+        attack_chunk,
+        spec.norm,
+        eps,
+        name=name,
+        reset_outside=spec.minimal,
+        batch_size=batch_size,
+        params=params,
+    )
+
+
+def attack_in_chunks(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attack_chunk: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    norm: str,
+    eps: float | None,
+    *,
+    name: str,
+    reset_outside: bool = False,
+    batch_size: int | None = None,
+    params: dict[str, Any] | None = None,
+) -> AttackResult:
+    """Attack ``images`` ``(N, C, H, W)`` chunk by chunk in eval mode and score the result on ``model``.
+
+    ``labels`` ``(N,)`` on the model's device; ``attack_chunk(x_chunk, y_chunk, chunk_index)`` returns the
+    chunk's adversarials ``(n, C, H, W)``; chunks of ``batch_size`` samples (``None`` = one chunk). Scored by
+    :func:`evaluate_adversarial` (``norm``, ``eps``, ``name``, ``reset_outside``, ``params``); the adversarial
+    images are returned on the images' device. The frame of :func:`run_attack` and of the run's loss-objective
+    PGD.
+    """
+    x = images.detach().to(labels.device)
+    chunk = x.shape[0] if batch_size is None else batch_size
     with eval_mode(model):
-        for ci, start in enumerate(range(0, n, chunk)):
-            xb, yb = x[start : start + chunk], y[start : start + chunk]
-            kwargs = dict(params)
-            if spec.randomized:
-                kwargs["random_state"] = make_generator(int(random_state), name, ci)
-            if spec.minimal:
-                advs.append(spec.fn(model, xb, yb, **kwargs))
-            elif eps == 0:
-                advs.append(xb.clone())
-            else:
-                advs.append(spec.fn(model, xb, yb, eps, **kwargs))
+        advs = [
+            attack_chunk(x[start : start + chunk], labels[start : start + chunk], ci)
+            for ci, start in enumerate(range(0, x.shape[0], chunk))
+        ]
         result = evaluate_adversarial(
             model,
             x,
-            y,
+            labels,
             torch.cat(advs),
-            spec.norm,
+            norm,
             eps,
             name=name,
-            reset_outside=spec.minimal,
+            reset_outside=reset_outside,
             batch_size=batch_size,
             params=params,
         )

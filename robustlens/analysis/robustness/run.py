@@ -122,7 +122,9 @@ from .attacks import (
     CURVE_RECORD_COLUMNS,
     AttackResult,
     RobustAccuracyCurve,
+    attack_in_chunks,
     curve_from_breaks,
+    pgd,
     run_attack,
     within_budget,
 )
@@ -947,43 +949,19 @@ def run_preview_attack(
     loss = params.pop("loss", "ce")
     if loss == "ce":
         return run_attack(model, images, labels, name, eps, random_state=random_state, batch_size=batch_size, **params)
-    from .attacks import evaluate_adversarial, pgd
-
     if eps is None:
         raise ConfigError(OWNER, f"attack_params[{name!r}]['loss']", "used with a budget (PGD needs eps)", loss)
-    device = model_device(model, images.device)
-    x = images.detach().to(device)
-    y = torch.as_tensor(labels, dtype=torch.long, device=device)
-    chunk = x.shape[0] if batch_size is None else batch_size
-    advs = []
-    with eval_mode(model):
-        for ci, start in enumerate(range(0, x.shape[0], chunk)):
-            xb, yb = x[start : start + chunk], y[start : start + chunk]
-            objective = LossObjective(model, yb, loss)
-            advs.append(
-                pgd(
-                    objective,
-                    xb,
-                    torch.zeros_like(yb),
-                    eps,
-                    norm=ATTACKS[name].norm,
-                    random_state=make_generator(int(random_state), name, ci),
-                    **params,
-                )
-            )
-        result = evaluate_adversarial(
-            model,
-            x,
-            y,
-            torch.cat(advs),
-            ATTACKS[name].norm,
-            eps,
-            name=name,
-            batch_size=batch_size,
-            params={**params, "loss": loss},
-        )
-    result.adv_images = result.adv_images.to(images.device)
-    return result
+    norm = ATTACKS[name].norm
+
+    def attack_chunk(xb: torch.Tensor, yb: torch.Tensor, ci: int) -> torch.Tensor:
+        objective = LossObjective(model, yb, loss)
+        generator = make_generator(int(random_state), name, ci)
+        return pgd(objective, xb, torch.zeros_like(yb), eps, norm=norm, random_state=generator, **params)
+
+    y = torch.as_tensor(labels, dtype=torch.long, device=model_device(model, images.device))
+    return attack_in_chunks(
+        model, images, y, attack_chunk, norm, eps, name=name, batch_size=batch_size, params={**params, "loss": loss}
+    )
 
 
 def run_attack_family(
