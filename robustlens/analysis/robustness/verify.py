@@ -173,17 +173,19 @@ class AffineLayer(Layer):
         return torch.device("cpu")
 
 
+def _weight_and_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached copies of a layer's ``weight`` ``(O, ...)`` and ``bias`` ``(O,)`` (zeros where it has none)."""
+    if bias is None:
+        return weight.detach().clone(), torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return weight.detach().clone(), bias.detach().clone()
+
+
 class LinearLayer(AffineLayer):
     """``y = x @ weight.T + bias``; ``weight (O, I)``, input ``(B, I)``."""
 
     def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(name)
-        self.weight = weight.detach().clone()
-        self.bias = (
-            torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            if bias is None
-            else bias.detach().clone()
-        )
+        self.weight, self.bias = _weight_and_bias(weight, bias)
 
     def _offset_from(self, zero: torch.Tensor) -> torch.Tensor:
         return self.bias.clone()
@@ -215,12 +217,7 @@ class Conv2dLayer(AffineLayer):
         groups: int,
     ):
         super().__init__(name)
-        self.weight = weight.detach().clone()
-        self.bias = (
-            torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            if bias is None
-            else bias.detach().clone()
-        )
+        self.weight, self.bias = _weight_and_bias(weight, bias)
         self.stride, self.padding, self.dilation, self.groups = tuple(stride), tuple(padding), tuple(dilation), groups
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -506,25 +503,22 @@ def _relu_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: l
     return [ReLULayer(name)]
 
 
+def _pool_window(module: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Kernel size and stride of a 2-D pooling module (stride ``None`` or empty = the kernel size, as in torch)."""
+    k = _pair(module.kernel_size)
+    stride = module.stride
+    return k, k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else _pair(stride)
+
+
 def _maxpool_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
     if bool(getattr(module, "return_indices", False)):
         raise UnsupportedModelError(f"layer '{name}' (MaxPool2d) returns indices")
-    k = _pair(module.kernel_size)
-    s = (
-        k
-        if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0)
-        else _pair(module.stride)
-    )
+    k, s = _pool_window(module)
     return [MaxPool2dLayer(name, k, s, _pair(module.padding), _pair(module.dilation), bool(module.ceil_mode))]
 
 
 def _avgpool_handler(name: str, module: Any, in_shape: tuple[int, ...], previous: list[Layer]) -> list[Layer]:
-    k = _pair(module.kernel_size)
-    s = (
-        k
-        if module.stride is None or (isinstance(module.stride, (list, tuple)) and len(module.stride) == 0)
-        else _pair(module.stride)
-    )
+    k, s = _pool_window(module)
     p, ceil, include = _pair(module.padding), bool(module.ceil_mode), bool(module.count_include_pad)
     div = getattr(module, "divisor_override", None)
 
