@@ -557,3 +557,57 @@ def test_check_name_accepts_exactly_the_display_safe_names():
         assert 0 < len(name) <= MAX_NAME_CHARS and name.isprintable() and name == name.strip()
 
     check()
+
+
+# -- renaming and deleting tags ----------------------------------------------------------------------------------
+def test_rename_tag_moves_samples_and_rewrites_saved_filters(db_url):
+    store = CurationStore(db_url)
+    try:
+        store.add_tag(["a", "b", "c"], "blurry", user="ann")
+        store.create_collection("blurry ones", user="ann", filter_spec={"tags": ["blurry", "dark"]})
+        store.create_collection("fixed list", user="ann", sample_ids=["a"])
+        assert store.rename_tag("blurry", "out of focus", user="bob") == 3
+        assert store.tag_counts() == {"out of focus": 3}
+        assert store.samples_with_tag("out of focus") == ["a", "b", "c"]
+        assert store.collection("blurry ones")["filter"]["tags"] == ["out of focus", "dark"]
+        assert store.collection_samples("fixed list") == ["a"]
+        # Into an existing tag: the two merge, each sample once, the earlier tagger kept.
+        store.add_tag(["c", "d"], "review", user="cy")
+        assert store.rename_tag("out of focus", "review", user="bob") == 4
+        assert store.tag_counts() == {"review": 4}
+        attributed = dict(
+            (sid, by)
+            for sid, by in store.engine.connect().execute(
+                select(curation.sample_tags.c.sample_id, curation.sample_tags.c.created_by)
+            )
+        )
+        assert attributed == {"a": "ann", "b": "ann", "c": "cy", "d": "cy"}
+        assert store.collection("blurry ones")["filter"]["tags"] == ["review", "dark"]
+        with pytest.raises(CurationInputError, match="no tag named 'gone'"):
+            store.rename_tag("gone", "x", user="bob")
+        with pytest.raises(CurationInputError, match="already has that name"):
+            store.rename_tag("review", "review", user="bob")
+        with pytest.raises(CurationInputError, match="new tag name"):
+            store.rename_tag("review", "bad\u202ename", user="bob")
+        actions = [r[0] for r in store.engine.connect().execute(select(curation.audit_log.c.action)) if "tag" in r[0]]
+        assert actions.count("rename_tag") == 2
+    finally:
+        store.close()
+
+
+def test_delete_tag_refuses_while_a_saved_filter_selects_it(db_url):
+    store = CurationStore(db_url)
+    try:
+        store.add_tag(["a", "b"], "keep", user="ann")
+        store.add_tag(["a"], "scratch", user="ann")
+        store.create_collection("kept", user="ann", filter_spec={"tags": ["keep"]})
+        with pytest.raises(CurationInputError, match="saved filter.*'kept'"):
+            store.delete_tag("keep", user="bob")
+        assert store.tag_counts() == {"keep": 2, "scratch": 1}  # nothing changed
+        assert store.delete_tag("scratch", user="bob") == 1
+        assert store.tag_counts() == {"keep": 2}
+        assert store.tags_of("a") == ["keep"]
+        with pytest.raises(CurationInputError, match="no tag named 'scratch'"):
+            store.delete_tag("scratch", user="bob")
+    finally:
+        store.close()

@@ -70,6 +70,7 @@ from sqlalchemy import (
     literal,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -708,6 +709,95 @@ class CurationStore:
             return removed
 
         return self._write(f"remove tag '{tag}' from {len(ids):,} samples", work)
+
+    def _filters_naming_tag(self, conn: Connection, tag: str) -> list[tuple[int, str, dict]]:
+        """``(id, name, filter)`` of every saved filter whose ``tags`` list names ``tag``."""
+        found = []
+        rows = conn.execute(select(collections.c.id, collections.c.name, collections.c.filter_json))
+        for collection_id, name, filter_json in rows:
+            if not filter_json:
+                continue
+            spec = json.loads(filter_json)
+            if isinstance(spec, dict) and tag in (spec.get("tags") or []):
+                found.append((int(collection_id), str(name), spec))
+        return found
+
+    def rename_tag(self, tag: str, new_name: str, *, user: str) -> int:
+        """Rename tag ``tag`` to ``new_name``; returns how many samples carry ``new_name`` afterwards.
+
+        Saved filters that select ``tag`` are rewritten to select ``new_name``, so no collection changes
+        meaning. When ``new_name`` is already a tag the two merge: every sample of ``tag`` gets ``new_name``
+        (keeping who tagged it and when) and ``tag`` goes. Raises :class:`CurationInputError` when ``tag`` does
+        not exist or the names are the same.
+        """
+        tag = check_name("tag", tag, display=False)
+        new_name = check_name("new tag name", new_name)
+        user = check_name("user name", user)
+        if new_name == tag:
+            raise CurationInputError(f"tag '{tag}' already has that name")
+
+        def work(conn: Connection) -> int:
+            old_id = conn.execute(select(tags.c.id).where(tags.c.name == tag)).scalar()
+            if old_id is None:
+                raise CurationInputError(f"no tag named '{tag}'")
+            target = conn.execute(select(tags.c.id).where(tags.c.name == new_name)).scalar()
+            if target is None:
+                conn.execute(update(tags).where(tags.c.id == old_id).values(name=new_name))
+                target = old_id
+            else:
+                moved = conn.execute(
+                    select(sample_tags.c.sample_id, sample_tags.c.created_by, sample_tags.c.created_at).where(
+                        sample_tags.c.tag_id == old_id
+                    )
+                ).all()
+                have = set(
+                    conn.execute(select(sample_tags.c.sample_id).where(sample_tags.c.tag_id == target)).scalars()
+                )
+                missing = [
+                    {"sample_id": sid, "tag_id": int(target), "created_by": by, "created_at": at}
+                    for sid, by, at in moved
+                    if sid not in have
+                ]
+                for start in range(0, len(missing), MAX_BIND_PARAMS // 4):
+                    conn.execute(insert(sample_tags), missing[start : start + MAX_BIND_PARAMS // 4])
+                conn.execute(delete(sample_tags).where(sample_tags.c.tag_id == old_id))
+                conn.execute(delete(tags).where(tags.c.id == old_id))
+            for collection_id, _, spec in self._filters_naming_tag(conn, tag):
+                spec["tags"] = list(dict.fromkeys(new_name if t == tag else t for t in spec["tags"]))
+                conn.execute(
+                    update(collections).where(collections.c.id == collection_id).values(filter_json=json.dumps(spec))
+                )
+            self._audit(conn, user, "rename_tag", {"tag": tag, "new_name": new_name})
+            count = conn.execute(select(func.count()).select_from(sample_tags).where(sample_tags.c.tag_id == target))
+            return int(count.scalar_one())
+
+        return self._write(f"rename tag '{tag}' to '{new_name}'", work)
+
+    def delete_tag(self, tag: str, *, user: str) -> int:
+        """Delete tag ``tag`` and its assignments (the samples themselves are untouched); returns how many samples
+        lost it. Refused (:class:`CurationInputError`, naming them) while a saved filter selects the tag: deleting
+        it would silently empty those collections."""
+        tag = check_name("tag", tag, display=False)
+        user = check_name("user name", user)
+
+        def work(conn: Connection) -> int:
+            tag_id = conn.execute(select(tags.c.id).where(tags.c.name == tag)).scalar()
+            if tag_id is None:
+                raise CurationInputError(f"no tag named '{tag}'")
+            users = [name for _, name, _ in self._filters_naming_tag(conn, tag)]
+            if users:
+                raise CurationInputError(
+                    f"tag '{tag}' is selected by the saved filter(s) {', '.join(repr(u) for u in users)}; "
+                    "change or delete them first (or rename the tag: saved filters follow a rename)"
+                )
+            removed = conn.execute(
+                delete(sample_tags).where(sample_tags.c.tag_id == tag_id), execution_options=_COUNT_ROWS
+            )
+            conn.execute(delete(tags).where(tags.c.id == tag_id))
+            self._audit(conn, user, "delete_tag", {"tag": tag, "count": removed.rowcount})
+            return int(removed.rowcount)
+
+        return self._write(f"delete tag '{tag}'", work)
 
     def tag_counts(self) -> dict[str, int]:
         """Tag name → number of tagged samples."""
