@@ -459,6 +459,31 @@ def test_create_saved_filter_and_static_collections(app, analysed_workspace, tab
     store.close()
 
 
+def test_rename_and_delete_a_tag_on_the_collections_page(app, analysed_workspace, table):
+    store = Workspace(analysed_workspace).curation()
+    ids = table["id"][:5].tolist()
+    store.add_tag(ids, "blury", user="bob")
+    store.add_tag(ids[:2], "scratch", user="bob")
+    store.create_collection("blurry ones", user="bob", filter_spec={"tags": ["blury"]})
+    set_user(app)
+    goto(app, "collections")
+    app.selectbox(key="tag.chosen").set_value("blury").run()
+    app.text_input(key="tag.new_name").set_value("blurry").run()
+    app.button(key="tag.rename").click().run()
+    assert_clean(app)
+    assert store.tag_counts() == {"blurry": 5, "scratch": 2}
+    assert store.collection("blurry ones")["filter"] == {"tags": ["blurry"]}  # the saved filter followed
+    # A tag a saved filter selects is not deleted: the page says why and nothing changes.
+    app.selectbox(key="tag.chosen").set_value("blurry").run()
+    app.button(key="tag.delete").click().run()
+    assert any("blurry ones" in e.value for e in app.error) and store.tag_counts()["blurry"] == 5
+    app.selectbox(key="tag.chosen").set_value("scratch").run()
+    app.button(key="tag.delete").click().run()
+    assert_clean(app)
+    assert store.tag_counts() == {"blurry": 5}
+    store.close()
+
+
 # -- export ---------------------------------------------------------------------------------------------------------
 def test_export_saves_files_on_the_server(app, analysed_workspace, table):
     store = Workspace(analysed_workspace).curation()

@@ -65,6 +65,34 @@ def _tags(store) -> None:
         left.markdown(f"{code(name)} — {count:,} sample(s)")
         with right:
             explorer_link("Open", FilterSpec(tags=[name]))
+    with st.expander("Rename or delete a tag"):
+        chosen = st.selectbox("Tag", list(counts), key="tag.chosen", format_func=text)
+        new_name = st.text_input(
+            "New name", key="tag.new_name", help="Renaming into an existing tag merges the two; saved filters follow."
+        )
+        rename, delete = st.columns(2)
+        if rename.button("Rename", key="tag.rename") and chosen:
+            _change_tag(store, chosen, new_name)
+        if delete.button("Delete tag", key="tag.delete", type="secondary") and chosen:
+            _change_tag(store, chosen, None)
+
+
+def _change_tag(store, tag: str, new_name: str | None) -> None:
+    """Rename ``tag`` to ``new_name`` (``None``: delete it) under the user's name; refusals are shown, nothing lost."""
+    user = require_user()
+    if not user:
+        return
+    try:
+        if new_name is None:
+            removed = store.delete_tag(tag, user=user)
+            message = f"Deleted tag '{tag}' ({removed:,} sample(s) untagged; the samples are untouched)."
+        else:
+            count = store.rename_tag(tag, new_name, user=user)
+            message = f"Renamed tag '{tag}' to '{new_name.strip()}' ({count:,} sample(s))."
+    except RobustlensError as exc:  # unknown tag, a bad name, a saved filter still using it, a write conflict
+        state.notice(f"Not changed: {exc}", "error")
+        st.rerun()
+    done(message)
 
 
 def _collections(table: pd.DataFrame, store) -> None:
