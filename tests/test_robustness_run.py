@@ -404,8 +404,14 @@ def test_cli_runs_and_prints_the_summary(template, tmp_path, monkeypatch, capsys
     stored = json.loads((root / "artifacts" / "robustness_summary.json").read_text())
     assert stored["config"]["linf_eps"] == pytest.approx([2 / 255, 8 / 255])
     assert stored["attacks"]["linf"]["reference_eps"] == pytest.approx(8 / 255)
+    assert "(the run that computed these results)" not in out
     assert run_cli(argv, monkeypatch) == 0
-    assert "unchanged" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "unchanged" in again
+    # The re-run did no work: the timings it prints are labelled as the earlier run's.
+    assert "time         " in again and again.split("time         ")[1].splitlines()[0].endswith(
+        "(the run that computed these results)"
+    )
 
 
 # -- honest reporting: attack config, intervals, validity, headline, verification --------------------------------------

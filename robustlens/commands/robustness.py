@@ -364,7 +364,9 @@ def format_summary(summary: dict, root: Path, *, issues_refreshed: bool = False)
             "attacked): " + ", ".join(few[:6]) + (" …" if len(few) > 6 else "")
         )
     timings = summary.get("timings", {})
-    lines.append("  time         " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    # An unchanged run did no work: its stored timings belong to the run that computed the results.
+    when = " (the run that computed these results)" if skipped else ""
+    lines.append("  time         " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + when)
     lines.append(f"  artifacts    {root / 'artifacts'}/robustness_*")
     return "\n".join(lines)
 
