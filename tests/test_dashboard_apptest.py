@@ -410,6 +410,22 @@ def test_keep_one_tag_the_rest(app, analysed_workspace, table):
 
 
 # -- performance ------------------------------------------------------------------------------------------------
+def test_performance_offers_only_metrics_that_vary_most_related_first(app, analysed_template):
+    goto(app, "performance")
+    assert_clean(app)
+    artifacts_dir = Path(analysed_template) / "artifacts"
+    curves = pd.read_parquet(artifacts_dir / "metric_curves_cnn.parquet")
+    importance = pd.read_parquet(artifacts_dir / "metric_importance_cnn.parquet")
+    bins = curves.groupby("metric")["bin"].nunique()
+    constant = sorted(bins[bins == 1].index)
+    assert constant  # the sample images are all 28x28: width, height, area … are constant
+    options = app.selectbox(key="perf.curve.cnn").options
+    assert not set(options) & set(constant) and set(options) == set(bins[bins > 1].index)
+    best = importance[importance["metric"].isin(options)].sort_values("rank")["metric"].iloc[0]
+    assert app.selectbox(key="perf.curve.cnn").value == best
+    assert any("constant on this dataset" in c.value and "width" in c.value for c in app.caption)
+
+
 def test_performance_side_by_side_and_confusion_opens_the_explorer(app, table):
     goto(app, "performance")
     assert [h.value for h in app.subheader][:2] == ["cnn", "cnn_v2"]

@@ -305,3 +305,24 @@ def test_table_summaries_count_what_the_table_holds():
     assert flagged_samples(table) == 4 and flagged_samples(table.drop(columns="issue_count")) is None
     assert most_severe(table, "dark", 3).tolist() == [1, 4, 5]
     assert most_severe(table, "blurry", 3).tolist() == [5] and most_severe(table, "blurry", 0).size == 0
+
+
+def test_constant_metrics_are_left_out_and_the_rest_ranked_by_importance():
+    from robustlens.query.summary import constant_metrics, varying_metrics
+
+    curves = pd.DataFrame(
+        {
+            "metric": ["width"] + ["blur"] * 3 + ["brightness"] * 4 + ["entropy"] * 2,
+            "bin": [0, 0, 1, 2, 0, 1, 2, 3, 0, 1],
+        }
+    )
+    importance = pd.DataFrame(
+        {
+            "metric": ["entropy", "brightness", "blur", "width"],
+            "mutual_information": [0.3, 0.2, 0.1, np.nan],
+            "rank": [1, 2, 3, 4],
+        }
+    )
+    assert constant_metrics(importance, "mutual_information") == ["width"]
+    assert varying_metrics(curves, importance) == ["entropy", "brightness", "blur"]
+    assert varying_metrics(curves) == ["blur", "brightness", "entropy"]  # no importance: by name

@@ -276,3 +276,21 @@ def most_severe(table: pd.DataFrame, issue: str, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     top = np.argpartition(-severity, k - 1)[:k]
     return top[np.argsort(-severity[top], kind="stable")]
+
+
+# -- which image metrics can say something about errors ---------------------------------------------------------------
+def constant_metrics(importance: pd.DataFrame, value: str) -> list[str]:
+    """Metrics of a ``metric_importance_<set>`` table whose ``value`` column is NaN: the metric is constant on
+    this dataset (e.g. ``width`` when every image is 28×28), so it cannot go with errors."""
+    return importance.loc[importance[value].isna(), "metric"].astype(str).tolist()
+
+
+def varying_metrics(curves: pd.DataFrame, importance: pd.DataFrame | None = None) -> list[str]:
+    """Metrics of a ``metric_curves_<set>`` table with more than one bin (a constant metric has one: a single
+    dot), most related to errors first when the importance table (its ``rank`` column) is given, else by name."""
+    bins = curves.groupby("metric")["bin"].nunique()
+    varying = sorted(str(m) for m in bins[bins > 1].index)
+    if importance is not None and "rank" in importance.columns:
+        rank = dict(zip(importance["metric"].astype(str), importance["rank"], strict=True))
+        varying.sort(key=lambda m: (rank.get(m, float("inf")), m))
+    return varying

@@ -15,7 +15,13 @@ from robustlens.dashboard.components.navigation import open_in_explorer
 from robustlens.dashboard.components.slice_tables import SLICE_FORMAT, slice_columns, slice_table
 from robustlens.query.filters import FilterSpec
 from robustlens.query.sample_table import prediction_sets
-from robustlens.query.summary import confusion_counts, per_class_recall, table_accuracy
+from robustlens.query.summary import (
+    confusion_counts,
+    constant_metrics,
+    per_class_recall,
+    table_accuracy,
+    varying_metrics,
+)
 
 CHART_GENERATION = "perf.chart_generation"
 #: Metric-importance columns to chart, in order of preference (the first one present is used).
@@ -187,22 +193,28 @@ def _importance(name: str) -> None:
     value = next((c for c in IMPORTANCE_COLUMNS if c in frame.columns), None)
     if value is None:
         return
-    ordered = frame.sort_values(value)
+    constant = constant_metrics(frame, value)
+    ordered = frame[~frame["metric"].astype(str).isin(constant)].sort_values(value)
     figure = go.Figure(go.Bar(x=ordered[value], y=ordered["metric"].astype(str).map(plot_text), orientation="h"))
     figure.update_layout(
-        height=60 + 22 * len(frame),
+        height=60 + 22 * len(ordered),
         margin=dict(l=10, r=10, t=30, b=10),
         xaxis_title=value.replace("_", " "),
         title={"text": "Which image metrics go with errors", "font": {"size": 13}},
     )
     st.plotly_chart(figure, width="stretch", key=f"perf.importance.{name}")
+    if constant:
+        st.caption(f"Left out, constant on this dataset: {', '.join(map(text, constant))}.")
 
 
 def _curves(name: str) -> None:
     frame = data.artifact(f"metric_curves_{name}")
     if frame is None or frame.empty or "metric" not in frame.columns:
         return
-    metric = st.selectbox("Accuracy by metric", sorted(frame["metric"].unique()), key=f"perf.curve.{name}")
+    options = varying_metrics(frame, data.artifact(f"metric_importance_{name}"))
+    if not options:
+        return
+    metric = st.selectbox("Accuracy by metric", options, key=f"perf.curve.{name}")
     rows = frame[frame["metric"] == metric]
     if "mean_value" in rows.columns:
         x = rows["mean_value"]
