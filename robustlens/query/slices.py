@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,9 +57,10 @@ class SliceMembership:
     packed: np.ndarray | None = field(default=None, repr=False)
     descriptions: Mapping[str, str] = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def known_ids(self) -> frozenset[str]:
-        """Ids of the slices :meth:`mask` resolves (all of them, when the predicate masks were recorded)."""
+        """Ids of the slices :meth:`mask` resolves (all of them, when the predicate masks were recorded); built
+        once per membership (:func:`slice_row_filters` asks for it on every row)."""
         if self.packed is None:
             return frozenset(slice_id for slice_id, ids in self.predicates.items() if not ids)
         return frozenset(self.predicates)
