@@ -434,7 +434,6 @@ def _prepare(
     seed: object,
     batch_size: object,
     counter: object,
-    what: str,
 ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, float, str, int, PassCounter | None]:
     check_model(model)
     check_images(images)
@@ -552,9 +551,7 @@ def apgd(
         ``(B, C, H, W)`` on the images' device: the first misclassified iterate where one was found, else
         the clean image (also for samples misclassified to begin with). ``‖adv - x‖ <= eps``, values in ``[0, 1]``.
     """
-    model, x, y, eps, norm, chunk, counter = _prepare(
-        model, images, labels, eps, norm, seed, batch_size, counter, "apgd"
-    )
+    model, x, y, eps, norm, chunk, counter = _prepare(model, images, labels, eps, norm, seed, batch_size, counter)
     if loss not in _LOSSES:
         raise RobustnessInputError(f"loss must be one of {list(_LOSSES)}; got {loss!r}")
     n_iter = check_int(n_iter, "n_iter")
@@ -799,7 +796,7 @@ def fab_targeted(
     torch.Tensor
         ``(B, C, H, W)``: an adversarial example within ``eps`` where one was found, else the clean image.
     """
-    model, x, y, eps, norm, _, counter = _prepare(model, images, labels, eps, norm, seed, None, counter, "fab")
+    model, x, y, eps, norm, _, counter = _prepare(model, images, labels, eps, norm, seed, None, counter)
     n_iter = check_int(n_iter, "n_iter")
     n_restarts = check_int(n_restarts, "n_restarts")
     gen = make_generator(seed, "fab-t")
@@ -983,7 +980,7 @@ def square(
     torch.Tensor
         ``(B, C, H, W)``: the adversarial example where one was found, else the clean image.
     """
-    model, x, y, eps, norm, _, counter = _prepare(model, images, labels, eps, norm, seed, None, counter, "square")
+    model, x, y, eps, norm, _, counter = _prepare(model, images, labels, eps, norm, seed, None, counter)
     n_queries = check_int(n_queries, "n_queries", minimum=0)
     p_init = check_positive(p_init, "p_init")
     gen = make_generator(seed, "square")
@@ -1104,7 +1101,7 @@ def auto_attack(
     -------
     AutoAttackResult
     """
-    model, x, y, eps, norm, chunk, _ = _prepare(model, images, labels, eps, norm, seed, batch_size, None, "auto_attack")
+    model, x, y, eps, norm, chunk, _ = _prepare(model, images, labels, eps, norm, seed, batch_size, None)
     if attacks is None:
         if version != "standard":
             raise RobustnessInputError(f"version must be 'standard' (or 'custom' with attacks=[...]); got {version!r}")
