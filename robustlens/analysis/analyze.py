@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from robustlens.analysis import storage
+from robustlens.analysis import artifacts, storage
 from robustlens.analysis.stages.base import (
     WORKSPACE_INPUTS,
     StageContext,
@@ -216,11 +216,6 @@ def _find_cycle(waiting: Mapping[str, set[str]]) -> list[str]:
 # -- status ------------------------------------------------------------------------------------------------------
 
 
-def _index(workspace: Workspace) -> dict[str, Any]:
-    path = workspace.artifact_path("index.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
 def _runs(workspace: Workspace) -> dict[str, Any]:
     path = workspace.artifact_path(RUNS_FILE)
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -289,7 +284,7 @@ class _Statuses:
 
     def __init__(self, workspace: Workspace, specs: Mapping[str, StageSpec], configs: Mapping[str, object]) -> None:
         self.workspace, self.specs, self.configs = workspace, specs, configs
-        self.index, self.runs = _index(workspace), _runs(workspace)
+        self.index, self.runs = artifacts.read_index(workspace), _runs(workspace)
         self.memo: dict[str, tuple[Status, str]] = {}
 
     def of(self, name: str, *, check_config: bool = True) -> tuple[Status, str]:

@@ -442,9 +442,13 @@ def read_refused(workspace: Workspace) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_index(workspace: Workspace) -> dict:
+    """``artifacts/index.json``: artifact name → what its stage recorded (``stage``, ``config_hash``, ``inputs``,
+    ``written_at``, summary …); ``{}`` before any stage wrote."""
+    path = workspace.artifact_path("index.json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def index_entry(workspace: Workspace, name: str) -> dict:
     """What ``artifacts/index.json`` records about artifact ``name`` (config, inputs, summary …); ``{}`` if none."""
-    path = workspace.artifact_path("index.json")
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8")).get(name) or {}
+    return read_index(workspace).get(name) or {}

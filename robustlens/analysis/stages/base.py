@@ -207,7 +207,7 @@ def record_artifact(
     context: StageContext, name: str, *, stage: str, config: Any, inputs: str, extra: dict | None = None
 ) -> None:
     index_path = context.workspace.artifact_path("index.json")
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    index = artifacts.read_index(context.workspace)
     index[name] = {
         "stage": stage,
         "config": asdict(config) if is_dataclass(config) and not isinstance(config, type) else config,
