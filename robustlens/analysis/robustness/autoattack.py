@@ -1143,6 +1143,7 @@ def auto_attack(
         if "apgd-dlr" in cascade:
             _check_loss_classes("dlr", k)
         nt = min(n_target_classes, k - 1)
+        apgd_losses = {"apgd-ce": ("ce", 1), "apgd-dlr": ("dlr", 1), "apgd-t": ("dlr-targeted", nt)}
         robust = clean.argmax(dim=1) == y
         clean_correct = robust.cpu().numpy().copy()
         broken_by[~clean_correct] = "clean"
@@ -1158,17 +1159,10 @@ def auto_attack(
                 for s, e in _chunks(todo_all.numel(), chunk):
                     todo = todo_all[s:e]
                     xs, ys, cs = x[todo], y[todo], clean[todo]
-                    if name == "apgd-ce":
+                    if name in apgd_losses:
+                        loss, n_series = apgd_losses[name]
                         a, f = _apgd_multi(
-                            model, xs, ys, cs, eps, norm, "ce", n_iter, n_restarts, 1, 0.75, gen, tally, todo
-                        )
-                    elif name == "apgd-dlr":
-                        a, f = _apgd_multi(
-                            model, xs, ys, cs, eps, norm, "dlr", n_iter, n_restarts, 1, 0.75, gen, tally, todo
-                        )
-                    elif name == "apgd-t":
-                        a, f = _apgd_multi(
-                            model, xs, ys, cs, eps, norm, "dlr-targeted", n_iter, n_restarts, nt, 0.75, gen, tally, todo
+                            model, xs, ys, cs, eps, norm, loss, n_iter, n_restarts, n_series, 0.75, gen, tally, todo
                         )
                     elif name == "fab-t":
                         a, f = _fab_multi(model, xs, ys, cs, eps, norm, n_iter, n_restarts, nt, gen, tally, todo)
