@@ -419,18 +419,20 @@ def analyze(
     }
 
     planned: dict[str, str] = {name: "requested" for name in requested}
-    if only:
+    # Statuses as the run starts; whether a stage has ever run changes only when it runs itself.
+    statuses = None if only else _Statuses(workspace, specs, configs)
+    if statuses is None:
         _check_inputs(workspace, requested, specs, context, config_of)
     else:
-        _add_needed(workspace, requested, specs, configs, planned)
+        _add_needed(requested, specs, statuses, planned)
 
     written: dict[str, str] = {}  # artifact → the stage that wrote it in this run
     ran_at: dict[str, int] = {}  # stage → its position in the run
     for name in order:
         reason = planned.get(name)
-        if reason is None and not only:
+        if reason is None and statuses is not None:
             source = next((written[a] for a in specs[name].reads + specs[name].uses if a in written), None)
-            if source is not None and stage_status(workspace, name, configs.get(name)) != "never run":
+            if source is not None and statuses.of(name)[0] != "never run":
                 reason = f"reads what '{source}' wrote"
         if reason is None:
             continue
@@ -452,14 +454,9 @@ def analyze(
 
 
 def _add_needed(
-    workspace: Workspace,
-    requested: list[str],
-    specs: Mapping[str, StageSpec],
-    configs: Mapping[str, object],
-    planned: dict[str, str],
+    requested: list[str], specs: Mapping[str, StageSpec], statuses: _Statuses, planned: dict[str, str]
 ) -> None:
     """Add to ``planned`` the writers of what the planned stages ``reads`` that are not current (transitively)."""
-    statuses = _Statuses(workspace, specs, configs)
     queue = list(requested)
     while queue:
         name = queue.pop()
