@@ -64,8 +64,9 @@ def _prediction_set(table: pd.DataFrame, name: str, *, first: bool) -> None:
     _confusion_chart(counts, name, first=first)
     _per_class(report, counts)
     _calibration(report, name)
-    _importance(name)
-    _curves(name)
+    importance = data.artifact(f"metric_importance_{name}")
+    _importance(importance, name)
+    _curves(importance, name)
     if not report:
         analysis_missing(f"evaluation report for '{name}' (top-k, calibration, per-class table)")
 
@@ -184,8 +185,8 @@ def _calibration(report: dict, name: str) -> None:
     st.plotly_chart(figure, width="stretch", key=f"perf.calibration.{name}")
 
 
-def _importance(name: str) -> None:
-    frame = data.artifact(f"metric_importance_{name}")
+def _importance(frame: pd.DataFrame | None, name: str) -> None:
+    """The importance chart of prediction set ``name`` from its ``metric_importance_<name>`` artifact (``frame``)."""
     if frame is None or frame.empty:
         return
     if "metric" not in frame.columns:
@@ -207,11 +208,12 @@ def _importance(name: str) -> None:
         st.caption(f"Left out, constant on this dataset: {', '.join(map(text, constant))}.")
 
 
-def _curves(name: str) -> None:
+def _curves(importance: pd.DataFrame | None, name: str) -> None:
+    """Accuracy by one metric (``metric_curves_<name>``), offering the metrics that vary, ordered by ``importance``."""
     frame = data.artifact(f"metric_curves_{name}")
     if frame is None or frame.empty or "metric" not in frame.columns:
         return
-    options = varying_metrics(frame, data.artifact(f"metric_importance_{name}"))
+    options = varying_metrics(frame, importance)
     if not options:
         return
     metric = st.selectbox("Accuracy by metric", options, key=f"perf.curve.{name}")
