@@ -108,7 +108,8 @@ class HashCache:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self._written: dict[str, np.ndarray] = {}  # chunk file name → the hashes this object wrote there
+        # chunk file name → its hashes, for the chunks this object wrote or already read (a chunk never changes)
+        self._hashes: dict[str, np.ndarray] = {}
 
     def _chunks(self) -> list[Path]:
         return sorted(self.directory.glob("chunk-*.parquet")) if self.directory.exists() else []
@@ -132,17 +133,16 @@ class HashCache:
 
     def hashes(self, column: str | None = None) -> np.ndarray:
         """Content hashes of every cached row (repeats included), in chunk order; only the hash column is
-        read, and not even that for chunks this object wrote. With ``column``: none (an empty array)
-        unless every chunk has that column."""
+        read, and only once per chunk (not at all for chunks this object wrote). With ``column``: none (an
+        empty array) unless every chunk has that column."""
         chunks = self._chunks()
         if column is not None and not all(column in pq.read_schema(c).names for c in chunks):
             return np.array([], dtype=object)
-        parts = [
-            self._written[c.name]
-            if c.name in self._written
-            else pq.read_table(c, columns=["content_hash"]).column("content_hash").to_numpy(zero_copy_only=False)
-            for c in chunks
-        ]
+        for c in chunks:
+            if c.name not in self._hashes:
+                table = pq.read_table(c, columns=["content_hash"])
+                self._hashes[c.name] = table.column("content_hash").to_numpy(zero_copy_only=False)
+        parts = [self._hashes[c.name] for c in chunks]
         return np.concatenate(parts) if parts else np.array([], dtype=object)
 
     def add(self, frame: pd.DataFrame) -> str | None:
@@ -153,7 +153,7 @@ class HashCache:
         # Uncompressed: the bulky columns are float / pixel bytes that snappy barely shrinks, at twice
         # the write time.
         storage.write_parquet(self.directory / name, frame, compression=None)
-        self._written[name] = frame["content_hash"].to_numpy()
+        self._hashes[name] = frame["content_hash"].to_numpy()
         return name
 
     def compact(self, keep_hashes: set[str] | None = None, *, max_chunks: int = COMPACT_CHUNKS) -> None:
