@@ -711,12 +711,15 @@ class CurationStore:
         return self._write(f"remove tag '{tag}' from {len(ids):,} samples", work)
 
     def _filters_naming_tag(self, conn: Connection, tag: str) -> list[tuple[int, str, dict]]:
-        """``(id, name, filter)`` of every saved filter whose ``tags`` list names ``tag``."""
+        """``(id, name, filter)`` of every saved filter whose ``tags`` list names ``tag`` (static collections,
+        which have no filter, are not read)."""
         found = []
-        rows = conn.execute(select(collections.c.id, collections.c.name, collections.c.filter_json))
+        rows = conn.execute(
+            select(collections.c.id, collections.c.name, collections.c.filter_json).where(
+                collections.c.filter_json.is_not(None), collections.c.filter_json != ""
+            )
+        )
         for collection_id, name, filter_json in rows:
-            if not filter_json:
-                continue
             spec = json.loads(filter_json)
             if isinstance(spec, dict) and tag in (spec.get("tags") or []):
                 found.append((int(collection_id), str(name), spec))
