@@ -748,21 +748,21 @@ class CurationStore:
                 conn.execute(update(tags).where(tags.c.id == old_id).values(name=new_name))
                 target = old_id
             else:
-                moved = conn.execute(
-                    select(sample_tags.c.sample_id, sample_tags.c.created_by, sample_tags.c.created_at).where(
-                        sample_tags.c.tag_id == old_id
-                    )
-                ).all()
-                have = set(
-                    conn.execute(select(sample_tags.c.sample_id).where(sample_tags.c.tag_id == target)).scalars()
+                # One INSERT … SELECT in the database: the samples of ``tag`` that lack ``new_name`` get it, with
+                # their tagger and time; no ids travel to Python.
+                have = sample_tags.alias("have")
+                already = select(have.c.sample_id).where(
+                    have.c.tag_id == target, have.c.sample_id == sample_tags.c.sample_id
                 )
-                missing = [
-                    {"sample_id": sid, "tag_id": int(target), "created_by": by, "created_at": at}
-                    for sid, by, at in moved
-                    if sid not in have
-                ]
-                for start in range(0, len(missing), MAX_BIND_PARAMS // 4):
-                    conn.execute(insert(sample_tags), missing[start : start + MAX_BIND_PARAMS // 4])
+                moved = select(
+                    sample_tags.c.sample_id,
+                    literal(int(target), Integer).label("tag_id"),
+                    sample_tags.c.created_by,
+                    sample_tags.c.created_at,
+                ).where(sample_tags.c.tag_id == old_id, ~already.exists())
+                conn.execute(
+                    insert(sample_tags).from_select(["sample_id", "tag_id", "created_by", "created_at"], moved)
+                )
                 conn.execute(delete(sample_tags).where(sample_tags.c.tag_id == old_id))
                 conn.execute(delete(tags).where(tags.c.id == old_id))
             for collection_id, _, spec in self._filters_naming_tag(conn, tag):
